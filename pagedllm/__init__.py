@@ -1,0 +1,26 @@
+"""pagedllm: a high-throughput, memory-efficient LLM inference and serving engine."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+
+if TYPE_CHECKING:
+    from pagedllm.entrypoints.llm import LLM
+    from pagedllm.params import CompletionOutput, Logprob, RequestOutput, SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing pagedllm.core (pure Python) must not pull in torch through the LLM class.
+    if name == "LLM":
+        from pagedllm.entrypoints.llm import LLM
+
+        return LLM
+    if name in ("SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"):
+        from pagedllm import params
+
+        return getattr(params, name)
+    raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")

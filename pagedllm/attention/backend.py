@@ -1,0 +1,68 @@
+"""The attention backend interface, shared by every implementation, and a lazy registry.
+
+A step's batch is *ragged*: request ``i`` contributes ``query_lens[i]`` new tokens (a prefill chunk, or 1 for a
+decode) laid out contiguously in the flat token dimension, in request order. Each new token's K/V is written into
+the paged cache at its slot (``block_id * block_size + offset``); each request's queries then attend causally to
+the request's whole context (cached prefix + the new tokens), read through its block table.
+
+KV cache layout, one tensor per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (index 0 = K, 1 = V).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Everything an attention backend needs to know about one step's ragged batch.
+
+    Device tensors are on the model's device; ``*_cpu`` lists mirror them on the host so a backend that loops
+    over requests (the torch reference) never has to sync to read them.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of each new token
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32: cumulative query lengths (starts at 0)
+    seq_lens: torch.Tensor  # [num_reqs] int32: context length of each request *after* this step
+    block_tables: torch.Tensor  # [num_reqs, max_blocks_per_req] int32, padded with 0
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(Protocol):
+    """Stores the step's new K/V into the paged cache and computes attention for the step's queries."""
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+# name -> "module:Class"; modules are imported only when chosen, so CUDA-only code never loads on CPU.
+_BACKENDS = {
+    "torch": "pagedllm.attention.torch_paged:TorchPagedAttention",
+}
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    """Instantiate the attention backend registered under ``name``."""
+    if name not in _BACKENDS:
+        raise ValueError(f"Unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
+    module_name, class_name = _BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()

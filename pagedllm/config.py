@@ -1,0 +1,315 @@
+"""Frozen configuration, built once from the user's arguments and a model's ``config.json``.
+
+This is the only module that reads environment variables. It imports no torch: dtypes are carried as names
+(``"float32"``, ``"bfloat16"``, ...) and turned into torch dtypes on the worker side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pagedllm.platform import resolve_device, resolve_dtype
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parts of a Hugging Face ``config.json`` that shape the model, normalized across transformers versions."""
+
+    model: str  # local directory holding config.json (+ weights unless load_format="dummy")
+    tokenizer: str | None  # local directory or hub id of the tokenizer; None = no tokenizer
+    architecture: str
+    dtype: str  # resolved torch dtype name
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None  # {"rope_type": "linear"|"llama3", ...} or None for plain RoPE
+    max_position_embeddings: int
+    max_model_len: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # bias on q/k/v projections (Qwen2; Llama with attention_bias)
+    o_bias: bool  # bias on the output projection (Llama with attention_bias)
+    mlp_bias: bool
+    qk_norm: bool  # RMSNorm on each head's q and k before rotary (Qwen3)
+    hidden_act: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str,
+        tokenizer: str | None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        max_model_len: int | None = None,
+    ) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"No config.json in {model_dir!r}: not a Hugging Face model directory")
+        return cls.from_dict(json.loads(path.read_text()), model_dir, tokenizer, dtype, device, max_model_len)
+
+    @classmethod
+    def from_dict(
+        cls,
+        hf: dict[str, Any],
+        model_dir: str,
+        tokenizer: str | None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        max_model_len: int | None = None,
+    ) -> ModelConfig:
+        architecture = _architecture(hf)
+        hidden_size = hf["hidden_size"]
+        num_heads = hf["num_attention_heads"]
+        rope_theta, rope_scaling = _rope(hf)
+        max_positions = hf.get("max_position_embeddings", 2048)
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            model=model_dir,
+            tokenizer=tokenizer,
+            architecture=architecture,
+            dtype=resolve_dtype(dtype, hf.get("dtype") or hf.get("torch_dtype"), device),
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden_size,
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hidden_size // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_positions,
+            max_model_len=_max_model_len(hf, architecture, max_positions, max_model_len),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=architecture in ("LlamaForCausalLM", "MistralForCausalLM") and attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=architecture == "Qwen3ForCausalLM",
+            hidden_act=hf.get("hidden_act", "silu"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_eos_ids(hf.get("eos_token_id")),
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V that one token occupies in the cache, over all layers."""
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
+
+
+def _architecture(hf: dict[str, Any]) -> str:
+    architectures = hf.get("architectures") or []
+    for name in architectures:
+        if name in SUPPORTED_ARCHITECTURES:
+            return name
+    raise ValueError(
+        f"Unsupported model architecture {architectures or hf.get('model_type')!r}; "
+        f"pagedllm supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Read rotary settings from either transformers 4 (``rope_theta`` + ``rope_scaling``) or 5 (``rope_parameters``)."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = float(merged.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
+    merged.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"Unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "default":
+        return theta, None
+    return theta, {"rope_type": rope_type, **merged}
+
+
+def _max_model_len(hf: dict[str, Any], architecture: str, max_positions: int, requested: int | None) -> int:
+    limit = max_positions
+    # Sliding-window attention is not implemented: cap the context at the window so outputs stay exact.
+    window = hf.get("sliding_window")
+    if architecture == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+        window = None
+    if window:
+        limit = min(limit, window)
+    if requested is None:
+        return limit
+    if requested < 1:
+        raise ValueError(f"max_model_len must be at least 1, got {requested}")
+    if requested > limit:
+        raise ValueError(
+            f"max_model_len={requested} exceeds the model's limit of {limit} tokens "
+            "(max_position_embeddings, or the sliding window)"
+        )
+    return requested
+
+
+def _eos_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How the paged KV cache is sized and shaped."""
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of 2, got {self.block_size}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be at least 1, got {self.num_gpu_blocks_override}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one scheduling step."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"Without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_model_len ({self.max_model_len}) so that every prompt fits in one step"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine is built from."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device: str
+    load_format: str
+    seed: int
+    skip_tokenizer_init: bool
+    attention_backend: str
+
+
+@dataclass
+class EngineArgs:
+    """The user-facing arguments of ``LLM(...)`` (and later ``pagedllm serve``), before validation."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = False
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+    load_format: str = "auto"
+    skip_tokenizer_init: bool = False
+    revision: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def create_engine_config(self) -> EngineConfig:
+        if self.extra:
+            raise TypeError(f"Unexpected engine arguments: {', '.join(sorted(self.extra))}")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
+        device = resolve_device(self.device)
+        model_dir = resolve_model_dir(self.model, self.revision, weights=self.load_format != "dummy")
+        tokenizer = None if self.skip_tokenizer_init else (self.tokenizer or model_dir)
+        model_config = ModelConfig.from_pretrained(model_dir, tokenizer, self.dtype, device, self.max_model_len)
+        return EngineConfig(
+            model_config=model_config,
+            cache_config=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes or _default_kv_cache_bytes(device),
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self._max_num_batched_tokens(model_config.max_model_len),
+                max_model_len=model_config.max_model_len,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+            ),
+            device=device,
+            load_format=self.load_format,
+            seed=self.seed,
+            skip_tokenizer_init=self.skip_tokenizer_init,
+            attention_backend=os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "torch"),
+        )
+
+    def _max_num_batched_tokens(self, max_model_len: int) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        if self.enable_chunked_prefill:
+            return max(2048, self.max_num_seqs)
+        return max(max_model_len, self.max_num_seqs)
+
+
+def _default_kv_cache_bytes(device: str) -> int | None:
+    """On CPU the cache comes from a fixed budget (``PAGEDLLM_CPU_KVCACHE_SPACE`` GiB, default 4), as in vLLM."""
+    if device != "cpu":
+        return None  # sized from gpu_memory_utilization by the worker
+    gib = os.environ.get("PAGEDLLM_CPU_KVCACHE_SPACE")
+    return int(float(gib) * (1 << 30)) if gib else _DEFAULT_CPU_KV_CACHE_BYTES
+
+
+def resolve_model_dir(model: str, revision: str | None = None, weights: bool = True) -> str:
+    """Return a local directory for ``model``: the path itself, or a snapshot from the Hugging Face hub."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ValueError(f"Model path {model!r} is not a directory")
+    patterns = ["*.json", "*.jinja", "tokenizer*"] + (["*.safetensors"] if weights else [])
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, revision=revision, allow_patterns=patterns)
+    except Exception as exc:  # offline, unknown repo, gated repo...
+        raise ValueError(
+            f"Model {model!r} is neither a local directory nor downloadable from the Hugging Face hub: {exc}"
+        ) from exc

@@ -1,0 +1,74 @@
+"""The messages between the scheduler (pure Python) and the model runner: the only types the worker side sees.
+
+A ``SchedulerOutput`` is a *diff* against the runner's persistent per-request state: new requests arrive with
+their full token list and block table, running ones only with the blocks added this step. A request that was
+preempted leaves the runner (``finished_req_ids``) and comes back later as a new request carrying its tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedllm.params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the runner has not seen (or has forgotten after preemption)."""
+
+    req_id: str
+    token_ids: list[int]  # prompt + any outputs generated before a preemption
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    sampling_seed: int  # seeds this request's sampling: randomness depends on (seed, output index) only
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A request already in the runner's batch: what changed since its last step."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """What to compute in one step, in the order the runner must lay the batch out."""
+
+    new_reqs: list[NewRequestData]
+    cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step (insertion order = batch order)
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)  # finished, aborted or preempted since the last step
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass(slots=True)
+class TopLogprobs:
+    """Logprobs at one position: the chosen token first, then the top-N tokens by probability.
+
+    ``token_ids[0]`` is the sampled (or prompt) token, with its rank (1 = most likely) in ``ranks[0]``; entries
+    ``1..N`` are the N most likely tokens with ranks 1..N.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """The result of one step, for the requests of the SchedulerOutput."""
+
+    # req_id -> sampled token; only requests whose computed tokens caught up with all their tokens sample.
+    sampled_token_ids: dict[str, int]
+    # req_id -> logprobs of the sampled token, for requests that asked for logprobs.
+    logprobs: dict[str, TopLogprobs] = field(default_factory=dict)
+    # req_id -> logprobs of the prompt tokens computed this step (one entry per prompt position > 0).
+    prompt_logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)

@@ -1,0 +1,89 @@
+"""Per-request block tables over the block pool: allocate slots on demand, free at once, find cached prefixes."""
+
+from __future__ import annotations
+
+from pagedllm.core.block_pool import BlockHash, BlockPool, KVBlock, hash_block_tokens
+from pagedllm.core.request import Request
+
+
+class KVCacheManager:
+    """Maps each running request to the blocks that hold its KV cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._hashes: dict[str, list[BlockHash]] = {}  # hashes of the request's full blocks, in order
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        return [block.block_id for block in self._blocks.get(request_id, ())]
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """The longest run of cached full blocks that starts the request's tokens, and how many tokens it covers.
+
+        At least the last token is always left to compute, since its logits are needed to sample.
+        """
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        tokens = request.all_token_ids
+        max_cached_blocks = (len(tokens) - 1) // self.block_size
+        hits: list[KVBlock] = []
+        parent: BlockHash | None = None
+        for index in range(max_cached_blocks):
+            parent = hash_block_tokens(parent, tokens[index * self.block_size : (index + 1) * self.block_size])
+            block = self.pool.get_cached_block(parent)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None
+    ) -> list[int] | None:
+        """Make room for ``num_new_tokens`` more tokens of the request; return the new block ids, or None (and
+        change nothing) when the pool has too few free blocks."""
+        computed_blocks = computed_blocks or []
+        blocks = self._blocks.setdefault(request.request_id, [])
+        num_tokens_after = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        num_needed = -(-num_tokens_after // self.block_size) - len(blocks) - len(computed_blocks)
+        # Cached blocks taken out of the free list are no longer available for new content.
+        num_reclaimed = sum(1 for block in computed_blocks if block.ref_cnt == 0)
+        if num_needed + num_reclaimed > self.pool.num_free_blocks:
+            if not blocks:
+                del self._blocks[request.request_id]
+            return None
+        self.pool.touch(computed_blocks)
+        blocks.extend(computed_blocks)
+        new_blocks = self.pool.allocate(max(num_needed, 0))
+        blocks.extend(new_blocks)
+        self._hash_full_blocks(request, num_tokens_after)
+        return [block.block_id for block in computed_blocks + new_blocks]
+
+    def free(self, request: Request) -> None:
+        """Return the request's blocks to the pool, last block first (so it is evicted first)."""
+        blocks = self._blocks.pop(request.request_id, [])
+        self._hashes.pop(request.request_id, None)
+        self.pool.free(reversed(blocks))
+
+    def _hash_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Hash the blocks that will be full once ``num_tokens`` tokens are computed (their token ids are known)."""
+        hashes = self._hashes.setdefault(request.request_id, [])
+        blocks = self._blocks[request.request_id]
+        num_full = num_tokens // self.block_size
+        if num_full <= len(hashes):
+            return
+        tokens = request.all_token_ids
+        for index in range(len(hashes), num_full):
+            parent = hashes[-1] if hashes else None
+            block_hash = hash_block_tokens(parent, tokens[index * self.block_size : (index + 1) * self.block_size])
+            hashes.append(block_hash)
+            self.pool.cache_full_block(blocks[index], block_hash)

@@ -1,0 +1,113 @@
+"""A request as the scheduler sees it: its tokens, how many of them are in the KV cache, and its status."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+from pagedllm.params import SamplingParams
+
+_arrival_counter = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    """Life cycle: WAITING -> RUNNING -> (PREEMPTED -> RUNNING)* -> FINISHED_*."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    """One sequence to generate. ``num_computed_tokens`` catches up to ``num_tokens`` step by step: prefill,
+    chunked prefill, decode and recompute after preemption are all this one rule."""
+
+    __slots__ = (
+        "request_id",
+        "prompt_token_ids",
+        "output_token_ids",
+        "sampling_params",
+        "sampling_seed",
+        "eos_token_ids",
+        "max_tokens",
+        "arrival_time",
+        "arrival_seq",
+        "priority",
+        "status",
+        "stop_reason",
+        "num_computed_tokens",
+        "num_preemptions",
+        "first_scheduled_time",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        sampling_seed: int,
+        eos_token_ids: tuple[int, ...],
+        max_tokens: int,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.sampling_params = sampling_params
+        self.sampling_seed = sampling_seed
+        self.eos_token_ids = eos_token_ids
+        self.max_tokens = max_tokens  # resolved: params.max_tokens, or the rest of the context when None
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.arrival_seq = next(_arrival_counter)  # total order of arrival, ties impossible
+        self.priority = priority
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_computed_tokens = 0
+        self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )

@@ -1,0 +1,255 @@
+"""Continuous batching: each step, decide which requests run and how many tokens each computes.
+
+The one rule: a request's ``num_computed_tokens`` catches up to its ``num_tokens``. Running requests go first
+(in arrival order), each taking as many tokens as the step's budget allows — a decode takes 1, a (chunked)
+prefill takes the rest of its prompt or a chunk of it. When the pool has no block for a running request, the
+latest-arrived running request is preempted (its blocks freed, to be recomputed later). Waiting requests are
+admitted in arrival order while the budget, ``max_num_seqs`` and free blocks allow, and never in a step that had
+to preempt. Finished requests leave (and free their blocks) as soon as their last token is known.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pagedllm.config import SchedulerConfig
+from pagedllm.core.interface import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TopLogprobs,
+)
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """What happened to one request in one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: TopLogprobs | None = None
+    new_prompt_logprobs: list[TopLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class SchedulerStats:
+    """Counters and gauges for metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions_total: int = 0
+
+
+class Scheduler:
+    """Owns the waiting queue, the running batch and the KV cache manager."""
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # sorted by arrival; preempted requests go back to their place
+        self.running: list[Request] = []  # sorted by arrival: the tail is the first to preempt
+        self._finished_since_last_step: set[str] = set()
+        self._runner_knows: set[str] = set()  # requests in the model runner's persistent batch
+        self.num_preemptions_total = 0
+
+    # ---- requests in and out -------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"Request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, request, key=_arrival)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Finish requests from outside the step (abort, or a stop string found by the detokenizer)."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.usage,
+            num_preemptions_total=self.num_preemptions_total,
+        )
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts, reserving their KV slots."""
+        budget = _Budget(self.config.max_num_batched_tokens)
+        output = SchedulerOutput([], [], {}, 0)
+        preempted = self._schedule_running(budget, output)
+        if not preempted:
+            self._schedule_waiting(budget, output)
+        output.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget.tokens_left
+        # Includes this step's preemptions: the runner drops them before adding this step's new requests.
+        output.finished_req_ids, self._finished_since_last_step = self._finished_since_last_step, set()
+        return output
+
+    def _schedule_running(self, budget: _Budget, output: SchedulerOutput) -> bool:
+        preempted = False
+        index = 0
+        while index < len(self.running) and budget.tokens_left > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget.tokens_left)
+            new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+            while new_block_ids is None:
+                preempted = True
+                victim = self.running[-1]  # the latest-arrived running request not yet scheduled this step
+                self._preempt(victim)
+                if victim is request:
+                    break
+                new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
+            if new_block_ids is None:
+                break
+            output.cached_reqs.append(CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens))
+            output.num_scheduled_tokens[request.request_id] = num_new
+            budget.tokens_left -= num_new
+            index += 1
+        return preempted
+
+    def _schedule_waiting(self, budget: _Budget, output: SchedulerOutput) -> None:
+        while self.waiting and budget.tokens_left > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_cached
+            if not self.config.enable_chunked_prefill and num_new > budget.tokens_left:
+                break
+            num_new = min(num_new, budget.tokens_left)
+            if self.kv_cache_manager.allocate_slots(request, num_new, cached_blocks) is None:
+                break
+            self.waiting.pop(0)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            bisect.insort(self.running, request, key=_arrival)
+            output.new_reqs.append(self._new_request_data(request))
+            output.num_scheduled_tokens[request.request_id] = num_new
+            budget.tokens_left -= num_new
+
+    def _new_request_data(self, request: Request) -> NewRequestData:
+        self._runner_knows.add(request.request_id)
+        return NewRequestData(
+            req_id=request.request_id,
+            token_ids=request.all_token_ids,
+            num_prompt_tokens=request.num_prompt_tokens,
+            sampling_params=request.sampling_params,
+            sampling_seed=request.sampling_seed,
+            block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+            num_computed_tokens=request.num_computed_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's blocks; it will recompute its prompt and outputs when re-admitted."""
+        self.running.remove(request)
+        self.kv_cache_manager.free(request)
+        self._forget_in_runner(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        bisect.insort(self.waiting, request, key=_arrival)
+
+    # ---- results of a step ---------------------------------------------------------------------------------
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Advance computed tokens, append sampled tokens, finish requests that hit a stop condition."""
+        outputs = []
+        for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += num_tokens
+            new_token_ids = []
+            token_id = runner_output.sampled_token_ids.get(request_id)
+            if token_id is not None:
+                request.output_token_ids.append(token_id)
+                new_token_ids.append(token_id)
+                self._check_stop(request)
+            prompt_logprobs = runner_output.prompt_logprobs.get(request_id)
+            if new_token_ids or prompt_logprobs:
+                outputs.append(
+                    EngineCoreOutput(
+                        request_id,
+                        new_token_ids,
+                        new_logprobs=runner_output.logprobs.get(request_id),
+                        new_prompt_logprobs=prompt_logprobs,
+                        finish_reason=request.status.finish_reason,
+                        stop_reason=request.stop_reason,
+                        num_preemptions=request.num_preemptions,
+                    )
+                )
+            if request.is_finished:
+                self.running.remove(request)
+                self._release(request)
+        return outputs
+
+    def _check_stop(self, request: Request) -> None:
+        params = request.sampling_params
+        last_token = request.output_token_ids[-1]
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and last_token in request.eos_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return
+            if last_token in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = last_token
+                return
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self._forget_in_runner(request.request_id)
+        del self.requests[request.request_id]
+
+    def _forget_in_runner(self, request_id: str) -> None:
+        if request_id in self._runner_knows:
+            self._runner_knows.discard(request_id)
+            self._finished_since_last_step.add(request_id)
+
+
+@dataclass(slots=True)
+class _Budget:
+    tokens_left: int
+
+
+def _arrival(request: Request) -> int:
+    return request.arrival_seq
