@@ -45,8 +45,8 @@ class ModelConfig:
     max_position_embeddings: int
     max_model_len: int
     tie_word_embeddings: bool
-    qkv_bias: bool  # bias on q/k/v projections (Qwen2; Llama with attention_bias)
-    o_bias: bool  # bias on the output projection (Llama with attention_bias)
+    qkv_bias: bool  # bias on q/k/v projections (always in Qwen2; with attention_bias in Llama and Qwen3)
+    o_bias: bool  # bias on the output projection (with attention_bias in Llama and Qwen3; HF Mistral has none)
     mlp_bias: bool
     qk_norm: bool  # RMSNorm on each head's q and k before rotary (Qwen3)
     hidden_act: str
@@ -101,8 +101,8 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             max_model_len=_max_model_len(hf, architecture, max_positions, max_model_len),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
-            o_bias=architecture in ("LlamaForCausalLM", "MistralForCausalLM") and attention_bias,
+            qkv_bias=architecture == "Qwen2ForCausalLM" or (attention_bias and architecture != "MistralForCausalLM"),
+            o_bias=attention_bias and architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=architecture == "Qwen3ForCausalLM",
             hidden_act=hf.get("hidden_act", "silu"),
@@ -147,7 +147,7 @@ def _max_model_len(hf: dict[str, Any], architecture: str, max_positions: int, re
     limit = max_positions
     # Sliding-window attention is not implemented: cap the context at the window so outputs stay exact.
     window = hf.get("sliding_window")
-    if architecture == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not hf.get("use_sliding_window", False):
         window = None
     if window:
         limit = min(limit, window)

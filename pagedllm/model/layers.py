@@ -1,0 +1,152 @@
+"""Building blocks of the Llama family: RMSNorm, rotary embedding (with scaling variants), SiLU-and-mul,
+the token embedding and the LM head.
+
+Numerics follow HF transformers op for op (RMSNorm in float32, cos/sin computed in float32 then cast to the
+activation dtype) so that float32 logits match HF's to rounding error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.model.linear import default_weight_loader, set_weight_loader
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization with an optional fused residual add (as in vLLM).
+
+    ``forward(x)`` returns the normalized ``x``. ``forward(x, residual)`` first adds ``residual`` to ``x`` and
+    returns ``(normalized sum, sum)``: the sum is the next residual stream, which saves a separate add per layer
+    and is where a fused kernel slots in later.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        set_weight_loader(self.weight, default_weight_loader)
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in float32, as HF ``modeling_rope_utils`` computes them."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    if rope_scaling is None:
+        return inv_freq
+    rope_type = rope_scaling["rope_type"]
+    if rope_type == "linear":
+        return inv_freq / rope_scaling["factor"]
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, rope_scaling)
+    raise ValueError(f"Unsupported rope_scaling type {rope_type!r}; supported: linear, llama3")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths slowed by ``factor``, short ones kept, a smooth blend in between."""
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding, neox / ``rotate_half`` layout (HF Llama), from a precomputed cos/sin cache.
+
+    The cache holds one row per position and ``head_dim // 2`` columns: HF's cos/sin repeat the same half twice,
+    so applying the two halves separately is the same arithmetic at half the memory.
+    """
+
+    def __init__(
+        self, head_dim: int, max_position: int, base: float, rope_scaling: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        # Computed on the CPU in float32 (like HF), whatever the default device/dtype when the model is built.
+        with torch.device("cpu"):
+            inv_freq = compute_inv_freq(head_dim, base, rope_scaling)
+            positions = torch.arange(max_position, dtype=torch.float32)
+            freqs = positions[:, None] * inv_freq[None, :]  # [max_position, head_dim // 2]
+            cos, sin = freqs.cos(), freqs.sin()
+        # Non-persistent: never in a checkpoint; moved by .to(device) with the model. Kept in float32 until use.
+        self.register_buffer("cos_cache", cos.to(torch.get_default_device()), persistent=False)
+        self.register_buffer("sin_cache", sin.to(torch.get_default_device()), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [num_tokens, 1, head_dim // 2] for ``positions``, in ``dtype``; shared by all layers."""
+        cos = self.cos_cache[positions].to(dtype).unsqueeze(1)
+        sin = self.sin_cache[positions].to(dtype).unsqueeze(1)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [num_tokens, num_heads, head_dim]; equals HF's ``x * cos + rotate_half(x) * sin``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class SiluAndMul(nn.Module):
+    """``silu(gate) * up`` for a fused ``[..., 2 * d]`` gate/up projection (gate first)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding table [vocab_size, hidden_size]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        set_weight_loader(self.weight, default_weight_loader)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """Projects hidden states to vocabulary logits; with ``tied_to`` it reuses the embedding table's weight."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None) -> None:
+        super().__init__()
+        self.is_tied = tied_to is not None
+        if tied_to is not None:
+            self.weight = tied_to.weight  # the same Parameter: loaded once, listed once by named_parameters()
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+            set_weight_loader(self.weight, default_weight_loader)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab_size] in float32 (sampling and logprobs want the precision)."""
+        return F.linear(hidden_states, self.weight).float()

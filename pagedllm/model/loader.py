@@ -1,0 +1,166 @@
+"""Build a model from a ``ModelConfig``: pick the class by architecture, then fill its weights from safetensors
+files (single or sharded) or with seeded random values (``load_format="dummy"``, for benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import get_attention_backend
+from pagedllm.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from pagedllm.model.linear import default_weight_loader
+from pagedllm.model.llama import LlamaForCausalLM
+
+_MODEL_REGISTRY: dict[str, type[nn.Module]] = {name: LlamaForCausalLM for name in SUPPORTED_ARCHITECTURES}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DUMMY_SEED = 0
+_DUMMY_STD = 0.02
+_MAX_NAMES_SHOWN = 5
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a dtype name of ``ModelConfig`` ("float32", "float16", "bfloat16")."""
+    if name not in _DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    """The model class implementing ``architecture`` (an HF ``architectures`` entry)."""
+    if architecture not in _MODEL_REGISTRY:
+        raise ValueError(
+            f"Unsupported model architecture {architecture!r}; pagedllm supports: {', '.join(_MODEL_REGISTRY)}"
+        )
+    return _MODEL_REGISTRY[architecture]
+
+
+def get_model(
+    model_config: ModelConfig, load_format: str, device: str, attn_backend_name: str = "torch"
+) -> nn.Module:
+    """Build the model on ``device`` in the config's dtype, load its weights, and return it in eval mode."""
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
+    model_class = get_model_class(model_config.architecture)
+    dtype = torch_dtype(model_config.dtype)
+    # Parameters are created directly on the device in the target dtype: no float32 copy of a big model in RAM.
+    with torch.device(device), _default_dtype(dtype):
+        model = model_class(model_config, get_attention_backend(attn_backend_name))
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, iterate_safetensors(model_config.model))
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def safetensors_files(model_dir: str) -> list[Path]:
+    """The checkpoint's ``*.safetensors`` files: those named by ``model.safetensors.index.json``, else all of them."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in names if not (root / name).is_file()]
+        if missing:
+            raise ValueError(f"{index} names weight files that do not exist: {', '.join(missing)}")
+        return [root / name for name in names]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"No *.safetensors weights in {model_dir!r} (only safetensors checkpoints are supported; "
+            "use load_format='dummy' for random weights)"
+        )
+    return files
+
+
+def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) over the checkpoint, one tensor at a time on the CPU to keep peak memory low."""
+    from safetensors import safe_open
+
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _expected_checkpoint_names(model: nn.Module) -> set[str]:
+    """The checkpoint names that must be present: every parameter, fused ones expanded to their HF parts."""
+    stacked = getattr(model, "stacked_params_mapping", [])
+    expected: set[str] = set()
+    for param_name, _ in model.named_parameters():  # tied weights are listed once, under the embedding
+        parts = [param_name.replace(fused, part) for fused, part, _ in stacked if fused in param_name]
+        expected.update(parts or [param_name])
+    return expected
+
+
+def _skip(name: str, model: nn.Module) -> bool:
+    # Old checkpoints store rotary inverse frequencies, which we compute; tied checkpoints may still carry lm_head.
+    if "rotary_emb.inv_freq" in name:
+        return True
+    return name == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy checkpoint tensors into the model through each parameter's ``weight_loader``.
+
+    Raises ``ValueError`` naming a few offenders when the checkpoint has weights the model lacks, or lacks some.
+    """
+    params = dict(model.named_parameters())
+    stacked = getattr(model, "stacked_params_mapping", [])
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor in weights:
+        if _skip(name, model):
+            continue
+        param_name, shard_id = name, None
+        for fused, part, shard in stacked:
+            if part in name:
+                param_name, shard_id = name.replace(part, fused), shard
+                break
+        param = params.get(param_name)
+        if param is None:
+            unexpected.append(name)
+            continue
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensor, shard_id)
+        except ValueError as exc:
+            raise ValueError(f"Cannot load checkpoint weight {name!r}: {exc}") from exc
+        loaded.add(name)
+    if unexpected:
+        raise ValueError(f"Checkpoint has {len(unexpected)} weights the model does not: {_few(unexpected)}")
+    missing = _expected_checkpoint_names(model) - loaded
+    if missing:
+        raise ValueError(f"Checkpoint is missing {len(missing)} weights: {_few(missing)}")
+
+
+def _few(names: list[str] | set[str]) -> str:
+    names = sorted(names)
+    more = f" (and {len(names) - _MAX_NAMES_SHOWN} more)" if len(names) > _MAX_NAMES_SHOWN else ""
+    return ", ".join(names[:_MAX_NAMES_SHOWN]) + more
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = _DUMMY_SEED) -> None:
+    """Random weights from the config alone: norm weights 1, everything else N(0, 0.02^2), seeded."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, _DUMMY_STD, generator=generator)
