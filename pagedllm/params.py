@@ -1,0 +1,305 @@
+"""What a user asks for (``SamplingParams``) and what the engine hands back (``RequestOutput``).
+
+A leaf module: no torch, no other pagedllm import, so the pure-Python scheduler side can use it.
+
+``SamplingParams`` follows vLLM's field names, defaults and validation rules, so code written against vLLM runs
+unchanged. Every invalid value raises ``ValueError`` whose message starts with the field's name: the OpenAI server
+turns it into an HTTP 400 naming the bad parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Below this temperature a request is greedy (vLLM's _SAMPLING_EPS).
+SAMPLING_EPS = 1e-5
+# Temperatures in (SAMPLING_EPS, MIN_TEMPERATURE) are raised to MIN_TEMPERATURE, as vLLM does: dividing logits by
+# a tinier number invites inf/nan in half precision and is greedy in all but name.
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 2.0
+MAX_N = 16384  # vLLM's default VLLM_MAX_N_SEQUENCES
+MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's bound on logit_bias values
+
+
+class SamplingType(enum.IntEnum):
+    """How a request picks its next token."""
+
+    GREEDY = 0
+    RANDOM = 1
+    RANDOM_SEED = 2
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters for text generation, compatible with vLLM's ``SamplingParams``.
+
+    Normalizations done at construction: ``stop`` and ``stop_token_ids`` become lists (``stop_token_ids``
+    de-duplicated, order kept); ``top_k=-1`` becomes ``0`` (both mean "disabled"); ``seed=-1`` becomes ``None``;
+    ``logit_bias`` keys given as strings (JSON) become ints; temperatures in (1e-5, 1e-2) are raised to 1e-2; a
+    greedy request (``temperature < 1e-5``) gets ``top_p=1``, ``top_k=0``, ``min_p=0``. ``logprobs`` /
+    ``prompt_logprobs`` = -1 mean the whole vocabulary. ``max_tokens=None`` generates up to the context limit.
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._normalize()
+        self._check_ranges()
+        if self.is_greedy:
+            # Greedy ignores the truncation knobs; reset them so the sampler never sees a half-greedy row.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+            if self.n > 1:
+                raise ValueError(f"n must be 1 when using greedy sampling (temperature=0), got {self.n}.")
+
+    # -- validation phases --------------------------------------------------------------------------------------
+
+    def _check_types(self) -> None:
+        _check_int("n", self.n)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):
+            _check_finite_number(name, getattr(self, name))
+        _check_int("top_k", self.top_k)
+        _check_int("min_tokens", self.min_tokens)
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            _check_int(name, getattr(self, name), optional=True)
+        for name in (
+            "ignore_eos",
+            "detokenize",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+            "include_stop_str_in_output",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}.")
+
+    def _normalize(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):
+            setattr(self, name, float(getattr(self, name)))
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.seed == -1:
+            self.seed = None
+        if SAMPLING_EPS <= self.temperature < MIN_TEMPERATURE:
+            logger.warning("temperature %s is below %s; raised to it", self.temperature, MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
+        self.stop = _normalize_stop(self.stop)
+        self.stop_token_ids = _normalize_stop_token_ids(self.stop_token_ids)
+        self.logit_bias = _normalize_logit_bias(self.logit_bias)
+
+    def _check_ranges(self) -> None:
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}.")
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        if self.temperature > MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 or -1 (disabled), or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        self._check_lengths()
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < -1:
+                raise ValueError(f"{name} must be non-negative or -1 (whole vocabulary), got {value}.")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are only supported when detokenize is True; set detokenize=True.")
+
+    def _check_lengths(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
+            )
+
+    # -- queries ------------------------------------------------------------------------------------------------
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.temperature < SAMPLING_EPS:
+            return SamplingType.GREEDY
+        if self.seed is not None:
+            return SamplingType.RANDOM_SEED
+        return SamplingType.RANDOM
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
+    def clone(self) -> SamplingParams:
+        """A deep copy: the engine may adjust its copy (e.g. per-sequence seeds) without touching the user's."""
+        return copy.deepcopy(self)
+
+    def verify_for_vocab(self, vocab_size: int) -> None:
+        """Check that every token id named by the request exists in a vocabulary of ``vocab_size`` tokens."""
+        for name, ids in (("logit_bias", self.logit_bias or {}), ("stop_token_ids", self.stop_token_ids or [])):
+            invalid = [token_id for token_id in ids if not 0 <= token_id < vocab_size]
+            if invalid:
+                raise ValueError(
+                    f"{name} contains out-of-vocabulary token ids {invalid}; they must be in [0, {vocab_size})."
+                )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an int{' or None' if optional else ''}, got {value!r}.")
+
+
+def _check_finite_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}.")
+
+
+def _normalize_stop(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}.")
+    if any(not s for s in stop):
+        raise ValueError("stop cannot contain an empty string.")
+    return list(stop)
+
+
+def _normalize_stop_token_ids(ids: Any) -> list[int]:
+    if ids is None:
+        return []
+    if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
+        raise ValueError(f"stop_token_ids must be a list of ints, got {ids!r}.")
+    if any(i < 0 for i in ids):
+        raise ValueError(f"stop_token_ids must be non-negative token ids, got {list(ids)}.")
+    return list(dict.fromkeys(ids))
+
+
+def _normalize_logit_bias(bias: Any) -> dict[int, float] | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}.")
+    return {_logit_bias_key(key): _logit_bias_value(key, value) for key, value in bias.items()}
+
+
+def _logit_bias_key(key: Any) -> int:
+    # JSON object keys are strings ("50256"); Python callers pass ints.
+    if isinstance(key, str):
+        try:
+            key = int(key.strip())
+        except ValueError:
+            raise ValueError(f"logit_bias keys must be token ids (ints), got {key!r}.") from None
+    if not _is_int(key):
+        raise ValueError(f"logit_bias keys must be token ids (ints), got {key!r}.")
+    if key < 0:
+        raise ValueError(f"logit_bias keys must be non-negative token ids, got {key}.")
+    return key
+
+
+def _logit_bias_value(key: Any, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"logit_bias values must be finite numbers, got {value!r} for token {key!r}.")
+    if not -MAX_ABS_LOGIT_BIAS <= value <= MAX_ABS_LOGIT_BIAS:
+        raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {key!r}.")
+    return float(value)
+
+
+# -- outputs ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Logprob:
+    """The log probability of one token at one position, its rank (1 = most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One dict per generated token: token id -> Logprob (the chosen token plus the top-N).
+SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token; the first is None (nothing predicts the first token), as in vLLM.
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence of a request (a request with ``n > 1`` has several)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: SampleLogprobs | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for eos/length
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """Timestamps (``time.time()`` seconds) of a request's life; None until the event happens."""
+
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """What the engine returns for a request: its prompt, its completions so far, and whether it is done."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: PromptLogprobs | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None

@@ -1,0 +1,478 @@
+"""Batched sampling with per-request parameters.
+
+One ``Sampler.__call__`` turns the logits of a step ``[B, V]`` into one token per row. ``SamplingMetadata.build``
+gathers the rows' parameters into tensors once per step; a feature no row uses is ``None`` there, so its op is
+skipped and costs nothing.
+
+Order of operations (vLLM v1's):
+
+1. logprobs are taken from the RAW logits (``log_softmax`` before any processing: vLLM's default "raw_logprobs");
+2. logit_bias is added, then the min_tokens ban (eos + stop_token_ids -> -inf while a row has fewer than
+   ``min_tokens`` outputs; after the bias, so a positive bias cannot lift the ban);
+3. penalties: repetition (tokens seen in prompt or output: positive logits divided, negative multiplied),
+   then frequency (minus ``penalty * count in output``) and presence (minus ``penalty`` if in output);
+4. greedy rows take the argmax of these processed logits;
+5. random rows: temperature, then min_p (relative to the most likely token, after temperature), then top_k,
+   then top_p (on the distribution left by top_k), then a draw.
+
+Randomness rule: the draw of a row depends only on ``(sampling_seed, len(output_token_ids))``. Each random row
+re-seeds a ``torch.Generator`` with a hash of that pair and draws ``V`` Exponential(1) variables ``E``; the token
+is ``argmax(p / E)`` (the "exponential race", which picks token ``i`` with probability ``p_i``), computed in log
+space as ``argmax(logits - log E)``. So a seeded request gets the same tokens whatever else is in the batch, at
+any batch position, and again after preemption and recompute (on the same kind of device: CPU and CUDA
+generators produce different streams). The cost is one small kernel per random row (~8 us of host time each
+on an H200); a fused kernel that draws per-row counter-based noise (e.g. Triton ``tl.rand`` with a per-row seed)
+can replace ``_draw_exponential`` on GPU without changing the rule.
+
+Ties: top_k keeps every token equal to the k-th largest logit (as vLLM), so ``top_k=1`` equals greedy unless the
+top logits tie exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from pagedllm.core.interface import TopLogprobs
+from pagedllm.params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+# Exponential draws are clamped away from 0 so that log() stays finite: a -inf noise term would otherwise turn a
+# banned (-inf) logit into nan, which argmax would pick.
+_TINY = torch.finfo(torch.float32).tiny
+# top_p stored for rows without top_p: the exclusive cumulative mass never reaches it, even with rounding.
+_TOP_P_DISABLED = 2.0
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """What the runner knows about one row of the batch."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens generated so far (before this step's sample)
+    sampling_seed: int  # randomness of this row depends only on (sampling_seed, len(output_token_ids))
+
+
+def generator_seed(sampling_seed: int, num_output_tokens: int) -> int:
+    """The seed of a row's generator at one output position: a 63-bit mix of the two numbers (splitmix64)."""
+    return _splitmix64(_splitmix64(sampling_seed & _MASK64) ^ num_output_tokens) >> 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class SparseTokens(NamedTuple):
+    """(row, token) pairs, optionally with a value each: a sparse ``[B, V]`` update."""
+
+    rows: torch.Tensor  # [K] int64
+    tokens: torch.Tensor  # [K] int64
+    values: torch.Tensor | None = None  # [K] float32
+
+
+@dataclass
+class PenaltyMetadata:
+    """Penalty parameters per row, with the token occurrences they need (``None`` when no row uses that one)."""
+
+    repetition: torch.Tensor | None  # [B] float32, 1.0 = off
+    frequency: torch.Tensor | None  # [B] float32, 0.0 = off
+    presence: torch.Tensor | None  # [B] float32, 0.0 = off
+    output_tokens: SparseTokens  # one pair per output token (repeats kept: they are counted)
+    prompt_tokens: SparseTokens | None  # one pair per prompt token; only for rows with a repetition penalty
+
+
+@dataclass
+class SamplingMetadata:
+    """The batch's sampling parameters as tensors on the device, built once per step.
+
+    A ``None`` tensor means no row uses that feature: the sampler skips it.
+    """
+
+    num_rows: int
+    vocab_size: int
+    all_greedy: bool
+    all_random: bool
+    greedy_mask: torch.Tensor | None  # [B] bool; only for a batch mixing greedy and random rows
+    temperature: torch.Tensor | None  # [B] float32 (1.0 on greedy rows); None if all greedy or all 1.0
+    log_min_p: torch.Tensor | None  # [B] float32 log(min_p) (-inf = off)
+    top_k: torch.Tensor | None  # [B] int64 (vocab_size = off)
+    max_top_k: int  # the largest enabled top_k (0 when none)
+    top_p: torch.Tensor | None  # [B] float32 (_TOP_P_DISABLED = off)
+    penalties: PenaltyMetadata | None
+    logit_bias: SparseTokens | None
+    banned: SparseTokens | None  # min_tokens bans
+    random_seeds: list[tuple[int, int]]  # (row, generator seed) of every random row
+    max_num_logprobs: int | None  # N of LogprobsTensors (-1 resolved to vocab_size); None = no row asked
+
+    @property
+    def no_penalties(self) -> bool:
+        return self.penalties is None
+
+    @property
+    def no_top_k(self) -> bool:
+        return self.top_k is None
+
+    @property
+    def no_top_p(self) -> bool:
+        return self.top_p is None
+
+    @property
+    def no_min_p(self) -> bool:
+        return self.log_min_p is None
+
+    @property
+    def modifies_logits(self) -> bool:
+        """Whether sampling writes into the logits (so a float32 input must be copied first)."""
+        return not (self.all_greedy and self.penalties is None and self.logit_bias is None and self.banned is None)
+
+    @classmethod
+    def build(
+        cls,
+        rows: list[SamplingRow],
+        vocab_size: int,
+        device: torch.device | str,
+        eos_token_ids: tuple[int, ...],
+    ) -> SamplingMetadata:
+        device = torch.device(device)
+        params = [row.params for row in rows]
+        greedy = [p.is_greedy for p in params]
+        # An empty batch counts as all greedy: argmax of [0, V] is an empty result, no draw.
+        all_greedy, all_random = all(greedy), bool(greedy) and not any(greedy)
+        top_k, max_top_k = _top_k(params, vocab_size, device)
+        return cls(
+            num_rows=len(rows),
+            vocab_size=vocab_size,
+            all_greedy=all_greedy,
+            all_random=all_random,
+            greedy_mask=None if all_greedy or all_random else _to_device(greedy, torch.bool, device),
+            temperature=None if all_greedy else _temperature(params, device),
+            log_min_p=None if all_greedy else _log_min_p(params, device),
+            top_k=None if all_greedy else top_k,
+            max_top_k=max_top_k,
+            top_p=None if all_greedy else _top_p(params, device),
+            penalties=_penalties(rows, device),
+            logit_bias=_logit_bias(params, device),
+            banned=_min_tokens_bans(rows, eos_token_ids, device),
+            random_seeds=[
+                (i, generator_seed(row.sampling_seed, len(row.output_token_ids)))
+                for i, row in enumerate(rows)
+                if not greedy[i]
+            ],
+            max_num_logprobs=_max_num_logprobs(params, vocab_size),
+        )
+
+
+def _to_device(data: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host data -> device tensor without stalling the host: a pinned staging copy, then a non-blocking copy.
+
+    (``torch.tensor(data, device="cuda")`` from pageable memory would wait for all queued GPU work.)
+    """
+    cpu = torch.from_numpy(data) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
+    if device.type == "cpu":
+        return cpu
+    return cpu.pin_memory().to(device, non_blocking=True)
+
+
+def _temperature(params: list[SamplingParams], device: torch.device) -> torch.Tensor | None:
+    # Greedy rows get 1.0: they never use the scaled logits, and dividing by 0 would only make nan.
+    values = [1.0 if p.is_greedy else p.temperature for p in params]
+    return None if all(v == 1.0 for v in values) else _to_device(values, torch.float32, device)
+
+
+def _log_min_p(params: list[SamplingParams], device: torch.device) -> torch.Tensor | None:
+    if all(p.min_p == 0.0 for p in params):
+        return None
+    # Filtering p_i < min_p * p_max is filtering logit_i < logit_max + log(min_p): no softmax needed.
+    values = [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params]
+    return _to_device(values, torch.float32, device)
+
+
+def _top_k(params: list[SamplingParams], vocab_size: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
+    values = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    enabled = [k for k in values if k < vocab_size]
+    if not enabled:
+        return None, 0
+    return _to_device(values, torch.int64, device), max(enabled)
+
+
+def _top_p(params: list[SamplingParams], device: torch.device) -> torch.Tensor | None:
+    if all(p.top_p >= 1.0 for p in params):
+        return None
+    values = [p.top_p if p.top_p < 1.0 else _TOP_P_DISABLED for p in params]
+    return _to_device(values, torch.float32, device)
+
+
+def _penalties(rows: list[SamplingRow], device: torch.device) -> PenaltyMetadata | None:
+    params = [row.params for row in rows]
+    repetition = [p.repetition_penalty for p in params]
+    frequency = [p.frequency_penalty for p in params]
+    presence = [p.presence_penalty for p in params]
+    has_repetition = [r != 1.0 for r in repetition]
+    penalized = [has_repetition[i] or frequency[i] != 0.0 or presence[i] != 0.0 for i in range(len(rows))]
+    if not any(penalized):
+        return None
+    # Only rows with some penalty contribute occurrences; the others would be neutralized anyway.
+    output_tokens = _sparse_tokens([row.output_token_ids if penalized[i] else [] for i, row in enumerate(rows)], device)
+    prompt_tokens = None
+    if any(has_repetition):
+        prompt_lists = [row.prompt_token_ids if has_repetition[i] else [] for i, row in enumerate(rows)]
+        prompt_tokens = _sparse_tokens(prompt_lists, device)
+    return PenaltyMetadata(
+        repetition=_optional_row_values(repetition, 1.0, device),
+        frequency=_optional_row_values(frequency, 0.0, device),
+        presence=_optional_row_values(presence, 0.0, device),
+        output_tokens=output_tokens,
+        prompt_tokens=prompt_tokens,
+    )
+
+
+def _optional_row_values(values: list[float], neutral: float, device: torch.device) -> torch.Tensor | None:
+    """A [B] float32 tensor, or None when every row has the neutral value (the op is then skipped)."""
+    if all(v == neutral for v in values):
+        return None
+    return _to_device(values, torch.float32, device)
+
+
+def _sparse_tokens(
+    token_lists: list[list[int]], device: torch.device, value_lists: list[list[float]] | None = None
+) -> SparseTokens:
+    """Flatten per-row token lists into (row, token[, value]) tensors.
+
+    Goes through numpy: prompts can hold thousands of tokens per row, and numpy reads a list of ints several
+    times faster than ``torch.tensor`` does.
+    """
+    lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+    total = int(lengths.sum())
+    rows = np.repeat(np.arange(len(token_lists), dtype=np.int64), lengths)
+    tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=total)
+    values = None
+    if value_lists is not None:
+        flat_values = np.fromiter(itertools.chain.from_iterable(value_lists), dtype=np.float32, count=total)
+        values = _to_device(flat_values, torch.float32, device)
+    return SparseTokens(_to_device(rows, torch.int64, device), _to_device(tokens, torch.int64, device), values)
+
+
+def _logit_bias(params: list[SamplingParams], device: torch.device) -> SparseTokens | None:
+    if not any(p.logit_bias for p in params):
+        return None
+    biases = [p.logit_bias or {} for p in params]
+    return _sparse_tokens([list(b.keys()) for b in biases], device, [list(b.values()) for b in biases])
+
+
+def _min_tokens_bans(
+    rows: list[SamplingRow], eos_token_ids: tuple[int, ...], device: torch.device
+) -> SparseTokens | None:
+    banned = [
+        list(dict.fromkeys([*eos_token_ids, *row.params.stop_token_ids]))
+        if len(row.output_token_ids) < row.params.min_tokens
+        else []
+        for row in rows
+    ]
+    if not any(banned):
+        return None
+    return _sparse_tokens(banned, device)
+
+
+def _max_num_logprobs(params: list[SamplingParams], vocab_size: int) -> int | None:
+    requested = [p.logprobs for p in params if p.logprobs is not None]
+    if not requested:
+        return None
+    return vocab_size if -1 in requested else min(max(requested), vocab_size)
+
+
+class LogprobsTensors(NamedTuple):
+    """Logprobs of a batch of positions: column 0 is the chosen token, columns 1..N the top-N (descending).
+
+    ``ranks[:, 0]`` is the chosen token's rank (1 + number of tokens with a strictly larger logprob); ranks of
+    the top-N columns are 1..N. Rows that asked for fewer than N are sliced by the caller.
+    """
+
+    token_ids: torch.Tensor  # [B, N+1] int64
+    logprobs: torch.Tensor  # [B, N+1] float32
+    ranks: torch.Tensor  # [B, N+1] int64
+
+    def cpu(self) -> LogprobsTensors:
+        """Move to host once, so that ``to_top_logprobs`` on each row does not sync the device again."""
+        return LogprobsTensors(self.token_ids.cpu(), self.logprobs.cpu(), self.ranks.cpu())
+
+    def to_top_logprobs(self, row: int, num: int) -> TopLogprobs:
+        """The chosen token and the top ``num`` of one row (``num=-1``: all N columns)."""
+        end = self.token_ids.shape[1] if num == -1 else num + 1
+        return TopLogprobs(
+            token_ids=self.token_ids[row, :end].tolist(),
+            logprobs=self.logprobs[row, :end].tolist(),
+            ranks=self.ranks[row, :end].tolist(),
+        )
+
+
+@dataclass
+class SamplerOutput:
+    """The sampled token of each row and, when some row asked for them, the logprobs."""
+
+    sampled_token_ids: torch.Tensor  # [B] int64
+    logprobs: LogprobsTensors | None
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
+    """Logprobs (log_softmax in float32) of ``token_ids`` under ``logits [B, V]``, with their ranks and the top-N."""
+    return gather_logprobs(torch.log_softmax(logits, dim=-1, dtype=torch.float32), token_ids, num_top)
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
+    """Like ``compute_logprobs`` from logprobs already normalized."""
+    token_ids = token_ids.to(device=logprobs.device, dtype=torch.int64).unsqueeze(1)
+    chosen = logprobs.gather(1, token_ids)
+    chosen_rank = (logprobs > chosen).sum(dim=1, keepdim=True) + 1
+    num_top = min(num_top, logprobs.shape[1])
+    if num_top <= 0:
+        return LogprobsTensors(token_ids, chosen, chosen_rank)
+    top_logprobs, top_ids = logprobs.topk(num_top, dim=1)
+    top_ranks = torch.arange(1, num_top + 1, device=logprobs.device).expand(logprobs.shape[0], -1)
+    return LogprobsTensors(
+        torch.cat([token_ids, top_ids], dim=1),
+        torch.cat([chosen, top_logprobs], dim=1),
+        torch.cat([chosen_rank, top_ranks], dim=1),
+    )
+
+
+class Sampler:
+    """Samples one token per row of ``logits [B, V]`` under each row's ``SamplingParams`` (see module docstring)."""
+
+    def __init__(self) -> None:
+        # One generator per device, re-seeded for every row: each draw depends only on the seed it is given.
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        if tuple(logits.shape) != (metadata.num_rows, metadata.vocab_size):
+            raise ValueError(f"logits must be [{metadata.num_rows}, {metadata.vocab_size}], got {tuple(logits.shape)}")
+        raw_logprobs = None
+        if metadata.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        logits = _float32_for_writing(logits, metadata.modifies_logits)
+        logits = apply_logits_processing(logits, metadata)
+        sampled = self._sample(logits, metadata)
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
+        return SamplerOutput(sampled, logprobs)
+
+    def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        greedy = None if metadata.all_random else logits.argmax(dim=-1)
+        if metadata.all_greedy:
+            return greedy
+        logits = apply_temperature(logits, metadata.temperature)
+        logits = apply_min_p(logits, metadata.log_min_p)
+        logits = apply_top_k_top_p(logits, metadata.top_k, metadata.max_top_k, metadata.top_p)
+        sampled = self._sample_random(logits, metadata)
+        if greedy is None:
+            return sampled
+        return torch.where(metadata.greedy_mask, greedy, sampled)
+
+    def _sample_random(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        noise = self._draw_exponential(logits, metadata)
+        # argmax(p / E) == argmax(log p - log E), and log p differs from the logits by a per-row constant.
+        return (logits - noise.clamp_min_(_TINY).log_()).argmax(dim=-1)
+
+    def _draw_exponential(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        noise = torch.empty_like(logits)
+        if not metadata.all_random:
+            noise.fill_(1.0)  # greedy rows: any finite noise; their sample is discarded
+        generator = self._generator(logits.device)
+        row_views = noise.unbind(0)  # all row views in one call: cheaper than indexing inside the loop
+        for row, seed in metadata.random_seeds:
+            generator.manual_seed(seed)
+            row_views[row].exponential_(generator=generator)
+        return noise
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+
+def _float32_for_writing(logits: torch.Tensor, will_write: bool) -> torch.Tensor:
+    """Float32 logits the sampler may modify in place, never the caller's tensor."""
+    if logits.dtype != torch.float32:
+        return logits.float()
+    return logits.clone() if will_write else logits
+
+
+def apply_logits_processing(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """logit_bias, then min_tokens bans, then penalties (in place on ``logits``)."""
+    if metadata.logit_bias is not None:
+        bias = metadata.logit_bias
+        logits.index_put_((bias.rows, bias.tokens), bias.values, accumulate=True)
+    if metadata.banned is not None:
+        logits[metadata.banned.rows, metadata.banned.tokens] = -math.inf
+    if metadata.penalties is not None:
+        logits = apply_penalties(logits, metadata.penalties)
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, penalties: PenaltyMetadata) -> torch.Tensor:
+    """Repetition (prompt + output), then frequency and presence (output only), as in vLLM."""
+    out = penalties.output_tokens
+    counts = torch.zeros_like(logits)
+    counts.index_put_((out.rows, out.tokens), torch.ones_like(out.rows, dtype=logits.dtype), accumulate=True)
+    in_output = counts > 0
+    if penalties.repetition is not None:
+        seen = in_output.clone()
+        if penalties.prompt_tokens is not None:
+            seen[penalties.prompt_tokens.rows, penalties.prompt_tokens.tokens] = True
+        factor = torch.where(seen, penalties.repetition.unsqueeze(1), 1.0)
+        logits = torch.where(logits > 0, logits / factor, logits * factor)
+    if penalties.frequency is not None:
+        logits -= penalties.frequency.unsqueeze(1) * counts
+    if penalties.presence is not None:
+        logits -= penalties.presence.unsqueeze(1) * in_output
+    return logits
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
+    if temperature is None:
+        return logits
+    return logits.div_(temperature.unsqueeze(1))
+
+
+def apply_min_p(logits: torch.Tensor, log_min_p: torch.Tensor | None) -> torch.Tensor:
+    """Drop tokens with p < min_p * p_max, i.e. logit < max_logit + log(min_p)."""
+    if log_min_p is None:
+        return logits
+    threshold = logits.amax(dim=1, keepdim=True) + log_min_p.unsqueeze(1)
+    return logits.masked_fill_(logits < threshold, -math.inf)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, max_top_k: int, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Keep each row's top_k logits, then its smallest nucleus of mass >= top_p; the rest -> -inf."""
+    if top_p is None:
+        return _apply_top_k_only(logits, top_k, max_top_k) if top_k is not None else logits
+    # top_p needs the whole distribution in order: one descending sort serves both filters.
+    sorted_logits, sorted_ids = logits.sort(dim=1, descending=True)
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))
+        sorted_logits.masked_fill_(sorted_logits < kth, -math.inf)
+    probs = sorted_logits.softmax(dim=1)
+    mass_before = probs.cumsum(dim=1) - probs  # probability of the strictly more likely tokens
+    # The first token always stays (mass_before = 0 < top_p), so no row is left empty.
+    sorted_logits.masked_fill_(mass_before >= top_p.unsqueeze(1), -math.inf)
+    return logits.scatter_(1, sorted_ids, sorted_logits)
+
+
+def _apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """top_k without sorting the vocabulary: a top-``max_top_k`` gives each row its k-th largest logit."""
+    vocab_size = logits.shape[1]
+    top_values = logits.topk(max_top_k, dim=1).values
+    kth = top_values.gather(1, (top_k.clamp(max=max_top_k) - 1).unsqueeze(1))
+    kth.masked_fill_((top_k >= vocab_size).unsqueeze(1), -math.inf)  # rows without top_k keep everything
+    return logits.masked_fill_(logits < kth, -math.inf)
