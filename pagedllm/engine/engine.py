@@ -1,0 +1,126 @@
+"""The engine: EngineCore runs schedule -> execute -> update; LLMEngine wraps it with input and output processing.
+
+EngineCore speaks only token ids and core types, so it can later move into its own process behind the same
+narrow interface (add_request / abort_requests / step).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.scheduler import EngineCoreOutput, Scheduler
+from pagedllm.engine.metrics import EngineMetrics, Metric
+from pagedllm.engine.processing import (
+    InputProcessor,
+    OutputProcessor,
+    ProcessedRequest,
+    PromptInput,
+    load_tokenizer,
+)
+from pagedllm.params import RequestOutput, SamplingParams
+from pagedllm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """The scheduler and the model runner, stepping together."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        start = time.perf_counter()
+        self.config = config
+        self.model_runner = ModelRunner(config)
+        num_blocks = self.model_runner.determine_num_blocks()
+        self._check_capacity(num_blocks)
+        self.model_runner.initialize_kv_cache(num_blocks)
+        self.num_blocks = num_blocks
+        kv_cache_manager = KVCacheManager(
+            num_blocks, config.cache_config.block_size, config.cache_config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
+        logger.info("Engine ready in %.2f s", time.perf_counter() - start)
+
+    def _check_capacity(self, num_blocks: int) -> None:
+        capacity = num_blocks * self.config.cache_config.block_size
+        max_model_len = self.config.scheduler_config.max_model_len
+        if capacity < max_model_len:
+            raise ValueError(
+                f"The KV cache holds {capacity} tokens ({num_blocks} blocks), fewer than max_model_len="
+                f"{max_model_len}: a request of full length could never run. Lower max_model_len or raise "
+                "kv_cache_memory_bytes / num_gpu_blocks_override / gpu_memory_utilization."
+            )
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
+            return []
+        runner_output = self.model_runner.execute_model(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+
+class LLMEngine:
+    """Synchronous engine: text or token-id prompts in, RequestOutputs out, one ``step()`` at a time."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_config)
+        self.engine_core = EngineCore(config)
+        self.metrics = EngineMetrics()
+        self.input_processor = InputProcessor(config, self.tokenizer, self.engine_core.num_blocks)
+        self.output_processor = OutputProcessor(self.tokenizer, self.metrics)
+
+    def add_request(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams, arrival_time: float | None = None
+    ) -> None:
+        """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
+        self.add_processed(self.process_request(request_id, prompt, params, arrival_time))
+
+    def process_request(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams, arrival_time: float | None = None
+    ) -> ProcessedRequest:
+        """Tokenize and validate without queueing, so a batch can be checked whole before any of it runs."""
+        if self.output_processor.has_request(request_id):
+            raise ValueError(f"Request id {request_id!r} is already in use")
+        return self.input_processor.process(request_id, prompt, params, arrival_time)
+
+    def add_processed(self, processed: ProcessedRequest) -> None:
+        self.output_processor.add_request(processed)
+        for request in processed.requests:
+            self.engine_core.add_request(request)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        request_ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        child_ids = self.output_processor.abort_requests(request_ids)
+        self.engine_core.abort_requests(child_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine_core.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.engine_core.scheduler.num_unfinished_requests
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; return the outputs of requests that made progress."""
+        core_outputs = self.engine_core.step()
+        processed = self.output_processor.process_outputs(core_outputs)
+        if processed.stopped_by_string:
+            self.engine_core.abort_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
+        self.metrics.record_step(self.engine_core.scheduler.stats())
+        return processed.request_outputs
+
+    def get_metrics(self) -> list[Metric]:
+        self.metrics.record_step(self.engine_core.scheduler.stats())
+        return self.metrics.snapshot()

@@ -1,0 +1,184 @@
+"""The offline API: ``LLM(model).generate(prompts, sampling_params)``, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.engine import LLMEngine
+from pagedllm.engine.metrics import Metric
+from pagedllm.engine.processing import PromptInput
+from pagedllm.params import RequestOutput, SamplingParams
+
+ChatMessages = list[dict[str, Any]]
+
+
+class LLM:
+    """Generates text for many prompts at once with a paged KV cache and continuous batching."""
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        device: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        enable_chunked_prefill: bool = True,
+        enable_prefix_caching: bool = False,
+        kv_cache_memory_bytes: int | None = None,
+        num_gpu_blocks_override: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        load_format: str = "auto",
+        skip_tokenizer_init: bool = False,
+        revision: str | None = None,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
+        kv_cache_dtype: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported yet; use 'auto'")
+        del enforce_eager  # no CUDA graphs yet: every step runs eagerly
+        args = EngineArgs(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            seed=seed,
+            device=device,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            enable_chunked_prefill=enable_chunked_prefill,
+            enable_prefix_caching=enable_prefix_caching,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            num_gpu_blocks_override=num_gpu_blocks_override,
+            gpu_memory_utilization=gpu_memory_utilization,
+            load_format=load_format,
+            skip_tokenizer_init=skip_tokenizer_init,
+            revision=revision,
+            extra=kwargs,
+        )
+        self.llm_engine = LLMEngine(args.create_engine_config())
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def get_metrics(self) -> list[Metric]:
+        """Current metric values (vLLM names under the ``pagedllm:`` prefix)."""
+        return self.llm_engine.get_metrics()
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate completions for every prompt; outputs come back in input order.
+
+        All prompts and parameters are validated before any work starts: a bad one raises ValueError and
+        nothing of the call runs.
+        """
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params_list = self._params_per_prompt(sampling_params, len(prompt_list))
+        return self._run(prompt_list, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: ChatMessages | Sequence[ChatMessages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to conversations, each rendered with the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            self._render_chat(c, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs)
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _render_chat(
+        self,
+        conversation: ChatMessages,
+        chat_template: str | None,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        chat_template_kwargs: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat() needs a tokenizer; this LLM was built with skip_tokenizer_init=True")
+        if chat_template is None and tokenizer.chat_template is None:
+            raise ValueError("The tokenizer has no chat template; pass chat_template=...")
+        text = tokenizer.apply_chat_template(
+            conversation,
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+            **(chat_template_kwargs or {}),
+        )
+        # The template already wrote any BOS token: do not add special tokens twice.
+        return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+    @staticmethod
+    def _params_per_prompt(
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * num_prompts
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        params_list = list(sampling_params)
+        if len(params_list) != num_prompts:
+            raise ValueError(
+                f"Got {len(params_list)} sampling_params for {num_prompts} prompts: pass one, or one per prompt"
+            )
+        return params_list
+
+    def _run(self, prompts: list[PromptInput], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        processed = [
+            engine.process_request(str(next(self._request_counter)), prompt, params)
+            for prompt, params in zip(prompts, params_list)
+        ]
+        order = {p.request_id: index for index, p in enumerate(processed)}
+        for request in processed:
+            engine.add_processed(request)
+        results: dict[str, RequestOutput] = {}
+        try:
+            self._step_until_done(engine, results, len(processed), use_tqdm)
+        finally:
+            unfinished = [request_id for request_id in order if request_id not in results]
+            if unfinished:  # interrupted: leave the engine clean for the next call
+                engine.abort_request(unfinished)
+        return sorted(results.values(), key=lambda output: order[output.request_id])
+
+    @staticmethod
+    def _step_until_done(engine: LLMEngine, results: dict[str, RequestOutput], total: int, use_tqdm: bool) -> None:
+        progress = tqdm(total=total, desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        start, num_output_tokens = time.perf_counter(), 0
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    results[output.request_id] = output
+                    num_output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                    progress.update(1)
+                    progress.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):.1f} tok/s out")
+        progress.close()

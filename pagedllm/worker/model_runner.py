@@ -1,0 +1,264 @@
+"""Turns a SchedulerOutput into tensors, runs the model over the paged KV cache, and samples.
+
+The runner keeps a persistent state per request (its known token ids and block table), updated by the
+scheduler's diff each step, so nothing per request is rebuilt from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.config import EngineConfig
+from pagedllm.core.interface import ModelRunnerOutput, NewRequestData, SchedulerOutput, TopLogprobs
+from pagedllm.model.loader import get_model, torch_dtype
+from pagedllm.params import SamplingParams
+from pagedllm.worker.sampler import LogprobsTensors, Sampler, SamplingMetadata, SamplingRow, compute_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class CachedRequestState:
+    """What the runner remembers about a request between steps."""
+
+    req_id: str
+    token_ids: list[int]  # prompt + outputs known so far (the runner appends what it samples)
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    sampling_seed: int
+    block_ids: list[int]
+    num_computed_tokens: int
+
+    @classmethod
+    def from_new(cls, data: NewRequestData) -> CachedRequestState:
+        return cls(
+            data.req_id,
+            list(data.token_ids),
+            data.num_prompt_tokens,
+            data.sampling_params,
+            data.sampling_seed,
+            list(data.block_ids),
+            data.num_computed_tokens,
+        )
+
+
+@dataclass(slots=True)
+class _StepInputs:
+    """One step's flat batch: model inputs plus where to read logits from."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    sample_req_ids: list[str]  # requests whose tokens are all computed after this step: they sample
+    sample_indices: list[int]  # flat index of each sampling request's last token
+    prompt_logprob_spans: list[tuple[str, int, int, int]]  # (req_id, flat start, first prompt position, count)
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the sampler of one device."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.block_size = config.cache_config.block_size
+        self.device = torch.device(config.device)
+        self.dtype = torch_dtype(self.model_config.dtype)
+        torch.manual_seed(config.seed)
+        self.model = get_model(self.model_config, config.load_format, config.device, config.attention_backend)
+        self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- KV cache ------------------------------------------------------------------------------------------
+
+    @property
+    def kv_block_bytes(self) -> int:
+        return self.model_config.kv_bytes_per_token * self.block_size
+
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks the budget allows: an explicit override, a byte budget, or the GPU's free memory."""
+        cache_config = self.config.cache_config
+        if cache_config.num_gpu_blocks_override is not None:
+            return cache_config.num_gpu_blocks_override
+        if cache_config.kv_cache_memory_bytes is not None:
+            num_blocks = cache_config.kv_cache_memory_bytes // self.kv_block_bytes
+            return min(num_blocks, self._max_useful_blocks())
+        return self._num_blocks_from_gpu_memory(cache_config.gpu_memory_utilization)
+
+    def _max_useful_blocks(self) -> int:
+        """Blocks for max_num_seqs sequences of max_model_len tokens: a larger cache could never be filled."""
+        sched = self.config.scheduler_config
+        return sched.max_num_seqs * -(-sched.max_model_len // self.block_size)
+
+    def _num_blocks_from_gpu_memory(self, utilization: float) -> int:
+        """Size the cache from ``utilization`` of device memory minus weights and the peak of a max-size step."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_run()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        _, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * utilization) - peak
+        if budget < self.kv_block_bytes:
+            raise ValueError(
+                f"No memory left for the KV cache: {total / 2**30:.1f} GiB total, gpu_memory_utilization="
+                f"{utilization}, peak use without cache {peak / 2**30:.1f} GiB. Raise gpu_memory_utilization, "
+                "lower max_num_batched_tokens or use a smaller model."
+            )
+        return min(budget // self.kv_block_bytes, self._max_useful_blocks())
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """One forward over max_num_batched_tokens tokens of a single sequence, to measure peak activations."""
+        num_tokens = min(self.config.scheduler_config.max_num_batched_tokens, self.config.scheduler_config.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        kv_caches = self._allocate_kv_caches(num_blocks)
+        positions = np.arange(num_tokens, dtype=np.int64)
+        metadata = self._build_metadata([num_tokens], [num_tokens], positions, np.arange(num_blocks)[None, :])
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), kv_caches, metadata)
+        self.model.compute_logits(hidden[-self.config.scheduler_config.max_num_seqs :])
+        del kv_caches, hidden
+        torch.cuda.synchronize(self.device)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = self._allocate_kv_caches(num_blocks)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)",
+            num_blocks,
+            self.block_size,
+            num_blocks * self.kv_block_bytes / 2**20,
+            num_blocks * self.block_size,
+        )
+
+    def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
+        shape = (2, num_blocks, self.block_size, self.model_config.num_key_value_heads, self.model_config.head_dim)
+        return [
+            torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for _ in range(self.model_config.num_hidden_layers)
+        ]
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput({})
+        inputs = self._prepare_inputs(scheduler_output)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        output = self._sample(hidden, inputs)
+        output.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
+        return output
+
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for data in scheduler_output.new_reqs:
+            self.requests[data.req_id] = CachedRequestState.from_new(data)
+        for data in scheduler_output.cached_reqs:
+            state = self.requests[data.req_id]
+            state.block_ids.extend(data.new_block_ids)
+            state.num_computed_tokens = data.num_computed_tokens
+
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> _StepInputs:
+        query_lens, seq_lens, token_chunks, block_rows = [], [], [], []
+        sample_req_ids, sample_indices, prompt_spans = [], [], []
+        flat_start = 0
+        for req_id, num_new in scheduler_output.num_scheduled_tokens.items():
+            state = self.requests[req_id]
+            start = state.num_computed_tokens
+            end = start + num_new
+            token_chunks.append(state.token_ids[start:end])
+            query_lens.append(num_new)
+            seq_lens.append(end)
+            block_rows.append(state.block_ids)
+            if end == len(state.token_ids):
+                sample_req_ids.append(req_id)
+                sample_indices.append(flat_start + num_new - 1)
+            if state.sampling_params.prompt_logprobs is not None:
+                num_prompt_positions = min(end, state.num_prompt_tokens - 1) - start
+                if num_prompt_positions > 0:
+                    prompt_spans.append((req_id, flat_start, start, num_prompt_positions))
+            flat_start += num_new
+            state.num_computed_tokens = end
+
+        positions = np.concatenate([np.arange(s - q, s) for q, s in zip(query_lens, seq_lens)])
+        block_table = np.zeros((len(block_rows), max(len(row) for row in block_rows)), dtype=np.int64)
+        for row_index, row in enumerate(block_rows):
+            block_table[row_index, : len(row)] = row
+        return _StepInputs(
+            input_ids=torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long, device=self.device),
+            positions=torch.from_numpy(positions).to(self.device),
+            metadata=self._build_metadata(query_lens, seq_lens, positions, block_table),
+            sample_req_ids=sample_req_ids,
+            sample_indices=sample_indices,
+            prompt_logprob_spans=prompt_spans,
+        )
+
+    def _build_metadata(
+        self, query_lens: list[int], seq_lens: list[int], positions: np.ndarray, block_table: np.ndarray
+    ) -> AttentionMetadata:
+        request_of_token = np.repeat(np.arange(len(query_lens)), query_lens)
+        slot_mapping = block_table[request_of_token, positions // self.block_size] * self.block_size + (
+            positions % self.block_size
+        )
+        query_start_loc = np.concatenate([[0], np.cumsum(query_lens)])
+        to_device = lambda array, dtype: torch.from_numpy(np.asarray(array, dtype=dtype)).to(self.device)  # noqa: E731
+        return AttentionMetadata(
+            slot_mapping=to_device(slot_mapping, np.int64),
+            query_start_loc=to_device(query_start_loc, np.int32),
+            seq_lens=to_device(seq_lens, np.int32),
+            block_tables=to_device(block_table, np.int32),
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=list(seq_lens),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+        )
+
+    def _sample(self, hidden: torch.Tensor, inputs: _StepInputs) -> ModelRunnerOutput:
+        if not inputs.sample_req_ids:
+            return ModelRunnerOutput({})
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        states = [self.requests[req_id] for req_id in inputs.sample_req_ids]
+        rows = [
+            SamplingRow(s.sampling_params, s.token_ids[: s.num_prompt_tokens], s.token_ids[s.num_prompt_tokens :], s.sampling_seed)
+            for s in states
+        ]
+        metadata = SamplingMetadata.build(rows, self.model_config.vocab_size, self.device, self.model_config.eos_token_ids)
+        sampler_output = self.sampler(logits, metadata)
+        sampled = sampler_output.sampled_token_ids.tolist()  # the step's one device->host sync
+        output = ModelRunnerOutput(dict(zip(inputs.sample_req_ids, sampled)))
+        for state, token_id in zip(states, sampled):
+            state.token_ids.append(token_id)
+        if sampler_output.logprobs is not None:
+            output.logprobs = _per_request_logprobs(inputs.sample_req_ids, states, sampler_output.logprobs)
+        return output
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: _StepInputs) -> dict[str, list[TopLogprobs]]:
+        result = {}
+        for req_id, flat_start, first_position, count in inputs.prompt_logprob_spans:
+            state = self.requests[req_id]
+            logits = self.model.compute_logits(hidden[flat_start : flat_start + count])
+            targets = state.token_ids[first_position + 1 : first_position + 1 + count]
+            num_top = state.sampling_params.prompt_logprobs
+            num_columns = self.model_config.vocab_size if num_top == -1 else num_top
+            tensors = compute_logprobs(logits, torch.tensor(targets, device=self.device), num_columns).cpu()
+            result[req_id] = [tensors.to_top_logprobs(row, num_top) for row in range(count)]
+        return result
+
+
+def _per_request_logprobs(
+    req_ids: list[str], states: list[CachedRequestState], tensors: LogprobsTensors
+) -> dict[str, TopLogprobs]:
+    """Slice each asking row to the number it asked for (-1: the whole vocabulary, as in vLLM)."""
+    tensors = tensors.cpu()
+    return {
+        req_id: tensors.to_top_logprobs(row, state.sampling_params.logprobs)
+        for row, (req_id, state) in enumerate(zip(req_ids, states))
+        if state.sampling_params.logprobs is not None
+    }
