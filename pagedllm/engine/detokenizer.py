@@ -1,8 +1,10 @@
 """Incremental detokenization of one request's output tokens, and stop strings.
 
-Text is produced a token at a time and must be exactly what decoding the whole sequence would give, even when a
-character spans several tokens (byte-level BPE, SentencePiece byte fallback): text that ends in U+FFFD (an
-incomplete UTF-8 sequence so far) is held back until a later token completes it, or until the request finishes.
+Text is produced a token at a time and adds up to what decoding the whole sequence gives (prompt text removed),
+even when a character spans several tokens (byte-level BPE, SentencePiece byte fallback): text that ends in U+FFFD
+(an incomplete UTF-8 sequence so far) is held back until a later token completes it, or until the request finishes.
+One case cannot match without stalling streams: a run of byte-fallback tokens that is valid UTF-8 for a while and
+then invalid, which decode() turns into U+FFFDs as a whole; there the text already streamed stays.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ if TYPE_CHECKING:
     from pagedllm.params import SamplingParams
 
 _REPLACEMENT_CHAR = "\ufffd"
-# DecodeStream's error when a decode does not start with the previous one (tokenizers mod.rs); see
-# vllm-project/vllm#17448. We recover by starting a fresh stream primed with recent context.
+# DecodeStream's error when a decode does not start with the previous one (tokenizers mod.rs), which happens
+# for the byte-fallback case above; see vllm-project/vllm#17448.
 _INVALID_PREFIX_ERR = "Invalid prefix encountered"
 # Priming context: the decoders see a few tokens before the first output token so that context-dependent
 # decoding (SentencePiece's leading-space strip, bytes of a character split across the prompt's end) is right.
@@ -153,11 +155,15 @@ class _SlowDecoder(_WindowDecoder):
         self._spaces_between_special = spaces_between_special
 
     def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
         # No clean-up: it rewrites " ." etc. across the whole text, so windows would not add up (vLLM skips it too).
         return self._tokenizer.decode(
-            ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False,
+            ids,
+            skip_special_tokens=self._skip_special,
+            clean_up_tokenization_spaces=False,
             spaces_between_special_tokens=self._spaces_between_special,
-        ) if ids else ""
+        )
 
 
 def _make_decoder(tokenizer: PreTrainedTokenizerBase, params: SamplingParams) -> _WindowDecoder:
@@ -173,8 +179,9 @@ class IncrementalDetokenizer:
     decode(prompt); it is cut at the first stop string. With tokenizer None or params.detokenize False it stays ''.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, prompt_token_ids: list[int],
-                 params: SamplingParams) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase | None, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
         self.output_text = ""
         self.token_ids: list[int] = []
         self._stop = [s for s in params.stop or () if s]  # '' would match everywhere

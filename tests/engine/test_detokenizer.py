@@ -35,8 +35,13 @@ PROMPTS = ["", "Say:", "Q: 🙂", "中文"]
 
 def make_params(**overrides: object) -> types.SimpleNamespace:
     """Stand-in for pagedllm.params.SamplingParams with the fields the detokenizer reads."""
-    fields = dict(skip_special_tokens=True, spaces_between_special_tokens=True, stop=[],
-                  include_stop_str_in_output=False, detokenize=True)
+    fields = {
+        "skip_special_tokens": True,
+        "spaces_between_special_tokens": True,
+        "stop": [],
+        "include_stop_str_in_output": False,
+        "detokenize": True,
+    }
     fields.update(overrides)
     return types.SimpleNamespace(**fields)
 
@@ -62,11 +67,16 @@ def tiny_bpe_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(TEXTS * 20 + ["the quick brown fox jumps over the lazy dog. STOP!"] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", bos_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        bos_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
 
 
 class ByteTokenizer(PreTrainedTokenizer):
@@ -118,11 +128,11 @@ def expected_output_text(tokenizer, prompt_ids: list[int], output_ids: list[int]
     whole text (" ." -> "."), which no streaming decoder can do; vLLM does not either, and transformers 5.2x
     ignores it for BPE anyway (llama3's config asks for it).
     """
-    kwargs = dict(skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    kwargs = {"skip_special_tokens": skip, "clean_up_tokenization_spaces": False}
     full_text = tokenizer.decode(prompt_ids + output_ids, **kwargs)
     prompt_text = tokenizer.decode(prompt_ids, **kwargs)
     assert full_text.startswith(prompt_text)
-    return full_text[len(prompt_text):]
+    return full_text[len(prompt_text) :]
 
 
 def stream(tokenizer, prompt_ids: list[int], output_ids: list[int], params, chunk: int = 1) -> str:
@@ -130,7 +140,7 @@ def stream(tokenizer, prompt_ids: list[int], output_ids: list[int], params, chun
     detok = IncrementalDetokenizer(tokenizer, prompt_ids, params)
     deltas = []
     for start in range(0, len(output_ids), chunk):
-        detok.update(output_ids[start:start + chunk], stop_terminated=False)
+        detok.update(output_ids[start : start + chunk], stop_terminated=False)
         deltas.append(detok.get_next_output_text(finished=False, delta=True))
     deltas.append(detok.get_next_output_text(finished=True, delta=True))
     assert "".join(deltas) == detok.output_text == detok.get_next_output_text(finished=True, delta=False)
@@ -143,6 +153,7 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 # --- the central property on real tokenizers --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", REAL_TOKENIZERS)
 @pytest.mark.parametrize("skip", [True, False])
@@ -251,6 +262,7 @@ def test_character_split_between_prompt_and_output(name: str, path: str) -> None
 
 # --- tokenizers built here (always run) -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("skip", [True, False])
 def test_tiny_bpe_tokenizer(skip: bool, path: str) -> None:
     tokenizer = tiny_bpe_tokenizer()
@@ -274,7 +286,8 @@ def test_slow_byte_tokenizer() -> None:
         for text in TEXTS:
             output_ids = encode(tokenizer, text) + [tokenizer.eos_token_id]
             assert stream(tokenizer, encode(tokenizer, "é:"), output_ids, make_params(skip_special_tokens=skip)) == (
-                text + ("" if skip else "<|end|>"))
+                text + ("" if skip else "<|end|>")
+            )
         for _ in range(50):  # random bytes: invalid sequences and a possibly incomplete last character
             output_ids = [rng.randrange(vocab_size) for _ in range(20)]
             expected = expected_output_text(tokenizer, [], output_ids, skip)
@@ -295,7 +308,8 @@ def test_special_tokens_skipped_or_kept(path: str) -> None:
     output_ids = [start] + encode(tokenizer, "fox") + [end, start] + encode(tokenizer, " dog")
     assert stream(tokenizer, [], output_ids, make_params(skip_special_tokens=True)) == "fox dog"
     assert stream(tokenizer, [], output_ids, make_params(skip_special_tokens=False)) == (
-        "<|im_start|>fox<|im_end|><|im_start|> dog")
+        "<|im_start|>fox<|im_end|><|im_start|> dog"
+    )
 
 
 def test_spaces_between_special_tokens() -> None:
@@ -305,8 +319,9 @@ def test_spaces_between_special_tokens() -> None:
     tokenizer.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(special_tokens=["[UNK]", "[A]", "[B]"])
     tokenizer.train_from_iterator(["hello world"] * 5, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]",
-                                      additional_special_tokens=["[A]", "[B]"])
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", additional_special_tokens=["[A]", "[B]"]
+    )
     output_ids = wrapped.encode("hello [A] [B] world")
     with_spaces = make_params(skip_special_tokens=False, spaces_between_special_tokens=True)
     without = make_params(skip_special_tokens=False, spaces_between_special_tokens=False)
@@ -315,6 +330,7 @@ def test_spaces_between_special_tokens() -> None:
 
 
 # --- stop strings, stop tokens, hold-back -----------------------------------------------------------------
+
 
 def piece_ids(*pieces: str) -> list[list[int]]:
     """Ids of each piece encoded on its own: byte-level BPE concatenates, so token boundaries fall between pieces."""
