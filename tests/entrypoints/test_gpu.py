@@ -1,0 +1,50 @@
+"""The engine on a CUDA device (skipped without one): float32 greedy parity with HF, bf16 runs, memory sizing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from tests.entrypoints.conftest import hf_greedy
+from tests.utils import load_hf_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0)
+
+
+@pytest.mark.parametrize("arch", ["llama3_rope", "qwen3", "qwen2"])
+def test_float32_greedy_parity_on_cuda(tiny_model, arch):
+    model_dir = tiny_model(arch)
+    llm = LLM(model_dir, device="cuda", dtype="float32", num_gpu_blocks_override=64, block_size=4,
+              max_num_batched_tokens=32, max_num_seqs=8, max_model_len=128)
+    prompts = [[5 + i, 17, 42, 99, 7, 3, 250, 11, 64][: 3 + i] * (1 + i % 3) for i in range(12)]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    hf_model = load_hf_model(model_dir)
+    for prompt, output in zip(prompts, outputs):
+        hf_tokens, hf_logprobs = hf_greedy(hf_model, prompt, 32)
+        assert output.outputs[0].token_ids == hf_tokens
+        ours = [entry[t].logprob for t, entry in zip(hf_tokens, output.outputs[0].logprobs)]
+        assert max(abs(a - b) for a, b in zip(ours, hf_logprobs)) < 1e-3
+
+
+def test_auto_dtype_is_bfloat16_and_cache_is_sized_from_gpu_memory(tiny_model):
+    llm = LLM(tiny_model("qwen3"), gpu_memory_utilization=0.5, max_model_len=256)
+    engine = llm.llm_engine
+    assert engine.config.device == "cuda" and engine.config.model_config.dtype == "bfloat16"
+    assert engine.engine_core.model_runner.kv_caches[0].dtype == torch.bfloat16
+    assert engine.engine_core.num_blocks > 0
+    params = SamplingParams(temperature=0.7, seed=1, max_tokens=40, ignore_eos=True)
+    first = llm.generate([{"prompt_token_ids": [3, 4, 5]}] * 4, params, use_tqdm=False)
+    again = llm.generate([{"prompt_token_ids": [3, 4, 5]}] * 4, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in again]
+
+
+def test_stories260k_reference_text_on_cuda(stories_dir):
+    llm = LLM(stories_dir, device="cuda", dtype="float32", gpu_memory_utilization=0.3)
+    text = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=60), use_tqdm=False)[0]
+    assert text.outputs[0].text.startswith(", there was a little girl named Lily. She loved to play outside in the park.")
