@@ -16,7 +16,6 @@ from pagedllm.params import (
     SamplingType,
 )
 
-
 # (keyword arguments, the field the error message must name)
 INVALID = [
     ({"n": 0}, "n"),

@@ -3,6 +3,7 @@ steps, and a small paged runner that feeds token chunks of several requests thro
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,10 @@ from typing import Any
 import torch
 
 from pagedllm.attention.backend import AttentionMetadata
+
+# Real test assets (see ../shared/assets/README.md); tests that need them skip when the folder is absent.
+ASSETS = Path(os.environ.get("PAGEDLLM_ASSETS") or Path(__file__).resolve().parents[2] / "shared" / "assets")
+STORIES = ASSETS / "models" / "stories260K"
 
 _BASE = dict(
     vocab_size=128,

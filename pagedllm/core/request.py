@@ -42,21 +42,21 @@ class Request:
     chunked prefill, decode and recompute after preemption are all this one rule."""
 
     __slots__ = (
-        "request_id",
-        "prompt_token_ids",
-        "output_token_ids",
-        "sampling_params",
-        "sampling_seed",
-        "eos_token_ids",
-        "max_tokens",
-        "arrival_time",
         "arrival_seq",
-        "priority",
-        "status",
-        "stop_reason",
+        "arrival_time",
+        "eos_token_ids",
+        "first_scheduled_time",
+        "max_tokens",
         "num_computed_tokens",
         "num_preemptions",
-        "first_scheduled_time",
+        "output_token_ids",
+        "priority",
+        "prompt_token_ids",
+        "request_id",
+        "sampling_params",
+        "sampling_seed",
+        "status",
+        "stop_reason",
     )
 
     def __init__(

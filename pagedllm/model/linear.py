@@ -7,7 +7,7 @@ tensor. Tensor-parallel sharding and quantized formats hook in here later by bri
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

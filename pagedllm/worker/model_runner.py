@@ -208,7 +208,7 @@ class ModelRunner:
             positions % self.block_size
         )
         query_start_loc = np.concatenate([[0], np.cumsum(query_lens)])
-        to_device = lambda array, dtype: torch.from_numpy(np.asarray(array, dtype=dtype)).to(self.device)  # noqa: E731
+        to_device = lambda array, dtype: torch.from_numpy(np.asarray(array, dtype=dtype)).to(self.device)
         return AttentionMetadata(
             slot_mapping=to_device(slot_mapping, np.int64),
             query_start_loc=to_device(query_start_loc, np.int32),

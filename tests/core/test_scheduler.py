@@ -100,7 +100,7 @@ def test_random_workload_keeps_invariants_and_finishes_everything():
     requests = [make_request(f"r{i}", rng.randint(1, 60), max_tokens=rng.randint(1, 40)) for i in range(40)]
     for request in requests:
         scheduler.add_request(request)
-    finished, admissions, steps = run_to_completion(scheduler)
+    finished, admissions, _ = run_to_completion(scheduler)
     assert set(finished) == {r.request_id for r in requests}
     assert all(len(r.output_token_ids) == r.max_tokens for r in requests)
     assert all(r.status == RequestStatus.FINISHED_LENGTH for r in requests)

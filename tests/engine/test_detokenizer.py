@@ -8,11 +8,9 @@ SentencePiece byte fallback and random ids, on the fast (DecodeStream) and the s
 from __future__ import annotations
 
 import functools
-import os
 import random
 import re
 import types
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -20,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizer, PreTrainedTokenizer
 
 from pagedllm.engine import detokenizer
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from tests.utils import ASSETS
 
 REAL_TOKENIZERS = ["qwen3", "llama3-8b-instruct", "mistral-7b-instruct-v0.3", "llama2-sentencepiece"]
 TEXTS = [
@@ -46,18 +45,11 @@ def make_params(**overrides: object) -> types.SimpleNamespace:
     return types.SimpleNamespace(**fields)
 
 
-def assets_dir() -> Path | None:
-    candidates = [Path(os.environ["PAGEDLLM_ASSETS"])] if "PAGEDLLM_ASSETS" in os.environ else []
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "assets")
-    return next((path for path in candidates if (path / "tokenizers").is_dir()), None)
-
-
 @functools.cache
 def load_real_tokenizer(name: str) -> PreTrainedTokenizerFast:
-    assets = assets_dir()
-    if assets is None:
-        pytest.skip("shared/assets (real tokenizers) not found; set PAGEDLLM_ASSETS")
-    return AutoTokenizer.from_pretrained(str(assets / "tokenizers" / name))
+    if not (ASSETS / "tokenizers").is_dir():
+        pytest.skip(f"shared assets (real tokenizers) not found at {ASSETS}; set PAGEDLLM_ASSETS")
+    return AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / name))
 
 
 @functools.cache

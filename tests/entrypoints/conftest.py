@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.utils import build_tiny_model
-
-ASSETS = Path(os.environ.get("PAGEDLLM_ASSETS", Path(__file__).resolve().parents[3] / "shared" / "assets"))
-STORIES = ASSETS / "models" / "stories260K"
+from tests.utils import ASSETS, STORIES, build_tiny_model
 
 _CORPUS = [
     "Once upon a time there was a little model that generated text for many users at once.",

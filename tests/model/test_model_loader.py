@@ -4,7 +4,6 @@ trained checkpoint (stories260K) against HF transformers."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from pagedllm.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.loader import get_model, get_model_class, torch_dtype
-from tests.utils import PagedRunner, build_tiny_model, load_hf_model
+from tests.utils import STORIES, PagedRunner, build_tiny_model, load_hf_model
 
 
 def load(model_dir: str, load_format: str = "auto", dtype: str = "float32") -> torch.nn.Module:
@@ -136,11 +135,6 @@ def test_torch_dtype() -> None:
         torch_dtype("int8")
 
 
-def _assets() -> Path:
-    return Path(os.environ.get("PAGEDLLM_ASSETS") or Path(__file__).resolve().parents[2].parent / "shared" / "assets")
-
-
-STORIES = _assets() / "models" / "stories260K"
 
 
 STORIES_REFERENCE = (  # from the asset's PROVENANCE.txt: HF greedy, float32, 60 new tokens
