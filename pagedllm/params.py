@@ -28,6 +28,14 @@ MAX_N = 16384  # vLLM's default VLLM_MAX_N_SEQUENCES
 MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's bound on logit_bias values
 
 
+class RequestOutputKind(enum.IntEnum):
+    """What each RequestOutput of a request carries (vLLM's ``output_kind``)."""
+
+    CUMULATIVE = 0  # every step: everything so far
+    DELTA = 1  # every step: only what is new (streaming)
+    FINAL_ONLY = 2  # once, when finished (offline generate)
+
+
 class SamplingType(enum.IntEnum):
     """How a request picks its next token."""
 
@@ -68,6 +76,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -98,6 +107,8 @@ class SamplingParams:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}.")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
 
     def _normalize(self) -> None:
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):

@@ -14,13 +14,8 @@ from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import EngineCoreOutput, Scheduler
 from pagedllm.engine.metrics import EngineMetrics, Metric
-from pagedllm.engine.processing import (
-    InputProcessor,
-    OutputProcessor,
-    ProcessedRequest,
-    PromptInput,
-    load_tokenizer,
-)
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.engine.processing import InputProcessor, ProcessedRequest, PromptInput, load_tokenizer
 from pagedllm.params import RequestOutput, SamplingParams
 from pagedllm.worker.model_runner import ModelRunner
 

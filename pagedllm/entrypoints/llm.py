@@ -13,7 +13,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.processing import PromptInput
-from pagedllm.params import RequestOutput, SamplingParams
+from pagedllm.params import RequestOutput, RequestOutputKind, SamplingParams
 
 ChatMessages = list[dict[str, Any]]
 
@@ -154,6 +154,7 @@ class LLM:
 
     def _run(self, prompts: list[PromptInput], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
+        params_list = _final_only(params_list)
         processed = [
             engine.process_request(str(next(self._request_counter)), prompt, params)
             for prompt, params in zip(prompts, params_list)
@@ -182,3 +183,13 @@ class LLM:
                     progress.update(1)
                     progress.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):.1f} tok/s out")
         progress.close()
+
+
+def _final_only(params_list: list[SamplingParams]) -> list[SamplingParams]:
+    """generate() returns finished outputs only: ask the engine for nothing else (copies; the user's stay as given)."""
+    copies: dict[int, SamplingParams] = {}
+    for params in params_list:
+        if id(params) not in copies:
+            copies[id(params)] = params.clone()
+            copies[id(params)].output_kind = RequestOutputKind.FINAL_ONLY
+    return [copies[id(params)] for params in params_list]

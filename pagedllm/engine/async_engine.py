@@ -1,0 +1,198 @@
+"""AsyncEngine: the engine loop runs continuously in its own thread behind an async add / stream / abort interface.
+
+The loop thread owns the LLMEngine (scheduler, model runner, output processor); the asyncio side only validates
+requests and exchanges messages with it: an inbox of commands in, per-request streams of RequestOutputs out. The
+HTTP side therefore never blocks a step, and a step never blocks the event loop. The same message boundary is
+where the engine core can later move into its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pagedllm.config import EngineArgs, EngineConfig
+from pagedllm.engine.engine import LLMEngine
+from pagedllm.engine.metrics import Metric
+from pagedllm.engine.processing import ProcessedRequest, PromptInput
+from pagedllm.params import RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks for a stop signal
+_HEALTH_STALL_S = 120.0  # no step for this long while work is queued = the loop is stuck
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served."""
+
+
+class _Stream:
+    """Outputs of one request, handed from the loop thread to the asyncio task that waits for them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:  # called from the loop thread
+        if self._loop.is_closed():
+            return  # nobody is left to read it; the abort the reader sent is on its way
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop closed between the check and the call
+
+    async def get(self) -> RequestOutput:
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+@dataclass(slots=True)
+class _Add:
+    processed: ProcessedRequest
+    stream: _Stream
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """Serves many concurrent requests from one continuously running engine loop."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.config = config
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # owned by the loop thread
+        self._stopping = threading.Event()
+        self._last_progress = time.monotonic()
+        self._thread = threading.Thread(target=self._run_loop, name="pagedllm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> AsyncEngine:
+        return cls(args.create_engine_config())
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self):
+        return self.config.model_config
+
+    # ---- the asyncio side ----------------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt: PromptInput, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs. Raises ValueError at once on bad input; aborts the request if the
+        consumer stops early (e.g. the client disconnected)."""
+        if not self.is_running:
+            raise EngineDeadError("The engine loop is not running")
+        processed = self.engine.process_request(request_id, prompt, params)
+        stream = _Stream(asyncio.get_running_loop())
+        self._inbox.put(_Add(processed, stream))
+        finished = False
+        try:
+            while not finished:
+                output = await stream.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks at the next step boundary."""
+        self._inbox.put(_Abort(request_id))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    def is_healthy(self) -> bool:
+        """Alive and making progress: a loop that has work but has not finished a step for long is stuck."""
+        if not self.is_running:
+            return False
+        busy = self.engine.has_unfinished_requests() or not self._inbox.empty()
+        return not busy or time.monotonic() - self._last_progress < _HEALTH_STALL_S
+
+    def get_metrics(self) -> list[Metric]:
+        return self.engine.get_metrics()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still running end with an EngineDeadError in their streams."""
+        self._stopping.set()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    # ---- the loop thread -----------------------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_inbox(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as exc:  # a bug in the loop itself: fail everyone loudly rather than hang
+            logger.exception("Engine loop crashed")
+            self._fail_all(EngineDeadError(f"The engine loop crashed: {exc!r}"))
+            raise
+        self._fail_all(EngineDeadError("The engine is shutting down"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            message = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+            while True:
+                self._handle(message)
+                message = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _handle(self, message: _Add | _Abort | None) -> None:
+        if isinstance(message, _Add):
+            request_id = message.processed.request_id
+            try:
+                self.engine.add_processed(message.processed)
+            except Exception as exc:  # e.g. a duplicate id that raced past validation
+                message.stream.put(exc)
+                return
+            self._streams[request_id] = message.stream
+            self._last_progress = time.monotonic()
+        elif isinstance(message, _Abort):
+            if self._streams.pop(message.request_id, None) is not None:
+                self.engine.abort_request(message.request_id)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            # The failing step cannot be pinned on one request: fail the requests in flight, keep serving.
+            logger.exception("Engine step failed; aborting the %d requests in flight", len(self._streams))
+            self._fail_all(RuntimeError(f"The engine step failed: {exc!r}"))
+            return
+        self._last_progress = time.monotonic()
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            stream.put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def _fail_all(self, error: BaseException) -> None:
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            self._streams.pop(request_id).put(error)
+        if request_ids:
+            self.engine.abort_request(request_ids)

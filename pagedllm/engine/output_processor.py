@@ -1,0 +1,209 @@
+"""Outputs out of the engine: detokenize core outputs, apply stop strings, assemble RequestOutputs.
+
+A request with ``n > 1`` ran as n core requests; their outputs are gathered back into one RequestOutput. What each
+RequestOutput carries follows the request's ``output_kind``: everything so far (CUMULATIVE), only what is new
+(DELTA, for streaming; only the sequences that changed), or one output when finished (FINAL_ONLY).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pagedllm.core.interface import TopLogprobs
+from pagedllm.core.scheduler import EngineCoreOutput
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.metrics import EngineMetrics
+from pagedllm.engine.processing import ProcessedRequest
+from pagedllm.params import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RequestOutputKind
+
+
+@dataclass
+class _SequenceState:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_tokens_sent: int = 0  # DELTA mode: how much of token_ids / logprobs earlier outputs carried
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _RequestState:
+    processed: ProcessedRequest
+    sequences: dict[str, _SequenceState]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    metrics: RequestMetrics
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def output_kind(self) -> RequestOutputKind:
+        return self.processed.params.output_kind
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.sequences.values())
+
+
+@dataclass
+class ProcessedOutputs:
+    request_outputs: list[RequestOutput]
+    stopped_by_string: list[str]  # core request ids to finish: the detokenizer found a stop string
+
+
+class OutputProcessor:
+    """Turns core outputs into RequestOutputs; tracks each request until it finishes."""
+
+    def __init__(self, tokenizer, metrics: EngineMetrics) -> None:
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self._requests: dict[str, _RequestState] = {}
+        self._parent_of: dict[str, str] = {}  # core request id -> request id
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def add_request(self, processed: ProcessedRequest) -> None:
+        wants_logprobs = processed.params.logprobs is not None
+        sequences = {}
+        for index, request in enumerate(processed.requests):
+            detokenizer = IncrementalDetokenizer(self.tokenizer, processed.prompt_token_ids, request.sampling_params)
+            sequences[request.request_id] = _SequenceState(
+                index,
+                detokenizer,
+                logprobs=[] if wants_logprobs else None,
+                cumulative_logprob=0.0 if wants_logprobs else None,
+            )
+            self._parent_of[request.request_id] = processed.request_id
+        prompt_logprobs = [None] if processed.params.prompt_logprobs is not None else None
+        self._requests[processed.request_id] = _RequestState(
+            processed, sequences, prompt_logprobs, RequestMetrics(arrival_time=processed.arrival_time)
+        )
+
+    def abort_requests(self, request_ids: list[str]) -> list[str]:
+        """Forget requests; return the core request ids to abort."""
+        child_ids = []
+        for request_id in request_ids:
+            state = self._requests.pop(request_id, None)
+            if state is not None:
+                child_ids.extend(state.sequences)
+                for child_id in state.sequences:
+                    del self._parent_of[child_id]
+        return child_ids
+
+    def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        touched: dict[str, list[_SequenceState]] = {}
+        stopped_by_string = []
+        now = time.monotonic()
+        for output in core_outputs:
+            parent_id = self._parent_of.get(output.request_id)
+            if parent_id is None:
+                continue
+            state = self._requests[parent_id]
+            sequence = state.sequences[output.request_id]
+            self._record_prompt_logprobs(state, output)
+            if output.new_token_ids:
+                self._record_timing(state, len(output.new_token_ids), now)
+            if self._update_sequence(sequence, output):
+                stopped_by_string.append(output.request_id)
+            touched.setdefault(parent_id, []).append(sequence)
+        request_outputs = []
+        for request_id, sequences in touched.items():
+            state = self._requests[request_id]
+            finished = state.finished
+            if finished or state.output_kind != RequestOutputKind.FINAL_ONLY:
+                request_outputs.append(self._make_output(state, sequences, finished))
+            if finished:
+                state.metrics.finished_time = now
+                self.abort_requests([request_id])
+                self.metrics.record_finished(state)
+        return ProcessedOutputs(request_outputs, stopped_by_string)
+
+    def _update_sequence(self, sequence: _SequenceState, output: EngineCoreOutput) -> bool:
+        """Apply one core output to a sequence; return True when a stop string finished it."""
+        sequence.token_ids.extend(output.new_token_ids)
+        if output.new_logprobs is not None and sequence.logprobs is not None:
+            sequence.logprobs.append(self._to_logprob_dict(output.new_logprobs))
+            sequence.cumulative_logprob += output.new_logprobs.logprobs[0]
+        stop_terminated = output.finish_reason == "stop"
+        stop_string = sequence.detokenizer.update(output.new_token_ids, stop_terminated)
+        if output.finished:
+            sequence.finish_reason, sequence.stop_reason = output.finish_reason, output.stop_reason
+            return False
+        if stop_string is not None:
+            sequence.finish_reason, sequence.stop_reason = "stop", stop_string
+            return True
+        return False
+
+    def _record_prompt_logprobs(self, state: _RequestState, output: EngineCoreOutput) -> None:
+        if output.new_prompt_logprobs and state.prompt_logprobs is not None:
+            state.prompt_logprobs.extend(self._to_logprob_dict(entry) for entry in output.new_prompt_logprobs)
+
+    def _record_timing(self, state: _RequestState, num_new: int, now: float) -> None:
+        metrics = state.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+            metrics.first_scheduled_time = min(r.first_scheduled_time or now for r in state.processed.requests)
+            self.metrics.record_first_token(state)
+        else:
+            self.metrics.record_inter_token(now - metrics.last_token_time)
+        metrics.last_token_time = now
+        self.metrics.generation_tokens_total += num_new
+
+    def _to_logprob_dict(self, entry: TopLogprobs) -> dict[int, Logprob]:
+        result = {}
+        for token_id, logprob, rank in zip(entry.token_ids, entry.logprobs, entry.ranks):
+            if token_id not in result:
+                result[token_id] = Logprob(logprob, rank, self._decode_token(token_id))
+        return result
+
+    def _decode_token(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _make_output(self, state: _RequestState, touched: list[_SequenceState], finished: bool) -> RequestOutput:
+        delta = state.output_kind == RequestOutputKind.DELTA
+        sequences = touched if delta else list(state.sequences.values())
+        processed = state.processed
+        return RequestOutput(
+            request_id=processed.request_id,
+            prompt=processed.prompt,
+            prompt_token_ids=processed.prompt_token_ids,
+            prompt_logprobs=self._prompt_logprobs_to_send(state, delta),
+            outputs=[self._completion(sequence, delta) for sequence in sequences],
+            finished=finished,
+            metrics=state.metrics,
+        )
+
+    @staticmethod
+    def _prompt_logprobs_to_send(state: _RequestState, delta: bool) -> list[dict[int, Logprob] | None] | None:
+        """DELTA sends the prompt logprobs once, with the first output that has a token (they are complete then)."""
+        if not delta:
+            return state.prompt_logprobs
+        if state.prompt_logprobs_sent or state.metrics.first_token_time is None:
+            return None
+        state.prompt_logprobs_sent = True
+        return state.prompt_logprobs
+
+    @staticmethod
+    def _completion(sequence: _SequenceState, delta: bool) -> CompletionOutput:
+        start = sequence.num_tokens_sent if delta else 0
+        sequence.num_tokens_sent = len(sequence.token_ids)
+        return CompletionOutput(
+            index=sequence.index,
+            text=sequence.detokenizer.get_next_output_text(finished=sequence.finished, delta=delta),
+            token_ids=sequence.token_ids[start:],
+            cumulative_logprob=sequence.cumulative_logprob,
+            logprobs=None if sequence.logprobs is None else sequence.logprobs[start:],
+            finish_reason=sequence.finish_reason,
+            stop_reason=sequence.stop_reason,
+        )

@@ -1,0 +1,113 @@
+"""AsyncEngine: concurrent streams equal offline generation, aborts free blocks, bad input fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import EngineArgs
+from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError
+from pagedllm.params import RequestOutputKind
+from tests.utils import build_tiny_model
+
+ENGINE_KWARGS = dict(device="cpu", block_size=4, num_gpu_blocks_override=48, max_model_len=96, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return build_tiny_model(tmp_path_factory.mktemp("async"), "qwen3")
+
+
+@pytest.fixture
+def engine(model_dir):
+    engine = AsyncEngine.from_engine_args(EngineArgs(model=model_dir, skip_tokenizer_init=True, **ENGINE_KWARGS))
+    yield engine
+    engine.shutdown()
+
+
+def prompts(num: int) -> list[dict]:
+    return [{"prompt_token_ids": [3 + i, 5, 7 + i % 5, 11] * (1 + i % 4)} for i in range(num)]
+
+
+def greedy(max_tokens: int, kind=RequestOutputKind.DELTA) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, output_kind=kind)
+
+
+async def collect(engine: AsyncEngine, prompt, params, request_id) -> list[int]:
+    token_ids = []
+    async for output in engine.generate(prompt, params, request_id):
+        token_ids += output.outputs[0].token_ids
+    return token_ids
+
+
+def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    core = engine.engine.engine_core
+    while time.monotonic() < deadline:
+        if not core.has_unfinished_requests() and core.scheduler.kv_cache_manager.num_free_blocks == core.num_blocks:
+            return
+        time.sleep(0.05)
+    pytest.fail("the engine did not go idle with every block free")
+
+
+def test_concurrent_streams_equal_offline_generation(engine, model_dir):
+    batch = prompts(24)
+
+    async def run_all():
+        return await asyncio.gather(*(collect(engine, p, greedy(12), f"r{i}") for i, p in enumerate(batch)))
+
+    streamed = asyncio.run(run_all())
+    offline = LLM(model_dir, skip_tokenizer_init=True, **ENGINE_KWARGS).generate(batch, greedy(12), use_tqdm=False)
+    assert streamed == [o.outputs[0].token_ids for o in offline]
+    wait_idle(engine)
+    assert engine.is_healthy()
+
+
+def test_cumulative_outputs_grow(engine):
+    async def run():
+        return [o async for o in engine.generate(prompts(1)[0], greedy(5, RequestOutputKind.CUMULATIVE), "c")]
+
+    outputs = asyncio.run(run())
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 2, 3, 4, 5]
+    assert outputs[-1].finished and not outputs[0].finished
+
+
+def test_consumer_that_stops_early_aborts_the_request(engine):
+    async def run():
+        agen = engine.generate(prompts(1)[0], greedy(80), "early")
+        async for _ in agen:
+            break
+        await agen.aclose()
+
+    asyncio.run(run())
+    wait_idle(engine)
+    assert next(m.value for m in engine.get_metrics() if m.name == "pagedllm:num_requests_running") == 0
+
+
+def test_bad_request_fails_alone(engine):
+    async def run():
+        good = asyncio.ensure_future(collect(engine, prompts(1)[0], greedy(6), "good"))
+        with pytest.raises(ValueError, match="out of vocabulary"):
+            await collect(engine, {"prompt_token_ids": [10**6]}, greedy(6), "bad")
+        return await good
+
+    assert len(asyncio.run(run())) == 6
+    assert engine.is_healthy()
+
+
+def test_shutdown_ends_streams_and_refuses_new_work(engine):
+    async def run():
+        stream = engine.generate(prompts(1)[0], greedy(90), "long")
+        await anext(stream)  # running now
+        engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:  # at most the outputs of the step in flight, then the error
+                pass
+        with pytest.raises(EngineDeadError):
+            await collect(engine, prompts(1)[0], greedy(3), "after")
+
+    asyncio.run(run())
+    assert not engine.is_healthy()
