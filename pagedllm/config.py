@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pagedllm.model.gguf import find_gguf_file, gguf_to_hf_config  # torch-free at import, like this module
 from pagedllm.platform import resolve_device, resolve_dtype
 
 SUPPORTED_ARCHITECTURES = (
@@ -21,6 +22,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 
 
@@ -28,8 +30,8 @@ _DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 class ModelConfig:
     """The parts of a Hugging Face ``config.json`` that shape the model, normalized across transformers versions."""
 
-    model: str  # local directory holding config.json (+ weights unless load_format="dummy")
-    tokenizer: str | None  # local directory or hub id of the tokenizer; None = no tokenizer
+    model: str  # local directory holding config.json (+ weights unless load_format="dummy"), or a .gguf file
+    tokenizer: str | None  # local directory, .gguf file or hub id of the tokenizer; None = no tokenizer
     architecture: str
     dtype: str  # resolved torch dtype name
     vocab_size: int
@@ -62,6 +64,12 @@ class ModelConfig:
         device: str = "cpu",
         max_model_len: int | None = None,
     ) -> ModelConfig:
+        """Read ``config.json`` of an HF model directory, or the metadata of a GGUF model (a ``.gguf`` file, or a
+        directory holding one); for GGUF, ``model`` is then the ``.gguf`` file itself."""
+        gguf_file = find_gguf_file(model_dir)
+        if gguf_file is not None:
+            hf = gguf_to_hf_config(gguf_file)
+            return cls.from_dict(hf, str(gguf_file), tokenizer, dtype, device, max_model_len)
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"No config.json in {model_dir!r}: not a Hugging Face model directory")
@@ -254,8 +262,8 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         if self.extra:
             raise TypeError(f"Unexpected engine arguments: {', '.join(sorted(self.extra))}")
-        if self.load_format not in ("auto", "safetensors", "dummy"):
-            raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         device = resolve_device(self.device)
         model_dir = resolve_model_dir(self.model, self.revision, weights=self.load_format != "dummy")
         tokenizer = None if self.skip_tokenizer_init else (self.tokenizer or model_dir)
@@ -299,11 +307,15 @@ def _default_kv_cache_bytes(device: str) -> int | None:
 
 
 def resolve_model_dir(model: str, revision: str | None = None, weights: bool = True) -> str:
-    """Return a local directory for ``model``: the path itself, or a snapshot from the Hugging Face hub."""
+    """Return a local path for ``model``: the directory itself, the ``.gguf`` file it designates (a ``.gguf`` path, or
+    a directory holding exactly one and no HF checkpoint), or a snapshot from the Hugging Face hub."""
+    gguf_file = find_gguf_file(model)
+    if gguf_file is not None:
+        return str(gguf_file)
     if os.path.isdir(model):
         return model
     if os.path.exists(model):
-        raise ValueError(f"Model path {model!r} is not a directory")
+        raise ValueError(f"Model path {model!r} is neither a directory nor a .gguf file")
     patterns = ["*.json", "*.jinja", "tokenizer*"] + (["*.safetensors"] if weights else [])
     try:
         from huggingface_hub import snapshot_download
@@ -313,3 +325,8 @@ def resolve_model_dir(model: str, revision: str | None = None, weights: bool = T
         raise ValueError(
             f"Model {model!r} is neither a local directory nor downloadable from the Hugging Face hub: {exc}"
         ) from exc
+
+
+def server_api_key_from_env() -> str | None:
+    """The API key the OpenAI server requires when ``--api-key`` is not given (``PAGEDLLM_API_KEY``); None = none."""
+    return os.environ.get("PAGEDLLM_API_KEY") or None

@@ -21,16 +21,19 @@ PromptInput = str | dict[str, Any]  # "text", {"prompt": "text"} or {"prompt_tok
 
 
 def load_tokenizer(model_config: ModelConfig):
-    """The Hugging Face tokenizer of the model (fast when available); for a GGUF file (or a directory holding only
-    one), the tokenizer converted from its metadata."""
+    """The Hugging Face tokenizer of the model (fast when available). For a GGUF model (a ``.gguf`` file, or a directory
+    holding one): the ``tokenizer.json`` beside it if there is one, else the tokenizer converted from its metadata."""
     from transformers import AutoTokenizer
 
-    from pagedllm.model.gguf import is_gguf_model, load_gguf_tokenizer
+    from pagedllm.model.gguf import find_gguf_file, load_gguf_tokenizer
 
     try:
-        if is_gguf_model(model_config.tokenizer):
-            return load_gguf_tokenizer(model_config.tokenizer)
-        return AutoTokenizer.from_pretrained(model_config.tokenizer)
+        gguf_file = find_gguf_file(model_config.tokenizer)
+        if gguf_file is None:
+            return AutoTokenizer.from_pretrained(model_config.tokenizer)
+        if (gguf_file.parent / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(str(gguf_file.parent))
+        return load_gguf_tokenizer(gguf_file)
     except Exception as exc:
         raise ValueError(
             f"Could not load a tokenizer from {model_config.tokenizer!r} ({exc}). Pass tokenizer=..., or "

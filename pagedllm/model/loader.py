@@ -1,5 +1,6 @@
 """Build a model from a ``ModelConfig``: pick the class by architecture, then fill its weights from safetensors
-files (single or sharded) or with seeded random values (``load_format="dummy"``, for benchmarks).
+files (single or sharded), a GGUF file (dequantized tensor by tensor, see ``model/gguf.py``) or with seeded random
+values (``load_format="dummy"``, for benchmarks).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 
 from pagedllm.attention.backend import get_attention_backend
-from pagedllm.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from pagedllm.config import LOAD_FORMATS, SUPPORTED_ARCHITECTURES, ModelConfig
+from pagedllm.model.gguf import is_gguf_model, iterate_gguf_weights
 from pagedllm.model.linear import default_weight_loader
 from pagedllm.model.llama import LlamaForCausalLM
 
@@ -44,18 +46,30 @@ def get_model(
     model_config: ModelConfig, load_format: str, device: str, attn_backend_name: str = "torch"
 ) -> nn.Module:
     """Build the model on ``device`` in the config's dtype, load its weights, and return it in eval mode."""
-    if load_format not in ("auto", "safetensors", "dummy"):
-        raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {load_format!r}")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    weights = None if load_format == "dummy" else _iterate_checkpoint(model_config.model, load_format)
     model_class = get_model_class(model_config.architecture)
     dtype = torch_dtype(model_config.dtype)
     # Parameters are created directly on the device in the target dtype: no float32 copy of a big model in RAM.
     with torch.device(device), _default_dtype(dtype):
         model = model_class(model_config, get_attention_backend(attn_backend_name))
-    if load_format == "dummy":
+    if weights is None:
         init_dummy_weights(model)
     else:
-        load_weights(model, iterate_safetensors(model_config.model))
+        load_weights(model, weights)
     return model.eval().requires_grad_(False)
+
+
+def _iterate_checkpoint(model_path: str, load_format: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) stream of the checkpoint; ``"auto"`` picks GGUF for a ``.gguf`` model, else safetensors."""
+    is_gguf = is_gguf_model(model_path)
+    if load_format == "auto":
+        load_format = "gguf" if is_gguf else "safetensors"
+    if (load_format == "gguf") != is_gguf:
+        kind = "a GGUF model" if is_gguf else "not a GGUF model"
+        raise ValueError(f"load_format={load_format!r} does not fit {model_path!r}, which is {kind}")
+    return iterate_gguf_weights(model_path) if is_gguf else iterate_safetensors(model_path)
 
 
 @contextlib.contextmanager
@@ -93,7 +107,7 @@ def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 yield name, f.get_tensor(name)
 
 
