@@ -46,6 +46,11 @@ class KVCacheManager:
             hits.append(block)
         return hits, len(hits) * self.block_size
 
+    def num_blocks_needed(self, request: Request, num_new_tokens: int) -> int:
+        """Free blocks that ``allocate_slots(request, num_new_tokens)`` would take (ignoring prefix hits)."""
+        num_tokens_after = request.num_computed_tokens + num_new_tokens
+        return max(0, -(-num_tokens_after // self.block_size) - len(self._blocks.get(request.request_id, ())))
+
     def allocate_slots(
         self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None
     ) -> list[int] | None:

@@ -1,11 +1,15 @@
 """Continuous batching: each step, decide which requests run and how many tokens each computes.
 
 The one rule: a request's ``num_computed_tokens`` catches up to its ``num_tokens``. Running requests go first
-(in arrival order), each taking as many tokens as the step's budget allows — a decode takes 1, a (chunked)
+(in queue order), each taking as many tokens as the step's budget allows — a decode takes 1, a (chunked)
 prefill takes the rest of its prompt or a chunk of it. When the pool has no block for a running request, the
-latest-arrived running request is preempted (its blocks freed, to be recomputed later). Waiting requests are
-admitted in arrival order while the budget, ``max_num_seqs`` and free blocks allow, and never in a step that had
-to preempt. Finished requests leave (and free their blocks) as soon as their last token is known.
+last running request in queue order is preempted (its blocks freed, to be recomputed later). Waiting requests
+are admitted in queue order while the budget, ``max_num_seqs`` and free blocks allow, and never in a step that
+had to preempt. Finished requests leave (and free their blocks) as soon as their last token is known.
+
+Queue order is arrival order under the "fcfs" policy, and (priority, arrival) under "priority" (lower priority
+values first). Under "priority", a waiting request that does not fit also preempts running requests of a
+strictly lower priority (higher value), latest first, until it fits.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class SchedulerStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     num_preemptions_total: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class Scheduler:
@@ -61,11 +67,14 @@ class Scheduler:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.requests: dict[str, Request] = {}
-        self.waiting: list[Request] = []  # sorted by arrival; preempted requests go back to their place
-        self.running: list[Request] = []  # sorted by arrival: the tail is the first to preempt
+        self._key = _priority_then_arrival if config.policy == "priority" else _arrival
+        self.waiting: list[Request] = []  # in queue order; preempted requests go back to their place
+        self.running: list[Request] = []  # in queue order: the tail is the first to preempt
         self._finished_since_last_step: set[str] = set()
         self._runner_knows: set[str] = set()  # requests in the model runner's persistent batch
         self.num_preemptions_total = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of which found cached
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
@@ -73,7 +82,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"Request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        bisect.insort(self.waiting, request, key=_arrival)
+        bisect.insort(self.waiting, request, key=self._key)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         """Finish requests from outside the step (abort, or a stop string found by the detokenizer)."""
@@ -100,6 +109,8 @@ class Scheduler:
             num_waiting=len(self.waiting),
             kv_cache_usage=self.kv_cache_manager.usage,
             num_preemptions_total=self.num_preemptions_total,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
         )
 
     # ---- one step ------------------------------------------------------------------------------------------
@@ -108,6 +119,8 @@ class Scheduler:
         """Pick this step's requests and token counts, reserving their KV slots."""
         budget = _Budget(self.config.max_num_batched_tokens)
         output = SchedulerOutput([], [], {}, 0)
+        if self.config.policy == "priority":
+            self._make_room_for_higher_priority()
         preempted = self._schedule_running(budget, output)
         if not preempted:
             self._schedule_waiting(budget, output)
@@ -125,7 +138,7 @@ class Scheduler:
             new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
             while new_block_ids is None:
                 preempted = True
-                victim = self.running[-1]  # the latest-arrived running request not yet scheduled this step
+                victim = self.running[-1]  # last in queue order, and not yet scheduled this step
                 self._preempt(victim)
                 if victim is request:
                     break
@@ -138,6 +151,17 @@ class Scheduler:
             index += 1
         return preempted
 
+    def _make_room_for_higher_priority(self) -> None:
+        """Preempt running requests of lower priority than the head of the queue until the head fits."""
+        if not self.waiting:
+            return
+        head = self.waiting[0]
+        blocks_needed = self.kv_cache_manager.num_blocks_needed(head, min(head.num_tokens, self.config.max_num_batched_tokens))
+        while self.running and self.running[-1].priority > head.priority and (
+            len(self.running) >= self.config.max_num_seqs or self.kv_cache_manager.num_free_blocks < blocks_needed
+        ):
+            self._preempt(self.running[-1])
+
     def _schedule_waiting(self, budget: _Budget, output: SchedulerOutput) -> None:
         while self.waiting and budget.tokens_left > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -149,11 +173,14 @@ class Scheduler:
             if self.kv_cache_manager.allocate_slots(request, num_new, cached_blocks) is None:
                 break
             self.waiting.pop(0)
+            if self.kv_cache_manager.enable_prefix_caching:
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += num_cached
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
-            bisect.insort(self.running, request, key=_arrival)
+            bisect.insort(self.running, request, key=self._key)
             output.new_reqs.append(self._new_request_data(request))
             output.num_scheduled_tokens[request.request_id] = num_new
             budget.tokens_left -= num_new
@@ -179,7 +206,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions_total += 1
-        bisect.insort(self.waiting, request, key=_arrival)
+        bisect.insort(self.waiting, request, key=self._key)
 
     # ---- results of a step ---------------------------------------------------------------------------------
 
@@ -253,3 +280,7 @@ class _Budget:
 
 def _arrival(request: Request) -> int:
     return request.arrival_seq
+
+
+def _priority_then_arrival(request: Request) -> tuple[int, int]:
+    return request.priority, request.arrival_seq

@@ -101,6 +101,8 @@ class EngineMetrics:
             Metric(PREFIX + "num_requests_waiting", "gauge", stats.num_waiting),
             Metric(PREFIX + "kv_cache_usage_perc", "gauge", stats.kv_cache_usage),
             Metric(PREFIX + "num_preemptions_total", "counter", stats.num_preemptions_total),
+            Metric(PREFIX + "prefix_cache_queries_total", "counter", stats.prefix_cache_queries),
+            Metric(PREFIX + "prefix_cache_hits_total", "counter", stats.prefix_cache_hits),
             Metric(PREFIX + "prompt_tokens_total", "counter", self.prompt_tokens_total),
             Metric(PREFIX + "generation_tokens_total", "counter", self.generation_tokens_total),
         ]

@@ -59,9 +59,9 @@ def make_request(request_id, num_prompt, max_tokens=8, **params) -> Request:
     )
 
 
-def run_to_completion(scheduler: Scheduler, max_steps=10_000):
+def run_to_completion(scheduler: Scheduler, max_steps=10_000, runner: FakeRunner | None = None):
     """Step until every request is done, checking the invariants after each step. Returns the step log."""
-    runner = FakeRunner(scheduler)
+    runner = runner or FakeRunner(scheduler)
     config = scheduler.config
     finished, admissions, steps = {}, [], []
     for _ in range(max_steps):
