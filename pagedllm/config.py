@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,7 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    swap_space_bytes: int = 0  # CPU pool for swapped-out KV blocks (pinned on CUDA); 0 = recompute only
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -194,6 +195,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override must be at least 1, got {self.num_gpu_blocks_override}")
+        if self.swap_space_bytes < 0:
+            raise ValueError(f"swap_space must be non-negative, got {self.swap_space_bytes / 2**30} GiB")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -207,10 +210,13 @@ class SchedulerConfig:
     max_model_len: int
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" | "priority" (lower priority value first)
+    preemption_mode: str = "auto"  # "auto" | "recompute" | "swap": see core/scheduler.py
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        if self.preemption_mode not in ("auto", "recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'auto', 'recompute' or 'swap', got {self.preemption_mode!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -255,17 +261,16 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
+    swap_space: float | None = None  # GiB; default 4 on CUDA (as vLLM), 0 on CPU where swapping gains nothing
+    preemption_mode: str = "auto"
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
     load_format: str = "auto"
     skip_tokenizer_init: bool = False
     revision: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def create_engine_config(self) -> EngineConfig:
-        if self.extra:
-            raise TypeError(f"Unexpected engine arguments: {', '.join(sorted(self.extra))}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         device = resolve_device(self.device)
@@ -280,6 +285,7 @@ class EngineArgs:
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 enable_prefix_caching=self.enable_prefix_caching,
+                swap_space_bytes=int(self._swap_space_gib(device) * 2**30),
             ),
             scheduler_config=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
@@ -287,6 +293,7 @@ class EngineArgs:
                 max_model_len=model_config.max_model_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 policy=self.scheduling_policy,
+                preemption_mode=self.preemption_mode,
             ),
             device=device,
             load_format=self.load_format,
@@ -294,6 +301,11 @@ class EngineArgs:
             skip_tokenizer_init=self.skip_tokenizer_init,
             attention_backend=os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "torch"),
         )
+
+    def _swap_space_gib(self, device: str) -> float:
+        if self.swap_space is not None:
+            return self.swap_space
+        return 4.0 if device == "cuda" else 0.0
 
     def _max_num_batched_tokens(self, max_model_len: int) -> int:
         if self.max_num_batched_tokens is not None:

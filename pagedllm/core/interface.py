@@ -43,10 +43,19 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step (insertion order = batch order)
     total_num_scheduled_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)  # finished, aborted or preempted since the last step
+    # KV block copies to make before the forward pass: swap-outs first, then swap-ins.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, CPU block)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (CPU block, device block)
 
     @property
     def is_empty(self) -> bool:
+        """Nothing to compute (there may still be swaps or finished requests to apply)."""
         return self.total_num_scheduled_tokens == 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.total_num_scheduled_tokens or self.finished_req_ids or self.blocks_to_swap_out
+                    or self.blocks_to_swap_in)
 
 
 @dataclass(slots=True)

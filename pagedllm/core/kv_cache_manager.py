@@ -1,4 +1,5 @@
-"""Per-request block tables over the block pool: allocate slots on demand, free at once, find cached prefixes."""
+"""Per-request block tables over the block pool: allocate slots on demand, free at once, find cached prefixes,
+and move a preempted request's blocks to a CPU pool and back (swap)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from pagedllm.core.request import Request
 class KVCacheManager:
     """Maps each running request to the blocks that hold its KV cache."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, num_cpu_blocks: int = 0
+    ) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        self.cpu_pool = BlockPool(num_cpu_blocks) if num_cpu_blocks else None
         self._blocks: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[BlockHash]] = {}  # hashes of the request's full blocks, in order
+        self._swapped: dict[str, list[KVBlock]] = {}  # request id -> its blocks in the CPU pool
 
     @property
     def usage(self) -> float:
@@ -78,6 +83,40 @@ class KVCacheManager:
         blocks = self._blocks.pop(request.request_id, [])
         self._hashes.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
+        if request.request_id in self._swapped:
+            self.cpu_pool.free(self._swapped.pop(request.request_id))
+
+    # ---- swap ----------------------------------------------------------------------------------------------
+
+    @property
+    def cpu_usage(self) -> float:
+        return self.cpu_pool.usage if self.cpu_pool else 0.0
+
+    def can_swap_out(self, request: Request) -> bool:
+        blocks = self._blocks.get(request.request_id, ())
+        return self.cpu_pool is not None and 0 < len(blocks) <= self.cpu_pool.num_free_blocks
+
+    def swap_out(self, request: Request) -> list[tuple[int, int]]:
+        """Move the request's blocks to the CPU pool; return the (device block, CPU block) copies to make."""
+        blocks = self._blocks[request.request_id]
+        cpu_blocks = self.cpu_pool.allocate(len(blocks))
+        mapping = [(block.block_id, cpu.block_id) for block, cpu in zip(blocks, cpu_blocks)]
+        self.free(request)
+        self._swapped[request.request_id] = cpu_blocks
+        return mapping
+
+    def num_swapped_blocks(self, request: Request) -> int:
+        return len(self._swapped.get(request.request_id, ()))
+
+    def swap_in(self, request: Request) -> list[tuple[int, int]]:
+        """Bring a swapped request's blocks back to the device pool; return the (CPU block, device block) copies.
+        The caller checks ``num_free_blocks`` first."""
+        cpu_blocks = self._swapped.pop(request.request_id)
+        blocks = self.pool.allocate(len(cpu_blocks))
+        self._blocks[request.request_id] = blocks
+        self._hash_full_blocks(request, request.num_computed_tokens)
+        self.cpu_pool.free(cpu_blocks)
+        return [(cpu.block_id, block.block_id) for cpu, block in zip(cpu_blocks, blocks)]
 
     def _hash_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Hash the blocks that will be full once ``num_tokens`` tokens are computed (their token ids are known)."""

@@ -12,11 +12,15 @@ _arrival_counter = itertools.count()
 
 
 class RequestStatus(enum.Enum):
-    """Life cycle: WAITING -> RUNNING -> (PREEMPTED -> RUNNING)* -> FINISHED_*."""
+    """Life cycle: WAITING -> RUNNING -> ((PREEMPTED | SWAPPED) -> RUNNING)* -> FINISHED_*.
+
+    PREEMPTED requests lost their KV cache and recompute it; SWAPPED ones have it in the CPU pool.
+    """
 
     WAITING = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
+    SWAPPED = enum.auto()
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()

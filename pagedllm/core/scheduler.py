@@ -7,6 +7,11 @@ last running request in queue order is preempted (its blocks freed, to be recomp
 are admitted in queue order while the budget, ``max_num_seqs`` and free blocks allow, and never in a step that
 had to preempt. Finished requests leave (and free their blocks) as soon as their last token is known.
 
+A preempted request either recomputes its KV cache when re-admitted, or has its blocks swapped to the CPU pool
+and back. ``preemption_mode="auto"`` swaps when the CPU pool has room and the request has at least
+``SWAP_MIN_TOKENS`` computed tokens (recomputing a short context costs less than copying its blocks out and in
+again); "swap" swaps whenever the CPU pool has room; "recompute" never swaps.
+
 Queue order is arrival order under the "fcfs" policy, and (priority, arrival) under "priority" (lower priority
 values first). Under "priority", a waiting request that does not fit also preempts running requests of a
 strictly lower priority (higher value), latest first, until it fits.
@@ -29,6 +34,8 @@ from pagedllm.core.interface import (
 )
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
+
+SWAP_MIN_TOKENS = 256
 
 
 @dataclass(slots=True)
@@ -56,6 +63,9 @@ class SchedulerStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     num_preemptions_total: int = 0
+    num_swap_preemptions_total: int = 0
+    num_swapped_out_blocks_total: int = 0
+    cpu_kv_cache_usage: float = 0.0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
 
@@ -73,6 +83,9 @@ class Scheduler:
         self._finished_since_last_step: set[str] = set()
         self._runner_knows: set[str] = set()  # requests in the model runner's persistent batch
         self.num_preemptions_total = 0
+        self.num_swap_preemptions_total = 0
+        self.num_swapped_out_blocks_total = 0
+        self._swap_out: list[tuple[int, int]] = []  # this step's swap-outs, handed to the runner
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found cached
 
@@ -109,6 +122,9 @@ class Scheduler:
             num_waiting=len(self.waiting),
             kv_cache_usage=self.kv_cache_manager.usage,
             num_preemptions_total=self.num_preemptions_total,
+            num_swap_preemptions_total=self.num_swap_preemptions_total,
+            num_swapped_out_blocks_total=self.num_swapped_out_blocks_total,
+            cpu_kv_cache_usage=self.kv_cache_manager.cpu_usage,
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
         )
@@ -125,6 +141,7 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(budget, output)
         output.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget.tokens_left
+        output.blocks_to_swap_out, self._swap_out = self._swap_out, []
         # Includes this step's preemptions: the runner drops them before adding this step's new requests.
         output.finished_req_ids, self._finished_since_last_step = self._finished_since_last_step, set()
         return output
@@ -165,15 +182,21 @@ class Scheduler:
     def _schedule_waiting(self, budget: _Budget, output: SchedulerOutput) -> None:
         while self.waiting and budget.tokens_left > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            cached_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
-            num_new = request.num_tokens - num_cached
-            if not self.config.enable_chunked_prefill and num_new > budget.tokens_left:
-                break
-            num_new = min(num_new, budget.tokens_left)
-            if self.kv_cache_manager.allocate_slots(request, num_new, cached_blocks) is None:
-                break
+            if request.status == RequestStatus.SWAPPED:
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget.tokens_left)
+                if not self._swap_in(request, num_new, output):
+                    break
+                num_cached = request.num_computed_tokens
+            else:
+                cached_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
+                num_new = request.num_tokens - num_cached
+                if not self.config.enable_chunked_prefill and num_new > budget.tokens_left:
+                    break
+                num_new = min(num_new, budget.tokens_left)
+                if self.kv_cache_manager.allocate_slots(request, num_new, cached_blocks) is None:
+                    break
             self.waiting.pop(0)
-            if self.kv_cache_manager.enable_prefix_caching:
+            if self.kv_cache_manager.enable_prefix_caching and request.status != RequestStatus.SWAPPED:
                 self.prefix_cache_queries += request.num_tokens
                 self.prefix_cache_hits += num_cached
             request.status = RequestStatus.RUNNING
@@ -197,13 +220,36 @@ class Scheduler:
             num_computed_tokens=request.num_computed_tokens,
         )
 
+    def _swap_in(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:
+        """Bring a swapped request's blocks back and make room for its next tokens, if the pool allows."""
+        kv = self.kv_cache_manager
+        num_blocks = -(-(request.num_computed_tokens + num_new) // kv.block_size)
+        if num_blocks > kv.num_free_blocks:
+            return False
+        output.blocks_to_swap_in += kv.swap_in(request)
+        kv.allocate_slots(request, num_new)
+        return True
+
+    def _should_swap(self, request: Request) -> bool:
+        mode = self.config.preemption_mode
+        if mode == "recompute" or not self.kv_cache_manager.can_swap_out(request):
+            return False
+        return mode == "swap" or request.num_computed_tokens >= SWAP_MIN_TOKENS
+
     def _preempt(self, request: Request) -> None:
-        """Free a running request's blocks; it will recompute its prompt and outputs when re-admitted."""
+        """Free a running request's device blocks: swapped to the CPU pool, or dropped to be recomputed."""
         self.running.remove(request)
-        self.kv_cache_manager.free(request)
+        if self._should_swap(request):
+            mapping = self.kv_cache_manager.swap_out(request)
+            self._swap_out += mapping
+            self.num_swapped_out_blocks_total += len(mapping)
+            self.num_swap_preemptions_total += 1
+            request.status = RequestStatus.SWAPPED
+        else:
+            self.kv_cache_manager.free(request)
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
         self._forget_in_runner(request.request_id)
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         bisect.insort(self.waiting, request, key=self._key)

@@ -34,7 +34,10 @@ class EngineCore:
         self.model_runner.initialize_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         kv_cache_manager = KVCacheManager(
-            num_blocks, config.cache_config.block_size, config.cache_config.enable_prefix_caching
+            num_blocks,
+            config.cache_config.block_size,
+            config.cache_config.enable_prefix_caching,
+            num_cpu_blocks=self.model_runner.num_cpu_blocks,
         )
         self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
         logger.info("Engine ready in %.2f s", time.perf_counter() - start)
@@ -60,7 +63,7 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
+        if not scheduler_output.has_work:
             return []
         runner_output = self.model_runner.execute_model(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
@@ -78,18 +81,28 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.metrics)
 
     def add_request(
-        self, request_id: str, prompt: PromptInput, params: SamplingParams, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
     ) -> None:
         """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
-        self.add_processed(self.process_request(request_id, prompt, params, arrival_time))
+        self.add_processed(self.process_request(request_id, prompt, params, arrival_time, priority))
 
     def process_request(
-        self, request_id: str, prompt: PromptInput, params: SamplingParams, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
     ) -> ProcessedRequest:
         """Tokenize and validate without queueing, so a batch can be checked whole before any of it runs."""
         if self.output_processor.has_request(request_id):
             raise ValueError(f"Request id {request_id!r} is already in use")
-        return self.input_processor.process(request_id, prompt, params, arrival_time)
+        return self.input_processor.process(request_id, prompt, params, arrival_time, priority)
 
     def add_processed(self, processed: ProcessedRequest) -> None:
         self.output_processor.add_request(processed)

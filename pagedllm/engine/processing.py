@@ -67,10 +67,17 @@ class InputProcessor:
         self._seed_rng = random.Random(config.seed)
 
     def process(
-        self, request_id: str, prompt: PromptInput, params: SamplingParams, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
     ) -> ProcessedRequest:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
         prompt_text, prompt_token_ids = self._tokenize(prompt)
         self._validate(prompt_token_ids, params)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -84,6 +91,7 @@ class InputProcessor:
                 eos_token_ids=self.eos_token_ids,
                 max_tokens=max_tokens,
                 arrival_time=arrival_time,
+                priority=priority,
             )
             for index in range(params.n)
         ]

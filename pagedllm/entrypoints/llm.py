@@ -13,9 +13,8 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.processing import PromptInput
+from pagedllm.entrypoints.chat_utils import ChatMessages, render_chat
 from pagedllm.params import RequestOutput, RequestOutputKind, SamplingParams
-
-ChatMessages = list[dict[str, Any]]
 
 
 class LLM:
@@ -24,52 +23,23 @@ class LLM:
     def __init__(
         self,
         model: str,
-        tokenizer: str | None = None,
-        dtype: str = "auto",
-        seed: int = 0,
-        device: str = "auto",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        block_size: int = 16,
-        enable_chunked_prefill: bool = True,
-        enable_prefix_caching: bool = False,
-        kv_cache_memory_bytes: int | None = None,
-        num_gpu_blocks_override: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        load_format: str = "auto",
-        skip_tokenizer_init: bool = False,
-        revision: str | None = None,
+        *,
         tensor_parallel_size: int = 1,
         enforce_eager: bool = False,
         kv_cache_dtype: str = "auto",
-        **kwargs: Any,
+        **engine_args: Any,
     ) -> None:
+        """``model``: a model directory, a .gguf file or a hub id. Every other engine argument (dtype, device,
+        seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, enable_chunked_prefill,
+        enable_prefix_caching, kv_cache_memory_bytes, num_gpu_blocks_override, gpu_memory_utilization,
+        swap_space, preemption_mode, scheduling_policy, load_format, tokenizer, skip_tokenizer_init, revision)
+        is a field of ``pagedllm.config.EngineArgs``; an unknown one raises TypeError."""
         if tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if kv_cache_dtype != "auto":
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported yet; use 'auto'")
         del enforce_eager  # no CUDA graphs yet: every step runs eagerly
-        args = EngineArgs(
-            model=model,
-            tokenizer=tokenizer,
-            dtype=dtype,
-            seed=seed,
-            device=device,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size,
-            enable_chunked_prefill=enable_chunked_prefill,
-            enable_prefix_caching=enable_prefix_caching,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            num_gpu_blocks_override=num_gpu_blocks_override,
-            gpu_memory_utilization=gpu_memory_utilization,
-            load_format=load_format,
-            skip_tokenizer_init=skip_tokenizer_init,
-            revision=revision,
-            extra=kwargs,
-        )
+        args = EngineArgs(model=model, **engine_args)
         self.llm_engine = LLMEngine(args.create_engine_config())
         self._request_counter = itertools.count()
 
@@ -85,15 +55,19 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate completions for every prompt; outputs come back in input order.
 
-        All prompts and parameters are validated before any work starts: a bad one raises ValueError and
-        nothing of the call runs.
+        ``priority`` (one per prompt, lower first) matters with ``scheduling_policy="priority"``. All prompts and
+        parameters are validated before any work starts: a bad one raises ValueError and nothing of the call runs.
         """
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
-        return self._run(prompt_list, params_list, use_tqdm)
+        priorities = [0] * len(prompt_list) if priority is None else list(priority)
+        if len(priorities) != len(prompt_list):
+            raise ValueError(f"Got {len(priorities)} priorities for {len(prompt_list)} prompts")
+        return self._run(prompt_list, params_list, priorities, use_tqdm)
 
     def chat(
         self,
@@ -124,18 +98,9 @@ class LLM:
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("chat() needs a tokenizer; this LLM was built with skip_tokenizer_init=True")
-        if chat_template is None and tokenizer.chat_template is None:
-            raise ValueError("The tokenizer has no chat template; pass chat_template=...")
-        text = tokenizer.apply_chat_template(
-            conversation,
-            chat_template=chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt and not continue_final_message,
-            continue_final_message=continue_final_message,
-            **(chat_template_kwargs or {}),
+        return render_chat(
+            tokenizer, conversation, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs
         )
-        # The template already wrote any BOS token: do not add special tokens twice.
-        return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
     @staticmethod
     def _params_per_prompt(
@@ -152,12 +117,14 @@ class LLM:
             )
         return params_list
 
-    def _run(self, prompts: list[PromptInput], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, prompts: list[PromptInput], params_list: list[SamplingParams], priorities: list[int], use_tqdm: bool
+    ) -> list[RequestOutput]:
         engine = self.llm_engine
         params_list = _final_only(params_list)
         processed = [
-            engine.process_request(str(next(self._request_counter)), prompt, params)
-            for prompt, params in zip(prompts, params_list)
+            engine.process_request(str(next(self._request_counter)), prompt, params, priority=priority)
+            for prompt, params, priority in zip(prompts, params_list, priorities)
         ]
         order = {p.request_id: index for index, p in enumerate(processed)}
         for request in processed:

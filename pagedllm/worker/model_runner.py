@@ -73,6 +73,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.cpu_kv_caches: list[torch.Tensor] = []  # the swap pool, same layout as kv_caches
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -125,8 +126,17 @@ class ModelRunner:
         del kv_caches, hidden
         torch.cuda.synchronize(self.device)
 
+    @property
+    def num_cpu_blocks(self) -> int:
+        """Blocks of the CPU swap pool that ``swap_space`` holds."""
+        return self.config.cache_config.swap_space_bytes // self.kv_block_bytes
+
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = self._allocate_kv_caches(num_blocks)
+        if self.num_cpu_blocks:
+            # Pinned on CUDA so swaps are asynchronous DMA copies ordered on the compute stream.
+            pin = self.device.type == "cuda"
+            self.cpu_kv_caches = self._allocate_kv_caches(self.num_cpu_blocks, torch.device("cpu"), pin)
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)",
             num_blocks,
@@ -135,18 +145,34 @@ class ModelRunner:
             num_blocks * self.block_size,
         )
 
-    def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
+    def _allocate_kv_caches(
+        self, num_blocks: int, device: torch.device | None = None, pin_memory: bool = False
+    ) -> list[torch.Tensor]:
         shape = (2, num_blocks, self.block_size, self.model_config.num_key_value_heads, self.model_config.head_dim)
         return [
-            torch.zeros(shape, dtype=self.dtype, device=self.device)
+            torch.zeros(shape, dtype=self.dtype, device=device or self.device, pin_memory=pin_memory)
             for _ in range(self.model_config.num_hidden_layers)
         ]
+
+    def _swap(self, scheduler_output: SchedulerOutput) -> None:
+        """Copy blocks out to the CPU pool, then in from it, before this step's forward pass writes any block."""
+        for pairs, sources, targets in (
+            (scheduler_output.blocks_to_swap_out, self.kv_caches, self.cpu_kv_caches),
+            (scheduler_output.blocks_to_swap_in, self.cpu_kv_caches, self.kv_caches),
+        ):
+            if not pairs:
+                continue
+            source_ids = torch.tensor([src for src, _ in pairs], device=sources[0].device)
+            target_ids = torch.tensor([dst for _, dst in pairs], device=targets[0].device)
+            for source, target in zip(sources, targets):
+                target[:, target_ids] = source[:, source_ids].to(target.device, non_blocking=True)
 
     # ---- one step ------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
+        self._swap(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput({})
         inputs = self._prepare_inputs(scheduler_output)
