@@ -51,6 +51,7 @@ class BlockPool:
         # block_id -> block, in eviction order (head = least recently freed); O(1) removal from the middle.
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[BlockHash, KVBlock] = {}
+        self.num_shared_blocks = 0  # blocks held by more than one request
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,6 +83,8 @@ class BlockPool:
             if block.ref_cnt <= 0:
                 raise RuntimeError(f"Block {block.block_id} freed more often than it was taken")
             block.ref_cnt -= 1
+            if block.ref_cnt == 1:
+                self.num_shared_blocks -= 1
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
@@ -98,6 +101,8 @@ class BlockPool:
         for block in blocks:
             if block.ref_cnt == 0:
                 del self._free[block.block_id]
+            elif block.ref_cnt == 1:
+                self.num_shared_blocks += 1
             block.ref_cnt += 1
 
     def _forget_hash(self, block: KVBlock) -> None:
@@ -110,5 +115,6 @@ class BlockPool:
         for block in self.blocks:
             assert block.ref_cnt >= 0, f"block {block.block_id} has ref_cnt {block.ref_cnt}"
             assert (block.ref_cnt == 0) == (block.block_id in self._free), f"block {block.block_id} free-list mismatch"
+        assert self.num_shared_blocks == sum(block.ref_cnt > 1 for block in self.blocks), "shared-block count"
         for block_hash, block in self._cached.items():
             assert block.block_hash == block_hash, f"block {block.block_id} hash map mismatch"

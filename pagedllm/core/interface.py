@@ -32,6 +32,8 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Set when copy-on-write replaced a block: the whole table (already including new_block_ids).
+    block_ids_reset: list[int] | None = None
 
 
 @dataclass
@@ -43,8 +45,9 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step (insertion order = batch order)
     total_num_scheduled_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)  # finished, aborted or preempted since the last step
-    # KV block copies to make before the forward pass: swap-outs first, then swap-ins.
+    # KV block copies to make before the forward pass, in this order: swap-outs, copy-on-write copies, swap-ins.
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, CPU block)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (device block, device block)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (CPU block, device block)
 
     @property
@@ -55,7 +58,7 @@ class SchedulerOutput:
     @property
     def has_work(self) -> bool:
         return bool(self.total_num_scheduled_tokens or self.finished_req_ids or self.blocks_to_swap_out
-                    or self.blocks_to_swap_in)
+                    or self.blocks_to_copy or self.blocks_to_swap_in)
 
 
 @dataclass(slots=True)

@@ -20,6 +20,8 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[BlockHash]] = {}  # hashes of the request's full blocks, in order
         self._swapped: dict[str, list[KVBlock]] = {}  # request id -> its blocks in the CPU pool
+        self._pending_copies: list[tuple[int, int]] = []  # copy-on-write (source block, new block) of this step
+        self._rewritten_tables: set[str] = set()  # requests whose block table changed other than by appending
 
     @property
     def usage(self) -> float:
@@ -65,12 +67,15 @@ class KVCacheManager:
         blocks = self._blocks.setdefault(request.request_id, [])
         num_tokens_after = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         num_needed = -(-num_tokens_after // self.block_size) - len(blocks) - len(computed_blocks)
+        shared_index = self._shared_block_to_write(request, blocks)
         # Cached blocks taken out of the free list are no longer available for new content.
         num_reclaimed = sum(1 for block in computed_blocks if block.ref_cnt == 0)
-        if num_needed + num_reclaimed > self.pool.num_free_blocks:
+        if max(num_needed, 0) + num_reclaimed + (shared_index is not None) > self.pool.num_free_blocks:
             if not blocks:
                 del self._blocks[request.request_id]
             return None
+        if shared_index is not None:
+            self._copy_on_write(request, blocks, shared_index)
         self.pool.touch(computed_blocks)
         blocks.extend(computed_blocks)
         new_blocks = self.pool.allocate(max(num_needed, 0))
@@ -78,10 +83,48 @@ class KVCacheManager:
         self._hash_full_blocks(request, num_tokens_after)
         return [block.block_id for block in computed_blocks + new_blocks]
 
+    # ---- sharing between sequences (parallel sampling) ---------------------------------------------------
+
+    def fork(self, source: Request, child: Request, num_tokens: int) -> list[int]:
+        """Give ``child`` the blocks holding ``source``'s first ``num_tokens`` tokens, shared (no copy); a shared
+        block is copied only when one of them writes into it. Returns the child's block ids."""
+        shared = self._blocks[source.request_id][: -(-num_tokens // self.block_size)]
+        self.pool.touch(shared)
+        self._blocks[child.request_id] = list(shared)
+        self._hashes[child.request_id] = self._hashes.get(source.request_id, [])[: num_tokens // self.block_size]
+        return [block.block_id for block in shared]
+
+    def _shared_block_to_write(self, request: Request, blocks: list[KVBlock]) -> int | None:
+        """Index of the block the request writes next if another request holds it too (it must be copied)."""
+        index = request.num_computed_tokens // self.block_size
+        if index < len(blocks) and blocks[index].ref_cnt > 1:
+            return index
+        return None
+
+    def _copy_on_write(self, request: Request, blocks: list[KVBlock], index: int) -> None:
+        (copy,) = self.pool.allocate(1)
+        self._pending_copies.append((blocks[index].block_id, copy.block_id))
+        self.pool.free([blocks[index]])
+        blocks[index] = copy
+        self._rewritten_tables.add(request.request_id)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """The copy-on-write block copies decided since the last call (the runner makes them before the step)."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    def take_rewritten_table(self, request_id: str) -> list[int] | None:
+        """The request's whole block table if copy-on-write replaced one of its blocks since the last call."""
+        if request_id not in self._rewritten_tables:
+            return None
+        self._rewritten_tables.discard(request_id)
+        return self.get_block_ids(request_id)
+
     def free(self, request: Request) -> None:
         """Return the request's blocks to the pool, last block first (so it is evicted first)."""
         blocks = self._blocks.pop(request.request_id, [])
         self._hashes.pop(request.request_id, None)
+        self._rewritten_tables.discard(request.request_id)
         self.pool.free(reversed(blocks))
         if request.request_id in self._swapped:
             self.cpu_pool.free(self._swapped.pop(request.request_id))

@@ -50,6 +50,7 @@ class Request:
         "arrival_time",
         "eos_token_ids",
         "first_scheduled_time",
+        "fork_source",
         "max_tokens",
         "num_computed_tokens",
         "num_preemptions",
@@ -73,8 +74,11 @@ class Request:
         max_tokens: int,
         arrival_time: float | None = None,
         priority: int = 0,
+        fork_source: str | None = None,
     ) -> None:
         self.request_id = request_id
+        # Another sequence of the same prompt (parallel sampling): this one starts from its KV blocks, shared.
+        self.fork_source = fork_source
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
         self.sampling_params = sampling_params

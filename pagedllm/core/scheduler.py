@@ -66,6 +66,7 @@ class SchedulerStats:
     num_swap_preemptions_total: int = 0
     num_swapped_out_blocks_total: int = 0
     cpu_kv_cache_usage: float = 0.0
+    num_shared_blocks: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
 
@@ -125,6 +126,7 @@ class Scheduler:
             num_swap_preemptions_total=self.num_swap_preemptions_total,
             num_swapped_out_blocks_total=self.num_swapped_out_blocks_total,
             cpu_kv_cache_usage=self.kv_cache_manager.cpu_usage,
+            num_shared_blocks=self.kv_cache_manager.pool.num_shared_blocks,
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
         )
@@ -142,6 +144,7 @@ class Scheduler:
             self._schedule_waiting(budget, output)
         output.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget.tokens_left
         output.blocks_to_swap_out, self._swap_out = self._swap_out, []
+        output.blocks_to_copy = self.kv_cache_manager.take_pending_copies()
         # Includes this step's preemptions: the runner drops them before adding this step's new requests.
         output.finished_req_ids, self._finished_since_last_step = self._finished_since_last_step, set()
         return output
@@ -162,7 +165,14 @@ class Scheduler:
                 new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
             if new_block_ids is None:
                 break
-            output.cached_reqs.append(CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens))
+            output.cached_reqs.append(
+                CachedRequestData(
+                    request.request_id,
+                    new_block_ids,
+                    request.num_computed_tokens,
+                    block_ids_reset=self.kv_cache_manager.take_rewritten_table(request.request_id),
+                )
+            )
             output.num_scheduled_tokens[request.request_id] = num_new
             budget.tokens_left -= num_new
             index += 1
@@ -180,27 +190,17 @@ class Scheduler:
             self._preempt(self.running[-1])
 
     def _schedule_waiting(self, budget: _Budget, output: SchedulerOutput) -> None:
-        while self.waiting and budget.tokens_left > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            if request.status == RequestStatus.SWAPPED:
-                num_new = min(request.num_tokens - request.num_computed_tokens, budget.tokens_left)
-                if not self._swap_in(request, num_new, output):
-                    break
-                num_cached = request.num_computed_tokens
-            else:
-                cached_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
-                num_new = request.num_tokens - num_cached
-                if not self.config.enable_chunked_prefill and num_new > budget.tokens_left:
-                    break
-                num_new = min(num_new, budget.tokens_left)
-                if self.kv_cache_manager.allocate_slots(request, num_new, cached_blocks) is None:
-                    break
-            self.waiting.pop(0)
-            if self.kv_cache_manager.enable_prefix_caching and request.status != RequestStatus.SWAPPED:
-                self.prefix_cache_queries += request.num_tokens
-                self.prefix_cache_hits += num_cached
+        index = 0
+        while index < len(self.waiting) and budget.tokens_left > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[index]
+            if self._waits_for_fork_source(request):
+                index += 1  # a later sequence of a prompt whose first sequence is still computing it
+                continue
+            num_new = self._admit(request, budget.tokens_left, output)
+            if num_new is None:
+                break
+            self.waiting.pop(index)
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_cached
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             bisect.insort(self.running, request, key=self._key)
@@ -208,8 +208,58 @@ class Scheduler:
             output.num_scheduled_tokens[request.request_id] = num_new
             budget.tokens_left -= num_new
 
+    def _admit(self, request: Request, tokens_left: int, output: SchedulerOutput) -> int | None:
+        """Give a waiting request its KV blocks and computed tokens; return how many tokens it computes this step,
+        or None (nothing changed) when it does not fit."""
+        kv = self.kv_cache_manager
+        if request.status == RequestStatus.SWAPPED:
+            num_new = min(request.num_tokens - request.num_computed_tokens, tokens_left)
+            return num_new if self._swap_in(request, num_new, output) else None
+        source = self._fork_source(request)
+        if source is not None:
+            # Share the source's prompt blocks; compute only the last prompt token, to sample from.
+            kv.fork(source, request, request.num_prompt_tokens - 1)
+            request.num_computed_tokens = request.num_prompt_tokens - 1
+            if kv.allocate_slots(request, 1) is None:
+                kv.free(request)
+                request.num_computed_tokens = 0
+                return None
+            return 1
+        cached_blocks, num_cached = kv.get_computed_blocks(request)
+        num_new = request.num_tokens - num_cached
+        if not self.config.enable_chunked_prefill and num_new > tokens_left:
+            return None
+        num_new = min(num_new, tokens_left)
+        if kv.allocate_slots(request, num_new, cached_blocks) is None:
+            return None
+        if kv.enable_prefix_caching:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_cached
+        request.num_computed_tokens = num_cached
+        return num_new
+
+    def _fork_source(self, request: Request) -> Request | None:
+        """The running sequence this fresh one can start from, if it has computed the prompt but its last token."""
+        if request.fork_source is None or request.num_computed_tokens or request.output_token_ids:
+            return None
+        source = self.requests.get(request.fork_source)
+        if source is None or source.status != RequestStatus.RUNNING:
+            return None
+        return source if source.num_computed_tokens >= request.num_prompt_tokens - 1 else None
+
+    def _waits_for_fork_source(self, request: Request) -> bool:
+        """Hold a fresh sequence while its source is queued or still computing the prompt: forking later shares
+        the prompt's blocks instead of computing them again."""
+        if request.fork_source is None or request.num_computed_tokens or request.output_token_ids:
+            return False
+        source = self.requests.get(request.fork_source)
+        if source is None or source.status in (RequestStatus.PREEMPTED, RequestStatus.SWAPPED):
+            return False
+        return self._fork_source(request) is None
+
     def _new_request_data(self, request: Request) -> NewRequestData:
         self._runner_knows.add(request.request_id)
+        self.kv_cache_manager.take_rewritten_table(request.request_id)  # the table below is whole anyway
         return NewRequestData(
             req_id=request.request_id,
             token_ids=request.all_token_ids,

@@ -101,6 +101,7 @@ class EngineMetrics:
             Metric(PREFIX + "num_requests_waiting", "gauge", stats.num_waiting),
             Metric(PREFIX + "kv_cache_usage_perc", "gauge", stats.kv_cache_usage),
             Metric(PREFIX + "num_preemptions_total", "counter", stats.num_preemptions_total),
+            Metric(PREFIX + "kv_cache_shared_blocks", "gauge", stats.num_shared_blocks),
             Metric(PREFIX + "num_swap_preemptions_total", "counter", stats.num_swap_preemptions_total),
             Metric(PREFIX + "num_swapped_out_blocks_total", "counter", stats.num_swapped_out_blocks_total),
             Metric(PREFIX + "cpu_kv_cache_usage_perc", "gauge", stats.cpu_kv_cache_usage),

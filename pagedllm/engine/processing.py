@@ -92,6 +92,8 @@ class InputProcessor:
                 max_tokens=max_tokens,
                 arrival_time=arrival_time,
                 priority=priority,
+                # Later sequences start from the first one's prompt blocks, shared with copy-on-write.
+                fork_source=_child_id(request_id, 0, params.n) if index > 0 else None,
             )
             for index in range(params.n)
         ]

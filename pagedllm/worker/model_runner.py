@@ -154,10 +154,12 @@ class ModelRunner:
             for _ in range(self.model_config.num_hidden_layers)
         ]
 
-    def _swap(self, scheduler_output: SchedulerOutput) -> None:
-        """Copy blocks out to the CPU pool, then in from it, before this step's forward pass writes any block."""
+    def _copy_blocks(self, scheduler_output: SchedulerOutput) -> None:
+        """Before this step's forward pass writes any block: swap out to the CPU pool, make the copy-on-write
+        copies, swap in (a block freed by a swap-out may be this step's copy target, never the other way)."""
         for pairs, sources, targets in (
             (scheduler_output.blocks_to_swap_out, self.kv_caches, self.cpu_kv_caches),
+            (scheduler_output.blocks_to_copy, self.kv_caches, self.kv_caches),
             (scheduler_output.blocks_to_swap_in, self.cpu_kv_caches, self.kv_caches),
         ):
             if not pairs:
@@ -172,7 +174,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
-        self._swap(scheduler_output)
+        self._copy_blocks(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput({})
         inputs = self._prepare_inputs(scheduler_output)
@@ -188,7 +190,10 @@ class ModelRunner:
             self.requests[data.req_id] = CachedRequestState.from_new(data)
         for data in scheduler_output.cached_reqs:
             state = self.requests[data.req_id]
-            state.block_ids.extend(data.new_block_ids)
+            if data.block_ids_reset is not None:
+                state.block_ids = list(data.block_ids_reset)
+            else:
+                state.block_ids.extend(data.new_block_ids)
             state.num_computed_tokens = data.num_computed_tokens
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> _StepInputs:

@@ -32,12 +32,17 @@ class FakeKVRunner:
             self.tables.pop(req_id, None)
         for src, dst in output.blocks_to_swap_out:
             self.cpu[dst] = list(self.device[src])
+        for src, dst in output.blocks_to_copy:
+            self.device[dst] = list(self.device[src])
         for src, dst in output.blocks_to_swap_in:
             self.device[dst] = list(self.cpu[src])
         for data in output.new_reqs:
             self.tables[data.req_id] = list(data.block_ids)
         for data in output.cached_reqs:
-            self.tables[data.req_id] += data.new_block_ids
+            if data.block_ids_reset is not None:
+                self.tables[data.req_id] = list(data.block_ids_reset)
+            else:
+                self.tables[data.req_id] += data.new_block_ids
         sampled = {}
         for req_id, num_new in output.num_scheduled_tokens.items():
             request = self.scheduler.requests[req_id]
