@@ -78,7 +78,7 @@ class InputProcessor:
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
-        prompt_text, prompt_token_ids = self._tokenize(prompt)
+        prompt_text, prompt_token_ids = self.tokenize(prompt)
         self._validate(prompt_token_ids, params)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
@@ -99,7 +99,8 @@ class InputProcessor:
         ]
         return ProcessedRequest(request_id, prompt_text, prompt_token_ids, params, requests, arrival_time)
 
-    def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        """The prompt's text (if any) and token ids."""
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             token_ids = prompt["prompt_token_ids"]
             if not isinstance(token_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):

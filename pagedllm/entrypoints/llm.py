@@ -13,8 +13,9 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.processing import PromptInput
+from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchState
 from pagedllm.entrypoints.chat_utils import ChatMessages, render_chat
-from pagedllm.params import RequestOutput, RequestOutputKind, SamplingParams
+from pagedllm.params import BeamSearchParams, RequestOutput, RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -68,6 +69,44 @@ class LLM:
         if len(priorities) != len(prompt_list):
             raise ValueError(f"Got {len(priorities)} priorities for {len(prompt_list)} prompts")
         return self._run(prompt_list, params_list, priorities, use_tqdm)
+
+    def beam_search(
+        self, prompts: PromptInput | Sequence[PromptInput], params: BeamSearchParams, use_tqdm: bool = False
+    ) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (HF transformers' ``num_beams`` rules; see ``beam_search.py``).
+
+        Every step runs each live beam as a one-token request; prefix caching keeps the beams' common prefixes
+        in shared KV blocks, so only each beam's last partial block is recomputed.
+        """
+        engine = self.llm_engine
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        max_model_len = engine.config.scheduler_config.max_model_len
+        states = []
+        for prompt in prompt_list:
+            _, token_ids = engine.input_processor.tokenize(prompt)
+            if len(token_ids) + params.max_tokens > max_model_len:
+                raise ValueError(f"A prompt of {len(token_ids)} tokens plus max_tokens={params.max_tokens} exceeds "
+                                 f"max_model_len={max_model_len}")
+            states.append(BeamSearchState(token_ids, params, engine.input_processor.eos_token_ids))
+        step = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False,
+                              logprobs=states[0].num_candidates if states else 1)
+        with tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm) as progress:
+            while live := [state for state in states if not state.done]:
+                beam_prompts = [(state, tokens) for state in live for tokens in state.beam_prompts()]
+                outputs = self._run([{"prompt_token_ids": tokens} for _, tokens in beam_prompts],
+                                    [step] * len(beam_prompts), [0] * len(beam_prompts), use_tqdm=False)
+                for state in live:
+                    mine = [out for (owner, _), out in zip(beam_prompts, outputs) if owner is state]
+                    state.advance([_top_logprobs(out, state.num_candidates) for out in mine])
+                progress.update(1)
+        return [self._with_text(state.output()) for state in states]
+
+    def _with_text(self, output: BeamSearchOutput) -> BeamSearchOutput:
+        tokenizer = self.get_tokenizer()
+        if tokenizer is not None:
+            for sequence in output.sequences:
+                sequence.text = tokenizer.decode(sequence.token_ids, skip_special_tokens=True)
+        return output
 
     def chat(
         self,
@@ -160,3 +199,9 @@ def _final_only(params_list: list[SamplingParams]) -> list[SamplingParams]:
             copies[id(params)] = params.clone()
             copies[id(params)].output_kind = RequestOutputKind.FINAL_ONLY
     return [copies[id(params)] for params in params_list]
+
+
+def _top_logprobs(output: RequestOutput, num: int) -> dict[int, float]:
+    """The top ``num`` next-token logprobs of a one-token request (its sampled token may rank below them)."""
+    entry = output.outputs[0].logprobs[0]
+    return {token_id: logprob.logprob for token_id, logprob in entry.items() if logprob.rank <= num}
