@@ -1,0 +1,102 @@
+"""Engine flags of the command line (DESIGN.md section 5), shared by ``pagedllm serve`` and ``pagedllm generate``,
+and their translation into ``EngineArgs``."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from pagedllm.config import LOAD_FORMATS, EngineArgs
+
+_BYTE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+               "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"4294967296"``, ``"4GiB"``, ``"4G"`` (decimal) or ``"512MiB"`` -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 4294967296, 4GiB or 512MiB, got {text!r}")
+    number, unit = match.groups()
+    return int(float(number) * _BYTE_UNITS[(unit or "").lower()])
+
+
+def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> None:
+    """The engine's flags, named and defaulted as in vLLM (``serving`` adds those that only matter to a server)."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")
+    group.add_argument("--revision", default=None, help="hub revision of the model (branch, tag or commit)")
+    group.add_argument("--dtype", default="auto",
+                       help="auto (the checkpoint's dtype on GPU, float32 on CPU), float32, bfloat16 or float16")
+    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="auto = cuda when available, else cpu (default: auto)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seeds dummy weights and the sampling of requests that carry no seed (default: 0)")
+    group.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                       help="auto (GGUF for a .gguf model, else safetensors), safetensors, gguf, or dummy (random "
+                            "weights from config.json, for benchmarks) (default: auto)")
+    group.add_argument("--max-model-len", type=int, default=None,
+                       help="context length limit, prompt + output (default: the model's)")
+    group.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step (default: 256)")
+    group.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="token budget of one step (default: 2048 with chunked prefill)")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV block, a power of 2 (default: 16)")
+    group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                       help="split long prompts across steps, alongside decodes (default: on)")
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                       help="reuse the KV blocks of shared prompt prefixes (default: the engine's, on)")
+    group.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
+                       help="KV cache budget, e.g. 4GiB (default on CPU: $PAGEDLLM_CPU_KVCACHE_SPACE GiB or 4 GiB; on "
+                            "GPU: from --gpu-memory-utilization)")
+    group.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                       help="exact number of KV blocks (overrides the memory budgets)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="on GPU without a byte budget: fraction of device memory for weights, activations and "
+                            "KV cache (default: 0.9)")
+    if serving:
+        group.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
+                           help="admit requests first come, first served, or by priority (default: fcfs)")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="GPUs to shard the model over (only 1 is supported yet)")
+    group.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype (only auto = the model's, yet)")
+    group.add_argument("--enforce-eager", action="store_true",
+                       help="never capture CUDA graphs (the engine runs eagerly today, so this changes nothing yet)")
+
+
+# Flags whose default is "whatever the engine says": passed on only when given, so the engine's default stands.
+_OPTIONAL_FLAGS = ("enable_prefix_caching", "scheduling_policy")
+
+
+def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of ``EngineArgs`` / ``LLM`` (model aside) from parsed flags; flags the engine cannot honour
+    yet fail here, before any loading."""
+    if args.tensor_parallel_size != 1:
+        raise ValueError("--tensor-parallel-size > 1 is not supported yet")
+    if args.kv_cache_dtype != "auto":
+        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype!r} is not supported yet; use auto")
+    kwargs = {
+        "tokenizer": args.tokenizer,
+        "revision": args.revision,
+        "dtype": args.dtype,
+        "device": args.device,
+        "seed": args.seed,
+        "load_format": args.load_format,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "block_size": args.block_size,
+        "enable_chunked_prefill": args.enable_chunked_prefill,
+        "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+        "num_gpu_blocks_override": args.num_gpu_blocks_override,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+    }
+    for name in _OPTIONAL_FLAGS:
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def engine_args_from_cli(args: argparse.Namespace, model: str) -> EngineArgs:
+    """``EngineArgs`` from parsed flags (see ``engine_kwargs_from_cli``)."""
+    return EngineArgs(model=model, **engine_kwargs_from_cli(args))

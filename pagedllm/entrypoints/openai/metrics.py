@@ -1,0 +1,80 @@
+"""``GET /metrics``: the engine's metrics in Prometheus text format, read from the engine at scrape time.
+
+A custom collector rather than prometheus_client's own Counter/Histogram objects: the engine already keeps the
+values (with fixed buckets), so nothing is double-counted and the HTTP side adds no work per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from pagedllm.engine.metrics import Metric as EngineMetric
+
+_DOCS = {
+    "pagedllm:num_requests_running": "Number of requests in model execution batches.",
+    "pagedllm:num_requests_waiting": "Number of requests waiting to be processed.",
+    "pagedllm:kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
+    "pagedllm:num_preemptions_total": "Cumulative number of preemptions from the engine.",
+    "pagedllm:prompt_tokens_total": "Number of prefill tokens processed.",
+    "pagedllm:generation_tokens_total": "Number of generation tokens processed.",
+    "pagedllm:request_success_total": "Count of finished requests, by finish reason.",
+    "pagedllm:time_to_first_token_seconds": "Histogram of time to first token in seconds.",
+    "pagedllm:inter_token_latency_seconds": "Histogram of inter-token latency in seconds.",
+    "pagedllm:e2e_request_latency_seconds": "Histogram of end to end request latency in seconds.",
+    "pagedllm:request_queue_time_seconds": "Histogram of time spent waiting in the queue in seconds.",
+}
+
+
+class EngineCollector(Collector):
+    """Turns ``engine.get_metrics()`` into Prometheus metric families, labelled with the served model name."""
+
+    def __init__(self, get_metrics: Callable[[], list[EngineMetric]], model_name: str) -> None:
+        self._get_metrics = get_metrics
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for metric in self._get_metrics():
+            labels = {"model_name": self._model_name, **metric.labels}
+            family = families.get(metric.name)
+            if family is None:
+                family = families[metric.name] = _new_family(metric, list(labels))
+            _add_sample(family, metric, labels)
+        yield from families.values()
+
+
+def _new_family(metric: EngineMetric, label_names: list[str]) -> Metric:
+    doc = _DOCS.get(metric.name, metric.name)
+    if metric.kind == "counter":
+        # prometheus_client appends "_total" itself.
+        return CounterMetricFamily(metric.name.removesuffix("_total"), doc, labels=label_names)
+    if metric.kind == "histogram":
+        return HistogramMetricFamily(metric.name, doc, labels=label_names)
+    return GaugeMetricFamily(metric.name, doc, labels=label_names)
+
+
+def _add_sample(family: Metric, metric: EngineMetric, labels: dict[str, str]) -> None:
+    values = list(labels.values())
+    if metric.kind == "histogram":
+        buckets = [(floatToGoString(bound), count) for bound, count in metric.buckets]
+        family.add_metric(values, buckets=buckets, sum_value=metric.value)
+    else:
+        family.add_metric(values, metric.value)
+
+
+def build_registry(get_metrics: Callable[[], list[EngineMetric]], model_name: str) -> CollectorRegistry:
+    """A registry of its own (not the process-global one), so several apps can live in one process."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(get_metrics, model_name))
+    ProcessCollector(registry=registry)  # process_* metrics: CPU seconds, resident memory, open fds
+    return registry
+
+
+def render_metrics(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The Prometheus text exposition of the registry, and its content type."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST

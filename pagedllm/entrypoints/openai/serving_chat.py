@@ -1,0 +1,191 @@
+"""``POST /v1/chat/completions``: a conversation through the chat template in, assistant messages out, whole or
+streamed (role first, then content deltas, ``finish_reason`` in each choice's last chunk)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from pagedllm.entrypoints.chat_utils import render_chat
+from pagedllm.entrypoints.openai.errors import OpenAIError, from_value_error
+from pagedllm.entrypoints.openai.logprobs import chat_logprobs, prompt_logprobs_json
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    DeltaMessage,
+    make_usage,
+)
+from pagedllm.entrypoints.openai.serving_common import (
+    SSE_DONE,
+    ServingContext,
+    check_prompt_length,
+    check_stream_options,
+    json_response,
+    merge_generations,
+    random_id,
+    resolve_max_tokens,
+    run_unless_disconnected,
+    sse,
+    sse_error,
+    stream_failure,
+)
+from pagedllm.params import CompletionOutput, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_FIELDS = tuple(ChatCompletionRequest.model_fields)
+
+
+def render_messages(ctx: ServingContext, request: Any) -> dict[str, Any]:
+    """The conversation of a chat (or chat-tokenize) request as an engine prompt; a template failure is a 400."""
+    conversation = [message.to_template_dict() for message in request.messages]
+    try:
+        return render_chat(ctx.tokenizer, conversation, ctx.chat_template, request.add_generation_prompt,
+                           request.continue_final_message, request.chat_template_kwargs)
+    except Exception as exc:  # noqa: BLE001 - the template rejected this conversation (jinja raise_exception, bad kwargs...)
+        logger.info("Chat template failed on a request: %r", exc)
+        raise OpenAIError(f"The messages could not be rendered with the chat template: {exc}",
+                          param="messages") from None
+
+
+class OpenAIServingChat:
+    """Serves ``/v1/chat/completions`` from the engine."""
+
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
+        model_name = self.ctx.models.check(request.model)
+        _check_supported(request)
+        check_stream_options(request)
+        prompt = render_messages(self.ctx, request)
+        num_prompt_tokens = len(prompt["prompt_token_ids"])
+        check_prompt_length(num_prompt_tokens, self.ctx.max_model_len, "messages")
+        params = self._sampling_params(request, num_prompt_tokens)
+        request_id = random_id("chatcmpl")
+        if request.stream:
+            return StreamingResponse(self._stream(request, prompt, params, request_id, model_name),
+                                     media_type="text/event-stream")
+        try:
+            output = await run_unless_disconnected(raw_request, self._generate(prompt, params, request_id))
+        except ValueError as exc:
+            raise from_value_error(exc, _FIELDS, default_param="messages") from None
+        return json_response(self._response(request, output, request_id, model_name))
+
+    def _sampling_params(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> SamplingParams:
+        param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        max_tokens = resolve_max_tokens(request.requested_max_tokens, True, num_prompt_tokens,
+                                        self.ctx.max_model_len, param)
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        try:
+            params = request.build_sampling_params(max_tokens, logprobs, request.prompt_logprobs)
+            params.verify_for_vocab(self.ctx.vocab_size)
+        except ValueError as exc:
+            raise from_value_error(exc, _FIELDS, default_param=None) from None
+        return params
+
+    # ---- whole responses -------------------------------------------------------------------------------------
+
+    async def _generate(self, prompt: dict[str, Any], params: SamplingParams, request_id: str) -> RequestOutput:
+        final = None
+        async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id)) as outputs:
+            async for _, output in outputs:
+                final = output
+        return final
+
+    def _response(self, request: ChatCompletionRequest, output: RequestOutput, request_id: str,
+                  model_name: str) -> ChatCompletionResponse:
+        choices = [
+            ChatCompletionResponseChoice(
+                index=completion.index,
+                message=ChatResponseMessage(content=completion.text),
+                logprobs=self._logprobs(request, completion),
+                finish_reason=completion.finish_reason,
+                stop_reason=completion.stop_reason,
+            )
+            for completion in output.outputs
+        ]
+        num_generated = sum(len(completion.token_ids) for completion in output.outputs)
+        return ChatCompletionResponse(
+            id=request_id, model=model_name, choices=choices,
+            usage=make_usage(len(output.prompt_token_ids), num_generated),
+            prompt_logprobs=prompt_logprobs_json(output.prompt_logprobs) if request.prompt_logprobs is not None
+            else None,
+        )
+
+    def _logprobs(self, request: ChatCompletionRequest, completion: CompletionOutput):
+        if not request.logprobs:
+            return None
+        return chat_logprobs(completion.token_ids, completion.logprobs or [], request.top_logprobs or 0,
+                             self.ctx.tokenizer)
+
+    # ---- streams ---------------------------------------------------------------------------------------------
+
+    async def _stream(self, request: ChatCompletionRequest, prompt: dict[str, Any], params: SamplingParams,
+                      request_id: str, model_name: str) -> AsyncIterator[str]:
+        """SSE chunks: the assistant role for every choice first, then content as it is generated. When the client
+        goes, Starlette cancels this generator, which closes the engine generator: the request is aborted."""
+        created = int(time.time())
+
+        def chunk(choices: list[ChatCompletionResponseStreamChoice], usage=None) -> str:
+            return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model_name,
+                                                    choices=choices, usage=usage))
+
+        for index in range(request.n):
+            yield chunk([ChatCompletionResponseStreamChoice(index=index, delta=DeltaMessage(role="assistant",
+                                                                                            content=""))])
+        num_generated = 0
+        try:
+            async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id)) as outputs:
+                async for _, output in outputs:
+                    choices = []
+                    for completion in output.outputs:
+                        num_generated += len(completion.token_ids)
+                        choice = self._stream_choice(request, completion)
+                        if choice is not None:
+                            choices.append(choice)
+                    if choices:
+                        yield chunk(choices)
+        except ValueError as exc:
+            yield sse_error(from_value_error(exc, _FIELDS, default_param="messages"))
+        except Exception as exc:  # noqa: BLE001 - engine stopped or a step failed: say so, end the stream
+            yield sse_error(stream_failure(exc))
+        else:
+            if request.include_usage_in_stream:
+                yield chunk([], make_usage(len(prompt["prompt_token_ids"]), num_generated))
+        yield SSE_DONE
+
+    def _stream_choice(self, request: ChatCompletionRequest,
+                       completion: CompletionOutput) -> ChatCompletionResponseStreamChoice | None:
+        logprobs = self._logprobs(request, completion)
+        if not completion.text and logprobs is None and completion.finish_reason is None:
+            return None  # nothing to say yet (text held back until its character is complete)
+        return ChatCompletionResponseStreamChoice(
+            index=completion.index,
+            delta=DeltaMessage(content=completion.text or None),
+            logprobs=logprobs,
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+        )
+
+
+def _check_supported(request: ChatCompletionRequest) -> None:
+    if request.tools:
+        raise OpenAIError("tools (function calling) are not supported by this server", param="tools")
+    if request.tool_choice not in (None, "none"):
+        raise OpenAIError("tool_choice is not supported by this server", param="tool_choice")
+    if request.response_format is not None and request.response_format.type != "text":
+        raise OpenAIError(f"response_format {request.response_format.type!r} is not supported; only 'text'",
+                          param="response_format")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise OpenAIError("top_logprobs needs logprobs set to true", param="top_logprobs")

@@ -1,0 +1,220 @@
+"""What the completion and chat handlers share: the served model names, request parsing, prompt-length and
+max_tokens checks, running engine requests (several at once, aborted when the client goes), and SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from fastapi import Request, Response
+from pydantic import BaseModel, ValidationError
+
+from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError
+from pagedllm.entrypoints.openai.errors import OpenAIError, from_validation_errors
+from pagedllm.entrypoints.openai.protocol import ModelCard, ModelList, SamplingFields
+from pagedllm.params import RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready; its engine requests were aborted."""
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    """The names a server answers to (the first is reported in responses) and what /v1/models says of them."""
+
+    names: tuple[str, ...]
+    root: str
+    max_model_len: int
+
+    @property
+    def default_name(self) -> str:
+        return self.names[0]
+
+    def check(self, requested: str | None) -> str:
+        """The name to report for a request's ``model``; unset means the served model. Unknown names are a 404."""
+        if requested is None or requested in self.names:
+            return self.default_name
+        raise OpenAIError(f"The model `{requested}` does not exist.", HTTPStatus.NOT_FOUND, param="model",
+                          code="model_not_found")
+
+    def model_list(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=name, root=self.root, max_model_len=self.max_model_len)
+                               for name in self.names])
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """Everything a handler needs, built once per app."""
+
+    engine: AsyncEngine
+    models: ServedModels
+    tokenizer: Any
+    max_model_len: int
+    vocab_size: int
+    chat_template: str | None
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ---- parsing and checks ------------------------------------------------------------------------------------------
+
+
+async def parse_body(raw_request: Request, model: type[RequestT]) -> RequestT:
+    """Parse and validate the JSON body ourselves, whatever its content type, so that malformed JSON, a wrong
+    type or a missing field all become the same OpenAI-shaped 400."""
+    body = await raw_request.body()
+    try:
+        request = model.model_validate_json(body or b"null")
+    except ValidationError as exc:
+        raise from_validation_errors(exc.errors(include_url=False)) from None
+    if getattr(request, "model_extra", None):
+        logger.info("Ignoring unknown fields of a %s: %s", model.__name__, ", ".join(sorted(request.model_extra)))
+    return request
+
+
+def check_stream_options(request: SamplingFields) -> None:
+    if request.stream_options is not None and not request.stream:
+        raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def check_prompt_length(num_prompt_tokens: int, max_model_len: int, param: str) -> None:
+    if num_prompt_tokens == 0:
+        raise OpenAIError("The prompt is empty: it must contain at least one token", param=param)
+    if num_prompt_tokens >= max_model_len:
+        raise OpenAIError(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has {num_prompt_tokens} "
+            "tokens, which leaves no room for generated tokens. Shorten the prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> None:
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise OpenAIError(f"Token id {bad[0]} is out of vocabulary (vocab_size={vocab_size})", param=param)
+
+
+def resolve_max_tokens(requested: int | None, is_explicit: bool, num_prompt_tokens: int, max_model_len: int,
+                       param: str = "max_tokens") -> int | None:
+    """An explicit max_tokens that does not fit the context is a 400 (as in OpenAI and vLLM); a default one
+    (completions' 16) is capped to what fits; None means the rest of the context."""
+    room = max_model_len - num_prompt_tokens
+    if requested is None or requested < 1:
+        return requested  # None: the rest of the context; < 1: SamplingParams names the error
+    if requested <= room:
+        return requested
+    if not is_explicit:
+        return room
+    raise OpenAIError(
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, {requested} for the completion). "
+        f"Reduce the prompt or {param}.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+# ---- running engine requests -------------------------------------------------------------------------------------
+
+
+async def merge_generations(
+    engine: AsyncEngine, prompts: Sequence[dict[str, Any]], params: Sequence[SamplingParams], request_id: str
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of one engine request per prompt as ``(prompt index, output)``, in arrival order. When the consumer
+    stops early (client gone, error), every engine request still running is aborted."""
+    # aclosing: closing this generator closes the engine's at once (which aborts), not whenever it is collected.
+    if len(prompts) == 1:  # the common case: no tasks, no queue
+        async with aclosing(engine.generate(prompts[0], params[0], request_id)) as outputs:
+            async for output in outputs:
+                yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        try:
+            async with aclosing(engine.generate(prompts[index], params[index], f"{request_id}-{index}")) as outputs:
+                async for output in outputs:
+                    queue.put_nowait((index, output))
+            queue.put_nowait((index, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(index)) for index in range(len(prompts))]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        # Cancelling a pump closes its engine generator, which aborts the request; no await here, so this also
+        # runs inside a cancelled scope.
+        for task in tasks:
+            task.cancel()
+
+
+async def wait_for_disconnect(raw_request: Request) -> None:
+    """Return when the client closes the connection (the body has been read, so only a disconnect is left)."""
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_unless_disconnected(raw_request: Request, work: Awaitable[Any]) -> Any:
+    """Run ``work``; if the client disconnects first, cancel it (aborting its engine requests) and raise
+    ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled (server shutdown)
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # its engine generators close in the background and abort their requests
+    if not task.done():
+        raise ClientDisconnected()
+    return task.result()
+
+
+def stream_failure(exc: Exception) -> OpenAIError:
+    """The error event of a stream that the engine could not finish."""
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(str(exc), HTTPStatus.SERVICE_UNAVAILABLE, code="engine_unavailable")
+    logger.error("A stream failed: %r", exc)
+    return OpenAIError(f"The request failed: {exc}", HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+def json_response(body: BaseModel) -> Response:
+    """A JSON response serialized by pydantic (fast; a non-finite float becomes null instead of an error)."""
+    return Response(content=body.model_dump_json(), media_type="application/json")
+
+
+def sse(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+def sse_error(error: OpenAIError) -> str:
+    """An error inside a stream that already answered 200: OpenAI clients raise on an ``error`` event."""
+    body = {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}
+    return "data: " + json.dumps({"error": body}, ensure_ascii=False) + "\n\n"

@@ -1,0 +1,232 @@
+"""``POST /v1/completions``: prompts (text, texts, token ids, token-id lists) in, completions out, whole or streamed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from pagedllm.entrypoints.openai.errors import OpenAIError, from_value_error
+from pagedllm.entrypoints.openai.logprobs import completion_logprobs, prompt_logprobs_json
+from pagedllm.entrypoints.openai.protocol import (
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionResponseStreamChoice,
+    CompletionStreamResponse,
+    make_usage,
+)
+from pagedllm.entrypoints.openai.serving_common import (
+    SSE_DONE,
+    ServingContext,
+    check_prompt_length,
+    check_stream_options,
+    check_token_ids,
+    json_response,
+    merge_generations,
+    random_id,
+    resolve_max_tokens,
+    run_unless_disconnected,
+    sse,
+    sse_error,
+    stream_failure,
+)
+from pagedllm.params import CompletionOutput, RequestOutput, SamplingParams
+
+_FIELDS = tuple(CompletionRequest.model_fields)
+
+
+@dataclass
+class _Prompt:
+    """One prompt of a request, tokenized and checked."""
+
+    token_ids: list[int]
+    text: str | None  # None for token-id prompts until echo needs it
+
+    def engine_input(self) -> dict:
+        if self.text is None:
+            return {"prompt_token_ids": self.token_ids}
+        return {"prompt": self.text, "prompt_token_ids": self.token_ids}
+
+
+class OpenAIServingCompletion:
+    """Serves ``/v1/completions`` from the engine."""
+
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
+        model_name = self.ctx.models.check(request.model)
+        _check_supported(request)
+        check_stream_options(request)
+        prompts = self._prompts(request)
+        params = [self._sampling_params(request, prompt) for prompt in prompts]
+        request_id = random_id("cmpl")
+        if request.stream:
+            return StreamingResponse(self._stream(request, prompts, params, request_id, model_name),
+                                     media_type="text/event-stream")
+        try:
+            outputs = await run_unless_disconnected(raw_request, self._generate_all(prompts, params, request_id))
+        except ValueError as exc:  # bad input the engine found that the checks above let through
+            raise from_value_error(exc, _FIELDS, default_param="prompt") from None
+        return json_response(self._response(request, prompts, outputs, request_id, model_name))
+
+    # ---- inputs ----------------------------------------------------------------------------------------------
+
+    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+        raw = request.prompt
+        if isinstance(raw, str):
+            prompts = [self._encode(raw, request.add_special_tokens)]
+        elif not raw:
+            raise OpenAIError("prompt must not be empty", param="prompt")
+        elif isinstance(raw[0], int):
+            prompts = [_Prompt(list(raw), None)]
+        elif isinstance(raw[0], str):
+            prompts = [self._encode(text, request.add_special_tokens) for text in raw]
+        else:
+            prompts = [_Prompt(list(ids), None) for ids in raw]
+        for prompt in prompts:
+            check_token_ids(prompt.token_ids, self.ctx.vocab_size, "prompt")
+            check_prompt_length(len(prompt.token_ids), self.ctx.max_model_len, "prompt")
+        return prompts
+
+    def _encode(self, text: str, add_special_tokens: bool) -> _Prompt:
+        return _Prompt(self.ctx.tokenizer.encode(text, add_special_tokens=add_special_tokens), text)
+
+    def _sampling_params(self, request: CompletionRequest, prompt: _Prompt) -> SamplingParams:
+        max_tokens = resolve_max_tokens(request.max_tokens, "max_tokens" in request.model_fields_set,
+                                        len(prompt.token_ids), self.ctx.max_model_len)
+        prompt_logprobs = request.prompt_logprobs
+        if request.echo and request.logprobs is not None:  # echoed prompt tokens come with their logprobs
+            prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
+        try:
+            params = request.build_sampling_params(max_tokens, request.logprobs, prompt_logprobs)
+            params.verify_for_vocab(self.ctx.vocab_size)
+        except ValueError as exc:
+            raise from_value_error(exc, _FIELDS, default_param=None) from None
+        return params
+
+    def _prompt_text(self, prompt: _Prompt) -> str:
+        if prompt.text is None:
+            prompt.text = self.ctx.tokenizer.decode(prompt.token_ids)
+        return prompt.text
+
+    # ---- whole responses -------------------------------------------------------------------------------------
+
+    async def _generate_all(self, prompts: list[_Prompt], params: list[SamplingParams],
+                            request_id: str) -> dict[int, RequestOutput]:
+        finals: dict[int, RequestOutput] = {}
+        inputs = [prompt.engine_input() for prompt in prompts]
+        async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id)) as outputs:
+            async for index, output in outputs:
+                finals[index] = output  # FINAL_ONLY: the one output of a finished prompt
+        return finals
+
+    def _response(self, request: CompletionRequest, prompts: list[_Prompt], outputs: dict[int, RequestOutput],
+                  request_id: str, model_name: str) -> CompletionResponse:
+        choices, num_generated = [], 0
+        for prompt_index, prompt in enumerate(prompts):
+            output = outputs[prompt_index]
+            for completion in output.outputs:
+                num_generated += len(completion.token_ids)
+                choices.append(self._choice(request, prompt, output, completion, prompt_index))
+        num_prompt = sum(len(prompt.token_ids) for prompt in prompts)
+        return CompletionResponse(id=request_id, model=model_name, choices=choices,
+                                  usage=make_usage(num_prompt, num_generated))
+
+    def _choice(self, request: CompletionRequest, prompt: _Prompt, output: RequestOutput,
+                completion: CompletionOutput, prompt_index: int) -> CompletionResponseChoice:
+        text, token_ids, entries = completion.text, completion.token_ids, completion.logprobs
+        if request.echo:
+            text = self._prompt_text(prompt) + text
+            if request.logprobs is not None:
+                token_ids = prompt.token_ids + token_ids
+                entries = (output.prompt_logprobs or [None] * len(prompt.token_ids)) + (entries or [])
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = completion_logprobs(token_ids, entries or [], request.logprobs, self.ctx.tokenizer)
+        return CompletionResponseChoice(
+            index=prompt_index * request.n + completion.index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+            prompt_logprobs=prompt_logprobs_json(output.prompt_logprobs) if request.prompt_logprobs is not None
+            else None,
+        )
+
+    # ---- streams ---------------------------------------------------------------------------------------------
+
+    async def _stream(self, request: CompletionRequest, prompts: list[_Prompt], params: list[SamplingParams],
+                      request_id: str, model_name: str) -> AsyncIterator[str]:
+        """SSE chunks as the engine produces tokens. When the client goes, Starlette cancels this generator,
+        which closes the engine generators: their requests are aborted."""
+        created = int(time.time())
+        state = _StreamState()
+        inputs = [prompt.engine_input() for prompt in prompts]
+        try:
+            async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id)) as outputs:
+                async for prompt_index, output in outputs:
+                    choices = self._stream_choices(request, prompts[prompt_index], prompt_index, output, state)
+                    if choices:
+                        yield sse(CompletionStreamResponse(id=request_id, created=created, model=model_name,
+                                                           choices=choices))
+        except ValueError as exc:
+            yield sse_error(from_value_error(exc, _FIELDS, default_param="prompt"))
+        except Exception as exc:  # noqa: BLE001 - engine stopped or a step failed: say so, end the stream
+            yield sse_error(stream_failure(exc))
+        else:
+            if request.include_usage_in_stream:
+                num_prompt = sum(len(prompt.token_ids) for prompt in prompts)
+                usage = make_usage(num_prompt, state.num_generated)
+                yield sse(CompletionStreamResponse(id=request_id, created=created, model=model_name, choices=[],
+                                                   usage=usage))
+        yield SSE_DONE
+
+    def _stream_choices(self, request: CompletionRequest, prompt: _Prompt, prompt_index: int, output: RequestOutput,
+                        state: _StreamState) -> list[CompletionResponseStreamChoice]:
+        if output.prompt_logprobs is not None:  # DELTA sends them once; every sequence's echo needs them
+            state.prompt_logprobs[prompt_index] = output.prompt_logprobs
+        choices = []
+        for completion in output.outputs:
+            index = prompt_index * request.n + completion.index
+            state.num_generated += len(completion.token_ids)
+            text, token_ids, entries = completion.text, completion.token_ids, completion.logprobs or []
+            if request.echo and index not in state.echoed:
+                state.echoed.add(index)
+                text = self._prompt_text(prompt) + text
+                if request.logprobs is not None:
+                    token_ids = prompt.token_ids + token_ids
+                    entries = state.prompt_logprobs.get(prompt_index, [None] * len(prompt.token_ids)) + entries
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = completion_logprobs(token_ids, entries, request.logprobs, self.ctx.tokenizer,
+                                               state.text_offsets.get(index, 0))
+            state.text_offsets[index] = state.text_offsets.get(index, 0) + len(text)
+            if not text and logprobs is None and completion.finish_reason is None:
+                continue  # nothing to say yet (text held back until its character is complete)
+            choices.append(CompletionResponseStreamChoice(index=index, text=text, logprobs=logprobs,
+                                                          finish_reason=completion.finish_reason,
+                                                          stop_reason=completion.stop_reason))
+        return choices
+
+
+@dataclass
+class _StreamState:
+    """What a stream remembers across chunks."""
+
+    num_generated: int = 0
+    echoed: set[int] = field(default_factory=set)  # choice indexes whose prompt was sent
+    text_offsets: dict[int, int] = field(default_factory=dict)  # choice index -> characters sent
+    prompt_logprobs: dict[int, list] = field(default_factory=dict)  # prompt index -> its prompt logprobs
+
+
+def _check_supported(request: CompletionRequest) -> None:
+    if request.suffix:
+        raise OpenAIError("suffix is not supported by this server", param="suffix")
+    if request.best_of is not None and request.best_of != request.n:
+        raise OpenAIError("best_of is not supported (only best_of equal to n)", param="best_of")
