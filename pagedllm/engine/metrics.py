@@ -94,6 +94,9 @@ class EngineMetrics:
         metrics = state.metrics
         self.e2e_request_latency.observe(metrics.finished_time - metrics.arrival_time)
 
+    def record_aborted(self, num_sequences: int) -> None:
+        self.finished_by_reason["abort"] += num_sequences
+
     def snapshot(self) -> list[Metric]:
         stats = self.scheduler
         metrics = [

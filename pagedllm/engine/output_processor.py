@@ -91,15 +91,22 @@ class OutputProcessor:
         )
 
     def abort_requests(self, request_ids: list[str]) -> list[str]:
-        """Forget requests; return the core request ids to abort."""
+        """Forget aborted requests (their unfinished sequences count as finished by "abort"); return the core
+        request ids to abort."""
         child_ids = []
         for request_id in request_ids:
-            state = self._requests.pop(request_id, None)
+            state = self._forget(request_id)
             if state is not None:
                 child_ids.extend(state.sequences)
-                for child_id in state.sequences:
-                    del self._parent_of[child_id]
+                self.metrics.record_aborted(sum(not seq.finished for seq in state.sequences.values()))
         return child_ids
+
+    def _forget(self, request_id: str) -> _RequestState | None:
+        state = self._requests.pop(request_id, None)
+        if state is not None:
+            for child_id in state.sequences:
+                del self._parent_of[child_id]
+        return state
 
     def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
         touched: dict[str, list[_SequenceState]] = {}
@@ -125,7 +132,7 @@ class OutputProcessor:
                 request_outputs.append(self._make_output(state, sequences, finished))
             if finished:
                 state.metrics.finished_time = now
-                self.abort_requests([request_id])
+                self._forget(request_id)
                 self.metrics.record_finished(state)
         return ProcessedOutputs(request_outputs, stopped_by_string)
 

@@ -148,9 +148,13 @@ class ModelRunner:
     def _allocate_kv_caches(
         self, num_blocks: int, device: torch.device | None = None, pin_memory: bool = False
     ) -> list[torch.Tensor]:
+        device = device or self.device
         shape = (2, num_blocks, self.block_size, self.model_config.num_key_value_heads, self.model_config.head_dim)
+        # On CPU, zero-filling gigabytes costs seconds and commits all the memory at start: leave it unwritten
+        # (slots are always written before they are read). Device caches are zeroed: kernels may load masked slots.
+        allocate = torch.empty if device.type == "cpu" and not pin_memory else torch.zeros
         return [
-            torch.zeros(shape, dtype=self.dtype, device=device or self.device, pin_memory=pin_memory)
+            allocate(shape, dtype=self.dtype, device=device, pin_memory=pin_memory)
             for _ in range(self.model_config.num_hidden_layers)
         ]
 

@@ -84,7 +84,10 @@ def test_consumer_that_stops_early_aborts_the_request(engine):
 
     asyncio.run(run())
     wait_idle(engine)
-    assert next(m.value for m in engine.get_metrics() if m.name == "pagedllm:num_requests_running") == 0
+    metrics = engine.get_metrics()
+    assert next(m.value for m in metrics if m.name == "pagedllm:num_requests_running") == 0
+    aborted = next(m for m in metrics if m.name == "pagedllm:request_success_total" and m.labels["finished_reason"] == "abort")
+    assert aborted.value == 1
 
 
 def test_bad_request_fails_alone(engine):
