@@ -1,8 +1,10 @@
 """Pure-torch paged attention: the CPU path, and the oracle every faster backend is tested against.
 
-Readability beats speed here. The cache write is vectorized (one ``index_copy_`` per K and V), but attention loops
-over the requests of the batch in Python and materializes each request's scores, which is fine on CPU and as a
-reference, and far too slow for serving on a GPU.
+Readability beats speed here. The cache write is vectorized (one ``index_copy_`` per K and V). Prefill chunks are
+attended one request at a time (``causal_attention``, the reference); decodes, one query per request, are
+attended all at once over their gathered, padded contexts (``decode_attention``), so a big decode batch is a few
+large ops rather than hundreds of small ones. Both materialize the scores: fine on CPU and as a reference, not a
+fast GPU kernel.
 """
 
 from __future__ import annotations
@@ -28,15 +30,41 @@ class TorchPagedAttention:
         block_size = kv_cache.shape[2]
         # Rows past the batch's real tokens (padding) stay zero rather than holding garbage.
         output = torch.zeros_like(query)
+        decode_rows, decode_tokens = [], []
         start = 0
         for i, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
-            num_blocks = -(-seq_len // block_size)
-            block_ids = metadata.block_tables[i, :num_blocks].long()
-            key_ctx, value_ctx = gather_context(kv_cache, block_ids, seq_len)
-            end = start + query_len
-            output[start:end] = causal_attention(query[start:end], key_ctx, value_ctx, scale)
-            start = end
+            if query_len == 1:
+                decode_rows.append(i)
+                decode_tokens.append(start)
+            else:
+                num_blocks = -(-seq_len // block_size)
+                block_ids = metadata.block_tables[i, :num_blocks].long()
+                key_ctx, value_ctx = gather_context(kv_cache, block_ids, seq_len)
+                output[start : start + query_len] = causal_attention(
+                    query[start : start + query_len], key_ctx, value_ctx, scale
+                )
+            start += query_len
+        if decode_rows:
+            self._decode(query, kv_cache, metadata, scale, output, decode_rows, decode_tokens)
         return output
+
+    @staticmethod
+    def _decode(query, kv_cache, metadata, scale, output, rows: list[int], tokens: list[int]) -> None:
+        """Attend every decode at once, in chunks that bound the gathered context's memory."""
+        seq_lens = [metadata.seq_lens_cpu[i] for i in rows]
+        chunk = max(1, _MAX_GATHERED_TOKENS // max(seq_lens))
+        device = query.device
+        for first in range(0, len(rows), chunk):
+            row_ids = torch.tensor(rows[first : first + chunk], device=device)
+            token_ids = torch.tensor(tokens[first : first + chunk], device=device)
+            output[token_ids] = decode_attention(
+                query[token_ids],
+                kv_cache,
+                metadata.block_tables[row_ids],
+                metadata.seq_lens[row_ids],
+                max(seq_lens[first : first + chunk]),
+                scale,
+            )
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -56,6 +84,37 @@ def gather_context(
     key = kv_cache[0, block_ids].reshape(-1, num_kv_heads, head_dim)[:seq_len]
     value = kv_cache[1, block_ids].reshape(-1, num_kv_heads, head_dim)[:seq_len]
     return key, value
+
+
+_MAX_GATHERED_TOKENS = 1 << 18  # context tokens gathered at once by decode_attention
+
+
+def decode_attention(
+    query: torch.Tensor,  # [R, num_heads, head_dim]: one query per request, at the end of its context
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [R, >= ceil(max_seq_len / block_size)]
+    seq_lens: torch.Tensor,  # [R]
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query per request over its whole paged context, for all requests at once (contexts padded to the
+    longest; padding masked out). Scores and softmax in float32; returns the query's dtype."""
+    num_reqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    num_blocks = -(-max_seq_len // block_size)
+    tables = block_tables[:, :num_blocks].long()
+    # [R, blocks, block_size, Hkv, D] -> [R, Hkv, L, D]
+    key = kv_cache[0][tables].reshape(num_reqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    value = kv_cache[1][tables].reshape(num_reqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    # GQA without copying K/V: query head h = kv_head * group + g, as HF's repeat_kv groups them.
+    grouped = query.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)).float() * scale  # [R, Hkv, group, L]
+    is_padding = torch.arange(key.shape[2], device=query.device)[None, :] >= seq_lens[:, None].long()
+    scores.masked_fill_(is_padding[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # Padding slots may hold anything, NaN included, and 0 * NaN is NaN: zero them rather than trust the mask.
+    value = value.masked_fill(is_padding[:, None, :, None], 0.0)
+    return torch.matmul(probs.to(value.dtype), value).reshape(num_reqs, num_heads, head_dim)
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:

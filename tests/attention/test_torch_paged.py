@@ -110,3 +110,13 @@ def test_edge_shapes() -> None:
 
 def test_registry_returns_torch_backend() -> None:
     assert isinstance(get_attention_backend("torch"), TorchPagedAttention)
+
+
+@pytest.mark.parametrize("max_gathered", [1 << 18, 40])  # one chunk, and many small chunks
+def test_large_decode_batches_are_attended_together_and_exactly(monkeypatch, max_gathered):
+    """Many decodes of very different lengths, next to a prefill chunk, through the batched decode path."""
+    monkeypatch.setattr("pagedllm.attention.torch_paged._MAX_GATHERED_TOKENS", max_gathered)
+    rng = random.Random(7)
+    batch = [(1, rng.randint(1, 70)) for _ in range(24)]
+    batch.insert(5, (9, 30))
+    run_case(batch, block_size=4, num_heads=8, num_kv_heads=2, dtype=torch.float32, seed=3)
