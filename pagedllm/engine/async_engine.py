@@ -90,16 +90,22 @@ class AsyncEngine:
     def model_config(self):
         return self.config.model_config
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a sequence (the model's and the tokenizer's eos)."""
+        return self.engine.input_processor.eos_token_ids
+
     # ---- the asyncio side ----------------------------------------------------------------------------------
 
     async def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs. Raises ValueError at once on bad input; aborts the request if the
-        consumer stops early (e.g. the client disconnected)."""
+        consumer stops early (e.g. the client disconnected). ``priority`` (lower first) matters only under the
+        "priority" scheduling policy."""
         if not self.is_running:
             raise EngineDeadError("The engine loop is not running")
-        processed = self.engine.process_request(request_id, prompt, params)
+        processed = self.engine.process_request(request_id, prompt, params, priority=priority)
         stream = _Stream(asyncio.get_running_loop())
         self._inbox.put(_Add(processed, stream))
         finished = False

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pagedllm.params import BeamSearchParams
+from pagedllm.params import BeamSearchParams, RequestOutput, RequestOutputKind, SamplingParams
 
 NEG_INF = -1.0e9
 
@@ -94,3 +94,53 @@ class BeamSearchState:
 
     def output(self) -> BeamSearchOutput:
         return BeamSearchOutput(self.prompt_token_ids, list(self.finished))
+
+
+@dataclass
+class BeamSearchStep:
+    """One step of some beam searches: every live beam of every unfinished search as a one-token request.
+
+    Whoever runs the requests (``LLM.beam_search`` synchronously, the server through the async engine) builds the
+    step with ``BeamSearchStep.of``, runs ``prompts`` with ``params``, and hands the outputs, in order, to ``advance``.
+    """
+
+    states: list[BeamSearchState]  # the unfinished searches this step advances
+    owners: list[BeamSearchState]  # the search of each request
+    prompts: list[dict]  # one {"prompt_token_ids": prompt + beam} per request
+    params: SamplingParams  # greedy, one token, the top-K next-token logprobs, no text
+
+    @classmethod
+    def of(cls, states: list[BeamSearchState]) -> BeamSearchStep | None:
+        """The next step of ``states``, or None when every search is done."""
+        live = [state for state in states if not state.done]
+        if not live:
+            return None
+        owners, prompts = [], []
+        for state in live:
+            for token_ids in state.beam_prompts():
+                owners.append(state)
+                prompts.append({"prompt_token_ids": token_ids})
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False,
+                                logprobs=max(state.num_candidates for state in live),
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        return cls(live, owners, prompts, params)
+
+    def advance(self, outputs: list[RequestOutput]) -> None:
+        """Feed each search the finished outputs of its beams' requests (``outputs`` in ``prompts`` order)."""
+        for state in self.states:
+            mine = [output for owner, output in zip(self.owners, outputs) if owner is state]
+            state.advance([_top_logprobs(output, state.num_candidates) for output in mine])
+
+
+def _top_logprobs(output: RequestOutput, num: int) -> dict[int, float]:
+    """The top ``num`` next-token logprobs of a one-token request (its sampled token may rank below them)."""
+    entry = output.outputs[0].logprobs[0]
+    return {token_id: logprob.logprob for token_id, logprob in entry.items() if logprob.rank <= num}
+
+
+def decode_sequences(output: BeamSearchOutput, tokenizer, skip_special_tokens: bool = True) -> BeamSearchOutput:
+    """Fill in each sequence's ``text`` (left empty without a tokenizer)."""
+    if tokenizer is not None:
+        for sequence in output.sequences:
+            sequence.text = tokenizer.decode(sequence.token_ids, skip_special_tokens=skip_special_tokens)
+    return output

@@ -13,7 +13,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.processing import PromptInput
-from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchState
+from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchState, BeamSearchStep, decode_sequences
 from pagedllm.entrypoints.chat_utils import ChatMessages, render_chat
 from pagedllm.params import BeamSearchParams, RequestOutput, RequestOutputKind, SamplingParams
 
@@ -88,25 +88,12 @@ class LLM:
                 raise ValueError(f"A prompt of {len(token_ids)} tokens plus max_tokens={params.max_tokens} exceeds "
                                  f"max_model_len={max_model_len}")
             states.append(BeamSearchState(token_ids, params, engine.input_processor.eos_token_ids))
-        step = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False,
-                              logprobs=states[0].num_candidates if states else 1)
         with tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm) as progress:
-            while live := [state for state in states if not state.done]:
-                beam_prompts = [(state, tokens) for state in live for tokens in state.beam_prompts()]
-                outputs = self._run([{"prompt_token_ids": tokens} for _, tokens in beam_prompts],
-                                    [step] * len(beam_prompts), [0] * len(beam_prompts), use_tqdm=False)
-                for state in live:
-                    mine = [out for (owner, _), out in zip(beam_prompts, outputs) if owner is state]
-                    state.advance([_top_logprobs(out, state.num_candidates) for out in mine])
+            while (step := BeamSearchStep.of(states)) is not None:
+                step.advance(self._run(step.prompts, [step.params] * len(step.prompts), [0] * len(step.prompts),
+                                       use_tqdm=False))
                 progress.update(1)
-        return [self._with_text(state.output()) for state in states]
-
-    def _with_text(self, output: BeamSearchOutput) -> BeamSearchOutput:
-        tokenizer = self.get_tokenizer()
-        if tokenizer is not None:
-            for sequence in output.sequences:
-                sequence.text = tokenizer.decode(sequence.token_ids, skip_special_tokens=True)
-        return output
+        return [decode_sequences(state.output(), self.get_tokenizer()) for state in states]
 
     def chat(
         self,
@@ -200,8 +187,3 @@ def _final_only(params_list: list[SamplingParams]) -> list[SamplingParams]:
             copies[id(params)].output_kind = RequestOutputKind.FINAL_ONLY
     return [copies[id(params)] for params in params_list]
 
-
-def _top_logprobs(output: RequestOutput, num: int) -> dict[int, float]:
-    """The top ``num`` next-token logprobs of a one-token request (its sampled token may rank below them)."""
-    entry = output.outputs[0].logprobs[0]
-    return {token_id: logprob.logprob for token_id, logprob in entry.items() if logprob.rank <= num}

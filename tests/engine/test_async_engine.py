@@ -114,3 +114,38 @@ def test_shutdown_ends_streams_and_refuses_new_work(engine):
 
     asyncio.run(run())
     assert not engine.is_healthy()
+
+
+def test_priority_reaches_the_scheduler(model_dir):
+    args = EngineArgs(model=model_dir, skip_tokenizer_init=True, scheduling_policy="priority",
+                      **{**ENGINE_KWARGS, "max_num_seqs": 1})
+    engine = AsyncEngine.from_engine_args(args)
+    finished = []
+
+    async def run_one(name: str, max_tokens: int, priority: int) -> None:
+        async for _ in engine.generate(prompts(1)[0], greedy(max_tokens), name, priority=priority):
+            pass
+        finished.append(name)
+
+    async def run():
+        with pytest.raises(ValueError, match="priority"):
+            await collect_with_priority(engine, "bad", "high")
+        long_low = engine.generate(prompts(1)[0], greedy(60), "long low", priority=5)
+        await anext(long_low)  # running now: the others wait (max_num_seqs=1)
+        low = asyncio.ensure_future(run_one("low", 4, 5))
+        await asyncio.sleep(0.05)
+        high = asyncio.ensure_future(run_one("high", 4, 0))
+        async for _ in long_low:
+            pass
+        await asyncio.gather(low, high)
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert finished.index("high") < finished.index("low")
+
+
+async def collect_with_priority(engine: AsyncEngine, request_id: str, priority) -> None:
+    async for _ in engine.generate(prompts(1)[0], greedy(2), request_id, priority=priority):
+        pass

@@ -117,6 +117,9 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
+    priority: int = 0  # lower is scheduled sooner, under --scheduling-policy priority
+    use_beam_search: bool = False  # n is then the beam width; see serving_beam_search.py
+    length_penalty: float = 1.0  # beam search: a hypothesis scores cumulative logprob / length ** length_penalty
 
     def build_sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None

@@ -25,6 +25,11 @@ from pagedllm.entrypoints.openai.protocol import (
     DeltaMessage,
     make_usage,
 )
+from pagedllm.entrypoints.openai.serving_beam_search import (
+    beam_search,
+    build_beam_search_params,
+    check_beam_search_request,
+)
 from pagedllm.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServingContext,
@@ -71,21 +76,28 @@ class OpenAIServingChat:
         prompt = render_messages(self.ctx, request)
         num_prompt_tokens = len(prompt["prompt_token_ids"])
         check_prompt_length(num_prompt_tokens, self.ctx.max_model_len, "messages")
-        params = self._sampling_params(request, num_prompt_tokens)
         request_id = random_id("chatcmpl")
+        if request.use_beam_search:
+            return await self._beam_search(request, prompt, request_id, model_name, raw_request)
+        params = self._sampling_params(request, num_prompt_tokens)
         if request.stream:
             return StreamingResponse(self._stream(request, prompt, params, request_id, model_name),
                                      media_type="text/event-stream")
         try:
-            output = await run_unless_disconnected(raw_request, self._generate(prompt, params, request_id))
+            output = await run_unless_disconnected(raw_request, self._generate(prompt, params, request_id,
+                                                                               request.priority))
         except ValueError as exc:
             raise from_value_error(exc, _FIELDS, default_param="messages") from None
         return json_response(self._response(request, output, request_id, model_name))
 
-    def _sampling_params(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> SamplingParams:
+    def _max_tokens(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> tuple[int | None, str]:
+        """The max_tokens to run with (None: the rest of the context) and the field that set it."""
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-        max_tokens = resolve_max_tokens(request.requested_max_tokens, True, num_prompt_tokens,
-                                        self.ctx.max_model_len, param)
+        return resolve_max_tokens(request.requested_max_tokens, True, num_prompt_tokens, self.ctx.max_model_len,
+                                  param), param
+
+    def _sampling_params(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> SamplingParams:
+        max_tokens, _ = self._max_tokens(request, num_prompt_tokens)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         try:
             params = request.build_sampling_params(max_tokens, logprobs, request.prompt_logprobs)
@@ -96,9 +108,10 @@ class OpenAIServingChat:
 
     # ---- whole responses -------------------------------------------------------------------------------------
 
-    async def _generate(self, prompt: dict[str, Any], params: SamplingParams, request_id: str) -> RequestOutput:
+    async def _generate(self, prompt: dict[str, Any], params: SamplingParams, request_id: str,
+                        priority: int) -> RequestOutput:
         final = None
-        async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id)) as outputs:
+        async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id, priority)) as outputs:
             async for _, output in outputs:
                 final = output
         return final
@@ -129,6 +142,29 @@ class OpenAIServingChat:
         return chat_logprobs(completion.token_ids, completion.logprobs or [], request.top_logprobs or 0,
                              self.ctx.tokenizer)
 
+    # ---- beam search ---------------------------------------------------------------------------------------
+
+    async def _beam_search(self, request: ChatCompletionRequest, prompt: dict[str, Any], request_id: str,
+                           model_name: str, raw_request: Request) -> Response:
+        check_beam_search_request(request, wants_logprobs=request.logprobs)
+        num_prompt_tokens = len(prompt["prompt_token_ids"])
+        max_tokens, param = self._max_tokens(request, num_prompt_tokens)
+        params = build_beam_search_params(request, max_tokens, num_prompt_tokens, self.ctx.max_model_len, param)
+        search = beam_search(self.ctx.engine, [prompt["prompt_token_ids"]], [params], request_id, request.priority,
+                             request.skip_special_tokens)
+        try:
+            (output,) = await run_unless_disconnected(raw_request, search)
+        except ValueError as exc:
+            raise from_value_error(exc, _FIELDS, default_param="messages") from None
+        choices = [
+            ChatCompletionResponseChoice(index=rank, message=ChatResponseMessage(content=sequence.text),
+                                         finish_reason=sequence.finish_reason)
+            for rank, sequence in enumerate(output.sequences)  # best first
+        ]
+        num_generated = sum(len(sequence.token_ids) for sequence in output.sequences)
+        return json_response(ChatCompletionResponse(id=request_id, model=model_name, choices=choices,
+                                                    usage=make_usage(num_prompt_tokens, num_generated)))
+
     # ---- streams ---------------------------------------------------------------------------------------------
 
     async def _stream(self, request: ChatCompletionRequest, prompt: dict[str, Any], params: SamplingParams,
@@ -146,7 +182,8 @@ class OpenAIServingChat:
                                                                                             content=""))])
         num_generated = 0
         try:
-            async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id)) as outputs:
+            async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id,
+                                                  request.priority)) as outputs:
                 async for _, output in outputs:
                     choices = []
                     for completion in output.outputs:

@@ -134,13 +134,14 @@ def resolve_max_tokens(requested: int | None, is_explicit: bool, num_prompt_toke
 
 
 async def merge_generations(
-    engine: AsyncEngine, prompts: Sequence[dict[str, Any]], params: Sequence[SamplingParams], request_id: str
+    engine: AsyncEngine, prompts: Sequence[dict[str, Any]], params: Sequence[SamplingParams], request_id: str,
+    priority: int = 0,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of one engine request per prompt as ``(prompt index, output)``, in arrival order. When the consumer
     stops early (client gone, error), every engine request still running is aborted."""
     # aclosing: closing this generator closes the engine's at once (which aborts), not whenever it is collected.
     if len(prompts) == 1:  # the common case: no tasks, no queue
-        async with aclosing(engine.generate(prompts[0], params[0], request_id)) as outputs:
+        async with aclosing(engine.generate(prompts[0], params[0], request_id, priority)) as outputs:
             async for output in outputs:
                 yield 0, output
         return
@@ -148,7 +149,8 @@ async def merge_generations(
 
     async def pump(index: int) -> None:
         try:
-            async with aclosing(engine.generate(prompts[index], params[index], f"{request_id}-{index}")) as outputs:
+            request = engine.generate(prompts[index], params[index], f"{request_id}-{index}", priority)
+            async with aclosing(request) as outputs:
                 async for output in outputs:
                     queue.put_nowait((index, output))
             queue.put_nowait((index, None))

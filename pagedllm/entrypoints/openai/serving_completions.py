@@ -20,6 +20,11 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionStreamResponse,
     make_usage,
 )
+from pagedllm.entrypoints.openai.serving_beam_search import (
+    beam_search,
+    build_beam_search_params,
+    check_beam_search_request,
+)
 from pagedllm.entrypoints.openai.serving_common import (
     SSE_DONE,
     ServingContext,
@@ -64,13 +69,16 @@ class OpenAIServingCompletion:
         _check_supported(request)
         check_stream_options(request)
         prompts = self._prompts(request)
-        params = [self._sampling_params(request, prompt) for prompt in prompts]
         request_id = random_id("cmpl")
+        if request.use_beam_search:
+            return await self._beam_search(request, prompts, request_id, model_name, raw_request)
+        params = [self._sampling_params(request, prompt) for prompt in prompts]
         if request.stream:
             return StreamingResponse(self._stream(request, prompts, params, request_id, model_name),
                                      media_type="text/event-stream")
         try:
-            outputs = await run_unless_disconnected(raw_request, self._generate_all(prompts, params, request_id))
+            outputs = await run_unless_disconnected(raw_request, self._generate_all(prompts, params, request_id,
+                                                                                    request.priority))
         except ValueError as exc:  # bad input the engine found that the checks above let through
             raise from_value_error(exc, _FIELDS, default_param="prompt") from None
         return json_response(self._response(request, prompts, outputs, request_id, model_name))
@@ -117,11 +125,11 @@ class OpenAIServingCompletion:
 
     # ---- whole responses -------------------------------------------------------------------------------------
 
-    async def _generate_all(self, prompts: list[_Prompt], params: list[SamplingParams],
-                            request_id: str) -> dict[int, RequestOutput]:
+    async def _generate_all(self, prompts: list[_Prompt], params: list[SamplingParams], request_id: str,
+                            priority: int) -> dict[int, RequestOutput]:
         finals: dict[int, RequestOutput] = {}
         inputs = [prompt.engine_input() for prompt in prompts]
-        async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id)) as outputs:
+        async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id, priority)) as outputs:
             async for index, output in outputs:
                 finals[index] = output  # FINAL_ONLY: the one output of a finished prompt
         return finals
@@ -159,6 +167,35 @@ class OpenAIServingCompletion:
             else None,
         )
 
+    # ---- beam search ---------------------------------------------------------------------------------------
+
+    async def _beam_search(self, request: CompletionRequest, prompts: list[_Prompt], request_id: str,
+                           model_name: str, raw_request: Request) -> Response:
+        check_beam_search_request(request, wants_logprobs=request.logprobs is not None)
+        is_explicit = "max_tokens" in request.model_fields_set
+        params = [
+            build_beam_search_params(request, resolve_max_tokens(request.max_tokens, is_explicit, len(p.token_ids),
+                                                                 self.ctx.max_model_len),
+                                     len(p.token_ids), self.ctx.max_model_len)
+            for p in prompts
+        ]
+        search = beam_search(self.ctx.engine, [p.token_ids for p in prompts], params, request_id, request.priority,
+                             request.skip_special_tokens)
+        try:
+            outputs = await run_unless_disconnected(raw_request, search)
+        except ValueError as exc:
+            raise from_value_error(exc, _FIELDS, default_param="prompt") from None
+        choices, num_generated = [], 0
+        for prompt_index, (prompt, output) in enumerate(zip(prompts, outputs)):
+            for rank, sequence in enumerate(output.sequences):  # best first
+                num_generated += len(sequence.token_ids)
+                text = self._prompt_text(prompt) + sequence.text if request.echo else sequence.text
+                choices.append(CompletionResponseChoice(index=prompt_index * request.n + rank, text=text,
+                                                        finish_reason=sequence.finish_reason))
+        num_prompt = sum(len(prompt.token_ids) for prompt in prompts)
+        return json_response(CompletionResponse(id=request_id, model=model_name, choices=choices,
+                                                usage=make_usage(num_prompt, num_generated)))
+
     # ---- streams ---------------------------------------------------------------------------------------------
 
     async def _stream(self, request: CompletionRequest, prompts: list[_Prompt], params: list[SamplingParams],
@@ -169,7 +206,8 @@ class OpenAIServingCompletion:
         state = _StreamState()
         inputs = [prompt.engine_input() for prompt in prompts]
         try:
-            async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id)) as outputs:
+            async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id,
+                                                  request.priority)) as outputs:
                 async for prompt_index, output in outputs:
                     choices = self._stream_choices(request, prompts[prompt_index], prompt_index, output, state)
                     if choices:
