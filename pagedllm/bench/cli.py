@@ -1,4 +1,4 @@
-"""The ``bench`` command line: ``pagedllm bench throughput | latency | serve | plot`` (and ``python -m
+"""The ``bench`` command line: ``pagedllm bench throughput | latency | memory | serve | plot`` (and ``python -m
 pagedllm.bench ...``). Each subcommand's module is imported only when it runs, so ``--help`` stays fast."""
 
 from __future__ import annotations
@@ -17,20 +17,22 @@ _COMPARE_CHOICES = ("hf", *BASELINES)
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``bench`` subcommand (with throughput | latency | serve | plot) to a CLI's subparsers. Each leaf sets
+    """Add the ``bench`` subcommand (with throughput | latency | memory | serve | plot) to a CLI's subparsers. Each leaf sets
     ``func``: call ``args.func(args)``, which returns the exit code."""
     parser = subparsers.add_parser(
-        "bench", help="benchmark pagedllm (throughput, latency) or any OpenAI-compatible server (serve)",
+        "bench", help="benchmark pagedllm (throughput, latency, memory) or any OpenAI-compatible server (serve)",
         description="Benchmarks: offline throughput and latency of pagedllm next to HF transformers baselines, "
-                    "serving latency of any OpenAI-compatible server, and charts of the results.")
+                    "KV memory saved by block sharing, serving latency of any OpenAI-compatible server, and charts "
+                    "of the results.")
     add_bench_subcommands(parser)
 
 
 def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
-    subparsers = parser.add_subparsers(dest="bench_command", metavar="{throughput,latency,serve,plot}")
+    subparsers = parser.add_subparsers(dest="bench_command", metavar="{throughput,latency,memory,serve,plot}")
     parser.set_defaults(func=lambda args: _print_help(parser))
     _add_throughput(subparsers)
     _add_latency(subparsers)
+    _add_memory(subparsers)
     _add_serve(subparsers)
     _add_plot(subparsers)
 
@@ -95,6 +97,30 @@ def _add_latency(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_runner("latency"))
 
 
+def _add_memory(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "memory", help="KV blocks saved by sharing: parallel sampling and beam search vs independent requests",
+        description="Measure the KV cache blocks in use (mean and peak over the engine steps) for parallel sampling "
+                    "(SamplingParams(n=N), sequences sharing the prompt's blocks with copy-on-write) and beam search "
+                    "(width W, beams sharing prefix blocks through prefix caching), each next to the same work as "
+                    "N (or W) independent requests per prompt on an engine with prefix caching off, which shares "
+                    "nothing; report the blocks saved in percent, as the PagedAttention paper does.")
+    _add_model_args(parser)
+    _add_workload_args(parser, default="random")
+    parser.add_argument("--modes", nargs="+", choices=("parallel-sampling", "beam-search"),
+                        default=["parallel-sampling", "beam-search"],
+                        help="which sharing modes to measure (default: both)")
+    parser.add_argument("--n", type=int, default=4,
+                        help="sequences per prompt for parallel sampling, and independent requests per prompt in its "
+                             "baseline (default: 4)")
+    parser.add_argument("--beam-width", type=int, default=4,
+                        help="beam width, and independent requests per prompt in its baseline (default: 4)")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default: 1.0)")
+    _add_engine_args(parser, prefix_caching_flag=False)
+    _add_output_json(parser)
+    parser.set_defaults(func=_runner("memory"))
+
+
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve", help="serving benchmark against a running OpenAI-compatible server",
@@ -156,21 +182,25 @@ def _add_workload_args(parser: argparse.ArgumentParser, default: str) -> None:
     group = parser.add_argument_group("workload")
     group.add_argument("--workload", choices=WORKLOAD_NAMES, default=default,
                        help=f"nano: nano-vllm's bench.py (256 fixed requests); random: fixed lengths; sharegpt-like: "
-                            f"log-normal lengths (default: {default})")
+                            f"log-normal lengths; shared-prefix: one system prompt of --prefix-len tokens + a distinct "
+                            f"suffix of --input-len tokens per prompt (default: {default})")
     group.add_argument("--workload-json", default=None, help="load the workload from this file instead of generating")
     group.add_argument("--save-workload", default=None, help="also write the workload to this JSON file")
     group.add_argument("--num-prompts", type=int, default=None,
-                       help="requests of random and sharegpt-like (default: 200; nano has a fixed 256)")
-    group.add_argument("--input-len", type=int, default=512, help="prompt tokens of the random workload (default: 512)")
+                       help="requests of random, sharegpt-like and shared-prefix (default: 200; nano has a fixed 256)")
+    group.add_argument("--input-len", type=int, default=512,
+                       help="prompt tokens of the random workload; the distinct suffix of shared-prefix (default: 512)")
     group.add_argument("--output-len", type=int, default=128,
-                       help="output tokens of the random workload (default: 128)")
+                       help="output tokens of the random and shared-prefix workloads (default: 128)")
+    group.add_argument("--prefix-len", type=int, default=256,
+                       help="tokens of the prefix every shared-prefix prompt starts with (default: 256)")
     group.add_argument("--limit", type=int, default=None,
                        help="run only the first N requests of the workload (recorded in the record's workload)")
     group.add_argument("--seed", type=int, default=0,
                        help="seed of random and sharegpt-like workloads, of arrivals and of the engine (default: 0)")
 
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+def _add_engine_args(parser: argparse.ArgumentParser, prefix_caching_flag: bool = True) -> None:
     group = parser.add_argument_group("engine (LLM arguments)")
     if not any(action.dest == "seed" for action in parser._actions):
         group.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the engine (default: 0)")
@@ -186,8 +216,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                        help="split long prompts across steps (default: on)")
-    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
-                       help="reuse KV blocks of shared prompt prefixes (default: off)")
+    if prefix_caching_flag:  # bench memory sets it per run itself
+        group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                           help="reuse KV blocks of shared prompt prefixes (default: off)")
     group.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                        help="KV cache budget in bytes (default: the engine's; on GPU from --gpu-memory-utilization)")
     group.add_argument("--num-gpu-blocks-override", type=int, default=None, help="exact number of KV blocks")

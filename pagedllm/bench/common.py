@@ -28,7 +28,8 @@ def workload_from_args(args: argparse.Namespace, vocab_size: int | None = None) 
         workload = load_workload(args.workload_json)
     else:
         bound = DEFAULT_TOKEN_ID_BOUND if vocab_size is None else min(DEFAULT_TOKEN_ID_BOUND, vocab_size - 1)
-        workload = make_workload(args.workload, args.num_prompts, args.input_len, args.output_len, args.seed, bound)
+        workload = make_workload(args.workload, args.num_prompts, args.input_len, args.output_len, args.seed, bound,
+                                 getattr(args, "prefix_len", 256))
     workload = workload.prefix(getattr(args, "limit", None))
     if getattr(args, "save_workload", None):
         save_workload(workload, args.save_workload)

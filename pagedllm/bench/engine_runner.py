@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pagedllm.bench.workloads import BenchRequest, Workload
+from pagedllm.bench.workloads import BenchRequest, Workload, max_token_id
 
 # ``bench`` flags that become ``LLM(...)`` arguments, by the attribute argparse gives them.
 ENGINE_ARG_NAMES = (
@@ -29,6 +29,13 @@ class EngineRun:
     output_tokens: int
     peak_kv_cache_usage: float
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (0 with prefix caching off)
+    prefix_cache_hits: int = 0  # of which found cached
+    ttfts_s: tuple[float, ...] = ()  # per request: first token time - arrival time
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,14 +58,15 @@ def engine_dtype(llm) -> str:
 
 
 def run_workload(llm, workload: Workload, use_tqdm: bool = False) -> EngineRun:
-    """One timed ``LLM.generate`` over the whole workload, tracking the peak KV usage and the preemptions."""
+    """One timed ``LLM.generate`` over the whole workload, tracking the peak KV usage, the preemptions, the prefix
+    cache's queries and hits (deltas of the engine's counters over this call) and each request's TTFT."""
     from pagedllm.bench.device import synchronize
     from pagedllm.params import SamplingParams
 
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
     params = [SamplingParams(temperature=workload.temperature, ignore_eos=workload.ignore_eos,
                              max_tokens=r.max_tokens) for r in workload.requests]
-    preemptions_before = _metric(llm, "num_preemptions_total")
+    before = counter_values(llm)
     device = engine_device(llm)
     with _kv_usage_probe(llm) as peak:
         synchronize(device)
@@ -66,21 +74,50 @@ def run_workload(llm, workload: Workload, use_tqdm: bool = False) -> EngineRun:
         outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
         synchronize(device)
         elapsed = time.perf_counter() - start
+    delta = {name: int(value - before[name]) for name, value in counter_values(llm).items()}
     return EngineRun(
         elapsed_s=elapsed,
         num_requests=len(outputs),
         prompt_tokens=sum(len(o.prompt_token_ids) for o in outputs),
         output_tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
         peak_kv_cache_usage=peak[0],
-        num_preemptions=int(_metric(llm, "num_preemptions_total") - preemptions_before),
+        num_preemptions=delta["num_preemptions_total"],
+        prefix_cache_queries=delta["prefix_cache_queries_total"],
+        prefix_cache_hits=delta["prefix_cache_hits_total"],
+        ttfts_s=tuple(ttft for ttft in map(_ttft_s, outputs) if ttft is not None),
     )
 
 
+_COUNTERS = ("num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total")
+
+
+def counter_values(llm) -> dict[str, float]:
+    """The engine counters a run reports as deltas: preemptions, prefix-cache queries and hits (tokens)."""
+    return {name: _metric(llm, name) for name in _COUNTERS}
+
+
+def _ttft_s(output) -> float | None:
+    metrics = output.metrics
+    if metrics is None or metrics.first_token_time is None or metrics.arrival_time is None:
+        return None
+    return metrics.first_token_time - metrics.arrival_time
+
+
 def warm_up(llm, workload: Workload, num_requests: int = 2, num_tokens: int = 8) -> float:
-    """A short untimed generate (the first prompts' first 16 tokens): loads kernels and allocator pools."""
-    first = workload.requests[0].prompt_token_ids[:16]
-    tiny = Workload("warmup", [BenchRequest(first, num_tokens)] * num_requests, workload.temperature, True)
+    """A short untimed generate of 16-token prompts: loads kernels and allocator pools. Its prompts start with a
+    token no workload prompt starts with, so the blocks it leaves in the prefix cache can never be hit later."""
+    tiny = Workload("warmup", [BenchRequest(warmup_prompt(workload), num_tokens)] * num_requests,
+                    workload.temperature, True)
     return run_workload(llm, tiny).elapsed_s
+
+
+def warmup_prompt(workload: Workload, length: int = 16) -> list[int]:
+    """The first prompt's first ``length`` ids with its first id replaced by one that starts no workload prompt
+    (block hashes chain from the first block, so no workload block can then match a warm-up block)."""
+    first_ids = {r.prompt_token_ids[0] for r in workload.requests if r.prompt_token_ids}
+    first = workload.requests[0].prompt_token_ids[:length]
+    unused = next((t for t in range(max_token_id(workload) + 1) if t not in first_ids), first[0])  # else: all taken
+    return [unused, *first[1:]]
 
 
 @contextlib.contextmanager

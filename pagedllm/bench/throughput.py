@@ -7,6 +7,8 @@ import argparse
 import time
 from typing import Any
 
+import numpy as np
+
 from pagedllm.bench.common import (
     check_vocab,
     comparison_table,
@@ -16,7 +18,7 @@ from pagedllm.bench.common import (
     workload_from_args,
 )
 from pagedllm.bench.device import device_name, measure_bandwidth
-from pagedllm.bench.engine_runner import build_llm, engine_kwargs, run_workload, warm_up
+from pagedllm.bench.engine_runner import EngineRun, build_llm, engine_kwargs, run_workload, warm_up
 from pagedllm.bench.models import model_label, resolve_model
 from pagedllm.bench.record import base_record, throughput_figures, write_record
 from pagedllm.bench.roofline import roofline
@@ -50,6 +52,8 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     record.update({
         "peak_kv_cache_usage": result.peak_kv_cache_usage,
         "num_preemptions": result.num_preemptions,
+        **prefix_cache_figures(result),
+        "ttft": ttft_stats(result.ttfts_s),
         "load_s": load_s,
         "warmup_s": warmup_s,
         "bandwidth_bytes_per_s": bandwidth,
@@ -60,6 +64,27 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
                       for name, figures in baselines.items()},
     })
     return record
+
+
+def prefix_cache_figures(result: EngineRun) -> dict[str, Any]:
+    """What prefix caching saved: the hit rate over looked-up prompt tokens, and the prompt tokens the engine had to
+    compute (prompt tokens - hits; recomputation after a preemption is not counted)."""
+    return {
+        "prefix_cache_queries": result.prefix_cache_queries,
+        "prefix_cache_hits": result.prefix_cache_hits,
+        "prefix_cache_hit_rate": result.prefix_cache_hit_rate,
+        "prompt_tokens_computed": result.prompt_tokens - result.prefix_cache_hits,
+    }
+
+
+def ttft_stats(ttfts_s: tuple[float, ...]) -> dict[str, float | None]:
+    """Mean, p50 and p99 time to first token (first token time - arrival time) in seconds. Offline, every request
+    arrives when ``generate`` starts, so a request's TTFT is mostly the time it queued behind earlier prefills."""
+    if not ttfts_s:
+        return {"mean_s": None, "p50_s": None, "p99_s": None}
+    values = np.asarray(ttfts_s)
+    return {"mean_s": float(values.mean()), "p50_s": float(np.percentile(values, 50)),
+            "p99_s": float(np.percentile(values, 99))}
 
 
 def _config(args: argparse.Namespace, dtype: str, device: str) -> dict[str, Any]:
@@ -75,6 +100,16 @@ def print_summary(record: dict[str, Any]) -> None:
     print(f"roofline: {record['roofline']['output_tokens_per_s']:,.0f} output tok/s at "
           f"{record['bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s; peak KV cache usage "
           f"{100 * record['peak_kv_cache_usage']:.1f}%, {record['num_preemptions']} preemptions")
+    ttft = record["ttft"]
+    print(f"prefix cache: hit rate {100 * record['prefix_cache_hit_rate']:.1f}% "
+          f"({'on' if record['config']['enable_prefix_caching'] else 'off'}), prompt tokens computed "
+          f"{record['prompt_tokens_computed']:,} of {record['prompt_tokens']:,}; TTFT mean "
+          f"{_ms(ttft['mean_s'])} p50 {_ms(ttft['p50_s'])} p99 {_ms(ttft['p99_s'])} ms (offline: all requests "
+          "arrive at once, so TTFT is mostly queueing)")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:,.1f}"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@
 - ``random``: N prompts of fixed input length and fixed output length, random ids, seeded.
 - ``sharegpt-like``: input and output lengths drawn from fixed log-normal distributions (see ``SHAREGPT_LIKE``),
   seeded; a stand-in for the ShareGPT conversations of vLLM's serving benchmarks without the download.
+- ``shared-prefix``: N prompts that all start with one fixed "system prompt" of ``prefix_len`` random ids, each
+  followed by its own ``input_len`` random ids; fixed output length; seeded. What prefix caching is for.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-WORKLOAD_NAMES = ("nano", "random", "sharegpt-like")
+WORKLOAD_NAMES = ("nano", "random", "sharegpt-like", "shared-prefix")
 DEFAULT_TOKEN_ID_BOUND = 10000  # random token ids are drawn from [0, bound], as in nano-vllm (capped by the vocab)
 
 # Log-normal fits of ShareGPT request lengths: the means match the ShareGPT statistics of the vLLM paper (161 input,
@@ -113,6 +115,22 @@ def sharegpt_like_workload(num_prompts: int, seed: int = 0, token_id_bound: int 
     return Workload("sharegpt-like", requests, temperature=temperature, ignore_eos=True, params=params)
 
 
+def shared_prefix_workload(num_prompts: int, prefix_len: int, input_len: int, output_len: int, seed: int = 0,
+                           token_id_bound: int = DEFAULT_TOKEN_ID_BOUND, temperature: float = 0.6) -> Workload:
+    """``num_prompts`` prompts of one shared prefix of ``prefix_len`` random ids (drawn first) followed by a distinct
+    suffix of ``input_len`` random ids each; ``output_len`` tokens each. Ids in [0, token_id_bound]."""
+    _check_positive(num_prompts=num_prompts, prefix_len=prefix_len, input_len=input_len, output_len=output_len)
+    rng = random.Random(seed)
+    prefix = [rng.randint(0, token_id_bound) for _ in range(prefix_len)]
+    requests = [
+        BenchRequest(prefix + [rng.randint(0, token_id_bound) for _ in range(input_len)], output_len)
+        for _ in range(num_prompts)
+    ]
+    params = {"num_prompts": num_prompts, "prefix_len": prefix_len, "input_len": input_len, "output_len": output_len,
+              "seed": seed, "token_id_bound": token_id_bound}
+    return Workload("shared-prefix", requests, temperature=temperature, ignore_eos=True, params=params)
+
+
 def _lognormal_length(rng: random.Random, fit: dict[str, float]) -> int:
     length = round(rng.lognormvariate(fit["mu"], fit["sigma"]))
     return int(min(max(length, fit["min_len"]), fit["max_len"]))
@@ -125,8 +143,9 @@ def _check_positive(**values: int) -> None:
 
 
 def make_workload(name: str, num_prompts: int | None = None, input_len: int = 512, output_len: int = 128,
-                  seed: int = 0, token_id_bound: int = DEFAULT_TOKEN_ID_BOUND) -> Workload:
-    """Build a named workload; ``num_prompts`` None means 200 (nano is fixed: 256 prompts, seed 0)."""
+                  seed: int = 0, token_id_bound: int = DEFAULT_TOKEN_ID_BOUND, prefix_len: int = 256) -> Workload:
+    """Build a named workload; ``num_prompts`` None means 200 (nano is fixed: 256 prompts, seed 0). ``prefix_len``
+    is the shared prefix of ``shared-prefix`` (whose prompts have ``prefix_len + input_len`` tokens)."""
     if name == "nano":  # fixed by definition: take a prefix with Workload.prefix (--limit) to run less of it
         if num_prompts is not None:
             raise ValueError("The nano workload has a fixed size (256 prompts); use --limit N to run its first N")
@@ -135,6 +154,8 @@ def make_workload(name: str, num_prompts: int | None = None, input_len: int = 51
         return random_workload(num_prompts or 200, input_len, output_len, seed, token_id_bound)
     if name == "sharegpt-like":
         return sharegpt_like_workload(num_prompts or 200, seed, token_id_bound)
+    if name == "shared-prefix":
+        return shared_prefix_workload(num_prompts or 200, prefix_len, input_len, output_len, seed, token_id_bound)
     raise ValueError(f"Unknown workload {name!r}; choose one of {', '.join(WORKLOAD_NAMES)}")
 
 
