@@ -170,8 +170,11 @@ class ModelRunner:
                 continue
             source_ids = torch.tensor([src for src, _ in pairs], device=sources[0].device)
             target_ids = torch.tensor([dst for _, dst in pairs], device=targets[0].device)
+            # Host-to-device may run asynchronously (ordered on the stream); device-to-host must land before the
+            # host reads it, so it copies synchronously: swap-outs are rare, a sync then is cheap.
+            non_blocking = targets[0].device.type == "cuda"
             for source, target in zip(sources, targets):
-                target[:, target_ids] = source[:, source_ids].to(target.device, non_blocking=True)
+                target[:, target_ids] = source[:, source_ids].to(target.device, non_blocking=non_blocking)
 
     # ---- one step ------------------------------------------------------------------------------------------
 

@@ -48,3 +48,21 @@ def test_stories260k_reference_text_on_cuda(stories_dir):
     llm = LLM(stories_dir, device="cuda", dtype="float32", gpu_memory_utilization=0.3)
     text = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=60), use_tqdm=False)[0]
     assert text.outputs[0].text.startswith(", there was a little girl named Lily. She loved to play outside in the park.")
+
+
+def test_swap_and_parallel_sampling_on_cuda(tiny_model):
+    """Swap-out/in through pinned host memory and copy-on-write block copies on the device keep outputs exact."""
+    prompts = [{"prompt_token_ids": [3 + i, 40, 41, 42, 43, 44, 45] * (1 + i % 3)} for i in range(12)]
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    common = dict(device="cuda", dtype="float32", block_size=4, max_model_len=96, max_num_seqs=16,
+                  enable_prefix_caching=False)
+    roomy = LLM(tiny_model("llama"), num_gpu_blocks_override=400, **common)
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, greedy, use_tqdm=False)]
+    swapping = LLM(tiny_model("llama"), num_gpu_blocks_override=40, preemption_mode="swap", swap_space=0.01, **common)
+    assert [o.outputs[0].token_ids for o in swapping.generate(prompts, greedy, use_tqdm=False)] == expected
+    assert next(m.value for m in swapping.get_metrics() if m.name == "pagedllm:num_swap_preemptions_total") > 0
+    sampled = SamplingParams(n=3, temperature=0.9, seed=5, max_tokens=10, ignore_eos=True)
+    together = [c.token_ids for c in roomy.generate(prompts[5], sampled, use_tqdm=False)[0].outputs]
+    singles = [roomy.generate(prompts[5], SamplingParams(temperature=0.9, seed=5 + i, max_tokens=10, ignore_eos=True),
+                              use_tqdm=False)[0].outputs[0].token_ids for i in range(3)]
+    assert together == singles
