@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pagedllm.bench.hf_baseline import BASELINES
 from pagedllm.bench.models import reference_model_names
 from pagedllm.bench.workloads import WORKLOAD_NAMES
+from pagedllm.entrypoints.engine_args import add_engine_args
 
 _COMPARE_CHOICES = ("hf", *BASELINES)
 
@@ -116,7 +117,7 @@ def _add_memory(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--beam-width", type=int, default=4,
                         help="beam width, and independent requests per prompt in its baseline (default: 4)")
     parser.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default: 1.0)")
-    _add_engine_args(parser, prefix_caching_flag=False)
+    _add_engine_args(parser)  # bench memory sets prefix caching per run itself
     _add_output_json(parser)
     parser.set_defaults(func=_runner("memory"))
 
@@ -200,31 +201,10 @@ def _add_workload_args(parser: argparse.ArgumentParser, default: str) -> None:
                        help="seed of random and sharegpt-like workloads, of arrivals and of the engine (default: 0)")
 
 
-def _add_engine_args(parser: argparse.ArgumentParser, prefix_caching_flag: bool = True) -> None:
-    group = parser.add_argument_group("engine (LLM arguments)")
-    if not any(action.dest == "seed" for action in parser._actions):
-        group.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the engine (default: 0)")
-    group.add_argument("--dtype", default="auto",
-                       help="auto (the checkpoint's dtype on GPU, float32 on CPU), float32, bfloat16 or float16")
-    group.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    group.add_argument("--load-format", default="dummy",
-                       help="dummy (random weights from config.json), auto or safetensors (default: dummy)")
-    group.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
-    group.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step (default: 256)")
-    group.add_argument("--max-num-batched-tokens", type=int, default=None,
-                       help="token budget of one step (default: the engine's)")
-    group.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
-    group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
-                       help="split long prompts across steps (default: on)")
-    if prefix_caching_flag:  # bench memory sets it per run itself
-        group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
-                           help="reuse KV blocks of shared prompt prefixes (default: off)")
-    group.add_argument("--kv-cache-memory-bytes", type=int, default=None,
-                       help="KV cache budget in bytes (default: the engine's; on GPU from --gpu-memory-utilization)")
-    group.add_argument("--num-gpu-blocks-override", type=int, default=None, help="exact number of KV blocks")
-    group.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                       help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
-    group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the engine has none yet)")
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags of ``pagedllm serve``, but random weights by default: nothing to download."""
+    add_engine_args(parser)
+    parser.set_defaults(load_format="dummy")
 
 
 def _add_compare(parser: argparse.ArgumentParser) -> None:

@@ -10,13 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedllm.bench.workloads import BenchRequest, Workload, max_token_id
-
-# ``bench`` flags that become ``LLM(...)`` arguments, by the attribute argparse gives them.
-ENGINE_ARG_NAMES = (
-    "dtype", "device", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-    "enable_chunked_prefill", "enable_prefix_caching", "kv_cache_memory_bytes", "num_gpu_blocks_override",
-    "gpu_memory_utilization", "load_format", "enforce_eager",
-)
+from pagedllm.entrypoints.engine_args import engine_kwargs_from_cli
 
 
 @dataclass(frozen=True)
@@ -39,7 +33,8 @@ class EngineRun:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in ENGINE_ARG_NAMES if hasattr(args, name)}
+    """``LLM`` keyword arguments from the engine flags (the same flags as ``pagedllm serve``)."""
+    return {**engine_kwargs_from_cli(args), "enforce_eager": args.enforce_eager}
 
 
 def build_llm(model_dir: str, args: argparse.Namespace):

@@ -45,8 +45,10 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     warmup_s = warm_up(llm, workload)
     result = run_workload(llm, workload, use_tqdm=not args.disable_tqdm)
 
+    config = {**_config(args, model_config.dtype, device),
+              "enable_prefix_caching": llm.llm_engine.config.cache_config.enable_prefix_caching}  # as resolved
     record = base_record("throughput", "pagedllm", model_label(args.model), workload.summary(), device_name(device),
-                         _config(args, model_config.dtype, device))
+                         config)
     record.update(throughput_figures(result.num_requests, result.prompt_tokens, result.output_tokens,
                                      result.elapsed_s))
     record.update({

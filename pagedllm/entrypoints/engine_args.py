@@ -31,8 +31,9 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
                        help="auto (the checkpoint's dtype on GPU, float32 on CPU), float32, bfloat16 or float16")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto = cuda when available, else cpu (default: auto)")
-    group.add_argument("--seed", type=int, default=0,
-                       help="seeds dummy weights and the sampling of requests that carry no seed (default: 0)")
+    if not any(action.dest == "seed" for action in parser._actions):  # a caller may have its own --seed
+        group.add_argument("--seed", type=int, default=0,
+                           help="seeds dummy weights and the sampling of requests that carry no seed (default: 0)")
     group.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                        help="auto (GGUF for a .gguf model, else safetensors), safetensors, gguf, or dummy (random "
                             "weights from config.json, for benchmarks) (default: auto)")
