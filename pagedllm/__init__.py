@@ -6,11 +6,19 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams",
+           "StructuredOutputsParams", "__version__"]
 
 if TYPE_CHECKING:
     from pagedllm.entrypoints.llm import LLM
-    from pagedllm.params import BeamSearchParams, CompletionOutput, Logprob, RequestOutput, SamplingParams
+    from pagedllm.params import (
+        BeamSearchParams,
+        CompletionOutput,
+        Logprob,
+        RequestOutput,
+        SamplingParams,
+        StructuredOutputsParams,
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -19,7 +27,8 @@ def __getattr__(name: str) -> Any:
         from pagedllm.entrypoints.llm import LLM
 
         return LLM
-    if name in ("SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob"):
+    if name in ("SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob",
+                "StructuredOutputsParams"):
         from pagedllm import params
 
         return getattr(params, name)

@@ -44,6 +44,64 @@ class SamplingType(enum.IntEnum):
     RANDOM_SEED = 2
 
 
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's ``StructuredOutputsParams``): set exactly one of the fields.
+
+    ``json``: a JSON schema (dict or JSON string); ``regex``: a regular expression the whole output matches;
+    ``choice``: a list of strings, the output is exactly one of them; ``grammar``: an EBNF (GBNF) grammar with
+    a ``root`` rule; ``json_object=True``: any JSON object. Only the shape is checked here; whether the spec
+    compiles is checked when the request is added (a ValueError then too).
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                f"got {given or 'none'}."
+            )
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (dict or str), got {type(self.json).__name__}.")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}.")
+        if self.choice is not None:
+            if isinstance(self.choice, tuple):
+                self.choice = list(self.choice)
+            if not isinstance(self.choice, list) or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError(f"structured_outputs.choice must be a list of strings, got {self.choice!r}.")
+            if not self.choice:
+                raise ValueError("structured_outputs.choice must not be empty.")
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}.")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: one of ``STRUCTURED_OUTPUT_KINDS``."""
+        return next(name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False))
+
+    @property
+    def spec_key(self) -> str:
+        """A canonical string of the spec: with ``kind``, the key of the compiled-grammar cache."""
+        import json as json_module
+
+        value = getattr(self, self.kind)
+        if isinstance(value, str) and self.kind != "choice":
+            return value
+        return json_module.dumps(value, sort_keys=True)
+
+
 @dataclass
 class SamplingParams:
     """Sampling parameters for text generation, compatible with vLLM's ``SamplingParams``.
@@ -77,6 +135,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -109,6 +168,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}.")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(
+                f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}."
+            )
 
     def _normalize(self) -> None:
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):

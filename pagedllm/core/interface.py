@@ -23,6 +23,8 @@ class NewRequestData:
     sampling_seed: int  # seeds this request's sampling: randomness depends on (seed, output index) only
     block_ids: list[int]
     num_computed_tokens: int
+    # The request's grammar state (engine-side object, shared in-process), or None when unconstrained.
+    structured_output: object | None = None
 
 
 @dataclass(slots=True)

@@ -62,6 +62,7 @@ class Request:
         "sampling_seed",
         "status",
         "stop_reason",
+        "structured_output",
     )
 
     def __init__(
@@ -75,6 +76,7 @@ class Request:
         arrival_time: float | None = None,
         priority: int = 0,
         fork_source: str | None = None,
+        structured_output: object | None = None,
     ) -> None:
         self.request_id = request_id
         # Another sequence of the same prompt (parallel sampling): this one starts from its KV blocks, shared.
@@ -93,6 +95,9 @@ class Request:
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
+        # The request's grammar (an opaque engine-side object: ``is_ready()``, ``error``, ``is_terminated()``),
+        # or None for an unconstrained request.
+        self.structured_output = structured_output
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -89,6 +89,7 @@ class Scheduler:
         self._swap_out: list[tuple[int, int]] = []  # this step's swap-outs, handed to the runner
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found cached
+        self._pending_outputs: list[EngineCoreOutput] = []
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
@@ -196,6 +197,14 @@ class Scheduler:
             if self._waits_for_fork_source(request):
                 index += 1  # a later sequence of a prompt whose first sequence is still computing it
                 continue
+            grammar = request.structured_output
+            if grammar is not None and not grammar.is_ready():
+                index += 1  # its grammar is still compiling: let the others pass
+                continue
+            if grammar is not None and grammar.error is not None:
+                self.waiting.pop(index)
+                self._finish_unscheduled(request, RequestStatus.FINISHED_ABORTED, grammar.error)
+                continue
             num_new = self._admit(request, budget.tokens_left, output)
             if num_new is None:
                 break
@@ -268,6 +277,7 @@ class Scheduler:
             sampling_seed=request.sampling_seed,
             block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
             num_computed_tokens=request.num_computed_tokens,
+            structured_output=request.structured_output,
         )
 
     def _swap_in(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:
@@ -310,7 +320,7 @@ class Scheduler:
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         """Advance computed tokens, append sampled tokens, finish requests that hit a stop condition."""
-        outputs = []
+        outputs = self.take_pending_outputs()
         for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
             if request is None or request.status != RequestStatus.RUNNING:
@@ -343,6 +353,9 @@ class Scheduler:
     def _check_stop(self, request: Request) -> None:
         params = request.sampling_params
         last_token = request.output_token_ids[-1]
+        if request.structured_output is not None and request.structured_output.is_terminated():
+            request.status = RequestStatus.FINISHED_STOPPED  # the grammar is complete
+            return
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and last_token in request.eos_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
@@ -353,6 +366,19 @@ class Scheduler:
                 return
         if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH
+
+    def _finish_unscheduled(self, request: Request, status: RequestStatus, reason: str) -> None:
+        """Finish a waiting request that will never run; its output goes out with the next step's outputs."""
+        request.stop_reason = reason
+        self._finish(request, status)
+        self._pending_outputs.append(
+            EngineCoreOutput(request.request_id, [], finish_reason=status.finish_reason, stop_reason=reason)
+        )
+
+    def take_pending_outputs(self) -> list[EngineCoreOutput]:
+        """Outputs of requests finished while scheduling (e.g. a grammar that failed to compile)."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status

@@ -64,7 +64,7 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.has_work:
-            return []
+            return self.scheduler.take_pending_outputs()
         runner_output = self.model_runner.execute_model(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 

@@ -65,6 +65,21 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = _eos_token_ids(config.model_config, tokenizer)
         self._seed_rng = random.Random(config.seed)
+        self._structured_output_manager = None  # made on the first constrained request
+
+    def _structured_outputs(self, params: SamplingParams) -> list:
+        """One grammar object per sequence (ValueError on a bad spec), or Nones for an unconstrained request."""
+        if params.structured_outputs is None:
+            return [None] * params.n
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs needs a tokenizer; this engine was built with skip_tokenizer_init=True")
+        if self._structured_output_manager is None:
+            from pagedllm.structured_output import StructuredOutputManager
+
+            self._structured_output_manager = StructuredOutputManager(
+                self.tokenizer, self.model_config.vocab_size, list(self.eos_token_ids)
+            )
+        return self._structured_output_manager.new_requests(params.structured_outputs, params.n)
 
     def process(
         self,
@@ -82,6 +97,7 @@ class InputProcessor:
         self._validate(prompt_token_ids, params)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
+        grammars = self._structured_outputs(params)
         requests = [
             Request(
                 request_id=_child_id(request_id, index, params.n),
@@ -94,6 +110,7 @@ class InputProcessor:
                 priority=priority,
                 # Later sequences start from the first one's prompt blocks, shared with copy-on-write.
                 fork_source=_child_id(request_id, 0, params.n) if index > 0 else None,
+                structured_output=grammars[index],
             )
             for index in range(params.n)
         ]

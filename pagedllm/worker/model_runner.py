@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,14 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, NewRequestData, SchedulerOutput, TopLogprobs
 from pagedllm.model.loader import get_model, torch_dtype
 from pagedllm.params import SamplingParams
-from pagedllm.worker.sampler import LogprobsTensors, Sampler, SamplingMetadata, SamplingRow, compute_logprobs
+from pagedllm.worker.sampler import (
+    GrammarMask,
+    LogprobsTensors,
+    Sampler,
+    SamplingMetadata,
+    SamplingRow,
+    compute_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ class CachedRequestState:
     sampling_seed: int
     block_ids: list[int]
     num_computed_tokens: int
+    structured_output: Any = None  # the grammar (engine-side object), advanced here with each sampled token
 
     @classmethod
     def from_new(cls, data: NewRequestData) -> CachedRequestState:
@@ -44,6 +53,7 @@ class CachedRequestState:
             data.sampling_seed,
             list(data.block_ids),
             data.num_computed_tokens,
+            data.structured_output,
         )
 
 
@@ -268,14 +278,31 @@ class ModelRunner:
             for s in states
         ]
         metadata = SamplingMetadata.build(rows, self.model_config.vocab_size, self.device, self.model_config.eos_token_ids)
+        metadata.grammar_mask = self._grammar_mask(states)
         sampler_output = self.sampler(logits, metadata)
         sampled = sampler_output.sampled_token_ids.tolist()  # the step's one device->host sync
         output = ModelRunnerOutput(dict(zip(inputs.sample_req_ids, sampled)))
         for state, token_id in zip(states, sampled):
             state.token_ids.append(token_id)
+            if state.structured_output is not None:
+                state.structured_output.accept_token(token_id)
         if sampler_output.logprobs is not None:
             output.logprobs = _per_request_logprobs(inputs.sample_req_ids, states, sampler_output.logprobs)
         return output
+
+    def _grammar_mask(self, states: list[CachedRequestState]) -> GrammarMask | None:
+        """The token bitmasks of the rows under a grammar, filled on the host; None (no cost) when there is none."""
+        rows = [row for row, state in enumerate(states) if state.structured_output is not None]
+        if not rows:
+            return None
+        width = -(-self.model_config.vocab_size // 32)
+        bitmask = torch.full((len(rows), width), -1, dtype=torch.int32)
+        for index, row in enumerate(rows):
+            states[row].structured_output.fill_bitmask(bitmask, index)
+        return GrammarMask(
+            torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True),
+            bitmask.to(self.device, non_blocking=True),
+        )
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: _StepInputs) -> dict[str, list[TopLogprobs]]:
         result = {}

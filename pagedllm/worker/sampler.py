@@ -79,6 +79,13 @@ class SparseTokens(NamedTuple):
     values: torch.Tensor | None = None  # [K] float32
 
 
+class GrammarMask(NamedTuple):
+    """Token bitmasks of the constrained rows: bit ``t % 32`` of word ``t // 32`` of a row set = token t allowed."""
+
+    rows: torch.Tensor  # [K] int64, rows of the batch under a grammar
+    bitmask: torch.Tensor  # [K, ceil(V / 32)] int32
+
+
 @dataclass
 class PenaltyMetadata:
     """Penalty parameters per row, with the token occurrences they need (``None`` when no row uses that one)."""
@@ -112,6 +119,7 @@ class SamplingMetadata:
     banned: SparseTokens | None  # min_tokens bans
     random_seeds: list[tuple[int, int]]  # (row, generator seed) of every random row
     max_num_logprobs: int | None  # N of LogprobsTensors (-1 resolved to vocab_size); None = no row asked
+    grammar_mask: GrammarMask | None = None  # allowed tokens of the rows under a grammar; None = no such row
 
     @property
     def no_penalties(self) -> bool:
@@ -132,7 +140,13 @@ class SamplingMetadata:
     @property
     def modifies_logits(self) -> bool:
         """Whether sampling writes into the logits (so a float32 input must be copied first)."""
-        return not (self.all_greedy and self.penalties is None and self.logit_bias is None and self.banned is None)
+        return not (
+            self.all_greedy
+            and self.penalties is None
+            and self.logit_bias is None
+            and self.banned is None
+            and self.grammar_mask is None
+        )
 
     @classmethod
     def build(
@@ -407,7 +421,7 @@ def _float32_for_writing(logits: torch.Tensor, will_write: bool) -> torch.Tensor
 
 
 def apply_logits_processing(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """logit_bias, then min_tokens bans, then penalties (in place on ``logits``)."""
+    """logit_bias, then min_tokens bans, then penalties, then the grammar mask (in place on ``logits``)."""
     if metadata.logit_bias is not None:
         bias = metadata.logit_bias
         logits.index_put_((bias.rows, bias.tokens), bias.values, accumulate=True)
@@ -415,7 +429,19 @@ def apply_logits_processing(logits: torch.Tensor, metadata: SamplingMetadata) ->
         logits[metadata.banned.rows, metadata.banned.tokens] = -math.inf
     if metadata.penalties is not None:
         logits = apply_penalties(logits, metadata.penalties)
+    if metadata.grammar_mask is not None:
+        logits = apply_grammar_mask(logits, metadata.grammar_mask)
     return logits
+
+
+def apply_grammar_mask(logits: torch.Tensor, mask: GrammarMask) -> torch.Tensor:
+    """Set the logits of tokens a row's grammar forbids to -inf (only the constrained rows are touched)."""
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((mask.bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
+    rows = logits.index_select(0, mask.rows)
+    rows.masked_fill_(~allowed, -math.inf)
+    return logits.index_copy_(0, mask.rows, rows)
 
 
 def apply_penalties(logits: torch.Tensor, penalties: PenaltyMetadata) -> torch.Tensor:

@@ -1,0 +1,51 @@
+"""The grammar-engine interface: what the structured-output manager needs from a backend (xgrammar, llguidance...).
+
+A backend turns a (kind, spec) pair into a compiled grammar in two phases: ``parse`` (fast, no vocabulary: catches
+bad specs at add time) and ``compile`` (against the tokenizer's vocabulary: the slow part, run off the engine
+loop). A ``GrammarMatcher`` then follows one sequence: it fills that sequence's row of the token bitmask and
+advances with each accepted token.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+def bitmask_width(vocab_size: int) -> int:
+    """int32 words per bitmask row: bit ``i % 32`` of word ``i // 32`` set = token ``i`` allowed."""
+    return -(-vocab_size // 32)
+
+
+class GrammarMatcher(ABC):
+    """The state of one sequence inside a compiled grammar."""
+
+    @abstractmethod
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into ``bitmask[row]`` (int32 CPU tensor, ``bitmask_width`` words)."""
+
+    @abstractmethod
+    def accept_token(self, token_id: int) -> bool:
+        """Advance by one token; False if the grammar rejects it (the matcher is then left unchanged)."""
+
+    @abstractmethod
+    def is_terminated(self) -> bool:
+        """Whether the grammar is complete (it accepted a stop token, or nothing can follow)."""
+
+
+class StructuredOutputBackend(ABC):
+    """Compiles grammar specs against one tokenizer's vocabulary and makes matchers."""
+
+    @abstractmethod
+    def parse(self, kind: str, spec: Any) -> Any:
+        """Check a spec and turn it into the backend's grammar object; ValueError on a bad spec."""
+
+    @abstractmethod
+    def compile(self, grammar: Any) -> Any:
+        """Compile a parsed grammar against the vocabulary (thread-safe: called from worker threads)."""
+
+    @abstractmethod
+    def new_matcher(self, compiled: Any) -> GrammarMatcher:
+        """A fresh matcher at the start of a compiled grammar."""

@@ -1,0 +1,133 @@
+"""Structured outputs for the engine: compile grammars off the engine loop, one matcher per sequence.
+
+``StructuredOutputManager.new_request`` parses the spec right away (bad specs raise ValueError at add time, with
+a bounded wait) and starts compiling it against the vocabulary in a worker thread; compiled grammars are cached by
+(kind, spec). Each sequence gets a ``StructuredOutputRequest``: the scheduler holds a waiting request back while
+``is_ready()`` is False, the model runner fills its bitmask row before sampling and advances it with each sampled
+token, and the scheduler finishes the request ("stop") when ``is_terminated()``. The matcher lives on this object,
+not in the runner, so it survives preemption: the tokens it has accepted are exactly the request's outputs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from pagedllm.params import StructuredOutputsParams
+from pagedllm.structured_output.backend import GrammarMatcher, StructuredOutputBackend
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMPILE_TIMEOUT_S = 30.0
+
+
+class StructuredOutputRequest:
+    """One sequence's grammar: pending until compiled, then a matcher (made on first use)."""
+
+    __slots__ = ("_backend", "_deadline", "_future", "_matcher", "error")
+
+    def __init__(self, backend: StructuredOutputBackend, future: concurrent.futures.Future, deadline: float) -> None:
+        self._backend = backend
+        self._future = future
+        self._deadline = deadline
+        self._matcher: GrammarMatcher | None = None
+        self.error: str | None = None  # set when compiling failed or timed out: the request cannot run
+
+    def is_ready(self) -> bool:
+        """True once the grammar compiled, or failed (see ``error``): the scheduler may stop waiting."""
+        if self._matcher is not None or self.error is not None:
+            return True
+        if self._future.done():
+            exc = self._future.exception()
+            if exc is not None:
+                self.error = str(exc)
+            return True
+        if time.monotonic() > self._deadline:
+            self.error = "structured_outputs grammar compilation timed out"
+            return True
+        return False
+
+    @property
+    def matcher(self) -> GrammarMatcher:
+        if self._matcher is None:
+            self._matcher = self._backend.new_matcher(self._future.result())
+        return self._matcher
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_bitmask(bitmask, row)
+
+    def accept_token(self, token_id: int) -> bool:
+        return self.matcher.accept_token(token_id)
+
+    def is_terminated(self) -> bool:
+        return self._matcher is not None and self._matcher.is_terminated()
+
+
+class StructuredOutputManager:
+    """Owns the backend (made lazily: building the vocabulary tables costs time), the compile threads and the cache."""
+
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        stop_token_ids: list[int],
+        backend: str = "xgrammar",
+        num_threads: int = 2,
+        compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S,
+    ) -> None:
+        if backend != "xgrammar":
+            raise ValueError(f"structured output backend must be 'xgrammar', got {backend!r}")
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._stop_token_ids = list(stop_token_ids)
+        self._num_threads = num_threads
+        self.compile_timeout_s = compile_timeout_s
+        self._backend: StructuredOutputBackend | None = None
+        self._backend_lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="pagedllm-grammar")
+        self._cache: dict[tuple[str, str], concurrent.futures.Future] = {}
+
+    @property
+    def backend(self) -> StructuredOutputBackend:
+        with self._backend_lock:
+            if self._backend is None:
+                from pagedllm.structured_output.xgrammar_backend import XgrammarBackend
+
+                self._backend = XgrammarBackend(
+                    self._tokenizer, self._vocab_size, self._stop_token_ids, max_threads=self._num_threads
+                )
+            return self._backend
+
+    def new_requests(self, params: StructuredOutputsParams, num_sequences: int) -> list[StructuredOutputRequest]:
+        """One grammar object per sequence, sharing one compilation; ValueError on a bad spec or a slow parse."""
+        key = (params.kind, params.spec_key)
+        future = self._cache.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            grammar = self._parse(params)
+            future = self._pool.submit(self._compile, grammar)
+            self._cache[key] = future
+        deadline = time.monotonic() + self.compile_timeout_s
+        return [StructuredOutputRequest(self.backend, future, deadline) for _ in range(num_sequences)]
+
+    def _parse(self, params: StructuredOutputsParams) -> Any:
+        future = self._pool.submit(lambda: self.backend.parse(params.kind, getattr(params, params.kind)))
+        try:
+            return future.result(timeout=self.compile_timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise ValueError(
+                f"structured_outputs.{params.kind} took longer than {self.compile_timeout_s:g} s to parse"
+            ) from None
+
+    def _compile(self, grammar: Any) -> Any:
+        start = time.perf_counter()
+        compiled = self.backend.compile(grammar)
+        logger.debug("grammar compiled in %.3f s", time.perf_counter() - start)
+        return compiled
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

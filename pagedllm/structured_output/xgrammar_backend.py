@@ -1,0 +1,77 @@
+"""The xgrammar backend: JSON schema, any JSON, regex, choice and EBNF grammars, compiled with xgrammar."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from pagedllm.structured_output.backend import GrammarMatcher, StructuredOutputBackend
+
+# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " (and "Check failed: ... is false: ").
+_CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*(Check failed: \(.*?\) is false:\s*)?")
+
+
+def clean_error(exc: BaseException) -> str:
+    return _CPP_PREFIX.sub("", str(exc)).strip()
+
+
+class XgrammarMatcher(GrammarMatcher):
+    """One sequence's position in an xgrammar compiled grammar."""
+
+    __slots__ = ("_matcher", "_rejected")
+
+    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+        self._matcher = xgr.GrammarMatcher(compiled)
+        self._rejected = False
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept_token(self, token_id: int) -> bool:
+        accepted = self._matcher.accept_token(token_id)
+        self._rejected |= not accepted
+        return accepted
+
+    def is_terminated(self) -> bool:
+        # A rejected token (possible only when another rule, e.g. a min_tokens ban, removed every allowed
+        # token) ends the sequence too: no continuation can satisfy the grammar any more.
+        return self._rejected or self._matcher.is_terminated()
+
+
+class XgrammarBackend(StructuredOutputBackend):
+    """Grammars over a Hugging Face tokenizer's vocabulary, padded to the model's ``vocab_size``."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], max_threads: int = 2) -> None:
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=max_threads)
+
+    def parse(self, kind: str, spec: Any) -> xgr.Grammar:
+        try:
+            if kind == "json":
+                schema = spec if isinstance(spec, str) else json.dumps(spec)
+                return xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+            if kind == "json_object":
+                return xgr.Grammar.builtin_json_grammar()
+            if kind == "regex":
+                return xgr.Grammar.from_regex(spec)
+            if kind == "choice":
+                # JSON string escaping is also valid EBNF string-literal escaping.
+                return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in spec))
+            if kind == "grammar":
+                return xgr.Grammar.from_ebnf(spec)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"structured_outputs.{kind} is invalid: {clean_error(exc)}") from None
+        raise ValueError(f"structured_outputs kind {kind!r} is not supported by the xgrammar backend")
+
+    def compile(self, grammar: xgr.Grammar) -> xgr.CompiledGrammar:
+        try:
+            return self._compiler.compile_grammar(grammar)
+        except RuntimeError as exc:
+            raise ValueError(f"structured_outputs grammar does not compile: {clean_error(exc)}") from None
+
+    def new_matcher(self, compiled: xgr.CompiledGrammar) -> GrammarMatcher:
+        return XgrammarMatcher(compiled)
