@@ -21,6 +21,8 @@ from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
+_IDLE_STEP_SLEEP_S = 0.001
+
 
 class EngineCore:
     """The scheduler and the model runner, stepping together."""
@@ -64,6 +66,10 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.has_work:
+            if self.scheduler.has_unfinished_requests():
+                # Everything left waits for a grammar to compile: let the compiling threads have the GIL
+                # rather than spin on empty steps.
+                time.sleep(_IDLE_STEP_SLEEP_S)
             return self.scheduler.take_pending_outputs()
         runner_output = self.model_runner.execute_model(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
