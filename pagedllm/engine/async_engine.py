@@ -91,6 +91,11 @@ class AsyncEngine:
         return self.config.model_config
 
     @property
+    def structured_output_manager(self):
+        """The grammar compiler and cache, to compile a request's constraint ahead (ValueError without a tokenizer)."""
+        return self.engine.input_processor.structured_output_manager
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """The ids that end a sequence (the model's and the tokenizer's eos)."""
         return self.engine.input_processor.eos_token_ids

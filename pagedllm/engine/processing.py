@@ -67,10 +67,9 @@ class InputProcessor:
         self._seed_rng = random.Random(config.seed)
         self._structured_output_manager = None  # made on the first constrained request
 
-    def _structured_outputs(self, params: SamplingParams) -> list:
-        """One grammar object per sequence (ValueError on a bad spec), or Nones for an unconstrained request."""
-        if params.structured_outputs is None:
-            return [None] * params.n
+    @property
+    def structured_output_manager(self):
+        """The grammar compiler and cache, made on first use; ValueError without a tokenizer."""
         if self.tokenizer is None:
             raise ValueError("structured_outputs needs a tokenizer; this engine was built with skip_tokenizer_init=True")
         if self._structured_output_manager is None:
@@ -79,7 +78,13 @@ class InputProcessor:
             self._structured_output_manager = StructuredOutputManager(
                 self.tokenizer, self.model_config.vocab_size, list(self.eos_token_ids)
             )
-        return self._structured_output_manager.new_requests(params.structured_outputs, params.n)
+        return self._structured_output_manager
+
+    def _structured_outputs(self, params: SamplingParams) -> list:
+        """One grammar object per sequence (ValueError on a bad spec), or Nones for an unconstrained request."""
+        if params.structured_outputs is None:
+            return [None] * params.n
+        return self.structured_output_manager.new_requests(params.structured_outputs, params.n)
 
     def process(
         self,

@@ -103,14 +103,20 @@ class StructuredOutputManager:
                 )
             return self._backend
 
-    def new_requests(self, params: StructuredOutputsParams, num_sequences: int) -> list[StructuredOutputRequest]:
-        """One grammar object per sequence, sharing one compilation; ValueError on a bad spec or a slow parse."""
+    def prepare(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
+        """Parse the spec (ValueError on a bad spec or a slow parse) and start compiling it, or find it in the
+        cache: the future of the compiled grammar (its exception is a ValueError when compiling fails)."""
         key = (params.kind, params.spec_key)
         future = self._cache.get(key)
         if future is None or (future.done() and future.exception() is not None):
             grammar = self._parse(params)
             future = self._pool.submit(self._compile, grammar)
             self._cache[key] = future
+        return future
+
+    def new_requests(self, params: StructuredOutputsParams, num_sequences: int) -> list[StructuredOutputRequest]:
+        """One grammar object per sequence, sharing one compilation; ValueError on a bad spec or a slow parse."""
+        future = self.prepare(params)
         deadline = time.monotonic() + self.compile_timeout_s
         return [StructuredOutputRequest(self.backend, future, deadline) for _ in range(num_sequences)]
 

@@ -49,7 +49,7 @@ def error_response(message: str, status: int, param: str | None = None, code: st
 def from_value_error(exc: ValueError, fields: Iterable[str], default_param: str | None) -> OpenAIError:
     """A 400 for a ValueError of SamplingParams or the engine: their messages start with the field's name."""
     message = str(exc)
-    first_word = message.split(" ", 1)[0]
+    first_word = message.split(" ", 1)[0].split(".", 1)[0].rstrip(":,")  # "structured_outputs.choice must..."
     param = first_word if first_word in set(fields) else default_param
     return OpenAIError(message, HTTPStatus.BAD_REQUEST, param=param)
 

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from pagedllm.params import RequestOutputKind, SamplingParams
+from pagedllm.params import STRUCTURED_OUTPUT_KINDS, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions "logprobs"
 MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limit for /v1/chat/completions "top_logprobs"
@@ -91,6 +91,24 @@ def make_usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
     )
 
 
+class JsonSchemaFormat(RequestModel):
+    """``response_format.json_schema``: OpenAI's ``{"name", "description", "schema", "strict"}``. The grammar always
+    enforces the schema, so ``strict`` changes nothing."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    """OpenAI's ``response_format``: ``{"type": "text"}``, ``{"type": "json_object"}`` or
+    ``{"type": "json_schema", "json_schema": {...}}``."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(RequestModel):
     """Sampling fields common to completions and chat: OpenAI's, then vLLM's extras."""
 
@@ -120,6 +138,45 @@ class SamplingFields(RequestModel):
     priority: int = 0  # lower is scheduled sooner, under --scheduling-policy priority
     use_beam_search: bool = False  # n is then the beam width; see serving_beam_search.py
     length_penalty: float = 1.0  # beam search: a hypothesis scores cumulative logprob / length ** length_penalty
+    # Constrained output: OpenAI's response_format, or vLLM's structured_outputs (exactly one of json, regex,
+    # choice, grammar, json_object); not both.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    @property
+    def structured_outputs_field(self) -> str | None:
+        """The request field that constrains the output, if any."""
+        if self.structured_outputs is not None:
+            return "structured_outputs"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return None
+
+    def build_structured_outputs(self) -> StructuredOutputsParams | None:
+        """The constraint of ``response_format`` or ``structured_outputs``; ValueError (starting with the field's
+        name) for a bad one. Only the shape is checked here: whether the spec compiles is checked by the engine."""
+        response_format = self.response_format
+        if self.structured_outputs is not None:
+            if response_format is not None and response_format.type != "text":
+                raise ValueError("structured_outputs cannot be combined with a response_format other than "
+                                 "'text': give one of them")
+            unknown = sorted(set(self.structured_outputs) - set(STRUCTURED_OUTPUT_KINDS))
+            if unknown:
+                raise ValueError(f"structured_outputs has unsupported fields {unknown}; it takes exactly one of "
+                                 f"{', '.join(STRUCTURED_OUTPUT_KINDS)}")
+            fields = {key: value for key, value in self.structured_outputs.items() if value is not None}
+            return StructuredOutputsParams(**fields)
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if response_format.type == "json_schema":
+            if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+                raise ValueError("response_format of type 'json_schema' needs json_schema.schema, a JSON schema "
+                                 "object")
+            return StructuredOutputsParams(json=response_format.json_schema.schema_)
+        raise ValueError(f"response_format type {response_format.type!r} is not supported; use 'text', "
+                         "'json_object' or 'json_schema'")
 
     def build_sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
@@ -146,6 +203,7 @@ class SamplingFields(RequestModel):
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            structured_outputs=self.build_structured_outputs(),
             # Streams want only what is new at each step; a full response wants one output at the end.
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         )
@@ -245,10 +303,6 @@ class ChatMessage(RequestModel):
         return message
 
 
-class ResponseFormat(RequestModel):
-    type: str
-
-
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
@@ -259,7 +313,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None  # not supported: rejected when non-empty
     tool_choice: str | dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None  # only {"type": "text"}
     # vLLM's chat extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -35,8 +35,10 @@ from pagedllm.entrypoints.openai.serving_common import (
     ServingContext,
     check_prompt_length,
     check_stream_options,
+    check_structured_outputs,
     json_response,
     merge_generations,
+    prepare_structured_outputs,
     random_id,
     resolve_max_tokens,
     run_unless_disconnected,
@@ -73,6 +75,7 @@ class OpenAIServingChat:
         model_name = self.ctx.models.check(request.model)
         _check_supported(request)
         check_stream_options(request)
+        check_structured_outputs(request)
         prompt = render_messages(self.ctx, request)
         num_prompt_tokens = len(prompt["prompt_token_ids"])
         check_prompt_length(num_prompt_tokens, self.ctx.max_model_len, "messages")
@@ -80,6 +83,7 @@ class OpenAIServingChat:
         if request.use_beam_search:
             return await self._beam_search(request, prompt, request_id, model_name, raw_request)
         params = self._sampling_params(request, num_prompt_tokens)
+        await prepare_structured_outputs(self.ctx, request, params)
         if request.stream:
             return StreamingResponse(self._stream(request, prompt, params, request_id, model_name),
                                      media_type="text/event-stream")
@@ -221,8 +225,5 @@ def _check_supported(request: ChatCompletionRequest) -> None:
         raise OpenAIError("tools (function calling) are not supported by this server", param="tools")
     if request.tool_choice not in (None, "none"):
         raise OpenAIError("tool_choice is not supported by this server", param="tool_choice")
-    if request.response_format is not None and request.response_format.type != "text":
-        raise OpenAIError(f"response_format {request.response_format.type!r} is not supported; only 'text'",
-                          param="response_format")
     if request.top_logprobs is not None and not request.logprobs:
         raise OpenAIError("top_logprobs needs logprobs set to true", param="top_logprobs")

@@ -130,6 +130,38 @@ def resolve_max_tokens(requested: int | None, is_explicit: bool, num_prompt_toke
     )
 
 
+def check_structured_outputs(request: SamplingFields) -> None:
+    """Output constraints are not applied by beam search: asking for both is a 400."""
+    param = request.structured_outputs_field
+    if param is not None and request.use_beam_search:
+        raise OpenAIError(f"{param} cannot be combined with use_beam_search", param=param)
+
+
+async def prepare_structured_outputs(ctx: ServingContext, request: SamplingFields, params: SamplingParams) -> None:
+    """Parse and compile the request's output constraint before anything runs, so that a spec the engine rejects
+    (invalid JSON schema or regex, a grammar that does not compile) is a 400 naming the field, for streams too.
+    The compiled grammar is cached: the engine request that follows finds it ready. Compiling runs in the
+    engine's grammar threads; this awaits it without blocking other requests."""
+    spec = params.structured_outputs
+    if spec is None:
+        return
+    param = request.structured_outputs_field or "structured_outputs"
+    try:
+        manager = ctx.engine.structured_output_manager
+        future = manager.prepare(spec)
+        # shield: a timeout here must not cancel the shared (cached) compilation
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), manager.compile_timeout_s)
+    except ValueError as exc:
+        message = str(exc)
+        if param == "response_format":  # name the field the client gave
+            message = message.replace("structured_outputs.json_object", "response_format json_object")
+            message = message.replace("structured_outputs.json", "response_format.json_schema.schema")
+        raise OpenAIError(message, param=param) from None
+    except asyncio.TimeoutError:
+        raise OpenAIError(f"{param}: the grammar took longer than {manager.compile_timeout_s:g} s to compile",
+                          param=param) from None
+
+
 # ---- running engine requests -------------------------------------------------------------------------------------
 
 

@@ -30,9 +30,11 @@ from pagedllm.entrypoints.openai.serving_common import (
     ServingContext,
     check_prompt_length,
     check_stream_options,
+    check_structured_outputs,
     check_token_ids,
     json_response,
     merge_generations,
+    prepare_structured_outputs,
     random_id,
     resolve_max_tokens,
     run_unless_disconnected,
@@ -68,11 +70,13 @@ class OpenAIServingCompletion:
         model_name = self.ctx.models.check(request.model)
         _check_supported(request)
         check_stream_options(request)
+        check_structured_outputs(request)
         prompts = self._prompts(request)
         request_id = random_id("cmpl")
         if request.use_beam_search:
             return await self._beam_search(request, prompts, request_id, model_name, raw_request)
         params = [self._sampling_params(request, prompt) for prompt in prompts]
+        await prepare_structured_outputs(self.ctx, request, params[0])  # one spec for every prompt
         if request.stream:
             return StreamingResponse(self._stream(request, prompts, params, request_id, model_name),
                                      media_type="text/event-stream")
