@@ -15,9 +15,11 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Render ``conversation`` with ``chat_template`` (default: the tokenizer's) into an engine prompt
-    ``{"prompt": text, "prompt_token_ids": ids}``."""
+    ``{"prompt": text, "prompt_token_ids": ids}``; ``tools`` (OpenAI function specs) go to the template as
+    ``tools``."""
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("The tokenizer has no chat template; pass chat_template=...")
     text = tokenizer.apply_chat_template(
@@ -26,6 +28,7 @@ def render_chat(
         tokenize=False,
         add_generation_prompt=add_generation_prompt and not continue_final_message,
         continue_final_message=continue_final_message,
+        **({"tools": tools} if tools else {}),
         **(chat_template_kwargs or {}),
     )
     # The template already wrote any BOS token: do not add special tokens twice.

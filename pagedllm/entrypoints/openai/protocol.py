@@ -9,6 +9,7 @@ limits of the OpenAI API itself (logprobs <= 5 for completions, top_logprobs <= 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal, get_args
 
@@ -286,9 +287,11 @@ class TextContentPart(RequestModel):
 class ChatMessage(RequestModel):
     """One message of a conversation: text content, as a string or a list of text parts."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
 
     def to_template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it: role and plain-string content ("developer" is OpenAI's new
@@ -300,7 +303,26 @@ class ChatMessage(RequestModel):
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls is not None:
+            message["tool_calls"] = [_template_tool_call(call) for call in self.tool_calls]
         return message
+
+
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An assistant's tool call for the chat template: arguments as an object (templates write them with
+    ``tojson``), as vLLM passes them."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    if not isinstance(arguments, dict):
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -311,8 +333,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None  # not supported: rejected when non-empty
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
+    tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or {"type": "function", ...}
     # vLLM's chat extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -337,9 +359,44 @@ class ChatCompletionLogProbs(OpenAIBaseModel):
     content: list[ChatCompletionLogProbsContent] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # a JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class _WithoutNone(OpenAIBaseModel):
+    """A stream delta: fields that are None are left out."""
+
+    @model_serializer(mode="wrap")
+    def _without_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaFunctionCall(_WithoutNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_WithoutNone):
+    """A piece of a streamed tool call: the first carries id, type and name (arguments ""), the next ones
+    fragments of the arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
 
 
 class ChatCompletionResponseChoice(OpenAIBaseModel):
@@ -365,6 +422,7 @@ class DeltaMessage(OpenAIBaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _without_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

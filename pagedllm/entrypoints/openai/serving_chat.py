@@ -16,13 +16,17 @@ from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_value_error
 from pagedllm.entrypoints.openai.logprobs import chat_logprobs, prompt_logprobs_json
 from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionLogProbs,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
     ChatCompletionStreamResponse,
     ChatResponseMessage,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    ToolCall,
     make_usage,
 )
 from pagedllm.entrypoints.openai.serving_beam_search import (
@@ -46,6 +50,7 @@ from pagedllm.entrypoints.openai.serving_common import (
     sse_error,
     stream_failure,
 )
+from pagedllm.entrypoints.openai.tool_calls import ParsedToolCall, ToolPlan, plan_tools
 from pagedllm.params import CompletionOutput, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -58,7 +63,8 @@ def render_messages(ctx: ServingContext, request: Any) -> dict[str, Any]:
     conversation = [message.to_template_dict() for message in request.messages]
     try:
         return render_chat(ctx.tokenizer, conversation, ctx.chat_template, request.add_generation_prompt,
-                           request.continue_final_message, request.chat_template_kwargs)
+                           request.continue_final_message, request.chat_template_kwargs,
+                           tools=getattr(request, "tools", None))
     except Exception as exc:  # noqa: BLE001 - the template rejected this conversation (jinja raise_exception, bad kwargs...)
         logger.info("Chat template failed on a request: %r", exc)
         raise OpenAIError(f"The messages could not be rendered with the chat template: {exc}",
@@ -76,6 +82,7 @@ class OpenAIServingChat:
         _check_supported(request)
         check_stream_options(request)
         check_structured_outputs(request)
+        tools = _plan_tools(request)
         prompt = render_messages(self.ctx, request)
         num_prompt_tokens = len(prompt["prompt_token_ids"])
         check_prompt_length(num_prompt_tokens, self.ctx.max_model_len, "messages")
@@ -83,16 +90,20 @@ class OpenAIServingChat:
         if request.use_beam_search:
             return await self._beam_search(request, prompt, request_id, model_name, raw_request)
         params = self._sampling_params(request, num_prompt_tokens)
-        await prepare_structured_outputs(self.ctx, request, params)
+        if tools.constrained:
+            params.structured_outputs = tools.structured_outputs()
+            await prepare_structured_outputs(self.ctx, request, params, param="tools")
+        else:
+            await prepare_structured_outputs(self.ctx, request, params)
         if request.stream:
-            return StreamingResponse(self._stream(request, prompt, params, request_id, model_name),
+            return StreamingResponse(self._stream(request, prompt, params, request_id, model_name, tools),
                                      media_type="text/event-stream")
         try:
             output = await run_unless_disconnected(raw_request, self._generate(prompt, params, request_id,
                                                                                request.priority))
         except ValueError as exc:
             raise from_value_error(exc, _FIELDS, default_param="messages") from None
-        return json_response(self._response(request, output, request_id, model_name))
+        return json_response(self._response(request, output, request_id, model_name, tools))
 
     def _max_tokens(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> tuple[int | None, str]:
         """The max_tokens to run with (None: the rest of the context) and the field that set it."""
@@ -121,17 +132,18 @@ class OpenAIServingChat:
         return final
 
     def _response(self, request: ChatCompletionRequest, output: RequestOutput, request_id: str,
-                  model_name: str) -> ChatCompletionResponse:
-        choices = [
-            ChatCompletionResponseChoice(
+                  model_name: str, tools: ToolPlan) -> ChatCompletionResponse:
+        choices = []
+        for completion in output.outputs:
+            content, calls = tools.parse(completion.text)
+            choices.append(ChatCompletionResponseChoice(
                 index=completion.index,
-                message=ChatResponseMessage(content=completion.text),
+                message=ChatResponseMessage(content=content,
+                                            tool_calls=[ToolCall(**call.to_openai()) for call in calls] or None),
                 logprobs=self._logprobs(request, completion),
-                finish_reason=completion.finish_reason,
+                finish_reason=_finish_reason(completion.finish_reason, calls),
                 stop_reason=completion.stop_reason,
-            )
-            for completion in output.outputs
-        ]
+            ))
         num_generated = sum(len(completion.token_ids) for completion in output.outputs)
         return ChatCompletionResponse(
             id=request_id, model=model_name, choices=choices,
@@ -172,9 +184,13 @@ class OpenAIServingChat:
     # ---- streams ---------------------------------------------------------------------------------------------
 
     async def _stream(self, request: ChatCompletionRequest, prompt: dict[str, Any], params: SamplingParams,
-                      request_id: str, model_name: str) -> AsyncIterator[str]:
+                      request_id: str, model_name: str, tools: ToolPlan) -> AsyncIterator[str]:
         """SSE chunks: the assistant role for every choice first, then content as it is generated. When the client
-        goes, Starlette cancels this generator, which closes the engine generator: the request is aborted."""
+        goes, Starlette cancels this generator, which closes the engine generator: the request is aborted.
+
+        With tools (other than "none") a choice's text is held back until it finishes, then sent as content and
+        tool-call deltas (a first delta with the call's id, type and name, then its arguments) before its
+        finish chunk; its logprobs come with the finish chunk."""
         created = int(time.time())
 
         def chunk(choices: list[ChatCompletionResponseStreamChoice], usage=None) -> str:
@@ -185,6 +201,8 @@ class OpenAIServingChat:
             yield chunk([ChatCompletionResponseStreamChoice(index=index, delta=DeltaMessage(role="assistant",
                                                                                             content=""))])
         num_generated = 0
+        held_text: dict[int, list[str]] = {}
+        held_logprobs: dict[int, list[Any]] = {}
         try:
             async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id,
                                                   request.priority)) as outputs:
@@ -192,9 +210,20 @@ class OpenAIServingChat:
                     choices = []
                     for completion in output.outputs:
                         num_generated += len(completion.token_ids)
-                        choice = self._stream_choice(request, completion)
-                        if choice is not None:
-                            choices.append(choice)
+                        if tools.mode == "none":
+                            choice = self._stream_choice(request, completion)
+                            if choice is not None:
+                                choices.append(choice)
+                            continue
+                        held_text.setdefault(completion.index, []).append(completion.text)
+                        logprobs = self._logprobs(request, completion)
+                        if logprobs is not None and logprobs.content:
+                            held_logprobs.setdefault(completion.index, []).extend(logprobs.content)
+                        if completion.finish_reason is not None:
+                            for tool_chunk in self._tool_stream_choices(
+                                    request, tools, completion, "".join(held_text.pop(completion.index)),
+                                    held_logprobs.pop(completion.index, None)):
+                                yield chunk([tool_chunk])
                     if choices:
                         yield chunk(choices)
         except ValueError as exc:
@@ -205,6 +234,30 @@ class OpenAIServingChat:
             if request.include_usage_in_stream:
                 yield chunk([], make_usage(len(prompt["prompt_token_ids"]), num_generated))
         yield SSE_DONE
+
+    def _tool_stream_choices(self, request: ChatCompletionRequest, tools: ToolPlan, completion: CompletionOutput,
+                             text: str, logprobs_content: list[Any] | None) -> list[ChatCompletionResponseStreamChoice]:
+        """The chunks of a finished choice whose text was held back: its content, each tool call (header, then
+        arguments), then the finish chunk."""
+        index = completion.index
+        content, calls = tools.parse(text)
+        choices = []
+        if content:
+            choices.append(ChatCompletionResponseStreamChoice(index=index, delta=DeltaMessage(content=content)))
+        for position, call in enumerate(calls):
+            choices.append(ChatCompletionResponseStreamChoice(index=index, delta=DeltaMessage(tool_calls=[
+                DeltaToolCall(index=position, id=call.id, type="function",
+                              function=DeltaFunctionCall(name=call.name, arguments=""))])))
+            for fragment in _fragments(call.arguments):
+                choices.append(ChatCompletionResponseStreamChoice(index=index, delta=DeltaMessage(tool_calls=[
+                    DeltaToolCall(index=position, function=DeltaFunctionCall(arguments=fragment))])))
+        logprobs = None
+        if request.logprobs:
+            logprobs = ChatCompletionLogProbs(content=logprobs_content or [])
+        choices.append(ChatCompletionResponseStreamChoice(
+            index=index, delta=DeltaMessage(), logprobs=logprobs,
+            finish_reason=_finish_reason(completion.finish_reason, calls), stop_reason=completion.stop_reason))
+        return choices
 
     def _stream_choice(self, request: ChatCompletionRequest,
                        completion: CompletionOutput) -> ChatCompletionResponseStreamChoice | None:
@@ -220,10 +273,31 @@ class OpenAIServingChat:
         )
 
 
+def _plan_tools(request: ChatCompletionRequest) -> ToolPlan:
+    """Check tools and tool_choice; a forced call ("required", a named function) is a grammar, so it cannot be
+    combined with another output constraint or with beam search."""
+    plan = plan_tools(request.tools, request.tool_choice)
+    if plan.constrained:
+        other = request.structured_outputs_field
+        if other is not None:
+            raise OpenAIError(f"tool_choice {request.tool_choice!r} cannot be combined with {other}",
+                              param="tool_choice")
+        if request.use_beam_search:
+            raise OpenAIError("tool_choice 'required' or a named function cannot be combined with use_beam_search",
+                              param="tool_choice")
+    return plan
+
+
+def _finish_reason(finish_reason: str | None, calls: list[ParsedToolCall]) -> str | None:
+    """"tool_calls" when the model made calls and stopped by itself (not cut by max_tokens or aborted)."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
+
+def _fragments(text: str, size: int = 16) -> list[str]:
+    """Arguments streamed in pieces, as OpenAI sends them."""
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+
 def _check_supported(request: ChatCompletionRequest) -> None:
-    if request.tools:
-        raise OpenAIError("tools (function calling) are not supported by this server", param="tools")
-    if request.tool_choice not in (None, "none"):
-        raise OpenAIError("tool_choice is not supported by this server", param="tool_choice")
     if request.top_logprobs is not None and not request.logprobs:
         raise OpenAIError("top_logprobs needs logprobs set to true", param="top_logprobs")

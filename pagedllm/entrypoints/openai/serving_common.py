@@ -137,7 +137,8 @@ def check_structured_outputs(request: SamplingFields) -> None:
         raise OpenAIError(f"{param} cannot be combined with use_beam_search", param=param)
 
 
-async def prepare_structured_outputs(ctx: ServingContext, request: SamplingFields, params: SamplingParams) -> None:
+async def prepare_structured_outputs(ctx: ServingContext, request: SamplingFields, params: SamplingParams,
+                                     param: str | None = None) -> None:
     """Parse and compile the request's output constraint before anything runs, so that a spec the engine rejects
     (invalid JSON schema or regex, a grammar that does not compile) is a 400 naming the field, for streams too.
     The compiled grammar is cached: the engine request that follows finds it ready. Compiling runs in the
@@ -145,7 +146,7 @@ async def prepare_structured_outputs(ctx: ServingContext, request: SamplingField
     spec = params.structured_outputs
     if spec is None:
         return
-    param = request.structured_outputs_field or "structured_outputs"
+    param = param or request.structured_outputs_field or "structured_outputs"
     try:
         manager = ctx.engine.structured_output_manager
         future = manager.prepare(spec)
