@@ -45,6 +45,24 @@ class SamplingType(enum.IntEnum):
 
 
 STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+MAX_STRUCTURED_OUTPUT_CHARS = 100_000  # a spec longer than this is refused before compiling
+MAX_SCHEMA_DEPTH = 32  # levels of nested objects/arrays in a JSON schema
+
+
+def _nesting_depth(value: Any) -> int:
+    """Levels of dict/list nesting (iterative: a hostile document cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 @dataclass
@@ -85,6 +103,23 @@ class StructuredOutputsParams:
                 raise ValueError("structured_outputs.choice must not be empty.")
         if self.json_object is not None and not isinstance(self.json_object, bool):
             raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}.")
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """Bound what a grammar compiler is asked to chew on: a spec too large or a schema too deep is refused."""
+        import json as json_module
+
+        if len(self.spec_key) > MAX_STRUCTURED_OUTPUT_CHARS:
+            raise ValueError(f"structured_outputs.{self.kind} is too large: {len(self.spec_key)} characters, "
+                             f"at most {MAX_STRUCTURED_OUTPUT_CHARS}.")
+        if self.json is None:
+            return
+        try:
+            schema = json_module.loads(self.json) if isinstance(self.json, str) else self.json
+        except ValueError:
+            return  # not JSON: the compiler reports it with its own message
+        if _nesting_depth(schema) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"structured_outputs.json is nested too deeply: at most {MAX_SCHEMA_DEPTH} levels.")
 
     @property
     def kind(self) -> str:

@@ -137,6 +137,17 @@ def test_bad_specs_raise_value_error_at_add_time(llm: LLM, structured: dict, mes
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+def _nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_a_deep_but_allowed_schema_is_accepted():
+    StructuredOutputsParams(json=_nested_schema(10))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -145,6 +156,9 @@ def test_bad_specs_raise_value_error_at_add_time(llm: LLM, structured: dict, mes
         (dict(choice=[]), "choice must not be empty"),
         (dict(choice=[1, 2]), "choice must be a list of strings"),
         (dict(regex=""), "regex must be a non-empty string"),
+        (dict(regex="a" * 100_001), "regex is too large"),
+        (dict(json=_nested_schema(40)), "nested too deeply"),
+        (dict(json=json.dumps(_nested_schema(40))), "nested too deeply"),
     ],
 )
 def test_params_validation(kwargs: dict, message: str):
