@@ -166,3 +166,8 @@ class PagedRunner:
         hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device),
                             self.kv_caches, metadata)
         return self.model.compute_logits(hidden)
+
+
+def metric(llm, name: str) -> float:
+    """The value of ``pagedllm:<name>`` in ``llm.get_metrics()``."""
+    return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)

@@ -249,7 +249,7 @@ class Scheduler:
 
     def _fork_source(self, request: Request) -> Request | None:
         """The running sequence this fresh one can start from, if it has computed the prompt but its last token."""
-        if request.fork_source is None or request.num_computed_tokens or request.output_token_ids:
+        if not _is_fresh_fork(request):
             return None
         source = self.requests.get(request.fork_source)
         if source is None or source.status != RequestStatus.RUNNING:
@@ -259,7 +259,7 @@ class Scheduler:
     def _waits_for_fork_source(self, request: Request) -> bool:
         """Hold a fresh sequence while its source is queued or still computing the prompt: forking later shares
         the prompt's blocks instead of computing them again."""
-        if request.fork_source is None or request.num_computed_tokens or request.output_token_ids:
+        if not _is_fresh_fork(request):
             return False
         source = self.requests.get(request.fork_source)
         if source is None or source.status in (RequestStatus.PREEMPTED, RequestStatus.SWAPPED):
@@ -398,6 +398,11 @@ class Scheduler:
 @dataclass(slots=True)
 class _Budget:
     tokens_left: int
+
+
+def _is_fresh_fork(request: Request) -> bool:
+    """A later sequence of a prompt that has computed nothing yet: it may still start from its source's blocks."""
+    return request.fork_source is not None and not request.num_computed_tokens and not request.output_token_ids
 
 
 def _arrival(request: Request) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from tests.utils import load_hf_model
+from tests.utils import load_hf_model, metric
 
 PROMPT = {"prompt_token_ids": [5, 17, 42, 99, 7, 3, 250, 11, 64]}
 
@@ -18,9 +18,6 @@ PROMPT = {"prompt_token_ids": [5, 17, 42, 99, 7, 3, 250, 11, 64]}
 def llm(tiny_model) -> LLM:
     return LLM(tiny_model("llama"), device="cpu", block_size=4, num_gpu_blocks_override=128, max_model_len=128)
 
-
-def metric(llm: LLM, name: str) -> float:
-    return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
 
 
 def assert_engine_idle(llm: LLM) -> None:

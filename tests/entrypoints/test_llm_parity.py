@@ -9,15 +9,12 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from tests.entrypoints.conftest import hf_greedy
-from tests.utils import TINY_MODEL_VARIANTS, load_hf_model
+from tests.utils import TINY_MODEL_VARIANTS, load_hf_model, metric
 
 
 def greedy(max_tokens: int, logprobs: int | None = None) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
 
-
-def metric(llm: LLM, name: str) -> float:
-    return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
 
 
 def assert_matches_hf(output, hf_tokens: list[int], hf_logprobs: list[float] | None = None) -> None:

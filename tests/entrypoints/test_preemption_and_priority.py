@@ -5,13 +5,11 @@ from __future__ import annotations
 import random
 
 from pagedllm import LLM, SamplingParams
+from tests.utils import metric
 
 KWARGS = dict(device="cpu", block_size=4, max_model_len=96, max_num_seqs=16, max_num_batched_tokens=48,
               enable_prefix_caching=False)
 
-
-def metric(llm: LLM, name: str) -> float:
-    return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
 
 
 def test_swap_recompute_and_no_preemption_agree(tiny_model):

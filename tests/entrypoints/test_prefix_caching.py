@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from pagedllm import LLM, SamplingParams
+from tests.utils import metric
 
 KWARGS = dict(device="cpu", block_size=4, num_gpu_blocks_override=96, max_model_len=128, max_num_batched_tokens=32,
               max_num_seqs=8)
 
-
-def metric(llm: LLM, name: str) -> float:
-    return next(m.value for m in llm.get_metrics() if m.name == "pagedllm:" + name)
 
 
 def test_prefix_hits_give_the_same_outputs_as_misses(tiny_model):
