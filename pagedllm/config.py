@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pagedllm.model.gguf import find_gguf_file, gguf_to_hf_config  # torch-free at import, like this module
-from pagedllm.platform import resolve_device, resolve_dtype
+from pagedllm.platform import resolve_attention_backend, resolve_device, resolve_dtype
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -243,6 +243,7 @@ class EngineConfig:
     seed: int
     skip_tokenizer_init: bool
     attention_backend: str
+    enforce_eager: bool = False  # no CUDA graphs: every step runs eagerly
 
 
 @dataclass
@@ -269,6 +270,7 @@ class EngineArgs:
     load_format: str = "auto"
     skip_tokenizer_init: bool = False
     revision: str | None = None
+    enforce_eager: bool = False
 
     def create_engine_config(self) -> EngineConfig:
         if self.load_format not in LOAD_FORMATS:
@@ -299,7 +301,10 @@ class EngineArgs:
             load_format=self.load_format,
             seed=self.seed,
             skip_tokenizer_init=self.skip_tokenizer_init,
-            attention_backend=os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "torch"),
+            enforce_eager=self.enforce_eager,
+            attention_backend=resolve_attention_backend(
+                os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "auto"), device, model_config.head_dim, self.block_size
+            ),
         )
 
     def _swap_space_gib(self, device: str) -> float:
@@ -347,3 +352,9 @@ def resolve_model_dir(model: str, revision: str | None = None, weights: bool = T
 def server_api_key_from_env() -> str | None:
     """The API key the OpenAI server requires when ``--api-key`` is not given (``PAGEDLLM_API_KEY``); None = none."""
     return os.environ.get("PAGEDLLM_API_KEY") or None
+
+
+def triton_ops_disabled_by_env() -> bool:
+    """``PAGEDLLM_DISABLE_TRITON_OPS=1`` keeps the model's elementwise ops in plain torch on CUDA (to rule the
+    fused kernels out when debugging numerics); read once, by ``platform.triton_ops_enabled``."""
+    return os.environ.get("PAGEDLLM_DISABLE_TRITON_OPS", "0") not in ("", "0")

@@ -15,6 +15,27 @@ def cuda_is_available() -> bool:
     return torch.cuda.is_available()
 
 
+@functools.cache
+def triton_is_usable() -> bool:
+    """Whether Triton kernels can run here: a CUDA device and an importable Triton."""
+    if not cuda_is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def triton_ops_enabled() -> bool:
+    """Whether the model's fused elementwise kernels (``model/triton_ops.py``) replace the torch ops on CUDA:
+    Triton is usable and ``PAGEDLLM_DISABLE_TRITON_OPS=1`` is not set. Decided once per process."""
+    from pagedllm.config import triton_ops_disabled_by_env  # lazy: config imports this module
+
+    return triton_is_usable() and not triton_ops_disabled_by_env()
+
+
 def resolve_device(device: str) -> str:
     """Map ``"auto"`` to ``"cuda"`` when a GPU is present, else ``"cpu"``; validate explicit choices."""
     if device == "auto":
@@ -39,3 +60,23 @@ def resolve_dtype(dtype: str, config_dtype: str | None, device: str) -> str:
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be one of auto, float32, float16, bfloat16, got {dtype!r}")
     return dtype
+
+
+def triton_supports(head_dim: int, block_size: int) -> bool:
+    """Whether the Triton attention kernels handle these shapes: head_dim up to 256 (padded to a power of two in
+    the tiles) and a power-of-two block size."""
+    return 0 < head_dim <= 256 and block_size > 0 and block_size & (block_size - 1) == 0
+
+
+def resolve_attention_backend(name: str, device: str, head_dim: int, block_size: int) -> str:
+    """``"auto"``: Triton on CUDA when the shapes allow it (and Triton imports), else the torch reference."""
+    if name != "auto":
+        if name == "triton" and not triton_supports(head_dim, block_size):
+            raise ValueError(
+                "The triton attention backend needs head_dim <= 256 and a power-of-two block_size; "
+                f"got head_dim={head_dim}, block_size={block_size}"
+            )
+        return name
+    usable = device == "cuda" and triton_is_usable() and triton_supports(head_dim, block_size)
+    return "triton" if usable else "torch"
+

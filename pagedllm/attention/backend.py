@@ -57,6 +57,7 @@ class AttentionBackend(Protocol):
 # name -> "module:Class"; modules are imported only when chosen, so CUDA-only code never loads on CPU.
 _BACKENDS = {
     "torch": "pagedllm.attention.torch_paged:TorchPagedAttention",
+    "triton": "pagedllm.attention.triton_paged:TritonPagedAttention",
 }
 
 

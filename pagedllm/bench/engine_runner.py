@@ -34,7 +34,7 @@ class EngineRun:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``LLM`` keyword arguments from the engine flags (the same flags as ``pagedllm serve``)."""
-    return {**engine_kwargs_from_cli(args), "enforce_eager": args.enforce_eager}
+    return engine_kwargs_from_cli(args)
 
 
 def build_llm(model_dir: str, args: argparse.Namespace):

@@ -26,20 +26,19 @@ class LLM:
         model: str,
         *,
         tensor_parallel_size: int = 1,
-        enforce_eager: bool = False,
         kv_cache_dtype: str = "auto",
         **engine_args: Any,
     ) -> None:
         """``model``: a model directory, a .gguf file or a hub id. Every other engine argument (dtype, device,
         seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, enable_chunked_prefill,
         enable_prefix_caching, kv_cache_memory_bytes, num_gpu_blocks_override, gpu_memory_utilization,
-        swap_space, preemption_mode, scheduling_policy, load_format, tokenizer, skip_tokenizer_init, revision)
+        swap_space, preemption_mode, scheduling_policy, load_format, tokenizer, skip_tokenizer_init, revision,
+        enforce_eager)
         is a field of ``pagedllm.config.EngineArgs``; an unknown one raises TypeError."""
         if tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if kv_cache_dtype != "auto":
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported yet; use 'auto'")
-        del enforce_eager  # no CUDA graphs yet: every step runs eagerly
         args = EngineArgs(model=model, **engine_args)
         self.llm_engine = LLMEngine(args.create_engine_config())
         self._request_counter = itertools.count()

@@ -7,6 +7,7 @@ scheduler's diff each step, so nothing per request is rebuilt from scratch.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, NewRequestData, SchedulerOutput, TopLogprobs
 from pagedllm.model.loader import get_model, torch_dtype
 from pagedllm.params import SamplingParams
+from pagedllm.worker.cuda_graphs import DecodeGraphs, capture_sizes, decode_metadata
 from pagedllm.worker.sampler import (
     GrammarMask,
     LogprobsTensors,
@@ -26,6 +28,7 @@ from pagedllm.worker.sampler import (
     SamplingRow,
     compute_logprobs,
 )
+from pagedllm.worker.step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     structured_output: Any = None  # the grammar (engine-side object), advanced here with each sampled token
+    block_table_version: int = 0  # bumped when block_ids are replaced (not extended): staged rows are then stale
 
     @classmethod
     def from_new(cls, data: NewRequestData) -> CachedRequestState:
@@ -59,14 +63,19 @@ class CachedRequestState:
 
 @dataclass(slots=True)
 class _StepInputs:
-    """One step's flat batch: model inputs plus where to read logits from."""
+    """One step's flat batch, staged in the step buffers, plus where to read logits from."""
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
+    num_tokens: int
+    num_reqs: int
+    query_lens: list[int]
+    seq_lens: list[int]
     sample_req_ids: list[str]  # requests whose tokens are all computed after this step: they sample
     sample_indices: list[int]  # flat index of each sampling request's last token
     prompt_logprob_spans: list[tuple[str, int, int, int]]  # (req_id, flat start, first prompt position, count)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_tokens == self.num_reqs
 
 
 class ModelRunner:
@@ -79,11 +88,22 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = torch_dtype(self.model_config.dtype)
         torch.manual_seed(config.seed)
+        start = time.perf_counter()
         self.model = get_model(self.model_config, config.load_format, config.device, config.attention_backend)
+        self.startup_seconds = {"load": time.perf_counter() - start}
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.cpu_kv_caches: list[torch.Tensor] = []  # the swap pool, same layout as kv_caches
+        sched = config.scheduler_config
+        self.max_blocks_per_req = -(-sched.max_model_len // self.block_size)
+        self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req,
+                                   self.device)
+        # Graphs replay fixed launch shapes: only the Triton backend's decode path is built for that.
+        self.use_cuda_graphs = (
+            self.device.type == "cuda" and not config.enforce_eager and config.attention_backend == "triton"
+        )
+        self.decode_graphs = DecodeGraphs()
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -125,16 +145,21 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_run(self) -> None:
         """One forward over max_num_batched_tokens tokens of a single sequence, to measure peak activations."""
-        num_tokens = min(self.config.scheduler_config.max_num_batched_tokens, self.config.scheduler_config.max_model_len)
+        start = time.perf_counter()
+        sched = self.config.scheduler_config
+        num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len)
         num_blocks = -(-num_tokens // self.block_size)
         kv_caches = self._allocate_kv_caches(num_blocks)
-        positions = np.arange(num_tokens, dtype=np.int64)
-        metadata = self._build_metadata([num_tokens], [num_tokens], positions, np.arange(num_blocks)[None, :])
-        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), kv_caches, metadata)
-        self.model.compute_logits(hidden[-self.config.scheduler_config.max_num_seqs :])
+        self.buffers.write_block_table_row(0, ("profile", 0), list(range(num_blocks)))
+        inputs = _StepInputs(num_tokens, 1, [num_tokens], [num_tokens], [], [], [])
+        self.buffers.input_ids.np[:num_tokens] = 0
+        self._stage_positions_and_slots(inputs)
+        input_ids, positions, metadata = self._upload(inputs, num_tokens, 1)
+        hidden = self.model(input_ids, positions, kv_caches, metadata)
+        self.model.compute_logits(hidden[-sched.max_num_seqs :])
         del kv_caches, hidden
         torch.cuda.synchronize(self.device)
+        self.startup_seconds["profile"] = time.perf_counter() - start
 
     @property
     def num_cpu_blocks(self) -> int:
@@ -147,13 +172,40 @@ class ModelRunner:
             # Pinned on CUDA so swaps are asynchronous DMA copies ordered on the compute stream.
             pin = self.device.type == "cuda"
             self.cpu_kv_caches = self._allocate_kv_caches(self.num_cpu_blocks, torch.device("cpu"), pin)
+        max_model_len = self.config.scheduler_config.max_model_len
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)",
+            "KV cache: %d blocks of %d tokens (%.1f GiB, %d tokens); max concurrency at max_model_len %d: %.1fx",
             num_blocks,
             self.block_size,
-            num_blocks * self.kv_block_bytes / 2**20,
+            num_blocks * self.kv_block_bytes / 2**30,
             num_blocks * self.block_size,
+            max_model_len,
+            num_blocks * self.block_size / max_model_len,
         )
+        if self.use_cuda_graphs:
+            self._capture_cuda_graphs()
+
+    @torch.inference_mode()
+    def _capture_cuda_graphs(self) -> None:
+        sched = self.config.scheduler_config
+        buffers = self.buffers
+        buffers.query_start_loc.np[0] = 0
+        buffers.fill_padding(0, 0, sched.max_num_seqs)  # every row padding: the captures write no KV slot
+        self._upload_decode(sched.max_num_seqs)
+
+        def forward(size: int) -> torch.Tensor:
+            metadata = decode_metadata(
+                buffers.slot_mapping.device[:size],
+                buffers.query_start_loc.device[: size + 1],
+                buffers.seq_lens.device[:size],
+                buffers.block_tables.device[:size],
+                sched.max_model_len,
+            )
+            return self.model(buffers.input_ids.device[:size], buffers.positions.device[:size], self.kv_caches,
+                              metadata)
+
+        sizes = capture_sizes(sched.max_num_seqs)
+        self.startup_seconds["cuda_graphs"] = self.decode_graphs.capture(sizes, forward, self.device)
 
     def _allocate_kv_caches(
         self, num_blocks: int, device: torch.device | None = None, pin_memory: bool = False
@@ -195,10 +247,20 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput({})
         inputs = self._prepare_inputs(scheduler_output)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        hidden = self._forward(inputs)
         output = self._sample(hidden, inputs)
         output.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         return output
+
+    def _forward(self, inputs: _StepInputs) -> torch.Tensor:
+        """Hidden states of the step's tokens: a graph replay for a decode step of a captured size, else eager."""
+        padded = self.decode_graphs.padded_size(inputs.num_reqs) if inputs.is_decode_only else None
+        if padded is None:
+            input_ids, positions, metadata = self._upload(inputs, inputs.num_tokens, inputs.num_reqs)
+            return self.model(input_ids, positions, self.kv_caches, metadata)
+        self.buffers.fill_padding(inputs.num_tokens, inputs.num_reqs, padded)
+        self._upload_decode(padded)
+        return self.decode_graphs.replay(padded)[: inputs.num_tokens]
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
@@ -209,22 +271,29 @@ class ModelRunner:
             state = self.requests[data.req_id]
             if data.block_ids_reset is not None:
                 state.block_ids = list(data.block_ids_reset)
+                state.block_table_version += 1
             else:
                 state.block_ids.extend(data.new_block_ids)
             state.num_computed_tokens = data.num_computed_tokens
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> _StepInputs:
-        query_lens, seq_lens, token_chunks, block_rows = [], [], [], []
+        """Stage the step's inputs in the host buffers (one pass over the batch, then numpy)."""
+        buffers = self.buffers
+        token_ids: list[int] = []
+        query_lens, seq_lens = [], []
         sample_req_ids, sample_indices, prompt_spans = [], [], []
-        flat_start = 0
-        for req_id, num_new in scheduler_output.num_scheduled_tokens.items():
+        for row, (req_id, num_new) in enumerate(scheduler_output.num_scheduled_tokens.items()):
             state = self.requests[req_id]
             start = state.num_computed_tokens
             end = start + num_new
-            token_chunks.append(state.token_ids[start:end])
+            flat_start = len(token_ids)
+            if num_new == 1:
+                token_ids.append(state.token_ids[start])
+            else:
+                token_ids.extend(state.token_ids[start:end])
             query_lens.append(num_new)
             seq_lens.append(end)
-            block_rows.append(state.block_ids)
+            buffers.write_block_table_row(row, (req_id, state.block_table_version), state.block_ids)
             if end == len(state.token_ids):
                 sample_req_ids.append(req_id)
                 sample_indices.append(flat_start + num_new - 1)
@@ -232,46 +301,61 @@ class ModelRunner:
                 num_prompt_positions = min(end, state.num_prompt_tokens - 1) - start
                 if num_prompt_positions > 0:
                     prompt_spans.append((req_id, flat_start, start, num_prompt_positions))
-            flat_start += num_new
             state.num_computed_tokens = end
 
-        positions = np.concatenate([np.arange(s - q, s) for q, s in zip(query_lens, seq_lens)])
-        block_table = np.zeros((len(block_rows), max(len(row) for row in block_rows)), dtype=np.int64)
-        for row_index, row in enumerate(block_rows):
-            block_table[row_index, : len(row)] = row
-        return _StepInputs(
-            input_ids=torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long, device=self.device),
-            positions=torch.from_numpy(positions).to(self.device),
-            metadata=self._build_metadata(query_lens, seq_lens, positions, block_table),
-            sample_req_ids=sample_req_ids,
-            sample_indices=sample_indices,
-            prompt_logprob_spans=prompt_spans,
+        inputs = _StepInputs(
+            len(token_ids), len(query_lens), query_lens, seq_lens, sample_req_ids, sample_indices, prompt_spans
         )
+        buffers.input_ids.np[: inputs.num_tokens] = token_ids
+        self._stage_positions_and_slots(inputs)
+        return inputs
 
-    def _build_metadata(
-        self, query_lens: list[int], seq_lens: list[int], positions: np.ndarray, block_table: np.ndarray
-    ) -> AttentionMetadata:
-        request_of_token = np.repeat(np.arange(len(query_lens)), query_lens)
-        slot_mapping = block_table[request_of_token, positions // self.block_size] * self.block_size + (
-            positions % self.block_size
+    def _stage_positions_and_slots(self, inputs: _StepInputs) -> None:
+        """Query starts, context lengths, each token's position and KV slot, from the staged block tables."""
+        buffers, num_tokens, num_reqs = self.buffers, inputs.num_tokens, inputs.num_reqs
+        query_lens = np.asarray(inputs.query_lens, dtype=np.int64)
+        seq_lens = np.asarray(inputs.seq_lens, dtype=np.int64)
+        query_start_loc = buffers.query_start_loc.np
+        query_start_loc[0] = 0
+        np.cumsum(query_lens, out=query_start_loc[1 : num_reqs + 1])
+        buffers.seq_lens.np[:num_reqs] = seq_lens
+        # Token t of request r sits at position (context before this step) + (t - first token of r).
+        request_of_token = np.repeat(np.arange(num_reqs), query_lens)
+        positions = buffers.positions.np[:num_tokens]
+        positions[:] = np.arange(num_tokens) - query_start_loc[request_of_token]
+        positions += (seq_lens - query_lens)[request_of_token]
+        block_ids = buffers.block_tables.np[request_of_token, positions // self.block_size]
+        buffers.slot_mapping.np[:num_tokens] = block_ids * self.block_size + positions % self.block_size
+
+    def _upload(
+        self, inputs: _StepInputs, num_tokens: int, num_reqs: int
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Copy the staged step to the device: (input_ids, positions, metadata) for an eager forward."""
+        buffers = self.buffers
+        metadata = AttentionMetadata(
+            slot_mapping=buffers.slot_mapping.upload(num_tokens),
+            query_start_loc=buffers.query_start_loc.upload(num_reqs + 1),
+            seq_lens=buffers.seq_lens.upload(num_reqs),
+            block_tables=buffers.block_tables.upload(num_reqs),
+            query_lens_cpu=inputs.query_lens,
+            seq_lens_cpu=inputs.seq_lens,
+            max_query_len=max(inputs.query_lens),
+            max_seq_len=max(inputs.seq_lens),
         )
-        query_start_loc = np.concatenate([[0], np.cumsum(query_lens)])
-        to_device = lambda array, dtype: torch.from_numpy(np.asarray(array, dtype=dtype)).to(self.device)
-        return AttentionMetadata(
-            slot_mapping=to_device(slot_mapping, np.int64),
-            query_start_loc=to_device(query_start_loc, np.int32),
-            seq_lens=to_device(seq_lens, np.int32),
-            block_tables=to_device(block_table, np.int32),
-            query_lens_cpu=list(query_lens),
-            seq_lens_cpu=list(seq_lens),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-        )
+        return buffers.input_ids.upload(num_tokens), buffers.positions.upload(num_tokens), metadata
+
+    def _upload_decode(self, padded_num_reqs: int) -> None:
+        """Copy a staged decode step of ``padded_num_reqs`` rows into the buffers a graph reads."""
+        buffers = self.buffers
+        for buffer in (buffers.input_ids, buffers.positions, buffers.slot_mapping, buffers.seq_lens,
+                       buffers.block_tables):
+            buffer.upload(padded_num_reqs)
+        buffers.query_start_loc.upload(padded_num_reqs + 1)
 
     def _sample(self, hidden: torch.Tensor, inputs: _StepInputs) -> ModelRunnerOutput:
         if not inputs.sample_req_ids:
             return ModelRunnerOutput({})
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        logits = self.model.compute_logits(self._sampled_hidden(hidden, inputs))
         states = [self.requests[req_id] for req_id in inputs.sample_req_ids]
         rows = [
             SamplingRow(s.sampling_params, s.token_ids[: s.num_prompt_tokens], s.token_ids[s.num_prompt_tokens :], s.sampling_seed)
@@ -289,6 +373,15 @@ class ModelRunner:
         if sampler_output.logprobs is not None:
             output.logprobs = _per_request_logprobs(inputs.sample_req_ids, states, sampler_output.logprobs)
         return output
+
+    def _sampled_hidden(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
+        """The hidden states of the sampling tokens; indices go through a staged buffer (a Python list index
+        would be a blocking copy from pageable memory)."""
+        num_samples = len(inputs.sample_indices)
+        if num_samples == inputs.num_tokens:  # every token samples (a decode step): no gather
+            return hidden[:num_samples]
+        self.buffers.sample_indices.np[:num_samples] = inputs.sample_indices
+        return hidden.index_select(0, self.buffers.sample_indices.upload(num_samples))
 
     def _grammar_mask(self, states: list[CachedRequestState]) -> GrammarMask | None:
         """The token bitmasks of the rows under a grammar, filled on the host; None (no cost) when there is none."""

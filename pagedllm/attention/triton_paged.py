@@ -1,0 +1,334 @@
+"""Triton paged attention for CUDA: KV store, prefill over the paged cache, and split-K paged decode.
+
+Three kernels, each one launch per layer for the whole step:
+
+- ``_store_kv_kernel`` writes every new token's K and V at its slot (``slot_mapping``; a negative slot is a
+  padding token, skipped, so CUDA-graph padding never touches the cache).
+- ``_prefill_kernel`` serves any step (prefills, prefill chunks over a cached prefix, decodes mixed in): one
+  program per (request, kv head, block of queries). The query heads that share a kv head are packed into the
+  rows of one tile (row = query token * GROUP_PAD + head in group), so GQA reads each K/V tile once per group.
+- ``_decode_kernel`` serves steps where every request decodes one token: one program per (request, kv head,
+  split), each split attending to a contiguous slice of the context (flash-decoding), so a small batch with long
+  contexts still fills the GPU; ``_reduce_splits_kernel`` then merges the splits by their log-sum-exp. The split
+  count depends only on the batch size (and an upper bound of the context), never on the contexts' actual
+  lengths, so a decode step can be captured in a CUDA graph and replayed with other lengths.
+
+Keys are read through the block table one token at a time (``block_table[pos // BLOCK_SIZE]``), so any
+power-of-two block size works with any tile size. Softmax runs in float32 in base 2 (``exp2`` with the scale
+folded into ``log2(e)``); the output is in the query's dtype. The pure-torch backend is the oracle these kernels
+are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedllm.attention.backend import AttentionMetadata
+
+_LOG2_E = 1.4426950408889634
+_PREFILL_BLOCK_M = 64  # query rows (tokens x heads of a group) per prefill program
+_BLOCK_N = 64  # keys per inner-loop tile
+_MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
+_MAX_SPLITS = 64
+
+
+class TritonPagedAttention:
+    """Paged attention on CUDA with Triton kernels (see the module docstring)."""
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        store_kv(key, value, kv_cache, metadata.slot_mapping)
+        output = torch.empty_like(query)
+        if metadata.max_query_len == 1:
+            paged_decode(query, kv_cache, metadata, scale, output)
+        else:
+            paged_prefill(query, kv_cache, metadata, scale, output)
+        return output
+
+
+def _flat_cache(kv_cache: torch.Tensor) -> torch.Tensor:
+    """[2, num_blocks, block_size, H, D] -> [2, num_blocks * block_size, H, D] (a view: slots index dim 1)."""
+    return kv_cache.view(2, -1, *kv_cache.shape[3:])
+
+
+def _padded_head_dim(head_dim: int) -> int:
+    """Tiles are powers of two of at least 16 columns (tl.dot's minimum); extra columns are masked out."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 models (parity tests) need exact float32 dots, not TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write each token's K/V [num_tokens, num_kv_heads, head_dim] into its slot; slot < 0 = padding, skipped."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    cache = _flat_cache(kv_cache)
+    _store_kv_kernel[(num_tokens, num_kv_heads)](
+        key, value, cache[0], cache[1], slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cache.stride(1), cache.stride(2),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim),
+    )
+
+
+@triton.jit
+def _store_kv_kernel(
+    key, value, key_cache, value_cache, slot_mapping,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cache_slot, stride_cache_head,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    slot = tl.load(slot_mapping + token).to(tl.int64)
+    if slot < 0:
+        return
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    k = tl.load(key + token.to(tl.int64) * stride_kt + head * stride_kh + offs_d, mask=d_mask)
+    v = tl.load(value + token.to(tl.int64) * stride_vt + head * stride_vh + offs_d, mask=d_mask)
+    target = slot * stride_cache_slot + head * stride_cache_head + offs_d
+    tl.store(key_cache + target, k.to(key_cache.dtype.element_ty), mask=d_mask)
+    tl.store(value_cache + target, v.to(value_cache.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, m_i, l_i,  # q [M, D] (pre-scaled by scale*log2 e); running output, max, sum per row
+    key_cache, value_cache, block_table_row, start, seq_len, query_pos,  # query_pos [M]: causal limit per row
+    kv_head, stride_cache_slot, stride_cache_head,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys [start, start + BLOCK_N) of a request, read through its block table."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    in_context = offs_n < seq_len
+    block = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=in_context, other=0).to(tl.int64)
+    slot = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
+    kv_offsets = slot[:, None] * stride_cache_slot + kv_head * stride_cache_head + offs_d[None, :]
+    kv_mask = in_context[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(key_cache + kv_offsets, mask=kv_mask, other=0.0)
+    v = tl.load(value_cache + kv_offsets, mask=kv_mask, other=0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N], base-2 logits
+    is_visible = in_context[None, :] & (offs_n[None, :] <= query_pos[:, None])
+    scores = tl.where(is_visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    # Rows that have seen no visible key yet keep m = -inf: subtract 0 instead so exp2 gives 0, not nan.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+# ---- prefill (any step) ---------------------------------------------------------------------------------------
+
+
+def paged_prefill(
+    query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, output: torch.Tensor
+) -> None:
+    """Causal attention of each request's queries over its cached prefix plus themselves."""
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_m = max(_PREFILL_BLOCK_M, group_pad)
+    queries_per_program = block_m // group_pad
+    cache = _flat_cache(kv_cache)
+    grid = (metadata.num_reqs, num_kv_heads, triton.cdiv(metadata.max_query_len, queries_per_program))
+    _prefill_kernel[grid](
+        query, output, cache[0], cache[1], metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
+        scale * _LOG2_E,
+        query.stride(0), query.stride(1), output.stride(0), output.stride(1),
+        cache.stride(1), cache.stride(2), metadata.block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=_padded_head_dim(head_dim), BLOCK_SIZE=kv_cache.shape[2], DOT_PRECISION=_dot_precision(query.dtype),
+    )
+
+
+@triton.jit
+def _prefill_kernel(
+    query, output, key_cache, value_cache, block_tables, query_start_loc, seq_lens, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cache_slot, stride_cache_head, stride_table,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_block = tl.program_id(2)
+    QUERIES: tl.constexpr = BLOCK_M // GROUP_PAD
+    q_start = tl.load(query_start_loc + req)
+    q_len = tl.load(query_start_loc + req + 1) - q_start
+    if q_block * QUERIES >= q_len:
+        return
+    seq_len = tl.load(seq_lens + req)
+    context_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_index = q_block * QUERIES + rows // GROUP_PAD  # query token within the request
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_valid = (q_index < q_len) & (rows % GROUP_PAD < GROUP)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_offsets = (q_start + q_index)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(query + q_offsets, mask=mask, other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(query.dtype.element_ty)
+    query_pos = context_len + q_index
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Keys past the block's last query are invisible to all its rows: stop there.
+    end = tl.minimum(seq_len, context_len + (q_block + 1) * QUERIES)
+    block_table_row = block_tables + req.to(tl.int64) * stride_table
+    for start in range(0, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, key_cache, value_cache, block_table_row, start, seq_len, query_pos,
+            kv_head, stride_cache_slot, stride_cache_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            DOT_PRECISION,
+        )
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_offsets = (q_start + q_index)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(output + o_offsets, out.to(output.dtype.element_ty), mask=mask)
+
+
+# ---- decode (every request has one query) ----------------------------------------------------------------------
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_decode_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Splits per (request, kv head) so that the decode launch has a few programs per SM: 1 for big batches,
+    many for a single long sequence; never more than the longest context has key tiles."""
+    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    wanted = triton.cdiv(4 * num_sms, num_reqs * num_kv_heads)
+    return max(1, min(wanted, _MAX_SPLITS, triton.cdiv(max_seq_len, _BLOCK_N)))
+
+
+def paged_decode(
+    query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, output: torch.Tensor
+) -> None:
+    """One query per request over its whole paged context, split along the context when the batch is small."""
+    num_reqs = metadata.num_reqs
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    block_m = max(_MIN_DOT_ROWS, triton.next_power_of_2(group))
+    num_splits = num_decode_splits(num_reqs, num_kv_heads, metadata.max_seq_len, query.device)
+    cache = _flat_cache(kv_cache)
+    if num_splits == 1:  # write the output directly
+        partial_out, partial_lse = output, output  # lse unused
+        stride_po = (output.stride(0), output.stride(1), 0)
+    else:
+        partial_out = torch.empty(num_reqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+        partial_lse = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        stride_po = partial_out.stride()[:3]
+    _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
+        query, partial_out, partial_lse, cache[0], cache[1], metadata.block_tables, metadata.seq_lens,
+        scale * _LOG2_E, num_splits,
+        query.stride(0), query.stride(1), *stride_po,
+        cache.stride(1), cache.stride(2), metadata.block_tables.stride(0),
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim),
+        BLOCK_SIZE=kv_cache.shape[2],
+        DOT_PRECISION=_dot_precision(query.dtype), IS_SPLIT=num_splits > 1,
+    )
+    if num_splits > 1:
+        _reduce_splits_kernel[(num_reqs, num_heads)](
+            partial_out, partial_lse, output, num_splits,
+            *partial_out.stride()[:3], output.stride(0), output.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim), SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
+
+
+@triton.jit
+def _decode_kernel(
+    query, partial_out, partial_lse, key_cache, value_cache, block_tables, seq_lens, qk_scale, num_splits,
+    stride_qt, stride_qh, stride_po_req, stride_po_head, stride_po_split,
+    stride_cache_slot, stride_cache_head, stride_table,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SPLIT: tl.constexpr,
+):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens + req)
+    # Tile-aligned slice of the context for this split; trailing splits of a short context are empty.
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)
+
+    rows = tl.arange(0, BLOCK_M)
+    head = kv_head * GROUP + rows
+    row_valid = rows < GROUP
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(query + req.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=mask, other=0.0)
+    q = (q.to(tl.float32) * qk_scale).to(query.dtype.element_ty)
+    query_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + seq_len - 1
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    block_table_row = block_tables + req.to(tl.int64) * stride_table
+    for tile_start in range(start, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, key_cache, value_cache, block_table_row, tile_start, seq_len, query_pos,
+            kv_head, stride_cache_slot, stride_cache_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
+            DOT_PRECISION,
+        )
+    # An empty split (or a padding request, seq_len 0) leaves l = 0: output 0, lse -inf (weight 0 in the merge).
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_offsets = (req.to(tl.int64) * stride_po_req + head[:, None] * stride_po_head + split * stride_po_split
+                 + offs_d[None, :])
+    tl.store(partial_out + o_offsets, out.to(partial_out.dtype.element_ty), mask=mask)
+    if IS_SPLIT:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        lse_offsets = (req.to(tl.int64) * num_splits * tl.num_programs(1) * GROUP + head * num_splits + split)
+        tl.store(partial_lse + lse_offsets, lse, mask=row_valid)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    partial_out, partial_lse, output, num_splits,
+    stride_po_req, stride_po_head, stride_po_split, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """Merge a (request, head)'s split outputs, each weighted by its share exp2(lse_s - lse) of the softmax."""
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    is_split = offs_s < num_splits
+    lse = tl.load(partial_lse + (req * num_heads + head) * num_splits + offs_s, mask=is_split, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no key at all (padding request): output 0
+    weights = tl.exp2(lse - lse_max)
+    total = tl.sum(weights, axis=0)
+    offsets = (req.to(tl.int64) * stride_po_req + head * stride_po_head + offs_s[:, None] * stride_po_split
+               + offs_d[None, :])
+    parts = tl.load(partial_out + offsets, mask=is_split[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(output + req.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(output.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)

@@ -1,0 +1,70 @@
+"""Preallocated buffers for a step's model inputs: filled on the host with numpy, copied once each to the device.
+
+Every input of a step (token ids, positions, KV slots, query starts, context lengths, block tables, the rows to
+sample) lives in a buffer allocated once at start-up at its maximum size: pinned host memory on CUDA, so each
+upload is one asynchronous copy of the used prefix, and a device twin at a fixed address, which is what a
+replayed CUDA graph reads. On CPU the host buffer is the device buffer and uploads are free.
+
+Host buffers are rewritten only after the previous step's one device->host sync, by which time the copies that
+read them have finished.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class StagedBuffer:
+    """A 1-D or 2-D host buffer (``.np``, a numpy view to fill) with a device twin (``.device``)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        is_cuda = device.type == "cuda"
+        self.host = torch.zeros(shape, dtype=dtype, pin_memory=is_cuda)
+        self.np = self.host.numpy()
+        self.device = torch.zeros(shape, dtype=dtype, device=device) if is_cuda else self.host
+
+    def upload(self, num_rows: int) -> torch.Tensor:
+        """Copy the first ``num_rows`` rows to the device (asynchronously) and return them there."""
+        if self.device is not self.host:
+            self.device[:num_rows].copy_(self.host[:num_rows], non_blocking=True)
+        return self.device[:num_rows]
+
+
+class StepBuffers:
+    """The staged inputs of one step, sized for the largest step the scheduler can make."""
+
+    def __init__(self, max_num_tokens: int, max_num_reqs: int, max_blocks_per_req: int, device: torch.device) -> None:
+        self.input_ids = StagedBuffer((max_num_tokens,), torch.int64, device)
+        self.positions = StagedBuffer((max_num_tokens,), torch.int64, device)
+        self.slot_mapping = StagedBuffer((max_num_tokens,), torch.int64, device)
+        self.query_start_loc = StagedBuffer((max_num_reqs + 1,), torch.int32, device)
+        self.seq_lens = StagedBuffer((max_num_reqs,), torch.int32, device)
+        self.block_tables = StagedBuffer((max_num_reqs, max_blocks_per_req), torch.int32, device)
+        self.sample_indices = StagedBuffer((max_num_reqs,), torch.int64, device)
+        # Which request's block ids each block-table row holds, and how many: a request that keeps its row from
+        # one step to the next only has its new blocks written (the scheduler's diff, not a rebuild).
+        self._row_owner: list[tuple[str, int] | None] = [None] * max_num_reqs
+        self._row_num_blocks = [0] * max_num_reqs
+
+    def write_block_table_row(self, row: int, owner: tuple[str, int], block_ids: list[int]) -> None:
+        """Make row ``row`` hold ``block_ids``; ``owner`` (request id, block-table version) tells whether the
+        row already holds a prefix of them."""
+        num_written = self._row_num_blocks[row] if self._row_owner[row] == owner else 0
+        if num_written < len(block_ids):
+            self.block_tables.np[row, num_written : len(block_ids)] = block_ids[num_written:]
+        self._row_owner[row] = owner
+        self._row_num_blocks[row] = len(block_ids)
+
+    def fill_padding(self, num_tokens: int, num_reqs: int, padded_num_reqs: int) -> None:
+        """Decode padding for a CUDA graph of ``padded_num_reqs`` rows: padding tokens write no KV slot, padding
+        requests have no context (their attention output is 0) and sample nothing that is read."""
+        padded_num_tokens = num_tokens + padded_num_reqs - num_reqs
+        self.input_ids.np[num_tokens:padded_num_tokens] = 0
+        self.positions.np[num_tokens:padded_num_tokens] = 0
+        self.slot_mapping.np[num_tokens:padded_num_tokens] = -1
+        self.seq_lens.np[num_reqs:padded_num_reqs] = 0
+        last_start = self.query_start_loc.np[num_reqs]
+        self.query_start_loc.np[num_reqs + 1 : padded_num_reqs + 1] = last_start + np.arange(
+            1, padded_num_reqs - num_reqs + 1
+        )
