@@ -66,3 +66,42 @@ def test_swap_and_parallel_sampling_on_cuda(tiny_model):
     singles = [roomy.generate(prompts[5], SamplingParams(temperature=0.9, seed=5 + i, max_tokens=10, ignore_eos=True),
                               use_tqdm=False)[0].outputs[0].token_ids for i in range(3)]
     assert together == singles
+
+
+def test_cuda_graphs_match_eager_steps(tiny_model):
+    """Decode steps replayed from CUDA graphs (padded batch sizes, requests finishing at different times) give
+    the tokens and logprobs of the same engine run eagerly."""
+    prompts = [{"prompt_token_ids": [7 + i, 30, 31, 32][: 1 + i % 4] * (1 + i % 5)} for i in range(11)]
+    params = [SamplingParams(temperature=0, max_tokens=8 + 5 * i, ignore_eos=True, logprobs=0) for i in range(11)]
+    common = dict(device="cuda", dtype="float32", num_gpu_blocks_override=256, max_model_len=128, max_num_seqs=16)
+    graphed = LLM(tiny_model("qwen3"), **common)
+    runner = graphed.llm_engine.engine_core.model_runner
+    assert runner.use_cuda_graphs and runner.decode_graphs.padded_size(11) == 16
+    assert {"load", "profile", "cuda_graphs"} <= set(runner.startup_seconds)
+    eager = LLM(tiny_model("qwen3"), enforce_eager=True, **common)
+    assert not eager.llm_engine.engine_core.model_runner.use_cuda_graphs
+    for ours, reference in zip(graphed.generate(prompts, params, use_tqdm=False),
+                               eager.generate(prompts, params, use_tqdm=False)):
+        assert ours.outputs[0].token_ids == reference.outputs[0].token_ids
+        for got, expected in zip(ours.outputs[0].logprobs, reference.outputs[0].logprobs):
+            token = next(iter(expected))
+            assert abs(got[token].logprob - expected[token].logprob) < 1e-4
+
+
+@torch.no_grad()
+def test_bfloat16_top1_agrees_with_float32_hf_over_long_generations(stories_dir):
+    """The served path (bf16, Triton attention, fused ops, CUDA graphs) picks HF float32's top-1 token at >= 99% of
+    the positions of long greedy generations (teacher-forced on our own tokens, so one early flip cannot cascade)."""
+    llm = LLM(stories_dir, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3)
+    assert llm.llm_engine.config.attention_backend == "triton"
+    prompts = ["Once upon a time", "The little dog", "Tom and Lily went to the", "One day, a bird", "Sam had a"]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True), use_tqdm=False)
+    hf_model = load_hf_model(stories_dir)
+    agree = total = 0
+    for output in outputs:
+        prompt, generated = output.prompt_token_ids, output.outputs[0].token_ids
+        logits = hf_model(torch.tensor([prompt + generated])).logits[0]
+        predicted = logits[len(prompt) - 1 : -1].argmax(dim=-1).tolist()
+        agree += sum(p == g for p, g in zip(predicted, generated))
+        total += len(generated)
+    assert agree / total >= 0.99, f"top-1 agreement {agree / total:.4f}"
