@@ -335,6 +335,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
     tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or {"type": "function", ...}
+    parallel_tool_calls: bool = True  # False: tool_choice "required" makes exactly one call
     # vLLM's chat extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -23,9 +23,7 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionResponseStreamChoice,
     ChatCompletionStreamResponse,
     ChatResponseMessage,
-    DeltaFunctionCall,
     DeltaMessage,
-    DeltaToolCall,
     ToolCall,
     make_usage,
 )
@@ -51,6 +49,7 @@ from pagedllm.entrypoints.openai.serving_common import (
     stream_failure,
 )
 from pagedllm.entrypoints.openai.tool_calls import ParsedToolCall, ToolPlan, plan_tools
+from pagedllm.entrypoints.openai.tool_parsers import ToolCallParser
 from pagedllm.params import CompletionOutput, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -188,9 +187,9 @@ class OpenAIServingChat:
         """SSE chunks: the assistant role for every choice first, then content as it is generated. When the client
         goes, Starlette cancels this generator, which closes the engine generator: the request is aborted.
 
-        With tools (other than "none") a choice's text is held back until it finishes, then sent as content and
-        tool-call deltas (a first delta with the call's id, type and name, then its arguments) before its
-        finish chunk; its logprobs come with the finish chunk."""
+        With tools (other than "none") each choice's text goes through a tool-call parser as it comes: content
+        deltas, and for each call a first delta with its index, id, type and name, then its arguments in
+        fragments as they are generated; logprobs ride on the next chunk the choice sends."""
         created = int(time.time())
 
         def chunk(choices: list[ChatCompletionResponseStreamChoice], usage=None) -> str:
@@ -201,8 +200,7 @@ class OpenAIServingChat:
             yield chunk([ChatCompletionResponseStreamChoice(index=index, delta=DeltaMessage(role="assistant",
                                                                                             content=""))])
         num_generated = 0
-        held_text: dict[int, list[str]] = {}
-        held_logprobs: dict[int, list[Any]] = {}
+        tool_streams = {index: _ToolStream(tools.stream_parser()) for index in range(request.n)}
         try:
             async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id,
                                                   request.priority)) as outputs:
@@ -215,15 +213,9 @@ class OpenAIServingChat:
                             if choice is not None:
                                 choices.append(choice)
                             continue
-                        held_text.setdefault(completion.index, []).append(completion.text)
-                        logprobs = self._logprobs(request, completion)
-                        if logprobs is not None and logprobs.content:
-                            held_logprobs.setdefault(completion.index, []).extend(logprobs.content)
-                        if completion.finish_reason is not None:
-                            for tool_chunk in self._tool_stream_choices(
-                                    request, tools, completion, "".join(held_text.pop(completion.index)),
-                                    held_logprobs.pop(completion.index, None)):
-                                yield chunk([tool_chunk])
+                        for tool_choice in tool_streams[completion.index].choices(
+                                completion, self._logprobs(request, completion), request.logprobs):
+                            yield chunk([tool_choice])
                     if choices:
                         yield chunk(choices)
         except ValueError as exc:
@@ -234,30 +226,6 @@ class OpenAIServingChat:
             if request.include_usage_in_stream:
                 yield chunk([], make_usage(len(prompt["prompt_token_ids"]), num_generated))
         yield SSE_DONE
-
-    def _tool_stream_choices(self, request: ChatCompletionRequest, tools: ToolPlan, completion: CompletionOutput,
-                             text: str, logprobs_content: list[Any] | None) -> list[ChatCompletionResponseStreamChoice]:
-        """The chunks of a finished choice whose text was held back: its content, each tool call (header, then
-        arguments), then the finish chunk."""
-        index = completion.index
-        content, calls = tools.parse(text)
-        choices = []
-        if content:
-            choices.append(ChatCompletionResponseStreamChoice(index=index, delta=DeltaMessage(content=content)))
-        for position, call in enumerate(calls):
-            choices.append(ChatCompletionResponseStreamChoice(index=index, delta=DeltaMessage(tool_calls=[
-                DeltaToolCall(index=position, id=call.id, type="function",
-                              function=DeltaFunctionCall(name=call.name, arguments=""))])))
-            for fragment in _fragments(call.arguments):
-                choices.append(ChatCompletionResponseStreamChoice(index=index, delta=DeltaMessage(tool_calls=[
-                    DeltaToolCall(index=position, function=DeltaFunctionCall(arguments=fragment))])))
-        logprobs = None
-        if request.logprobs:
-            logprobs = ChatCompletionLogProbs(content=logprobs_content or [])
-        choices.append(ChatCompletionResponseStreamChoice(
-            index=index, delta=DeltaMessage(), logprobs=logprobs,
-            finish_reason=_finish_reason(completion.finish_reason, calls), stop_reason=completion.stop_reason))
-        return choices
 
     def _stream_choice(self, request: ChatCompletionRequest,
                        completion: CompletionOutput) -> ChatCompletionResponseStreamChoice | None:
@@ -273,10 +241,38 @@ class OpenAIServingChat:
         )
 
 
+class _ToolStream:
+    """One streamed choice read by a tool-call parser: its chunks, with logprobs held until a chunk goes out."""
+
+    def __init__(self, parser: ToolCallParser) -> None:
+        self.parser = parser
+        self._held_logprobs: list[Any] = []
+
+    def choices(self, completion: CompletionOutput, logprobs: ChatCompletionLogProbs | None,
+                wants_logprobs: bool) -> list[ChatCompletionResponseStreamChoice]:
+        """The chunks of one output delta: content and tool-call deltas, then the finish chunk if it finished."""
+        if logprobs is not None and logprobs.content:
+            self._held_logprobs.extend(logprobs.content)
+        deltas = self.parser.feed(completion.text)
+        finished = completion.finish_reason is not None
+        if finished:
+            deltas += self.parser.finish()
+        choices = [ChatCompletionResponseStreamChoice(index=completion.index, delta=delta) for delta in deltas]
+        if finished:
+            choices.append(ChatCompletionResponseStreamChoice(
+                index=completion.index, delta=DeltaMessage(),
+                finish_reason=_finish_reason(completion.finish_reason, self.parser.calls),
+                stop_reason=completion.stop_reason))
+        if choices and wants_logprobs and (self._held_logprobs or finished):
+            choices[-1].logprobs = ChatCompletionLogProbs(content=self._held_logprobs)
+            self._held_logprobs = []
+        return choices
+
+
 def _plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     """Check tools and tool_choice; a forced call ("required", a named function) is a grammar, so it cannot be
     combined with another output constraint or with beam search."""
-    plan = plan_tools(request.tools, request.tool_choice)
+    plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
     if plan.constrained:
         other = request.structured_outputs_field
         if other is not None:
@@ -291,11 +287,6 @@ def _plan_tools(request: ChatCompletionRequest) -> ToolPlan:
 def _finish_reason(finish_reason: str | None, calls: list[ParsedToolCall]) -> str | None:
     """"tool_calls" when the model made calls and stopped by itself (not cut by max_tokens or aborted)."""
     return "tool_calls" if calls and finish_reason == "stop" else finish_reason
-
-
-def _fragments(text: str, size: int = 16) -> list[str]:
-    """Arguments streamed in pieces, as OpenAI sends them."""
-    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
 
 
 def _check_supported(request: ChatCompletionRequest) -> None:

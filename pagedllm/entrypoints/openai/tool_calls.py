@@ -1,54 +1,52 @@
 """Tool calling on ``/v1/chat/completions``: checking ``tools`` and ``tool_choice``, the grammar that enforces
-``"required"`` and a named function, and turning generated text into OpenAI ``tool_calls``.
+``"required"`` and a named function, and turning generated text into OpenAI ``tool_calls`` (whole or streamed: the
+parsers in ``tool_parsers`` read both).
 
 - ``"none"`` (or no tools): plain text, as without tools.
 - a named function: the output is constrained to the function's parameters schema; the whole text is the
   arguments of one call.
-- ``"required"``: the output is constrained to ``{"name": <one of the functions>, "parameters": {...}}`` (its
-  parameters validating against that function's schema), parsed into one call.
+- ``"required"``: the output is constrained to a JSON array of one or more ``{"name": <one of the functions>,
+  "parameters": {...}}`` items (each item's parameters validating against its function's schema), one call per
+  item; with ``parallel_tool_calls`` false the array holds exactly one item.
 - ``"auto"`` (the default with tools): no constraint; Hermes-style ``<tool_call>{"name", "arguments"}</tool_call>``
-  blocks are parsed out of the text, and the text outside them stays the content.
+  blocks are parsed out of the text, and the text outside them stays the content. ``parallel_tool_calls`` is not
+  enforced here: every block the model writes is a call.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pagedllm.entrypoints.openai.errors import OpenAIError
+from pagedllm.entrypoints.openai.tool_parsers import (
+    HermesCallsParser,
+    NamedCallParser,
+    ParsedToolCall,
+    RequiredCallsParser,
+    ToolCallParser,
+    collect,
+)
 from pagedllm.params import StructuredOutputsParams
 
+__all__ = ["ParsedToolCall", "ToolPlan", "parse_hermes_tool_calls", "plan_tools", "required_schema"]
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-# A closed block, or an unclosed last one (the model stopped before writing </tool_call>).
-_HERMES_RE = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(?!.*</tool_call>)(.*)\Z", re.DOTALL)
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
-
-
-def tool_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-@dataclass
-class ParsedToolCall:
-    name: str
-    arguments: str  # a JSON text
-    id: str = field(default_factory=tool_call_id)
-
-    def to_openai(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclass
 class ToolPlan:
     """What a request asks of tools: ``mode`` is "none", "auto", "required" or "named" (then ``named`` is the
-    function's name); ``functions`` maps each name to its parameters schema, in request order."""
+    function's name); ``functions`` maps each name to its parameters schema, in request order; ``parallel`` is
+    ``parallel_tool_calls`` (whether "required" may make more than one call)."""
 
     mode: str
     functions: dict[str, dict[str, Any]]
     named: str | None = None
+    parallel: bool = True
 
     @property
     def constrained(self) -> bool:
@@ -59,64 +57,71 @@ class ToolPlan:
         if self.mode == "named":
             return StructuredOutputsParams(json=self.functions[self.named])
         if self.mode == "required":
-            return StructuredOutputsParams(json=required_schema(self.functions))
+            return StructuredOutputsParams(json=required_schema(self.functions, self.parallel))
+        return None
+
+    def stream_parser(self) -> ToolCallParser | None:
+        """A parser of one choice's text into content and tool-call deltas; None for "none" (plain text)."""
+        if self.mode == "named":
+            return NamedCallParser(self.named)
+        if self.mode == "required":
+            return RequiredCallsParser()
+        if self.mode == "auto":
+            return HermesCallsParser()
         return None
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
-        """``(content, tool_calls)`` of a finished generation. A constrained output that does not parse (cut by
-        max_tokens) stays content, with no calls."""
-        if self.mode == "named":
-            try:
-                json.loads(text)
-            except ValueError:
-                return text, []
-            return None, [ParsedToolCall(self.named, text.strip())]
-        if self.mode == "required":
-            try:
-                value = json.loads(text)
-                name, arguments = value["name"], value["parameters"]
-            except (ValueError, KeyError, TypeError):
-                return text, []
-            return None, [ParsedToolCall(name, json.dumps(arguments, ensure_ascii=False))]
+        """``(content, tool_calls)`` of a finished generation, read by the same parser as a stream (so a call's
+        arguments are the characters a stream sends). A constrained output that does not parse (cut by max_tokens)
+        stays content, with no calls."""
         if self.mode == "auto":
             return parse_hermes_tool_calls(text)
-        return text, []
+        parser = self.stream_parser()
+        if parser is None or not _is_complete_json(text, self.mode):
+            return text, []
+        parser.parse_all(text)
+        return None, parser.calls
 
 
-def required_schema(functions: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One call of any of ``functions``: ``{"name": <const>, "parameters": <its schema>}``."""
-    return {"anyOf": [
+def _is_complete_json(text: str, mode: str) -> bool:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    if mode == "required":
+        return isinstance(value, list) and all(isinstance(item, dict) and "name" in item for item in value)
+    return True
+
+
+def required_schema(functions: dict[str, dict[str, Any]], parallel: bool = True) -> dict[str, Any]:
+    """One or more calls (exactly one unless ``parallel``), each of any of ``functions``:
+    ``[{"name": <const>, "parameters": <its schema>}, ...]``. "name" comes first, so a stream knows the function
+    before its arguments start."""
+    call = {"anyOf": [
         {"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
          "required": ["name", "parameters"], "additionalProperties": False}
         for name, schema in functions.items()
     ]}
+    schema: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
 
 
 def parse_hermes_tool_calls(text: str) -> tuple[str | None, list[ParsedToolCall]]:
     """Hermes-style calls: each ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block is a call; the
-    text outside the blocks is the content (None when only whitespace). If any block is not such JSON, nothing is
-    parsed: the whole text is the content."""
-    if "<tool_call>" not in text:
+    text outside the blocks is the content (trailing whitespace dropped; None when only whitespace). Text without
+    calls is given back unchanged; if any block is not such JSON, nothing is parsed: the whole text is the
+    content."""
+    parser = HermesCallsParser()
+    messages = parser.parse_all(text)
+    if not parser.calls or parser.has_invalid_call:
         return text, []
-    calls = []
-    for match in _HERMES_RE.finditer(text):
-        body = (match.group(1) if match.group(1) is not None else match.group(2)).strip()
-        try:
-            value = json.loads(body)
-            name = value["name"]
-            arguments = value.get("arguments", value.get("parameters", {}))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return text, []
-        if not isinstance(name, str):
-            return text, []
-        if not isinstance(arguments, str):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        calls.append(ParsedToolCall(name, arguments))
-    content = _HERMES_RE.sub("", text).strip()
-    return content or None, calls
+    return collect(messages), parser.calls
 
 
-def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> ToolPlan:
+def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
+               parallel_tool_calls: bool = True) -> ToolPlan:
     """Check ``tools`` and ``tool_choice`` (OpenAIError 400 naming the field) and say what to do."""
     functions: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(tools or []):
@@ -143,14 +148,14 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, 
         functions[name] = parameters
 
     if tool_choice is None:
-        return ToolPlan("auto" if functions else "none", functions)
+        return ToolPlan("auto" if functions else "none", functions, parallel=parallel_tool_calls)
     if isinstance(tool_choice, str):
         if tool_choice not in ("none", "auto", "required"):
             raise OpenAIError(f"tool_choice {tool_choice!r} is not supported; use 'none', 'auto', 'required' or "
                               '{"type": "function", "function": {"name": ...}}', param="tool_choice")
         if tool_choice != "none" and not functions:
             raise OpenAIError(f"tool_choice {tool_choice!r} needs a non-empty tools list", param="tool_choice")
-        return ToolPlan(tool_choice, functions)
+        return ToolPlan(tool_choice, functions, parallel=parallel_tool_calls)
     function = tool_choice.get("function")
     name = function.get("name") if isinstance(function, dict) else None
     if tool_choice.get("type") != "function" or not isinstance(name, str):
@@ -158,4 +163,4 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, 
                           '{"type": "function", "function": {"name": ...}}', param="tool_choice")
     if name not in functions:
         raise OpenAIError(f"tool_choice names the function {name!r}, which is not in tools", param="tool_choice")
-    return ToolPlan("named", functions, named=name)
+    return ToolPlan("named", functions, named=name, parallel=parallel_tool_calls)

@@ -62,57 +62,122 @@ def test_named_function_arguments_validate(client):
     assert len({choice.message.tool_calls[0].id for choice in completion.choices}) == 8
 
 
+def _finished_with_calls(choices) -> list:
+    """The choices that made their calls. With random weights the "required" array may go on past max_tokens
+    (its length is the model's choice): such a choice ends with "length", its text kept as content, no calls."""
+    finished = []
+    for choice in choices:
+        if choice.finish_reason == "length":
+            assert choice.message.tool_calls is None and choice.message.content.startswith("[")
+            continue
+        assert choice.finish_reason == "tool_calls", choice
+        assert choice.message.content is None and choice.message.tool_calls
+        finished.append(choice)
+    assert len(finished) >= len(choices) - 2, [choice.finish_reason for choice in choices]
+    return finished
+
+
 def test_required_tool_calls_validate(client):
     completion = client.chat.completions.create(
         model="tiny", messages=USER, tools=TOOLS, tool_choice="required", n=8, temperature=1.0, seed=9,
-        max_tokens=200)
+        max_tokens=600)
+    num_calls = []
+    for choice in _finished_with_calls(completion.choices):
+        for call in choice.message.tool_calls:
+            _check_call(call)
+        num_calls.append(len(choice.message.tool_calls))
+    assert max(num_calls) > 1, num_calls  # parallel calls: the grammar lets the array go on
+
+
+def test_required_with_parallel_tool_calls_false_makes_one_call(client):
+    completion = client.chat.completions.create(
+        model="tiny", messages=USER, tools=TOOLS, tool_choice="required", n=8, temperature=1.0, seed=9,
+        max_tokens=200, parallel_tool_calls=False)
     for choice in completion.choices:
         assert choice.finish_reason == "tool_calls", choice
-        assert choice.message.content is None
         (call,) = choice.message.tool_calls
         _check_call(call)
 
 
-def test_streamed_named_tool_call_reassembles(client):
-    stream = client.chat.completions.create(
-        model="tiny", messages=USER, tools=TOOLS, n=2, temperature=1.0, seed=13, max_tokens=150, stream=True,
-        tool_choice={"type": "function", "function": {"name": "get_time"}})
-    calls: dict[int, dict] = {}
+def _collect_stream(stream) -> tuple[dict[int, str], dict[int, list[dict]], dict[int, str], dict[int, int]]:
+    """Per choice: content, calls ({id, name, arguments}), finish reason, and the number of argument fragments.
+    Checks the OpenAI shape: a call's first delta carries its id, type, name and empty arguments; later ones
+    only argument fragments of a call already announced."""
+    content: dict[int, str] = {}
+    calls: dict[int, list[dict]] = {}
     finish: dict[int, str] = {}
+    fragments: dict[int, int] = {}
     for chunk in stream:
         for choice in chunk.choices:
-            assert not choice.delta.content
+            content[choice.index] = content.get(choice.index, "") + (choice.delta.content or "")
             for delta in choice.delta.tool_calls or []:
-                assert delta.index == 0
+                made = calls.setdefault(choice.index, [])
                 if delta.id is not None:  # the first delta of a call
-                    assert choice.index not in calls
+                    assert delta.index == len(made)
                     assert delta.type == "function" and delta.function.arguments == ""
-                    calls[choice.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
+                    made.append({"id": delta.id, "name": delta.function.name, "arguments": ""})
                 else:
-                    calls[choice.index]["arguments"] += delta.function.arguments
+                    assert delta.function.name is None and delta.index == len(made) - 1
+                    made[delta.index]["arguments"] += delta.function.arguments
+                    fragments[choice.index] = fragments.get(choice.index, 0) + 1
             if choice.finish_reason is not None:
                 finish[choice.index] = choice.finish_reason
+    return content, calls, finish, fragments
+
+
+def _calls_of(choice) -> list[tuple[str, str]]:
+    return [(call.function.name, call.function.arguments) for call in choice.message.tool_calls or []]
+
+
+def test_streamed_named_tool_call_reassembles(client):
+    kwargs = {"model": "tiny", "messages": USER, "tools": TOOLS, "n": 2, "temperature": 1.0, "seed": 13,
+              "max_tokens": 150, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}
+    content, calls, finish, fragments = _collect_stream(client.chat.completions.create(stream=True, **kwargs))
     assert finish == {0: "tool_calls", 1: "tool_calls"}
-    for call in calls.values():
+    assert not any(content.values())
+    assert all(count > 1 for count in fragments.values()), fragments  # streamed as generated, not at the end
+    for (call,) in calls.values():
         assert call["name"] == "get_time" and call["id"].startswith("call_")
         jsonschema.validate(json.loads(call["arguments"]), TIME)
-    assert sorted(calls) == [0, 1]
+    whole = client.chat.completions.create(**kwargs)
+    for choice in whole.choices:  # the same seed: the same text, so exactly the same arguments
+        assert [(call["name"], call["arguments"]) for call in calls[choice.index]] == _calls_of(choice)
 
 
-def test_streamed_required_tool_call(client):
-    stream = client.chat.completions.create(
-        model="tiny", messages=USER, tools=TOOLS, tool_choice="required", temperature=1.0, seed=2, max_tokens=200,
-        stream=True)
-    name, arguments, finish = None, "", None
-    for chunk in stream:
-        for choice in chunk.choices:
-            for delta in choice.delta.tool_calls or []:
-                if delta.id is not None:
-                    name = delta.function.name
-                arguments += delta.function.arguments or ""
-            finish = choice.finish_reason or finish
-    assert finish == "tool_calls"
-    jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+def test_streamed_required_tool_calls_match_non_streamed(client):
+    kwargs = {"model": "tiny", "messages": USER, "tools": TOOLS, "tool_choice": "required", "n": 4,
+              "temperature": 1.0, "seed": 9, "max_tokens": 600}
+    content, calls, finish, fragments = _collect_stream(client.chat.completions.create(stream=True, **kwargs))
+    whole = client.chat.completions.create(**kwargs)
+    finished = _finished_with_calls(whole.choices)
+    for choice in finished:
+        assert finish[choice.index] == "tool_calls" and not content[choice.index]
+        streamed = [(call["name"], call["arguments"]) for call in calls[choice.index]]
+        assert streamed == _calls_of(choice)
+        assert fragments[choice.index] > len(streamed)  # arguments arrive in several pieces per call
+        for name, arguments in streamed:
+            jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+    assert max(len(calls[choice.index]) for choice in finished) > 1
+
+
+# The random model never writes a <tool_call> block by itself: a regex makes it write one, so "auto" parsing of a
+# real stream is tested end to end.
+HERMES_REGEX = (r'Sure, checking[.]\n<tool_call>\n\{"name": "get_time", "arguments": \{"zone": "(UTC|CET|PST)"\}\}'
+                r'\n</tool_call>')
+
+
+def test_streamed_auto_tool_call_from_hermes_text(client):
+    kwargs = {"model": "tiny", "messages": USER, "tools": TOOLS, "temperature": 1.0, "seed": 4, "max_tokens": 200,
+              "extra_body": {"structured_outputs": {"regex": HERMES_REGEX}}}
+    content, calls, finish, fragments = _collect_stream(client.chat.completions.create(stream=True, **kwargs))
+    whole = client.chat.completions.create(**kwargs)
+    (choice,) = whole.choices
+    assert choice.finish_reason == finish[0] == "tool_calls"
+    assert choice.message.content == content[0] == "Sure, checking."
+    ((name, arguments),) = _calls_of(choice)
+    assert [(call["name"], call["arguments"]) for call in calls[0]] == [(name, arguments)]
+    assert name == "get_time" and json.loads(arguments)["zone"] in ("UTC", "CET", "PST")
+    assert fragments[0] > 1
 
 
 def test_tool_choice_none_and_auto_give_text(client):
@@ -215,12 +280,21 @@ def test_plans_and_parsing_of_forced_calls():
     assert named.parse('{"zone": ')[1] == []  # cut by max_tokens: no call
     required = plan_tools(TOOLS, "required")
     assert required.structured_outputs().json == required_schema(SCHEMAS)
-    content, (call,) = required.parse('{"name": "get_time", "parameters": {"zone": "PST"}}')
-    assert content is None and call.name == "get_time" and json.loads(call.arguments) == {"zone": "PST"}
+    content, calls = required.parse('[{"name": "get_time", "parameters": {"zone": "PST"}}, '
+                                    '{"name": "get_time", "parameters": {"zone": "UTC"}}]')
+    assert content is None and [call.name for call in calls] == ["get_time"] * 2
+    assert [json.loads(call.arguments) for call in calls] == [{"zone": "PST"}, {"zone": "UTC"}]
+    assert required.parse('[{"name": "get_time", "parameters": {"zo')[1] == []  # cut by max_tokens
     schema = required_schema(SCHEMAS)
-    jsonschema.validate({"name": "get_time", "parameters": {"zone": "PST"}}, schema)
+    one = {"name": "get_time", "parameters": {"zone": "PST"}}
+    jsonschema.validate([one, one], schema)
+    for bad in ([], [{"name": "get_time", "parameters": {"city": "x"}}], one):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    single = plan_tools(TOOLS, "required", parallel_tool_calls=False).structured_outputs().json
+    jsonschema.validate([one], single)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"name": "get_time", "parameters": {"city": "x"}}, schema)
+        jsonschema.validate([one, one], single)
 
 
 def test_tool_messages_for_the_template():
