@@ -3,11 +3,18 @@ the token embedding and the LM head.
 
 Numerics follow HF transformers op for op (RMSNorm in float32, cos/sin computed in float32 then cast to the
 activation dtype) so that float32 logits match HF's to rounding error.
+
+On CUDA, RMSNorm (with its residual add), rotary (with Qwen3's q/k norm) and SiLU-and-mul each run as one fused
+Triton kernel (``triton_ops.py``, same numerics up to rounding) unless ``PAGEDLLM_DISABLE_TRITON_OPS=1``; on CPU
+they are the plain torch code here, which is also the reference the kernels are tested against.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -15,6 +22,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.model.linear import default_weight_loader, set_weight_loader
+from pagedllm.platform import triton_ops_enabled
+
+
+def use_triton_ops(x: torch.Tensor) -> bool:
+    """Whether ops on ``x`` take the fused Triton path: only CUDA tensors, and only when enabled (cached)."""
+    return x.is_cuda and triton_ops_enabled()
+
+
+@functools.cache
+def _triton_ops() -> ModuleType:
+    """The kernel module, imported on first CUDA use so that CPU-only runs never import or compile Triton."""
+    from pagedllm.model import triton_ops
+
+    return triton_ops
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +55,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if use_triton_ops(x):
+            if residual is None:
+                return _triton_ops().rms_norm(x, self.weight, self.eps)
+            return _triton_ops().fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -108,6 +133,29 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin_cache[positions].to(dtype).unsqueeze(1)
         return cos, sin
 
+    def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryStep:
+        """What every layer of one step needs to rotate q and k (see ``RotaryStep``), prepared once per step."""
+        if use_triton_ops(positions):
+            return RotaryStep(positions, self.cos_cache, self.sin_cache, is_gathered=False)
+        cos, sin = self(positions, dtype)
+        return RotaryStep(positions, cos, sin, is_gathered=True)
+
+
+@dataclass(frozen=True)
+class RotaryStep:
+    """Rotary inputs of one step, shared by all layers.
+
+    Torch path (``is_gathered``): ``cos``/``sin`` are this step's rows [T, 1, head_dim // 2] in the activation
+    dtype, gathered once for all layers. Fused path: they are the whole float32 tables [max_position,
+    head_dim // 2], which the kernel indexes by ``positions`` itself (a gather per layer is cheaper there than
+    an extra kernel launch).
+    """
+
+    positions: torch.Tensor  # [T]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    is_gathered: bool
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [num_tokens, num_heads, head_dim]; equals HF's ``x * cos + rotate_half(x) * sin``."""
@@ -115,10 +163,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def rotate_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rope: RotaryStep,
+    q_norm: RMSNorm | None = None,
+    k_norm: RMSNorm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary on q [T, H, D] and k [T, Hkv, D], after the per-head ``q_norm``/``k_norm`` when given (Qwen3)."""
+    if not rope.is_gathered:  # one fused launch for the norms and both rotations
+        q_weight = q_norm.weight if q_norm is not None else None
+        k_weight = k_norm.weight if k_norm is not None else None
+        eps = q_norm.eps if q_norm is not None else 0.0
+        return _triton_ops().rotary_qk(q, k, rope.positions, rope.cos, rope.sin, q_weight, k_weight, eps)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    return apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)
+
+
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` for a fused ``[..., 2 * d]`` gate/up projection (gate first)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton_ops(x):
+            return _triton_ops().silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

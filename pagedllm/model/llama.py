@@ -13,7 +13,7 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.config import ModelConfig
-from pagedllm.model.layers import LMHead, RMSNorm, RotaryEmbedding, SiluAndMul, VocabEmbedding, apply_rotary
+from pagedllm.model.layers import LMHead, RMSNorm, RotaryEmbedding, RotaryStep, SiluAndMul, VocabEmbedding, rotate_qk
 from pagedllm.model.linear import Linear, MergedLinear, QKVLinear
 
 
@@ -35,14 +35,14 @@ class LlamaAttention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.has_qk_norm = config.qk_norm
+        else:
+            self.q_norm = self.k_norm = None
         self.attn_backend = attn_backend
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RotaryStep,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
@@ -52,11 +52,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.has_qk_norm:  # Qwen3: normalize each head before rotary
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q, k = rotate_qk(q, k, rope, self.q_norm, self.k_norm)  # Qwen3 normalizes each head before rotary
         out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
@@ -91,8 +87,7 @@ class LlamaDecoderLayer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RotaryStep,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +96,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(hidden_states, cos, sin, kv_cache, attn_metadata)
+        hidden_states = self.self_attn(hidden_states, rope, kv_cache, attn_metadata)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -127,10 +122,10 @@ class LlamaModel(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, hidden_states.dtype)
+        rope = self.rotary_emb.step_inputs(positions, hidden_states.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden_states, residual = layer(hidden_states, residual, cos, sin, kv_cache, attn_metadata)
+            hidden_states, residual = layer(hidden_states, residual, rope, kv_cache, attn_metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 

@@ -1,0 +1,217 @@
+"""The fused Triton kernels of ``model/triton_ops.py`` against the torch path of ``model/layers.py``.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors in float32; with CUDA they run compiled in
+bfloat16, float16 and float32. The reference is always the production torch code (dispatch forced off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+# Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before triton was first imported.
+triton_ops = pytest.importorskip("pagedllm.model.triton_ops")
+
+from pagedllm.config import ModelConfig
+from pagedllm.model import layers
+from pagedllm.model.layers import RMSNorm, RotaryEmbedding, RotaryStep, SiluAndMul, rotate_qk
+from pagedllm.model.loader import get_model
+from tests.utils import PagedRunner
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32] if DEVICE == "cuda" else [torch.float32]
+# One rounding step of the dtype, relative (results near 1 in magnitude); float32 differs only by summation order.
+TOLERANCE = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}
+
+
+@pytest.fixture
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run the layers' plain torch code even on CUDA: the reference every kernel is compared with."""
+    monkeypatch.setattr(layers, "use_triton_ops", lambda x: False)
+    yield
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    tol = TOLERANCE[expected.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def random_norm(hidden_size: int, dtype: torch.dtype, eps: float = 1e-6) -> RMSNorm:
+    norm = RMSNorm(hidden_size, eps).to(DEVICE, dtype)
+    norm.weight.data = (0.5 + torch.rand(hidden_size, device=DEVICE)).to(dtype)
+    return norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_rows", "hidden_size"), [(1, 896), (7, 1536), (3, 3584), (2, 4096), (5, 37)])
+def test_rms_norm(torch_path: None, dtype: torch.dtype, num_rows: int, hidden_size: int) -> None:
+    norm = random_norm(hidden_size, dtype, eps=1e-5)
+    x = (3 * torch.randn(num_rows, hidden_size, device=DEVICE)).to(dtype)
+    x_before = x.clone()
+    assert_close(triton_ops.rms_norm(x, norm.weight, norm.eps), norm(x))
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_rows", "hidden_size"), [(1, 896), (9, 1536), (4, 3584), (3, 100)])
+def test_fused_add_rms_norm(torch_path: None, dtype: torch.dtype, num_rows: int, hidden_size: int) -> None:
+    norm = random_norm(hidden_size, dtype)
+    x = torch.randn(num_rows, hidden_size, device=DEVICE).to(dtype)
+    residual = (4 * torch.randn(num_rows, hidden_size, device=DEVICE)).to(dtype)
+    inputs_before = (x.clone(), residual.clone())
+    normed, new_residual = triton_ops.fused_add_rms_norm(x, residual, norm.weight, norm.eps)
+    expected_normed, expected_residual = norm(x, residual)
+    assert torch.equal(new_residual, expected_residual)  # one rounding of the same sum: bit-exact
+    assert_close(normed, expected_normed)
+    assert torch.equal(x, inputs_before[0]) and torch.equal(residual, inputs_before[1])
+
+
+def test_rms_norm_strided_rows_and_3d(torch_path: None) -> None:
+    """Rows of a wider buffer (a strided view) and a [T, H, D] input, as Qwen3's per-head norm has."""
+    norm = random_norm(64, torch.float32)
+    wide = torch.randn(6, 200, device=DEVICE)
+    assert_close(triton_ops.rms_norm(wide[:, 10:74], norm.weight, norm.eps), norm(wide[:, 10:74]))
+    heads = torch.randn(5, 3, 64, device=DEVICE)
+    assert_close(triton_ops.rms_norm(heads, norm.weight, norm.eps), norm(heads))
+
+
+def qkv_views(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as the model makes them: strided views into one fused qkv projection output."""
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = (2 * torch.randn(num_tokens, q_size + 2 * kv_size, device=DEVICE)).to(dtype)
+    q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    return q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim)
+
+
+ROTARY_SHAPES = [  # (tokens, q heads, kv heads, head_dim)
+    (1, 14, 2, 64),
+    (5, 4, 2, 128),
+    (3, 7, 1, 128),
+    (6, 3, 3, 32),
+    (2, 5, 5, 96),  # head_dim not a power of two
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("shape", ROTARY_SHAPES)
+def test_rotary_qk(torch_path: None, dtype: torch.dtype, with_norm: bool, shape: tuple[int, int, int, int]) -> None:
+    num_tokens, num_heads, num_kv_heads, head_dim = shape
+    max_position = 4096
+    rotary = RotaryEmbedding(head_dim, max_position, base=1e6).to(DEVICE)
+    positions = torch.randint(0, max_position, (num_tokens,), device=DEVICE)
+    positions[0] = max_position - 1  # the last row of the cache is reachable
+    q, k = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype)
+    q_norm, k_norm = (random_norm(head_dim, dtype), random_norm(head_dim, dtype)) if with_norm else (None, None)
+    inputs_before = (q.clone(), k.clone())
+
+    gathered = RotaryStep(positions, *rotary(positions, dtype), is_gathered=True)
+    expected_q, expected_k = rotate_qk(q, k, gathered, q_norm, k_norm)
+    weights = (q_norm.weight, k_norm.weight, q_norm.eps) if with_norm else ()
+    actual_q, actual_k = triton_ops.rotary_qk(q, k, positions, rotary.cos_cache, rotary.sin_cache, *weights)
+
+    assert_close(actual_q, expected_q)
+    assert_close(actual_k, expected_k)
+    assert actual_q.is_contiguous() and actual_k.is_contiguous()
+    assert torch.equal(q, inputs_before[0]) and torch.equal(k, inputs_before[1])
+
+
+def test_rotary_step_takes_the_kernel_path_only_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    rotary = RotaryEmbedding(32, 64, base=1e4).to(DEVICE)
+    positions = torch.tensor([0, 5, 63], device=DEVICE)
+    monkeypatch.setattr(layers, "use_triton_ops", lambda x: True)
+    fused = rotary.step_inputs(positions, torch.float32)
+    assert not fused.is_gathered and fused.cos is rotary.cos_cache
+    monkeypatch.setattr(layers, "use_triton_ops", lambda x: False)
+    gathered = rotary.step_inputs(positions, torch.float32)
+    assert gathered.is_gathered and gathered.cos.shape == (3, 1, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_rows", "d"), [(1, 896), (4, 4864), (3, 37), (2, 1025)])
+def test_silu_and_mul(torch_path: None, dtype: torch.dtype, num_rows: int, d: int) -> None:
+    x = (3 * torch.randn(num_rows, 2 * d, device=DEVICE)).to(dtype)
+    assert_close(triton_ops.silu_and_mul(x), SiluAndMul()(x))
+
+
+def test_silu_and_mul_strided_and_3d(torch_path: None) -> None:
+    wide = torch.randn(4, 300, device=DEVICE)
+    assert_close(triton_ops.silu_and_mul(wide[:, :90]), SiluAndMul()(wide[:, :90]))
+    batched = torch.randn(2, 3, 40, device=DEVICE)
+    assert_close(triton_ops.silu_and_mul(batched), SiluAndMul()(batched))
+
+
+def test_empty_batch() -> None:
+    """No tokens (nothing to launch) still gives correctly shaped outputs."""
+    weight = torch.ones(48, device=DEVICE)
+    assert triton_ops.rms_norm(torch.empty(0, 48, device=DEVICE), weight, 1e-6).shape == (0, 48)
+    normed, residual = triton_ops.fused_add_rms_norm(
+        torch.empty(0, 48, device=DEVICE), torch.empty(0, 48, device=DEVICE), weight, 1e-6)
+    assert normed.shape == residual.shape == (0, 48)
+    assert triton_ops.silu_and_mul(torch.empty(0, 48, device=DEVICE)).shape == (0, 24)
+    cache = torch.zeros(8, 8, device=DEVICE)
+    q, k = triton_ops.rotary_qk(torch.empty(0, 2, 16, device=DEVICE), torch.empty(0, 1, 16, device=DEVICE),
+                                torch.empty(0, dtype=torch.long, device=DEVICE), cache, cache)
+    assert q.shape == (0, 2, 16) and k.shape == (0, 1, 16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_whole_model_through_the_kernels(tiny_model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch,
+                                         arch: str) -> None:
+    """A tiny model's prefill and decode steps with every fused op dispatched to the kernels (on CPU: in the
+    interpreter) give the torch path's logits: the wiring in llama.py passes the right tensors."""
+    config = ModelConfig.from_pretrained(tiny_model_dir(arch), None, dtype="float32")
+    model = get_model(config, "auto", DEVICE)
+    ids = torch.randint(3, 128, (11,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def run(fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(layers, "use_triton_ops", lambda x: fused)
+        runner = PagedRunner(model, block_size=4)
+        return torch.cat([runner.step([("a", ids[:9])]), runner.step([("a", ids[9:10])]),
+                          runner.step([("a", ids[10:])])])
+
+    torch.testing.assert_close(run(fused=True), run(fused=False), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_ops_replay_in_a_cuda_graph(torch_path: None) -> None:
+    """Captured once, replayed on new inputs written into the same buffers: no host sync, no stale shapes."""
+    dtype, num_tokens, hidden_size, head_dim = torch.bfloat16, 4, 896, 64
+    norm, q_norm, k_norm = (random_norm(n, dtype) for n in (hidden_size, head_dim, head_dim))
+    rotary = RotaryEmbedding(head_dim, 512, base=1e6).to(DEVICE)
+    x = torch.randn(num_tokens, hidden_size, device=DEVICE, dtype=dtype)
+    residual = torch.randn_like(x)
+    positions = torch.zeros(num_tokens, dtype=torch.long, device=DEVICE)
+    q, k = qkv_views(num_tokens, 14, 2, head_dim, dtype)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        normed, new_residual = triton_ops.fused_add_rms_norm(x, residual, norm.weight, norm.eps)
+        rotated = triton_ops.rotary_qk(q, k, positions, rotary.cos_cache, rotary.sin_cache,
+                                       q_norm.weight, k_norm.weight, q_norm.eps)
+        return normed, new_residual, *rotated, triton_ops.silu_and_mul(x)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    for buffer in (x, residual, q, k):
+        buffer.copy_(torch.randn(buffer.shape, device=DEVICE))
+    positions.copy_(torch.tensor([3, 100, 511, 7]))
+    graph.replay()
+    for actual, expected in zip(outputs, step(), strict=True):
+        assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize(("value", "is_disabled"), [(None, False), ("0", False), ("", False), ("1", True)])
+def test_env_switch(monkeypatch: pytest.MonkeyPatch, value: str | None, is_disabled: bool) -> None:
+    from pagedllm.config import triton_ops_disabled_by_env
+
+    if value is None:
+        monkeypatch.delenv("PAGEDLLM_DISABLE_TRITON_OPS", raising=False)
+    else:
+        monkeypatch.setenv("PAGEDLLM_DISABLE_TRITON_OPS", value)
+    assert triton_ops_disabled_by_env() is is_disabled
