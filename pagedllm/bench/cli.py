@@ -73,6 +73,12 @@ def _add_throughput(subparsers: argparse._SubParsersAction) -> None:
     _add_workload_args(parser, default="nano")
     _add_engine_args(parser)
     _add_compare(parser)
+    parser.add_argument("--structured-fraction", type=float, default=0.0, metavar="F",
+                        help="that fraction of the requests (spread evenly) carries a fixed JSON schema; needs a "
+                             "vocabulary: --tokenizer (e.g. a real tokenizer directory with random weights) or the "
+                             "model's own. Then the same prompts also run unconstrained with each request's "
+                             "max_tokens = the tokens it generated constrained, and the record reports both and the "
+                             "throughput loss (default: 0, no constraints)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar during the timed run")
     _add_output_json(parser)
     parser.set_defaults(func=_runner("throughput"))

@@ -18,14 +18,16 @@ from pagedllm.bench.common import (
     workload_from_args,
 )
 from pagedllm.bench.device import device_name, measure_bandwidth
-from pagedllm.bench.engine_runner import EngineRun, build_llm, engine_kwargs, run_workload, warm_up
+from pagedllm.bench.engine_runner import EngineRun, engine_kwargs, run_workload, warm_up
 from pagedllm.bench.models import model_label, resolve_model
 from pagedllm.bench.record import base_record, throughput_figures, write_record
 from pagedllm.bench.roofline import roofline
+from pagedllm.bench.structured import build_llm, check_fraction, run_structured, summary_lines
 from pagedllm.platform import resolve_device
 
 
 def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    check_fraction(args.structured_fraction)
     model_dir = resolve_model(args.model)
     device = resolve_device(args.device)
     model_config = resolved_model_config(model_dir, args, device)
@@ -43,7 +45,11 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     llm = build_llm(model_dir, args)
     load_s = time.perf_counter() - start
     warmup_s = warm_up(llm, workload)
-    result = run_workload(llm, workload, use_tqdm=not args.disable_tqdm)
+    structured = None
+    if args.structured_fraction > 0:
+        result, structured = run_structured(llm, workload, args.structured_fraction)
+    else:
+        result = run_workload(llm, workload, use_tqdm=not args.disable_tqdm)
 
     config = {**_config(args, model_config.dtype, device),
               "enable_prefix_caching": llm.llm_engine.config.cache_config.enable_prefix_caching}  # as resolved
@@ -65,6 +71,8 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
                       {**figures, "roofline_fraction": figures["output_tokens_per_s"] / bound.output_tokens_per_s}
                       for name, figures in baselines.items()},
     })
+    if structured is not None:
+        record["structured_outputs"] = structured
     return record
 
 
@@ -91,6 +99,7 @@ def ttft_stats(ttfts_s: tuple[float, ...]) -> dict[str, float | None]:
 
 def _config(args: argparse.Namespace, dtype: str, device: str) -> dict[str, Any]:
     return {**engine_kwargs(args), "dtype": dtype, "device": device, "limit": args.limit,
+            "structured_fraction": args.structured_fraction,
             "compare": args.compare or [], "model_dir": resolve_model(args.model)}
 
 
@@ -108,6 +117,8 @@ def print_summary(record: dict[str, Any]) -> None:
           f"{record['prompt_tokens_computed']:,} of {record['prompt_tokens']:,}; TTFT mean "
           f"{_ms(ttft['mean_s'])} p50 {_ms(ttft['p50_s'])} p99 {_ms(ttft['p99_s'])} ms (offline: all requests "
           "arrive at once, so TTFT is mostly queueing)")
+    if "structured_outputs" in record:
+        print("\n".join(summary_lines(record["structured_outputs"])))
 
 
 def _ms(seconds: float | None) -> str:
