@@ -2,7 +2,8 @@
 
 One ``Sampler.__call__`` turns the logits of a step ``[B, V]`` into one token per row. ``SamplingMetadata.build``
 gathers the rows' parameters into tensors once per step; a feature no row uses is ``None`` there, so its op is
-skipped and costs nothing.
+skipped and costs nothing. Build is one cheap pass per parameter over the rows (list comprehensions, numpy for
+the arithmetic), and its dense ``[B]`` arrays (temperature, seeds, top_k, ...) reach the device in ONE copy.
 
 Order of operations (vLLM v1's):
 
@@ -15,14 +16,21 @@ Order of operations (vLLM v1's):
 5. random rows: temperature, then min_p (relative to the most likely token, after temperature), then top_k,
    then top_p (on the distribution left by top_k), then a draw.
 
-Randomness rule: the draw of a row depends only on ``(sampling_seed, len(output_token_ids))``. Each random row
-re-seeds a ``torch.Generator`` with a hash of that pair and draws ``V`` Exponential(1) variables ``E``; the token
-is ``argmax(p / E)`` (the "exponential race", which picks token ``i`` with probability ``p_i``), computed in log
-space as ``argmax(logits - log E)``. So a seeded request gets the same tokens whatever else is in the batch, at
-any batch position, and again after preemption and recompute (on the same kind of device: CPU and CUDA
-generators produce different streams). The cost is one small kernel per random row (~8 us of host time each
-on an H200); a fused kernel that draws per-row counter-based noise (e.g. Triton ``tl.rand`` with a per-row seed)
-can replace ``_draw_exponential`` on GPU without changing the rule.
+Randomness rule: the draw of a row depends only on ``(sampling_seed, len(output_token_ids))``, hashed into a 63-bit
+generator seed (``generator_seed``). The token is ``argmax(p / E)`` over ``V`` Exponential(1) variables ``E`` (the
+"exponential race", which picks token ``i`` with probability ``p_i``), computed in log space as
+``argmax(logits - log E)``. So a seeded request gets the same tokens whatever else is in the batch, at any batch
+position, and again after preemption and recompute, on the same kind of device. The noise comes from:
+
+- CUDA: one Triton kernel for the whole batch (``triton_sampling.py``): each row's program draws counter-based
+  Philox noise (``tl.rand(seed, column)``) and keeps a running argmax over the vocabulary, greedy rows included.
+  When temperature is the only knob in use (the common case), it also divides by the temperature and reads the
+  raw logits in their own dtype: one pass over the logits, no float32 copy. Otherwise the filters of step 5 run
+  first in torch and the kernel only draws.
+- CPU: a ``torch.Generator`` re-seeded per random row (one small kernel + ``manual_seed`` each: fine on CPU, but
+  ~8 us of host time per row on a GPU, which is why CUDA does not use it).
+
+The two devices produce different streams for the same seed; each is reproducible on its own.
 
 Ties: top_k keeps every token equal to the k-th largest logit (as vLLM), so ``top_k=1`` equals greedy unless the
 top logits tie exactly.
@@ -30,16 +38,18 @@ top logits tie exactly.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from pagedllm.core.interface import TopLogprobs
-from pagedllm.params import SamplingParams
+from pagedllm.params import SAMPLING_EPS, SamplingParams
 
 _MASK64 = (1 << 64) - 1
 # Exponential draws are clamped away from 0 so that log() stays finite: a -inf noise term would otherwise turn a
@@ -62,6 +72,26 @@ class SamplingRow:
 def generator_seed(sampling_seed: int, num_output_tokens: int) -> int:
     """The seed of a row's generator at one output position: a 63-bit mix of the two numbers (splitmix64)."""
     return _splitmix64(_splitmix64(sampling_seed & _MASK64) ^ num_output_tokens) >> 1
+
+
+def generator_seeds(sampling_seeds: list[int], nums_output_tokens: list[int]) -> np.ndarray:
+    """``generator_seed`` of many rows at once, as [B] int64: the same splitmix64, in wrapping uint64 numpy math.
+
+    A Python loop of ``generator_seed`` costs ~0.6 us per row: 150 us for 256 rows, every step.
+    """
+    try:
+        seeds = np.array(sampling_seeds, dtype=np.int64).view(np.uint64)  # two's complement == ``& _MASK64``
+    except OverflowError:  # a seed outside int64: reduce each modulo 2**64 first
+        seeds = np.array([seed & _MASK64 for seed in sampling_seeds], dtype=np.uint64)
+    counts = np.array(nums_output_tokens, dtype=np.uint64)
+    return (_splitmix64_array(_splitmix64_array(seeds) ^ counts) >> np.uint64(1)).astype(np.int64)
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _splitmix64(x: int) -> int:
@@ -117,7 +147,9 @@ class SamplingMetadata:
     penalties: PenaltyMetadata | None
     logit_bias: SparseTokens | None
     banned: SparseTokens | None  # min_tokens bans
-    random_seeds: list[tuple[int, int]]  # (row, generator seed) of every random row
+    seeds: torch.Tensor | None  # [B] int64 generator seed of each row (unused on greedy rows); None if all greedy
+    seeds_cpu: np.ndarray | None  # the same on the host, for the CPU path's per-row generators
+    is_greedy_cpu: np.ndarray  # [B] bool
     max_num_logprobs: int | None  # N of LogprobsTensors (-1 resolved to vocab_size); None = no row asked
     grammar_mask: GrammarMask | None = None  # allowed tokens of the rows under a grammar; None = no such row
 
@@ -138,14 +170,32 @@ class SamplingMetadata:
         return self.log_min_p is None
 
     @property
+    def random_seeds(self) -> list[tuple[int, int]]:
+        """(row, generator seed) of every random row."""
+        if self.seeds_cpu is None:
+            return []
+        random_rows = np.flatnonzero(~self.is_greedy_cpu)
+        return list(zip(random_rows.tolist(), self.seeds_cpu[random_rows].tolist()))
+
+    @property
     def modifies_logits(self) -> bool:
         """Whether sampling writes into the logits (so a float32 input must be copied first)."""
-        return not (
-            self.all_greedy
-            and self.penalties is None
-            and self.logit_bias is None
-            and self.banned is None
-            and self.grammar_mask is None
+        return not (self.all_greedy and self.has_no_logits_processing)
+
+    @property
+    def has_no_logits_processing(self) -> bool:
+        """No bias, ban, penalty or grammar: the logits reach the sampling step as the model gave them."""
+        return self.penalties is None and self.logit_bias is None and self.banned is None and self.grammar_mask is None
+
+    @property
+    def needs_only_temperature(self) -> bool:
+        """Random rows whose only knob is the temperature: a fused kernel can sample straight from the raw logits."""
+        return (
+            not self.all_greedy
+            and self.has_no_logits_processing
+            and self.log_min_p is None
+            and self.top_k is None
+            and self.top_p is None
         )
 
     @classmethod
@@ -158,31 +208,81 @@ class SamplingMetadata:
     ) -> SamplingMetadata:
         device = torch.device(device)
         params = [row.params for row in rows]
-        greedy = [p.is_greedy for p in params]
+        temperatures = np.array([p.temperature for p in params], dtype=np.float64)
+        is_greedy = temperatures < SAMPLING_EPS
         # An empty batch counts as all greedy: argmax of [0, V] is an empty result, no draw.
-        all_greedy, all_random = all(greedy), bool(greedy) and not any(greedy)
-        top_k, max_top_k = _top_k(params, vocab_size, device)
+        all_greedy, all_random = bool(is_greedy.all()), bool(rows) and not is_greedy.any()
+        host = {} if all_greedy else _random_row_values(rows, params, temperatures, is_greedy, vocab_size)
+        penalty_values = _penalty_values(params)
+        float32_penalties = {name: array.astype(np.float32) for name, array in penalty_values.items()}
+        values = _to_device_packed({**host, **float32_penalties}, device)
+        top_k = host.get("top_k")
         return cls(
             num_rows=len(rows),
             vocab_size=vocab_size,
             all_greedy=all_greedy,
             all_random=all_random,
-            greedy_mask=None if all_greedy or all_random else _to_device(greedy, torch.bool, device),
-            temperature=None if all_greedy else _temperature(params, device),
-            log_min_p=None if all_greedy else _log_min_p(params, device),
-            top_k=None if all_greedy else top_k,
-            max_top_k=max_top_k,
-            top_p=None if all_greedy else _top_p(params, device),
-            penalties=_penalties(rows, device),
+            greedy_mask=values.get("greedy_mask"),
+            temperature=values.get("temperature"),
+            log_min_p=values.get("log_min_p"),
+            top_k=values.get("top_k"),
+            max_top_k=int(top_k[top_k < vocab_size].max()) if top_k is not None else 0,
+            top_p=values.get("top_p"),
+            penalties=_penalties(rows, penalty_values, values, device),
             logit_bias=_logit_bias(params, device),
-            banned=_min_tokens_bans(rows, eos_token_ids, device),
-            random_seeds=[
-                (i, generator_seed(row.sampling_seed, len(row.output_token_ids)))
-                for i, row in enumerate(rows)
-                if not greedy[i]
-            ],
+            banned=_min_tokens_bans(rows, params, eos_token_ids, device),
+            seeds=values.get("seeds"),
+            seeds_cpu=host.get("seeds"),
+            is_greedy_cpu=is_greedy,
             max_num_logprobs=_max_num_logprobs(params, vocab_size),
         )
+
+
+def _random_row_values(
+    rows: list[SamplingRow],
+    params: list[SamplingParams],
+    temperatures: np.ndarray,
+    is_greedy: np.ndarray,
+    vocab_size: int,
+) -> dict[str, np.ndarray]:
+    """The [B] host arrays the random rows need; a feature no row uses is left out (its op is skipped)."""
+    values = {
+        "greedy_mask": is_greedy if is_greedy.any() else None,  # only a batch that mixes both kinds needs it
+        "temperature": _temperature(temperatures, is_greedy),
+        "log_min_p": _log_min_p(params),
+        "top_k": _top_k(params, vocab_size),
+        "top_p": _top_p(params),
+        "seeds": generator_seeds([row.sampling_seed for row in rows], [len(row.output_token_ids) for row in rows]),
+    }
+    return {name: array for name, array in values.items() if array is not None}
+
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64, np.dtype(np.bool_): torch.bool}
+_PACKING_ALIGNMENT = 8  # bytes: every array of the packed buffer starts aligned for an 8-byte dtype
+
+
+def _to_device_packed(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host arrays -> device tensors with ONE host->device copy instead of one per array.
+
+    The arrays are packed into one (pinned) byte buffer, copied once, and viewed back with their dtypes: slicing
+    and ``view(dtype)`` launch no kernel. Each costs ~10 us of host time when copied alone.
+    """
+    offsets, total = {}, 0
+    for name, array in arrays.items():
+        offsets[name] = total
+        total += -(-array.nbytes // _PACKING_ALIGNMENT) * _PACKING_ALIGNMENT
+    if total == 0:
+        return {}
+    packed = torch.empty(total, dtype=torch.uint8, pin_memory=device.type != "cpu")
+    packed_host = packed.numpy()
+    for name, array in arrays.items():
+        packed_host[offsets[name] : offsets[name] + array.nbytes] = np.ascontiguousarray(array).view(np.uint8)
+    if device.type != "cpu":
+        packed = packed.to(device, non_blocking=True)
+    return {
+        name: packed[offsets[name] : offsets[name] + array.nbytes].view(_TORCH_DTYPES[array.dtype])
+        for name, array in arrays.items()
+    }
 
 
 def _to_device(data: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -196,64 +296,81 @@ def _to_device(data: list | np.ndarray, dtype: torch.dtype, device: torch.device
     return cpu.pin_memory().to(device, non_blocking=True)
 
 
-def _temperature(params: list[SamplingParams], device: torch.device) -> torch.Tensor | None:
+def _temperature(temperatures: np.ndarray, is_greedy: np.ndarray) -> np.ndarray | None:
     # Greedy rows get 1.0: they never use the scaled logits, and dividing by 0 would only make nan.
-    values = [1.0 if p.is_greedy else p.temperature for p in params]
-    return None if all(v == 1.0 for v in values) else _to_device(values, torch.float32, device)
+    values = np.where(is_greedy, 1.0, temperatures)
+    return None if (values == 1.0).all() else values.astype(np.float32)
 
 
-def _log_min_p(params: list[SamplingParams], device: torch.device) -> torch.Tensor | None:
-    if all(p.min_p == 0.0 for p in params):
+def _log_min_p(params: list[SamplingParams]) -> np.ndarray | None:
+    min_p = [p.min_p for p in params]
+    if min_p.count(0.0) == len(min_p):
         return None
     # Filtering p_i < min_p * p_max is filtering logit_i < logit_max + log(min_p): no softmax needed.
-    values = [math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params]
-    return _to_device(values, torch.float32, device)
+    return np.array([math.log(m) if m > 0.0 else -math.inf for m in min_p], dtype=np.float32)
 
 
-def _top_k(params: list[SamplingParams], vocab_size: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
-    values = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-    enabled = [k for k in values if k < vocab_size]
-    if not enabled:
-        return None, 0
-    return _to_device(values, torch.int64, device), max(enabled)
-
-
-def _top_p(params: list[SamplingParams], device: torch.device) -> torch.Tensor | None:
-    if all(p.top_p >= 1.0 for p in params):
+def _top_k(params: list[SamplingParams], vocab_size: int) -> np.ndarray | None:
+    top_k = [p.top_k for p in params]
+    if top_k.count(0) == len(top_k):  # the common case, decided without numpy (list.count runs in C)
         return None
-    values = [p.top_p if p.top_p < 1.0 else _TOP_P_DISABLED for p in params]
-    return _to_device(values, torch.float32, device)
-
-
-def _penalties(rows: list[SamplingRow], device: torch.device) -> PenaltyMetadata | None:
-    params = [row.params for row in rows]
-    repetition = [p.repetition_penalty for p in params]
-    frequency = [p.frequency_penalty for p in params]
-    presence = [p.presence_penalty for p in params]
-    has_repetition = [r != 1.0 for r in repetition]
-    penalized = [has_repetition[i] or frequency[i] != 0.0 or presence[i] != 0.0 for i in range(len(rows))]
-    if not any(penalized):
+    values = np.array(top_k, dtype=np.int64)
+    enabled = (values > 0) & (values < vocab_size)
+    if not enabled.any():
         return None
+    return np.where(enabled, values, vocab_size)
+
+
+def _top_p(params: list[SamplingParams]) -> np.ndarray | None:
+    top_p = [p.top_p for p in params]
+    if top_p.count(1.0) == len(top_p) or min(top_p) >= 1.0:
+        return None
+    values = np.array(top_p, dtype=np.float64)
+    return np.where(values < 1.0, values, _TOP_P_DISABLED).astype(np.float32)
+
+
+def _penalty_values(params: list[SamplingParams]) -> dict[str, np.ndarray]:
+    """The [B] factors of the penalties some row uses (one that every row leaves neutral is left out)."""
+    columns = {
+        "repetition": ([p.repetition_penalty for p in params], 1.0),
+        "frequency": ([p.frequency_penalty for p in params], 0.0),
+        "presence": ([p.presence_penalty for p in params], 0.0),
+    }
+    # Compared in float64 (the parameters' own precision): a factor that only rounds to neutral still counts.
+    return {
+        name: np.array(values, dtype=np.float64)
+        for name, (values, neutral) in columns.items()
+        if values.count(neutral) != len(values)
+    }
+
+
+def _penalties(
+    rows: list[SamplingRow],
+    host_values: dict[str, np.ndarray],
+    device_values: dict[str, torch.Tensor],
+    device: torch.device,
+) -> PenaltyMetadata | None:
+    if not host_values:
+        return None
+    num_rows = len(rows)
+    has_repetition = host_values.get("repetition", np.ones(num_rows)) != 1.0
+    penalized = has_repetition.copy()
+    for name in ("frequency", "presence"):
+        if name in host_values:
+            penalized |= host_values[name] != 0.0
     # Only rows with some penalty contribute occurrences; the others would be neutralized anyway.
-    output_tokens = _sparse_tokens([row.output_token_ids if penalized[i] else [] for i, row in enumerate(rows)], device)
+    output_lists = [row.output_token_ids if is_penalized else [] for row, is_penalized in zip(rows, penalized)]
     prompt_tokens = None
-    if any(has_repetition):
-        prompt_lists = [row.prompt_token_ids if has_repetition[i] else [] for i, row in enumerate(rows)]
+    if has_repetition.any():
+        prompt_lists = [row.prompt_token_ids if repeats else [] for row, repeats in zip(rows, has_repetition)]
         prompt_tokens = _sparse_tokens(prompt_lists, device)
     return PenaltyMetadata(
-        repetition=_optional_row_values(repetition, 1.0, device),
-        frequency=_optional_row_values(frequency, 0.0, device),
-        presence=_optional_row_values(presence, 0.0, device),
-        output_tokens=output_tokens,
+        repetition=device_values.get("repetition"),
+        frequency=device_values.get("frequency"),
+        presence=device_values.get("presence"),
+        output_tokens=_sparse_tokens(output_lists, device),
         prompt_tokens=prompt_tokens,
     )
-
-
-def _optional_row_values(values: list[float], neutral: float, device: torch.device) -> torch.Tensor | None:
-    """A [B] float32 tensor, or None when every row has the neutral value (the op is then skipped)."""
-    if all(v == neutral for v in values):
-        return None
-    return _to_device(values, torch.float32, device)
 
 
 def _sparse_tokens(
@@ -276,15 +393,18 @@ def _sparse_tokens(
 
 
 def _logit_bias(params: list[SamplingParams], device: torch.device) -> SparseTokens | None:
-    if not any(p.logit_bias for p in params):
+    if not any([p.logit_bias for p in params]):
         return None
     biases = [p.logit_bias or {} for p in params]
     return _sparse_tokens([list(b.keys()) for b in biases], device, [list(b.values()) for b in biases])
 
 
 def _min_tokens_bans(
-    rows: list[SamplingRow], eos_token_ids: tuple[int, ...], device: torch.device
+    rows: list[SamplingRow], params: list[SamplingParams], eos_token_ids: tuple[int, ...], device: torch.device
 ) -> SparseTokens | None:
+    min_tokens = [p.min_tokens for p in params]
+    if min_tokens.count(0) == len(min_tokens):
+        return None
     banned = [
         list(dict.fromkeys([*eos_token_ids, *row.params.stop_token_ids]))
         if len(row.output_token_ids) < row.params.min_tokens
@@ -361,7 +481,9 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: in
 class Sampler:
     """Samples one token per row of ``logits [B, V]`` under each row's ``SamplingParams`` (see module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, use_triton: bool | None = None) -> None:
+        # None: the Triton kernel draws exactly when the logits are on CUDA (tests force it on CPU, interpreted).
+        self._use_triton = use_triton
         # One generator per device, re-seeded for every row: each draw depends only on the seed it is given.
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -371,21 +493,29 @@ class Sampler:
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        logits = _float32_for_writing(logits, metadata.modifies_logits)
-        logits = apply_logits_processing(logits, metadata)
-        sampled = self._sample(logits, metadata)
+        use_triton = logits.is_cuda if self._use_triton is None else self._use_triton
+        if use_triton and metadata.needs_only_temperature:
+            # The common case in one kernel: it reads the raw logits once, in their dtype, and scales them itself.
+            sampled = _triton_sampling().sample_rows(logits, metadata.seeds, metadata.greedy_mask, metadata.temperature)
+        else:
+            logits = _float32_for_writing(logits, metadata.modifies_logits)
+            logits = apply_logits_processing(logits, metadata)
+            sampled = self._sample(logits, metadata, use_triton)
         logprobs = None
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
         return SamplerOutput(sampled, logprobs)
 
-    def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        greedy = None if metadata.all_random else logits.argmax(dim=-1)
+    def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata, use_triton: bool) -> torch.Tensor:
         if metadata.all_greedy:
-            return greedy
-        logits = apply_temperature(logits, metadata.temperature)
-        logits = apply_min_p(logits, metadata.log_min_p)
-        logits = apply_top_k_top_p(logits, metadata.top_k, metadata.max_top_k, metadata.top_p)
+            return logits.argmax(dim=-1)
+        if use_triton:
+            # Greedy rows take their argmax in the kernel, after the filters: those leave them unchanged
+            # (temperature 1.0, min_p/top_k/top_p off), so it is the argmax of the processed logits, as below.
+            logits = apply_random_row_filters(logits, metadata)
+            return _triton_sampling().sample_rows(logits, metadata.seeds, metadata.greedy_mask)
+        greedy = None if metadata.all_random else logits.argmax(dim=-1)
+        logits = apply_random_row_filters(logits, metadata)
         sampled = self._sample_random(logits, metadata)
         if greedy is None:
             return sampled
@@ -411,6 +541,11 @@ class Sampler:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
         return self._generators[device]
+
+
+def _triton_sampling() -> ModuleType:
+    """The Triton kernel's module, imported on first use: a CPU-only install never needs Triton."""
+    return importlib.import_module("pagedllm.worker.triton_sampling")
 
 
 def _float32_for_writing(logits: torch.Tensor, will_write: bool) -> torch.Tensor:
@@ -461,6 +596,13 @@ def apply_penalties(logits: torch.Tensor, penalties: PenaltyMetadata) -> torch.T
     if penalties.presence is not None:
         logits -= penalties.presence.unsqueeze(1) * in_output
     return logits
+
+
+def apply_random_row_filters(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """What shapes the random rows' distributions: temperature, then min_p, then top_k and top_p."""
+    logits = apply_temperature(logits, metadata.temperature)
+    logits = apply_min_p(logits, metadata.log_min_p)
+    return apply_top_k_top_p(logits, metadata.top_k, metadata.max_top_k, metadata.top_p)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:

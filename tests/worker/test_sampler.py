@@ -16,6 +16,7 @@ from pagedllm.worker.sampler import (
     apply_logits_processing,
     compute_logprobs,
     generator_seed,
+    generator_seeds,
 )
 
 CPU = torch.device("cpu")
@@ -293,6 +294,25 @@ def test_generator_seed_mixes_both_inputs() -> None:
     assert len(seeds) == 2500
     assert all(0 <= s < 2**63 for s in seeds)
     assert generator_seed(-5, 3) == generator_seed(-5, 3)
+
+
+def test_generator_seeds_match_generator_seed_row_by_row() -> None:
+    sampling_seeds = [0, 1, -5, 2**63 - 1, -(2**63), 12345678901234]
+    positions = [0, 7, 3, 1000, 2, 2**20]
+    expected = [generator_seed(s, n) for s, n in zip(sampling_seeds, positions)]
+    assert generator_seeds(sampling_seeds, positions).tolist() == expected
+    huge = [2**64 + 3, 2**70 - 1]  # outside int64: reduced modulo 2**64, as generator_seed does
+    assert generator_seeds(huge, [4, 5]).tolist() == [generator_seed(2**64 + 3, 4), generator_seed(2**70 - 1, 5)]
+
+
+def test_metadata_of_plain_rows_packs_temperature_and_seeds() -> None:
+    rows = [make_row(SamplingParams(temperature=0.0 if i == 2 else 0.6), output=[1] * i, seed=i) for i in range(4)]
+    md = SamplingMetadata.build(rows, 10, CPU, ())
+    assert md.temperature.dtype == torch.float32 and md.temperature.tolist() == pytest.approx([0.6, 0.6, 1.0, 0.6])
+    assert md.greedy_mask.tolist() == [False, False, True, False]
+    assert md.seeds.dtype == torch.int64 and md.seeds.tolist() == [generator_seed(i, i) for i in range(4)]
+    assert md.random_seeds == [(i, generator_seed(i, i)) for i in (0, 1, 3)]
+    assert md.needs_only_temperature and md.no_top_k and md.no_top_p and md.no_min_p and md.no_penalties
 
 
 # -- logprobs -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""One Triton kernel that draws the token of every row of a batch: CUDA's replacement for the per-row generators.
+
+The CPU sampler re-seeds a ``torch.Generator`` per random row (one small kernel + ``manual_seed`` each, ~8 us of
+host time per row on a GPU). Here one launch serves the whole batch: program ``r`` reads row ``r``'s 63-bit
+generator seed from an int64 tensor and draws its noise with Triton's counter-based Philox (``tl.rand(seed,
+column)``). So the noise of a row depends only on ``(seed, column)``, never on the batch: the sampler's
+randomness rule holds (a row's draw depends only on ``(sampling_seed, number of output tokens)``).
+
+Each row is one exponential race: ``token = argmax(logits / temperature - log E)`` with ``E = -log U``
+(Exponential(1)), which picks token ``i`` with probability ``softmax(logits / temperature)_i``. Greedy rows take
+the plain argmax in the same pass. The vocabulary is read in blocks of ``BLOCK_SIZE`` with a running max/argmax,
+so the logits are read once, in their own dtype (no float32 copy, no ``[B, V]`` noise tensor).
+
+Imported lazily (only for CUDA logits), so that ``import pagedllm`` does not need Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# 4096 columns per iteration: ~37 iterations for a 152k vocabulary, 16 float32 values per thread at 8 warps.
+BLOCK_SIZE = 4096
+NUM_WARPS = 8
+
+# Both clamps keep the noise finite, so that a -inf (banned) logit stays -inf and can never win against a finite
+# one: U = 0 would make E = inf, and E = 0 (U rounded to 1, or a log that rounds to 0) would make -log E = +inf,
+# and -inf + inf is nan. The same floor as the CPU path's ``clamp_min_(tiny)`` on E.
+_FLOAT32_TINY = 1.1754943508222875e-38
+
+
+@triton.jit
+def _sample_rows_kernel(
+    logits_ptr,
+    logits_row_stride,
+    seeds_ptr,
+    greedy_ptr,
+    temperature_ptr,
+    out_ptr,
+    vocab_size,
+    HAS_GREEDY: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_logits_ptr = logits_ptr + row.to(tl.int64) * logits_row_stride
+    seed = tl.load(seeds_ptr + row)
+    # 0.0 for greedy rows: their noise is multiplied away, so one branch-free loop serves both kinds.
+    noise_scale = 1.0
+    if HAS_GREEDY:
+        noise_scale = tl.where(tl.load(greedy_ptr + row) != 0, 0.0, 1.0)
+    temperature = 1.0
+    if HAS_TEMPERATURE:
+        temperature = tl.load(temperature_ptr + row)
+
+    best_score = float("-inf")
+    best_index = 0
+    for start in range(0, vocab_size, BLOCK):
+        columns = start + tl.arange(0, BLOCK)
+        in_vocab = columns < vocab_size
+        logits = tl.load(row_logits_ptr + columns, mask=in_vocab, other=float("-inf")).to(tl.float32)
+        uniform = tl.maximum(tl.rand(seed, columns), _FLOAT32_TINY)
+        exponential = tl.maximum(-tl.log(uniform), _FLOAT32_TINY)
+        scores = logits / temperature - noise_scale * tl.log(exponential)
+        block_best, block_index = tl.max(scores, axis=0, return_indices=True)
+        # Strictly greater: on ties the earlier column wins (as torch.argmax), and a row of only -inf gives 0.
+        is_better = block_best > best_score
+        best_index = tl.where(is_better, start + block_index, best_index)
+        best_score = tl.where(is_better, block_best, best_score)
+    tl.store(out_ptr + row, best_index.to(tl.int64))
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    greedy_mask: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``: the exponential race of each row, or its argmax where greedy.
+
+    ``seeds``: [B] int64 generator seeds (ignored on greedy rows); ``greedy_mask``: [B] bool, None = no greedy
+    row; ``temperature``: [B] float32 to divide the logits by first, None = the logits are already scaled.
+    """
+    num_rows, vocab_size = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    sampled = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows == 0:
+        return sampled
+    # A small vocabulary gets a block of its own size (the noise of a column does not depend on the block).
+    block = min(BLOCK_SIZE, triton.next_power_of_2(vocab_size))
+    # Unused pointers still need a tensor; the constexpr flags compile their loads away.
+    _sample_rows_kernel[(num_rows,)](
+        logits,
+        logits.stride(0),
+        seeds,
+        greedy_mask if greedy_mask is not None else seeds,
+        temperature if temperature is not None else seeds,
+        sampled,
+        vocab_size,
+        HAS_GREEDY=greedy_mask is not None,
+        HAS_TEMPERATURE=temperature is not None,
+        BLOCK=block,
+        num_warps=NUM_WARPS,
+    )
+    return sampled
