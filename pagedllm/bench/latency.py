@@ -58,6 +58,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
                           "temperature": args.temperature, "compare": args.compare or []})
     record.update(throughput_figures(args.batch_size, workload.num_prompt_tokens, workload.num_output_tokens,
                                      stats["mean_s"]))
+    record["startup"] = llm.llm_engine.engine_core.startup_report
     record.update({
         "latency": stats,
         "prefill_latency": latency_stats(prefill),

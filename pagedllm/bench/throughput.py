@@ -63,6 +63,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         **prefix_cache_figures(result),
         "ttft": ttft_stats(result.ttfts_s),
         "load_s": load_s,
+        "startup": llm.llm_engine.engine_core.startup_report,
         "warmup_s": warmup_s,
         "bandwidth_bytes_per_s": bandwidth,
         "roofline": bound.to_dict(),

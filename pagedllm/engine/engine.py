@@ -42,7 +42,22 @@ class EngineCore:
             num_cpu_blocks=self.model_runner.num_cpu_blocks,
         )
         self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
-        logger.info("Engine ready in %.2f s", time.perf_counter() - start)
+        self.startup_report = self._startup_report(time.perf_counter() - start)
+        logger.info("Engine ready: %s", self.startup_report)
+
+    def _startup_report(self, total_s: float) -> dict:
+        """What start-up decided and what it cost: KV blocks, concurrency at full length, seconds per phase."""
+        block_size = self.config.cache_config.block_size
+        max_model_len = self.config.scheduler_config.max_model_len
+        runner = self.model_runner
+        return {
+            "num_gpu_blocks": self.num_blocks,
+            "kv_cache_tokens": self.num_blocks * block_size,
+            "max_concurrency_at_max_model_len": round(self.num_blocks * block_size / max_model_len, 2),
+            "attention_backend": self.config.attention_backend,
+            "cuda_graphs": runner.use_cuda_graphs,
+            "seconds": {**{name: round(s, 3) for name, s in runner.startup_seconds.items()}, "total": round(total_s, 3)},
+        }
 
     def _check_capacity(self, num_blocks: int) -> None:
         capacity = num_blocks * self.config.cache_config.block_size

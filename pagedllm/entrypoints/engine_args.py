@@ -41,7 +41,7 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
                        help="context length limit, prompt + output (default: the model's)")
     group.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step (default: 256)")
     group.add_argument("--max-num-batched-tokens", type=int, default=None,
-                       help="token budget of one step (default: 2048 with chunked prefill)")
+                       help="token budget of one step (default with chunked prefill: 8192 on GPU, 2048 on CPU)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV block, a power of 2 (default: 16)")
     group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                        help="split long prompts across steps, alongside decodes (default: on)")

@@ -77,7 +77,7 @@ def test_cuda_graphs_match_eager_steps(tiny_model):
     graphed = LLM(tiny_model("qwen3"), **common)
     runner = graphed.llm_engine.engine_core.model_runner
     assert runner.use_cuda_graphs and runner.decode_graphs.padded_size(11) == 16
-    assert {"load", "profile", "cuda_graphs"} <= set(runner.startup_seconds)
+    assert {"load", "cuda_graphs"} <= set(runner.startup_seconds)  # no "profile": the block count is given
     eager = LLM(tiny_model("qwen3"), enforce_eager=True, **common)
     assert not eager.llm_engine.engine_core.model_runner.use_cuda_graphs
     for ours, reference in zip(graphed.generate(prompts, params, use_tqdm=False),
