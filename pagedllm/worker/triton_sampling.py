@@ -27,7 +27,7 @@ NUM_WARPS = 8
 # Both clamps keep the noise finite, so that a -inf (banned) logit stays -inf and can never win against a finite
 # one: U = 0 would make E = inf, and E = 0 (U rounded to 1, or a log that rounds to 0) would make -log E = +inf,
 # and -inf + inf is nan. The same floor as the CPU path's ``clamp_min_(tiny)`` on E.
-_FLOAT32_TINY = 1.1754943508222875e-38
+_FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
