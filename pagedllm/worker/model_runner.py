@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,19 +46,29 @@ class CachedRequestState:
     num_computed_tokens: int
     structured_output: Any = None  # the grammar (engine-side object), advanced here with each sampled token
     block_table_version: int = 0  # bumped when block_ids are replaced (not extended): staged rows are then stale
+    # The two parts of token_ids as their own lists, kept in step, so the sampler gets them without a copy per step.
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
     def from_new(cls, data: NewRequestData) -> CachedRequestState:
+        token_ids = list(data.token_ids)
         return cls(
             data.req_id,
-            list(data.token_ids),
+            token_ids,
             data.num_prompt_tokens,
             data.sampling_params,
             data.sampling_seed,
             list(data.block_ids),
             data.num_computed_tokens,
             data.structured_output,
+            prompt_token_ids=token_ids[: data.num_prompt_tokens],
+            output_token_ids=token_ids[data.num_prompt_tokens :],
         )
+
+    def append_output(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
 
 
 @dataclass(slots=True)
@@ -358,7 +368,7 @@ class ModelRunner:
         logits = self.model.compute_logits(self._sampled_hidden(hidden, inputs))
         states = [self.requests[req_id] for req_id in inputs.sample_req_ids]
         rows = [
-            SamplingRow(s.sampling_params, s.token_ids[: s.num_prompt_tokens], s.token_ids[s.num_prompt_tokens :], s.sampling_seed)
+            SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.sampling_seed)
             for s in states
         ]
         metadata = SamplingMetadata.build(rows, self.model_config.vocab_size, self.device, self.model_config.eos_token_ids)
@@ -367,7 +377,7 @@ class ModelRunner:
         sampled = sampler_output.sampled_token_ids.tolist()  # the step's one device->host sync
         output = ModelRunnerOutput(dict(zip(inputs.sample_req_ids, sampled)))
         for state, token_id in zip(states, sampled):
-            state.token_ids.append(token_id)
+            state.append_output(token_id)
             if state.structured_output is not None:
                 state.structured_output.accept_token(token_id)
         if sampler_output.logprobs is not None:
