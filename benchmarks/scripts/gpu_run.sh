@@ -30,8 +30,8 @@ for section in "$@"; do
       server=$!
       for _ in $(seq 120); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
       common=(--base-url http://127.0.0.1:8011 --workload random --input-len 512 --output-len 128 --num-prompts 500)
-      bench serve "${common[@]}" --request-rate 16 --output-json "$OUT/serve-qwen3-0.6b-rate16.json"
-      bench serve "${common[@]}" --request-rate inf --output-json "$OUT/serve-qwen3-0.6b-rate-inf.json"
+      bench serve --disable-tqdm "${common[@]}" --request-rate 16 --output-json "$OUT/serve-qwen3-0.6b-rate16.json"
+      bench serve --disable-tqdm "${common[@]}" --request-rate inf --output-json "$OUT/serve-qwen3-0.6b-rate-inf.json"
       kill -TERM $server; wait $server
       bench throughput --disable-tqdm --model qwen3-0.6b --workload random --input-len 512 --output-len 128 --num-prompts 500 \
         --output-json "$OUT/throughput-random512-128-qwen3-0.6b.json" ;;

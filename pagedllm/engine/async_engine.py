@@ -21,7 +21,8 @@ from pagedllm.config import EngineArgs, EngineConfig
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.processing import ProcessedRequest, PromptInput
-from pagedllm.params import RequestOutput, SamplingParams
+from pagedllm.engine.output_processor import merge_delta_outputs
+from pagedllm.params import RequestOutput, RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,18 @@ class EngineDeadError(RuntimeError):
 
 
 class _Stream:
-    """Outputs of one request, handed from the loop thread to the asyncio task that waits for them."""
+    """Outputs of one request, handed from the loop thread to the asyncio task that waits for them.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    A reader that falls behind gets what piled up as one output: DELTA outputs are concatenated, the others
+    (each complete) replaced by the latest. So a busy server sends fewer, larger stream chunks instead of
+    falling further behind, as vLLM does.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, is_delta: bool) -> None:
         self._loop = loop
+        self._is_delta = is_delta
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._held_error: BaseException | None = None  # met while merging: raised by the next get()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -55,9 +63,17 @@ class _Stream:
         self._queue.put_nowait(item)
 
     async def get(self) -> RequestOutput:
+        if self._held_error is not None:
+            raise self._held_error
         item = await self._queue.get()
         if isinstance(item, BaseException):
             raise item
+        while not self._queue.empty():
+            later = self._queue.get_nowait()
+            if isinstance(later, BaseException):
+                self._held_error = later
+                break
+            item = merge_delta_outputs(item, later) if self._is_delta else later
         return item
 
 
@@ -135,7 +151,7 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError("The engine loop is not running")
         processed = self.engine.process_request(request_id, prompt, params, priority=priority)
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), params.output_kind == RequestOutputKind.DELTA)
         self._inbox.put(_Add(processed, stream))
         finished = False
         try:

@@ -7,6 +7,7 @@ RequestOutput carries follows the request's ``output_kind``: everything so far (
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -214,3 +215,27 @@ class OutputProcessor:
             finish_reason=sequence.finish_reason,
             stop_reason=sequence.stop_reason,
         )
+
+
+def merge_delta_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One DELTA output carrying what two consecutive ones of a request carry (texts, token ids and logprobs
+    concatenated per sequence; finish state and metrics from the later one)."""
+    by_index = {completion.index: completion for completion in earlier.outputs}
+    for completion in later.outputs:
+        before = by_index.get(completion.index)
+        by_index[completion.index] = completion if before is None else _concatenated(before, completion)
+    return dataclasses.replace(
+        later,
+        outputs=sorted(by_index.values(), key=lambda completion: completion.index),
+        prompt_logprobs=earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
+    )
+
+
+def _concatenated(before: CompletionOutput, after: CompletionOutput) -> CompletionOutput:
+    logprobs = None
+    if before.logprobs is not None or after.logprobs is not None:
+        logprobs = list(before.logprobs or []) + list(after.logprobs or [])
+    return dataclasses.replace(
+        after, text=before.text + after.text, token_ids=list(before.token_ids) + list(after.token_ids),
+        logprobs=logprobs,
+    )
