@@ -3,7 +3,8 @@
 A backend turns a (kind, spec) pair into a compiled grammar in two phases: ``parse`` (fast, no vocabulary: catches
 bad specs at add time) and ``compile`` (against the tokenizer's vocabulary: the slow part, run off the engine
 loop). A ``GrammarMatcher`` then follows one sequence: it fills that sequence's row of the token bitmask and
-advances with each accepted token.
+advances with each accepted token. ``fill_bitmasks`` fills the rows of a whole step at once: a backend with a
+batch API (xgrammar's is multi-threaded) overrides it; the default loops over the rows.
 """
 
 from __future__ import annotations
@@ -49,3 +50,8 @@ class StructuredOutputBackend(ABC):
     @abstractmethod
     def new_matcher(self, compiled: Any) -> GrammarMatcher:
         """A fresh matcher at the start of a compiled grammar."""
+
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Write the allowed next tokens of ``matchers[i]`` into ``bitmask[rows[i]]`` (matchers made by this backend)."""
+        for matcher, row in zip(matchers, rows):
+            matcher.fill_bitmask(bitmask, row)

@@ -53,6 +53,10 @@ class StructuredOutputRequest:
         return False
 
     @property
+    def backend(self) -> StructuredOutputBackend:
+        return self._backend
+
+    @property
     def matcher(self) -> GrammarMatcher:
         if self._matcher is None:
             self._matcher = self._backend.new_matcher(self._future.result())
@@ -66,6 +70,18 @@ class StructuredOutputRequest:
 
     def is_terminated(self) -> bool:
         return self._matcher is not None and self._matcher.is_terminated()
+
+
+def fill_bitmasks(grammars: list[StructuredOutputRequest], bitmask: torch.Tensor) -> None:
+    """Row i of ``bitmask`` <- the allowed next tokens of ``grammars[i]``: one batched call per backend (there is
+    one backend per engine, so one call per step)."""
+    by_backend: dict[StructuredOutputBackend, tuple[list[GrammarMatcher], list[int]]] = {}
+    for row, grammar in enumerate(grammars):
+        matchers, rows = by_backend.setdefault(grammar.backend, ([], []))
+        matchers.append(grammar.matcher)
+        rows.append(row)
+    for backend, (matchers, rows) in by_backend.items():
+        backend.fill_bitmasks(matchers, bitmask, rows)
 
 
 class StructuredOutputManager:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -15,39 +16,59 @@ from pagedllm.structured_output.backend import GrammarMatcher, StructuredOutputB
 _CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*(Check failed: \(.*?\) is false:\s*)?")
 
 
+# Filling a bitmask costs up to ~10 ms per row in states where most tokens are context-dependent (inside a string with
+# a maxLength, a pattern): the step's rows are filled by xgrammar's thread pool, capped so that it leaves cores to
+# the engine loop and the tokenizer threads.
+MAX_FILL_THREADS = 8
+
+
 def clean_error(exc: BaseException) -> str:
     return _CPP_PREFIX.sub("", str(exc)).strip()
+
+
+def default_fill_threads() -> int:
+    """Half the cores this process may run on (at least one, at most ``MAX_FILL_THREADS``)."""
+    return max(1, min(MAX_FILL_THREADS, len(os.sched_getaffinity(0)) // 2))
 
 
 class XgrammarMatcher(GrammarMatcher):
     """One sequence's position in an xgrammar compiled grammar."""
 
-    __slots__ = ("_matcher", "_rejected")
+    __slots__ = ("xgr_matcher", "_rejected")
 
     def __init__(self, compiled: xgr.CompiledGrammar) -> None:
-        self._matcher = xgr.GrammarMatcher(compiled)
+        self.xgr_matcher = xgr.GrammarMatcher(compiled)
         self._rejected = False
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+        self.xgr_matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept_token(self, token_id: int) -> bool:
-        accepted = self._matcher.accept_token(token_id)
+        accepted = self.xgr_matcher.accept_token(token_id)
         self._rejected |= not accepted
         return accepted
 
     def is_terminated(self) -> bool:
         # A rejected token (possible only when another rule, e.g. a min_tokens ban, removed every allowed
         # token) ends the sequence too: no continuation can satisfy the grammar any more.
-        return self._rejected or self._matcher.is_terminated()
+        return self._rejected or self.xgr_matcher.is_terminated()
 
 
 class XgrammarBackend(StructuredOutputBackend):
     """Grammars over a Hugging Face tokenizer's vocabulary, padded to the model's ``vocab_size``."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], max_threads: int = 2) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        stop_token_ids: list[int],
+        max_threads: int = 2,
+        fill_threads: int | None = None,
+    ) -> None:
+        """``max_threads`` compile grammars; ``fill_threads`` (None: ``default_fill_threads()``) fill bitmasks."""
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self._compiler = xgr.GrammarCompiler(info, max_threads=max_threads)
+        self._batch_matcher = xgr.BatchGrammarMatcher(fill_threads or default_fill_threads())
 
     def parse(self, kind: str, spec: Any) -> xgr.Grammar:
         try:
@@ -75,3 +96,8 @@ class XgrammarBackend(StructuredOutputBackend):
 
     def new_matcher(self, compiled: xgr.CompiledGrammar) -> GrammarMatcher:
         return XgrammarMatcher(compiled)
+
+    def fill_bitmasks(self, matchers: list[XgrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """All rows in one call into xgrammar, which fills them in parallel (called from one thread at a time)."""
+        xgr_matchers = [matcher.xgr_matcher for matcher in matchers]
+        self._batch_matcher.batch_fill_next_token_bitmask(xgr_matchers, bitmask, rows)

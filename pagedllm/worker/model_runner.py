@@ -398,14 +398,15 @@ class ModelRunner:
         rows = [row for row, state in enumerate(states) if state.structured_output is not None]
         if not rows:
             return None
-        width = -(-self.model_config.vocab_size // 32)
-        bitmask = torch.full((len(rows), width), -1, dtype=torch.int32)
-        for index, row in enumerate(rows):
-            states[row].structured_output.fill_bitmask(bitmask, index)
-        return GrammarMask(
-            torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True),
-            bitmask.to(self.device, non_blocking=True),
-        )
+        staging = self.__dict__.get("_bitmask_staging")
+        if staging is None:
+            # Made on the first step under a grammar, so an engine without structured outputs never allocates it.
+            from pagedllm.structured_output.bitmask import BitmaskStaging
+
+            staging = self._bitmask_staging = BitmaskStaging(
+                self.config.scheduler_config.max_num_seqs, self.model_config.vocab_size, self.device
+            )
+        return GrammarMask(*staging.stage([states[row].structured_output for row in rows], rows))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: _StepInputs) -> dict[str, list[TopLogprobs]]:
         result = {}
