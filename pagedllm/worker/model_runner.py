@@ -6,6 +6,7 @@ scheduler's diff each step, so nothing per request is rebuilt from scratch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     structured_output: Any = None  # the grammar (engine-side object), advanced here with each sampled token
-    block_table_version: int = 0  # bumped when block_ids are replaced (not extended): staged rows are then stale
+    # Unique over every state the runner has held, renewed when block_ids are replaced (not extended): a staged
+    # block-table row is reused only by the same version (a preempted request comes back with other blocks).
+    block_table_version: int = 0
     # The two parts of token_ids as their own lists, kept in step, so the sampler gets them without a copy per step.
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
@@ -114,6 +117,7 @@ class ModelRunner:
             self.device.type == "cuda" and not config.enforce_eager and config.attention_backend == "triton"
         )
         self.decode_graphs = DecodeGraphs()
+        self._block_table_versions = itertools.count(1)
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -276,12 +280,13 @@ class ModelRunner:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
         for data in scheduler_output.new_reqs:
-            self.requests[data.req_id] = CachedRequestState.from_new(data)
+            state = self.requests[data.req_id] = CachedRequestState.from_new(data)
+            state.block_table_version = next(self._block_table_versions)
         for data in scheduler_output.cached_reqs:
             state = self.requests[data.req_id]
             if data.block_ids_reset is not None:
                 state.block_ids = list(data.block_ids_reset)
-                state.block_table_version += 1
+                state.block_table_version = next(self._block_table_versions)
             else:
                 state.block_ids.extend(data.new_block_ids)
             state.num_computed_tokens = data.num_computed_tokens
