@@ -46,8 +46,8 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     structured_output: Any = None  # the grammar (engine-side object), advanced here with each sampled token
-    # Unique over every state the runner has held, renewed when block_ids are replaced (not extended): a staged
-    # block-table row is reused only by the same version (a preempted request comes back with other blocks).
+    # Unique over every state the runner has held (from 1), renewed when block_ids are replaced (not extended): a
+    # staged block-table row is reused only by the same version (a preempted request comes back with other blocks).
     block_table_version: int = 0
     # The two parts of token_ids as their own lists, kept in step, so the sampler gets them without a copy per step.
     prompt_token_ids: list[int] = field(default_factory=list)
@@ -118,6 +118,7 @@ class ModelRunner:
         )
         self.decode_graphs = DecodeGraphs()
         self._block_table_versions = itertools.count(1)
+        self._bitmask_staging: Any = None  # structured_output.bitmask.BitmaskStaging, made when first needed
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class ModelRunner:
         num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len)
         num_blocks = -(-num_tokens // self.block_size)
         kv_caches = self._allocate_kv_caches(num_blocks)
-        self.buffers.write_block_table_row(0, ("profile", 0), list(range(num_blocks)))
+        self.buffers.write_block_table_row(0, 0, list(range(num_blocks)))  # version 0: no request's
         inputs = _StepInputs(num_tokens, 1, [num_tokens], [num_tokens], [], [], [])
         self.buffers.input_ids.np[:num_tokens] = 0
         self._stage_positions_and_slots(inputs)
@@ -308,7 +309,7 @@ class ModelRunner:
                 token_ids.extend(state.token_ids[start:end])
             query_lens.append(num_new)
             seq_lens.append(end)
-            buffers.write_block_table_row(row, (req_id, state.block_table_version), state.block_ids)
+            buffers.write_block_table_row(row, state.block_table_version, state.block_ids)
             if end == len(state.token_ids):
                 sample_req_ids.append(req_id)
                 sample_indices.append(flat_start + num_new - 1)
@@ -403,15 +404,14 @@ class ModelRunner:
         rows = [row for row, state in enumerate(states) if state.structured_output is not None]
         if not rows:
             return None
-        staging = self.__dict__.get("_bitmask_staging")
-        if staging is None:
+        if self._bitmask_staging is None:
             # Made on the first step under a grammar, so an engine without structured outputs never allocates it.
             from pagedllm.structured_output.bitmask import BitmaskStaging
 
-            staging = self._bitmask_staging = BitmaskStaging(
+            self._bitmask_staging = BitmaskStaging(
                 self.config.scheduler_config.max_num_seqs, self.model_config.vocab_size, self.device
             )
-        return GrammarMask(*staging.stage([states[row].structured_output for row in rows], rows))
+        return GrammarMask(*self._bitmask_staging.stage([states[row].structured_output for row in rows], rows))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: _StepInputs) -> dict[str, list[TopLogprobs]]:
         result = {}

@@ -42,18 +42,18 @@ class StepBuffers:
         self.seq_lens = StagedBuffer((max_num_reqs,), torch.int32, device)
         self.block_tables = StagedBuffer((max_num_reqs, max_blocks_per_req), torch.int32, device)
         self.sample_indices = StagedBuffer((max_num_reqs,), torch.int64, device)
-        # Which request's block ids each block-table row holds, and how many: a request that keeps its row from
-        # one step to the next only has its new blocks written (the scheduler's diff, not a rebuild).
-        self._row_owner: list[tuple[str, int] | None] = [None] * max_num_reqs
+        # Which block table (by version) each row holds, and how many of its ids: a request that keeps its row
+        # from one step to the next only has its new blocks written (the scheduler's diff, not a rebuild).
+        self._row_version: list[int | None] = [None] * max_num_reqs
         self._row_num_blocks = [0] * max_num_reqs
 
-    def write_block_table_row(self, row: int, owner: tuple[str, int], block_ids: list[int]) -> None:
-        """Make row ``row`` hold ``block_ids``; ``owner`` (request id, block-table version) tells whether the
-        row already holds a prefix of them."""
-        num_written = self._row_num_blocks[row] if self._row_owner[row] == owner else 0
+    def write_block_table_row(self, row: int, version: int, block_ids: list[int]) -> None:
+        """Make row ``row`` hold ``block_ids``; ``version`` (unique per block table, which only grows under one
+        version) tells whether the row already holds a prefix of them."""
+        num_written = self._row_num_blocks[row] if self._row_version[row] == version else 0
         if num_written < len(block_ids):
             self.block_tables.np[row, num_written : len(block_ids)] = block_ids[num_written:]
-        self._row_owner[row] = owner
+        self._row_version[row] = version
         self._row_num_blocks[row] = len(block_ids)
 
     def fill_padding(self, num_tokens: int, num_reqs: int, padded_num_reqs: int) -> None:
