@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/h200: `bash benchmarks/scripts/gpu_run.sh SECTION...` on the GPU machine, from the
 # repo root, with .whl and .assets carried (see device_env.sh). Records and logs go to $OUT (default: /tmp/out).
-# Sections: tests nano nano-hf latency profile serve structured.
+# Sections: tests nano nano-hf latency profile serve structured structured-profile.
 source benchmarks/scripts/device_env.sh || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 bench() { timeout 300 python3 -m pagedllm.bench "$@" 2>&1 | grep -v "^\[bench\]" | tail -12; }
@@ -35,6 +35,10 @@ for section in "$@"; do
       kill -TERM $server; wait $server
       bench throughput --disable-tqdm --model qwen3-0.6b --workload random --input-len 512 --output-len 128 --num-prompts 500 \
         --output-json "$OUT/throughput-random512-128-qwen3-0.6b.json" ;;
+    structured-profile)
+      timeout 300 python3 benchmarks/scripts/profile_grammar_steps.py --disable-tqdm --model qwen3-0.6b \
+        --tokenizer .assets/tokenizers/qwen3 --workload random --num-prompts 256 --input-len 256 --output-len 256 \
+        --structured-fraction 0.5 2>&1 | grep -v "^\[bench\]" | tail -16 ;;
     structured)
       bench throughput --disable-tqdm --model qwen3-0.6b --tokenizer .assets/tokenizers/qwen3 --workload random --num-prompts 256 \
         --input-len 256 --output-len 256 --structured-fraction 0.5 \

@@ -152,7 +152,9 @@ def run_structured(llm, workload: Workload, fraction: float) -> tuple[EngineRun,
     flags = structured_flags(len(workload.requests), fraction)
     compile_s = compile_schema(llm) if any(flags) else 0.0
     prompts = [r.prompt_token_ids for r in workload.requests]
+    draws_before = grammar_draws(llm)
     constrained, lengths = timed_generate(llm, prompts, sampling_params(workload, flags))
+    draws = {name: count - draws_before.get(name, 0) for name, count in grammar_draws(llm).items()}
     matched, _ = timed_generate(llm, fresh_prompts(workload), sampling_params(
         dataclasses.replace(workload, ignore_eos=True),  # exactly the constrained run's token counts
         [False] * len(flags), [max(n, 1) for n in lengths]))
@@ -168,19 +170,33 @@ def run_structured(llm, workload: Workload, fraction: float) -> tuple[EngineRun,
         "unstructured_output_tokens": sum(n for n, flag in zip(lengths, flags) if not flag),
         "requested_output_tokens": workload.num_output_tokens,
         "schema_compile_s": compile_s,
+        "grammar_draws": draws,
         "matched_unconstrained": {**matched_figures, "prefix_cache_hits": matched.prefix_cache_hits},
         "throughput_loss": 1.0 - constrained_figures["output_tokens_per_s"] / matched_figures["output_tokens_per_s"],
     }
     return constrained, section
 
 
+def grammar_draws(llm) -> dict[str, int]:
+    """The runner's count of draws under a grammar so far: masked before the draw, checked after it, and of those
+    drawn again with the mask (``worker/grammar_sampling.py``); empty before the first."""
+    grammar_sampling = llm.llm_engine.engine_core.model_runner.grammar_sampling
+    if grammar_sampling is None:
+        return {}
+    return {"masked": grammar_sampling.num_masked, "checked": grammar_sampling.num_checked,
+            "redrawn": grammar_sampling.num_redrawn}
+
+
 def summary_lines(section: dict[str, Any]) -> list[str]:
     matched = section["matched_unconstrained"]
+    draws = section.get("grammar_draws") or {}
     return [
         (f"structured outputs: {section['num_structured_requests']} requests ({100 * section['fraction']:.0f}%) with "
         f"the bench JSON schema (compiled in {section['schema_compile_s']:.2f} s before timing); they generated "
         f"{section['structured_output_tokens']:,} tokens, the others {section['unstructured_output_tokens']:,} "
         f"(asked for {section['requested_output_tokens']:,} in all)"),
+        (f"draws under the grammar: {draws.get('masked', 0):,} masked first, {draws.get('checked', 0):,} checked after "
+        f"the draw ({draws.get('redrawn', 0):,} of them drawn again with the mask)"),
         (f"matched unconstrained run (same prompts, max_tokens = tokens generated above): "
         f"{matched['output_tokens_per_s']:,.1f} output tok/s over {matched['output_tokens']:,} tokens; throughput "
         f"loss with constraints {100 * section['throughput_loss']:.1f}%"),

@@ -3,8 +3,9 @@
 A backend turns a (kind, spec) pair into a compiled grammar in two phases: ``parse`` (fast, no vocabulary: catches
 bad specs at add time) and ``compile`` (against the tokenizer's vocabulary: the slow part, run off the engine
 loop). A ``GrammarMatcher`` then follows one sequence: it fills that sequence's row of the token bitmask and
-advances with each accepted token. ``fill_bitmasks`` fills the rows of a whole step at once: a backend with a
-batch API (xgrammar's is multi-threaded) overrides it; the default loops over the rows.
+advances with each accepted token. ``fill_bitmasks`` fills the rows of a whole step at once and
+``try_accept_tokens`` offers one token to each of many matchers: a backend with a batch API (xgrammar's) overrides
+them; the defaults loop over the rows.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ class GrammarMatcher(ABC):
 
     @abstractmethod
     def accept_token(self, token_id: int) -> bool:
-        """Advance by one token; False if the grammar rejects it (the matcher is then left unchanged)."""
+        """Advance by one sampled token; False if the grammar rejects it (the sequence can then only end:
+        ``is_terminated()`` is True)."""
+
+    @abstractmethod
+    def try_accept_token(self, token_id: int) -> bool:
+        """Advance by one token if the grammar allows it; otherwise return False and leave the matcher as it was."""
 
     @abstractmethod
     def is_terminated(self) -> bool:
@@ -55,3 +61,7 @@ class StructuredOutputBackend(ABC):
         """Write the allowed next tokens of ``matchers[i]`` into ``bitmask[rows[i]]`` (matchers made by this backend)."""
         for matcher, row in zip(matchers, rows):
             matcher.fill_bitmask(bitmask, row)
+
+    def try_accept_tokens(self, matchers: list[GrammarMatcher], token_ids: list[int]) -> list[bool]:
+        """``matchers[i].try_accept_token(token_ids[i])`` for every i (matchers made by this backend)."""
+        return [matcher.try_accept_token(token_id) for matcher, token_id in zip(matchers, token_ids)]

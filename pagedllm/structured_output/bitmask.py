@@ -8,10 +8,14 @@ reused every step: pinned on CUDA, so its upload is one asynchronous copy into a
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pagedllm.structured_output.backend import bitmask_width
 from pagedllm.structured_output.manager import StructuredOutputRequest, fill_bitmasks
+
+# Words of a row read to estimate the share of tokens it allows: 8,192 token ids spread over the vocabulary.
+_SAMPLED_WORDS = 256
 
 
 class BitmaskStaging:
@@ -50,6 +54,12 @@ class BitmaskStaging:
         return self._upload(self._rows_host, self._rows_device, num_rows), self._upload(
             self._bitmask_host, self._bitmask_device, num_rows
         )
+
+    def allowed_fractions(self, num_rows: int) -> np.ndarray:
+        """The share of the vocabulary each of the first ``num_rows`` rows of the last ``stage`` allows, estimated
+        from ``_SAMPLED_WORDS`` words spread over the row (a full count would cost more than it tells)."""
+        words = self._bitmask_host[:num_rows, :: max(1, self.width // _SAMPLED_WORDS)].numpy()
+        return np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1).mean(axis=1)
 
     @staticmethod
     def _upload(host: torch.Tensor, device: torch.Tensor, num_rows: int) -> torch.Tensor:

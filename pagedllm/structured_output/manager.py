@@ -68,6 +68,9 @@ class StructuredOutputRequest:
     def accept_token(self, token_id: int) -> bool:
         return self.matcher.accept_token(token_id)
 
+    def try_accept_token(self, token_id: int) -> bool:
+        return self.matcher.try_accept_token(token_id)
+
     def is_terminated(self) -> bool:
         return self._matcher is not None and self._matcher.is_terminated()
 
@@ -82,6 +85,20 @@ def fill_bitmasks(grammars: list[StructuredOutputRequest], bitmask: torch.Tensor
         rows.append(row)
     for backend, (matchers, rows) in by_backend.items():
         backend.fill_bitmasks(matchers, bitmask, rows)
+
+
+def try_accept_tokens(grammars: list[StructuredOutputRequest], token_ids: list[int]) -> list[bool]:
+    """Offer ``token_ids[i]`` to ``grammars[i]`` (advanced if allowed, else left as it was): which were accepted.
+    One batched call per backend."""
+    by_backend: dict[StructuredOutputBackend, list[int]] = {}
+    for index, grammar in enumerate(grammars):
+        by_backend.setdefault(grammar.backend, []).append(index)
+    accepted = [False] * len(grammars)
+    for backend, indices in by_backend.items():
+        results = backend.try_accept_tokens([grammars[i].matcher for i in indices], [token_ids[i] for i in indices])
+        for index, result in zip(indices, results):
+            accepted[index] = result
+    return accepted
 
 
 class StructuredOutputManager:

@@ -48,6 +48,9 @@ class XgrammarMatcher(GrammarMatcher):
         self._rejected |= not accepted
         return accepted
 
+    def try_accept_token(self, token_id: int) -> bool:
+        return self.xgr_matcher.accept_token(token_id)  # a rejected token leaves an xgrammar matcher unchanged
+
     def is_terminated(self) -> bool:
         # A rejected token (possible only when another rule, e.g. a min_tokens ban, removed every allowed
         # token) ends the sequence too: no continuation can satisfy the grammar any more.
@@ -101,3 +104,7 @@ class XgrammarBackend(StructuredOutputBackend):
         """All rows in one call into xgrammar, which fills them in parallel (called from one thread at a time)."""
         xgr_matchers = [matcher.xgr_matcher for matcher in matchers]
         self._batch_matcher.batch_fill_next_token_bitmask(xgr_matchers, bitmask, rows)
+
+    def try_accept_tokens(self, matchers: list[XgrammarMatcher], token_ids: list[int]) -> list[bool]:
+        """One call into xgrammar for all rows (a rejected token leaves its matcher unchanged)."""
+        return xgr.BatchGrammarMatcher.batch_accept_token([matcher.xgr_matcher for matcher in matchers], token_ids)

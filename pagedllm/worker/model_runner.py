@@ -22,7 +22,6 @@ from pagedllm.model.loader import get_model, torch_dtype
 from pagedllm.params import SamplingParams
 from pagedllm.worker.cuda_graphs import DecodeGraphs, capture_sizes, decode_metadata
 from pagedllm.worker.sampler import (
-    GrammarMask,
     LogprobsTensors,
     Sampler,
     SamplingMetadata,
@@ -52,6 +51,8 @@ class CachedRequestState:
     # The two parts of token_ids as their own lists, kept in step, so the sampler gets them without a copy per step.
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
+    # Under a grammar: whether the next draw is checked after it rather than masked before it (grammar_sampling).
+    draw_checked: bool = False
 
     @classmethod
     def from_new(cls, data: NewRequestData) -> CachedRequestState:
@@ -118,7 +119,7 @@ class ModelRunner:
         )
         self.decode_graphs = DecodeGraphs()
         self._block_table_versions = itertools.count(1)
-        self._bitmask_staging: Any = None  # structured_output.bitmask.BitmaskStaging, made when first needed
+        self.grammar_sampling: Any = None  # worker.grammar_sampling.GrammarSampling, made when first needed
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -378,16 +379,22 @@ class ModelRunner:
             for s in states
         ]
         metadata = SamplingMetadata.build(rows, self.model_config.vocab_size, self.device, self.model_config.eos_token_ids)
-        metadata.grammar_mask = self._grammar_mask(states)
+        grammar_step = self._prepare_grammars(states, metadata)
         sampler_output = self.sampler(logits, metadata)
         sampled = sampler_output.sampled_token_ids.tolist()  # the step's one device->host sync
+        logprobs = sampler_output.logprobs
+        if grammar_step is not None:
+            sampled = self.grammar_sampling.finish(
+                grammar_step, states, sampled, sampler_output, metadata, lambda m: self.sampler(logits, m)
+            )
+            if logprobs is not None and grammar_step.changed:  # some token is not the first draw
+                tokens = torch.tensor(sampled, device=logits.device)
+                logprobs = compute_logprobs(logits, tokens, metadata.max_num_logprobs)
         output = ModelRunnerOutput(dict(zip(inputs.sample_req_ids, sampled)))
         for state, token_id in zip(states, sampled):
             state.append_output(token_id)
-            if state.structured_output is not None:
-                state.structured_output.accept_token(token_id)
-        if sampler_output.logprobs is not None:
-            output.logprobs = _per_request_logprobs(inputs.sample_req_ids, states, sampler_output.logprobs)
+        if logprobs is not None:
+            output.logprobs = _per_request_logprobs(inputs.sample_req_ids, states, logprobs)
         return output
 
     def _sampled_hidden(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
@@ -399,19 +406,19 @@ class ModelRunner:
         self.buffers.sample_indices.np[:num_samples] = inputs.sample_indices
         return hidden.index_select(0, self.buffers.sample_indices.upload(num_samples))
 
-    def _grammar_mask(self, states: list[CachedRequestState]) -> GrammarMask | None:
-        """The token bitmasks of the rows under a grammar, filled on the host; None (no cost) when there is none."""
-        rows = [row for row, state in enumerate(states) if state.structured_output is not None]
-        if not rows:
+    def _prepare_grammars(self, states: list[CachedRequestState], metadata: SamplingMetadata) -> Any:
+        """The rows under a grammar (``GrammarSampling.prepare``: masks filled, checked rows named), or None (no
+        cost) when there is none."""
+        if all(state.structured_output is None for state in states):
             return None
-        if self._bitmask_staging is None:
+        if self.grammar_sampling is None:
             # Made on the first step under a grammar, so an engine without structured outputs never allocates it.
-            from pagedllm.structured_output.bitmask import BitmaskStaging
+            from pagedllm.worker.grammar_sampling import GrammarSampling
 
-            self._bitmask_staging = BitmaskStaging(
+            self.grammar_sampling = GrammarSampling(
                 self.config.scheduler_config.max_num_seqs, self.model_config.vocab_size, self.device
             )
-        return GrammarMask(*self._bitmask_staging.stage([states[row].structured_output for row in rows], rows))
+        return self.grammar_sampling.prepare(states, metadata)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: _StepInputs) -> dict[str, list[TopLogprobs]]:
         result = {}

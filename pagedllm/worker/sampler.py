@@ -33,6 +33,11 @@ position, and again after preemption and recompute, on the same kind of device. 
 
 The two devices produce different streams for the same seed; each is reproducible on its own.
 
+Rows under a grammar are masked before the draw (``metadata.grammar_mask``), or drawn unmasked and checked after
+it (``metadata.checked_rows``): for those the sampler also returns the ``NUM_DRAW_CANDIDATES`` tokens of best race
+score, best first, from the same scores the draw maximized (``worker/grammar_sampling.py`` explains why the first
+allowed one is the masked draw).
+
 Ties: top_k keeps every token equal to the k-th largest logit (as vLLM), so ``top_k=1`` equals greedy unless the
 top logits tie exactly.
 """
@@ -58,6 +63,9 @@ _MASK64 = (1 << 64) - 1
 _TINY = torch.finfo(torch.float32).tiny
 # top_p stored for rows without top_p: the exclusive cumulative mass never reaches it, even with rounding.
 _TOP_P_DISABLED = 2.0
+# The best-scoring tokens of a row checked after its draw that the sampler returns, best first
+# (``worker/grammar_sampling.py``).
+NUM_DRAW_CANDIDATES = 16
 
 
 @dataclass(slots=True)
@@ -152,7 +160,9 @@ class SamplingMetadata:
     seeds_cpu: np.ndarray | None  # the same on the host, for the CPU path's per-row generators
     is_greedy_cpu: np.ndarray  # [B] bool
     max_num_logprobs: int | None  # N of LogprobsTensors (-1 resolved to vocab_size); None = no row asked
-    grammar_mask: GrammarMask | None = None  # allowed tokens of the rows under a grammar; None = no such row
+    grammar_mask: GrammarMask | None = None  # allowed tokens of the rows masked before the draw; None = no such row
+    # [L] int64: rows under a grammar drawn without a mask, whose draw candidates the sampler returns
+    checked_rows: torch.Tensor | None = None
 
     @property
     def no_penalties(self) -> bool:
@@ -461,6 +471,9 @@ class SamplerOutput:
 
     sampled_token_ids: torch.Tensor  # [B] int64
     logprobs: LogprobsTensors | None
+    # [L, NUM_DRAW_CANDIDATES] int64: for each of ``metadata.checked_rows``, the tokens in order of decreasing race
+    # score (the first is the row's draw); -1 from where the scores are -inf. None when no row is checked.
+    candidates: torch.Tensor | None = None
 
 
 def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
@@ -504,34 +517,48 @@ class Sampler:
         if use_triton and metadata.needs_only_temperature:
             # The common case in one kernel: it reads the raw logits once, in their dtype, and scales them itself.
             sampled = _sample_rows_fused(logits, metadata)
+            candidates = None if metadata.checked_rows is None else _fused_candidates(logits, metadata)
         else:
             logits = _float32_for_writing(logits, metadata.modifies_logits)
             logits = apply_logits_processing(logits, metadata)
-            sampled = self._sample(logits, metadata, use_triton)
+            sampled, candidates = self._sample(logits, metadata, use_triton)
         logprobs = None
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
-        return SamplerOutput(sampled, logprobs)
+        return SamplerOutput(sampled, logprobs, candidates)
 
-    def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata, use_triton: bool) -> torch.Tensor:
+    def _sample(
+        self, logits: torch.Tensor, metadata: SamplingMetadata, use_triton: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tokens, and the candidates of the checked rows (None if there is none)."""
+        checked = metadata.checked_rows
         if metadata.all_greedy:
-            return logits.argmax(dim=-1)
+            candidates = None if checked is None else top_candidates(logits.index_select(0, checked))
+            return logits.argmax(dim=-1), candidates
         if use_triton:
             # Greedy rows take their argmax in the kernel, after the filters: those leave them unchanged
             # (temperature 1.0, min_p/top_k/top_p off), so it is the argmax of the processed logits, as below.
             logits = apply_random_row_filters(logits, metadata)
-            return _triton_sampling().sample_rows(logits, metadata.seeds, metadata.greedy_mask)
+            kernel = _triton_sampling()
+            sampled = kernel.sample_rows(logits, metadata.seeds, metadata.greedy_mask)
+            if checked is None:
+                return sampled, None
+            seeds, greedy_mask = (_select_rows(t, checked) for t in (metadata.seeds, metadata.greedy_mask))
+            return sampled, top_candidates(kernel.race_scores(logits.index_select(0, checked), seeds, greedy_mask))
         greedy = None if metadata.all_random else logits.argmax(dim=-1)
         logits = apply_random_row_filters(logits, metadata)
-        sampled = self._sample_random(logits, metadata)
-        if greedy is None:
-            return sampled
-        return torch.where(metadata.greedy_mask, greedy, sampled)
+        scores = self._race_scores(logits, metadata)
+        sampled = scores.argmax(dim=-1)
+        if greedy is not None:
+            sampled = torch.where(metadata.greedy_mask, greedy, sampled)
+        # A greedy row's noise is 1 (log 1 = 0): its scores are its logits, ranked as its argmax ranks them.
+        return sampled, None if checked is None else top_candidates(scores.index_select(0, checked))
 
-    def _sample_random(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    def _race_scores(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """The exponential race's scores: argmax(p / E) == argmax(log p - log E), and log p differs from the logits
+        by a per-row constant."""
         noise = self._draw_exponential(logits, metadata)
-        # argmax(p / E) == argmax(log p - log E), and log p differs from the logits by a per-row constant.
-        return (logits - noise.clamp_min_(_TINY).log_()).argmax(dim=-1)
+        return logits - noise.clamp_min_(_TINY).log_()
 
     def _draw_exponential(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         noise = torch.empty_like(logits)
@@ -570,6 +597,22 @@ def _sample_rows_fused(logits: torch.Tensor, metadata: SamplingMetadata) -> torc
     constrained = apply_temperature(constrained, temperature)
     redrawn = kernel.sample_rows(constrained, metadata.seeds.index_select(0, mask.rows), greedy_mask)
     return sampled.index_copy_(0, mask.rows, redrawn)
+
+
+def _fused_candidates(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """The candidates of the checked rows, ranked by the scores the fused kernel's draw maximizes."""
+    rows = metadata.checked_rows
+    seeds, greedy_mask, temperature = (
+        _select_rows(t, rows) for t in (metadata.seeds, metadata.greedy_mask, metadata.temperature)
+    )
+    return top_candidates(_triton_sampling().race_scores(logits.index_select(0, rows), seeds, greedy_mask, temperature))
+
+
+def top_candidates(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's ``NUM_DRAW_CANDIDATES`` best-scoring tokens, best first; -1 where the score is -inf (a token that
+    cannot be drawn: banned, or past the tokens left). Equal scores come in no set order."""
+    values, token_ids = scores.topk(min(NUM_DRAW_CANDIDATES, scores.shape[1]), dim=1)
+    return token_ids.masked_fill_(values == -math.inf, -1)
 
 
 def _select_rows(values: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:

@@ -31,6 +31,29 @@ _FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
+def _race_scores(logits, seed, columns, noise_scale, temperature):
+    """The race scores of some columns of a row (float32 logits): the draw is the column of the largest."""
+    uniform = tl.maximum(tl.rand(seed, columns), _FLOAT32_TINY)
+    exponential = tl.maximum(-tl.log(uniform), _FLOAT32_TINY)
+    return logits / temperature - noise_scale * tl.log(exponential)
+
+
+@triton.jit
+def _row_parameters(row, seeds_ptr, greedy_ptr, temperature_ptr, HAS_GREEDY: tl.constexpr,
+                    HAS_TEMPERATURE: tl.constexpr):
+    """A row's seed, noise scale (0.0 for greedy rows: their noise is multiplied away, so one branch-free loop
+    serves both kinds) and temperature."""
+    seed = tl.load(seeds_ptr + row)
+    noise_scale = 1.0
+    if HAS_GREEDY:
+        noise_scale = tl.where(tl.load(greedy_ptr + row) != 0, 0.0, 1.0)
+    temperature = 1.0
+    if HAS_TEMPERATURE:
+        temperature = tl.load(temperature_ptr + row)
+    return seed, noise_scale, temperature
+
+
+@triton.jit
 def _sample_rows_kernel(
     logits_ptr,
     logits_row_stride,
@@ -45,24 +68,16 @@ def _sample_rows_kernel(
 ):
     row = tl.program_id(0)
     row_logits_ptr = logits_ptr + row.to(tl.int64) * logits_row_stride
-    seed = tl.load(seeds_ptr + row)
-    # 0.0 for greedy rows: their noise is multiplied away, so one branch-free loop serves both kinds.
-    noise_scale = 1.0
-    if HAS_GREEDY:
-        noise_scale = tl.where(tl.load(greedy_ptr + row) != 0, 0.0, 1.0)
-    temperature = 1.0
-    if HAS_TEMPERATURE:
-        temperature = tl.load(temperature_ptr + row)
-
+    seed, noise_scale, temperature = _row_parameters(
+        row, seeds_ptr, greedy_ptr, temperature_ptr, HAS_GREEDY, HAS_TEMPERATURE
+    )
     best_score = float("-inf")
     best_index = 0
     for start in range(0, vocab_size, BLOCK):
         columns = start + tl.arange(0, BLOCK)
         in_vocab = columns < vocab_size
         logits = tl.load(row_logits_ptr + columns, mask=in_vocab, other=float("-inf")).to(tl.float32)
-        uniform = tl.maximum(tl.rand(seed, columns), _FLOAT32_TINY)
-        exponential = tl.maximum(-tl.log(uniform), _FLOAT32_TINY)
-        scores = logits / temperature - noise_scale * tl.log(exponential)
+        scores = _race_scores(logits, seed, columns, noise_scale, temperature)
         block_best, block_index = tl.max(scores, axis=0, return_indices=True)
         # Strictly greater: on ties the earlier column wins (as torch.argmax), and a row of only -inf gives 0.
         is_better = block_best > best_score
@@ -105,3 +120,59 @@ def sample_rows(
         num_warps=NUM_WARPS,
     )
     return sampled
+
+
+@triton.jit
+def _race_scores_kernel(
+    logits_ptr,
+    logits_row_stride,
+    seeds_ptr,
+    greedy_ptr,
+    temperature_ptr,
+    out_ptr,
+    vocab_size,
+    HAS_GREEDY: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_vocab = columns < vocab_size
+    seed, noise_scale, temperature = _row_parameters(
+        row, seeds_ptr, greedy_ptr, temperature_ptr, HAS_GREEDY, HAS_TEMPERATURE
+    )
+    logits = tl.load(logits_ptr + row.to(tl.int64) * logits_row_stride + columns, mask=in_vocab).to(tl.float32)
+    scores = _race_scores(logits, seed, columns, noise_scale, temperature)
+    tl.store(out_ptr + row.to(tl.int64) * vocab_size + columns, scores, mask=in_vocab)
+
+
+def race_scores(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    greedy_mask: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The float32 ``[B, V]`` scores whose row-wise argmax ``sample_rows`` returns (same arguments): the same noise,
+    so their order ranks the tokens the way the draw does (for the rows under a grammar: see
+    ``worker/grammar_sampling.py``)."""
+    num_rows, vocab_size = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    scores = torch.empty((num_rows, vocab_size), dtype=torch.float32, device=logits.device)
+    if num_rows == 0:
+        return scores
+    block = min(BLOCK_SIZE, triton.next_power_of_2(vocab_size))
+    _race_scores_kernel[(num_rows, triton.cdiv(vocab_size, block))](
+        logits,
+        logits.stride(0),
+        seeds,
+        greedy_mask if greedy_mask is not None else seeds,
+        temperature if temperature is not None else seeds,
+        scores,
+        vocab_size,
+        HAS_GREEDY=greedy_mask is not None,
+        HAS_TEMPERATURE=temperature is not None,
+        BLOCK=block,
+        num_warps=NUM_WARPS,
+    )
+    return scores

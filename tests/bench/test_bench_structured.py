@@ -47,6 +47,9 @@ def test_structured_fraction_end_to_end(model_and_tokenizer, tmp_path):
     assert matched["prefix_cache_hits"] == 0
     assert section["throughput_loss"] == pytest.approx(
         1 - record["output_tokens_per_s"] / matched["output_tokens_per_s"])
+    draws = section["grammar_draws"]  # every constrained token was drawn one way or the other
+    assert draws["masked"] + draws["checked"] == section["structured_output_tokens"]
+    assert 0 <= draws["redrawn"] <= draws["checked"]
 
 
 def test_bench_schema_is_valid_and_flags_spread():

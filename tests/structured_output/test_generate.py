@@ -181,6 +181,30 @@ def test_unconstrained_rows_are_unaffected_in_a_mixed_batch(llm: LLM):
         jsonschema.validate(json.loads(mixed[i].outputs[0].text), SCHEMAS["array_enum"])
 
 
+@pytest.mark.parametrize("temperature, n", [(1.0, 16), (0.0, 1)])
+def test_checking_draws_gives_the_tokens_of_masking_every_draw(llm: LLM, temperature: float, n: int):
+    """Rows checked after their draw (worker/grammar_sampling.py, the default) get exactly the tokens and logprobs
+    of masking every row before its draw."""
+    structured = StructuredOutputsParams(json=SCHEMAS["nested_required"])
+    checked = _generate(llm, structured, n=n, temperature=temperature, logprobs=2)
+    grammar_sampling = llm.llm_engine.engine_core.model_runner.grammar_sampling
+    assert grammar_sampling.num_checked > 0 and grammar_sampling.num_redrawn > 0
+    grammar_sampling.check_draws = False
+    try:
+        num_checked = grammar_sampling.num_checked
+        masked = _generate(llm, structured, n=n, temperature=temperature, logprobs=2)
+        assert grammar_sampling.num_checked == num_checked
+    finally:
+        grammar_sampling.check_draws = True
+    assert [c.token_ids for c in checked] == [c.token_ids for c in masked]
+    for a, b in zip(checked, masked):
+        for position_a, position_b in zip(a.logprobs, b.logprobs):
+            assert position_a.keys() == position_b.keys()
+            for token_id, logprob in position_a.items():
+                assert logprob.logprob == pytest.approx(position_b[token_id].logprob, abs=1e-5)
+                assert logprob.rank == position_b[token_id].rank
+
+
 def test_matcher_survives_preemption_by_recompute(so_model_dir: str):
     # 64 blocks of 4 tokens for 24 sequences of ~60 tokens: preemptions (by recompute) are certain.
     llm = LLM(so_model_dir, device="cpu", block_size=4, num_gpu_blocks_override=64, max_model_len=256,

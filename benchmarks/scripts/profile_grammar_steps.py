@@ -1,0 +1,47 @@
+"""Where the host time of a structured-output run goes: runs ``pagedllm bench throughput`` (arguments passed through)
+with timers around the grammar side of sampling and the step, and prints their totals for the whole process.
+
+    python benchmarks/scripts/profile_grammar_steps.py --model qwen3-0.6b --tokenizer .assets/tokenizers/qwen3 \\
+        --workload random --num-prompts 256 --input-len 256 --output-len 256 --structured-fraction 0.5
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+
+from pagedllm.bench.cli import main
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.worker import grammar_sampling
+from pagedllm.worker.model_runner import ModelRunner
+
+TOTALS: collections.Counter = collections.Counter()
+CALLS: collections.Counter = collections.Counter()
+
+
+def timed(owner: type, name: str, label: str) -> None:
+    function = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            TOTALS[label] += time.perf_counter() - start
+            CALLS[label] += 1
+
+    setattr(owner, name, wrapper)
+
+
+timed(ModelRunner, "execute_model", "runner.execute_model (whole step but scheduling)")
+timed(Scheduler, "schedule", "scheduler.schedule")
+timed(grammar_sampling.GrammarSampling, "prepare", "grammar: prepare (masks filled before the draw)")
+timed(grammar_sampling.GrammarSampling, "finish", "grammar: finish (candidates offered, fills, redraws)")
+timed(grammar_sampling.GrammarSampling, "_fill_masks", "grammar: mask fills (inside the two above)")
+timed(grammar_sampling.GrammarSampling, "_offer_candidates", "grammar: candidates offered (inside finish)")
+
+status = main(["throughput", *sys.argv[1:]])
+for label, total in TOTALS.most_common():
+    print(f"{label:60s} {total:8.3f} s over {CALLS[label]:6d} calls ({1e3 * total / CALLS[label]:.3f} ms each)")
+sys.exit(status)

@@ -1,0 +1,152 @@
+"""The rows of a step under a grammar: each is masked before its draw, or checked after it.
+
+Filling a row's token bitmask is the costly part of structured outputs. xgrammar fills most masks in microseconds
+from tables made at compile time, but where most tokens depend on the grammar's context it tries them one by one:
+0.5 to 10 ms for one row inside a JSON string with a ``maxLength`` (its issue #852), and a step waits for its
+slowest row.
+
+Most draws need no mask. The sampler draws a row by the exponential race: the token of largest score
+``logit / temperature - log E`` (``E`` the row's Exponential(1) noise; a greedy row has no noise), and a row under a
+grammar is drawn the same way over its allowed tokens, with the same noise. So the masked draw is the first allowed
+token in the order of decreasing score; when the grammar allows the unmasked draw, it is the masked draw. A row
+*checked* after its draw is drawn without a mask, and the sampler also returns its ``NUM_DRAW_CANDIDATES`` (16)
+best-scoring tokens, best first; the host offers them to the grammar in that order, and the first it accepts is the
+row's token: the token the mask would have given, without the mask. Only when the grammar takes none of them is the
+mask filled and the row drawn again, masked (that step then syncs twice).
+
+Only a row whose mask is the last change to its scores can be checked: the filters that look at the distribution
+(top_k, top_p, min_p) would keep other tokens once the mask removed some, so those rows are always masked first.
+(logit_bias, min_tokens bans and penalties act before the mask, so they change nothing here.)
+
+Which way a row goes: after a mask that allowed under 1/64 of the vocabulary (a structural position in JSON,
+where few tokens fit and a draw is rarely allowed, and where the mask is cheap), the row is masked first, its mask
+filled while the GPU runs the forward; otherwise it is checked, and stays checked while its draws are accepted. A
+new row starts masked first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pagedllm.params import SamplingParams
+from pagedllm.structured_output.bitmask import BitmaskStaging
+from pagedllm.structured_output.manager import try_accept_tokens
+from pagedllm.worker.sampler import GrammarMask, SamplerOutput, SamplingMetadata
+from pagedllm.worker.step_buffers import StagedBuffer
+
+# A row whose mask allows less than this share of the vocabulary is masked first at its next step.
+MIN_ALLOWED_FRACTION_TO_CHECK = 1 / 64
+
+
+def can_check_after_draw(params: SamplingParams) -> bool:
+    """Whether the grammar's mask would be the last change to the row's scores (no top_k, top_p or min_p)."""
+    return params.top_k == 0 and params.top_p >= 1.0 and params.min_p == 0.0
+
+
+@dataclass(slots=True)
+class GrammarStep:
+    """The rows of one step under a grammar (batch rows), split by how they are sampled."""
+
+    masked: list[int]  # their masks filled before the draw
+    checked: list[int]  # drawn without a mask, their candidates offered to the grammar after the draw
+    redrawn: list[int] = dataclasses.field(default_factory=list)  # checked rows the grammar took no candidate of
+    changed: bool = False  # whether some checked row's token is not its unmasked draw
+
+
+class GrammarSampling:
+    """The grammar side of sampling: masks before the draw, checks after it (see the module docstring).
+
+    A row's way for its next step is kept on its runner state (``draw_checked``, False for a new row).
+    """
+
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device, check_draws: bool = True) -> None:
+        """``max_rows``: the most rows a step samples (``max_num_seqs``)."""
+        self.check_draws = check_draws  # False: every row is masked first (the reference the tests compare with)
+        self._staging = BitmaskStaging(max_rows, vocab_size, device)
+        self._checked_rows = StagedBuffer((max_rows,), torch.int64, device)
+        # Draws so far: masked before the draw, checked after it, and of those drawn again with the mask.
+        self.num_masked = self.num_checked = self.num_redrawn = 0
+
+    def prepare(self, states: list[Any], metadata: SamplingMetadata) -> GrammarStep | None:
+        """Split the step's rows under a grammar; fill the masks of those masked first (``metadata.grammar_mask``)
+        and name those checked after the draw (``metadata.checked_rows``). None when no row has a grammar."""
+        rows = [row for row, state in enumerate(states) if state.structured_output is not None]
+        if not rows:
+            return None
+        step = GrammarStep([], [])
+        for row in rows:
+            state = states[row]
+            checks = self.check_draws and state.draw_checked and can_check_after_draw(state.sampling_params)
+            (step.checked if checks else step.masked).append(row)
+        self.num_masked += len(step.masked)
+        self.num_checked += len(step.checked)
+        if step.masked:
+            metadata.grammar_mask = self._fill_masks(states, step.masked)
+        if step.checked:
+            self._checked_rows.np[: len(step.checked)] = step.checked
+            metadata.checked_rows = self._checked_rows.upload(len(step.checked))
+        return step
+
+    def finish(
+        self,
+        step: GrammarStep,
+        states: list[Any],
+        sampled: list[int],
+        output: SamplerOutput,
+        metadata: SamplingMetadata,
+        sample: Callable[[SamplingMetadata], SamplerOutput],
+    ) -> list[int]:
+        """The step's tokens (``sampled``, the first draw, updated in place): each checked row's first candidate its
+        grammar accepts, or its draw again with its mask (``sample`` runs the sampler on the step's logits); every
+        row's grammar advanced by its token."""
+        for row in step.masked:
+            states[row].structured_output.accept_token(sampled[row])
+        if not step.checked:
+            return sampled
+        self._offer_candidates(step, states, sampled, output.candidates.tolist())
+        if step.redrawn:
+            self.num_redrawn += len(step.redrawn)
+            mask = self._fill_masks(states, step.redrawn)
+            redraw = sample(dataclasses.replace(metadata, grammar_mask=mask, checked_rows=None))
+            tokens = redraw.sampled_token_ids.tolist()  # a second sync, only on a step with such a row
+            for row in step.redrawn:
+                sampled[row] = tokens[row]
+                states[row].structured_output.accept_token(tokens[row])
+        return sampled
+
+    def _offer_candidates(
+        self, step: GrammarStep, states: list[Any], sampled: list[int], candidates: list[list[int]]
+    ) -> None:
+        """Offer each checked row its candidates in order, one round per rank (one batched call into the grammar
+        backend per round); rows that accept one keep being checked, the others go to ``step.redrawn``."""
+        pending = list(range(len(step.checked)))  # indices into step.checked
+        for rank in range(len(candidates[0])):
+            offered = [i for i in pending if candidates[i][rank] >= 0]  # -1: only -inf scores from here on
+            step.redrawn.extend(step.checked[i] for i in pending if candidates[i][rank] < 0)
+            if not offered:
+                return
+            grammars = [states[step.checked[i]].structured_output for i in offered]
+            accepted = try_accept_tokens(grammars, [candidates[i][rank] for i in offered])
+            pending = []
+            for i, was_accepted in zip(offered, accepted):
+                row = step.checked[i]
+                if was_accepted:
+                    step.changed |= rank > 0
+                    sampled[row] = candidates[i][rank]
+                else:
+                    pending.append(i)
+        step.redrawn.extend(step.checked[i] for i in pending)
+        step.changed |= bool(step.redrawn)
+
+    def _fill_masks(self, states: list[Any], rows: list[int]) -> GrammarMask:
+        """Fill and upload the masks of ``rows``; each row's next step is checked when its mask allows enough."""
+        mask = GrammarMask(*self._staging.stage([states[row].structured_output for row in rows], rows))
+        fractions = self._staging.allowed_fractions(len(rows)).tolist()
+        for row, fraction in zip(rows, fractions):
+            states[row].draw_checked = fraction >= MIN_ALLOWED_FRACTION_TO_CHECK
+        return mask
