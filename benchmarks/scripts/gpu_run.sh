@@ -38,7 +38,7 @@ for section in "$@"; do
     structured-profile)
       timeout 300 python3 benchmarks/scripts/profile_grammar_steps.py --disable-tqdm --model qwen3-0.6b \
         --tokenizer .assets/tokenizers/qwen3 --workload random --num-prompts 256 --input-len 256 --output-len 256 \
-        --structured-fraction 0.5 2>&1 | grep -v "^\[bench\]" | tail -16 ;;
+        --structured-fraction 0.5 $PROFILE_FLAGS 2>&1 | grep -v "^\[bench\]" | tail -16 ;;
     structured)
       bench throughput --disable-tqdm --model qwen3-0.6b --tokenizer .assets/tokenizers/qwen3 --workload random --num-prompts 256 \
         --input-len 256 --output-len 256 --structured-fraction 0.5 \

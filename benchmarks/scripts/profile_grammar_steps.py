@@ -1,5 +1,7 @@
 """Where the host time of a structured-output run goes: runs ``pagedllm bench throughput`` (arguments passed through)
 with timers around the grammar side of sampling and the step, and prints their totals for the whole process.
+``--mask-every-draw`` turns off checking draws after the fact (every row under a grammar masked before its draw),
+for comparison.
 
     python benchmarks/scripts/profile_grammar_steps.py --model qwen3-0.6b --tokenizer .assets/tokenizers/qwen3 \\
         --workload random --num-prompts 256 --input-len 256 --output-len 256 --structured-fraction 0.5
@@ -41,7 +43,11 @@ timed(grammar_sampling.GrammarSampling, "finish", "grammar: finish (candidates o
 timed(grammar_sampling.GrammarSampling, "_fill_masks", "grammar: mask fills (inside the two above)")
 timed(grammar_sampling.GrammarSampling, "_offer_candidates", "grammar: candidates offered (inside finish)")
 
-status = main(["throughput", *sys.argv[1:]])
+arguments = sys.argv[1:]
+if "--mask-every-draw" in arguments:
+    arguments.remove("--mask-every-draw")
+    grammar_sampling.GrammarSampling.__init__.__defaults__ = (False,)  # check_draws=False
+status = main(["throughput", *arguments])
 for label, total in TOTALS.most_common():
     print(f"{label:60s} {total:8.3f} s over {CALLS[label]:6d} calls ({1e3 * total / CALLS[label]:.3f} ms each)")
 sys.exit(status)

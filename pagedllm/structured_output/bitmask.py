@@ -61,6 +61,12 @@ class BitmaskStaging:
         words = self._bitmask_host[:num_rows, :: max(1, self.width // _SAMPLED_WORDS)].numpy()
         return np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1).mean(axis=1)
 
+    def allows(self, tokens: list[int]) -> np.ndarray:
+        """Whether row i of the last ``stage`` allows ``tokens[i]``, for each i (bool [len(tokens)])."""
+        token_ids = np.asarray(tokens, dtype=np.int64)
+        words = self._bitmask_host[: len(tokens)].numpy()[np.arange(len(tokens)), token_ids >> 5]
+        return ((words >> (token_ids & 31)) & 1).astype(bool)
+
     @staticmethod
     def _upload(host: torch.Tensor, device: torch.Tensor, num_rows: int) -> torch.Tensor:
         if device is not host:

@@ -87,6 +87,14 @@ def fill_bitmasks(grammars: list[StructuredOutputRequest], bitmask: torch.Tensor
         backend.fill_bitmasks(matchers, bitmask, rows)
 
 
+def accept_tokens(grammars: list[StructuredOutputRequest], token_ids: list[int]) -> None:
+    """``grammars[i].accept_token(token_ids[i])`` for every i, in batched calls (a rejected token is offered again
+    alone, which marks its sequence rejected: rare, since tokens are drawn from what the grammar allows)."""
+    for grammar, token_id, accepted in zip(grammars, token_ids, try_accept_tokens(grammars, token_ids)):
+        if not accepted:
+            grammar.accept_token(token_id)
+
+
 def try_accept_tokens(grammars: list[StructuredOutputRequest], token_ids: list[int]) -> list[bool]:
     """Offer ``token_ids[i]`` to ``grammars[i]`` (advanced if allowed, else left as it was): which were accepted.
     One batched call per backend."""

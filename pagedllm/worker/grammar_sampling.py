@@ -18,10 +18,13 @@ Only a row whose mask is the last change to its scores can be checked: the filte
 (top_k, top_p, min_p) would keep other tokens once the mask removed some, so those rows are always masked first.
 (logit_bias, min_tokens bans and penalties act before the mask, so they change nothing here.)
 
-Which way a row goes: after a mask that allowed under 1/64 of the vocabulary (a structural position in JSON,
-where few tokens fit and a draw is rarely allowed, and where the mask is cheap), the row is masked first, its mask
-filled while the GPU runs the forward; otherwise it is checked, and stays checked while its draws are accepted. A
-new row starts masked first.
+Which way a row goes. Masks filled before the draw cost little: they are filled while the GPU runs the forward.
+A check that fails costs a mask filled after the draw, while the GPU waits, and a second draw. So a row is checked
+only where its draw is likely to be allowed: a new row starts masked first; a row masked first is checked at its
+next step if its unmasked draw was allowed (the fused sampling kernel draws every row unmasked first, so this is
+known for free; elsewhere, if its mask allowed at least 1/64 of the vocabulary: a structural position in JSON,
+where few tokens fit, allows less); a checked row stays checked while its draws are accepted, and one whose
+candidates all fail is masked first at its next step.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 
 from pagedllm.params import SamplingParams
 from pagedllm.structured_output.bitmask import BitmaskStaging
-from pagedllm.structured_output.manager import try_accept_tokens
+from pagedllm.structured_output.manager import accept_tokens, try_accept_tokens
 from pagedllm.worker.sampler import GrammarMask, SamplerOutput, SamplingMetadata
 from pagedllm.worker.step_buffers import StagedBuffer
 
@@ -54,6 +57,7 @@ class GrammarStep:
 
     masked: list[int]  # their masks filled before the draw
     checked: list[int]  # drawn without a mask, their candidates offered to the grammar after the draw
+    masked_fractions: list[float] = dataclasses.field(default_factory=list)  # the share each mask allowed
     redrawn: list[int] = dataclasses.field(default_factory=list)  # checked rows the grammar took no candidate of
     changed: bool = False  # whether some checked row's token is not its unmasked draw
 
@@ -87,6 +91,7 @@ class GrammarSampling:
         self.num_checked += len(step.checked)
         if step.masked:
             metadata.grammar_mask = self._fill_masks(states, step.masked)
+            step.masked_fractions = self._staging.allowed_fractions(len(step.masked)).tolist()
         if step.checked:
             self._checked_rows.np[: len(step.checked)] = step.checked
             metadata.checked_rows = self._checked_rows.upload(len(step.checked))
@@ -104,20 +109,39 @@ class GrammarSampling:
         """The step's tokens (``sampled``, the first draw, updated in place): each checked row's first candidate its
         grammar accepts, or its draw again with its mask (``sample`` runs the sampler on the step's logits); every
         row's grammar advanced by its token."""
-        for row in step.masked:
-            states[row].structured_output.accept_token(sampled[row])
+        self._accept(states, step.masked, sampled)
+        self._after_masked_draws(step, states, output)
         if not step.checked:
             return sampled
         self._offer_candidates(step, states, sampled, output.candidates.tolist())
         if step.redrawn:
             self.num_redrawn += len(step.redrawn)
+            for row in step.redrawn:
+                states[row].draw_checked = False
             mask = self._fill_masks(states, step.redrawn)
             redraw = sample(dataclasses.replace(metadata, grammar_mask=mask, checked_rows=None))
             tokens = redraw.sampled_token_ids.tolist()  # a second sync, only on a step with such a row
             for row in step.redrawn:
                 sampled[row] = tokens[row]
-                states[row].structured_output.accept_token(tokens[row])
+            self._accept(states, step.redrawn, sampled)
         return sampled
+
+    def _after_masked_draws(self, step: GrammarStep, states: list[Any], output: SamplerOutput) -> None:
+        """Each masked row's way at its next step: checked if its unmasked draw was allowed (read from the masks of
+        this step, still in the staging buffer) or, where that draw is unknown, if its mask allowed enough."""
+        if not step.masked:
+            return
+        if output.unmasked_draws is not None:
+            allowed = self._staging.allows(output.unmasked_draws.tolist()).tolist()
+        else:
+            allowed = [fraction >= MIN_ALLOWED_FRACTION_TO_CHECK for fraction in step.masked_fractions]
+        for row, checks in zip(step.masked, allowed):
+            states[row].draw_checked = checks
+
+    @staticmethod
+    def _accept(states: list[Any], rows: list[int], sampled: list[int]) -> None:
+        if rows:
+            accept_tokens([states[row].structured_output for row in rows], [sampled[row] for row in rows])
 
     def _offer_candidates(
         self, step: GrammarStep, states: list[Any], sampled: list[int], candidates: list[list[int]]
@@ -144,9 +168,5 @@ class GrammarSampling:
         step.changed |= bool(step.redrawn)
 
     def _fill_masks(self, states: list[Any], rows: list[int]) -> GrammarMask:
-        """Fill and upload the masks of ``rows``; each row's next step is checked when its mask allows enough."""
-        mask = GrammarMask(*self._staging.stage([states[row].structured_output for row in rows], rows))
-        fractions = self._staging.allowed_fractions(len(rows)).tolist()
-        for row, fraction in zip(rows, fractions):
-            states[row].draw_checked = fraction >= MIN_ALLOWED_FRACTION_TO_CHECK
-        return mask
+        """Fill and upload the masks of ``rows`` (staging row i holds the mask of ``rows[i]``)."""
+        return GrammarMask(*self._staging.stage([states[row].structured_output for row in rows], rows))

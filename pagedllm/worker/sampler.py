@@ -474,6 +474,9 @@ class SamplerOutput:
     # [L, NUM_DRAW_CANDIDATES] int64: for each of ``metadata.checked_rows``, the tokens in order of decreasing race
     # score (the first is the row's draw); -1 from where the scores are -inf. None when no row is checked.
     candidates: torch.Tensor | None = None
+    # [K] int64: for each row of ``metadata.grammar_mask``, what its draw would have been without the mask. Only
+    # the fused path has it (it draws every row unmasked first); None elsewhere.
+    unmasked_draws: torch.Tensor | None = None
 
 
 def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
@@ -516,16 +519,17 @@ class Sampler:
         use_triton = logits.is_cuda if self._use_triton is None else self._use_triton
         if use_triton and metadata.needs_only_temperature:
             # The common case in one kernel: it reads the raw logits once, in their dtype, and scales them itself.
-            sampled = _sample_rows_fused(logits, metadata)
+            sampled, unmasked_draws = _sample_rows_fused(logits, metadata)
             candidates = None if metadata.checked_rows is None else _fused_candidates(logits, metadata)
         else:
             logits = _float32_for_writing(logits, metadata.modifies_logits)
             logits = apply_logits_processing(logits, metadata)
             sampled, candidates = self._sample(logits, metadata, use_triton)
+            unmasked_draws = None
         logprobs = None
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
-        return SamplerOutput(sampled, logprobs, candidates)
+        return SamplerOutput(sampled, logprobs, candidates, unmasked_draws)
 
     def _sample(
         self, logits: torch.Tensor, metadata: SamplingMetadata, use_triton: bool
@@ -582,21 +586,25 @@ def _triton_sampling() -> ModuleType:
     return importlib.import_module("pagedllm.worker.triton_sampling")
 
 
-def _sample_rows_fused(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+def _sample_rows_fused(
+    logits: torch.Tensor, metadata: SamplingMetadata
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Temperature-only rows drawn by the fused kernel from the raw logits. Rows under a grammar are drawn again from
     a masked float32 copy of just them, processed as the general path does (same tokens as there): the mask costs in
-    proportion to the constrained rows, and the other rows keep the one-pass path."""
+    proportion to the constrained rows, and the other rows keep the one-pass path. Also returns the masked rows'
+    unmasked draws (None without a mask)."""
     kernel = _triton_sampling()
     sampled = kernel.sample_rows(logits, metadata.seeds, metadata.greedy_mask, metadata.temperature)
     mask = metadata.grammar_mask
     if mask is None:
-        return sampled
+        return sampled, None
+    unmasked_draws = sampled.index_select(0, mask.rows)
     constrained = logits.index_select(0, mask.rows).float()
     apply_grammar_mask(constrained, GrammarMask(torch.arange(len(mask.rows), device=logits.device), mask.bitmask))
     temperature, greedy_mask = (_select_rows(t, mask.rows) for t in (metadata.temperature, metadata.greedy_mask))
     constrained = apply_temperature(constrained, temperature)
     redrawn = kernel.sample_rows(constrained, metadata.seeds.index_select(0, mask.rows), greedy_mask)
-    return sampled.index_copy_(0, mask.rows, redrawn)
+    return sampled.index_copy_(0, mask.rows, redrawn), unmasked_draws
 
 
 def _fused_candidates(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:

@@ -24,9 +24,11 @@ NUM_ROWS = 8
 
 
 @pytest.fixture(params=["cpu", "triton"])
-def sampler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Sampler:
+def sampler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[Sampler, torch.device]:
+    """A sampler and the device of its tensors: the CPU path, or the Triton kernels (on CUDA when there is one,
+    else in Triton's interpreter)."""
     if request.param == "cpu":
-        return Sampler(use_triton=False)
+        return Sampler(use_triton=False), torch.device("cpu")
     pytest.importorskip("triton")
     from tests.worker.test_triton_sampling import DEVICE, MODULE_NAME, load_interpreted_copy
 
@@ -34,7 +36,7 @@ def sampler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     if kernels is None:
         import pagedllm.worker.triton_sampling as kernels
     monkeypatch.setitem(sys.modules, MODULE_NAME, kernels)
-    return Sampler(use_triton=True)
+    return Sampler(use_triton=True), DEVICE
 
 
 def allowed_sets(generator: torch.Generator, num_rows: int, share: float) -> list[set[int]]:
@@ -64,37 +66,40 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("share", [0.5, 0.1])
-def test_first_allowed_candidate_is_the_masked_draw(sampler: Sampler, case: str, share: float) -> None:
+def test_first_allowed_candidate_is_the_masked_draw(sampler: tuple, case: str, share: float) -> None:
+    sampler, device = sampler
     generator = torch.Generator().manual_seed(sorted(CASES).index(case) * 10 + int(share * 10))
-    logits = torch.randn(NUM_ROWS, VOCAB_SIZE, generator=generator) * 3
+    logits = (torch.randn(NUM_ROWS, VOCAB_SIZE, generator=generator) * 3).to(device)
     rows = [SamplingRow(p, [1, 2, 3], [4, 7, 7][: i % 4], sampling_seed=100 + i) for i, p in enumerate(CASES[case])]
-    checked = torch.tensor([0, 2, 3, 5, 6])
+    checked = torch.tensor([0, 2, 3, 5, 6], device=device)
     allowed = allowed_sets(generator, len(checked), share)
 
-    metadata = SamplingMetadata.build(rows, VOCAB_SIZE, "cpu", eos_token_ids=())
+    metadata = SamplingMetadata.build(rows, VOCAB_SIZE, device, eos_token_ids=())
     metadata.checked_rows = checked
     unmasked = sampler(logits, metadata)
-    masked_metadata = SamplingMetadata.build(rows, VOCAB_SIZE, "cpu", eos_token_ids=())
-    masked_metadata.grammar_mask = GrammarMask(checked, bitmask_of(allowed))
+    masked_metadata = SamplingMetadata.build(rows, VOCAB_SIZE, device, eos_token_ids=())
+    masked_metadata.grammar_mask = GrammarMask(checked, bitmask_of(allowed).to(device))
     masked = sampler(logits, masked_metadata).sampled_token_ids.tolist()
 
     candidates = unmasked.candidates.tolist()
     assert unmasked.candidates.shape == (len(checked), NUM_DRAW_CANDIDATES)
     for i, row in enumerate(checked.tolist()):
-        assert candidates[i][0] == unmasked.sampled_token_ids[row]  # the first candidate is the draw
+        assert candidates[i][0] == unmasked.sampled_token_ids[row].item()  # the first candidate is the draw
         assert len(set(candidates[i])) == NUM_DRAW_CANDIDATES
         fitting = [token for token in candidates[i] if token in allowed[i]]
         if fitting:  # a share of 0.1 can leave none of 16 allowed: then the row is drawn again with its mask
             assert fitting[0] == masked[row], (case, row)
 
 
-def test_banned_tokens_are_never_candidates(sampler: Sampler) -> None:
+def test_banned_tokens_are_never_candidates(sampler: tuple) -> None:
     """-inf scores (min_tokens bans here) come back as -1: such a token cannot be drawn, even if a grammar allows it."""
+    sampler, device = sampler
     logits = torch.full((1, VOCAB_SIZE), -1000.0)
     logits[0, :3] = 0.0
     row = SamplingRow(SamplingParams(temperature=1.0, min_tokens=5), [1], [], sampling_seed=0)
-    metadata = SamplingMetadata.build([row], VOCAB_SIZE, "cpu", eos_token_ids=(0, 1))
-    metadata.checked_rows = torch.tensor([0])
+    metadata = SamplingMetadata.build([row], VOCAB_SIZE, device, eos_token_ids=(0, 1))
+    metadata.checked_rows = torch.tensor([0], device=device)
+    logits = logits.to(device)
     candidates = sampler(logits, metadata).candidates[0].tolist()
     assert candidates[0] == 2
     assert 0 not in candidates and 1 not in candidates
@@ -161,15 +166,16 @@ class FakeState:
         self.sampling_params, self.structured_output, self.draw_checked = params, grammar, False
 
 
-def run_steps(sampler: Sampler, states: list[FakeState], num_steps: int, check_draws: bool, seed: int = 0):
+def run_steps(sampler: tuple, states: list[FakeState], num_steps: int, check_draws: bool, seed: int = 0):
     """Sample ``num_steps`` steps of ``states`` with fixed logits per step: the tokens of every step."""
-    grammar_sampling = GrammarSampling(len(states), VOCAB_SIZE, torch.device("cpu"), check_draws=check_draws)
+    sampler, device = sampler
+    grammar_sampling = GrammarSampling(len(states), VOCAB_SIZE, device, check_draws=check_draws)
     generator = torch.Generator().manual_seed(seed)
     history = []
     for step_index in range(num_steps):
-        logits = torch.randn(len(states), VOCAB_SIZE, generator=generator) * 2
+        logits = (torch.randn(len(states), VOCAB_SIZE, generator=generator) * 2).to(device)
         rows = [SamplingRow(s.sampling_params, [1], [0] * step_index, sampling_seed=7 + i) for i, s in enumerate(states)]
-        metadata = SamplingMetadata.build(rows, VOCAB_SIZE, "cpu", eos_token_ids=())
+        metadata = SamplingMetadata.build(rows, VOCAB_SIZE, device, eos_token_ids=())
         step = grammar_sampling.prepare(states, metadata)
         output = sampler(logits, metadata)
         sampled = output.sampled_token_ids.tolist()
@@ -193,7 +199,7 @@ def grammar_states(num_steps: int) -> list[FakeState]:
     return states
 
 
-def test_checked_rows_get_the_tokens_of_masked_rows(sampler: Sampler) -> None:
+def test_checked_rows_get_the_tokens_of_masked_rows(sampler: tuple) -> None:
     num_steps = 8
     checked_run = run_steps(sampler, grammar_states(num_steps), num_steps, check_draws=True)
     masked_run = run_steps(sampler, grammar_states(num_steps), num_steps, check_draws=False)
@@ -205,7 +211,7 @@ def test_checked_rows_get_the_tokens_of_masked_rows(sampler: Sampler) -> None:
     assert all(1 not in checked for _, _, checked, _ in checked_run)
 
 
-def test_every_token_is_allowed_and_grammars_advance(sampler: Sampler) -> None:
+def test_every_token_is_allowed_and_grammars_advance(sampler: tuple) -> None:
     num_steps = 8
     states = grammar_states(num_steps)
     history = run_steps(sampler, states, num_steps, check_draws=True)
@@ -216,10 +222,45 @@ def test_every_token_is_allowed_and_grammars_advance(sampler: Sampler) -> None:
             assert tokens[row] in matcher.allowed[position]
 
 
-def test_a_row_is_checked_after_a_wide_mask_and_masked_after_a_narrow_one(sampler: Sampler) -> None:
+def test_a_row_is_checked_after_a_wide_mask_and_masked_after_a_narrow_one(sampler: tuple) -> None:
     states = grammar_states(3)
     history = run_steps(sampler, states, 3, check_draws=True)
     # Step 0: every grammar row is new, so masked first. Row 0's first mask is wide (0.9): checked at step 1. Row 3
     # starts narrow (one token): masked first again at step 1. Row 1 (top_p) is always masked first.
     assert history[0][1] == [0, 1, 2, 3]
     assert 0 in history[1][2] and 3 in history[1][1] and 1 in history[1][1]
+
+
+def test_the_fused_path_checks_a_row_next_if_its_unmasked_draw_was_allowed(sampler: tuple) -> None:
+    sampler, device = sampler
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(6, VOCAB_SIZE, generator=generator) * 2).to(device)
+    params = SamplingParams(temperature=0.8)  # temperature only: the fused path, where there is a Triton kernel
+    rows = [SamplingRow(params, [1], [], sampling_seed=i) for i in range(6)]
+    unmasked = sampler(logits, SamplingMetadata.build(rows, VOCAB_SIZE, device, eos_token_ids=())).sampled_token_ids
+    # Rows 0-2 allow their unmasked draw (and little else), rows 3-5 allow half the vocabulary but not their draw.
+    allowed = [{unmasked[i].item(), (unmasked[i].item() + 1) % VOCAB_SIZE} for i in range(3)]
+    allowed += [set(range(0, VOCAB_SIZE, 2)) - {unmasked[i].item()} for i in range(3, 6)]
+    states = [FakeState(params, FakeGrammar([tokens, set(range(VOCAB_SIZE))])) for tokens in allowed]
+
+    grammar_sampling = GrammarSampling(6, VOCAB_SIZE, device)
+    metadata = SamplingMetadata.build(rows, VOCAB_SIZE, device, eos_token_ids=())
+    step = grammar_sampling.prepare(states, metadata)
+    output = sampler(logits, metadata)
+    grammar_sampling.finish(step, states, output.sampled_token_ids.tolist(), output, metadata, None)
+    fused = output.unmasked_draws is not None
+    assert fused == (sampler._use_triton is True)
+    if fused:  # the unmasked draw decides
+        assert [s.draw_checked for s in states] == [True] * 3 + [False] * 3
+    else:  # the share the mask allowed decides: every row allows at least 1/64 (rows 0-2: 2 of the 128 bits)
+        assert [s.draw_checked for s in states] == [True] * 6
+
+
+def test_staging_reads_the_masks_it_filled() -> None:
+    states = [FakeState(SamplingParams(), FakeGrammar([tokens])) for tokens in ({3, 40, 99}, set(range(50)))]
+    staging = GrammarSampling(2, VOCAB_SIZE, torch.device("cpu"))._staging
+    staging.stage([s.structured_output for s in states], [0, 1])
+    assert staging.allows([40, 49]).tolist() == [True, True]
+    assert staging.allows([41, 50]).tolist() == [False, False]
+    fractions = staging.allowed_fractions(2)
+    assert fractions.tolist() == pytest.approx([3 / 128, 50 / 128])  # of the 4 words' 128 bits
