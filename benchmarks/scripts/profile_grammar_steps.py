@@ -1,7 +1,8 @@
 """Where the host time of a structured-output run goes: runs ``pagedllm bench throughput`` (arguments passed through)
 with timers around the grammar side of sampling and the step, and prints their totals for the whole process.
 ``--mask-every-draw`` turns off checking draws after the fact (every row under a grammar masked before its draw),
-for comparison.
+and ``--by-allowed-share`` makes the share of the vocabulary a row's mask allowed decide its next step's way even
+where its unmasked draw is known, for comparison.
 
     python benchmarks/scripts/profile_grammar_steps.py --model qwen3-0.6b --tokenizer .assets/tokenizers/qwen3 \\
         --workload random --num-prompts 256 --input-len 256 --output-len 256 --structured-fraction 0.5
@@ -10,6 +11,7 @@ for comparison.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import sys
 import time
 
@@ -47,6 +49,11 @@ arguments = sys.argv[1:]
 if "--mask-every-draw" in arguments:
     arguments.remove("--mask-every-draw")
     grammar_sampling.GrammarSampling.__init__.__defaults__ = (False,)  # check_draws=False
+if "--by-allowed-share" in arguments:
+    arguments.remove("--by-allowed-share")
+    after_masked_draws = grammar_sampling.GrammarSampling._after_masked_draws
+    grammar_sampling.GrammarSampling._after_masked_draws = lambda self, step, states, output: after_masked_draws(
+        self, step, states, dataclasses.replace(output, unmasked_draws=None))
 status = main(["throughput", *arguments])
 for label, total in TOTALS.most_common():
     print(f"{label:60s} {total:8.3f} s over {CALLS[label]:6d} calls ({1e3 * total / CALLS[label]:.3f} ms each)")

@@ -7,7 +7,8 @@ constrained run generates fewer tokens than the workload asks for. To compare li
 then run unconstrained with each request's max_tokens set to what it generated in the constrained run (and
 ``ignore_eos``): both runs produce exactly the same number of output tokens, and the throughput loss is the
 difference in output tokens/s. The matched run's prompts start with different token ids, so that it cannot hit
-the prefix cache the constrained run filled.
+the prefix cache the constrained run filled. This happens in ``NUM_ROUNDS`` rounds (each on prompts of its own),
+and the loss compares the best constrained run with the best matched run.
 """
 
 from __future__ import annotations
@@ -139,33 +140,54 @@ def timed_generate(llm, prompts: list[list[int]], params: list) -> tuple[EngineR
     return run, lengths
 
 
-def fresh_prompts(workload: Workload) -> list[list[int]]:
+def fresh_prompts(workload: Workload, key: int = 0) -> list[list[int]]:
     """The prompts with their first id swapped for one no workload prompt starts with (equal first ids stay equal,
-    so prefix sharing inside the workload is kept): no block of the earlier run can be hit."""
+    so prefix sharing inside the workload is kept): no block of an earlier run can be hit. Each ``key`` gives
+    other first ids."""
     first_ids = sorted({r.prompt_token_ids[0] for r in workload.requests if r.prompt_token_ids})
     taken = set(first_ids)
-    unused = (t for t in range(max_token_id(workload) + len(first_ids) + 1) if t not in taken)
+    unused = (t for t in range(max_token_id(workload) + (key + 1) * len(first_ids) + 1) if t not in taken)
+    for _ in range(key * len(first_ids)):
+        next(unused)
     swap = {first: next(unused) for first in first_ids}
     return [[swap[r.prompt_token_ids[0]], *r.prompt_token_ids[1:]] if r.prompt_token_ids else []
             for r in workload.requests]
 
 
-def run_structured(llm, workload: Workload, fraction: float) -> tuple[EngineRun, dict[str, Any]]:
-    """The constrained run (the record's main figures) and the ``structured_outputs`` section: the split of its
-    output tokens, the matched unconstrained run and the throughput loss."""
-    flags = structured_flags(len(workload.requests), fraction)
-    warmup_s = warm_up_schema(llm, workload) if any(flags) else 0.0
-    prompts = [r.prompt_token_ids for r in workload.requests]
+# Rounds of (constrained run, matched run); the loss compares the best of each, so that a one-off stall of either
+# run (seen: ~10% between identical runs on one GPU) does not decide it. Every round is in the record.
+NUM_ROUNDS = 2
+
+
+def run_round(llm, workload: Workload, flags: list[bool], round_index: int) -> dict[str, Any]:
+    """One constrained run and its matched unconstrained run, on prompts no earlier run has cached."""
+    if round_index == 0:
+        prompts = [r.prompt_token_ids for r in workload.requests]
+    else:
+        prompts = fresh_prompts(workload, 2 * round_index - 1)
     draws_before = grammar_draws(llm)
     constrained, lengths = timed_generate(llm, prompts, sampling_params(workload, flags))
     draws = {name: count - draws_before.get(name, 0) for name, count in grammar_draws(llm).items()}
-    matched, _ = timed_generate(llm, fresh_prompts(workload), sampling_params(
+    matched, _ = timed_generate(llm, fresh_prompts(workload, 2 * round_index), sampling_params(
         dataclasses.replace(workload, ignore_eos=True),  # exactly the constrained run's token counts
         [False] * len(flags), [max(n, 1) for n in lengths]))
-    constrained_figures = throughput_figures(constrained.num_requests, constrained.prompt_tokens,
-                                             constrained.output_tokens, constrained.elapsed_s)
-    matched_figures = throughput_figures(matched.num_requests, matched.prompt_tokens, matched.output_tokens,
-                                         matched.elapsed_s)
+    return {"constrained": constrained, "lengths": lengths, "draws": draws, "matched": matched}
+
+
+def _figures(run: EngineRun) -> dict[str, Any]:
+    return throughput_figures(run.num_requests, run.prompt_tokens, run.output_tokens, run.elapsed_s)
+
+
+def run_structured(llm, workload: Workload, fraction: float) -> tuple[EngineRun, dict[str, Any]]:
+    """The best constrained run (the record's main figures) and the ``structured_outputs`` section: the split of its
+    output tokens, the best matched unconstrained run, the throughput loss between the two, and every round."""
+    flags = structured_flags(len(workload.requests), fraction)
+    warmup_s = warm_up_schema(llm, workload) if any(flags) else 0.0
+    rounds = [run_round(llm, workload, flags, index) for index in range(NUM_ROUNDS)]
+    best = max(rounds, key=lambda r: _figures(r["constrained"])["output_tokens_per_s"])
+    constrained, lengths, draws = best["constrained"], best["lengths"], best["draws"]
+    matched = max((r["matched"] for r in rounds), key=lambda run: _figures(run)["output_tokens_per_s"])
+    constrained_figures, matched_figures = _figures(constrained), _figures(matched)
     section = {
         "fraction": fraction,
         "schema": BENCH_SCHEMA,
@@ -177,6 +199,8 @@ def run_structured(llm, workload: Workload, fraction: float) -> tuple[EngineRun,
         "grammar_draws": draws,
         "matched_unconstrained": {**matched_figures, "prefix_cache_hits": matched.prefix_cache_hits},
         "throughput_loss": 1.0 - constrained_figures["output_tokens_per_s"] / matched_figures["output_tokens_per_s"],
+        "rounds": [{"constrained": _figures(r["constrained"]), "matched_unconstrained": _figures(r["matched"]),
+                    "grammar_draws": r["draws"]} for r in rounds],
     }
     return constrained, section
 
@@ -203,5 +227,7 @@ def summary_lines(section: dict[str, Any]) -> list[str]:
         f"the draw ({draws.get('redrawn', 0):,} of them drawn again with the mask)"),
         (f"matched unconstrained run (same prompts, max_tokens = tokens generated above): "
         f"{matched['output_tokens_per_s']:,.1f} output tok/s over {matched['output_tokens']:,} tokens; throughput "
-        f"loss with constraints {100 * section['throughput_loss']:.1f}%"),
+        f"loss with constraints {100 * section['throughput_loss']:.1f}% (best of {len(section['rounds'])} rounds: "
+        + ", ".join(f"{r['constrained']['output_tokens_per_s']:,.0f} vs {r['matched_unconstrained']['output_tokens_per_s']:,.0f}"
+                    for r in section["rounds"]) + " tok/s)"),
     ]

@@ -43,8 +43,15 @@ def test_structured_fraction_end_to_end(model_and_tokenizer, tmp_path):
     assert record["output_tokens"] == section["structured_output_tokens"] + section["unstructured_output_tokens"]
     assert record["output_tokens_per_s"] == pytest.approx(record["output_tokens"] / record["elapsed_s"])
     matched = section["matched_unconstrained"]
-    assert matched["output_tokens"] == record["output_tokens"] and matched["prompt_tokens"] == record["prompt_tokens"]
-    assert matched["prefix_cache_hits"] == 0
+    assert matched["prompt_tokens"] == record["prompt_tokens"] and matched["prefix_cache_hits"] == 0
+    # Every round matches its constrained run's token counts; the record's figures are the best round's.
+    assert len(section["rounds"]) == 2
+    for round_ in section["rounds"]:
+        assert round_["matched_unconstrained"]["output_tokens"] == round_["constrained"]["output_tokens"]
+    best = max(section["rounds"], key=lambda r: r["constrained"]["output_tokens_per_s"])
+    assert best["constrained"]["output_tokens_per_s"] == pytest.approx(record["output_tokens_per_s"])
+    assert matched["output_tokens_per_s"] == max(r["matched_unconstrained"]["output_tokens_per_s"]
+                                                 for r in section["rounds"])
     assert section["throughput_loss"] == pytest.approx(
         1 - record["output_tokens_per_s"] / matched["output_tokens_per_s"])
     draws = section["grammar_draws"]  # every constrained token was drawn one way or the other
@@ -63,6 +70,8 @@ def test_fresh_prompts_keep_shared_prefixes_but_not_first_ids():
     fresh = fresh_prompts(workload)
     assert fresh[0][0] == fresh[1][0] != fresh[2][0] and {fresh[0][0], fresh[2][0]}.isdisjoint({5, 7})
     assert [p[1:] for p in fresh] == [[1, 2], [1, 3], [9]]
+    other = fresh_prompts(workload, key=1)  # another round's: first ids used by neither
+    assert other[0][0] == other[1][0] and {other[0][0], other[2][0]}.isdisjoint({5, 7, fresh[0][0], fresh[2][0]})
 
 
 def test_bad_fraction_is_an_error(model_and_tokenizer, capsys):
