@@ -97,29 +97,35 @@ def sample_rows(
     ``seeds``: [B] int64 generator seeds (ignored on greedy rows); ``greedy_mask``: [B] bool, None = no greedy
     row; ``temperature``: [B] float32 to divide the logits by first, None = the logits are already scaled.
     """
+    sampled = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    _launch(_sample_rows_kernel, lambda rows, columns: (rows,), logits, seeds, greedy_mask, temperature, sampled)
+    return sampled
+
+
+def _launch(kernel, grid, logits, seeds, greedy_mask, temperature, out) -> None:
+    """Run one of this module's kernels over ``logits`` (they take the same arguments); ``grid(rows, column
+    blocks)`` gives its launch grid."""
     num_rows, vocab_size = logits.shape
+    if num_rows == 0:
+        return
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    sampled = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
-    if num_rows == 0:
-        return sampled
     # A small vocabulary gets a block of its own size (the noise of a column does not depend on the block).
     block = min(BLOCK_SIZE, triton.next_power_of_2(vocab_size))
     # Unused pointers still need a tensor; the constexpr flags compile their loads away.
-    _sample_rows_kernel[(num_rows,)](
+    kernel[grid(num_rows, triton.cdiv(vocab_size, block))](
         logits,
         logits.stride(0),
         seeds,
         greedy_mask if greedy_mask is not None else seeds,
         temperature if temperature is not None else seeds,
-        sampled,
+        out,
         vocab_size,
         HAS_GREEDY=greedy_mask is not None,
         HAS_TEMPERATURE=temperature is not None,
         BLOCK=block,
         num_warps=NUM_WARPS,
     )
-    return sampled
 
 
 @triton.jit
@@ -155,24 +161,7 @@ def race_scores(
     """The float32 ``[B, V]`` scores whose row-wise argmax ``sample_rows`` returns (same arguments): the same noise,
     so their order ranks the tokens the way the draw does (for the rows under a grammar: see
     ``worker/grammar_sampling.py``)."""
-    num_rows, vocab_size = logits.shape
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    scores = torch.empty((num_rows, vocab_size), dtype=torch.float32, device=logits.device)
-    if num_rows == 0:
-        return scores
-    block = min(BLOCK_SIZE, triton.next_power_of_2(vocab_size))
-    _race_scores_kernel[(num_rows, triton.cdiv(vocab_size, block))](
-        logits,
-        logits.stride(0),
-        seeds,
-        greedy_mask if greedy_mask is not None else seeds,
-        temperature if temperature is not None else seeds,
-        scores,
-        vocab_size,
-        HAS_GREEDY=greedy_mask is not None,
-        HAS_TEMPERATURE=temperature is not None,
-        BLOCK=block,
-        num_warps=NUM_WARPS,
-    )
+    scores = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    _launch(_race_scores_kernel, lambda rows, columns: (rows, columns), logits, seeds, greedy_mask, temperature,
+            scores)
     return scores
