@@ -57,7 +57,6 @@ class GrammarStep:
 
     masked: list[int]  # their masks filled before the draw
     checked: list[int]  # drawn without a mask, their candidates offered to the grammar after the draw
-    masked_fractions: list[float] = dataclasses.field(default_factory=list)  # the share each mask allowed
     redrawn: list[int] = dataclasses.field(default_factory=list)  # checked rows the grammar took no candidate of
     changed: bool = False  # whether some checked row's token is not its unmasked draw
 
@@ -91,7 +90,6 @@ class GrammarSampling:
         self.num_checked += len(step.checked)
         if step.masked:
             metadata.grammar_mask = self._fill_masks(states, step.masked)
-            step.masked_fractions = self._staging.allowed_fractions(len(step.masked)).tolist()
         if step.checked:
             self._checked_rows.np[: len(step.checked)] = step.checked
             metadata.checked_rows = self._checked_rows.upload(len(step.checked))
@@ -134,7 +132,7 @@ class GrammarSampling:
         if output.unmasked_draws is not None:
             allowed = self._staging.allows(output.unmasked_draws.tolist()).tolist()
         else:
-            allowed = [fraction >= MIN_ALLOWED_FRACTION_TO_CHECK for fraction in step.masked_fractions]
+            allowed = (self._staging.allowed_fractions(len(step.masked)) >= MIN_ALLOWED_FRACTION_TO_CHECK).tolist()
         for row, checks in zip(step.masked, allowed):
             states[row].draw_checked = checks
 
@@ -150,20 +148,21 @@ class GrammarSampling:
         backend per round); rows that accept one keep being checked, the others go to ``step.redrawn``."""
         pending = list(range(len(step.checked)))  # indices into step.checked
         for rank in range(len(candidates[0])):
-            offered = [i for i in pending if candidates[i][rank] >= 0]  # -1: only -inf scores from here on
+            # -1: only -inf scores from here on, so the row's grammar allows none of its drawable tokens in this list.
             step.redrawn.extend(step.checked[i] for i in pending if candidates[i][rank] < 0)
-            if not offered:
-                return
-            grammars = [states[step.checked[i]].structured_output for i in offered]
-            accepted = try_accept_tokens(grammars, [candidates[i][rank] for i in offered])
-            pending = []
-            for i, was_accepted in zip(offered, accepted):
-                row = step.checked[i]
+            pending = [i for i in pending if candidates[i][rank] >= 0]
+            if not pending:
+                break
+            grammars = [states[step.checked[i]].structured_output for i in pending]
+            accepted = try_accept_tokens(grammars, [candidates[i][rank] for i in pending])
+            rejected = []
+            for i, was_accepted in zip(pending, accepted):
                 if was_accepted:
                     step.changed |= rank > 0
-                    sampled[row] = candidates[i][rank]
+                    sampled[step.checked[i]] = candidates[i][rank]
                 else:
-                    pending.append(i)
+                    rejected.append(i)
+            pending = rejected
         step.redrawn.extend(step.checked[i] for i in pending)
         step.changed |= bool(step.redrawn)
 

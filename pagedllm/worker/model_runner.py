@@ -409,9 +409,9 @@ class ModelRunner:
     def _prepare_grammars(self, states: list[CachedRequestState], metadata: SamplingMetadata) -> Any:
         """The rows under a grammar (``GrammarSampling.prepare``: masks filled, checked rows named), or None (no
         cost) when there is none."""
-        if all(state.structured_output is None for state in states):
-            return None
         if self.grammar_sampling is None:
+            if all(state.structured_output is None for state in states):
+                return None
             # Made on the first step under a grammar, so an engine without structured outputs never allocates it.
             from pagedllm.worker.grammar_sampling import GrammarSampling
 

@@ -520,7 +520,10 @@ class Sampler:
         if use_triton and metadata.needs_only_temperature:
             # The common case in one kernel: it reads the raw logits once, in their dtype, and scales them itself.
             sampled, unmasked_draws = _sample_rows_fused(logits, metadata)
-            candidates = None if metadata.checked_rows is None else _fused_candidates(logits, metadata)
+            candidates = (
+                None if metadata.checked_rows is None
+                else _kernel_candidates(logits, metadata, temperature=metadata.temperature)
+            )
         else:
             logits = _float32_for_writing(logits, metadata.modifies_logits)
             logits = apply_logits_processing(logits, metadata)
@@ -543,12 +546,8 @@ class Sampler:
             # Greedy rows take their argmax in the kernel, after the filters: those leave them unchanged
             # (temperature 1.0, min_p/top_k/top_p off), so it is the argmax of the processed logits, as below.
             logits = apply_random_row_filters(logits, metadata)
-            kernel = _triton_sampling()
-            sampled = kernel.sample_rows(logits, metadata.seeds, metadata.greedy_mask)
-            if checked is None:
-                return sampled, None
-            seeds, greedy_mask = (_select_rows(t, checked) for t in (metadata.seeds, metadata.greedy_mask))
-            return sampled, top_candidates(kernel.race_scores(logits.index_select(0, checked), seeds, greedy_mask))
+            sampled = _triton_sampling().sample_rows(logits, metadata.seeds, metadata.greedy_mask)
+            return sampled, None if checked is None else _kernel_candidates(logits, metadata, temperature=None)
         greedy = None if metadata.all_random else logits.argmax(dim=-1)
         logits = apply_random_row_filters(logits, metadata)
         scores = self._race_scores(logits, metadata)
@@ -607,12 +606,13 @@ def _sample_rows_fused(
     return sampled.index_copy_(0, mask.rows, redrawn), unmasked_draws
 
 
-def _fused_candidates(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    """The candidates of the checked rows, ranked by the scores the fused kernel's draw maximizes."""
+def _kernel_candidates(
+    logits: torch.Tensor, metadata: SamplingMetadata, temperature: torch.Tensor | None
+) -> torch.Tensor:
+    """The candidates of the checked rows, ranked by the scores the Triton draw maximizes (``temperature``: [B] to
+    divide the logits by, as the fused path does; None where the logits are already scaled)."""
     rows = metadata.checked_rows
-    seeds, greedy_mask, temperature = (
-        _select_rows(t, rows) for t in (metadata.seeds, metadata.greedy_mask, metadata.temperature)
-    )
+    seeds, greedy_mask, temperature = (_select_rows(t, rows) for t in (metadata.seeds, metadata.greedy_mask, temperature))
     return top_candidates(_triton_sampling().race_scores(logits.index_select(0, rows), seeds, greedy_mask, temperature))
 
 

@@ -9,6 +9,7 @@ row's next step.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -179,7 +180,9 @@ def run_steps(sampler: tuple, states: list[FakeState], num_steps: int, check_dra
         step = grammar_sampling.prepare(states, metadata)
         output = sampler(logits, metadata)
         sampled = output.sampled_token_ids.tolist()
-        sampled = grammar_sampling.finish(step, states, sampled, output, metadata, lambda m: sampler(logits, m))
+        sampled = grammar_sampling.finish(
+            step, states, sampled, output, metadata, lambda m, logits=logits: sampler(logits, m)
+        )
         history.append((sampled, list(step.masked), list(step.checked), list(step.redrawn)))
     return history
 
@@ -264,3 +267,24 @@ def test_staging_reads_the_masks_it_filled() -> None:
     assert staging.allows([41, 50]).tolist() == [False, False]
     fractions = staging.allowed_fractions(2)
     assert fractions.tolist() == pytest.approx([3 / 128, 50 / 128])  # of the 4 words' 128 bits
+
+
+def test_a_row_whose_drawable_tokens_run_out_is_drawn_again_and_counts_as_changed(sampler: tuple) -> None:
+    """Fewer than 16 finite scores: the candidates end in -1. If the grammar allows none of the finite ones, the
+    row goes to the masked redraw, and the step reports a changed token (its logprobs must be recomputed)."""
+    sampler, device = sampler
+    logits = torch.full((1, VOCAB_SIZE), -math.inf)
+    logits[0, :3] = torch.tensor([1.0, 0.5, 0.0])
+    logits = logits.to(device)
+    params = SamplingParams(temperature=1.0)
+    states = [FakeState(params, FakeGrammar([{50}, set(range(VOCAB_SIZE))]))]
+    states[0].draw_checked = True
+    grammar_sampling = GrammarSampling(1, VOCAB_SIZE, device)
+    metadata = SamplingMetadata.build([SamplingRow(params, [1], [], sampling_seed=0)], VOCAB_SIZE, device, eos_token_ids=())
+    step = grammar_sampling.prepare(states, metadata)
+    output = sampler(logits, metadata)
+    assert output.candidates[0].tolist()[3:] == [-1] * (NUM_DRAW_CANDIDATES - 3)
+    grammar_sampling.finish(step, states, output.sampled_token_ids.tolist(), output, metadata,
+                            lambda m: sampler(logits, m))
+    assert step.checked == [0] and step.redrawn == [0] and step.changed
+    assert not states[0].draw_checked
