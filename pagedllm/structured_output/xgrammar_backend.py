@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -11,6 +12,9 @@ import torch
 import xgrammar as xgr
 
 from pagedllm.structured_output.backend import GrammarMatcher, StructuredOutputBackend
+from pagedllm.structured_output.bounded_repeats import rewrite_bounded_repeats
+
+logger = logging.getLogger(__name__)
 
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " (and "Check failed: ... is false: ").
 _CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*(Check failed: \(.*?\) is false:\s*)?")
@@ -29,6 +33,20 @@ def clean_error(exc: BaseException) -> str:
 def default_fill_threads() -> int:
     """Half the cores this process may run on (at least one, at most ``MAX_FILL_THREADS``)."""
     return max(1, min(MAX_FILL_THREADS, len(os.sched_getaffinity(0)) // 2))
+
+
+def with_fast_repeats(grammar: xgr.Grammar) -> xgr.Grammar:
+    """``grammar`` with its counted character repetitions (bounded JSON strings...) as chains of rules, which
+    xgrammar fills masks for ~50x faster (see ``bounded_repeats``); ``grammar`` itself when it has none or when
+    xgrammar does not read the rewritten text back (it parses only what it printed, so that is not expected)."""
+    ebnf = rewrite_bounded_repeats(str(grammar))
+    if ebnf is None:
+        return grammar
+    try:
+        return xgr.Grammar.from_ebnf(ebnf)
+    except (RuntimeError, ValueError) as exc:
+        logger.warning("kept a grammar's counted repetitions: its rewrite does not parse (%s)", clean_error(exc))
+        return grammar
 
 
 class XgrammarMatcher(GrammarMatcher):
@@ -93,7 +111,7 @@ class XgrammarBackend(StructuredOutputBackend):
 
     def compile(self, grammar: xgr.Grammar) -> xgr.CompiledGrammar:
         try:
-            return self._compiler.compile_grammar(grammar)
+            return self._compiler.compile_grammar(with_fast_repeats(grammar))
         except RuntimeError as exc:
             raise ValueError(f"structured_outputs grammar does not compile: {clean_error(exc)}") from None
 
