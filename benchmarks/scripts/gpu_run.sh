@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/h200: `bash benchmarks/scripts/gpu_run.sh SECTION...` on the GPU machine, from the
 # repo root, with .whl and .assets carried (see device_env.sh). Records and logs go to $OUT (default: /tmp/out).
-# Sections: tests nano nano-hf latency profile serve structured structured-profile.
+# Sections: tests nano nano-hf latency profile serve structured structured-profile grammar-fills.
 source benchmarks/scripts/device_env.sh || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 bench() { timeout 300 python3 -m pagedllm.bench "$@" 2>&1 | grep -v "^\[bench\]" | tail -12; }
@@ -38,7 +38,11 @@ for section in "$@"; do
     structured-profile)
       timeout 300 python3 benchmarks/scripts/profile_grammar_steps.py --disable-tqdm --model qwen3-0.6b \
         --tokenizer .assets/tokenizers/qwen3 --workload random --num-prompts 256 --input-len 256 --output-len 256 \
-        --structured-fraction 0.5 $PROFILE_FLAGS 2>&1 | grep -v "^\[bench\]" | tail -16 ;;
+        --structured-fraction 0.5 $PROFILE_FLAGS ${PROFILE_JSON:+--output-json "$OUT/$PROFILE_JSON"} 2>&1 \
+        | grep -v "^\[bench\]" | tail -16 ;;
+    grammar-fills)
+      timeout 200 python3 benchmarks/scripts/grammar_fill_times.py --tokenizer .assets/tokenizers/qwen3 \
+        --output-json "$OUT/grammar-fill-times-qwen3.json" 2>&1 | tail -30 ;;
     structured)
       bench throughput --disable-tqdm --model qwen3-0.6b --tokenizer .assets/tokenizers/qwen3 --workload random --num-prompts 256 \
         --input-len 256 --output-len 256 --structured-fraction 0.5 \

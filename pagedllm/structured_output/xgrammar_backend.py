@@ -52,7 +52,7 @@ def with_fast_repeats(grammar: xgr.Grammar) -> xgr.Grammar:
 class XgrammarMatcher(GrammarMatcher):
     """One sequence's position in an xgrammar compiled grammar."""
 
-    __slots__ = ("xgr_matcher", "_rejected")
+    __slots__ = ("_rejected", "xgr_matcher")
 
     def __init__(self, compiled: xgr.CompiledGrammar) -> None:
         self.xgr_matcher = xgr.GrammarMatcher(compiled)
