@@ -155,8 +155,8 @@ def fresh_prompts(workload: Workload, key: int = 0) -> list[list[int]]:
 
 
 # Rounds of (constrained run, matched run); the loss compares the best of each, so that a one-off stall of either
-# run (seen: ~10% between identical runs on one GPU) does not decide it. Every round is in the record.
-NUM_ROUNDS = 2
+# run (seen: up to 16% between identical runs on one GPU) does not decide it. Every round is in the record.
+NUM_ROUNDS = 4
 
 
 def run_round(llm, workload: Workload, flags: list[bool], round_index: int) -> dict[str, Any]:

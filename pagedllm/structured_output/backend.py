@@ -39,11 +39,17 @@ class GrammarMatcher(ABC):
 
     @abstractmethod
     def is_terminated(self) -> bool:
-        """Whether the grammar is complete (it accepted a stop token, or nothing can follow)."""
+        """Whether the sequence must end: the grammar accepted a stop token, or rejected a token. (Nothing else
+        terminates a matcher, so an allowed token that is not a stop token never changes this.)"""
 
 
 class StructuredOutputBackend(ABC):
     """Compiles grammar specs against one tokenizer's vocabulary and makes matchers."""
+
+    @property
+    @abstractmethod
+    def stop_token_ids(self) -> frozenset[int]:
+        """The tokens that complete a grammar (accepting one terminates its matcher)."""
 
     @abstractmethod
     def parse(self, kind: str, spec: Any) -> Any:

@@ -29,13 +29,14 @@ DEFAULT_COMPILE_TIMEOUT_S = 30.0
 class StructuredOutputRequest:
     """One sequence's grammar: pending until compiled, then a matcher (made on first use)."""
 
-    __slots__ = ("_backend", "_deadline", "_future", "_matcher", "error")
+    __slots__ = ("_backend", "_deadline", "_deferred_token", "_future", "_matcher", "error")
 
     def __init__(self, backend: StructuredOutputBackend, future: concurrent.futures.Future, deadline: float) -> None:
         self._backend = backend
         self._future = future
         self._deadline = deadline
         self._matcher: GrammarMatcher | None = None
+        self._deferred_token: int | None = None  # accepted at the matcher's next use (``accept_token_later``)
         self.error: str | None = None  # set when compiling failed or timed out: the request cannot run
 
     def is_ready(self) -> bool:
@@ -58,9 +59,24 @@ class StructuredOutputRequest:
 
     @property
     def matcher(self) -> GrammarMatcher:
+        """The matcher, advanced by the deferred token if there is one."""
         if self._matcher is None:
             self._matcher = self._backend.new_matcher(self._future.result())
+        if self._deferred_token is not None:
+            self._matcher.accept_token(self.take_deferred_token())
         return self._matcher
+
+    def accept_token_later(self, token_id: int) -> None:
+        """Advance by ``token_id`` at the matcher's next use instead of now; only for a token the grammar allows
+        that is not a stop token, which cannot terminate it, so ``is_terminated()`` is the same either way. (The
+        runner defers the step's tokens so that the grammars advance while the GPU runs the next forward.)"""
+        if self._deferred_token is not None:
+            self.accept_token(self.take_deferred_token())
+        self._deferred_token = token_id
+
+    def take_deferred_token(self) -> int | None:
+        token_id, self._deferred_token = self._deferred_token, None
+        return token_id
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_bitmask(bitmask, row)
@@ -72,7 +88,7 @@ class StructuredOutputRequest:
         return self.matcher.try_accept_token(token_id)
 
     def is_terminated(self) -> bool:
-        return self._matcher is not None and self._matcher.is_terminated()
+        return self._matcher is not None and self._matcher.is_terminated()  # a deferred token would not change it
 
 
 def fill_bitmasks(grammars: list[StructuredOutputRequest], bitmask: torch.Tensor) -> None:
@@ -93,6 +109,13 @@ def accept_tokens(grammars: list[StructuredOutputRequest], token_ids: list[int])
     for grammar, token_id, accepted in zip(grammars, token_ids, try_accept_tokens(grammars, token_ids)):
         if not accepted:
             grammar.accept_token(token_id)
+
+
+def accept_deferred_tokens(grammars: list[StructuredOutputRequest]) -> None:
+    """Advance each of ``grammars`` that holds a deferred token by it, in batched calls."""
+    waiting = [grammar for grammar in grammars if grammar._deferred_token is not None]
+    if waiting:
+        accept_tokens(waiting, [grammar.take_deferred_token() for grammar in waiting])
 
 
 def try_accept_tokens(grammars: list[StructuredOutputRequest], token_ids: list[int]) -> list[bool]:

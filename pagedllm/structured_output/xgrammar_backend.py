@@ -88,8 +88,16 @@ class XgrammarBackend(StructuredOutputBackend):
     ) -> None:
         """``max_threads`` compile grammars; ``fill_threads`` (None: ``default_fill_threads()``) fill bitmasks."""
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self._stop_token_ids = frozenset(info.stop_token_ids)
+        # Ids with no text (the model's padding rows past the tokenizer): never accepted, and xgrammar logs a
+        # warning for each one offered, which drawn-then-checked candidates can be.
+        self._never_accepted = frozenset(info.special_token_ids) - self._stop_token_ids
         self._compiler = xgr.GrammarCompiler(info, max_threads=max_threads)
         self._batch_matcher = xgr.BatchGrammarMatcher(fill_threads or default_fill_threads())
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self._stop_token_ids
 
     def parse(self, kind: str, spec: Any) -> xgr.Grammar:
         try:
@@ -125,4 +133,13 @@ class XgrammarBackend(StructuredOutputBackend):
 
     def try_accept_tokens(self, matchers: list[XgrammarMatcher], token_ids: list[int]) -> list[bool]:
         """One call into xgrammar for all rows (a rejected token leaves its matcher unchanged)."""
-        return xgr.BatchGrammarMatcher.batch_accept_token([matcher.xgr_matcher for matcher in matchers], token_ids)
+        offered = [i for i, token_id in enumerate(token_ids) if token_id not in self._never_accepted]
+        results = xgr.BatchGrammarMatcher.batch_accept_token(
+            [matchers[i].xgr_matcher for i in offered], [token_ids[i] for i in offered]
+        )
+        if len(offered) == len(token_ids):
+            return results
+        accepted = [False] * len(token_ids)
+        for i, result in zip(offered, results):
+            accepted[i] = result
+        return accepted

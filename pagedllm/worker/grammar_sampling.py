@@ -38,7 +38,7 @@ import torch
 
 from pagedllm.params import SamplingParams
 from pagedllm.structured_output.bitmask import BitmaskStaging
-from pagedllm.structured_output.manager import accept_tokens, try_accept_tokens
+from pagedllm.structured_output.manager import accept_deferred_tokens, accept_tokens, try_accept_tokens
 from pagedllm.worker.sampler import GrammarMask, SamplerOutput, SamplingMetadata
 from pagedllm.worker.step_buffers import StagedBuffer
 
@@ -81,6 +81,7 @@ class GrammarSampling:
         rows = [row for row, state in enumerate(states) if state.structured_output is not None]
         if not rows:
             return None
+        accept_deferred_tokens([states[row].structured_output for row in rows])
         step = GrammarStep([], [])
         for row in rows:
             state = states[row]
@@ -106,8 +107,8 @@ class GrammarSampling:
     ) -> list[int]:
         """The step's tokens (``sampled``, the first draw, updated in place): each checked row's first candidate its
         grammar accepts, or its draw again with its mask (``sample`` runs the sampler on the step's logits); every
-        row's grammar advanced by its token."""
-        self._accept(states, step.masked, sampled)
+        row's grammar advanced by its token (a masked row's at the next ``prepare``, see ``_commit_masked``)."""
+        self._commit_masked(states, step.masked, sampled)
         self._after_masked_draws(step, states, output)
         if not step.checked:
             return sampled
@@ -124,10 +125,27 @@ class GrammarSampling:
             self._accept(states, step.redrawn, sampled)
         return sampled
 
+    def _commit_masked(self, states: list[Any], rows: list[int], sampled: list[int]) -> None:
+        """Advance the masked rows' grammars by their tokens. Those the mask allowed, other than stop tokens, are
+        accepted at the next ``prepare``, which runs while the GPU computes the next forward: here the GPU would
+        wait. Stop tokens (which end the grammar, and so the request) and tokens outside the mask (possible only
+        when other rules banned every allowed token, and which reject the grammar) are accepted now."""
+        if not rows:
+            return
+        tokens = [sampled[row] for row in rows]
+        now = []
+        for row, token, allowed in zip(rows, tokens, self._staging.allows(tokens).tolist()):
+            grammar = states[row].structured_output
+            if allowed and token not in grammar.backend.stop_token_ids:
+                grammar.accept_token_later(token)
+            else:
+                now.append(row)
+        self._accept(states, now, sampled)
+
     def _after_masked_draws(self, step: GrammarStep, states: list[Any], output: SamplerOutput) -> None:
         """Each masked row's way at its next step: checked if its unmasked draw was allowed (read from the masks of
         this step, still in the staging buffer) or, where that draw is unknown, if its mask allowed enough."""
-        if not step.masked:
+        if not step.masked or not self.check_draws:
             return
         if output.unmasked_draws is not None:
             allowed = self._staging.allows(output.unmasked_draws.tolist()).tolist()

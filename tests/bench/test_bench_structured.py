@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from pagedllm.bench.cli import main
-from pagedllm.bench.structured import BENCH_SCHEMA, fresh_prompts, structured_flags
+from pagedllm.bench.structured import BENCH_SCHEMA, NUM_ROUNDS, fresh_prompts, structured_flags
 from pagedllm.bench.workloads import BenchRequest, Workload
 from tests.entrypoints.conftest import save_bpe_tokenizer
 from tests.utils import build_tiny_model
@@ -45,7 +45,7 @@ def test_structured_fraction_end_to_end(model_and_tokenizer, tmp_path):
     matched = section["matched_unconstrained"]
     assert matched["prompt_tokens"] == record["prompt_tokens"] and matched["prefix_cache_hits"] == 0
     # Every round matches its constrained run's token counts; the record's figures are the best round's.
-    assert len(section["rounds"]) == 2
+    assert len(section["rounds"]) == NUM_ROUNDS
     for round_ in section["rounds"]:
         assert round_["matched_unconstrained"]["output_tokens"] == round_["constrained"]["output_tokens"]
     best = max(section["rounds"], key=lambda r: r["constrained"]["output_tokens_per_s"])

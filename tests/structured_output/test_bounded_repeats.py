@@ -142,3 +142,13 @@ def test_backend_compiles_the_rewritten_grammar(so_model_dir: str) -> None:
 
     assert accepts('{"a": "abcdef", "b": 1}')
     assert not accepts('{"a": "abcdefg", "b": 1}')  # one character over maxLength
+
+
+def test_padding_ids_are_rejected_without_asking_xgrammar(so_model_dir: str, capfd: pytest.CaptureFixture) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(so_model_dir)  # 300 tokens, padded to the model's 320
+    backend = XgrammarBackend(tokenizer, 320, [tokenizer.eos_token_id])
+    compiled = backend.compile(backend.parse("json_object", True))
+    matchers = [backend.new_matcher(compiled) for _ in range(3)]
+    brace = tokenizer.convert_tokens_to_ids("{")
+    assert backend.try_accept_tokens(matchers, [310, brace, 319]) == [False, True, False]
+    assert "cannot accept" not in capfd.readouterr().err

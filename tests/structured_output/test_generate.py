@@ -215,3 +215,15 @@ def test_matcher_survives_preemption_by_recompute(so_model_dir: str):
     for completion in outputs:
         assert completion.finish_reason == "stop"
         jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_a_grammar_ends_its_request_at_its_stop_token_with_ignore_eos(llm: LLM):
+    """With ``ignore_eos`` only the grammar ends the request: at the step of its stop token, not one later (the
+    runner advances grammars by most tokens one step late, never by a stop token)."""
+    schema = SCHEMAS["array_enum"]
+    outputs = _generate(llm, StructuredOutputsParams(json=schema), n=16, ignore_eos=True)
+    eos = llm.get_tokenizer().eos_token_id
+    for completion in outputs:
+        assert completion.finish_reason == "stop", completion
+        assert completion.token_ids.count(eos) <= 1 and completion.token_ids[-1] == eos, completion.token_ids
+        jsonschema.validate(json.loads(completion.text), schema)

@@ -9,6 +9,7 @@ row's next step.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import sys
 
@@ -17,6 +18,7 @@ import torch
 
 from pagedllm.params import SamplingParams
 from pagedllm.structured_output.backend import GrammarMatcher, StructuredOutputBackend
+from pagedllm.structured_output.manager import StructuredOutputRequest
 from pagedllm.worker.grammar_sampling import GrammarSampling, can_check_after_draw
 from pagedllm.worker.sampler import NUM_DRAW_CANDIDATES, GrammarMask, Sampler, SamplingMetadata, SamplingRow
 
@@ -140,26 +142,25 @@ class SetMatcher(GrammarMatcher):
 
 
 class SetBackend(StructuredOutputBackend):
+    """Its "compiled grammar" is the list of allowed sets."""
+
+    stop_token_ids = frozenset()
+
     def parse(self, kind, spec):
         raise NotImplementedError
 
     def compile(self, grammar):
         raise NotImplementedError
 
-    def new_matcher(self, compiled):
-        raise NotImplementedError
+    def new_matcher(self, compiled: list[set[int]]) -> SetMatcher:
+        return SetMatcher(compiled)
 
 
-class FakeGrammar:
-    """What ``GrammarSampling`` and the bitmask staging use of a ``StructuredOutputRequest``."""
-
-    backend = SetBackend()
-
-    def __init__(self, allowed: list[set[int]]) -> None:
-        self.matcher = SetMatcher(allowed)
-
-    def accept_token(self, token_id: int) -> bool:
-        return self.matcher.accept_token(token_id)
+def FakeGrammar(allowed: list[set[int]]) -> StructuredOutputRequest:
+    """A request's grammar over ``SetMatcher``."""
+    compiled = concurrent.futures.Future()
+    compiled.set_result(allowed)
+    return StructuredOutputRequest(SetBackend(), compiled, deadline=math.inf)
 
 
 class FakeState:
@@ -288,3 +289,26 @@ def test_a_row_whose_drawable_tokens_run_out_is_drawn_again_and_counts_as_change
                             lambda m: sampler(logits, m))
     assert step.checked == [0] and step.redrawn == [0] and step.changed
     assert not states[0].draw_checked
+
+
+def test_masked_rows_advance_at_the_next_prepare_but_stop_tokens_at_once() -> None:
+    """A masked row's allowed token is accepted by its grammar at the next ``prepare`` (while the GPU runs the
+    forward), in one batched call; a stop token ends the grammar in the step that drew it."""
+    device = torch.device("cpu")
+    params = SamplingParams(temperature=1.0)
+    stop = 7
+    states = [FakeState(params, FakeGrammar([{11}, {12}])), FakeState(params, FakeGrammar([{stop}]))]
+    for state in states:
+        state.structured_output.backend.stop_token_ids = frozenset({stop})
+    matchers = [state.structured_output.matcher for state in states]
+    grammar_sampling = GrammarSampling(2, VOCAB_SIZE, device)
+    rows = [SamplingRow(params, [1], [], sampling_seed=i) for i in range(2)]
+    metadata = SamplingMetadata.build(rows, VOCAB_SIZE, device, eos_token_ids=())
+    step = grammar_sampling.prepare(states, metadata)
+    output = Sampler(use_triton=False)(torch.zeros(2, VOCAB_SIZE), metadata)
+    sampled = grammar_sampling.finish(step, states, output.sampled_token_ids.tolist(), output, metadata, None)
+    assert sampled == [11, stop]
+    assert [m.position for m in matchers] == [0, 1]  # the stop token at once, the other deferred
+    assert states[1].structured_output.is_terminated() and not states[0].structured_output.is_terminated()
+    grammar_sampling.prepare(states[:1], SamplingMetadata.build(rows[:1], VOCAB_SIZE, device, eos_token_ids=()))
+    assert matchers[0].position == 1 and matchers[0].offers == 1
