@@ -24,6 +24,10 @@ def bitmask_width(vocab_size: int) -> int:
 class GrammarMatcher(ABC):
     """The state of one sequence inside a compiled grammar."""
 
+    # Whether filling this matcher's masks can take milliseconds (the grammar has states the backend checks token by
+    # token): its rows are then better drawn first and checked after the draw (worker/grammar_sampling.py).
+    slow_masks: bool = False
+
     @abstractmethod
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into ``bitmask[row]`` (int32 CPU tensor, ``bitmask_width`` words)."""

@@ -19,7 +19,9 @@ compile time with such a vocabulary, so a grammar gets at most ``MAX_CHAIN_RULES
 xgrammar's own form.
 
 The rewrite works on the EBNF text xgrammar prints for a grammar (one rule per line) and leaves everything it
-does not recognise as it was.
+does not recognise as it was. ``has_slow_repeats`` tells whether a grammar still has such a repetition (one over the
+chain budget, or not followed by a literal): its masks can then take milliseconds to fill, and the model runner
+checks its rows' draws after the fact rather than masking them first (``worker/grammar_sampling``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from __future__ import annotations
 import re
 
 MAX_CHAIN_RULES = 512
+# Counted repetitions up to this many characters cost little (e.g. ``[0-9]{3}`` in an integer range); a ``maxLength``
+# of 64 already costs ~1 ms per fill on average.
+MAX_CHEAP_REPEAT = 16
 
 _RULE = re.compile(r"^(\w+) ::= (.*)$")
 # A rule that is one character class, e.g. ``(([^\"\\\r\n]))``.
@@ -36,9 +41,12 @@ _CHAR_CLASS_BODY = re.compile(r"^\(\(\[(?:[^\]\\]|\\.)*\]\)\)$")
 _PIECE = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|(\w+)\{(\d+), (-?\d+)\}|\w+|\s+|.')
 
 
-def rewrite_bounded_repeats(ebnf: str, max_chain_rules: int = MAX_CHAIN_RULES) -> str | None:
+def rewrite_bounded_repeats(ebnf: str, max_chain_rules: int | None = None) -> str | None:
     """``ebnf`` (as xgrammar prints a grammar) with every ``CLASS_RULE{lo, hi} "literal"`` replaced by a chain of
-    rules, as long as the chains stay within ``max_chain_rules`` rules in all; None when nothing was replaced."""
+    rules, as long as the chains stay within ``max_chain_rules`` (default ``MAX_CHAIN_RULES``) rules in all; None
+    when nothing was replaced."""
+    if max_chain_rules is None:
+        max_chain_rules = MAX_CHAIN_RULES
     lines = ebnf.splitlines()
     rules = [_RULE.match(line) for line in lines]
     if not all(rules):
@@ -50,6 +58,18 @@ def rewrite_bounded_repeats(ebnf: str, max_chain_rules: int = MAX_CHAIN_RULES) -
     if not chains.rules:
         return None
     return "\n".join(rewritten + chains.rules) + "\n"
+
+
+def has_slow_repeats(ebnf: str) -> bool:
+    """Whether ``ebnf`` repeats a character-class rule a counted number of times over ``MAX_CHEAP_REPEAT``."""
+    rules = [_RULE.match(line) for line in ebnf.splitlines()]
+    class_rules = {rule.group(1) for rule in rules if rule and _CHAR_CLASS_BODY.match(rule.group(2))}
+    for rule in rules:
+        for piece in _PIECE.finditer(rule.group(2) if rule else ""):
+            lo, hi = int(piece.group(2) or 0), int(piece.group(3) or 0)
+            if piece.group(1) in class_rules and max(lo, hi) > MAX_CHEAP_REPEAT:
+                return True
+    return False
 
 
 def _rewrite_body(body: str, class_rules: set[str], chains: _Chains) -> str:

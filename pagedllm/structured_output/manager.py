@@ -66,6 +66,11 @@ class StructuredOutputRequest:
             self._matcher.accept_token(self.take_deferred_token())
         return self._matcher
 
+    @property
+    def slow_masks(self) -> bool:
+        """``GrammarMatcher.slow_masks`` (False before the matcher exists); does not accept a deferred token."""
+        return self._matcher is not None and self._matcher.slow_masks
+
     def accept_token_later(self, token_id: int) -> None:
         """Advance by ``token_id`` at the matcher's next use instead of now; only for a token the grammar allows
         that is not a stop token, which cannot terminate it, so ``is_terminated()`` is the same either way. (The

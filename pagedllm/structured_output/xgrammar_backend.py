@@ -6,13 +6,14 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import xgrammar as xgr
 
 from pagedllm.structured_output.backend import GrammarMatcher, StructuredOutputBackend
-from pagedllm.structured_output.bounded_repeats import rewrite_bounded_repeats
+from pagedllm.structured_output.bounded_repeats import has_slow_repeats, rewrite_bounded_repeats
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def default_fill_threads() -> int:
 
 def with_fast_repeats(grammar: xgr.Grammar) -> xgr.Grammar:
     """``grammar`` with its counted character repetitions (bounded JSON strings...) as chains of rules, which
-    xgrammar fills masks for ~50x faster (see ``bounded_repeats``); ``grammar`` itself when it has none or when
+    xgrammar fills masks for ~40x faster (see ``bounded_repeats``); ``grammar`` itself when it has none or when
     xgrammar does not read the rewritten text back (it parses only what it printed, so that is not expected)."""
     ebnf = rewrite_bounded_repeats(str(grammar))
     if ebnf is None:
@@ -49,13 +50,20 @@ def with_fast_repeats(grammar: xgr.Grammar) -> xgr.Grammar:
         return grammar
 
 
+@dataclass(frozen=True, slots=True)
+class XgrammarCompiled:
+    grammar: xgr.CompiledGrammar
+    slow_masks: bool  # it kept a long counted repetition, where a mask can take milliseconds to fill
+
+
 class XgrammarMatcher(GrammarMatcher):
     """One sequence's position in an xgrammar compiled grammar."""
 
-    __slots__ = ("_rejected", "xgr_matcher")
+    __slots__ = ("_rejected", "slow_masks", "xgr_matcher")
 
-    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
-        self.xgr_matcher = xgr.GrammarMatcher(compiled)
+    def __init__(self, compiled: XgrammarCompiled) -> None:
+        self.xgr_matcher = xgr.GrammarMatcher(compiled.grammar)
+        self.slow_masks = compiled.slow_masks
         self._rejected = False
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
@@ -117,13 +125,14 @@ class XgrammarBackend(StructuredOutputBackend):
             raise ValueError(f"structured_outputs.{kind} is invalid: {clean_error(exc)}") from None
         raise ValueError(f"structured_outputs kind {kind!r} is not supported by the xgrammar backend")
 
-    def compile(self, grammar: xgr.Grammar) -> xgr.CompiledGrammar:
+    def compile(self, grammar: xgr.Grammar) -> XgrammarCompiled:
+        fast = with_fast_repeats(grammar)
         try:
-            return self._compiler.compile_grammar(with_fast_repeats(grammar))
+            return XgrammarCompiled(self._compiler.compile_grammar(fast), has_slow_repeats(str(fast)))
         except RuntimeError as exc:
             raise ValueError(f"structured_outputs grammar does not compile: {clean_error(exc)}") from None
 
-    def new_matcher(self, compiled: xgr.CompiledGrammar) -> GrammarMatcher:
+    def new_matcher(self, compiled: XgrammarCompiled) -> GrammarMatcher:
         return XgrammarMatcher(compiled)
 
     def fill_bitmasks(self, matchers: list[XgrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:

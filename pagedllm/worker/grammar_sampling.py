@@ -1,30 +1,32 @@
 """The rows of a step under a grammar: each is masked before its draw, or checked after it.
 
-Filling a row's token bitmask is the costly part of structured outputs. xgrammar fills most masks in microseconds
-from tables made at compile time, but where most tokens depend on the grammar's context it tries them one by one:
-0.5 to 10 ms for one row inside a JSON string with a ``maxLength`` (its issue #852), and a step waits for its
-slowest row.
+Most rows are masked first: their token bitmasks are filled while the GPU runs the forward (xgrammar fills most
+masks in microseconds, from tables made at compile time; bounded strings are rewritten so that theirs are too, see
+``structured_output/bounded_repeats``), and their tokens advance their grammars at the next step's ``prepare``,
+again while the GPU works. What remains on the step's critical path is the bitmask upload and the masked sampling.
 
-Most draws need no mask. The sampler draws a row by the exponential race: the token of largest score
-``logit / temperature - log E`` (``E`` the row's Exponential(1) noise; a greedy row has no noise), and a row under a
-grammar is drawn the same way over its allowed tokens, with the same noise. So the masked draw is the first allowed
-token in the order of decreasing score; when the grammar allows the unmasked draw, it is the masked draw. A row
-*checked* after its draw is drawn without a mask, and the sampler also returns its ``NUM_DRAW_CANDIDATES`` (16)
-best-scoring tokens, best first; the host offers them to the grammar in that order, and the first it accepts is the
-row's token: the token the mask would have given, without the mask. Only when the grammar takes none of them is the
-mask filled and the row drawn again, masked (that step then syncs twice).
+Some grammars keep states where xgrammar tries most of the vocabulary token by token (a string with a ``maxLength``
+too long to rewrite, xgrammar's issue #852): 0.5 to 10 ms for one row, longer than the forward, and a step waits for
+its slowest row. Rows of such grammars (``GrammarMatcher.slow_masks``) are *checked* after their draw where they can
+be. The sampler draws a row by the exponential race: the token of largest score ``logit / temperature - log E``
+(``E`` the row's Exponential(1) noise; a greedy row has no noise), and a row under a grammar is drawn the same way
+over its allowed tokens, with the same noise. So the masked draw is the first allowed token in the order of
+decreasing score; when the grammar allows the unmasked draw, it is the masked draw. A checked row is drawn without
+a mask, and the sampler also returns its ``NUM_DRAW_CANDIDATES`` (16) best-scoring tokens, best first; the host
+offers them to the grammar in that order, and the first it accepts is the row's token: the token the mask would
+have given, without the mask. Only when the grammar takes none of them is the mask filled and the row drawn again,
+masked (that step then syncs twice).
 
 Only a row whose mask is the last change to its scores can be checked: the filters that look at the distribution
 (top_k, top_p, min_p) would keep other tokens once the mask removed some, so those rows are always masked first.
 (logit_bias, min_tokens bans and penalties act before the mask, so they change nothing here.)
 
-Which way a row goes. Masks filled before the draw cost little: they are filled while the GPU runs the forward.
-A check that fails costs a mask filled after the draw, while the GPU waits, and a second draw. So a row is checked
-only where its draw is likely to be allowed: a new row starts masked first; a row masked first is checked at its
-next step if its unmasked draw was allowed (the fused sampling kernel draws every row unmasked first, so this is
-known for free; elsewhere, if its mask allowed at least 1/64 of the vocabulary: a structural position in JSON,
-where few tokens fit, allows less); a checked row stays checked while its draws are accepted, and one whose
-candidates all fail is masked first at its next step.
+Which way a slow grammar's row goes. A check that fails costs a mask filled after the draw, while the GPU waits, and
+a second draw. So a row is checked only where its draw is likely to be allowed: a new row starts masked first; a row
+masked first is checked at its next step if its unmasked draw was allowed (the fused sampling kernel draws every row
+unmasked first, so this is known for free; elsewhere, if its mask allowed at least 1/64 of the vocabulary: a
+structural position in JSON, where few tokens fit, allows less); a checked row stays checked while its draws are
+accepted, and one whose candidates all fail is masked first at its next step.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class GrammarSampling:
         step = GrammarStep([], [])
         for row in rows:
             state = states[row]
-            checks = self.check_draws and state.draw_checked and can_check_after_draw(state.sampling_params)
+            checks = (self.check_draws and state.draw_checked and state.structured_output.slow_masks
+                      and can_check_after_draw(state.sampling_params))
             (step.checked if checks else step.masked).append(row)
         self.num_masked += len(step.masked)
         self.num_checked += len(step.checked)
@@ -145,7 +148,7 @@ class GrammarSampling:
     def _after_masked_draws(self, step: GrammarStep, states: list[Any], output: SamplerOutput) -> None:
         """Each masked row's way at its next step: checked if its unmasked draw was allowed (read from the masks of
         this step, still in the staging buffer) or, where that draw is unknown, if its mask allowed enough."""
-        if not step.masked or not self.check_draws:
+        if not self.check_draws or not any(states[row].structured_output.slow_masks for row in step.masked):
             return
         if output.unmasked_draws is not None:
             allowed = self._staging.allows(output.unmasked_draws.tolist()).tolist()

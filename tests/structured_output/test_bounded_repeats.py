@@ -12,7 +12,7 @@ import xgrammar as xgr
 from transformers import AutoTokenizer
 
 from pagedllm.bench.structured import BENCH_SCHEMA
-from pagedllm.structured_output.bounded_repeats import rewrite_bounded_repeats
+from pagedllm.structured_output.bounded_repeats import has_slow_repeats, rewrite_bounded_repeats
 from pagedllm.structured_output.xgrammar_backend import XgrammarBackend, with_fast_repeats
 from tests.utils import ASSETS
 
@@ -64,6 +64,14 @@ def test_chain_budget_is_per_grammar() -> None:
     ebnf = 'root ::= ((c{0, 5} "x" c{0, 9} "y"))\nc ::= (([a-z]))\n'
     rewritten = rewrite_bounded_repeats(ebnf, max_chain_rules=10)
     assert rewritten.splitlines()[0] == 'root ::= ((c_chain0_5 c{0, 9} "y"))'
+
+
+def test_slow_repeats_are_long_counted_repetitions_of_a_class() -> None:
+    assert has_slow_repeats('root ::= ((c{0, 600} "x"))\nc ::= (([a-z]))\n')
+    assert has_slow_repeats('root ::= ((c{17, -1} c))\nc ::= (([a-z]))\n')
+    assert not has_slow_repeats('root ::= (([1-9] c{3, 3}))\nc ::= (([0-9]))\n')  # short: cheap
+    assert not has_slow_repeats('root ::= ((c{0, 600} "x"))\nc ::= (("b") | ("d"))\n')
+    assert not has_slow_repeats('root ::= Regex("^[a-z]{0,60}$")\n')
 
 
 SCHEMAS = {
@@ -142,6 +150,17 @@ def test_backend_compiles_the_rewritten_grammar(so_model_dir: str) -> None:
 
     assert accepts('{"a": "abcdef", "b": 1}')
     assert not accepts('{"a": "abcdefg", "b": 1}')  # one character over maxLength
+
+
+def test_grammars_left_with_long_repetitions_have_slow_masks(so_model_dir: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(so_model_dir)
+    backend = XgrammarBackend(tokenizer, 320, [tokenizer.eos_token_id])
+
+    def slow_masks(schema: dict) -> bool:
+        return backend.new_matcher(backend.compile(backend.parse("json", schema))).slow_masks
+
+    assert not slow_masks(BENCH_SCHEMA)  # every bounded string fits the chain budget
+    assert slow_masks({"type": "string", "maxLength": 600})  # over it
 
 
 def test_padding_ids_are_rejected_without_asking_xgrammar(so_model_dir: str, capfd: pytest.CaptureFixture) -> None:

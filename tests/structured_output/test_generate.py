@@ -182,13 +182,27 @@ def test_unconstrained_rows_are_unaffected_in_a_mixed_batch(llm: LLM):
 
 
 @pytest.mark.parametrize("temperature, n", [(1.0, 16), (0.0, 1)])
-def test_checking_draws_gives_the_tokens_of_masking_every_draw(llm: LLM, temperature: float, n: int):
-    """Rows checked after their draw (worker/grammar_sampling.py, the default) get exactly the tokens and logprobs
-    of masking every row before its draw."""
-    structured = StructuredOutputsParams(json=SCHEMAS["nested_required"])
+def test_checking_draws_gives_the_tokens_of_masking_every_draw(
+    llm: LLM, temperature: float, n: int, monkeypatch: pytest.MonkeyPatch
+):
+    """Rows checked after their draw (worker/grammar_sampling.py: rows of grammars with slow masks) get exactly the
+    tokens and logprobs of masking every row before its draw."""
+    # No chain budget: the bounded string keeps xgrammar's counted repetition, so its grammar has slow masks.
+    monkeypatch.setattr("pagedllm.structured_output.bounded_repeats.MAX_CHAIN_RULES", 0)
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 20 + n},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["word", "n"], "additionalProperties": False}
+    structured = StructuredOutputsParams(json=schema)
+    runner = llm.llm_engine.engine_core.model_runner
+
+    def draws() -> tuple[int, int]:
+        grammar_sampling = runner.grammar_sampling
+        return (grammar_sampling.num_checked, grammar_sampling.num_redrawn) if grammar_sampling else (0, 0)
+
+    before = draws()
     checked = _generate(llm, structured, n=n, temperature=temperature, logprobs=2)
-    grammar_sampling = llm.llm_engine.engine_core.model_runner.grammar_sampling
-    assert grammar_sampling.num_checked > 0 and grammar_sampling.num_redrawn > 0
+    grammar_sampling = runner.grammar_sampling
+    assert grammar_sampling.num_checked > before[0] and grammar_sampling.num_redrawn > before[1]
     grammar_sampling.check_draws = False
     try:
         num_checked = grammar_sampling.num_checked

@@ -117,10 +117,12 @@ def test_filters_that_see_the_distribution_are_masked_first() -> None:
 
 
 class SetMatcher(GrammarMatcher):
-    """Allows the tokens of ``allowed[position]``, one set per accepted token; the sequence ends after the last."""
+    """Allows the tokens of ``allowed[position]``, one set per accepted token; the sequence ends after the last.
+    Its masks count as slow to fill (so that its rows can be checked after the draw) unless told otherwise."""
 
     def __init__(self, allowed: list[set[int]]) -> None:
         self.allowed, self.position, self.rejected, self.offers = allowed, 0, False, 0
+        self.slow_masks = True
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         bitmask[row] = bitmask_of([self.allowed[self.position]])[0]
@@ -160,7 +162,9 @@ def FakeGrammar(allowed: list[set[int]]) -> StructuredOutputRequest:
     """A request's grammar over ``SetMatcher``."""
     compiled = concurrent.futures.Future()
     compiled.set_result(allowed)
-    return StructuredOutputRequest(SetBackend(), compiled, deadline=math.inf)
+    grammar = StructuredOutputRequest(SetBackend(), compiled, deadline=math.inf)
+    grammar.matcher  # noqa: B018 (made now, as a request's is at its first fill, so that its slow_masks counts)
+    return grammar
 
 
 class FakeState:
@@ -224,6 +228,17 @@ def test_every_token_is_allowed_and_grammars_advance(sampler: tuple) -> None:
         assert not matcher.rejected and matcher.position == num_steps
         for position, (tokens, *_) in enumerate(history):
             assert tokens[row] in matcher.allowed[position]
+
+
+def test_rows_of_grammars_with_fast_masks_are_always_masked_first(sampler: tuple) -> None:
+    num_steps = 4
+    states = grammar_states(num_steps)
+    for state in states[:-1]:
+        state.structured_output.matcher.slow_masks = False
+    history = run_steps(sampler, states, num_steps, check_draws=True)
+    assert all(not checked and masked == [0, 1, 2, 3] for _, masked, checked, _ in history)
+    assert [tokens for tokens, *_ in history] == [
+        tokens for tokens, *_ in run_steps(sampler, grammar_states(num_steps), num_steps, check_draws=False)]
 
 
 def test_a_row_is_checked_after_a_wide_mask_and_masked_after_a_narrow_one(sampler: tuple) -> None:
