@@ -104,16 +104,20 @@ def sampling_params(workload: Workload, flags: list[bool], max_tokens: list[int]
 
 
 def warm_up_schema(llm, workload: Workload) -> float:
-    """Before timing, compile the schema (grammars are cached) and generate a few tokens under it, so that the
-    kernels of the sampler's grammar paths are compiled too (as the warm-up does for the unconstrained path): the
+    """Before timing, compile the schema (grammars are cached) and generate a few tokens under it, in batches of
+    constrained and free rows (32 and 7 rows: Triton compiles a kernel anew for row counts divisible by 16), so that
+    the kernels of the sampler's grammar paths are compiled too (as the warm-up does for the unconstrained path): the
     seconds it took, reported on its own."""
     from pagedllm.params import SamplingParams, StructuredOutputsParams
 
     start = time.perf_counter()
     structured = StructuredOutputsParams(json=BENCH_SCHEMA)
     llm.llm_engine.input_processor.structured_output_manager.prepare(structured).result()
-    params = SamplingParams(temperature=workload.temperature, max_tokens=32, structured_outputs=structured)
-    llm.generate([{"prompt_token_ids": [1, 2, 3]}] * 4, params, use_tqdm=False)
+    kinds = [SamplingParams(temperature=workload.temperature, max_tokens=32, ignore_eos=True, structured_outputs=s)
+             for s in (structured, None)]
+    for batch_size in (32, 7):
+        params = [kinds[i % 2] for i in range(batch_size)]
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}] * batch_size, params, use_tqdm=False)
     return time.perf_counter() - start
 
 

@@ -1,8 +1,8 @@
 """The step's token bitmasks, filled on the host for every constrained row at once and uploaded in one copy.
 
-Filling is the costly part of structured outputs (up to ~10 ms for one row where most tokens depend on the grammar's
-context, e.g. inside a string with a maxLength), so the rows go to the backend's batch API in one call
-(``fill_bitmasks``: xgrammar fills them on its own threads). The bitmask lives in one int32 buffer allocated once and
+Filling is the costly part of structured outputs (microseconds for most rows, but milliseconds in the states where
+xgrammar tries most tokens one by one), so the rows go to the backend's batch API in one call (``fill_bitmasks``:
+xgrammar fills them on its own threads). The bitmask lives in one int32 buffer allocated once and
 reused every step: pinned on CUDA, so its upload is one asynchronous copy into a device twin at a fixed address.
 """
 

@@ -21,9 +21,9 @@ logger = logging.getLogger(__name__)
 _CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*(Check failed: \(.*?\) is false:\s*)?")
 
 
-# Filling a bitmask costs up to ~10 ms per row in states where most tokens are context-dependent (inside a string with
-# a maxLength, a pattern): the step's rows are filled by xgrammar's thread pool, capped so that it leaves cores to
-# the engine loop and the tokenizer threads.
+# Filling a bitmask can cost milliseconds per row in states where most tokens depend on the context (see
+# bounded_repeats): the step's rows are filled by xgrammar's thread pool, capped so that it leaves cores to the engine
+# loop and the tokenizer threads.
 MAX_FILL_THREADS = 8
 
 
