@@ -38,8 +38,8 @@ def default_fill_threads() -> int:
 
 def with_fast_repeats(grammar: xgr.Grammar) -> xgr.Grammar:
     """``grammar`` with its counted character repetitions (bounded JSON strings...) as chains of rules, which
-    xgrammar fills masks for ~40x faster (see ``bounded_repeats``); ``grammar`` itself when it has none or when
-    xgrammar does not read the rewritten text back (it parses only what it printed, so that is not expected)."""
+    xgrammar fills masks for ~40x faster (see ``bounded_repeats``); ``grammar`` itself when it has none, or when
+    xgrammar cannot parse the rewritten text (not expected: it is xgrammar's own printout with rules added)."""
     ebnf = rewrite_bounded_repeats(str(grammar))
     if ebnf is None:
         return grammar
