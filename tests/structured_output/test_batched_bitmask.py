@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 from pagedllm.bench.structured import BENCH_SCHEMA
 from pagedllm.params import StructuredOutputsParams
 from pagedllm.structured_output.backend import StructuredOutputBackend, bitmask_width
-from pagedllm.structured_output.bitmask import BitmaskStaging
 from pagedllm.structured_output.manager import StructuredOutputManager
+from pagedllm.worker.grammar_masks import MaskStaging
 from pagedllm.worker.sampler import GrammarMask, apply_grammar_mask, apply_grammar_mask_torch
 
 VOCAB_SIZE = 320  # the tiny model's (its tokenizer has 300 tokens)
@@ -70,14 +70,12 @@ def test_batched_fill_equals_per_row_fill(manager: StructuredOutputManager) -> N
     assert torch.equal(looped, batched)
 
 
-def test_staging_fills_and_uploads_every_step(manager: StructuredOutputManager) -> None:
-    staging = BitmaskStaging(max_rows=4, vocab_size=VOCAB_SIZE, device=torch.device("cpu"))
-    for seed, num_grammars in ((2, 3), (3, 9)):  # the second step outgrows the buffers
-        grammars = advanced_grammars(manager, num_grammars, seed)
-        batch_rows = sorted(random.Random(seed).sample(range(32), num_grammars))
-        rows, bitmask = staging.stage(grammars, batch_rows)
-        assert rows.tolist() == batch_rows
-        assert torch.equal(bitmask, per_row_bitmask(grammars))
+def test_staging_fills_at_an_offset_and_uploads(manager: StructuredOutputManager) -> None:
+    staging = MaskStaging(max_rows=12, vocab_size=VOCAB_SIZE, device=torch.device("cpu"))
+    first, second = advanced_grammars(manager, 3, seed=2), advanced_grammars(manager, 9, seed=3)
+    staging.fill(first)
+    staging.fill(second, start=3)
+    assert torch.equal(staging.upload(12), per_row_bitmask(first + second))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
