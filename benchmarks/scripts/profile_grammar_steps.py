@@ -3,7 +3,6 @@ with timers around the grammar side of sampling and the step, and prints their t
 For comparison with the default:
 
 - ``--mask-every-draw`` turns off checking draws after the fact (every row under a grammar masked before its draw);
-- ``--no-fill-ahead`` fills every mask on the engine thread when its step samples (no worker thread);
 - ``--check-every-grammar`` checks draws after the fact for every grammar, as for those with slow masks;
 - ``--by-allowed-share`` makes the share of the vocabulary a row's mask allowed decide its next step's way even
   where its unmasked draw is known;
@@ -47,19 +46,15 @@ def timed(owner: type, name: str, label: str) -> None:
 
 timed(ModelRunner, "execute_model", "runner.execute_model (whole step but scheduling)")
 timed(Scheduler, "schedule", "scheduler.schedule")
-timed(grammar_sampling.GrammarSampling, "prepare", "grammar: prepare (masks of new rows filled, uploads)")
-timed(grammar_sampling.GrammarSampling, "_join_fill_ahead", "grammar: waiting for the worker (inside prepare)")
+timed(grammar_sampling.GrammarSampling, "prepare", "grammar: prepare (tokens accepted, masks filled before the draw)")
 timed(grammar_sampling.GrammarSampling, "finish", "grammar: finish (commits, candidates offered, redraws)")
+timed(grammar_sampling.GrammarSampling, "_fill_masks", "grammar: mask fills (inside the two above)")
 timed(grammar_sampling.GrammarSampling, "_offer_candidates", "grammar: candidates offered (inside finish)")
-timed(grammar_sampling.GrammarSampling, "_advance_and_fill", "grammar: worker thread, advance and fill ahead")
 
 arguments = sys.argv[1:]
 if "--mask-every-draw" in arguments:
     arguments.remove("--mask-every-draw")
     grammar_sampling.GrammarSampling.__init__.__defaults__ = (False,)  # check_draws=False
-if "--no-fill-ahead" in arguments:
-    arguments.remove("--no-fill-ahead")
-    grammar_sampling.GrammarSampling._start_fill_ahead = lambda self, states, rows: None
 if "--check-every-grammar" in arguments:
     arguments.remove("--check-every-grammar")
     StructuredOutputRequest.slow_masks = property(lambda self: self._matcher is not None)

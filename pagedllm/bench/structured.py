@@ -210,14 +210,13 @@ def run_structured(llm, workload: Workload, fraction: float) -> tuple[EngineRun,
 
 
 def grammar_draws(llm) -> dict[str, int]:
-    """The runner's count of draws under a grammar so far: masked before the draw (of those, with a mask filled ahead
-    on the worker thread), checked after it, and of those drawn again with the mask (``worker/grammar_sampling.py``);
-    empty before the first."""
+    """The runner's count of draws under a grammar so far: masked before the draw, checked after it, and of those
+    drawn again with the mask (``worker/grammar_sampling.py``); empty before the first."""
     grammar_sampling = llm.llm_engine.engine_core.model_runner.grammar_sampling
     if grammar_sampling is None:
         return {}
-    return {"masked": grammar_sampling.num_masked, "filled_ahead": grammar_sampling.num_filled_ahead,
-            "checked": grammar_sampling.num_checked, "redrawn": grammar_sampling.num_redrawn}
+    return {"masked": grammar_sampling.num_masked, "checked": grammar_sampling.num_checked,
+            "redrawn": grammar_sampling.num_redrawn}
 
 
 def summary_lines(section: dict[str, Any]) -> list[str]:
@@ -228,8 +227,7 @@ def summary_lines(section: dict[str, Any]) -> list[str]:
         f"the bench JSON schema (compiled and warmed up in {section['schema_warmup_s']:.2f} s before timing); they generated "
         f"{section['structured_output_tokens']:,} tokens, the others {section['unstructured_output_tokens']:,} "
         f"(asked for {section['requested_output_tokens']:,} in all)"),
-        (f"draws under the grammar: {draws.get('masked', 0):,} masked first ({draws.get('filled_ahead', 0):,} with a "
-        f"mask filled ahead), {draws.get('checked', 0):,} checked after "
+        (f"draws under the grammar: {draws.get('masked', 0):,} masked first, {draws.get('checked', 0):,} checked after "
         f"the draw ({draws.get('redrawn', 0):,} of them drawn again with the mask)"),
         (f"matched unconstrained run (same prompts, max_tokens = tokens generated above): "
         f"{matched['output_tokens_per_s']:,.1f} output tok/s over {matched['output_tokens']:,} tokens; throughput "

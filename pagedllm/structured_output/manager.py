@@ -29,7 +29,7 @@ DEFAULT_COMPILE_TIMEOUT_S = 30.0
 class StructuredOutputRequest:
     """One sequence's grammar: pending until compiled, then a matcher (made on first use)."""
 
-    __slots__ = ("_backend", "_deadline", "_deferred_token", "_future", "_matcher", "error", "on_worker_thread")
+    __slots__ = ("_backend", "_deadline", "_deferred_token", "_future", "_matcher", "error")
 
     def __init__(self, backend: StructuredOutputBackend, future: concurrent.futures.Future, deadline: float) -> None:
         self._backend = backend
@@ -38,8 +38,6 @@ class StructuredOutputRequest:
         self._matcher: GrammarMatcher | None = None
         self._deferred_token: int | None = None  # accepted at the matcher's next use (``accept_token_later``)
         self.error: str | None = None  # set when compiling failed or timed out: the request cannot run
-        # True while the model runner's worker thread advances the matcher or fills its mask: nobody else touches it.
-        self.on_worker_thread = False
 
     def is_ready(self) -> bool:
         """True once the grammar compiled, or failed (see ``error``): the scheduler may stop waiting."""
@@ -95,11 +93,7 @@ class StructuredOutputRequest:
         return self.matcher.try_accept_token(token_id)
 
     def is_terminated(self) -> bool:
-        if self.on_worker_thread:
-            # It only accepts allowed tokens other than stop tokens there, which cannot terminate it (neither can a
-            # deferred token): it is not terminated, since it was not when it drew them.
-            return False
-        return self._matcher is not None and self._matcher.is_terminated()
+        return self._matcher is not None and self._matcher.is_terminated()  # a deferred token would not change it
 
 
 def fill_bitmasks(grammars: list[StructuredOutputRequest], bitmask: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """The host side of grammar masks: one pinned int32 bitmask buffer with a device twin, filled by the grammar backend.
 
-A fill is one batched call into the backend (xgrammar fills the rows on its own threads, without the GIL), and an
-upload is one asynchronous copy. The rule of ``step_buffers`` holds: host rows are rewritten only after the sync of
+A fill is one batched call into the backend (xgrammar fills the rows on its own threads), and an upload is one
+asynchronous copy. The rule of ``step_buffers`` holds: host rows are rewritten only after the sync of
 the step whose copies read them.
 """
 
@@ -25,23 +25,22 @@ class MaskStaging:
         self.width = bitmask_width(vocab_size)
         self._buffer = StagedBuffer((max_rows, self.width), torch.int32, device)
 
-    def fill(self, grammars: list[StructuredOutputRequest], start: int = 0) -> None:
-        """Staging row ``start + i`` <- the allowed next tokens of ``grammars[i]`` (host only)."""
-        if grammars:
-            fill_bitmasks(grammars, self._buffer.host[start : start + len(grammars)])
+    def fill(self, grammars: list[StructuredOutputRequest]) -> None:
+        """Staging row i <- the allowed next tokens of ``grammars[i]`` (host only)."""
+        fill_bitmasks(grammars, self._buffer.host[: len(grammars)])
 
     def upload(self, num_rows: int) -> torch.Tensor:
         """Staging rows [0, num_rows) on the device ([num_rows, width] int32), valid until the next upload."""
         return self._buffer.upload(num_rows)
 
-    def allows(self, staging_rows: list[int], tokens: list[int]) -> np.ndarray:
-        """Whether staging row ``staging_rows[i]`` allows ``tokens[i]``, for each i (bool)."""
+    def allows(self, tokens: list[int]) -> np.ndarray:
+        """Whether staging row i allows ``tokens[i]``, for each i (bool)."""
         token_ids = np.asarray(tokens, dtype=np.int64)
-        words = self._buffer.np[np.asarray(staging_rows, dtype=np.int64), token_ids >> 5]
+        words = self._buffer.np[np.arange(len(tokens)), token_ids >> 5]
         return ((words >> (token_ids & 31)) & 1).astype(bool)
 
-    def allowed_fractions(self, staging_rows: list[int]) -> np.ndarray:
-        """The share of the vocabulary each of ``staging_rows`` allows, estimated from ``_SAMPLED_WORDS`` words
-        spread over the row (a full count would cost more than it tells)."""
-        words = self._buffer.np[staging_rows, :: max(1, self.width // _SAMPLED_WORDS)]
+    def allowed_fractions(self, num_rows: int) -> np.ndarray:
+        """The share of the vocabulary each of staging rows [0, num_rows) allows, estimated from ``_SAMPLED_WORDS``
+        words spread over the row (a full count would cost more than it tells)."""
+        words = self._buffer.np[:num_rows, :: max(1, self.width // _SAMPLED_WORDS)]
         return np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1).mean(axis=1)

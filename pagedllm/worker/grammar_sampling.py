@@ -1,14 +1,10 @@
 """The rows of a step under a grammar: each is masked before its draw, or checked after it.
 
-Most rows are masked first. xgrammar fills most masks in microseconds, from tables made at compile time (bounded
-strings are rewritten so that theirs are too, see ``structured_output/bounded_repeats``), but a step has up to
-``max_num_seqs`` of them and the engine's host work is what bounds a decode step, so the fills are taken off the
-engine thread: at the end of a step, a worker thread advances the grammars of the rows that will be masked again
-by their new tokens and fills their next masks (``_start_fill_ahead``: xgrammar releases the GIL), while the
-engine thread processes the step's outputs and schedules the next one. Rows new to a step are filled when it
-samples. Stop tokens, and tokens a grammar rejects, are accepted on the engine thread at once, since they end the
-request; any other allowed token cannot terminate a grammar, so the scheduler's ``is_terminated()`` does not need
-to wait for the worker.
+Most rows are masked first: their token bitmasks are filled while the GPU runs the forward (xgrammar fills most
+masks in microseconds, from tables made at compile time; bounded strings are rewritten so that theirs are too, see
+``structured_output/bounded_repeats``), and their tokens advance their grammars at the next step's ``prepare``,
+again while the GPU works, except stop tokens and tokens outside the mask, which end the request and are accepted
+at once.
 
 Some grammars keep states where xgrammar tries most of the vocabulary token by token (a string with a ``maxLength``
 too long to rewrite, xgrammar's issue #852): 0.5 to 10 ms for one row, longer than the forward, and a step waits for
@@ -36,7 +32,6 @@ accepted, and one whose candidates all fail is masked first at its next step.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,17 +60,8 @@ class GrammarStep:
 
     masked: list[int]  # their masks filled before the draw
     checked: list[int]  # drawn without a mask, their candidates offered to the grammar after the draw
-    mask_rows: list[int] = dataclasses.field(default_factory=list)  # the staging row of each masked row's mask
     redrawn: list[int] = dataclasses.field(default_factory=list)  # checked rows the grammar took no candidate of
     changed: bool = False  # whether some checked row's token is not its unmasked draw
-
-
-@dataclass(slots=True)
-class _FillAhead:
-    """Grammars being advanced and filled on the worker thread; grammar i's mask goes to staging row i."""
-
-    grammars: list[Any]
-    done: concurrent.futures.Future
 
 
 class GrammarSampling:
@@ -87,21 +73,15 @@ class GrammarSampling:
     def __init__(self, max_rows: int, vocab_size: int, device: torch.device, check_draws: bool = True) -> None:
         """``max_rows``: the most rows a step samples (``max_num_seqs``)."""
         self.check_draws = check_draws  # False: every row is masked first (the reference the tests compare with)
-        # Room for the masks filled ahead (at most a step's rows) and, after them, those of rows new to the step.
-        self._staging = MaskStaging(2 * max_rows, vocab_size, device)
-        self._mask_sources = StagedBuffer((max_rows,), torch.int64, device)  # staging row of each mask, when gathered
+        self._staging = MaskStaging(max_rows, vocab_size, device)  # staging row i: the mask of the i-th masked row
         self._mask_rows = StagedBuffer((max_rows,), torch.int64, device)  # batch row of each mask
         self._checked_rows = StagedBuffer((max_rows,), torch.int64, device)
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-grammar-masks")
-        self._ahead: _FillAhead | None = None
-        # Draws so far: masked before the draw (of those, with a mask filled ahead), checked after it, and of those
-        # drawn again with the mask.
-        self.num_masked = self.num_filled_ahead = self.num_checked = self.num_redrawn = 0
+        # Draws so far: masked before the draw, checked after it, and of those drawn again with the mask.
+        self.num_masked = self.num_checked = self.num_redrawn = 0
 
     def prepare(self, states: list[Any], metadata: SamplingMetadata) -> GrammarStep | None:
-        """Split the step's rows under a grammar; provide the masks of those masked first (``metadata.grammar_mask``)
+        """Split the step's rows under a grammar; fill the masks of those masked first (``metadata.grammar_mask``)
         and name those checked after the draw (``metadata.checked_rows``). None when no row has a grammar."""
-        filled_ahead = self._join_fill_ahead()
         rows = [row for row, state in enumerate(states) if state.structured_output is not None]
         if not rows:
             return None
@@ -112,7 +92,7 @@ class GrammarSampling:
         self.num_masked += len(step.masked)
         self.num_checked += len(step.checked)
         if step.masked:
-            metadata.grammar_mask = self._masks(states, step, filled_ahead)
+            metadata.grammar_mask = self._fill_masks(states, step.masked)
         if step.checked:
             self._checked_rows.np[: len(step.checked)] = step.checked
             metadata.checked_rows = self._checked_rows.upload(len(step.checked))
@@ -129,7 +109,7 @@ class GrammarSampling:
     ) -> list[int]:
         """The step's tokens (``sampled``, the first draw, updated in place): each checked row's first candidate its
         grammar accepts, or its draw again with its mask (``sample`` runs the sampler on the step's logits); every
-        row's grammar advanced by its token (a masked row's on the worker thread, see ``_commit_masked``)."""
+        row's grammar advanced by its token (a masked row's at the next ``prepare``, see ``_commit_masked``)."""
         self._commit_masked(states, step, sampled)
         self._after_masked_draws(step, states, output)
         if step.checked:
@@ -138,13 +118,12 @@ class GrammarSampling:
             self.num_redrawn += len(step.redrawn)
             for row in step.redrawn:
                 states[row].draw_checked = False
-            mask = self._fill_now(states, step.redrawn)
+            mask = self._fill_masks(states, step.redrawn)
             redraw = sample(dataclasses.replace(metadata, grammar_mask=mask, checked_rows=None))
             tokens = redraw.sampled_token_ids.tolist()  # a second sync, only on a step with such a row
             for row in step.redrawn:
                 sampled[row] = tokens[row]
             self._accept(states, step.redrawn, sampled)
-        self._start_fill_ahead(states, step.masked + step.redrawn)
         return sampled
 
     def _checks(self, state: Any) -> bool:
@@ -152,43 +131,22 @@ class GrammarSampling:
         return (self.check_draws and state.draw_checked and state.structured_output.slow_masks
                 and can_check_after_draw(state.sampling_params))
 
-    def _masks(self, states: list[Any], step: GrammarStep, filled_ahead: dict[Any, int]) -> GrammarMask:
-        """The masked rows' masks: those filled ahead where there is one, the others filled now, after them."""
-        grammars = [states[row].structured_output for row in step.masked]
-        step.mask_rows = [filled_ahead.get(grammar, -1) for grammar in grammars]
-        missing = [i for i, staging_row in enumerate(step.mask_rows) if staging_row < 0]
-        self._staging.fill([grammars[i] for i in missing], start=len(filled_ahead))
-        for offset, i in enumerate(missing):
-            step.mask_rows[i] = len(filled_ahead) + offset
-        self.num_filled_ahead += len(grammars) - len(missing)
-        return self._upload(step.masked, step.mask_rows, len(filled_ahead) + len(missing))
-
-    def _fill_now(self, states: list[Any], rows: list[int]) -> GrammarMask:
-        """Fill the masks of ``rows`` into staging rows 0.. and upload them."""
+    def _fill_masks(self, states: list[Any], rows: list[int]) -> GrammarMask:
+        """Fill the masks of ``rows`` (staging row i: ``rows[i]``) and upload them."""
         self._staging.fill([states[row].structured_output for row in rows])
-        return self._upload(rows, list(range(len(rows))), len(rows))
-
-    def _upload(self, batch_rows: list[int], staging_rows: list[int], num_filled: int) -> GrammarMask:
-        """Mask i of ``batch_rows[i]`` is staging row ``staging_rows[i]``: upload the filled rows, and pick them in
-        that order on the device unless they already are (masks of rows that left the batch are skipped)."""
-        num_rows = len(batch_rows)
-        self._mask_rows.np[:num_rows] = batch_rows
-        bitmask = self._staging.upload(num_filled)
-        if num_filled != num_rows or staging_rows != list(range(num_rows)):
-            self._mask_sources.np[:num_rows] = staging_rows
-            bitmask = bitmask.index_select(0, self._mask_sources.upload(num_rows))
-        return GrammarMask(self._mask_rows.upload(num_rows), bitmask)
+        self._mask_rows.np[: len(rows)] = rows
+        return GrammarMask(self._mask_rows.upload(len(rows)), self._staging.upload(len(rows)))
 
     def _commit_masked(self, states: list[Any], step: GrammarStep, sampled: list[int]) -> None:
-        """Advance the masked rows' grammars by their tokens. A token the mask allowed that is not a stop token is
-        deferred (the worker thread accepts it, see ``_start_fill_ahead``). Stop tokens (which end the grammar, and
-        so the request) and tokens outside the mask (possible only when other rules banned every allowed token, and
-        which reject the grammar) are accepted now."""
+        """Advance the masked rows' grammars by their tokens. Those the mask allowed, other than stop tokens, are
+        accepted at the next ``prepare``, which runs while the GPU computes the next forward: here the GPU would
+        wait. Stop tokens (which end the grammar, and so the request) and tokens outside the mask (possible only
+        when other rules banned every allowed token, and which reject the grammar) are accepted now."""
         if not step.masked:
             return
         tokens = [sampled[row] for row in step.masked]
         now = []
-        for row, token, allowed in zip(step.masked, tokens, self._staging.allows(step.mask_rows, tokens).tolist()):
+        for row, token, allowed in zip(step.masked, tokens, self._staging.allows(tokens).tolist()):
             grammar = states[row].structured_output
             if allowed and token not in grammar.backend.stop_token_ids:
                 grammar.accept_token_later(token)
@@ -203,37 +161,11 @@ class GrammarSampling:
         if not self.check_draws or not any(states[row].structured_output.slow_masks for row in step.masked):
             return
         if output.unmasked_draws is not None:
-            allowed = self._staging.allows(step.mask_rows, output.unmasked_draws.tolist()).tolist()
+            allowed = self._staging.allows(output.unmasked_draws.tolist()).tolist()
         else:
-            allowed = (self._staging.allowed_fractions(step.mask_rows) >= MIN_ALLOWED_FRACTION_TO_CHECK).tolist()
+            allowed = (self._staging.allowed_fractions(len(step.masked)) >= MIN_ALLOWED_FRACTION_TO_CHECK).tolist()
         for row, checks in zip(step.masked, allowed):
             states[row].draw_checked = checks
-
-    def _start_fill_ahead(self, states: list[Any], rows: list[int]) -> None:
-        """On the worker thread, advance the grammars of ``rows`` that will be masked first at the next step by
-        their deferred tokens and fill their next masks, while the engine thread processes the step's outputs and
-        schedules the next. The engine thread leaves those grammars alone until ``_join_fill_ahead``."""
-        grammars = [states[row].structured_output for row in rows if not self._checks(states[row])]
-        grammars = [grammar for grammar in grammars if not grammar.is_terminated()]
-        if not grammars:
-            return
-        for grammar in grammars:
-            grammar.on_worker_thread = True
-        self._ahead = _FillAhead(grammars, self._worker.submit(self._advance_and_fill, grammars))
-
-    def _advance_and_fill(self, grammars: list[Any]) -> None:
-        accept_deferred_tokens(grammars)
-        self._staging.fill(grammars)
-
-    def _join_fill_ahead(self) -> dict[Any, int]:
-        """Wait for the worker's fill, if one runs: the staging row of each grammar it filled."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return {}
-        ahead.done.result()
-        for grammar in ahead.grammars:
-            grammar.on_worker_thread = False
-        return {grammar: staging_row for staging_row, grammar in enumerate(ahead.grammars)}
 
     @staticmethod
     def _accept(states: list[Any], rows: list[int], sampled: list[int]) -> None:

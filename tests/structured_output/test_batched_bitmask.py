@@ -70,12 +70,12 @@ def test_batched_fill_equals_per_row_fill(manager: StructuredOutputManager) -> N
     assert torch.equal(looped, batched)
 
 
-def test_staging_fills_at_an_offset_and_uploads(manager: StructuredOutputManager) -> None:
+def test_staging_fills_and_uploads_every_step(manager: StructuredOutputManager) -> None:
     staging = MaskStaging(max_rows=12, vocab_size=VOCAB_SIZE, device=torch.device("cpu"))
-    first, second = advanced_grammars(manager, 3, seed=2), advanced_grammars(manager, 9, seed=3)
-    staging.fill(first)
-    staging.fill(second, start=3)
-    assert torch.equal(staging.upload(12), per_row_bitmask(first + second))
+    for seed, num_grammars in ((2, 9), (3, 4)):
+        grammars = advanced_grammars(manager, num_grammars, seed)
+        staging.fill(grammars)
+        assert torch.equal(staging.upload(num_grammars), per_row_bitmask(grammars))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

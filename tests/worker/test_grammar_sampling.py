@@ -279,10 +279,10 @@ def test_the_fused_path_checks_a_row_next_if_its_unmasked_draw_was_allowed(sampl
 def test_staging_reads_the_masks_it_filled() -> None:
     states = [FakeState(SamplingParams(), FakeGrammar([tokens])) for tokens in ({3, 40, 99}, set(range(50)))]
     staging = MaskStaging(4, VOCAB_SIZE, torch.device("cpu"))
-    staging.fill([s.structured_output for s in states], start=2)
-    assert staging.allows([2, 3], [40, 49]).tolist() == [True, True]
-    assert staging.allows([3, 2], [50, 41]).tolist() == [False, False]
-    fractions = staging.allowed_fractions([2, 3])
+    staging.fill([s.structured_output for s in states])
+    assert staging.allows([40, 49]).tolist() == [True, True]
+    assert staging.allows([41, 50]).tolist() == [False, False]
+    fractions = staging.allowed_fractions(2)
     assert fractions.tolist() == pytest.approx([3 / 128, 50 / 128])  # of the 4 words' 128 bits
 
 
@@ -307,9 +307,9 @@ def test_a_row_whose_drawable_tokens_run_out_is_drawn_again_and_counts_as_change
     assert not states[0].draw_checked
 
 
-def test_masked_rows_advance_on_the_worker_thread_but_stop_tokens_at_once() -> None:
-    """A masked row's allowed token is accepted by its grammar on the worker thread, which also fills the row's next
-    mask, used at the next step; a stop token ends its grammar in the step that drew it, on the engine thread."""
+def test_masked_rows_advance_at_the_next_prepare_but_stop_tokens_at_once() -> None:
+    """A masked row's allowed token is accepted by its grammar at the next ``prepare`` (while the GPU runs the
+    forward), in one batched call; a stop token ends the grammar in the step that drew it."""
     device = torch.device("cpu")
     params = SamplingParams(temperature=1.0)
     stop = 7
@@ -325,20 +325,18 @@ def test_masked_rows_advance_on_the_worker_thread_but_stop_tokens_at_once() -> N
     output = sampler(torch.zeros(2, VOCAB_SIZE), metadata)
     sampled = grammar_sampling.finish(step, states, output.sampled_token_ids.tolist(), output, metadata, None)
     assert sampled == [11, stop]
-    assert matchers[1].position == 1 and states[1].structured_output.is_terminated()
-    assert states[0].structured_output.on_worker_thread and not states[0].structured_output.is_terminated()
+    assert [m.position for m in matchers] == [0, 1]  # the stop token at once, the other deferred
+    assert states[1].structured_output.is_terminated() and not states[0].structured_output.is_terminated()
 
     metadata = SamplingMetadata.build(rows[:1], VOCAB_SIZE, device, eos_token_ids=())
-    step = grammar_sampling.prepare(states[:1], metadata)
-    assert not states[0].structured_output.on_worker_thread
-    assert matchers[0].position == 1 and matchers[0].offers == 1  # one accept, in a batch
-    assert grammar_sampling.num_filled_ahead == 1
+    grammar_sampling.prepare(states[:1], metadata)
+    assert matchers[0].position == 1 and matchers[0].offers == 1
     assert sampler(torch.zeros(1, VOCAB_SIZE), metadata).sampled_token_ids.tolist() == [12]  # the mask of {12}
 
 
-def test_masks_filled_ahead_follow_rows_that_leave_join_and_move(sampler: tuple) -> None:
-    """Rows leave the batch (their masks filled ahead are skipped), join it (filled when sampled) and change places;
-    every step's tokens are the masked draws with the masks of the grammars' current positions."""
+def test_masks_follow_rows_that_leave_join_and_move(sampler: tuple) -> None:
+    """Rows leave the batch, join it and change places, between rows without a grammar; every step's tokens are the
+    masked draws with the masks of the grammars' current positions (their tokens accepted one step late)."""
     sampler, device = sampler
     generator = torch.Generator().manual_seed(11)
     params = SamplingParams(temperature=1.0)
@@ -359,7 +357,7 @@ def test_masks_filled_ahead_follow_rows_that_leave_join_and_move(sampler: tuple)
         logits = (torch.randn(len(batch), VOCAB_SIZE, generator=generator) * 2).to(device)
         rows = [SamplingRow(params, [1], [], sampling_seed=100 * step_index + i) for i in range(len(batch))]
         metadata = SamplingMetadata.build(rows, VOCAB_SIZE, device, eos_token_ids=())
-        step = grammar_sampling.prepare(batch, metadata)  # (the worker is done with the matchers from here on)
+        step = grammar_sampling.prepare(batch, metadata)
         constrained = [row for row, state in enumerate(batch) if state.structured_output is not None]
         current = [batch[row].structured_output.matcher for row in constrained]
         current = [matcher.allowed[matcher.position] for matcher in current]
@@ -370,4 +368,3 @@ def test_masks_filled_ahead_follow_rows_that_leave_join_and_move(sampler: tuple)
         reference = SamplingMetadata.build(rows, VOCAB_SIZE, device, eos_token_ids=())
         reference.grammar_mask = GrammarMask(torch.tensor(constrained, device=device), bitmask_of(current).to(device))
         assert sampled == sampler(logits, reference).sampled_token_ids.tolist(), f"step {step_index}"
-    assert grammar_sampling.num_filled_ahead >= 15
