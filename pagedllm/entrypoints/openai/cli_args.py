@@ -6,6 +6,7 @@ import argparse
 
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME
 from pagedllm.entrypoints.engine_args import add_engine_args
+from pagedllm.entrypoints.openai.limits import add_limit_args
 
 
 def _origins(text: str) -> list[str]:
@@ -39,4 +40,5 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="log level of the server and engine (default: info)")
     server.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
+    add_limit_args(parser)
     add_engine_args(parser, serving=True)

@@ -27,6 +27,7 @@ from pagedllm.entrypoints.chat_utils import load_chat_template
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path
 from pagedllm.entrypoints.engine_args import engine_args_from_cli
 from pagedllm.entrypoints.openai.errors import OpenAIError, error_response, from_validation_errors
+from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.metrics import build_registry, render_metrics
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -60,6 +61,7 @@ class ServerConfig:
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = ()
     chat_template: str | None = None  # template text, already read from --chat-template
+    limits: RequestLimits = RequestLimits()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, engine: AsyncEngine) -> ServerConfig:
@@ -71,6 +73,7 @@ class ServerConfig:
             api_key=args.api_key or server_api_key_from_env(),
             allowed_origins=tuple(args.allowed_origins or ()),
             chat_template=load_chat_template(args.chat_template),
+            limits=RequestLimits.from_args(args),
         )
 
 
@@ -85,6 +88,7 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
         max_model_len=max_model_len,
         vocab_size=engine.model_config.vocab_size,
         chat_template=config.chat_template,
+        limits=config.limits,
     )
 
     @asynccontextmanager

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_validation_errors
+from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.protocol import ModelCard, ModelList, SamplingFields
 from pagedllm.params import RequestOutput, SamplingParams
 
@@ -65,6 +66,7 @@ class ServingContext:
     max_model_len: int
     vocab_size: int
     chat_template: str | None
+    limits: RequestLimits = RequestLimits()
 
 
 def random_id(prefix: str) -> str:
