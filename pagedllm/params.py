@@ -26,6 +26,12 @@ MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 2.0
 MAX_N = 16384  # vLLM's default VLLM_MAX_N_SEQUENCES
 MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's bound on logit_bias values
+# The engine packs counts (top_k, token counts, logprob counts) into int32/int64 arrays and seeds into int64: a
+# value outside these ranges would raise inside the engine step, for the whole batch, instead of here.
+MAX_INT32 = 2**31 - 1
+MIN_INT64, MAX_INT64 = -(2**63), 2**63 - 1
+# The sampler works in float32: a finite float64 beyond this becomes inf there.
+MAX_FLOAT32 = 3.4028234663852886e38
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -146,6 +152,8 @@ class SamplingParams:
     ``logit_bias`` keys given as strings (JSON) become ints; temperatures in (1e-5, 1e-2) are raised to 1e-2; a
     greedy request (``temperature < 1e-5``) gets ``top_p=1``, ``top_k=0``, ``min_p=0``. ``logprobs`` /
     ``prompt_logprobs`` = -1 mean the whole vocabulary. ``max_tokens=None`` generates up to the context limit.
+    ``top_k`` at or above the vocabulary size keeps every token (it is clamped to the vocabulary, as in vLLM), but must
+    fit in int32; ``seed`` must fit in int64; counts must fit in int32; floats must be finite in float32.
     """
 
     n: int = 1
@@ -223,6 +231,7 @@ class SamplingParams:
         self.logit_bias = _normalize_logit_bias(self.logit_bias)
 
     def _check_ranges(self) -> None:
+        self._check_representable()
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}.")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -247,6 +256,18 @@ class SamplingParams:
                 raise ValueError(f"{name} must be non-negative or -1 (whole vocabulary), got {value}.")
         if self.stop and not self.detokenize:
             raise ValueError("stop strings are only supported when detokenize is True; set detokenize=True.")
+
+    def _check_representable(self) -> None:
+        """Values the engine could not hold in its int32/int64/float32 arrays (the finer ranges come after)."""
+        if self.seed is not None and not MIN_INT64 <= self.seed <= MAX_INT64:
+            raise ValueError(f"seed must be in [{MIN_INT64}, {MAX_INT64}] (int64), got {self.seed}.")
+        for name in ("top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_INT32:
+                raise ValueError(f"{name} must be at most {MAX_INT32}, got {value}.")
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):
+            if abs(getattr(self, name)) > MAX_FLOAT32:
+                raise ValueError(f"{name} must be a float32-representable number, got {getattr(self, name)}.")
 
     def _check_lengths(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -277,13 +298,23 @@ class SamplingParams:
         return copy.deepcopy(self)
 
     def verify_for_vocab(self, vocab_size: int) -> None:
-        """Check that every token id named by the request exists in a vocabulary of ``vocab_size`` tokens."""
+        """Check that every token id named by the request exists in a vocabulary of ``vocab_size`` tokens, and that
+        no logprobs count asks for more tokens than it has (``top_k`` above it is allowed: it means "off")."""
         for name, ids in (("logit_bias", self.logit_bias or {}), ("stop_token_ids", self.stop_token_ids or [])):
             invalid = [token_id for token_id in ids if not 0 <= token_id < vocab_size]
             if invalid:
+                shown = ", ".join(map(str, invalid[:_MAX_IDS_SHOWN])) + (", ..." if len(invalid) > _MAX_IDS_SHOWN else "")
                 raise ValueError(
-                    f"{name} contains out-of-vocabulary token ids {invalid}; they must be in [0, {vocab_size})."
+                    f"{name} contains {len(invalid)} out-of-vocabulary token ids ({shown}); they must be in "
+                    f"[0, {vocab_size})."
                 )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > vocab_size:
+                raise ValueError(f"{name} must be at most the vocabulary size ({vocab_size}) or -1, got {value}.")
+
+
+_MAX_IDS_SHOWN = 5  # an error message quotes at most this many offending ids
 
 
 def _is_int(value: Any) -> bool:
@@ -321,8 +352,9 @@ def _normalize_stop_token_ids(ids: Any) -> list[int]:
         return []
     if not isinstance(ids, (list, tuple)) or not all(_is_int(i) for i in ids):
         raise ValueError(f"stop_token_ids must be a list of ints, got {ids!r}.")
-    if any(i < 0 for i in ids):
-        raise ValueError(f"stop_token_ids must be non-negative token ids, got {list(ids)}.")
+    if any(not 0 <= i <= MAX_INT32 for i in ids):
+        bad = next(i for i in ids if not 0 <= i <= MAX_INT32)
+        raise ValueError(f"stop_token_ids must be token ids in [0, {MAX_INT32}], got {bad}.")
     return list(dict.fromkeys(ids))
 
 
@@ -343,8 +375,8 @@ def _logit_bias_key(key: Any) -> int:
             raise ValueError(f"logit_bias keys must be token ids (ints), got {key!r}.") from None
     if not _is_int(key):
         raise ValueError(f"logit_bias keys must be token ids (ints), got {key!r}.")
-    if key < 0:
-        raise ValueError(f"logit_bias keys must be non-negative token ids, got {key}.")
+    if not 0 <= key <= MAX_INT32:
+        raise ValueError(f"logit_bias keys must be token ids in [0, {MAX_INT32}], got {key}.")
     return key
 
 
@@ -412,6 +444,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # Set when the engine failed this request (its sequences then finish with "abort"): what went wrong, about
+    # this request only.
+    error: str | None = None
 
 
 @dataclass(frozen=True)

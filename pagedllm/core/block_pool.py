@@ -105,6 +105,11 @@ class BlockPool:
                 self.num_shared_blocks += 1
             block.ref_cnt += 1
 
+    def forget_hashes(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop the content hashes of blocks whose content is not trusted, so no prefix lookup finds them."""
+        for block in blocks:
+            self._forget_hash(block)
+
     def _forget_hash(self, block: KVBlock) -> None:
         if block.block_hash is not None and self._cached.get(block.block_hash) is block:
             del self._cached[block.block_hash]

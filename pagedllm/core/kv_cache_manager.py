@@ -129,7 +129,21 @@ class KVCacheManager:
         if request.request_id in self._swapped:
             self.cpu_pool.free(self._swapped.pop(request.request_id))
 
+    def forget_hashes_from(self, request: Request, num_verified_tokens: int) -> None:
+        """Make the request's blocks past its first ``num_verified_tokens`` tokens unfindable in the prefix cache: a
+        step that failed may have left garbage in them."""
+        blocks = self._blocks.get(request.request_id, [])
+        self.pool.forget_hashes(blocks[num_verified_tokens // self.block_size :])
+
+    def forget_block_hashes(self, block_ids: list[int]) -> None:
+        """Make these device blocks unfindable in the prefix cache (their content is not trusted)."""
+        self.pool.forget_hashes(self.pool.blocks[block_id] for block_id in block_ids)
+
     # ---- swap ----------------------------------------------------------------------------------------------
+
+    def cpu_block_ids(self, request: Request) -> list[int]:
+        """The CPU-pool blocks holding a swapped request's KV (empty when it is not swapped)."""
+        return [block.block_id for block in self._swapped.get(request.request_id, ())]
 
     @property
     def cpu_usage(self) -> float:

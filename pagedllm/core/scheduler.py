@@ -12,6 +12,10 @@ and back. ``preemption_mode="auto"`` swaps when the CPU pool has room and the re
 ``SWAP_MIN_TOKENS`` computed tokens (recomputing a short context costs less than copying its blocks out and in
 again); "swap" swaps whenever the CPU pool has room; "recompute" never swaps.
 
+A step that raises does not fail the batch: its requests are requeued for recompute (no KV the step may have
+written is trusted or left findable in the prefix cache) and the ``Quarantine`` runs them in ever smaller groups
+until the request that makes the step fail runs alone, fails, and is finished with an error; the others go on.
+
 Queue order is arrival order under the "fcfs" policy, and (priority, arrival) under "priority" (lower priority
 values first). Under "priority", a waiting request that does not fit also preempts running requests of a
 strictly lower priority (higher value), latest first, until it fits.
@@ -33,6 +37,7 @@ from pagedllm.core.interface import (
     TopLogprobs,
 )
 from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.quarantine import Quarantine
 from pagedllm.core.request import Request, RequestStatus
 
 SWAP_MIN_TOKENS = 256
@@ -49,6 +54,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    error: str | None = None  # the engine failed this request (finish_reason "abort"): why, about it only
 
     @property
     def finished(self) -> bool:
@@ -90,6 +96,7 @@ class Scheduler:
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found cached
         self._pending_outputs: list[EngineCoreOutput] = []
+        self._quarantine = Quarantine()
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
@@ -115,6 +122,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     @property
+    def engine_fault(self) -> str | None:
+        """Why steps keep failing with no request to blame (None when healthy, or since a normal step succeeded)."""
+        return self._quarantine.engine_fault
+
+    @property
     def num_unfinished_requests(self) -> int:
         return len(self.waiting) + len(self.running)
 
@@ -136,6 +148,13 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's requests and token counts, reserving their KV slots."""
+        if self._quarantine.is_probing:
+            probe = self._quarantine.probe(self.requests)
+            if probe:
+                return self._schedule_only(probe)
+        return self._schedule()
+
+    def _schedule(self) -> SchedulerOutput:
         budget = _Budget(self.config.max_num_batched_tokens)
         output = SchedulerOutput([], [], {}, 0)
         if self.config.policy == "priority":
@@ -148,6 +167,21 @@ class Scheduler:
         output.blocks_to_copy = self.kv_cache_manager.take_pending_copies()
         # Includes this step's preemptions: the runner drops them before adding this step's new requests.
         output.finished_req_ids, self._finished_since_last_step = self._finished_since_last_step, set()
+        return output
+
+    def _schedule_only(self, request_ids: set[str]) -> SchedulerOutput:
+        """Schedule the quarantine's probe group alone: every other request is held out of the queues for this step."""
+        held_running = [request for request in self.running if request.request_id not in request_ids]
+        held_waiting = [request for request in self.waiting if request.request_id not in request_ids]
+        self.running = [request for request in self.running if request.request_id in request_ids]
+        self.waiting = [request for request in self.waiting if request.request_id in request_ids]
+        try:
+            output = self._schedule()
+        finally:
+            self.running = sorted(self.running + held_running, key=self._key)
+            self.waiting = sorted(self.waiting + held_waiting, key=self._key)
+        if not output.num_scheduled_tokens:
+            self._quarantine.release_probe()  # it cannot run now: never stall everyone on it
         return output
 
     def _schedule_running(self, budget: _Budget, output: SchedulerOutput) -> bool:
@@ -306,13 +340,62 @@ class Scheduler:
             self.num_swap_preemptions_total += 1
             request.status = RequestStatus.SWAPPED
         else:
-            self.kv_cache_manager.free(request)
-            request.status = RequestStatus.PREEMPTED
-            request.num_computed_tokens = 0
-        self._forget_in_runner(request.request_id)
+            self._drop_kv(request)
         request.num_preemptions += 1
         self.num_preemptions_total += 1
+        self._requeue(request)
+
+    def _drop_kv(self, request: Request) -> None:
+        """Free the request's KV (device and swapped): it recomputes everything when it runs again."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+
+    def _requeue(self, request: Request) -> None:
+        self._forget_in_runner(request.request_id)
         bisect.insort(self.waiting, request, key=self._key)
+
+    # ---- a step that raised --------------------------------------------------------------------------------
+
+    def recover_from_failed_step(self, scheduler_output: SchedulerOutput, error: str) -> list[EngineCoreOutput]:
+        """The step of ``scheduler_output`` raised ``error``: requeue what it ran for recompute, trusting none of the
+        KV it may have written, and fail the requests the quarantine blames. Returns the outputs to hand out."""
+        # The runner may have raised before dropping these: tell it again.
+        self._finished_since_last_step |= scheduler_output.finished_req_ids
+        suspects = [
+            request
+            for request_id in scheduler_output.num_scheduled_tokens
+            if (request := self.requests.get(request_id)) is not None and request.status == RequestStatus.RUNNING
+        ]
+        self._distrust_step_kv(scheduler_output, suspects)
+        for request in suspects:
+            self.running.remove(request)
+            self._drop_kv(request)
+            self._requeue(request)
+        verdict = self._quarantine.record_failure([request.request_id for request in suspects], error)
+        for request_id in verdict.culprits:
+            self._fail(request_id, f"The engine could not run this request: {error}")
+        for request_id in verdict.given_up:
+            self._fail(request_id, "The engine failed repeatedly while running this request (engine fault)")
+        return self.take_pending_outputs()
+
+    def _distrust_step_kv(self, scheduler_output: SchedulerOutput, suspects: list[Request]) -> None:
+        """Make sure no block the failed step may have written (its tokens, swap-in and copy targets) stays in the
+        prefix cache, and that no swap-out it may not have copied is swapped back in."""
+        kv = self.kv_cache_manager
+        for request in suspects:
+            kv.forget_hashes_from(request, request.num_computed_tokens)
+        kv.forget_block_hashes([block for _, block in scheduler_output.blocks_to_swap_in + scheduler_output.blocks_to_copy])
+        if scheduler_output.blocks_to_swap_out:
+            cpu_targets = {cpu_block for _, cpu_block in scheduler_output.blocks_to_swap_out}
+            for request in self.waiting:
+                if request.status == RequestStatus.SWAPPED and cpu_targets.intersection(kv.cpu_block_ids(request)):
+                    self._drop_kv(request)
+
+    def _fail(self, request_id: str, error: str) -> None:
+        """Finish a request the engine cannot run, with an output that says why."""
+        self.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+        self._pending_outputs.append(EngineCoreOutput(request_id, [], finish_reason="abort", error=error))
 
     # ---- results of a step ---------------------------------------------------------------------------------
 
@@ -348,7 +431,18 @@ class Scheduler:
             if request.is_finished:
                 self.running.remove(request)
                 self._release(request)
+        if self._quarantine.is_engaged and not scheduler_output.is_empty:
+            self._report_success(scheduler_output, runner_output)
         return outputs
+
+    def _report_success(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        """Tell the quarantine which scheduled requests caught up (sampled, or finished) in a step that worked."""
+        sampled = runner_output.sampled_token_ids
+        self._quarantine.record_success(
+            request_id
+            for request_id in scheduler_output.num_scheduled_tokens
+            if request_id in sampled or request_id not in self.requests
+        )
 
     def _check_stop(self, request: Request) -> None:
         params = request.sampling_params

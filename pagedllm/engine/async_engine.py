@@ -4,6 +4,10 @@ The loop thread owns the LLMEngine (scheduler, model runner, output processor); 
 requests and exchanges messages with it: an inbox of commands in, per-request streams of RequestOutputs out. The
 HTTP side therefore never blocks a step, and a step never blocks the event loop. The same message boundary is
 where the engine core can later move into its own process.
+
+Health is answered from flags the loop thread sets (no lock, no waiting on the loop): see ``health_reason``. A
+request the engine fails (the culprit of a failing step, see ``core/quarantine.py``) ends its stream with a
+``RequestFailedError`` about that request only; the other streams go on.
 """
 
 from __future__ import annotations
@@ -31,11 +35,15 @@ _IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks for a stop si
 # the holder is asked to let go: with the event loop busy writing hundreds of stream chunks, the engine would lose
 # milliseconds per step (and the GPU idle with it). Asked after 0.5 ms instead.
 _GIL_SWITCH_INTERVAL_S = 0.0005
-_HEALTH_STALL_S = 120.0  # no step for this long while work is queued = the loop is stuck
+DEFAULT_HEALTH_STALL_TIMEOUT_S = 60.0  # no loop iteration (a step, or an idle wait) for this long = stuck
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop has stopped; no request can be served."""
+    """The engine loop has stopped (or is draining); no request can be served."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not run this request (not the client's fault); the message concerns this request only."""
 
 
 class _Stream:
@@ -88,7 +96,7 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
         pass  # the loop closed between the check and the call
 
 
-def _deliver(items: list[tuple[_Stream, RequestOutput]]) -> None:
+def _deliver(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
     for stream, output in items:
         stream.put_nowait(output)
 
@@ -107,20 +115,30 @@ class _Abort:
 class AsyncEngine:
     """Serves many concurrent requests from one continuously running engine loop."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S) -> None:
+        """``health_stall_timeout_s``: how long the loop may go without finishing a step (or an idle wait) before
+        the engine reports itself unhealthy."""
+        if not health_stall_timeout_s > 0:
+            raise ValueError(f"health_stall_timeout_s must be positive, got {health_stall_timeout_s}")
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         self.engine = LLMEngine(config)
         self.config = config
+        self.health_stall_timeout_s = health_stall_timeout_s
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # owned by the loop thread
         self._stopping = threading.Event()
+        self._draining = False
+        # Set by the loop thread, read by anyone without a lock: the health flags.
         self._last_progress = time.monotonic()
+        self._fault: str | None = None  # steps keep failing; cleared by the next successful step
         self._thread = threading.Thread(target=self._run_loop, name="pagedllm-engine", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> AsyncEngine:
-        return cls(args.create_engine_config())
+    def from_engine_args(
+        cls, args: EngineArgs, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S
+    ) -> AsyncEngine:
+        return cls(args.create_engine_config(), health_stall_timeout_s)
 
     @property
     def tokenizer(self):
@@ -147,9 +165,12 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs. Raises ValueError at once on bad input; aborts the request if the
         consumer stops early (e.g. the client disconnected). ``priority`` (lower first) matters only under the
-        "priority" scheduling policy."""
+        "priority" scheduling policy. The stream raises RequestFailedError if the engine fails this request, and
+        EngineDeadError if the engine stops (or is draining, for a new request)."""
         if not self.is_running:
             raise EngineDeadError("The engine loop is not running")
+        if self._draining:
+            raise EngineDeadError("The engine is draining: it takes no new requests")
         processed = self.engine.process_request(request_id, prompt, params, priority=priority)
         stream = _Stream(asyncio.get_running_loop(), params.output_kind == RequestOutputKind.DELTA)
         self._inbox.put(_Add(processed, stream))
@@ -172,20 +193,45 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._stopping.is_set()
 
     def is_healthy(self) -> bool:
-        """Alive and making progress: a loop that has work but has not finished a step for long is stuck."""
+        """Alive, making progress, and not failing steps with no request to blame (``health_reason`` is None)."""
+        return self.health_reason() is None
+
+    def health_reason(self) -> str | None:
+        """Why the engine is unhealthy, in a few words (for a 503 body), or None. Reads flags only: answers at once
+        even while a step runs or hangs."""
         if not self.is_running:
-            return False
-        busy = self.engine.has_unfinished_requests() or not self._inbox.empty()
-        return not busy or time.monotonic() - self._last_progress < _HEALTH_STALL_S
+            return "the engine loop is not running"
+        stalled_s = time.monotonic() - self._last_progress
+        if stalled_s > self.health_stall_timeout_s:
+            return f"the engine loop has made no progress for {stalled_s:.0f} s"
+        fault = self._fault
+        if fault is not None:
+            return f"engine fault: {fault}"
+        return None
+
+    def is_ready(self) -> bool:
+        """Started and taking new requests: False once draining or shutdown has begun."""
+        return self.is_running and not self._draining
+
+    def begin_draining(self) -> None:
+        """Take no new requests (``generate`` raises EngineDeadError, ``is_ready`` turns False); those in flight go
+        on to their end."""
+        self._draining = True
 
     def get_metrics(self) -> list[Metric]:
         return self.engine.get_metrics()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop; requests still running end with an EngineDeadError in their streams."""
+        """Stop the loop within about ``timeout`` seconds; requests still running end with an EngineDeadError in their
+        streams (at once if the loop is stuck in a step past the timeout: it is a daemon thread, left behind)."""
+        self._draining = True
         self._stopping.set()
         self._inbox.put(None)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("The engine loop did not stop within %.1f s; failing its requests without it", timeout)
+            self._fail_streams(EngineDeadError("The engine is shutting down"))
+            self._fail_inbox(EngineDeadError("The engine is shutting down"))
 
     # ---- the loop thread -----------------------------------------------------------------------------------
 
@@ -195,11 +241,15 @@ class AsyncEngine:
                 self._drain_inbox(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
                     self._step()
-        except BaseException as exc:  # a bug in the loop itself: fail everyone loudly rather than hang
+                else:
+                    self._last_progress = time.monotonic()  # idle, and answering its inbox
+        except BaseException:  # a bug in the loop itself: fail everyone loudly rather than hang
             logger.exception("Engine loop crashed")
-            self._fail_all(EngineDeadError(f"The engine loop crashed: {exc!r}"))
+            self._fail_all(EngineDeadError("The engine loop crashed"))
+            self._fail_inbox(EngineDeadError("The engine loop crashed"))
             raise
         self._fail_all(EngineDeadError("The engine is shutting down"))
+        self._fail_inbox(EngineDeadError("The engine is shutting down"))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -227,25 +277,49 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:
-            # The failing step cannot be pinned on one request: fail the requests in flight, keep serving.
-            logger.exception("Engine step failed; aborting the %d requests in flight", len(self._streams))
-            self._fail_all(RuntimeError(f"The engine step failed: {exc!r}"))
+        except Exception:
+            # Model failures are isolated inside the step (the culprit fails alone); reaching here is a bug of the
+            # engine's own bookkeeping, which no request can be blamed for: fail those in flight, keep serving.
+            logger.exception("Engine step failed; aborting the %d requests in flight: %s", len(self._streams),
+                             list(self._streams))
+            self._fault = "an engine step raised outside the model"
+            self._fail_all(RequestFailedError("The engine failed while running this request"))
             return
         self._last_progress = time.monotonic()
+        self._fault = self.engine.engine_core.engine_fault
         # One hand-over per event loop and step, not one per output: each wakes the loop through a pipe and
         # contends for the GIL, and a step of a full batch has hundreds of outputs.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
         for output in outputs:
             stream = self._streams.pop(output.request_id, None) if output.finished else self._streams.get(output.request_id)
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, output))
+                item = output if output.error is None else RequestFailedError(output.error)
+                by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, items in by_loop.items():
             _call_soon(loop, _deliver, items)
 
     def _fail_all(self, error: BaseException) -> None:
-        request_ids = list(self._streams)
-        for request_id in request_ids:
-            self._streams.pop(request_id).put(error)
+        """End every stream of a request in flight with ``error`` and abort the requests."""
+        request_ids = self._fail_streams(error)
         if request_ids:
             self.engine.abort_request(request_ids)
+
+    def _fail_streams(self, error: BaseException) -> list[str]:
+        """Put ``error`` in the stream of every request in flight; return their ids. Safe from any thread (streams
+        are handed over through their event loops)."""
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(error)
+        return request_ids
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        """At shutdown: end the streams of requests still in the inbox, which no loop will take any more."""
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, _Add):
+                message.stream.put(error)

@@ -86,8 +86,29 @@ class EngineCore:
                 # rather than spin on empty steps.
                 time.sleep(_IDLE_STEP_SLEEP_S)
             return self.scheduler.take_pending_outputs()
-        runner_output = self.model_runner.execute_model(scheduler_output)
+        try:
+            runner_output = self.model_runner.execute_model(scheduler_output)
+        except Exception as exc:
+            # One request's bad state must not fail the batch: the scheduler requeues the step's requests and
+            # retries them in groups until the culprit runs (and fails) alone.
+            logger.warning("Engine step failed; requests in it: %s", list(scheduler_output.num_scheduled_tokens),
+                           exc_info=True)
+            return self.scheduler.recover_from_failed_step(scheduler_output, describe_error(exc))
         return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    @property
+    def engine_fault(self) -> str | None:
+        """Why steps keep failing with no request to blame; None while healthy (see ``core/quarantine.py``)."""
+        return self.scheduler.engine_fault
+
+
+_MAX_ERROR_CHARS = 300  # what of an exception's text a client may see
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as a short line for the client of the request that raised it (type and bounded message)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
 class LLMEngine:
@@ -147,6 +168,8 @@ class LLMEngine:
         processed = self.output_processor.process_outputs(core_outputs)
         if processed.stopped_by_string:
             self.engine_core.abort_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
+        if processed.failed:
+            self.engine_core.abort_requests(processed.failed)
         self.metrics.record_step(self.engine_core.scheduler.stats())
         return processed.request_outputs
 

@@ -1,5 +1,9 @@
 """Outputs out of the engine: detokenize core outputs, apply stop strings, assemble RequestOutputs.
 
+Processing is isolated per request: a request whose outputs cannot be processed (its detokenizer or stop strings
+raise), or that the engine core failed, is finished alone with finish_reason "abort" and ``RequestOutput.error``
+set; the others go on.
+
 A request with ``n > 1`` ran as n core requests; their outputs are gathered back into one RequestOutput. What each
 RequestOutput carries follows the request's ``output_kind``: everything so far (CUMULATIVE), only what is new
 (DELTA, for streaming; only the sequences that changed), or one output when finished (FINAL_ONLY).
@@ -8,6 +12,7 @@ RequestOutput carries follows the request's ``output_kind``: everything so far (
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +22,8 @@ from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.metrics import EngineMetrics
 from pagedllm.engine.processing import ProcessedRequest
 from pagedllm.params import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RequestOutputKind
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +63,7 @@ class _RequestState:
 class ProcessedOutputs:
     request_outputs: list[RequestOutput]
     stopped_by_string: list[str]  # core request ids to finish: the detokenizer found a stop string
+    failed: list[str] = field(default_factory=list)  # core request ids to abort: their request failed
 
 
 class OutputProcessor:
@@ -110,32 +118,88 @@ class OutputProcessor:
         return state
 
     def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        now = time.monotonic()
+        failed: dict[str, str] = {}  # request id -> error; filled by the engine core and by the phases below
+        touched, stopped_by_string = self._apply_outputs(core_outputs, now, failed)
+        request_outputs = self._emit_outputs(touched, now, failed)
+        failed_children = []
+        for request_id, error in failed.items():
+            logger.warning("Request %s failed: %s", request_id, error)
+            state = self._forget(request_id)
+            if state is not None:
+                request_outputs.append(self._failed_output(state, error, now))
+                failed_children += state.sequences
+        return ProcessedOutputs(request_outputs, stopped_by_string, failed_children)
+
+    def _apply_outputs(
+        self, core_outputs: list[EngineCoreOutput], now: float, failed: dict[str, str]
+    ) -> tuple[dict[str, list[_SequenceState]], list[str]]:
+        """Record each core output on its sequence: (sequences touched per request, core ids stopped by a string)."""
         touched: dict[str, list[_SequenceState]] = {}
         stopped_by_string = []
-        now = time.monotonic()
         for output in core_outputs:
             parent_id = self._parent_of.get(output.request_id)
-            if parent_id is None:
+            if parent_id is None or parent_id in failed:
                 continue
-            state = self._requests[parent_id]
-            sequence = state.sequences[output.request_id]
-            self._record_prompt_logprobs(state, output)
-            if output.new_token_ids:
-                self._record_timing(state, len(output.new_token_ids), now)
-            if self._update_sequence(sequence, output):
-                stopped_by_string.append(output.request_id)
-            touched.setdefault(parent_id, []).append(sequence)
-        request_outputs = []
+            if output.error is not None:
+                failed[parent_id] = output.error
+                continue
+            try:
+                if self._apply(self._requests[parent_id], output, now):
+                    stopped_by_string.append(output.request_id)
+            except Exception as exc:
+                failed[parent_id] = _processing_error(parent_id, exc)
+                continue
+            touched.setdefault(parent_id, []).append(self._requests[parent_id].sequences[output.request_id])
+        return touched, stopped_by_string
+
+    def _emit_outputs(
+        self, touched: dict[str, list[_SequenceState]], now: float, failed: dict[str, str]
+    ) -> list[RequestOutput]:
+        request_outputs: list[RequestOutput] = []
         for request_id, sequences in touched.items():
-            state = self._requests[request_id]
-            finished = state.finished
-            if finished or state.output_kind != RequestOutputKind.FINAL_ONLY:
-                request_outputs.append(self._make_output(state, sequences, finished))
-            if finished:
-                state.metrics.finished_time = now
-                self._forget(request_id)
-                self.metrics.record_finished(state)
-        return ProcessedOutputs(request_outputs, stopped_by_string)
+            if request_id in failed:
+                continue
+            try:
+                self._emit(request_id, sequences, now, request_outputs)
+            except Exception as exc:
+                failed[request_id] = _processing_error(request_id, exc)
+        return request_outputs
+
+    def _apply(self, state: _RequestState, output: EngineCoreOutput, now: float) -> bool:
+        """Record one core output of a request; return True when a stop string finished its sequence."""
+        self._record_prompt_logprobs(state, output)
+        if output.new_token_ids:
+            self._record_timing(state, len(output.new_token_ids), now)
+        return self._update_sequence(state.sequences[output.request_id], output)
+
+    def _emit(self, request_id: str, sequences: list[_SequenceState], now: float, into: list[RequestOutput]) -> None:
+        """Append the request's output of this step (if its kind sends one now); forget it once finished."""
+        state = self._requests[request_id]
+        finished = state.finished
+        if finished or state.output_kind != RequestOutputKind.FINAL_ONLY:
+            into.append(self._make_output(state, sequences, finished))
+        if finished:
+            state.metrics.finished_time = now
+            self._forget(request_id)
+            self.metrics.record_finished(state)
+
+    def _failed_output(self, state: _RequestState, error: str, now: float) -> RequestOutput:
+        """The last output of a failed request: every unfinished sequence ends with "abort"; it carries the error,
+        the token ids so far (DELTA: those not sent yet) and no new text (its detokenizer may be what failed)."""
+        self.metrics.record_aborted(sum(not seq.finished for seq in state.sequences.values()))
+        state.metrics.finished_time = now
+        delta = state.output_kind == RequestOutputKind.DELTA
+        outputs = []
+        for sequence in state.sequences.values():
+            if not sequence.finished:
+                sequence.finish_reason = "abort"
+            start = sequence.num_tokens_sent if delta else 0
+            outputs.append(CompletionOutput(sequence.index, "", sequence.token_ids[start:],
+                                            finish_reason=sequence.finish_reason, stop_reason=sequence.stop_reason))
+        processed = state.processed
+        return RequestOutput(processed.request_id, processed.prompt, processed.prompt_token_ids, None, outputs,
+                             finished=True, metrics=state.metrics, error=error)
 
     def _update_sequence(self, sequence: _SequenceState, output: EngineCoreOutput) -> bool:
         """Apply one core output to a sequence; return True when a stop string finished it."""
@@ -215,6 +279,11 @@ class OutputProcessor:
             finish_reason=sequence.finish_reason,
             stop_reason=sequence.stop_reason,
         )
+
+
+def _processing_error(request_id: str, exc: Exception) -> str:
+    logger.exception("Processing the output of request %s failed", request_id)
+    return f"Processing this request's output failed ({type(exc).__name__})"
 
 
 def merge_delta_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
