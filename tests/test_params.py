@@ -83,6 +83,21 @@ INVALID = [
     ({"logit_bias": {1: "2"}}, "logit_bias"),
     ({"logit_bias": {1: True}}, "logit_bias"),
     ({"logit_bias": [1, 2]}, "logit_bias"),
+    # Values the engine could not represent (int32 counts, int64 seeds, float32 floats): rejected here, never
+    # raised inside the engine step for the whole batch.
+    ({"top_k": 9223372036854775808}, "top_k"),
+    ({"top_k": 2**31}, "top_k"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"max_tokens": 2**31}, "max_tokens"),
+    ({"min_tokens": 2**31, "max_tokens": None}, "min_tokens"),
+    ({"logprobs": 2**31}, "logprobs"),
+    ({"prompt_logprobs": 2**40}, "prompt_logprobs"),
+    ({"repetition_penalty": 1e39}, "repetition_penalty"),
+    ({"logit_bias": {2**40: 1.0}}, "logit_bias"),
+    ({"logit_bias": {str(2**70): 1.0}}, "logit_bias"),
+    ({"stop_token_ids": [2**33]}, "stop_token_ids"),
 ]
 
 
@@ -118,6 +133,10 @@ VALID_EDGES = [
     {"seed": 0},
     {"seed": -1},
     {"seed": sys.maxsize},
+    {"seed": 2**63 - 1},
+    {"seed": -(2**63)},
+    {"top_k": 2**31 - 1},  # at or above the vocabulary size: keeps every token
+    {"max_tokens": 2**31 - 1},
     {"max_tokens": None},
     {"max_tokens": 1},
     {"min_tokens": 16},
@@ -202,6 +221,16 @@ def test_verify_for_vocab() -> None:
         SamplingParams(logit_bias={100: 1.0}).verify_for_vocab(100)
     with pytest.raises(ValueError, match=r"^stop_token_ids"):
         SamplingParams(stop_token_ids=[3, 100]).verify_for_vocab(100)
+    SamplingParams(logprobs=100, prompt_logprobs=-1, top_k=10**6).verify_for_vocab(100)
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=rf"^{name} must be at most the vocabulary size \(100\)"):
+            SamplingParams(**{name: 101}).verify_for_vocab(100)
+
+
+def test_verify_for_vocab_quotes_a_bounded_number_of_ids() -> None:
+    with pytest.raises(ValueError) as info:
+        SamplingParams(stop_token_ids=list(range(100, 10_100))).verify_for_vocab(100)
+    assert "10000 out-of-vocabulary" in str(info.value) and len(str(info.value)) < 200
 
 
 def test_output_records() -> None:

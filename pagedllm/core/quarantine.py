@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_CONSECUTIVE_FAILURES = 16
+DEFAULT_MAX_CONSECUTIVE_FAILURES = 12
 
 
 @dataclass(slots=True)

@@ -96,7 +96,9 @@ class Scheduler:
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found cached
         self._pending_outputs: list[EngineCoreOutput] = []
-        self._quarantine = Quarantine()
+        # Finding one culprit among max_num_seqs takes about log2(max_num_seqs) + 1 failed steps in a row; a few more
+        # than that, with no step succeeding, means the engine fails whatever it runs.
+        self._quarantine = Quarantine(max_consecutive_failures=config.max_num_seqs.bit_length() + 3)
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
