@@ -122,7 +122,7 @@ class AsyncEngine:
             raise ValueError(f"health_stall_timeout_s must be positive, got {health_stall_timeout_s}")
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         self.engine = LLMEngine(config)
-        self.config = config
+        self.config = self.engine.config  # with the end-of-sequence ids resolved
         self.health_stall_timeout_s = health_stall_timeout_s
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # owned by the loop thread

@@ -6,6 +6,7 @@ narrow interface (add_request / abort_requests / step).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -15,7 +16,13 @@ from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import EngineCoreOutput, Scheduler
 from pagedllm.engine.metrics import EngineMetrics, Metric
 from pagedllm.engine.output_processor import OutputProcessor
-from pagedllm.engine.processing import InputProcessor, ProcessedRequest, PromptInput, load_tokenizer
+from pagedllm.engine.processing import (
+    InputProcessor,
+    ProcessedRequest,
+    PromptInput,
+    load_tokenizer,
+    resolve_eos_token_ids,
+)
 from pagedllm.params import RequestOutput, SamplingParams
 from pagedllm.worker.model_runner import ModelRunner
 
@@ -111,12 +118,19 @@ def describe_error(exc: BaseException) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
+def with_resolved_eos_token_ids(config: EngineConfig, tokenizer) -> EngineConfig:
+    """``config`` whose ``model_config.eos_token_ids`` is the whole end-of-sequence set (``resolve_eos_token_ids``)."""
+    eos_token_ids = resolve_eos_token_ids(config.model_config, tokenizer)
+    return dataclasses.replace(config, model_config=dataclasses.replace(config.model_config, eos_token_ids=eos_token_ids))
+
+
 class LLMEngine:
     """Synchronous engine: text or token-id prompts in, RequestOutputs out, one ``step()`` at a time."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_config)
+        config = with_resolved_eos_token_ids(config, self.tokenizer)
+        self.config = config
         self.engine_core = EngineCore(config)
         self.metrics = EngineMetrics()
         self.input_processor = InputProcessor(config, self.tokenizer, self.engine_core.num_blocks)

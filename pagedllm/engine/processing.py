@@ -63,7 +63,7 @@ class InputProcessor:
         self.model_config = config.model_config
         self.max_model_len = config.scheduler_config.max_model_len
         self.tokenizer = tokenizer
-        self.eos_token_ids = _eos_token_ids(config.model_config, tokenizer)
+        self.eos_token_ids = config.model_config.eos_token_ids  # resolved once: see resolve_eos_token_ids
         self._seed_rng = random.Random(config.seed)
         self._structured_output_manager = None  # made on the first constrained request
 
@@ -173,8 +173,10 @@ def _child_params(params: SamplingParams, index: int) -> SamplingParams:
     return child
 
 
-def _eos_token_ids(model_config: ModelConfig, tokenizer) -> tuple[int, ...]:
-    """End-of-sequence ids: the tokenizer's, the model config's and generation_config.json's."""
+def resolve_eos_token_ids(model_config: ModelConfig, tokenizer) -> tuple[int, ...]:
+    """End-of-sequence ids: the model config's, the tokenizer's and generation_config.json's (where Llama-3-Instruct
+    lists ``<|eot_id|>``). Resolved once, when the engine is built, into ``ModelConfig.eos_token_ids``, which stop
+    detection, the ``min_tokens`` ban, grammars and beam search all read."""
     ids = list(model_config.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
