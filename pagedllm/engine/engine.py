@@ -24,6 +24,7 @@ from pagedllm.engine.processing import (
     resolve_eos_token_ids,
 )
 from pagedllm.params import RequestOutput, SamplingParams
+from pagedllm.worker.executor import Executor, InProcessExecutor
 from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -32,21 +33,21 @@ _IDLE_STEP_SLEEP_S = 0.001
 
 
 class EngineCore:
-    """The scheduler and the model runner, stepping together."""
+    """The scheduler and the executor (which drives the workers), stepping together."""
 
     def __init__(self, config: EngineConfig) -> None:
         start = time.perf_counter()
         self.config = config
-        self.model_runner = ModelRunner(config)
-        num_blocks = self.model_runner.determine_num_blocks()
+        self.executor: Executor = InProcessExecutor(config)
+        num_blocks = self.executor.determine_num_blocks()
         self._check_capacity(num_blocks)
-        self.model_runner.initialize_kv_cache(num_blocks)
+        self.executor.initialize_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         kv_cache_manager = KVCacheManager(
             num_blocks,
             config.cache_config.block_size,
             config.cache_config.enable_prefix_caching,
-            num_cpu_blocks=self.model_runner.num_cpu_blocks,
+            num_cpu_blocks=self.executor.num_cpu_blocks(),
         )
         self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
         self.startup_report = self._startup_report(time.perf_counter() - start)
@@ -56,15 +57,20 @@ class EngineCore:
         """What start-up decided and what it cost: KV blocks, concurrency at full length, seconds per phase."""
         block_size = self.config.cache_config.block_size
         max_model_len = self.config.scheduler_config.max_model_len
-        runner = self.model_runner
+        worker_info = self.executor.startup_info()
         return {
             "num_gpu_blocks": self.num_blocks,
             "kv_cache_tokens": self.num_blocks * block_size,
             "max_concurrency_at_max_model_len": round(self.num_blocks * block_size / max_model_len, 2),
             "attention_backend": self.config.attention_backend,
-            "cuda_graphs": runner.use_cuda_graphs,
-            "seconds": {**{name: round(s, 3) for name, s in runner.startup_seconds.items()}, "total": round(total_s, 3)},
+            "cuda_graphs": worker_info["cuda_graphs"],
+            "seconds": {**{name: round(s, 3) for name, s in worker_info["seconds"].items()}, "total": round(total_s, 3)},
         }
+
+    @property
+    def model_runner(self) -> ModelRunner:
+        """The driver worker's runner, for tests and benchmarks that look inside (in-process executor only)."""
+        return self.executor.driver_worker.model_runner
 
     def _check_capacity(self, num_blocks: int) -> None:
         capacity = num_blocks * self.config.cache_config.block_size
@@ -94,7 +100,7 @@ class EngineCore:
                 time.sleep(_IDLE_STEP_SLEEP_S)
             return self.scheduler.take_pending_outputs()
         try:
-            runner_output = self.model_runner.execute_model(scheduler_output)
+            runner_output = self.executor.execute_model(scheduler_output)
         except Exception as exc:
             # One request's bad state must not fail the batch: the scheduler requeues the step's requests and
             # retries them in groups until the culprit runs (and fails) alone.

@@ -1,0 +1,63 @@
+"""Executors: how the engine core reaches its workers.
+
+The engine core sees one ``Executor`` whatever the layout: every worker receives the same ``SchedulerOutput`` and
+the executor returns one ``ModelRunnerOutput`` (the driver's, rank 0: with tensor parallelism every rank computes
+the same sampled tokens). Calls go through ``collective_rpc`` by method name with plain-data arguments, so an
+executor whose workers live in other processes or on other nodes (issue: multiprocess and Ray executors) only has
+to carry those calls; ``InProcessExecutor`` calls its one worker directly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
+from pagedllm.worker.worker import Worker
+
+
+class Executor(ABC):
+    """Drives the workers of one engine (see the module docstring)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call ``Worker.<method>(*args)`` on every worker; their results in rank order."""
+
+    def determine_num_blocks(self) -> int:
+        """KV blocks every worker can hold: the smallest of their budgets."""
+        return min(self.collective_rpc("determine_num_blocks"))
+
+    def num_cpu_blocks(self) -> int:
+        return min(self.collective_rpc("num_cpu_blocks"))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.collective_rpc("initialize_kv_cache", num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collective_rpc("execute_model", scheduler_output)[0]
+
+    def startup_info(self) -> dict:
+        """The driver worker's start-up report."""
+        return self.collective_rpc("startup_info")[0]
+
+    def shutdown(self) -> None:
+        """Release the workers (nothing to do for in-process ones)."""
+
+
+class InProcessExecutor(Executor):
+    """One worker in the engine core's own process and thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.driver_worker = Worker(config, rank=0)
+
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(self.driver_worker, method)(*args)]
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        # The hot path: skip the by-name dispatch and the result list.
+        return self.driver_worker.execute_model(scheduler_output)
