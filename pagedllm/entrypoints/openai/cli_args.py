@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pagedllm.engine.async_engine import DEFAULT_HEALTH_STALL_TIMEOUT_S
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME
 from pagedllm.entrypoints.engine_args import add_engine_args
 from pagedllm.entrypoints.openai.limits import add_limit_args
@@ -11,6 +12,13 @@ from pagedllm.entrypoints.openai.limits import add_limit_args
 
 def _origins(text: str) -> list[str]:
     return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +31,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
     server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     server.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on every /v1 route (default: $PAGEDLLM_API_KEY; "
-                             "none = no authentication)")
+                        help="require 'Authorization: Bearer KEY' on every route that does work: /v1/*, /tokenize, "
+                             "/detokenize (and /metrics with --require-api-key-for-metrics); /health, /ready, /ping "
+                             "and /version stay open (default: $PAGEDLLM_API_KEY; none = no authentication)")
+    server.add_argument("--require-api-key-for-metrics", action="store_true",
+                        help="with --api-key, /metrics wants the key too (default: open, as scrapers send no key)")
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="model name(s) clients use in 'model'; the first is reported in responses (default: "
                              f"MODEL as given, or {DEFAULT_MODEL_NAME} for the default model)")
@@ -37,6 +48,16 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--graceful-shutdown-timeout", type=float, default=3.0, metavar="SECONDS",
                         help="on SIGTERM/SIGINT, how long in-flight requests may finish before they are aborted "
                              "(default: 3)")
+    server.add_argument("--health-stall-timeout", type=_positive_float, default=DEFAULT_HEALTH_STALL_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="/health and /ready answer 503 when the engine loop has made no progress for this long "
+                             f"(default: {DEFAULT_HEALTH_STALL_TIMEOUT_S:g})")
+    server.add_argument("--timeout-keep-alive", type=_positive_float, default=5.0, metavar="SECONDS",
+                        help="close an idle keep-alive connection after this long (default: 5)")
+    server.add_argument("--timeout-request-read", type=_positive_float, default=30.0, metavar="SECONDS",
+                        help="a client must send a whole request (headers and body) within this long of connecting "
+                             "or of its previous response, else it is disconnected: slow clients cannot hold "
+                             "connections (default: 30)")
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="log level of the server and engine (default: info)")
     server.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")

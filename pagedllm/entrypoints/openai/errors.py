@@ -46,9 +46,22 @@ def error_response(message: str, status: int, param: str | None = None, code: st
     return OpenAIError(message, status, param, code).to_response()
 
 
+MAX_QUOTED_CHARS = 100  # how much of a client's input an error message may quote
+
+
+def quote_bounded(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``value`` as text for an error message, cut to ``limit`` characters (plus "...") so that an error never
+    echoes a megabyte of input back."""
+    try:
+        text = str(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        return "(a number too long to show)"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def from_value_error(exc: ValueError, fields: Iterable[str], default_param: str | None) -> OpenAIError:
     """A 400 for a ValueError of SamplingParams or the engine: their messages start with the field's name."""
-    message = str(exc)
+    message = quote_bounded(exc, 3 * MAX_QUOTED_CHARS)  # some quote the value they reject
     first_word = message.split(" ", 1)[0].split(".", 1)[0].rstrip(":,")  # "structured_outputs.choice must..."
     param = first_word if first_word in set(fields) else default_param
     return OpenAIError(message, HTTPStatus.BAD_REQUEST, param=param)
@@ -67,13 +80,25 @@ def from_validation_errors(errors: Sequence[dict[str, Any]]) -> OpenAIError:
         return OpenAIError("Invalid request body", HTTPStatus.BAD_REQUEST)
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return OpenAIError(f"The request body is not valid JSON: {first.get('msg')}", HTTPStatus.BAD_REQUEST,
-                           code="invalid_json")
+        return _invalid_json(str(first.get("msg", "")))
     path = _request_path(first.get("loc", ()))
     if not path:  # the body itself: e.g. a JSON array or string instead of an object
         return OpenAIError(f"The request body must be a JSON object: {first.get('msg')}", HTTPStatus.BAD_REQUEST)
     union = _union_summary(errors, first)
-    return OpenAIError(union or _describe(first), HTTPStatus.BAD_REQUEST, param=str(path[0]))
+    return OpenAIError(union or _describe(first), HTTPStatus.BAD_REQUEST, param=quote_bounded(path[0]))
+
+
+def _invalid_json(message: str) -> OpenAIError:
+    # The JSON parser stops at a fixed depth (about 200) instead of recursing until the stack runs out.
+    if "recursion limit" in message:
+        return nesting_too_deep()
+    return OpenAIError(f"The request body is not valid JSON: {quote_bounded(message)}", HTTPStatus.BAD_REQUEST,
+                       code="invalid_json")
+
+
+def nesting_too_deep() -> OpenAIError:
+    return OpenAIError("The request body is nested too deeply: JSON arrays and objects may nest about 200 levels",
+                       HTTPStatus.BAD_REQUEST, code="nesting_too_deep")
 
 
 def _union_summary(errors: Sequence[dict[str, Any]], first: dict[str, Any]) -> str | None:
@@ -91,7 +116,7 @@ def _union_summary(errors: Sequence[dict[str, Any]], first: dict[str, Any]) -> s
             tags.append(rest[0])
         if deeper is None and len(rest) > 1:
             deeper = error
-    where = ".".join(str(p) for p in _request_path(prefix))
+    where = _path_text(prefix)
     message = f"{where}: invalid value; expected {' or '.join(str(t) for t in tags)}"
     return message + (f" ({_describe(deeper)})" if deeper is not None else "")
 
@@ -109,9 +134,15 @@ def _request_path(loc: Sequence[Any]) -> list[str | int]:
     return [p for p in parts if isinstance(p, int) or not _UNION_TAG.search(str(p))]
 
 
+def _path_text(loc: Sequence[Any]) -> str:
+    # A path can hold a client's dict keys (e.g. of logit_bias): bounded like any other quoted input.
+    return quote_bounded(".".join(str(p) for p in _request_path(loc)))
+
+
 def _describe(error: dict[str, Any]) -> str:
-    path = ".".join(str(p) for p in _request_path(error.get("loc", ())))
-    message = error.get("msg", "invalid value")
+    path = _path_text(error.get("loc", ()))
+    # Some messages embed the input value (a validator's ValueError): quote a bounded prefix only.
+    message = quote_bounded(error.get("msg", "invalid value"), 2 * MAX_QUOTED_CHARS)
     if error.get("type") == "missing":
         return f"{path}: this field is required"
     if error.get("type") == "extra_forbidden":

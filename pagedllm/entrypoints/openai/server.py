@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import json
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -18,15 +17,30 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from pydantic_core import from_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pagedllm import __version__
 from pagedllm.config import server_api_key_from_env
-from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError
+from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from pagedllm.entrypoints.chat_utils import load_chat_template
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path
 from pagedllm.entrypoints.engine_args import engine_args_from_cli
-from pagedllm.entrypoints.openai.errors import OpenAIError, error_response, from_validation_errors
+from pagedllm.entrypoints.openai.errors import (
+    OpenAIError,
+    error_response,
+    from_validation_errors,
+    nesting_too_deep,
+    quote_bounded,
+)
+from pagedllm.entrypoints.openai.http_guards import (
+    BodyTooLarge,
+    InFlightRequests,
+    RequestGuard,
+    body_too_large,
+    server_draining,
+)
 from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.metrics import build_registry, render_metrics
 from pagedllm.entrypoints.openai.protocol import (
@@ -41,11 +55,15 @@ from pagedllm.entrypoints.openai.serving_common import (
     ClientDisconnected,
     ServedModels,
     ServingContext,
+    internal_error,
     json_response,
     parse_body,
+    read_json_body,
+    validate_body,
 )
 from pagedllm.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagedllm.entrypoints.openai.slow_clients import request_read_deadline_protocol
 
 logger = logging.getLogger("pagedllm.server")
 
@@ -57,8 +75,8 @@ class ServerConfig:
     """The server's own settings (the engine has its config)."""
 
     served_model_names: tuple[str, ...]
-    model_root: str
     api_key: str | None = None
+    metrics_require_api_key: bool = False  # /metrics is open by default, as in vLLM (scrapers send no key)
     allowed_origins: tuple[str, ...] = ()
     chat_template: str | None = None  # template text, already read from --chat-template
     limits: RequestLimits = RequestLimits()
@@ -69,8 +87,8 @@ class ServerConfig:
         names = tuple(args.served_model_name or [getattr(args, "model_name", None) or model])
         return cls(
             served_model_names=names,
-            model_root=model,
             api_key=args.api_key or server_api_key_from_env(),
+            metrics_require_api_key=getattr(args, "require_api_key_for_metrics", False),
             allowed_origins=tuple(args.allowed_origins or ()),
             chat_template=load_chat_template(args.chat_template),
             limits=RequestLimits.from_args(args),
@@ -83,7 +101,7 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     max_model_len = engine.config.scheduler_config.max_model_len
     ctx = ServingContext(
         engine=engine,
-        models=ServedModels(config.served_model_names, config.model_root, max_model_len),
+        models=ServedModels(config.served_model_names, max_model_len),
         tokenizer=engine.tokenizer,
         max_model_len=max_model_len,
         vocab_size=engine.model_config.vocab_size,
@@ -99,50 +117,91 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan)
-    _add_exception_handlers(app)
+    app.state.in_flight = InFlightRequests()  # read by the graceful shutdown (run_server)
+    _add_exception_handlers(app, engine)
+    # Added before CORS, so it runs inside it: its 413 and 503 answers carry CORS headers too.
+    app.add_middleware(RequestGuard, max_body_bytes=config.limits.max_request_body_bytes,
+                       is_draining=lambda: _is_draining(engine), in_flight=app.state.in_flight)
     if config.allowed_origins:
         # No credentials (cookies): the API authenticates with a bearer header, which CORS allows as any header.
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_credentials=False,
                            allow_methods=["*"], allow_headers=["*"])
-    app.include_router(_public_routes(ctx, build_registry(engine.get_metrics, ctx.models.default_name)))
-    app.include_router(_v1_routes(ctx), dependencies=[Depends(_api_key_check(config.api_key))])
+    key_check = [Depends(_api_key_check(config.api_key))]
+    registry = build_registry(engine.get_metrics, ctx.models.default_name)
+    app.include_router(_probe_routes(ctx))
+    app.include_router(_metrics_routes(registry), dependencies=key_check if config.metrics_require_api_key else [])
+    app.include_router(_tokenizer_routes(ctx), dependencies=key_check)  # they do work: keyed like /v1
+    app.include_router(_v1_routes(ctx), dependencies=key_check)
     return app
+
+
+def _is_draining(engine: AsyncEngine) -> bool:
+    """Shutting down but still running the requests in flight (a dead engine is not draining: it is dead)."""
+    return engine.is_running and not engine.is_ready()
 
 
 # ---- routes ------------------------------------------------------------------------------------------------------
 
 
-def _public_routes(ctx: ServingContext, registry) -> APIRouter:
+def _probe_routes(ctx: ServingContext) -> APIRouter:
+    """Open to everyone, even with --api-key: they answer from flags at once and do no work."""
     router = APIRouter()
-    tokenization = OpenAIServingTokenization(ctx)
 
     @router.get("/health")
     async def health() -> Response:
-        if ctx.engine.is_healthy():
-            return Response(status_code=HTTPStatus.OK)
-        return error_response("The engine loop is not running or not making progress",
-                              HTTPStatus.SERVICE_UNAVAILABLE, code="engine_unavailable")
+        return _health_response(ctx.engine)
+
+    @router.get("/ping")  # SageMaker's name for /health, as vLLM serves it
+    async def ping() -> Response:
+        return _health_response(ctx.engine)
+
+    @router.get("/ready")
+    async def ready() -> Response:
+        if _is_draining(ctx.engine):
+            return server_draining().to_response()
+        return _health_response(ctx.engine)
 
     @router.get("/version")
     async def version() -> JSONResponse:
         return JSONResponse({"version": __version__})
+
+    return router
+
+
+def _health_response(engine: AsyncEngine) -> Response:
+    """200 while the engine loop runs and makes progress; else a 503 saying why (flags only: never waits)."""
+    reason = engine.health_reason()
+    if reason is None:
+        return Response(status_code=HTTPStatus.OK)
+    return error_response(f"The engine is unhealthy: {reason}", HTTPStatus.SERVICE_UNAVAILABLE,
+                          code="engine_unavailable")
+
+
+def _metrics_routes(registry) -> APIRouter:
+    router = APIRouter()
 
     @router.get("/metrics")
     async def metrics() -> Response:
         body, content_type = render_metrics(registry)
         return Response(body, media_type=content_type)
 
+    return router
+
+
+def _tokenizer_routes(ctx: ServingContext) -> APIRouter:
+    router = APIRouter()
+    tokenization = OpenAIServingTokenization(ctx)
+
     @router.post("/tokenize")
     async def tokenize(raw_request: Request) -> Response:
-        body = await raw_request.body()
+        body = await read_json_body(raw_request)
         model = TokenizeChatRequest if _has_key(body, "messages") else TokenizeCompletionRequest
-        request = await parse_body(raw_request, model)
-        return json_response(tokenization.tokenize(request))
+        return json_response(await tokenization.tokenize(validate_body(body, model)))
 
     @router.post("/detokenize")
     async def detokenize(raw_request: Request) -> Response:
         request = await parse_body(raw_request, DetokenizeRequest)
-        return json_response(tokenization.detokenize(request))
+        return json_response(await tokenization.detokenize(request))
 
     return router
 
@@ -171,9 +230,9 @@ def _v1_routes(ctx: ServingContext) -> APIRouter:
 
 def _has_key(body: bytes, key: str) -> bool:
     try:
-        value = json.loads(body)
+        value = from_json(body)  # stops at a fixed depth, where json.loads would recurse into a RecursionError
     except ValueError:
-        return False  # the parser reports it
+        return False  # validate_body reports it
     return isinstance(value, dict) and key in value
 
 
@@ -195,7 +254,13 @@ def _api_key_check(api_key: str | None) -> Callable:
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 
-def _add_exception_handlers(app: FastAPI) -> None:
+def _add_exception_handlers(app: FastAPI, engine: AsyncEngine) -> None:
+    """Every error answers in OpenAI's shape; what the client did wrong is a 4xx, and a 5xx names no internals."""
+    _add_client_error_handlers(app)
+    _add_server_error_handlers(app, engine)
+
+
+def _add_client_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> Response:
         return exc.to_response()
@@ -209,16 +274,40 @@ def _add_exception_handlers(app: FastAPI) -> None:
         return error_response(str(exc.detail), exc.status_code)
 
     @app.exception_handler(ClientDisconnected)
-    async def client_disconnected(_: Request, exc: ClientDisconnected) -> Response:
+    @app.exception_handler(ClientDisconnect)  # Starlette's: the client left while its body was being read
+    async def client_disconnected(_: Request, exc: Exception) -> Response:
         return Response(status_code=_CLIENT_CLOSED_REQUEST)
 
-    @app.exception_handler(EngineDeadError)
-    async def engine_dead(_: Request, exc: EngineDeadError) -> Response:
-        return error_response(str(exc), HTTPStatus.SERVICE_UNAVAILABLE, code="engine_unavailable")
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, exc: BodyTooLarge) -> Response:
+        response = body_too_large(exc.max_bytes).to_response()
+        response.headers["connection"] = "close"  # the rest of the body is unread: the connection cannot go on
+        return response
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_: Request, exc: RecursionError) -> Response:  # some code walked a deeply nested value
+        return nesting_too_deep().to_response()
 
     @app.exception_handler(ValueError)
     async def value_error(_: Request, exc: ValueError) -> Response:  # bad input that no check above named
-        return error_response(str(exc), HTTPStatus.BAD_REQUEST)
+        return error_response(quote_bounded(exc, 300), HTTPStatus.BAD_REQUEST)
+
+
+def _add_server_error_handlers(app: FastAPI, engine: AsyncEngine) -> None:
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, exc: EngineDeadError) -> Response:
+        if _is_draining(engine):  # the request got past the gate just before draining began
+            return server_draining().to_response()
+        return error_response(str(exc), HTTPStatus.SERVICE_UNAVAILABLE, code="engine_unavailable")
+
+    @app.exception_handler(RequestFailedError)
+    async def request_failed(_: Request, exc: RequestFailedError) -> Response:  # its message is about this request
+        return error_response(str(exc), HTTPStatus.INTERNAL_SERVER_ERROR, code="request_failed")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        # A bug, not the client's doing: the detail goes to the log only (it may concern other requests).
+        return internal_error(exc, None, "while handling the request").to_response()
 
 
 # ---- running -----------------------------------------------------------------------------------------------------
@@ -237,7 +326,7 @@ def run_server(args: argparse.Namespace) -> int:
     engine_args = engine_args_from_cli(args, model)
     load_chat_template(args.chat_template)  # a wrong path fails now, not after the model has loaded
     _exit_quietly_on_signals()
-    engine = AsyncEngine.from_engine_args(engine_args)
+    engine = AsyncEngine.from_engine_args(engine_args, health_stall_timeout_s=args.health_stall_timeout)
     try:
         app = build_app(engine, args)
         names = ", ".join(args.served_model_name or [args.model_name])
@@ -245,26 +334,35 @@ def run_server(args: argparse.Namespace) -> int:
         grace = args.graceful_shutdown_timeout
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 access_log=not args.disable_access_log,
+                                timeout_keep_alive=args.timeout_keep_alive,
+                                http=request_read_deadline_protocol(args.timeout_request_read),
                                 # A backstop only: _GracefulServer ends the streams itself after `grace`.
                                 timeout_graceful_shutdown=grace + 5)
-        _make_graceful_server(config, engine, grace).run()
+        _make_graceful_server(config, engine, grace, app.state.in_flight).run()
     finally:
         engine.shutdown()
     return 0
 
 
-def _make_graceful_server(config, engine: AsyncEngine, grace_s: float):
+def _make_graceful_server(config, engine: AsyncEngine, grace_s: float, in_flight: InFlightRequests):
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
         """uvicorn's server, which on shutdown stops accepting and lets in-flight requests finish; past its own
-        deadline it cancels them mid-response (a traceback each). This one stops the engine after ``grace_s``
-        instead: every open stream then ends cleanly with an error event and ``[DONE]``, every waiting request
-        with a 503, and the connections close by themselves."""
+        deadline it cancels them mid-response (a traceback each). This one first drains: it keeps listening, so
+        that new work gets a clean 503 (and /ready says 503) instead of a refused connection, while the requests
+        in flight finish, for up to ``grace_s``. Then it closes the listener and, once ``grace_s`` is over, stops
+        the engine: every open stream ends cleanly with an error event and ``[DONE]``, every waiting request with
+        a 503, and the connections close by themselves."""
 
         async def shutdown(self, sockets=None) -> None:
             loop = asyncio.get_running_loop()
-            timer = loop.call_later(grace_s, lambda: loop.run_in_executor(None, engine.shutdown))
+            deadline = loop.time() + grace_s
+            engine.begin_draining()
+            logger.info("Draining: %d request(s) in flight, new ones get 503", in_flight.count)
+            await in_flight.wait_until_idle(grace_s, should_stop=lambda: self.force_exit)
+            timer = loop.call_later(max(0.0, deadline - loop.time()),
+                                    lambda: loop.run_in_executor(None, engine.shutdown))
             try:
                 await super().shutdown(sockets)
             finally:

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 
-from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError
-from pagedllm.entrypoints.openai.errors import OpenAIError, from_validation_errors
+from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from pagedllm.entrypoints.openai.errors import OpenAIError, from_validation_errors, nesting_too_deep, quote_bounded
 from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.protocol import ModelCard, ModelList, SamplingFields
 from pagedllm.params import RequestOutput, SamplingParams
@@ -34,10 +34,10 @@ class ClientDisconnected(Exception):
 
 @dataclass(frozen=True)
 class ServedModels:
-    """The names a server answers to (the first is reported in responses) and what /v1/models says of them."""
+    """The names a server answers to (the first is reported in responses) and what /v1/models says of them. Where
+    the model lives on disk is deliberately not here: no response shows a server's paths."""
 
     names: tuple[str, ...]
-    root: str
     max_model_len: int
 
     @property
@@ -48,11 +48,11 @@ class ServedModels:
         """The name to report for a request's ``model``; unset means the served model. Unknown names are a 404."""
         if requested is None or requested in self.names:
             return self.default_name
-        raise OpenAIError(f"The model `{requested}` does not exist.", HTTPStatus.NOT_FOUND, param="model",
-                          code="model_not_found")
+        raise OpenAIError(f"The model `{quote_bounded(requested)}` does not exist.", HTTPStatus.NOT_FOUND,
+                          param="model", code="model_not_found")
 
     def model_list(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=self.root, max_model_len=self.max_model_len)
+        return ModelList(data=[ModelCard(id=name, root=name, max_model_len=self.max_model_len)
                                for name in self.names])
 
 
@@ -77,15 +77,38 @@ def random_id(prefix: str) -> str:
 
 
 async def parse_body(raw_request: Request, model: type[RequestT]) -> RequestT:
-    """Parse and validate the JSON body ourselves, whatever its content type, so that malformed JSON, a wrong
-    type or a missing field all become the same OpenAI-shaped 400."""
-    body = await raw_request.body()
+    """Check the content type, read the body (the size limit applies while it is read, see ``http_guards``),
+    then parse and validate it ourselves, so that malformed JSON, a wrong type or a missing field all become the
+    same OpenAI-shaped 400."""
+    return validate_body(await read_json_body(raw_request), model)
+
+
+async def read_json_body(raw_request: Request) -> bytes:
+    """The raw body of a request that says it is JSON. Anything else is a 415: a web page can make a browser send
+    a form or text/plain across sites without asking first (no CORS preflight), but never application/json."""
+    check_json_content_type(raw_request.headers.get("content-type"))
+    return await raw_request.body()
+
+
+def check_json_content_type(content_type: str | None) -> None:
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        shown = f"'{quote_bounded(media_type)}'" if media_type else "no Content-Type"
+        raise OpenAIError(f"Unsupported Media Type: only 'application/json' is accepted, got {shown}",
+                          HTTPStatus.UNSUPPORTED_MEDIA_TYPE, code="unsupported_media_type")
+
+
+def validate_body(body: bytes, model: type[RequestT]) -> RequestT:
+    """The body validated as ``model``; bad JSON, deep nesting, a wrong type or a missing field are a 400."""
     try:
         request = model.model_validate_json(body or b"null")
     except ValidationError as exc:
         raise from_validation_errors(exc.errors(include_url=False)) from None
+    except RecursionError:  # a validator that walks a nested value (e.g. a schema) ran out of stack
+        raise nesting_too_deep() from None
     if getattr(request, "model_extra", None):
-        logger.info("Ignoring unknown fields of a %s: %s", model.__name__, ", ".join(sorted(request.model_extra)))
+        unknown = quote_bounded(", ".join(sorted(request.model_extra)), 500)
+        logger.info("Ignoring unknown fields of a %s: %s", model.__name__, unknown)
     return request
 
 
@@ -107,9 +130,9 @@ def check_prompt_length(num_prompt_tokens: int, max_model_len: int, param: str) 
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> None:
-    bad = [t for t in token_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise OpenAIError(f"Token id {bad[0]} is out of vocabulary (vocab_size={vocab_size})", param=param)
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:  # the first bad id only, itself bounded (a JSON integer can have any number of digits)
+        raise OpenAIError(f"Token id {quote_bounded(bad)} is out of vocabulary (vocab_size={vocab_size})", param=param)
 
 
 def resolve_max_tokens(requested: int | None, is_explicit: bool, num_prompt_tokens: int, max_model_len: int,
@@ -234,12 +257,23 @@ async def run_unless_disconnected(raw_request: Request, work: Awaitable[Any]) ->
     return task.result()
 
 
-def stream_failure(exc: Exception) -> OpenAIError:
-    """The error event of a stream that the engine could not finish."""
-    if isinstance(exc, EngineDeadError):
+def stream_failure(exc: Exception, request_id: str | None = None) -> OpenAIError:
+    """The error event of a stream that the engine could not finish. It says only what concerns this request: the
+    text of an unexpected exception may be about another request (or the server's insides), so it goes to the
+    server log, and the client gets the request id to quote."""
+    if isinstance(exc, EngineDeadError):  # our own message, about the engine as a whole
         return OpenAIError(str(exc), HTTPStatus.SERVICE_UNAVAILABLE, code="engine_unavailable")
-    logger.error("A stream failed: %r", exc)
-    return OpenAIError(f"The request failed: {exc}", HTTPStatus.INTERNAL_SERVER_ERROR)
+    if isinstance(exc, RequestFailedError):  # the engine's message about this request only
+        return OpenAIError(str(exc), HTTPStatus.INTERNAL_SERVER_ERROR, code="request_failed")
+    return internal_error(exc, request_id, "while generating")
+
+
+def internal_error(exc: BaseException, request_id: str | None, doing: str) -> OpenAIError:
+    """A 500 that names no detail of ``exc``; the detail is logged with the request id."""
+    request_id = request_id or random_id("error")
+    logger.error("Internal error %s (request id %s)", doing, request_id, exc_info=exc)
+    return OpenAIError(f"Internal error {doing} (request id {request_id})", HTTPStatus.INTERNAL_SERVER_ERROR,
+                       code="internal_error")
 
 
 def json_response(body: BaseModel) -> Response:

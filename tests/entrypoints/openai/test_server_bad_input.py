@@ -101,7 +101,7 @@ def test_wrong_method_and_text_body_without_json_content_type(http):
     response = http.get("/v1/completions")
     assert response.status_code == 405 and "error" in response.json()
     response = http.post("/v1/completions", content=b"prompt=hi", headers={"Content-Type": "text/plain"})
-    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
 
 
 def test_server_still_serves_after_bad_input(server, client):
