@@ -3,8 +3,8 @@ vLLM's extras (extra sampling fields, /tokenize, /detokenize).
 
 Requests are validated strictly (a string is not a number, a float is not an int): a wrong type is a 400 naming
 the field, as OpenAI answers. Unknown fields are kept (``model_extra``) and ignored, so clients that send newer
-OpenAI fields keep working. Range checks live in ``SamplingParams``, the one place that knows them; only the
-limits of the OpenAI API itself (logprobs <= 5 for completions, top_logprobs <= 20 for chat) are here.
+OpenAI fields keep working. Range checks live in ``SamplingParams``, the one place that knows them; the server's
+work limits (n, logprobs, stop strings...) are flags, checked in ``limits.py``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from pydantic import (
 
 from pagedllm.params import STRUCTURED_OUTPUT_KINDS, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions "logprobs"
-MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limit for /v1/chat/completions "top_logprobs"
-MAX_PROMPT_LOGPROBS = 20  # vLLM's default max_logprobs
+# vLLM's guided decoding fields (still accepted by vLLM) and the structured_outputs field each maps onto.
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+GUIDED_BACKENDS = ("auto", "xgrammar")  # the grammar backend this server has; "auto" picks it
 
 
 class OpenAIBaseModel(BaseModel):
@@ -135,7 +136,7 @@ class SamplingFields(RequestModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs
     priority: int = 0  # lower is scheduled sooner, under --scheduling-policy priority
     use_beam_search: bool = False  # n is then the beam width; see serving_beam_search.py
     length_penalty: float = 1.0  # beam search: a hypothesis scores cumulative logprob / length ** length_penalty
@@ -143,19 +144,39 @@ class SamplingFields(RequestModel):
     # choice, grammar, json_object); not both.
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
+    # vLLM's older guided decoding fields: each is one kind of structured_outputs.
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # "auto" or "xgrammar": the one backend there is
+    guided_whitespace_pattern: str | None = None  # not supported: rejected when given
+    # vLLM's token-id extras: the ids of the prompt and of each choice; logprobs' tokens as "token_id:{id}".
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+
+    @property
+    def guided_fields(self) -> list[str]:
+        """The guided_* constraint fields this request sets."""
+        return [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
 
     @property
     def structured_outputs_field(self) -> str | None:
-        """The request field that constrains the output, if any."""
+        """The request field that constrains the output, if any (the first one, when several clash)."""
         if self.structured_outputs is not None:
             return "structured_outputs"
         if self.response_format is not None and self.response_format.type != "text":
             return "response_format"
-        return None
+        guided = self.guided_fields
+        return guided[0] if guided else None
 
     def build_structured_outputs(self) -> StructuredOutputsParams | None:
         """The constraint of ``response_format`` or ``structured_outputs``; ValueError (starting with the field's
         name) for a bad one. Only the shape is checked here: whether the spec compiles is checked by the engine."""
+        self._check_single_constraint()
+        self._check_guided_options()
+        if self.guided_fields:
+            return self._build_guided()
         response_format = self.response_format
         if self.structured_outputs is not None:
             if response_format is not None and response_format.type != "text":
@@ -178,6 +199,30 @@ class SamplingFields(RequestModel):
             return StructuredOutputsParams(json=response_format.json_schema.schema_)
         raise ValueError(f"response_format type {response_format.type!r} is not supported; use 'text', "
                          "'json_object' or 'json_schema'")
+
+    def _check_single_constraint(self) -> None:
+        """At most one output constraint: two guided_* fields, or one with structured_outputs or a response_format,
+        are a ValueError naming the guided field (structured_outputs against response_format is checked below)."""
+        guided = self.guided_fields
+        others = [name for name in ("structured_outputs", "response_format") if self.structured_outputs_field == name]
+        clashing = guided[1:] + others
+        if guided and clashing:
+            raise ValueError(f"{guided[0]} cannot be combined with {clashing[0]}: give one output constraint")
+
+    def _check_guided_options(self) -> None:
+        """The guided options are honoured or refused, never silently dropped."""
+        if self.guided_decoding_backend is not None and self.guided_decoding_backend not in GUIDED_BACKENDS:
+            raise ValueError(f"guided_decoding_backend {self.guided_decoding_backend[:64]!r} is not available; this "
+                             f"server has {', '.join(repr(b) for b in GUIDED_BACKENDS)}")
+        if self.guided_whitespace_pattern is not None:
+            raise ValueError("guided_whitespace_pattern is not supported by this server")
+
+    def _build_guided(self) -> StructuredOutputsParams:
+        (name,) = self.guided_fields
+        try:
+            return StructuredOutputsParams(**{GUIDED_FIELDS[name]: getattr(self, name)})
+        except ValueError as exc:  # its message names structured_outputs.<kind>: name the field the client gave
+            raise ValueError(str(exc).replace(f"structured_outputs.{GUIDED_FIELDS[name]}", name)) from None
 
     def build_sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
@@ -228,7 +273,7 @@ class CompletionRequest(SamplingFields):
     prompt: list[int] | list[list[int]] | str | list[str]
     max_tokens: int | None = 16
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs (vLLM's bound, not OpenAI's 5)
     suffix: str | None = None  # not supported: rejected when given
     best_of: int | None = None  # only best_of == n (or unset) is supported
     add_special_tokens: bool = True  # vLLM: add BOS etc. when tokenizing a text prompt
@@ -248,6 +293,8 @@ class CompletionResponseChoice(OpenAIBaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended the text
     prompt_logprobs: list[dict[int, dict[str, Any]] | None] | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM, with return_token_ids: this choice's prompt
+    token_ids: list[int] | None = None  # vLLM, with return_token_ids: the generated ids
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -259,12 +306,23 @@ class CompletionResponse(OpenAIBaseModel):
     usage: UsageInfo
 
 
-class CompletionResponseStreamChoice(OpenAIBaseModel):
+class _TokenIdsWhenSet(OpenAIBaseModel):
+    """A stream chunk or choice: the return_token_ids fields appear only when set (as vLLM sends them)."""
+
+    @model_serializer(mode="wrap")
+    def _token_ids_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items()
+                if value is not None or key not in ("token_ids", "prompt_token_ids")}
+
+
+class CompletionResponseStreamChoice(_TokenIdsWhenSet):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: in the first chunk of each choice
+    token_ids: list[int] | None = None  # with return_token_ids: the ids of this chunk's text
 
 
 class CompletionStreamResponse(OpenAIBaseModel):
@@ -332,7 +390,7 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs
     tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
     tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or {"type": "function", ...}
     parallel_tool_calls: bool = True  # False: tool_choice "required" makes exactly one call
@@ -406,6 +464,7 @@ class ChatCompletionResponseChoice(OpenAIBaseModel):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM, with return_token_ids: the generated ids
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -416,6 +475,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
     prompt_logprobs: list[dict[int, dict[str, Any]] | None] | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM, with return_token_ids: the rendered prompt's ids
 
 
 class DeltaMessage(OpenAIBaseModel):
@@ -430,21 +490,23 @@ class DeltaMessage(OpenAIBaseModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
-class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
+class ChatCompletionResponseStreamChoice(_TokenIdsWhenSet):
     index: int
     delta: DeltaMessage
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: the ids of this chunk's delta
 
 
-class ChatCompletionStreamResponse(OpenAIBaseModel):
+class ChatCompletionStreamResponse(_TokenIdsWhenSet):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatCompletionResponseStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: in the first chunk only
 
 
 # ---- models ------------------------------------------------------------------------------------------------------

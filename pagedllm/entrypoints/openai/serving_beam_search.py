@@ -22,6 +22,7 @@ from typing import Any
 from pagedllm.engine.async_engine import AsyncEngine
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchState, BeamSearchStep, decode_sequences
 from pagedllm.entrypoints.openai.errors import OpenAIError
+from pagedllm.entrypoints.openai.offload import off_loop
 from pagedllm.entrypoints.openai.protocol import SamplingFields
 from pagedllm.params import MAX_N, BeamSearchParams, RequestOutput, SamplingParams
 
@@ -73,14 +74,19 @@ async def beam_search(
     priority: int = 0,
     skip_special_tokens: bool = True,
 ) -> list[BeamSearchOutput]:
-    """The beam searches of several prompts at once (one step advances them all), with their texts."""
+    """The beam searches of several prompts at once (one step advances them all), with their texts (decoded on a
+    front-end thread: up to width x prompts long sequences)."""
     states = [BeamSearchState(list(token_ids), prompt_params, engine.eos_token_ids)
               for token_ids, prompt_params in zip(prompt_token_ids, params)]
     step_index = 0
     while (step := BeamSearchStep.of(states)) is not None:
         step.advance(await _run_step(engine, step, f"{request_id}-beam{step_index}", priority))
         step_index += 1
-    return [decode_sequences(state.output(), engine.tokenizer, skip_special_tokens) for state in states]
+    return await off_loop(_decode_outputs, states, engine.tokenizer, skip_special_tokens)
+
+
+def _decode_outputs(states: Sequence[BeamSearchState], tokenizer, skip_special_tokens: bool) -> list[BeamSearchOutput]:
+    return [decode_sequences(state.output(), tokenizer, skip_special_tokens) for state in states]
 
 
 async def _run_step(engine: AsyncEngine, step: BeamSearchStep, request_id: str, priority: int) -> list[RequestOutput]:

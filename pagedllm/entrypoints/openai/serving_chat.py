@@ -14,7 +14,9 @@ from fastapi.responses import Response, StreamingResponse
 
 from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_value_error
+from pagedllm.entrypoints.openai.limits import LimitExceeded, check_sampling_limits, check_tools_limit
 from pagedllm.entrypoints.openai.logprobs import chat_logprobs, prompt_logprobs_json
+from pagedllm.entrypoints.openai.offload import off_loop
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionLogProbs,
     ChatCompletionRequest,
@@ -58,7 +60,8 @@ _FIELDS = tuple(ChatCompletionRequest.model_fields)
 
 
 def render_messages(ctx: ServingContext, request: Any) -> dict[str, Any]:
-    """The conversation of a chat (or chat-tokenize) request as an engine prompt; a template failure is a 400."""
+    """The conversation of a chat (or chat-tokenize) request as an engine prompt; a template failure is a 400.
+    It takes milliseconds on a long conversation: handlers run it with ``off_loop``."""
     conversation = [message.to_template_dict() for message in request.messages]
     try:
         return render_chat(ctx.tokenizer, conversation, ctx.chat_template, request.add_generation_prompt,
@@ -78,11 +81,12 @@ class OpenAIServingChat:
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         model_name = self.ctx.models.check(request.model)
+        self._check_limits(request)
         _check_supported(request)
         check_stream_options(request)
         check_structured_outputs(request)
         tools = _plan_tools(request)
-        prompt = render_messages(self.ctx, request)
+        prompt = await off_loop(render_messages, self.ctx, request)
         num_prompt_tokens = len(prompt["prompt_token_ids"])
         check_prompt_length(num_prompt_tokens, self.ctx.max_model_len, "messages")
         request_id = random_id("chatcmpl")
@@ -103,6 +107,14 @@ class OpenAIServingChat:
         except ValueError as exc:
             raise from_value_error(exc, _FIELDS, default_param="messages") from None
         return json_response(self._response(request, output, request_id, model_name, tools))
+
+    def _check_limits(self, request: ChatCompletionRequest) -> None:
+        """The server's work limits, checked before the conversation is rendered."""
+        try:
+            check_sampling_limits(request, self.ctx.limits, "top_logprobs", request.top_logprobs)
+            check_tools_limit(request.tools, self.ctx.limits)
+        except LimitExceeded as exc:
+            raise OpenAIError(str(exc), param=exc.param) from None
 
     def _max_tokens(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> tuple[int | None, str]:
         """The max_tokens to run with (None: the rest of the context) and the field that set it."""
@@ -142,6 +154,7 @@ class OpenAIServingChat:
                 logprobs=self._logprobs(request, completion),
                 finish_reason=_finish_reason(completion.finish_reason, calls),
                 stop_reason=completion.stop_reason,
+                token_ids=list(completion.token_ids) if request.return_token_ids else None,
             ))
         num_generated = sum(len(completion.token_ids) for completion in output.outputs)
         return ChatCompletionResponse(
@@ -149,13 +162,14 @@ class OpenAIServingChat:
             usage=make_usage(len(output.prompt_token_ids), num_generated),
             prompt_logprobs=prompt_logprobs_json(output.prompt_logprobs) if request.prompt_logprobs is not None
             else None,
+            prompt_token_ids=list(output.prompt_token_ids) if request.return_token_ids else None,
         )
 
     def _logprobs(self, request: ChatCompletionRequest, completion: CompletionOutput):
         if not request.logprobs:
             return None
         return chat_logprobs(completion.token_ids, completion.logprobs or [], request.top_logprobs or 0,
-                             self.ctx.tokenizer)
+                             self.ctx.tokenizer, as_token_ids=request.return_tokens_as_token_ids)
 
     # ---- beam search ---------------------------------------------------------------------------------------
 
@@ -173,12 +187,15 @@ class OpenAIServingChat:
             raise from_value_error(exc, _FIELDS, default_param="messages") from None
         choices = [
             ChatCompletionResponseChoice(index=rank, message=ChatResponseMessage(content=sequence.text),
-                                         finish_reason=sequence.finish_reason)
+                                         finish_reason=sequence.finish_reason,
+                                         token_ids=sequence.token_ids if request.return_token_ids else None)
             for rank, sequence in enumerate(output.sequences)  # best first
         ]
         num_generated = sum(len(sequence.token_ids) for sequence in output.sequences)
+        prompt_token_ids = prompt["prompt_token_ids"] if request.return_token_ids else None
         return json_response(ChatCompletionResponse(id=request_id, model=model_name, choices=choices,
-                                                    usage=make_usage(num_prompt_tokens, num_generated)))
+                                                    usage=make_usage(num_prompt_tokens, num_generated),
+                                                    prompt_token_ids=prompt_token_ids))
 
     # ---- streams ---------------------------------------------------------------------------------------------
 
@@ -192,13 +209,15 @@ class OpenAIServingChat:
         fragments as they are generated; logprobs ride on the next chunk the choice sends."""
         created = int(time.time())
 
-        def chunk(choices: list[ChatCompletionResponseStreamChoice], usage=None) -> str:
+        def chunk(choices: list[ChatCompletionResponseStreamChoice], usage=None, prompt_token_ids=None) -> str:
             return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model_name,
-                                                    choices=choices, usage=usage))
+                                                    choices=choices, usage=usage, prompt_token_ids=prompt_token_ids))
 
-        for index in range(request.n):
+        for index in range(request.n):  # with return_token_ids, the first chunk carries the prompt's ids
+            first_ids = prompt["prompt_token_ids"] if request.return_token_ids and index == 0 else None
             yield chunk([ChatCompletionResponseStreamChoice(index=index, delta=DeltaMessage(role="assistant",
-                                                                                            content=""))])
+                                                                                            content=""))],
+                        prompt_token_ids=first_ids)
         num_generated = 0
         tool_streams = {index: _ToolStream(tools.stream_parser()) for index in range(request.n)}
         try:
@@ -214,7 +233,8 @@ class OpenAIServingChat:
                                 choices.append(choice)
                             continue
                         for tool_choice in tool_streams[completion.index].choices(
-                                completion, self._logprobs(request, completion), request.logprobs):
+                                completion, self._logprobs(request, completion), request.logprobs,
+                                request.return_token_ids):
                             yield chunk([tool_choice])
                     if choices:
                         yield chunk(choices)
@@ -230,7 +250,8 @@ class OpenAIServingChat:
     def _stream_choice(self, request: ChatCompletionRequest,
                        completion: CompletionOutput) -> ChatCompletionResponseStreamChoice | None:
         logprobs = self._logprobs(request, completion)
-        if not completion.text and logprobs is None and completion.finish_reason is None:
+        token_ids = list(completion.token_ids) if request.return_token_ids else None
+        if not completion.text and logprobs is None and completion.finish_reason is None and not token_ids:
             return None  # nothing to say yet (text held back until its character is complete)
         return ChatCompletionResponseStreamChoice(
             index=completion.index,
@@ -238,21 +259,26 @@ class OpenAIServingChat:
             logprobs=logprobs,
             finish_reason=completion.finish_reason,
             stop_reason=completion.stop_reason,
+            token_ids=token_ids,
         )
 
 
 class _ToolStream:
-    """One streamed choice read by a tool-call parser: its chunks, with logprobs held until a chunk goes out."""
+    """One streamed choice read by a tool-call parser: its chunks, with logprobs and token ids held until a chunk
+    goes out."""
 
     def __init__(self, parser: ToolCallParser) -> None:
         self.parser = parser
         self._held_logprobs: list[Any] = []
+        self._held_token_ids: list[int] = []
 
     def choices(self, completion: CompletionOutput, logprobs: ChatCompletionLogProbs | None,
-                wants_logprobs: bool) -> list[ChatCompletionResponseStreamChoice]:
+                wants_logprobs: bool, wants_token_ids: bool = False) -> list[ChatCompletionResponseStreamChoice]:
         """The chunks of one output delta: content and tool-call deltas, then the finish chunk if it finished."""
         if logprobs is not None and logprobs.content:
             self._held_logprobs.extend(logprobs.content)
+        if wants_token_ids:
+            self._held_token_ids.extend(completion.token_ids)
         deltas = self.parser.feed(completion.text)
         finished = completion.finish_reason is not None
         if finished:
@@ -266,6 +292,8 @@ class _ToolStream:
         if choices and wants_logprobs and (self._held_logprobs or finished):
             choices[-1].logprobs = ChatCompletionLogProbs(content=self._held_logprobs)
             self._held_logprobs = []
+        if choices and wants_token_ids:
+            choices[-1].token_ids, self._held_token_ids = self._held_token_ids, []
         return choices
 
 

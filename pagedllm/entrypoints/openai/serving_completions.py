@@ -11,7 +11,9 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_value_error
+from pagedllm.entrypoints.openai.limits import LimitExceeded, check_prompt_limits, check_sampling_limits
 from pagedllm.entrypoints.openai.logprobs import completion_logprobs, prompt_logprobs_json
+from pagedllm.entrypoints.openai.offload import off_loop
 from pagedllm.entrypoints.openai.protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -68,10 +70,11 @@ class OpenAIServingCompletion:
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         model_name = self.ctx.models.check(request.model)
+        self._check_limits(request)
         _check_supported(request)
         check_stream_options(request)
         check_structured_outputs(request)
-        prompts = self._prompts(request)
+        prompts = await off_loop(self._prompts, request)  # tokenizing a large prompt takes milliseconds
         request_id = random_id("cmpl")
         if request.use_beam_search:
             return await self._beam_search(request, prompts, request_id, model_name, raw_request)
@@ -89,7 +92,17 @@ class OpenAIServingCompletion:
 
     # ---- inputs ----------------------------------------------------------------------------------------------
 
+    def _check_limits(self, request: CompletionRequest) -> None:
+        """The server's work limits, checked before anything is tokenized."""
+        try:
+            check_sampling_limits(request, self.ctx.limits, "logprobs", request.logprobs)
+            check_prompt_limits(_num_prompts(request.prompt), max(request.n, request.best_of or 1),
+                                self.ctx.limits)
+        except LimitExceeded as exc:
+            raise OpenAIError(str(exc), param=exc.param) from None
+
     def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+        """The request's prompts, tokenized and checked (on a front-end thread: see ``offload.py``)."""
         raw = request.prompt
         if isinstance(raw, str):
             prompts = [self._encode(raw, request.add_special_tokens)]
@@ -160,7 +173,8 @@ class OpenAIServingCompletion:
                 entries = (output.prompt_logprobs or [None] * len(prompt.token_ids)) + (entries or [])
         logprobs = None
         if request.logprobs is not None:
-            logprobs = completion_logprobs(token_ids, entries or [], request.logprobs, self.ctx.tokenizer)
+            logprobs = completion_logprobs(token_ids, entries or [], request.logprobs, self.ctx.tokenizer,
+                                           as_token_ids=request.return_tokens_as_token_ids)
         return CompletionResponseChoice(
             index=prompt_index * request.n + completion.index,
             text=text,
@@ -169,6 +183,8 @@ class OpenAIServingCompletion:
             stop_reason=completion.stop_reason,
             prompt_logprobs=prompt_logprobs_json(output.prompt_logprobs) if request.prompt_logprobs is not None
             else None,
+            prompt_token_ids=prompt.token_ids if request.return_token_ids else None,
+            token_ids=list(completion.token_ids) if request.return_token_ids else None,
         )
 
     # ---- beam search ---------------------------------------------------------------------------------------
@@ -194,8 +210,10 @@ class OpenAIServingCompletion:
             for rank, sequence in enumerate(output.sequences):  # best first
                 num_generated += len(sequence.token_ids)
                 text = self._prompt_text(prompt) + sequence.text if request.echo else sequence.text
-                choices.append(CompletionResponseChoice(index=prompt_index * request.n + rank, text=text,
-                                                        finish_reason=sequence.finish_reason))
+                choices.append(CompletionResponseChoice(
+                    index=prompt_index * request.n + rank, text=text, finish_reason=sequence.finish_reason,
+                    prompt_token_ids=prompt.token_ids if request.return_token_ids else None,
+                    token_ids=sequence.token_ids if request.return_token_ids else None))
         num_prompt = sum(len(prompt.token_ids) for prompt in prompts)
         return json_response(CompletionResponse(id=request_id, model=model_name, choices=choices,
                                                 usage=make_usage(num_prompt, num_generated)))
@@ -247,13 +265,18 @@ class OpenAIServingCompletion:
             logprobs = None
             if request.logprobs is not None:
                 logprobs = completion_logprobs(token_ids, entries, request.logprobs, self.ctx.tokenizer,
-                                               state.text_offsets.get(index, 0))
+                                               state.text_offsets.get(index, 0),
+                                               as_token_ids=request.return_tokens_as_token_ids)
             state.text_offsets[index] = state.text_offsets.get(index, 0) + len(text)
-            if not text and logprobs is None and completion.finish_reason is None:
+            has_ids = request.return_token_ids and (completion.token_ids or index not in state.sent_prompt_ids)
+            if not text and logprobs is None and completion.finish_reason is None and not has_ids:
                 continue  # nothing to say yet (text held back until its character is complete)
-            choices.append(CompletionResponseStreamChoice(index=index, text=text, logprobs=logprobs,
-                                                          finish_reason=completion.finish_reason,
-                                                          stop_reason=completion.stop_reason))
+            choice = CompletionResponseStreamChoice(index=index, text=text, logprobs=logprobs,
+                                                    finish_reason=completion.finish_reason,
+                                                    stop_reason=completion.stop_reason)
+            if request.return_token_ids:
+                _add_token_ids(choice, prompt, completion, state)
+            choices.append(choice)
         return choices
 
 
@@ -265,6 +288,23 @@ class _StreamState:
     echoed: set[int] = field(default_factory=set)  # choice indexes whose prompt was sent
     text_offsets: dict[int, int] = field(default_factory=dict)  # choice index -> characters sent
     prompt_logprobs: dict[int, list] = field(default_factory=dict)  # prompt index -> its prompt logprobs
+    sent_prompt_ids: set[int] = field(default_factory=set)  # choice indexes whose prompt_token_ids were sent
+
+
+def _add_token_ids(choice: CompletionResponseStreamChoice, prompt: _Prompt, completion: CompletionOutput,
+                   state: _StreamState) -> None:
+    """return_token_ids in a stream: each chunk carries the ids of its text, a choice's first also its prompt."""
+    choice.token_ids = list(completion.token_ids)
+    if choice.index not in state.sent_prompt_ids:
+        state.sent_prompt_ids.add(choice.index)
+        choice.prompt_token_ids = prompt.token_ids
+
+
+def _num_prompts(prompt: list[int] | list[list[int]] | str | list[str]) -> int:
+    """How many prompts a request's ``prompt`` holds: a string or a list of ids is one."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
 
 
 def _check_supported(request: CompletionRequest) -> None:
