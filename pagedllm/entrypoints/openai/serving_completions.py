@@ -117,6 +117,8 @@ class OpenAIServingCompletion:
         for prompt in prompts:
             check_token_ids(prompt.token_ids, self.ctx.vocab_size, "prompt")
             check_prompt_length(len(prompt.token_ids), self.ctx.max_model_len, "prompt")
+            if request.echo:  # decode an echoed token-id prompt here too, not later on the event loop
+                self._prompt_text(prompt)
         return prompts
 
     def _encode(self, text: str, add_special_tokens: bool) -> _Prompt:
