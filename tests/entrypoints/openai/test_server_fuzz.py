@@ -1,0 +1,192 @@
+"""Issue 13: a bounded schemathesis fuzz run against the server's own ``/openapi.json`` (a real server process):
+no request may get a 5xx, and every response must match what the schema documents (status codes, content types,
+bodies).
+
+The handlers parse their bodies themselves (``parse_body``), so FastAPI's ``/openapi.json`` documents neither the
+request bodies nor the responses. Until the server documents them, the test completes the loaded schema with the
+pydantic models of ``protocol.py`` (request bodies, 200 bodies, OpenAI's error body for every 4xx) before fuzzing;
+where the served schema already documents something, it is kept as served.
+
+Bounded for CI on 2 cores: a fixed number of examples per operation (``FUZZ_EXAMPLES``), no hypothesis deadline, no
+shrinking, and generation limited to small ``max_tokens`` so that accepted requests stay cheap (the limits
+themselves are tested in the catalogue).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402 - after the importorskip
+
+from pagedllm.entrypoints.openai.protocol import (  # noqa: E402
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+FUZZ_EXAMPLES = int(os.environ.get("PAGEDLLM_FUZZ_EXAMPLES", "25"))  # per operation and generation mode
+MAX_FUZZ_TOKENS = 8  # max_tokens the positive examples may ask for: accepted requests stay cheap on CPU
+
+# route -> (request body models, 200 body model); None: no body
+DOCUMENTED = {
+    ("/v1/completions", "post"): ([CompletionRequest], CompletionResponse),
+    ("/v1/chat/completions", "post"): ([ChatCompletionRequest], ChatCompletionResponse),
+    ("/tokenize", "post"): ([TokenizeCompletionRequest, TokenizeChatRequest], TokenizeResponse),
+    ("/detokenize", "post"): ([DetokenizeRequest], DetokenizeResponse),
+    ("/v1/models", "get"): (None, ModelList),
+}
+STREAMING_ROUTES = {"/v1/completions", "/v1/chat/completions"}  # 200 may also be text/event-stream
+COMPONENT_REF = "#/components/schemas/{model}"
+REQUEST_COMPONENTS = ("CompletionRequest", "ChatCompletionRequest", "TokenizeCompletionRequest", "TokenizeChatRequest",
+                      "DetokenizeRequest")
+
+
+def model_schema(model, components: dict[str, Any], mode: str) -> dict[str, Any]:
+    """``model``'s JSON schema with its definitions moved into ``components``; a ``$ref`` to it."""
+    schema = model.model_json_schema(ref_template=COMPONENT_REF, mode=mode)
+    for name, definition in schema.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    name = f"{model.__name__}{'' if mode == 'validation' else 'Out'}"
+    components.setdefault(name, schema)
+    return {"$ref": COMPONENT_REF.format(model=name)}
+
+
+def bound_max_tokens(components: dict[str, Any]) -> None:
+    """Positive examples ask for at most MAX_FUZZ_TOKENS tokens (bigger ones are cheap 400s or expensive 200s)."""
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        properties = components[name]["properties"]
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in properties:
+                properties[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_FUZZ_TOKENS},
+                                               {"type": "null"}]}
+
+
+def name_served_models(components: dict[str, Any], names: list[str]) -> None:
+    """Valid requests name a served model (or none), so that positive examples get past the model check and reach
+    the engine; negative examples still send other names."""
+    for name in REQUEST_COMPONENTS:
+        components[name]["properties"]["model"] = {"anyOf": [{"enum": names}, {"type": "null"}]}
+
+
+def no_unknown_fields(components: dict[str, Any]) -> None:
+    """Valid requests carry only known fields (the server ignores unknown ones; negative examples still send
+    them): otherwise nearly every positive example is a pile of random keys around one bad value."""
+    for name in REQUEST_COMPONENTS:
+        components[name]["additionalProperties"] = False
+
+
+def complete_schema(served: dict[str, Any], model_names: list[str]) -> dict[str, Any]:
+    """The served schema plus request bodies, 200 bodies and 4xx error bodies from protocol.py's models, where the
+    served one lacks them."""
+    spec = copy.deepcopy(served)
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    error = model_schema(ErrorResponse, components, "serialization")
+    for (path, method), (request_models, response_model) in DOCUMENTED.items():
+        operation = spec["paths"].get(path, {}).get(method)
+        if operation is None:
+            continue
+        if request_models and "requestBody" not in operation:
+            refs = [model_schema(m, components, "validation") for m in request_models]
+            body = refs[0] if len(refs) == 1 else {"anyOf": refs}
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        responses = operation.setdefault("responses", {})
+        ok = responses.setdefault("200", {"description": "OK"})
+        content = ok.setdefault("content", {})
+        if not content.get("application/json", {}).get("schema"):
+            content["application/json"] = {"schema": model_schema(response_model, components, "serialization")}
+        if path in STREAMING_ROUTES:
+            content.setdefault("text/event-stream", {"schema": {"type": "string"}})
+    for item in spec["paths"].values():
+        for operation in item.values():
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("4XX", {"description": "Bad request",
+                                         "content": {"application/json": {"schema": error}}})
+            # A working route is allowed to be unavailable (engine fault, draining): OpenAI's error shape too.
+            responses.setdefault("503", {"description": "Unavailable",
+                                         "content": {"application/json": {"schema": error}}})
+    bound_max_tokens(components)
+    name_served_models(components, model_names)
+    no_unknown_fields(components)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def served_schema(server) -> dict[str, Any]:
+    response = httpx.get(server.url_for("/openapi.json"), timeout=30)
+    assert response.status_code == 200
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def fuzz_schema(server, served_schema):
+    models = httpx.get(server.url_for("/v1/models"), headers=server.headers, timeout=30).json()
+    schema = schemathesis.openapi.from_dict(complete_schema(served_schema, [card["id"] for card in models["data"]]))
+    schema.config.update(base_url=server.base_url)
+    schema.config.generation.update(max_examples=FUZZ_EXAMPLES, no_shrink=True, deterministic=True,
+                                    database="none")
+    return schema
+
+
+def test_served_schema_documents_request_bodies(served_schema):
+    """What the server should publish itself (tells where ``complete_schema`` still fills in)."""
+    missing = [f"{method.upper()} {path}" for (path, method), (models, _) in DOCUMENTED.items()
+               if models and "requestBody" not in served_schema["paths"].get(path, {}).get(method, {})]
+    assert missing == [], f"/openapi.json has no request body for {missing}"
+
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+# Every route of the server, fuzzed one by one (schemathesis' own lazy parametrization does not run on pytest 9).
+OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
+              ("POST", "/detokenize"), ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/ready"),
+              ("GET", "/ping"), ("GET", "/version"), ("GET", "/metrics")]
+MODES = ["positive", "negative"]
+
+
+def test_every_served_route_is_fuzzed(served_schema):
+    served = {(method.upper(), path) for path, item in served_schema["paths"].items() for method in item}
+    assert served <= set(OPERATIONS), f"add these routes to OPERATIONS: {sorted(served - set(OPERATIONS))}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
+def test_fuzz_no_5xx_and_responses_match_the_schema(server, fuzz_schema, served_schema, method, path, mode):
+    if path not in served_schema["paths"]:
+        pytest.fail(f"the server does not serve {path}")
+    if mode == "negative" and method == "GET":
+        pytest.skip("a route without parameters or body has no invalid input to generate")
+    operation = fuzz_schema[path][method]
+    strategy = operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode))
+
+    @settings(deadline=None, max_examples=FUZZ_EXAMPLES, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+    @given(case=strategy)
+    def call_and_validate(case) -> None:
+        response = case.call_and_validate(headers=server.headers, checks=CHECKS, timeout=30)
+        statuses[response.status_code] += 1
+
+    statuses: Counter[int] = Counter()
+    call_and_validate()
+    print(f"{method} {path} {mode}: statuses {dict(statuses)}")
+    if mode == "positive" and path in STREAMING_ROUTES:  # the fuzz reached the engine, not only the checks
+        assert statuses[200] > 0, statuses
