@@ -41,7 +41,7 @@ CASES = [
     ("negative-token-id", "/v1/completions", {"prompt": [[5, -1]]}, 400, "prompt"),
     ("empty-prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("empty-prompt-list", "/v1/completions", {"prompt": []}, 400, "prompt"),
-    ("logprobs-above-5", "/v1/completions", {"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
+    ("logprobs-above-max-logprobs", "/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("top-logprobs-above-20", "/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 21},
      400, "top_logprobs"),
     ("top-logprobs-without-logprobs", "/v1/chat/completions", {"messages": USER, "top_logprobs": 2}, 400,
