@@ -97,7 +97,7 @@ LIMITS = [
     Case("too-many-prompts", "/v1/completions", completion(prompt=["hi"] * 65), 400, "prompt"),
     Case("too-many-token-prompts", "/v1/completions", completion(prompt=[[5, 6]] * 65), 400, "prompt"),
     Case("too-many-stop-strings", "/v1/completions", completion(stop=[f"s{i}" for i in range(17)]), 400, "stop"),
-    Case("too-many-stop-token-ids", "/v1/completions", completion(stop_token_ids=list(range(1025))), 400,
+    Case("too-many-stop-token-ids", "/v1/completions", completion(stop_token_ids=[5] * 1025), 400,
          "stop_token_ids"),
     Case("too-many-logit-bias", "/v1/completions", completion(logit_bias={str(i): 1.0 for i in range(1025)}), 400,
          "logit_bias"),

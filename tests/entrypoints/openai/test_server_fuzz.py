@@ -45,7 +45,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-FUZZ_EXAMPLES = int(os.environ.get("PAGEDLLM_FUZZ_EXAMPLES", "25"))  # per operation and generation mode
+FUZZ_EXAMPLES = int(os.environ.get("PAGEDLLM_FUZZ_EXAMPLES", "40"))  # per operation and generation mode
 MAX_FUZZ_TOKENS = 8  # max_tokens the positive examples may ask for: accepted requests stay cheap on CPU
 
 # route -> (request body models, 200 body model); None: no body

@@ -164,12 +164,14 @@ def slow_choice_grammar(tag: str) -> list[str]:
 
 
 def slow_grammar_body(tag: str) -> dict:
-    try:  # the grammar helper B measured, when it exists
-        from tests.structured_output.slow_grammars import slow_server_structured_outputs  # type: ignore
+    """A completion whose grammar compiles for far longer than COMPILE_TIMEOUT_S: helper module's slow JSON schema
+    (~18 s) where it exists, else the 20,000-way choice."""
+    try:
+        from tests.structured_output.slow_grammars import slow_json_schema
     except ImportError:
         structured_outputs = {"choice": slow_choice_grammar(tag)}
     else:
-        structured_outputs = slow_server_structured_outputs(tag)
+        structured_outputs = {"json": slow_json_schema(tag)}
     return {"model": "tiny", "prompt": "Pick one:", "max_tokens": 4, "structured_outputs": structured_outputs}
 
 
