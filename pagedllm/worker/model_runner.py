@@ -20,7 +20,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, NewRequestData, SchedulerOutput, TopLogprobs
 from pagedllm.model.loader import get_model, torch_dtype
 from pagedllm.params import SamplingParams
-from pagedllm.worker.cuda_graphs import DecodeGraphs, capture_sizes, decode_metadata
+from pagedllm.worker.cuda_graphs import StepGraphs, capture_sizes, decode_metadata, mixed_capture_sizes, mixed_metadata
 from pagedllm.worker.sampler import (
     LogprobsTensors,
     Sampler,
@@ -113,11 +113,12 @@ class ModelRunner:
         self.max_blocks_per_req = -(-sched.max_model_len // self.block_size)
         self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req,
                                    self.device)
-        # Graphs replay fixed launch shapes: only the Triton backend's decode path is built for that.
+        # Graphs replay fixed launch shapes: only the Triton backend's kernels are built for that.
         self.use_cuda_graphs = (
             self.device.type == "cuda" and not config.enforce_eager and config.attention_backend == "triton"
         )
-        self.decode_graphs = DecodeGraphs()
+        self.decode_graphs = StepGraphs()  # keyed by padded number of requests
+        self.mixed_graphs = StepGraphs()  # steps with a prefill, keyed by padded number of tokens
         self._block_table_versions = itertools.count(1)
         self.grammar_sampling: Any = None  # worker.grammar_sampling.GrammarSampling, made when first needed
 
@@ -200,14 +201,33 @@ class ModelRunner:
         )
         if self.use_cuda_graphs:
             self._capture_cuda_graphs()
+        if self.device.type == "cuda":
+            self._warm_up_sampler()
+
+    @torch.inference_mode()
+    def _warm_up_sampler(self) -> None:
+        """Compile the sampling kernels of small and large batches (two different Triton kernels) before any
+        request: a first compile in the middle of a run stalls that step for about a second."""
+        vocab_size = self.model_config.vocab_size
+        for num_rows in sorted({1, self.config.scheduler_config.max_num_seqs}):
+            for temperature in (1.0, 0.5):  # without and with a temperature to divide by (two specializations)
+                rows = [SamplingRow(SamplingParams(temperature=temperature), [0], [], 0)] * num_rows
+                metadata = SamplingMetadata.build(rows, vocab_size, self.device, ())
+                self.sampler(torch.zeros(num_rows, vocab_size, device=self.device), metadata)
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _capture_cuda_graphs(self) -> None:
+        pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        seconds = self._capture_decode_graphs(pool) + self._capture_mixed_graphs(pool)
+        self.startup_seconds["cuda_graphs"] = seconds
+
+    def _capture_decode_graphs(self, pool) -> float:
         sched = self.config.scheduler_config
         buffers = self.buffers
         buffers.query_start_loc.np[0] = 0
         buffers.fill_padding(0, 0, sched.max_num_seqs)  # every row padding: the captures write no KV slot
-        self._upload_decode(sched.max_num_seqs)
+        self._upload_padded(sched.max_num_seqs, sched.max_num_seqs)
 
         def forward(size: int) -> torch.Tensor:
             metadata = decode_metadata(
@@ -220,8 +240,37 @@ class ModelRunner:
             return self.model(buffers.input_ids.device[:size], buffers.positions.device[:size], self.kv_caches,
                               metadata)
 
-        sizes = capture_sizes(sched.max_num_seqs)
-        self.startup_seconds["cuda_graphs"] = self.decode_graphs.capture(sizes, forward, self.device)
+        return self.decode_graphs.capture(capture_sizes(sched.max_num_seqs), forward, self.device, pool)
+
+    def _mixed_graph_num_reqs(self, padded_num_tokens: int) -> int:
+        """Requests a mixed graph of ``padded_num_tokens`` tokens holds: every request has at least one token."""
+        return min(padded_num_tokens, self.config.scheduler_config.max_num_seqs)
+
+    def _capture_mixed_graphs(self, pool) -> float:
+        sizes = mixed_capture_sizes(self.config.scheduler_config.max_num_batched_tokens)
+        if not sizes:
+            return 0.0
+        buffers, max_model_len = self.buffers, self.config.scheduler_config.max_model_len
+        largest, largest_reqs = sizes[-1], self._mixed_graph_num_reqs(sizes[-1])
+        # All padding, valid at every size: no request has a query (the prefill kernel returns at once) and no
+        # token a KV slot, so the captures write nothing outside their own output.
+        buffers.fill_mixed_padding(0, 0, largest, largest_reqs)
+        buffers.query_start_loc.np[: largest_reqs + 1] = 0
+        self._upload_padded(largest, largest_reqs)
+
+        def forward(size: int) -> torch.Tensor:
+            num_reqs = self._mixed_graph_num_reqs(size)
+            metadata = mixed_metadata(
+                buffers.slot_mapping.device[:size],
+                buffers.query_start_loc.device[: num_reqs + 1],
+                buffers.seq_lens.device[:num_reqs],
+                buffers.block_tables.device[:num_reqs],
+                max_model_len,
+            )
+            return self.model(buffers.input_ids.device[:size], buffers.positions.device[:size], self.kv_caches,
+                              metadata)
+
+        return self.mixed_graphs.capture(sizes, forward, self.device, pool)
 
     def _allocate_kv_caches(
         self, num_blocks: int, device: torch.device | None = None, pin_memory: bool = False
@@ -269,14 +318,22 @@ class ModelRunner:
         return output
 
     def _forward(self, inputs: _StepInputs) -> torch.Tensor:
-        """Hidden states of the step's tokens: a graph replay for a decode step of a captured size, else eager."""
-        padded = self.decode_graphs.padded_size(inputs.num_reqs) if inputs.is_decode_only else None
-        if padded is None:
-            input_ids, positions, metadata = self._upload(inputs, inputs.num_tokens, inputs.num_reqs)
-            return self.model(input_ids, positions, self.kv_caches, metadata)
-        self.buffers.fill_padding(inputs.num_tokens, inputs.num_reqs, padded)
-        self._upload_decode(padded)
-        return self.decode_graphs.replay(padded)[: inputs.num_tokens]
+        """Hidden states of the step's tokens: a graph replay for a step of a captured size, else eager."""
+        if inputs.is_decode_only:
+            padded = self.decode_graphs.padded_size(inputs.num_reqs)
+            if padded is not None:
+                self.buffers.fill_padding(inputs.num_tokens, inputs.num_reqs, padded)
+                self._upload_padded(padded, padded)
+                return self.decode_graphs.replay(padded)[: inputs.num_tokens]
+        else:
+            padded = self.mixed_graphs.padded_size(inputs.num_tokens)
+            if padded is not None:
+                padded_reqs = self._mixed_graph_num_reqs(padded)
+                self.buffers.fill_mixed_padding(inputs.num_tokens, inputs.num_reqs, padded, padded_reqs)
+                self._upload_padded(padded, padded_reqs)
+                return self.mixed_graphs.replay(padded)[: inputs.num_tokens]
+        input_ids, positions, metadata = self._upload(inputs, inputs.num_tokens, inputs.num_reqs)
+        return self.model(input_ids, positions, self.kv_caches, metadata)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
@@ -361,11 +418,12 @@ class ModelRunner:
         )
         return buffers.input_ids.upload(num_tokens), buffers.positions.upload(num_tokens), metadata
 
-    def _upload_decode(self, padded_num_reqs: int) -> None:
-        """Copy a staged decode step of ``padded_num_reqs`` rows into the buffers a graph reads."""
+    def _upload_padded(self, padded_num_tokens: int, padded_num_reqs: int) -> None:
+        """Copy a staged, padded step into the buffers a graph reads."""
         buffers = self.buffers
-        for buffer in (buffers.input_ids, buffers.positions, buffers.slot_mapping, buffers.seq_lens,
-                       buffers.block_tables):
+        for buffer in (buffers.input_ids, buffers.positions, buffers.slot_mapping):
+            buffer.upload(padded_num_tokens)
+        for buffer in (buffers.seq_lens, buffers.block_tables):
             buffer.upload(padded_num_reqs)
         buffers.query_start_loc.upload(padded_num_reqs + 1)
 

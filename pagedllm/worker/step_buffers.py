@@ -68,3 +68,14 @@ class StepBuffers:
         self.query_start_loc.np[num_reqs + 1 : padded_num_reqs + 1] = last_start + np.arange(
             1, padded_num_reqs - num_reqs + 1
         )
+
+    def fill_mixed_padding(self, num_tokens: int, num_reqs: int, padded_num_tokens: int, padded_num_reqs: int) -> None:
+        """Padding for a mixed-step graph of ``padded_num_tokens`` tokens and ``padded_num_reqs`` requests: padding
+        tokens write no KV slot; the first padding request holds them all and the others none, all with no context
+        (the prefill kernel returns at once for a request with no query, and attends to nothing without context).
+        With no padding request left, the padding tokens belong to none: their rows are never read."""
+        self.input_ids.np[num_tokens:padded_num_tokens] = 0
+        self.positions.np[num_tokens:padded_num_tokens] = 0
+        self.slot_mapping.np[num_tokens:padded_num_tokens] = -1
+        self.seq_lens.np[num_reqs:padded_num_reqs] = 0
+        self.query_start_loc.np[num_reqs + 1 : padded_num_reqs + 1] = padded_num_tokens

@@ -1,6 +1,6 @@
-"""The model runner's CUDA-graph decode path, exercised on CPU.
+"""The model runner's CUDA-graph paths (decode, and small mixed steps), exercised on CPU.
 
-A graph replays the decode forward on the step buffers' padded rows. Here a stand-in "graph" runs that very
+A graph replays the forward on the step buffers' padded rows. Here a stand-in "graph" runs that very
 forward eagerly (Triton kernels in the interpreter), so the padding rules (slot -1, context 0) and the staging
 are checked against the plain torch engine without a GPU.
 """
@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from pagedllm import LLM, SamplingParams  # noqa: E402
-from pagedllm.worker.cuda_graphs import capture_sizes  # noqa: E402
+from pagedllm.worker.cuda_graphs import capture_sizes, mixed_capture_sizes  # noqa: E402
 from tests.utils import build_tiny_model  # noqa: E402
 
 
@@ -28,7 +28,7 @@ class EagerGraphs:
         self.sizes: list[int] = []
         self.replayed: list[int] = []
 
-    def capture(self, sizes, forward, device) -> float:
+    def capture(self, sizes, forward, device, pool=None) -> float:
         self.sizes, self.forward = sorted(sizes), forward
         return 0.0
 
@@ -44,6 +44,9 @@ def test_capture_sizes() -> None:
     assert capture_sizes(1) == [1]
     assert capture_sizes(12) == [1, 2, 4, 8, 12]
     assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert mixed_capture_sizes(8) == []
+    assert mixed_capture_sizes(40) == [16, 32]
+    assert mixed_capture_sizes(8192) == [16, 32, 64, 128, 256]
 
 
 @pytest.mark.slow
@@ -52,17 +55,22 @@ def test_padded_decode_path_matches_the_torch_engine(tmp_path, monkeypatch) -> N
     model_dir = build_tiny_model(tmp_path, "qwen3")
     prompts = [{"prompt_token_ids": [5 + i, 9, 13, 17, 21][: 2 + i % 4] * (1 + i % 2)} for i in range(5)]
     params = [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True, logprobs=0) for i in range(5)]
-    common = {"device": "cpu", "block_size": 4, "max_model_len": 64, "max_num_seqs": 8, "skip_tokenizer_init": True}
+    # A budget of 40 tokens: the first steps (prefills of several prompts) fit the 16- or 32-token mixed graphs.
+    common = {"device": "cpu", "block_size": 4, "max_model_len": 64, "max_num_seqs": 8, "skip_tokenizer_init": True,
+              "max_num_batched_tokens": 40}
     expected = LLM(model_dir, **common).generate(prompts, params, use_tqdm=False)
 
     monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "triton")
     llm = LLM(model_dir, **common)
     runner = llm.llm_engine.engine_core.model_runner
     graphs = runner.decode_graphs = EagerGraphs()
+    mixed = runner.mixed_graphs = EagerGraphs()
     runner._capture_cuda_graphs()
+    assert mixed.sizes == [16, 32]
     outputs = llm.generate(prompts, params, use_tqdm=False)
 
     assert set(graphs.replayed) >= {8, 4, 2}  # batches of 5, 3-4 and 2 decodes ran padded
+    assert mixed.replayed  # the prefills ran as padded mixed steps
     for ours, reference in zip(outputs, expected):
         assert ours.outputs[0].token_ids == reference.outputs[0].token_ids
         for got, want in zip(ours.outputs[0].logprobs, reference.outputs[0].logprobs):

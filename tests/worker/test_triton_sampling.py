@@ -114,6 +114,26 @@ def test_block_size_changes_nothing(kernels: ModuleType, monkeypatch: pytest.Mon
     assert torch.equal(kernels.sample_rows(logits, seeds, greedy), one_block)
 
 
+def test_split_vocabulary_path_draws_what_one_program_per_row_draws(
+    kernels: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small batches split each row over one program per block and merge the blocks' winners: the same tokens as
+    the one-program loop, ties across blocks (the earliest wins) and rows of only -inf included."""
+    torch.manual_seed(3)
+    monkeypatch.setattr(kernels, "BLOCK_SIZE", 64)  # 5 blocks of a 300-token row, the last one partial
+    logits = torch.randn(6, 300, device=DEVICE)
+    logits[1, [30, 100, 290]] = 50.0  # a greedy tie across three blocks
+    logits[2] = -math.inf
+    logits[3, 200:] = -math.inf
+    seeds = seeds_of(*[(seed, 5) for seed in range(6)])
+    greedy = torch.tensor([False, True, True, False, False, True], device=DEVICE)
+    temperature = torch.tensor([0.5, 1.0, 1.0, 2.0, 0.7, 1.0], device=DEVICE)
+    split = kernels.sample_rows(logits, seeds, greedy, temperature)
+    monkeypatch.setattr(kernels, "MAX_ROWS_FOR_SPLIT_VOCAB", 0)
+    assert torch.equal(split, kernels.sample_rows(logits, seeds, greedy, temperature))
+    assert split[1].item() == 30 and split[2].item() == 0 and split[3].item() < 200
+
+
 # -- greedy rows, bans, the distribution --------------------------------------------------------------------------
 
 
