@@ -43,6 +43,7 @@ from pagedllm.entrypoints.openai.http_guards import (
 )
 from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.metrics import build_registry, render_metrics
+from pagedllm.entrypoints.openai.openapi import install_openapi
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -132,6 +133,7 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     app.include_router(_metrics_routes(registry), dependencies=key_check if config.metrics_require_api_key else [])
     app.include_router(_tokenizer_routes(ctx), dependencies=key_check)  # they do work: keyed like /v1
     app.include_router(_v1_routes(ctx), dependencies=key_check)
+    install_openapi(app)
     return app
 
 
