@@ -21,6 +21,8 @@ from pagedllm.entrypoints.openai.errors import OpenAIError, from_validation_erro
 from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.protocol import ModelCard, ModelList, SamplingFields
 from pagedllm.params import RequestOutput, SamplingParams
+from pagedllm.structured_output.compile_pool import GrammarCompileAbandoned
+from pagedllm.structured_output.manager import GrammarQueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +109,9 @@ def validate_body(body: bytes, model: type[RequestT]) -> RequestT:
     except RecursionError:  # a validator that walks a nested value (e.g. a schema) ran out of stack
         raise nesting_too_deep() from None
     if getattr(request, "model_extra", None):
+        # vLLM's wording, so log searches work for both; the list quoted up to a bound (a body may hold 100k keys).
         unknown = quote_bounded(", ".join(sorted(request.model_extra)), 500)
-        logger.info("Ignoring unknown fields of a %s: %s", model.__name__, unknown)
+        logger.info("The following fields were present in the request but ignored: {%s}", unknown)
     return request
 
 
@@ -163,29 +166,40 @@ def check_structured_outputs(request: SamplingFields) -> None:
 
 
 async def prepare_structured_outputs(ctx: ServingContext, request: SamplingFields, params: SamplingParams,
-                                     param: str | None = None) -> None:
+                                     param: str | None = None, client_id: str | None = None) -> None:
     """Parse and compile the request's output constraint before anything runs, so that a spec the engine rejects
-    (invalid JSON schema or regex, a grammar that does not compile) is a 400 naming the field, for streams too.
-    The compiled grammar is cached: the engine request that follows finds it ready. Compiling runs in the
-    engine's grammar threads; this awaits it without blocking other requests."""
+    (invalid JSON schema or regex, a grammar that does not compile in time) is a 400 naming the field, for streams
+    too. Compiling runs in the grammar compile worker processes (it never holds this loop); the compiled grammar is
+    cached, so the engine request that follows finds it ready. A client (``client_id``, e.g. its address) with too
+    many compiles pending gets a 429; a server shutting down, a 503."""
     spec = params.structured_outputs
     if spec is None:
         return
     param = param or request.structured_outputs_field or "structured_outputs"
     try:
         manager = ctx.engine.structured_output_manager
-        future = manager.prepare(spec)
-        # shield: a timeout here must not cancel the shared (cached) compilation
-        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), manager.compile_timeout_s)
+        future = manager.prepare(spec, client_id=client_id)
+        # shield: a timeout here must not cancel the shared (cached) compilation. The pool fails the compile at its
+        # deadline; this wait is only a backstop.
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), manager.max_wait_s + 5.0)
     except ValueError as exc:
-        message = str(exc)
-        if param == "response_format":  # name the field the client gave
-            message = message.replace("structured_outputs.json_object", "response_format json_object")
-            message = message.replace("structured_outputs.json", "response_format.json_schema.schema")
-        raise OpenAIError(message, param=param) from None
+        raise OpenAIError(_structured_outputs_message(str(exc), param), param=param) from None
+    except GrammarQueueFull as exc:
+        raise OpenAIError(str(exc), HTTPStatus.TOO_MANY_REQUESTS, param=param,
+                          code="too_many_pending_grammars") from None
+    except GrammarCompileAbandoned as exc:
+        raise OpenAIError(str(exc), HTTPStatus.SERVICE_UNAVAILABLE, param=param) from None
     except asyncio.TimeoutError:
         raise OpenAIError(f"{param}: the grammar took longer than {manager.compile_timeout_s:g} s to compile",
                           param=param) from None
+
+
+def _structured_outputs_message(message: str, param: str) -> str:
+    """``message`` naming the field the client gave (``response_format`` for OpenAI's form of a constraint)."""
+    if param == "response_format":
+        message = message.replace("structured_outputs.json_object", "response_format json_object")
+        message = message.replace("structured_outputs.json", "response_format.json_schema.schema")
+    return message
 
 
 # ---- running engine requests -------------------------------------------------------------------------------------
