@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from pagedllm.params import SamplingParams
 
 
@@ -63,8 +65,7 @@ class SchedulerOutput:
                     or self.blocks_to_copy or self.blocks_to_swap_in)
 
 
-@dataclass(slots=True)
-class TopLogprobs:
+class TopLogprobs(msgspec.Struct, array_like=True, gc=False):
     """Logprobs at one position: the chosen token first, then the top-N tokens by probability.
 
     ``token_ids[0]`` is the sampled (or prompt) token, with its rank (1 = most likely) in ``ranks[0]``; entries

@@ -39,42 +39,10 @@ from pagedllm.core.interface import (
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.quarantine import Quarantine
 from pagedllm.core.request import Request, RequestStatus
+# The step's outputs are contract messages (they cross to the front end): defined with the other messages.
+from pagedllm.engine.contracts import EngineCoreOutput, SchedulerStats  # noqa: F401 - re-exported
 
 SWAP_MIN_TOKENS = 256
-
-
-@dataclass(slots=True)
-class EngineCoreOutput:
-    """What happened to one request in one step."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: TopLogprobs | None = None
-    new_prompt_logprobs: list[TopLogprobs] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_preemptions: int = 0
-    error: str | None = None  # the engine failed this request (finish_reason "abort"): why, about it only
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class SchedulerStats:
-    """Counters and gauges for metrics."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_preemptions_total: int = 0
-    num_swap_preemptions_total: int = 0
-    num_swapped_out_blocks_total: int = 0
-    cpu_kv_cache_usage: float = 0.0
-    num_shared_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
 
 
 class Scheduler:

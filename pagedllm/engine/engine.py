@@ -1,7 +1,8 @@
 """The engine: EngineCore runs schedule -> execute -> update; LLMEngine wraps it with input and output processing.
 
-EngineCore speaks only token ids and core types, so it can later move into its own process behind the same
-narrow interface (add_request / abort_requests / step).
+EngineCore takes plain-data requests (``contracts.EngineCoreRequest``) and builds its own ``Request`` objects and
+grammars from them, so it can run in its own process (``core_proc.py``) behind the same narrow interface
+(add_requests / abort_requests / step_outputs).
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import EngineCoreOutput, Scheduler
+from pagedllm.engine.contracts import EngineCoreOutputs, EngineCoreRequest
 from pagedllm.engine.metrics import EngineMetrics, Metric
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.processing import (
@@ -35,9 +39,18 @@ _IDLE_STEP_SLEEP_S = 0.001
 class EngineCore:
     """The scheduler and the executor (which drives the workers), stepping together."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    # What a front end may call through ``UtilityCall`` (no argument is a live object).
+    UTILITY_METHODS = frozenset({"num_unfinished_requests", "get_startup_report"})
+
+    def __init__(self, config: EngineConfig, structured_output_manager: Callable[[], Any] | None = None) -> None:
+        """``structured_output_manager``: returns the grammar manager to use (in-process: the front end's, so a
+        spec compiles once); None: the core makes its own, with its own tokenizer, on the first constrained request."""
         start = time.perf_counter()
         self.config = config
+        self._manager_provider = structured_output_manager
+        self._own_manager = None  # made here when no provider was given
+        # Requests whose first schedule time the front end has not been told yet (its queue-time metric).
+        self._awaiting_first_output: dict[str, Request] = {}
         self.executor: Executor = InProcessExecutor(config)
         num_blocks = self.executor.determine_num_blocks()
         self._check_capacity(num_blocks)
@@ -82,11 +95,91 @@ class EngineCore:
                 "kv_cache_memory_bytes / num_gpu_blocks_override / gpu_memory_utilization."
             )
 
+    # ---- requests in: plain data -> Request (with its grammar) ------------------------------------------------
+
+    def add_requests(self, core_requests: list[EngineCoreRequest]) -> None:
+        """Queue the sequences of one request; ValueError (and nothing queued) on an id in use or a bad spec."""
+        in_use = [r.request_id for r in core_requests if r.request_id in self.scheduler.requests]
+        if in_use:
+            raise ValueError(f"Request id {in_use[0]!r} is already in use")
+        grammars = self._grammars(core_requests)
+        for core_request, grammar in zip(core_requests, grammars):
+            self.add_request(self._make_request(core_request, grammar))
+
+    def _make_request(self, core_request: EngineCoreRequest, grammar: object | None) -> Request:
+        return Request(
+            request_id=core_request.request_id,
+            prompt_token_ids=core_request.prompt_token_ids,
+            sampling_params=core_request.sampling_params,
+            sampling_seed=core_request.sampling_seed,
+            eos_token_ids=self.config.model_config.eos_token_ids,
+            max_tokens=core_request.max_tokens,
+            arrival_time=core_request.arrival_time,
+            priority=core_request.priority,
+            fork_source=core_request.fork_source,
+            structured_output=grammar,
+        )
+
+    def _grammars(self, core_requests: list[EngineCoreRequest]) -> list[object | None]:
+        """One grammar object per constrained sequence (sequences of one spec share one compile)."""
+        specs = [r.sampling_params.structured_outputs for r in core_requests]
+        grammars: list[object | None] = [None] * len(specs)
+        by_key: dict[tuple[str, str], list[int]] = {}
+        for index, spec in enumerate(specs):
+            if spec is not None:
+                by_key.setdefault((spec.kind, spec.spec_key), []).append(index)
+        for indices in by_key.values():
+            made = self.structured_output_manager.new_requests(specs[indices[0]], len(indices))
+            for index, grammar in zip(indices, made):
+                grammars[index] = grammar
+        return grammars
+
+    @property
+    def structured_output_manager(self):
+        """The grammar compiler and cache the core's grammars come from (made on first use)."""
+        if self._manager_provider is not None:
+            return self._manager_provider()
+        if self._own_manager is None:
+            self._own_manager = _make_structured_output_manager(self.config)
+        return self._own_manager
+
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
+        self._awaiting_first_output[request.request_id] = request
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         self.scheduler.finish_requests(request_ids, status)
+        for request_id in request_ids:
+            self._awaiting_first_output.pop(request_id, None)
+
+    # ---- outputs: one step as a plain-data message ---------------------------------------------------------
+
+    def step_outputs(self) -> EngineCoreOutputs:
+        """``step()`` with what the front end needs besides the outputs: scheduler stats, fault, timestamps."""
+        outputs = self.step()
+        return EngineCoreOutputs(outputs, time.monotonic(), self.scheduler.stats(), self.engine_fault,
+                                 self._first_scheduled_times(outputs))
+
+    def _first_scheduled_times(self, outputs: list[EngineCoreOutput]) -> dict[str, float]:
+        """When each request with its first output this step was first scheduled (the front end's queue time)."""
+        times = {}
+        for output in outputs:
+            request = self._awaiting_first_output.pop(output.request_id, None)
+            if request is not None and request.first_scheduled_time is not None:
+                times[output.request_id] = request.first_scheduled_time
+        return times
+
+    def num_unfinished_requests(self) -> int:
+        return self.scheduler.num_unfinished_requests
+
+    def get_startup_report(self) -> dict:
+        return self.startup_report
+
+    def shutdown(self) -> None:
+        """Stop what the core started: its grammar compile workers and the executor's workers."""
+        if self._own_manager is not None:
+            self._own_manager.shutdown()
+        self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -124,6 +217,17 @@ def describe_error(exc: BaseException) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
+def _make_structured_output_manager(config: EngineConfig):
+    """The core's own grammar manager (the core process's): with the tokenizer, which xgrammar's tables need."""
+    from pagedllm.structured_output import StructuredOutputManager
+
+    if config.skip_tokenizer_init:
+        raise ValueError("structured_outputs needs a tokenizer; this engine was built with skip_tokenizer_init=True")
+    tokenizer = load_tokenizer(config.model_config)
+    model_config = config.model_config
+    return StructuredOutputManager(tokenizer, model_config.vocab_size, list(model_config.eos_token_ids))
+
+
 def with_resolved_eos_token_ids(config: EngineConfig, tokenizer) -> EngineConfig:
     """``config`` whose ``model_config.eos_token_ids`` is the whole end-of-sequence set (``resolve_eos_token_ids``)."""
     eos_token_ids = resolve_eos_token_ids(config.model_config, tokenizer)
@@ -137,9 +241,10 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_config)
         config = with_resolved_eos_token_ids(config, self.tokenizer)
         self.config = config
-        self.engine_core = EngineCore(config)
+        self.input_processor = InputProcessor(config, self.tokenizer, 0)
+        # In-process, the core's grammars come from the front end's manager: a spec checked early compiles once.
+        self.engine_core = EngineCore(config, lambda: self.input_processor.structured_output_manager)
         self.metrics = EngineMetrics()
-        self.input_processor = InputProcessor(config, self.tokenizer, self.engine_core.num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer, self.metrics)
 
     def add_request(
@@ -164,12 +269,13 @@ class LLMEngine:
         """Tokenize and validate without queueing, so a batch can be checked whole before any of it runs."""
         if self.output_processor.has_request(request_id):
             raise ValueError(f"Request id {request_id!r} is already in use")
-        return self.input_processor.process(request_id, prompt, params, arrival_time, priority)
+        processed = self.input_processor.process(request_id, prompt, params, arrival_time, priority)
+        self.input_processor.check_structured_outputs(params)  # a bad spec raises now, before a batch is queued
+        return processed
 
     def add_processed(self, processed: ProcessedRequest) -> None:
+        self.engine_core.add_requests(processed.requests)
         self.output_processor.add_request(processed)
-        for request in processed.requests:
-            self.engine_core.add_request(request)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         request_ids = [request_ids] if isinstance(request_ids, str) else request_ids
@@ -184,13 +290,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; return the outputs of requests that made progress."""
-        core_outputs = self.engine_core.step()
-        processed = self.output_processor.process_outputs(core_outputs)
+        core_outputs = self.engine_core.step_outputs()
+        processed = self.output_processor.process_outputs(core_outputs.outputs, core_outputs.first_scheduled_times)
         if processed.stopped_by_string:
             self.engine_core.abort_requests(processed.stopped_by_string, RequestStatus.FINISHED_STOPPED)
         if processed.failed:
             self.engine_core.abort_requests(processed.failed)
-        self.metrics.record_step(self.engine_core.scheduler.stats())
+        self.metrics.record_step(core_outputs.scheduler_stats)
         return processed.request_outputs
 
     def get_metrics(self) -> list[Metric]:

@@ -117,9 +117,15 @@ class OutputProcessor:
                 del self._parent_of[child_id]
         return state
 
-    def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+    def process_outputs(
+        self, core_outputs: list[EngineCoreOutput], first_scheduled_times: dict[str, float] | None = None
+    ) -> ProcessedOutputs:
+        """``first_scheduled_times``: core request id -> when the core first scheduled it (sent with its first
+        output: the queue-time metric)."""
         now = time.monotonic()
         failed: dict[str, str] = {}  # request id -> error; filled by the engine core and by the phases below
+        if first_scheduled_times:
+            self._record_first_scheduled(first_scheduled_times)
         touched, stopped_by_string = self._apply_outputs(core_outputs, now, failed)
         request_outputs = self._emit_outputs(touched, now, failed)
         failed_children = []
@@ -130,6 +136,14 @@ class OutputProcessor:
                 request_outputs.append(self._failed_output(state, error, now))
                 failed_children += state.sequences
         return ProcessedOutputs(request_outputs, stopped_by_string, failed_children)
+
+    def _record_first_scheduled(self, first_scheduled_times: dict[str, float]) -> None:
+        for child_id, scheduled_at in first_scheduled_times.items():
+            parent_id = self._parent_of.get(child_id)
+            if parent_id is not None:
+                metrics = self._requests[parent_id].metrics
+                earlier = metrics.first_scheduled_time
+                metrics.first_scheduled_time = scheduled_at if earlier is None else min(earlier, scheduled_at)
 
     def _apply_outputs(
         self, core_outputs: list[EngineCoreOutput], now: float, failed: dict[str, str]
@@ -225,7 +239,8 @@ class OutputProcessor:
         metrics = state.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now
-            metrics.first_scheduled_time = min(r.first_scheduled_time or now for r in state.processed.requests)
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
             self.metrics.record_first_token(state)
         else:
             self.metrics.record_inter_token(now - metrics.last_token_time)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pagedllm.config import EngineConfig, ModelConfig
-from pagedllm.core.request import Request
+from pagedllm.engine.contracts import EngineCoreRequest
 from pagedllm.params import SamplingParams
 
 PromptInput = str | dict[str, Any]  # "text", {"prompt": "text"} or {"prompt_token_ids": [...]}
@@ -52,7 +52,7 @@ class ProcessedRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    requests: list[Request]
+    requests: list[EngineCoreRequest]  # what the engine core gets: plain data, grammars compiled there
     arrival_time: float
 
 
@@ -69,7 +69,9 @@ class InputProcessor:
 
     @property
     def structured_output_manager(self):
-        """The grammar compiler and cache, made on first use; ValueError without a tokenizer."""
+        """The grammar compiler and cache, made on first use; ValueError without a tokenizer. The engine core makes
+        the grammar objects; in-process it shares this manager (one compile), in its own process it has its own
+        and this one serves only the server's early check of a spec (``prepare``)."""
         if self.tokenizer is None:
             raise ValueError("structured_outputs needs a tokenizer; this engine was built with skip_tokenizer_init=True")
         if self._structured_output_manager is None:
@@ -80,11 +82,10 @@ class InputProcessor:
             )
         return self._structured_output_manager
 
-    def _structured_outputs(self, params: SamplingParams) -> list:
-        """One grammar object per sequence (ValueError on a bad spec), or Nones for an unconstrained request."""
-        if params.structured_outputs is None:
-            return [None] * params.n
-        return self.structured_output_manager.new_requests(params.structured_outputs, params.n)
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Raise ValueError now if the request's spec does not parse (the compile goes on in the background)."""
+        if params.structured_outputs is not None:
+            self.structured_output_manager.new_requests(params.structured_outputs, 0)
 
     def process(
         self,
@@ -102,20 +103,17 @@ class InputProcessor:
         self._validate(prompt_token_ids, params)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
-        grammars = self._structured_outputs(params)
         requests = [
-            Request(
+            EngineCoreRequest(
                 request_id=_child_id(request_id, index, params.n),
                 prompt_token_ids=prompt_token_ids,
                 sampling_params=_child_params(params, index),
                 sampling_seed=self._sampling_seed(params, index),
-                eos_token_ids=self.eos_token_ids,
                 max_tokens=max_tokens,
                 arrival_time=arrival_time,
                 priority=priority,
                 # Later sequences start from the first one's prompt blocks, shared with copy-on-write.
                 fork_source=_child_id(request_id, 0, params.n) if index > 0 else None,
-                structured_output=grammars[index],
             )
             for index in range(params.n)
         ]
