@@ -11,6 +11,7 @@ them; the defaults loop over the rows.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,7 +62,23 @@ class StructuredOutputBackend(ABC):
 
     @abstractmethod
     def compile(self, grammar: Any) -> Any:
-        """Compile a parsed grammar against the vocabulary (thread-safe: called from worker threads)."""
+        """Compile a parsed grammar against the vocabulary, in this process (the manager compiles in worker
+        processes instead: ``worker_setup``)."""
+
+    @property
+    @abstractmethod
+    def worker_setup(self) -> Callable[[str, int], Callable]:
+        """A module-level function (a worker process imports it by name): ``setup(payload, num_threads)`` builds the
+        compiler in a compile worker and returns ``compile(kind, spec, report_parsed) -> (serialized, slow_masks)``,
+        which raises ValueError on a bad spec and calls ``report_parsed()`` once the spec parsed."""
+
+    @abstractmethod
+    def worker_payload(self) -> str:
+        """What ``worker_setup`` needs to rebuild this backend's vocabulary in another process."""
+
+    @abstractmethod
+    def load_compiled(self, serialized: Any, slow_masks: bool) -> Any:
+        """A grammar compiled in a worker process, loaded here (the object ``new_matcher`` takes)."""
 
     @abstractmethod
     def new_matcher(self, compiled: Any) -> GrammarMatcher:

@@ -10,20 +10,35 @@ not in the runner, so it survives preemption: the tokens it has accepted are exa
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pagedllm.params import StructuredOutputsParams
 from pagedllm.structured_output.backend import GrammarMatcher, StructuredOutputBackend
+from pagedllm.structured_output.compile_pool import (
+    CompileJob,
+    CompilePool,
+    GrammarCompileAbandoned,
+    timeout_message,
+    too_deep_message,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPILE_TIMEOUT_S = 30.0
+DEFAULT_MAX_PENDING_PER_CLIENT = 4
+DEFAULT_CACHE_MAX_BYTES = 64 << 20
+DEFAULT_FAILURE_TTL_S = 10.0
+# new_requests waits for a parse a little past the compile deadline: the pool fails the job at the deadline itself.
+_PARSE_WAIT_SLACK_S = 1.0
 
 
 class StructuredOutputRequest:
@@ -137,8 +152,27 @@ def try_accept_tokens(grammars: list[StructuredOutputRequest], token_ids: list[i
     return accepted
 
 
+class GrammarQueueFull(Exception):
+    """A client already has ``max_pending_per_client`` grammars compiling: the server answers 429."""
+
+
+@dataclass(eq=False)
+class _CacheEntry:
+    """A compile, pending or done, and the bytes it holds in the cache once done (its serialized size)."""
+
+    job: CompileJob
+    num_bytes: int = 0
+    failed_at: float | None = None
+
+
 class StructuredOutputManager:
-    """Owns the backend (made lazily: building the vocabulary tables costs time), the compile threads and the cache."""
+    """Owns the backend (made lazily: building the vocabulary tables costs time), the compile worker processes
+    (``compile_pool``), the per-client limit on pending compiles and the cache of compiled grammars.
+
+    The cache is an LRU bounded by ``cache_max_bytes`` (a compiled grammar counts its serialized size); a failed
+    compile is remembered for ``failure_ttl_s`` only, so that a client repeating a spec that timed out does not
+    occupy a worker each time, yet the spec can be tried again later. Requests for a spec being compiled share
+    that compile."""
 
     def __init__(
         self,
@@ -146,63 +180,173 @@ class StructuredOutputManager:
         vocab_size: int,
         stop_token_ids: list[int],
         backend: str = "xgrammar",
-        num_threads: int = 2,
+        num_workers: int = 2,
         compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S,
+        max_pending_per_client: int = DEFAULT_MAX_PENDING_PER_CLIENT,
+        cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+        failure_ttl_s: float = DEFAULT_FAILURE_TTL_S,
     ) -> None:
         if backend != "xgrammar":
             raise ValueError(f"structured output backend must be 'xgrammar', got {backend!r}")
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._stop_token_ids = list(stop_token_ids)
-        self._num_threads = num_threads
+        self._num_workers = num_workers
         self.compile_timeout_s = compile_timeout_s
+        self.max_pending_per_client = max_pending_per_client
+        self.cache_max_bytes = cache_max_bytes
+        self.failure_ttl_s = failure_ttl_s
         self._backend: StructuredOutputBackend | None = None
-        self._backend_lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="pagedllm-grammar")
-        self._cache: dict[tuple[str, str], concurrent.futures.Future] = {}
+        self._pool: CompilePool | None = None
+        self._lock = threading.RLock()
+        self._cache: collections.OrderedDict[tuple[str, str], _CacheEntry] = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._pending_by_client: dict[str, int] = {}
+        self._is_shut_down = False
 
     @property
     def backend(self) -> StructuredOutputBackend:
-        with self._backend_lock:
+        with self._lock:
             if self._backend is None:
                 from pagedllm.structured_output.xgrammar_backend import XgrammarBackend
 
-                self._backend = XgrammarBackend(
-                    self._tokenizer, self._vocab_size, self._stop_token_ids, max_threads=self._num_threads
-                )
+                self._backend = XgrammarBackend(self._tokenizer, self._vocab_size, self._stop_token_ids, max_threads=1)
             return self._backend
 
-    def prepare(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
-        """Parse the spec (ValueError on a bad spec or a slow parse) and start compiling it, or find it in the
-        cache: the future of the compiled grammar (its exception is a ValueError when compiling fails)."""
-        key = (params.kind, params.spec_key)
-        future = self._cache.get(key)
-        if future is None or (future.done() and future.exception() is not None):
-            grammar = self._parse(params)
-            future = self._pool.submit(self._compile, grammar)
-            self._cache[key] = future
-        return future
+    @property
+    def pool(self) -> CompilePool:
+        """The compile worker processes, started on first use."""
+        with self._lock:
+            if self._pool is None:
+                backend = self.backend
+                self._pool = CompilePool(backend.worker_setup, backend.worker_payload(), backend.load_compiled,
+                                         num_workers=self._num_workers, max_result_bytes=self.cache_max_bytes)
+            return self._pool
 
-    def new_requests(self, params: StructuredOutputsParams, num_sequences: int) -> list[StructuredOutputRequest]:
-        """One grammar object per sequence, sharing one compilation; ValueError on a bad spec or a slow parse."""
-        future = self.prepare(params)
-        deadline = time.monotonic() + self.compile_timeout_s
-        return [StructuredOutputRequest(self.backend, future, deadline) for _ in range(num_sequences)]
+    @property
+    def max_wait_s(self) -> float:
+        """The longest a compile can keep a request waiting (queued for a worker, then compiling)."""
+        return CompilePool.max_wait_s(self.compile_timeout_s)
 
-    def _parse(self, params: StructuredOutputsParams) -> Any:
-        future = self._pool.submit(lambda: self.backend.parse(params.kind, getattr(params, params.kind)))
-        try:
-            return future.result(timeout=self.compile_timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise ValueError(
-                f"structured_outputs.{params.kind} took longer than {self.compile_timeout_s:g} s to parse"
-            ) from None
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by the compiled grammars in the cache (their serialized sizes)."""
+        return self._cache_bytes
 
-    def _compile(self, grammar: Any) -> Any:
-        start = time.perf_counter()
-        compiled = self.backend.compile(grammar)
-        logger.debug("grammar compiled in %.3f s", time.perf_counter() - start)
-        return compiled
+    def prepare(self, params: StructuredOutputsParams, client_id: str | None = None) -> concurrent.futures.Future:
+        """Start compiling the spec (or find it in the cache): the future of the compiled grammar, which fails with
+        ValueError on a bad spec, a compile past ``compile_timeout_s`` or a crash of the compiler. Never blocks.
+        GrammarQueueFull if ``client_id`` already waits for ``max_pending_per_client`` compiles."""
+        return self._prepare_entry(params, client_id).job.compiled
+
+    def new_requests(self, params: StructuredOutputsParams, num_sequences: int,
+                     client_id: str | None = None) -> list[StructuredOutputRequest]:
+        """One grammar object per sequence, sharing one compilation. Waits (at most ``compile_timeout_s``) until
+        the spec parsed, so that a bad spec raises ValueError here; the compile itself goes on in the background."""
+        entry = self._prepare_entry(params, client_id)
+        deadline = time.monotonic() + self.max_wait_s
+        self._wait_parsed(entry.job, params.kind)
+        return [StructuredOutputRequest(self.backend, entry.job.compiled, deadline) for _ in range(num_sequences)]
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Abandon every compile at once (the workers are killed, not joined): pending futures fail with
+        GrammarCompileAbandoned. Bounded: well under a second."""
+        with self._lock:
+            self._is_shut_down = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+
+    # ---- the cache and the per-client limit -------------------------------------------------------------------
+
+    def _prepare_entry(self, params: StructuredOutputsParams, client_id: str | None) -> _CacheEntry:
+        key, spec = _key_and_spec(params)
+        with self._lock:
+            entry = self._lookup(key)
+            if entry is not None and entry.job.compiled.done():
+                return entry  # a cache hit never touches the pool nor the client's quota
+            self._admit(client_id)
+            if entry is None:
+                entry = self._start(key, params.kind, spec)
+            self._count_pending(client_id, entry.job.compiled)
+            return entry
+
+    def _lookup(self, key: tuple[str, str]) -> _CacheEntry | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        if entry.failed_at is not None and time.monotonic() - entry.failed_at > self.failure_ttl_s:
+            self._remove(key)
+            return None
+        self._cache.move_to_end(key)
+        return entry
+
+    def _start(self, key: tuple[str, str], kind: str, spec: Any) -> _CacheEntry:
+        if self._is_shut_down:
+            raise GrammarCompileAbandoned("structured output compilation is shut down")
+        entry = _CacheEntry(self.pool.submit(kind, spec, self.compile_timeout_s))
+        self._cache[key] = entry
+        entry.job.compiled.add_done_callback(lambda future: self._on_compiled(key, entry, future))
+        return entry
+
+    def _on_compiled(self, key: tuple[str, str], entry: _CacheEntry, future: concurrent.futures.Future) -> None:
+        """Account a finished compile in the cache: its size if it compiled, its time if it failed; evict LRU."""
+        with self._lock:
+            if self._cache.get(key) is not entry:
+                return  # evicted while pending
+            if future.exception() is not None:
+                entry.failed_at = time.monotonic()
+                entry.num_bytes = len(key[1])  # failures count too, so that many distinct bad specs stay bounded
+            else:
+                entry.num_bytes = entry.job.num_bytes
+            self._cache_bytes += entry.num_bytes
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used finished entries until the cache fits ``cache_max_bytes``."""
+        for key in list(self._cache):
+            if self._cache_bytes <= self.cache_max_bytes:
+                return
+            if self._cache[key].job.compiled.done():
+                self._remove(key)
+
+    def _remove(self, key: tuple[str, str]) -> None:
+        entry = self._cache.pop(key)
+        self._cache_bytes -= entry.num_bytes
+
+    def _admit(self, client_id: str | None) -> None:
+        if client_id is not None and self._pending_by_client.get(client_id, 0) >= self.max_pending_per_client:
+            raise GrammarQueueFull(
+                f"too many structured output grammars compiling for this client (at most "
+                f"{self.max_pending_per_client} at once); retry when one has finished")
+
+    def _count_pending(self, client_id: str | None, future: concurrent.futures.Future) -> None:
+        if client_id is None:
+            return
+        self._pending_by_client[client_id] = self._pending_by_client.get(client_id, 0) + 1
+        future.add_done_callback(lambda _: self._release(client_id))
+
+    def _release(self, client_id: str) -> None:
+        with self._lock:
+            remaining = self._pending_by_client.get(client_id, 1) - 1
+            if remaining > 0:
+                self._pending_by_client[client_id] = remaining
+            else:
+                self._pending_by_client.pop(client_id, None)
+
+    def _wait_parsed(self, job: CompileJob, kind: str) -> None:
+        try:
+            job.parsed.result(timeout=self.max_wait_s + _PARSE_WAIT_SLACK_S)
+        except concurrent.futures.TimeoutError:
+            raise ValueError(timeout_message(kind, job.timeout_s)) from None
+
+
+def _key_and_spec(params: StructuredOutputsParams) -> tuple[tuple[str, str], Any]:
+    """The cache key and what is sent to a worker (text, so that sending never recurses); ValueError if the spec is
+    nested too deeply to serialize."""
+    try:
+        value = getattr(params, params.kind)
+        spec = json.dumps(value) if isinstance(value, dict) else value  # keep the schema's property order
+        return (params.kind, params.spec_key), spec
+    except RecursionError:
+        raise ValueError(too_deep_message(params.kind)) from None

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,56 @@ class XgrammarCompiled:
     slow_masks: bool  # it kept a long counted repetition, where a mask can take milliseconds to fill
 
 
+def parse_spec(kind: str, spec: Any) -> xgr.Grammar:
+    """Check a (kind, spec) pair and turn it into an xgrammar grammar; ValueError on a bad spec."""
+    try:
+        if kind == "json":
+            schema = spec if isinstance(spec, str) else json.dumps(spec)
+            return xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+        if kind == "json_object":
+            return xgr.Grammar.builtin_json_grammar()
+        if kind == "regex":
+            return xgr.Grammar.from_regex(spec)
+        if kind == "choice":
+            # JSON string escaping is also valid EBNF string-literal escaping.
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in spec))
+        if kind == "grammar":
+            return xgr.Grammar.from_ebnf(spec)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        if isinstance(exc, RecursionError):
+            raise ValueError(f"structured_outputs.{kind} is too deeply nested") from None
+        raise ValueError(f"structured_outputs.{kind} is invalid: {clean_error(exc)}") from None
+    raise ValueError(f"structured_outputs kind {kind!r} is not supported by the xgrammar backend")
+
+
+def compile_parsed(compiler: xgr.GrammarCompiler, grammar: xgr.Grammar) -> XgrammarCompiled:
+    """Compile a parsed grammar against ``compiler``'s vocabulary (its counted repetitions made fast first)."""
+    fast = with_fast_repeats(grammar)
+    try:
+        return XgrammarCompiled(compiler.compile_grammar(fast), has_slow_repeats(str(fast)))
+    except RuntimeError as exc:
+        if isinstance(exc, RecursionError):
+            raise ValueError("structured_outputs grammar is too deeply nested") from None
+        raise ValueError(f"structured_outputs grammar does not compile: {clean_error(exc)}") from None
+
+
+def worker_setup(payload: str, num_threads: int) -> Callable[[str, Any, Callable[[], None]], tuple[str, bool]]:
+    """In a compile worker process: rebuild the vocabulary from ``XgrammarBackend.worker_payload()`` once, and
+    return the function that compiles one spec there into ``(serialized grammar, slow_masks)``."""
+    start = time.perf_counter()
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(payload), max_threads=num_threads,
+                                   cache_enabled=False)  # the parent caches; a worker's cache would only grow
+    logger.debug("compile worker ready in %.3f s", time.perf_counter() - start)
+
+    def compile_serialized(kind: str, spec: Any, report_parsed: Callable[[], None]) -> tuple[str, bool]:
+        grammar = parse_spec(kind, spec)
+        report_parsed()
+        compiled = compile_parsed(compiler, grammar)
+        return compiled.grammar.serialize_json(), compiled.slow_masks
+
+    return compile_serialized
+
+
 class XgrammarMatcher(GrammarMatcher):
     """One sequence's position in an xgrammar compiled grammar."""
 
@@ -96,6 +148,7 @@ class XgrammarBackend(StructuredOutputBackend):
     ) -> None:
         """``max_threads`` compile grammars; ``fill_threads`` (None: ``default_fill_threads()``) fill bitmasks."""
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self._info = info
         self._stop_token_ids = frozenset(info.stop_token_ids)
         # Ids with no text (the model's padding rows past the tokenizer): never accepted, and xgrammar logs a
         # warning for each one offered, which drawn-then-checked candidates can be.
@@ -108,29 +161,22 @@ class XgrammarBackend(StructuredOutputBackend):
         return self._stop_token_ids
 
     def parse(self, kind: str, spec: Any) -> xgr.Grammar:
-        try:
-            if kind == "json":
-                schema = spec if isinstance(spec, str) else json.dumps(spec)
-                return xgr.Grammar.from_json_schema(schema, any_whitespace=False)
-            if kind == "json_object":
-                return xgr.Grammar.builtin_json_grammar()
-            if kind == "regex":
-                return xgr.Grammar.from_regex(spec)
-            if kind == "choice":
-                # JSON string escaping is also valid EBNF string-literal escaping.
-                return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in spec))
-            if kind == "grammar":
-                return xgr.Grammar.from_ebnf(spec)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise ValueError(f"structured_outputs.{kind} is invalid: {clean_error(exc)}") from None
-        raise ValueError(f"structured_outputs kind {kind!r} is not supported by the xgrammar backend")
+        return parse_spec(kind, spec)
 
     def compile(self, grammar: xgr.Grammar) -> XgrammarCompiled:
-        fast = with_fast_repeats(grammar)
-        try:
-            return XgrammarCompiled(self._compiler.compile_grammar(fast), has_slow_repeats(str(fast)))
-        except RuntimeError as exc:
-            raise ValueError(f"structured_outputs grammar does not compile: {clean_error(exc)}") from None
+        return compile_parsed(self._compiler, grammar)
+
+    @property
+    def worker_setup(self) -> Callable[[str, int], Callable]:
+        return worker_setup
+
+    def worker_payload(self) -> str:
+        """What a compile worker process needs to rebuild this vocabulary's tables (``worker_setup``)."""
+        return self._info.serialize_json()
+
+    def load_compiled(self, serialized: str, slow_masks: bool) -> XgrammarCompiled:
+        """A grammar compiled in a worker process (``serialize_json`` there), bound to this vocabulary."""
+        return XgrammarCompiled(xgr.CompiledGrammar.deserialize_json(serialized, self._info), slow_masks)
 
     def new_matcher(self, compiled: XgrammarCompiled) -> GrammarMatcher:
         return XgrammarMatcher(compiled)
