@@ -5,6 +5,12 @@ requests and exchanges messages with it: an inbox of commands in, per-request st
 HTTP side therefore never blocks a step, and a step never blocks the event loop. The same message boundary is
 where the engine core can later move into its own process.
 
+With ``core_process=True`` (``pagedllm serve``'s default) the engine core (scheduler, model) runs in its own process
+(``core_proc.py``) and the loop thread here keeps tokenizing, detokenizing, stop strings and streams: it sends
+requests to the core and turns the core's outputs into stream outputs (``frontend.MultiprocessLLMEngine``). If the
+core process dies, every stream ends with EngineDeadError at once, health turns bad for good, and the callbacks of
+``on_core_death`` run (the server exits).
+
 Health is answered from flags the loop thread sets (no lock, no waiting on the loop): see ``health_reason``. A
 request the engine fails (the culprit of a failing step, see ``core/quarantine.py``) ends its stream with a
 ``RequestFailedError`` about that request only; the other streams go on.
@@ -22,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pagedllm.config import EngineArgs, EngineConfig
+from pagedllm.engine.core_client import EngineDeadError, EngineStartupError  # noqa: F401 - re-exported
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.processing import ProcessedRequest, PromptInput
@@ -36,10 +43,6 @@ _IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks for a stop si
 # milliseconds per step (and the GPU idle with it). Asked after 0.5 ms instead.
 _GIL_SWITCH_INTERVAL_S = 0.0005
 DEFAULT_HEALTH_STALL_TIMEOUT_S = 60.0  # no loop iteration (a step, or an idle wait) for this long = stuck
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped (or is draining); no request can be served."""
 
 
 class RequestFailedError(RuntimeError):
@@ -115,13 +118,18 @@ class _Abort:
 class AsyncEngine:
     """Serves many concurrent requests from one continuously running engine loop."""
 
-    def __init__(self, config: EngineConfig, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S) -> None:
-        """``health_stall_timeout_s``: how long the loop may go without finishing a step (or an idle wait) before
-        the engine reports itself unhealthy."""
+    def __init__(self, config: EngineConfig, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S,
+                 core_process: bool = False) -> None:
+        """``health_stall_timeout_s``: how long the loop may go without finishing a step (or an idle wait; with a
+        core process: without hearing from it) before the engine reports itself unhealthy. ``core_process``: run
+        the engine core in its own process (raises EngineStartupError, with the core's reason, if it cannot start)."""
         if not health_stall_timeout_s > 0:
             raise ValueError(f"health_stall_timeout_s must be positive, got {health_stall_timeout_s}")
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
-        self.engine = LLMEngine(config)
+        self.core_process = core_process
+        self.engine = _make_engine(config, core_process)
+        self._dead_reason: str | None = None  # the core process died: why (health stays bad)
+        self._death_callbacks: list = []
         self.config = self.engine.config  # with the end-of-sequence ids resolved
         self.health_stall_timeout_s = health_stall_timeout_s
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
@@ -136,9 +144,10 @@ class AsyncEngine:
 
     @classmethod
     def from_engine_args(
-        cls, args: EngineArgs, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S
+        cls, args: EngineArgs, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S,
+        core_process: bool = False,
     ) -> AsyncEngine:
-        return cls(args.create_engine_config(), health_stall_timeout_s)
+        return cls(args.create_engine_config(), health_stall_timeout_s, core_process)
 
     @property
     def tokenizer(self):
@@ -168,12 +177,12 @@ class AsyncEngine:
         "priority" scheduling policy. The stream raises RequestFailedError if the engine fails this request, and
         EngineDeadError if the engine stops (or is draining, for a new request)."""
         if not self.is_running:
-            raise EngineDeadError("The engine loop is not running")
+            raise EngineDeadError(self._dead_reason or "The engine loop is not running")
         if self._draining:
             raise EngineDeadError("The engine is draining: it takes no new requests")
         processed = self.engine.process_request(request_id, prompt, params, priority=priority)
         stream = _Stream(asyncio.get_running_loop(), params.output_kind == RequestOutputKind.DELTA)
-        self._inbox.put(_Add(processed, stream))
+        self._post(_Add(processed, stream))
         finished = False
         try:
             while not finished:
@@ -186,7 +195,21 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks at the next step boundary."""
-        self._inbox.put(_Abort(request_id))
+        self._post(_Abort(request_id))
+
+    def _post(self, message: _Add | _Abort | None) -> None:
+        """Hand a message to the loop thread (waking it if it waits for the core's outputs)."""
+        self._inbox.put(message)
+        if self.core_process:
+            self.engine.wake()
+
+    def on_core_death(self, callback) -> None:
+        """Call ``callback()`` (from the loop thread) if the engine core process dies."""
+        self._death_callbacks.append(callback)
+
+    @property
+    def core_died(self) -> bool:
+        return self._dead_reason is not None
 
     @property
     def is_running(self) -> bool:
@@ -199,6 +222,8 @@ class AsyncEngine:
     def health_reason(self) -> str | None:
         """Why the engine is unhealthy, in a few words (for a 503 body), or None. Reads flags only: answers at once
         even while a step runs or hangs."""
+        if self._dead_reason is not None:
+            return self._dead_reason
         if not self.is_running:
             return "the engine loop is not running"
         stalled_s = time.monotonic() - self._last_progress
@@ -226,18 +251,25 @@ class AsyncEngine:
         streams (at once if the loop is stuck in a step past the timeout: it is a daemon thread, left behind)."""
         self._draining = True
         self._stopping.set()
-        self._inbox.put(None)
+        self._post(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.error("The engine loop did not stop within %.1f s; failing its requests without it", timeout)
             self._fail_streams(EngineDeadError("The engine is shutting down"))
             self._fail_inbox(EngineDeadError("The engine is shutting down"))
+        if self.core_process:
+            self.engine.shutdown(timeout)  # reaps the core process
 
     # ---- the loop thread -----------------------------------------------------------------------------------
 
     def _run_loop(self) -> None:
         try:
             while not self._stopping.is_set():
+                if self.core_process:
+                    # Always wait on the core: its heartbeats, outputs and death (the inbox wakes the wait).
+                    self._drain_inbox(block=False)
+                    self._step()
+                    continue
                 self._drain_inbox(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
                     self._step()
@@ -276,7 +308,10 @@ class AsyncEngine:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step(_IDLE_WAIT_S) if self.core_process else self.engine.step()
+        except EngineDeadError as exc:
+            self._on_core_death(str(exc))
+            return
         except Exception:
             # Model failures are isolated inside the step (the culprit fails alone); reaching here is a bug of the
             # engine's own bookkeeping, which no request can be blamed for: fail those in flight, keep serving.
@@ -285,8 +320,8 @@ class AsyncEngine:
             self._fault = "an engine step raised outside the model"
             self._fail_all(RequestFailedError("The engine failed while running this request"))
             return
-        self._last_progress = time.monotonic()
-        self._fault = self.engine.engine_core.engine_fault
+        self._last_progress = self.engine.last_heard_from_core if self.core_process else time.monotonic()
+        self._fault = self.engine.engine_fault
         # One hand-over per event loop and step, not one per output: each wakes the loop through a pipe and
         # contends for the GIL, and a step of a full batch has hundreds of outputs.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
@@ -298,10 +333,22 @@ class AsyncEngine:
         for loop, items in by_loop.items():
             _call_soon(loop, _deliver, items)
 
+    def _on_core_death(self, reason: str) -> None:
+        """The core process is gone: every stream ends now with the reason; the loop stops; the callbacks run."""
+        logger.error("%s; failing the %d requests in flight", reason, len(self._streams))
+        self._dead_reason = reason
+        self._draining = True
+        self._stopping.set()
+        error = EngineDeadError(reason)
+        self._fail_streams(error)
+        self._fail_inbox(error)
+        for callback in self._death_callbacks:
+            callback()
+
     def _fail_all(self, error: BaseException) -> None:
         """End every stream of a request in flight with ``error`` and abort the requests."""
         request_ids = self._fail_streams(error)
-        if request_ids:
+        if request_ids and self._dead_reason is None:
             self.engine.abort_request(request_ids)
 
     def _fail_streams(self, error: BaseException) -> list[str]:
@@ -323,3 +370,11 @@ class AsyncEngine:
                 return
             if isinstance(message, _Add):
                 message.stream.put(error)
+
+
+def _make_engine(config: EngineConfig, core_process: bool):
+    if not core_process:
+        return LLMEngine(config)
+    from pagedllm.engine.frontend import MultiprocessLLMEngine
+
+    return MultiprocessLLMEngine(config)

@@ -211,10 +211,10 @@ class EngineCore:
 _MAX_ERROR_CHARS = 300  # what of an exception's text a client may see
 
 
-def describe_error(exc: BaseException) -> str:
+def describe_error(exc: BaseException, max_chars: int = _MAX_ERROR_CHARS) -> str:
     """An exception as a short line for the client of the request that raised it (type and bounded message)."""
     text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
 def _make_structured_output_manager(config: EngineConfig):
@@ -284,6 +284,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.engine_core.has_unfinished_requests()
+
+    @property
+    def engine_fault(self) -> str | None:
+        return self.engine_core.engine_fault
 
     def get_num_unfinished_requests(self) -> int:
         return self.engine_core.scheduler.num_unfinished_requests

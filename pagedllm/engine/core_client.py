@@ -1,0 +1,209 @@
+"""How the front end reaches the engine core: in this process (``InProcessCoreClient``) or in a child process
+(``MultiprocessCoreClient``: spawned, ZeroMQ PUSH/PULL over ipc:// sockets in a private temporary directory,
+``contracts`` messages encoded with msgspec).
+
+The multiprocess client is owned by one thread (the front end's loop): ZeroMQ sockets are not thread-safe. Another
+thread wakes that loop with ``wake()`` (a pipe in the same poll as the output socket and the child's sentinel), so a
+new request never waits for the next output, and the child's death is seen at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+
+import zmq
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.request import RequestStatus
+from pagedllm.engine.contracts import (
+    AbortRequests,
+    AddRequests,
+    CoreReady,
+    CoreStartupFailed,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    MessageCodec,
+    ShutdownCore,
+    UtilityCall,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped (or is draining), or its core process died; no request can be served."""
+
+
+class EngineStartupError(RuntimeError):
+    """The engine core could not start; the message says why (as the core reported it)."""
+
+
+class InProcessCoreClient:
+    """The core in this process: calls go straight to it, and stepping it here yields its outputs."""
+
+    def __init__(self, core) -> None:
+        self.core = core
+
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        self.core.add_requests(requests)
+
+    def abort_requests(self, request_ids: list[str], stopped: bool = False) -> None:
+        status = RequestStatus.FINISHED_STOPPED if stopped else RequestStatus.FINISHED_ABORTED
+        self.core.abort_requests(request_ids, status)
+
+    def step(self) -> EngineCoreOutputs:
+        return self.core.step_outputs()
+
+
+class MultiprocessCoreClient:
+    """The core in a spawned child. Construction returns once the child is ready (``self.ready``), or raises
+    ``EngineStartupError`` with the child's reason."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._dir = tempfile.mkdtemp(prefix="pagedllm-core-")
+        self._context = zmq.Context()
+        self._codec = MessageCodec()
+        self._input = self._bind(zmq.PUSH, "input")
+        self._output = self._bind(zmq.PULL, "output")
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._next_call_id = 0
+        self.process = self._spawn(config)
+        self._poller = zmq.Poller()
+        for source in (self._output, self._wake_read, self.process.sentinel):
+            self._poller.register(source, zmq.POLLIN)
+        # Reaped at interpreter exit even if nobody called shutdown() (else multiprocessing's own exit hook would
+        # wait forever for a child that waits for orders).
+        atexit.register(self.shutdown, 2.0)
+        try:
+            self.ready: CoreReady = self._handshake()
+        except BaseException:
+            self.shutdown(timeout=5.0)
+            raise
+
+    def _bind(self, kind: int, name: str) -> zmq.Socket:
+        socket = self._context.socket(kind)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.bind(f"ipc://{self._dir}/{name}")
+        return socket
+
+    def _spawn(self, config: EngineConfig) -> multiprocessing.process.BaseProcess:
+        from pagedllm.engine.core_proc import run_engine_core
+
+        # Not a daemon: the core starts processes of its own (grammar compile workers). Reaped by shutdown();
+        # if this process dies first, the core notices its new parent and exits.
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, name="pagedllm-engine-core",
+            args=(config, f"ipc://{self._dir}/input", f"ipc://{self._dir}/output", os.getpid()),
+        )
+        process.start()
+        return process
+
+    def _handshake(self) -> CoreReady:
+        """Wait for ``CoreReady`` (loading may take minutes: no timeout, but a dead child is seen at once)."""
+        while True:
+            events = dict(self._poller.poll(1000))
+            if self._output in events:
+                message = self._codec.decode_core_to_front(self._output.recv())
+                if isinstance(message, CoreReady):
+                    return message
+                if isinstance(message, CoreStartupFailed):
+                    raise EngineStartupError(f"The engine core failed to start: {message.error}")
+            if self.process.sentinel in events:
+                self.process.join(1.0)
+                raise EngineStartupError(f"The engine core process exited during start-up (exit code "
+                                         f"{self.process.exitcode}); its log above says why")
+
+    # ---- requests in -------------------------------------------------------------------------------------------
+
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        self._input.send(self._codec.encode(AddRequests(requests)), copy=False)
+
+    def abort_requests(self, request_ids: list[str], stopped: bool = False) -> None:
+        self._input.send(self._codec.encode(AbortRequests(request_ids, stopped)))
+
+    def call_utility(self, method: str, *args) -> int:
+        """Send a utility call; its ``UtilityResult`` (same call id) comes back in the outputs."""
+        self._next_call_id += 1
+        self._input.send(self._codec.encode(UtilityCall(self._next_call_id, method, list(args))))
+        return self._next_call_id
+
+    # ---- outputs out -------------------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make a ``get_outputs`` waiting in another thread return now. Safe from any thread."""
+        try:
+            os.write(self._wake_write, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake is pending anyway) or closed (shut down)
+
+    def get_outputs(self, timeout_s: float) -> list[EngineCoreOutputs]:
+        """Whatever outputs have arrived, waiting up to ``timeout_s`` for the first (or a ``wake``). Raises
+        EngineDeadError if the child has died."""
+        events = dict(self._poller.poll(int(timeout_s * 1000)))
+        if self._wake_read in events:
+            self._drain_wake_pipe()
+        messages = self._receive_all() if self._output in events else []
+        if self.process.sentinel in events:
+            raise EngineDeadError(self.death_reason())
+        return messages
+
+    def _receive_all(self) -> list[EngineCoreOutputs]:
+        messages = []
+        while True:
+            try:
+                data = self._output.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return messages
+            messages.append(self._codec.decode_core_to_front(data.buffer))
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def death_reason(self) -> str:
+        self.process.join(0.5)
+        return f"The engine core process died unexpectedly (exit code {self.process.exitcode})"
+
+    @property
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    # ---- the end -----------------------------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Tell the child to stop, reap it (terminate, then kill, if it does not stop within ``timeout``), close the
+        sockets and remove their directory. Idempotent."""
+        if self._context.closed:
+            return
+        atexit.unregister(self.shutdown)
+        if self.process.is_alive():
+            self._input.send(self._codec.encode(ShutdownCore()))
+            self._reap(timeout)
+        self.process.join(0.1)
+        for socket in (self._input, self._output):
+            socket.close()
+        self._context.term()
+        for fd in (self._wake_read, self._wake_write):
+            os.close(fd)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _reap(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self.process.join(timeout)
+        for stop in (self.process.terminate, self.process.kill):
+            if not self.process.is_alive():
+                return
+            logger.warning("The engine core process did not stop within %.1f s; %s", timeout, stop.__name__)
+            stop()
+            self.process.join(max(1.0, deadline - time.monotonic()))

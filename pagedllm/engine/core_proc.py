@@ -1,0 +1,198 @@
+"""The engine core's own process: the scheduler and the executor step here, away from the API server's GIL.
+
+``run_engine_core`` is the child's main (started with the 'spawn' context by ``core_client.MultiprocessCoreClient``).
+It connects two ZeroMQ sockets to the parent's: PULL for ``contracts.FrontToCore`` messages, PUSH for
+``contracts.CoreToFront``. Start-up ends with the handshake: ``CoreReady`` (what the front end needs), or
+``CoreStartupFailed`` with the error for the user, then exit. The loop: while there is work, take whatever input
+is waiting without blocking, step, send the step's ``EngineCoreOutputs``; idle, block on input (sending a heartbeat
+each ``HEARTBEAT_INTERVAL_S``, by which the front end knows the core is alive and not stuck).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.request import RequestStatus
+from pagedllm.engine.contracts import (
+    AbortRequests,
+    AddRequests,
+    CoreReady,
+    CoreStartupFailed,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    FrontToCore,
+    MessageCodec,
+    ShutdownCore,
+    UtilityCall,
+    UtilityResult,
+)
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 1.0  # longest silence of a live core (idle, or waiting on grammars); a step may take longer
+_SEND_LINGER_MS = 5000  # at exit, how long queued messages (the start-up error, last outputs) may take to go out
+
+
+def run_engine_core(config: EngineConfig, input_address: str, output_address: str, parent_pid: int) -> None:
+    """The child's main: build the core, shake hands, serve the parent until told to stop or the parent is gone."""
+    # Ctrl-C reaches the whole process group: the parent decides (it drains, then tells this process to stop).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
+    context = zmq.Context()
+    input_socket = _connect(context, zmq.PULL, input_address)
+    output_socket = _connect(context, zmq.PUSH, output_address)
+    codec = MessageCodec()
+    core = _build_core(config, output_socket, codec)
+    if core is None:
+        _close(context, input_socket, output_socket)
+        sys.exit(1)
+    try:
+        _CoreLoop(core, input_socket, output_socket, codec, parent_pid).run()
+    finally:
+        core.shutdown()
+        _close(context, input_socket, output_socket)
+
+
+def _connect(context: zmq.Context, kind: int, address: str) -> zmq.Socket:
+    socket = context.socket(kind)
+    socket.setsockopt(zmq.LINGER, _SEND_LINGER_MS)
+    socket.connect(address)
+    return socket
+
+
+def _close(context: zmq.Context, *sockets: zmq.Socket) -> None:
+    for socket in sockets:
+        socket.close()
+    context.term()
+
+
+def _build_core(config: EngineConfig, output_socket: zmq.Socket, codec: MessageCodec):
+    """The EngineCore, announced with ``CoreReady``; or None after sending why it could not be built."""
+    from pagedllm.engine.engine import EngineCore, describe_error
+
+    try:
+        core = EngineCore(config)
+    except Exception as exc:
+        logger.debug("Engine core start-up failed", exc_info=True)
+        output_socket.send(codec.encode(CoreStartupFailed(describe_error(exc, max_chars=2000))))
+        return None
+    ready = CoreReady(core.num_blocks, config.scheduler_config.max_model_len, core.startup_report)
+    output_socket.send(codec.encode(ready))
+    return core
+
+
+class _CoreLoop:
+    """Inputs in, steps, outputs out: one thread, no locks."""
+
+    def __init__(self, core, input_socket: zmq.Socket, output_socket: zmq.Socket, codec: MessageCodec,
+                 parent_pid: int) -> None:
+        self.core = core
+        self.input_socket = input_socket
+        self.output_socket = output_socket
+        self.codec = codec
+        self.parent_pid = parent_pid
+        self.stopping = False
+        self.last_sent = time.monotonic()
+        self.pending: list[EngineCoreOutput] = []  # outputs made outside a step (failed adds)
+        self.utility_results: list[UtilityResult] = []
+
+    def run(self) -> None:
+        while not self.stopping:
+            busy = self.core.has_unfinished_requests()
+            self._take_inputs(block=not busy)
+            if self.stopping:
+                return
+            if self.core.has_unfinished_requests():
+                self._step()
+            elif self.pending or self.utility_results:
+                self._send(EngineCoreOutputs([], time.monotonic()))
+            self._check_liveness()
+
+    def _take_inputs(self, block: bool) -> None:
+        timeout_ms = int(HEARTBEAT_INTERVAL_S * 1000) if block else 0
+        if not self.input_socket.poll(timeout_ms):
+            return
+        while not self.stopping:
+            try:
+                data = self.input_socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(self.codec.decode_front_to_core(data))
+
+    def _handle(self, message: FrontToCore) -> None:
+        if isinstance(message, AddRequests):
+            self._add(message)
+        elif isinstance(message, AbortRequests):
+            status = RequestStatus.FINISHED_STOPPED if message.stopped else RequestStatus.FINISHED_ABORTED
+            self.core.abort_requests(message.request_ids, status)
+        elif isinstance(message, UtilityCall):
+            self.utility_results.append(self._call_utility(message))
+        elif isinstance(message, ShutdownCore):
+            self.stopping = True
+
+    def _add(self, message: AddRequests) -> None:
+        """Queue a request's sequences; a request the core refuses (bad spec, id in use) fails alone."""
+        from pagedllm.engine.engine import describe_error
+
+        try:
+            self.core.add_requests(message.requests)
+        except Exception as exc:
+            error = describe_error(exc)
+            self.pending += [EngineCoreOutput(r.request_id, [], finish_reason="abort", error=error)
+                             for r in message.requests]
+
+    def _call_utility(self, call: UtilityCall) -> UtilityResult:
+        if call.method not in self.core.UTILITY_METHODS:
+            return UtilityResult(call.call_id, error=f"no utility method {call.method!r}")
+        try:
+            return UtilityResult(call.call_id, getattr(self.core, call.method)(*call.args))
+        except Exception as exc:
+            return UtilityResult(call.call_id, error=f"{type(exc).__name__}: {exc}")
+
+    def _step(self) -> None:
+        try:
+            outputs = self.core.step_outputs()
+        except Exception:
+            outputs = self._fail_everything()
+        if outputs.outputs or self.pending or self.utility_results or self._heartbeat_due():
+            self._send(outputs)
+
+    def _fail_everything(self) -> EngineCoreOutputs:
+        """A step raised outside the model (model failures are isolated inside the step): a bug of the engine's own
+        bookkeeping, which no request can be blamed for. Fail those in flight, report the fault, keep serving."""
+        request_ids = list(self.core.scheduler.requests)
+        logger.exception("Engine step failed; aborting the %d requests in flight", len(request_ids))
+        self.core.abort_requests(request_ids)
+        failed = [EngineCoreOutput(request_id, [], finish_reason="abort",
+                                   error="The engine failed while running this request") for request_id in request_ids]
+        return EngineCoreOutputs(failed, time.monotonic(), self.core.scheduler.stats(),
+                                 "an engine step raised outside the model")
+
+    def _send(self, outputs: EngineCoreOutputs) -> None:
+        if self.pending:
+            outputs.outputs = self.pending + outputs.outputs
+            self.pending = []
+        if self.utility_results:
+            outputs.utility_results, self.utility_results = self.utility_results, []
+        self.output_socket.send(self.codec.encode(outputs), copy=False)
+        self.last_sent = time.monotonic()
+
+    def _heartbeat_due(self) -> bool:
+        return time.monotonic() - self.last_sent >= HEARTBEAT_INTERVAL_S
+
+    def _check_liveness(self) -> None:
+        """Heartbeat when silent for long; stop when the parent is gone (no one would read the outputs)."""
+        if not self._heartbeat_due():
+            return
+        if os.getppid() != self.parent_pid:
+            logger.error("The API server process (pid %d) is gone; the engine core exits", self.parent_pid)
+            self.stopping = True
+            return
+        self._send(EngineCoreOutputs([], time.monotonic(), self.core.scheduler.stats(), self.core.engine_fault))

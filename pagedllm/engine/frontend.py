@@ -1,0 +1,87 @@
+"""The API server's half of an engine whose core runs in its own process.
+
+``MultiprocessLLMEngine`` has the surface ``AsyncEngine``'s loop uses of ``LLMEngine`` (process_request,
+add_processed, abort_request, step, has_unfinished_requests, get_metrics, engine_fault), but ``step()`` does no
+model work: it waits for the core's ``EngineCoreOutputs`` and turns them into RequestOutputs (detokenizing,
+applying stop strings: a stop string found here finishes the sequence in the core too).
+"""
+
+from __future__ import annotations
+
+import time
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.contracts import EngineCoreOutputs
+from pagedllm.engine.core_client import MultiprocessCoreClient
+from pagedllm.engine.engine import with_resolved_eos_token_ids
+from pagedllm.engine.metrics import EngineMetrics, Metric
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.engine.processing import InputProcessor, ProcessedRequest, PromptInput, load_tokenizer
+from pagedllm.params import RequestOutput, SamplingParams
+
+
+class MultiprocessLLMEngine:
+    """Tokenize and validate here, send plain requests to the core process, process its outputs here."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_config)
+        self.config = with_resolved_eos_token_ids(config, self.tokenizer)
+        self.core_client = MultiprocessCoreClient(self.config)  # returns once the core is ready
+        self.startup_report = self.core_client.ready.startup_report
+        self.num_blocks = self.core_client.ready.num_blocks
+        self.metrics = EngineMetrics()
+        self.input_processor = InputProcessor(self.config, self.tokenizer, self.num_blocks)
+        self.output_processor = OutputProcessor(self.tokenizer, self.metrics)
+        self.engine_fault: str | None = None
+        self.last_heard_from_core = time.monotonic()
+
+    def process_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
+                        arrival_time: float | None = None, priority: int = 0) -> ProcessedRequest:
+        """Tokenize and validate. A structured-output spec is compiled by the core (the server checks it first)."""
+        if self.output_processor.has_request(request_id):
+            raise ValueError(f"Request id {request_id!r} is already in use")
+        return self.input_processor.process(request_id, prompt, params, arrival_time, priority)
+
+    def add_processed(self, processed: ProcessedRequest) -> None:
+        self.output_processor.add_request(processed)
+        self.core_client.add_requests(processed.requests)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        request_ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        child_ids = self.output_processor.abort_requests(request_ids)
+        if child_ids:
+            self.core_client.abort_requests(child_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.num_requests > 0
+
+    def step(self, timeout_s: float) -> list[RequestOutput]:
+        """The outputs of whatever the core has sent, waiting up to ``timeout_s`` (or a ``wake``) for some.
+        Raises EngineDeadError when the core process has died."""
+        request_outputs = []
+        for message in self.core_client.get_outputs(timeout_s):
+            request_outputs += self._process(message)
+        return request_outputs
+
+    def _process(self, message: EngineCoreOutputs) -> list[RequestOutput]:
+        self.last_heard_from_core = time.monotonic()
+        self.engine_fault = message.engine_fault
+        if message.scheduler_stats is not None:
+            self.metrics.record_step(message.scheduler_stats)
+        if not message.outputs:
+            return []
+        processed = self.output_processor.process_outputs(message.outputs, message.first_scheduled_times)
+        if processed.stopped_by_string:
+            self.core_client.abort_requests(processed.stopped_by_string, stopped=True)
+        if processed.failed:
+            self.core_client.abort_requests(processed.failed)
+        return processed.request_outputs
+
+    def wake(self) -> None:
+        self.core_client.wake()
+
+    def get_metrics(self) -> list[Metric]:
+        return self.metrics.snapshot()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.core_client.shutdown(timeout)
