@@ -54,6 +54,10 @@ class GrammarCompileAbandoned(RuntimeError):
     """The compile pool shut down before this grammar compiled (the server is stopping)."""
 
 
+class CompileTimeout(ValueError):
+    """A grammar compiled (or waited for a worker) past its deadline; its worker was killed."""
+
+
 def too_deep_message(kind: str) -> str:
     return f"structured_outputs.{kind} is too deeply nested"
 
@@ -319,12 +323,12 @@ class CompilePool:
             for job in expired:
                 self._queue.remove(job)
         for job in expired:
-            job.fail(ValueError(timeout_message(job.kind, job.timeout_s)))
+            job.fail(CompileTimeout(timeout_message(job.kind, job.timeout_s)))
         for worker in list(self._workers):
             if worker.job is not None and worker.job.deadline <= now:
                 logger.warning("A grammar compile passed its %.3g s deadline; killing its worker (pid %s)",
                                worker.job.timeout_s, worker.process.pid)
-                self._replace(worker, ValueError(timeout_message(worker.job.kind, worker.job.timeout_s)))
+                self._replace(worker, CompileTimeout(timeout_message(worker.job.kind, worker.job.timeout_s)))
 
     def _replace(self, worker: _Worker, error: BaseException) -> None:
         """Kill ``worker``, start a fresh worker in its place, and fail its job with ``error``."""
