@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/h200: `bash benchmarks/scripts/gpu_run.sh SECTION...` on the GPU machine, from the
 # repo root, with .whl and .assets carried (see device_env.sh). Records and logs go to $OUT (default: /tmp/out).
-# Sections: tests nano nano-hf latency profile serve structured structured-profile grammar-fills.
+# Sections: tests nano nano-hf latency profile serve serve-http structured structured-profile grammar-fills.
 source benchmarks/scripts/device_env.sh || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 bench() { timeout 300 python3 -m pagedllm.bench "$@" 2>&1 | grep -v "^\[bench\]" | tail -12; }
@@ -24,15 +24,17 @@ for section in "$@"; do
         2>&1 | tail -45
       timeout 200 python3 benchmarks/scripts/profile_steps.py --model llama-3.1-8b --num-seqs 1 --input-len 32 \
         --temperature 0 2>&1 | tail -45 ;;
-    serve)
+    serve|serve-http)
+      # SERVE_FLAGS (e.g. --no-engine-core-process) and SERVE_TAG (a file-name suffix) compare server modes.
       python3 -m pagedllm.entrypoints.cli serve pagedllm/bench/configs/qwen3-0.6b --load-format dummy \
-        --tokenizer .assets/tokenizers/qwen3 --port 8011 > "$OUT/server.log" 2>&1 &
+        --tokenizer .assets/tokenizers/qwen3 --port 8011 $SERVE_FLAGS > "$OUT/server$SERVE_TAG.log" 2>&1 &
       server=$!
       for _ in $(seq 120); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
       common=(--base-url http://127.0.0.1:8011 --workload random --input-len 512 --output-len 128 --num-prompts 500)
-      bench serve --disable-tqdm "${common[@]}" --request-rate 16 --output-json "$OUT/serve-qwen3-0.6b-rate16.json"
-      bench serve --disable-tqdm "${common[@]}" --request-rate inf --output-json "$OUT/serve-qwen3-0.6b-rate-inf.json"
-      kill -TERM $server; wait $server
+      bench serve --disable-tqdm "${common[@]}" --request-rate 16 --output-json "$OUT/serve-qwen3-0.6b-rate16$SERVE_TAG.json"
+      bench serve --disable-tqdm "${common[@]}" --request-rate inf --output-json "$OUT/serve-qwen3-0.6b-rate-inf$SERVE_TAG.json"
+      kill -TERM $server; wait $server; echo "server exit code $?"
+      [ "$section" = serve-http ] && continue
       bench throughput --disable-tqdm --model qwen3-0.6b --workload random --input-len 512 --output-len 128 --num-prompts 500 \
         --output-json "$OUT/throughput-random512-128-qwen3-0.6b.json" ;;
     structured-profile)

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 
 import zmq
@@ -75,6 +76,8 @@ class MultiprocessCoreClient:
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._next_call_id = 0
+        self._shutdown_lock = threading.Lock()  # the server may call shutdown from several threads at once
+        self._is_shut_down = False
         self.process = self._spawn(config)
         self._poller = zmq.Poller()
         for source in (self._output, self._wake_read, self.process.sentinel):
@@ -184,13 +187,21 @@ class MultiprocessCoreClient:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Tell the child to stop, reap it (terminate, then kill, if it does not stop within ``timeout``), close the
         sockets and remove their directory. Idempotent."""
-        if self._context.closed:
-            return
-        atexit.unregister(self.shutdown)
+        with self._shutdown_lock:
+            if self._is_shut_down:
+                return
+            self._is_shut_down = True
+            atexit.unregister(self.shutdown)
+            self._stop_child(timeout)
+            self._release_resources()
+
+    def _stop_child(self, timeout: float) -> None:
         if self.process.is_alive():
             self._input.send(self._codec.encode(ShutdownCore()))
             self._reap(timeout)
         self.process.join(0.1)
+
+    def _release_resources(self) -> None:
         for socket in (self._input, self._output):
             socket.close()
         self._context.term()

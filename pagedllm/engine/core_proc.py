@@ -51,25 +51,24 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     codec = MessageCodec()
     core = _build_core(config, output_socket, codec)
     if core is None:
-        _close(context, input_socket, output_socket)
+        _close(context, _SEND_LINGER_MS, input_socket, output_socket)  # the error must reach the parent
         sys.exit(1)
     try:
         _CoreLoop(core, input_socket, output_socket, codec, parent_pid).run()
     finally:
         core.shutdown()
-        _close(context, input_socket, output_socket)
+        _close(context, 0, input_socket, output_socket)  # the parent reads no more: drop what is unsent
 
 
 def _connect(context: zmq.Context, kind: int, address: str) -> zmq.Socket:
     socket = context.socket(kind)
-    socket.setsockopt(zmq.LINGER, _SEND_LINGER_MS)
     socket.connect(address)
     return socket
 
 
-def _close(context: zmq.Context, *sockets: zmq.Socket) -> None:
+def _close(context: zmq.Context, linger_ms: int, *sockets: zmq.Socket) -> None:
     for socket in sockets:
-        socket.close()
+        socket.close(linger=linger_ms)
     context.term()
 
 

@@ -52,6 +52,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         metavar="SECONDS",
                         help="/health and /ready answer 503 when the engine loop has made no progress for this long "
                              f"(default: {DEFAULT_HEALTH_STALL_TIMEOUT_S:g})")
+    server.add_argument("--no-engine-core-process", dest="engine_core_process", action="store_false",
+                        help="run the engine core (scheduler, model) in the server's process, in a thread, instead "
+                             "of in its own process (default: its own process, so that HTTP, tokenization and "
+                             "streaming never share a GIL with the engine's steps)")
     server.add_argument("--timeout-keep-alive", type=_positive_float, default=5.0, metavar="SECONDS",
                         help="close an idle keep-alive connection after this long (default: 5)")
     server.add_argument("--timeout-request-read", type=_positive_float, default=30.0, metavar="SECONDS",

@@ -328,7 +328,8 @@ def run_server(args: argparse.Namespace) -> int:
     engine_args = engine_args_from_cli(args, model)
     load_chat_template(args.chat_template)  # a wrong path fails now, not after the model has loaded
     _exit_quietly_on_signals()
-    engine = AsyncEngine.from_engine_args(engine_args, health_stall_timeout_s=args.health_stall_timeout)
+    engine = AsyncEngine.from_engine_args(engine_args, health_stall_timeout_s=args.health_stall_timeout,
+                                          core_process=getattr(args, "engine_core_process", True))
     try:
         app = build_app(engine, args)
         names = ", ".join(args.served_model_name or [args.model_name])
@@ -340,10 +341,12 @@ def run_server(args: argparse.Namespace) -> int:
                                 http=request_read_deadline_protocol(args.timeout_request_read),
                                 # A backstop only: _GracefulServer ends the streams itself after `grace`.
                                 timeout_graceful_shutdown=grace + 5)
-        _make_graceful_server(config, engine, grace, app.state.in_flight).run()
+        server = _make_graceful_server(config, engine, grace, app.state.in_flight)
+        engine.on_core_death(lambda: setattr(server, "should_exit", True))  # the streams have failed: stop serving
+        server.run()
     finally:
         engine.shutdown()
-    return 0
+    return 1 if engine.core_died else 0
 
 
 def _make_graceful_server(config, engine: AsyncEngine, grace_s: float, in_flight: InFlightRequests):
