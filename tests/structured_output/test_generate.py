@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 
 from pagedllm import LLM, SamplingParams, StructuredOutputsParams
+from pagedllm.structured_output.bounded_repeats import MAX_CHAIN_RULES
 
 SCHEMAS = {
     "nested_required": {
@@ -187,9 +188,9 @@ def test_checking_draws_gives_the_tokens_of_masking_every_draw(
 ):
     """Rows checked after their draw (worker/grammar_sampling.py: rows of grammars with slow masks) get exactly the
     tokens and logprobs of masking every row before its draw."""
-    # No chain budget: the bounded string keeps xgrammar's counted repetition, so its grammar has slow masks.
-    monkeypatch.setattr("pagedllm.structured_output.bounded_repeats.MAX_CHAIN_RULES", 0)
-    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 20 + n},
+    # Over the chain budget: the bounded string keeps xgrammar's counted repetition, so its grammar has slow masks.
+    # (Grammars compile in worker processes, so the budget cannot be patched here.)
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": MAX_CHAIN_RULES + 20 + n},
                                                "n": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["word", "n"], "additionalProperties": False}
     structured = StructuredOutputsParams(json=schema)
