@@ -112,20 +112,26 @@ class StructuredOutputsParams:
         self._check_size()
 
     def _check_size(self) -> None:
-        """Bound what a grammar compiler is asked to chew on: a spec too large or a schema too deep is refused."""
-        import json as json_module
-
+        """Bound what a grammar compiler is asked to chew on: a spec too large or a schema too deep is refused. The
+        depth comes first: serializing a dict nested thousands deep (for the size) would exhaust the stack."""
+        if self.json is not None:
+            self._check_schema_depth()
         if len(self.spec_key) > MAX_STRUCTURED_OUTPUT_CHARS:
             raise ValueError(f"structured_outputs.{self.kind} is too large: {len(self.spec_key)} characters, "
                              f"at most {MAX_STRUCTURED_OUTPUT_CHARS}.")
-        if self.json is None:
-            return
+
+    def _check_schema_depth(self) -> None:
+        import json as json_module
+
+        too_deep = ValueError(f"structured_outputs.json is nested too deeply: at most {MAX_SCHEMA_DEPTH} levels.")
         try:
             schema = json_module.loads(self.json) if isinstance(self.json, str) else self.json
+        except RecursionError:  # the JSON parser recurses once per level
+            raise too_deep from None
         except ValueError:
             return  # not JSON: the compiler reports it with its own message
         if _nesting_depth(schema) > MAX_SCHEMA_DEPTH:
-            raise ValueError(f"structured_outputs.json is nested too deeply: at most {MAX_SCHEMA_DEPTH} levels.")
+            raise too_deep
 
     @property
     def kind(self) -> str:

@@ -242,3 +242,25 @@ def test_output_records() -> None:
     out = RequestOutput("r0", "hi", [1, 2], [None, {2: Logprob(-1.0)}], [running, done], finished=False)
     assert out.metrics is None and out.prompt_logprobs[0] is None
     assert RequestMetrics().arrival_time is None
+
+
+def _nested_dict(depth: int) -> dict:
+    root: dict = {}
+    node = root
+    for _ in range(depth):
+        node["properties"] = {}
+        node = node["properties"]
+    return root
+
+
+@pytest.mark.parametrize("schema", [
+    "[" * 49_000 + "]" * 49_000,  # a string the JSON parser would recurse into
+    _nested_dict(5_000),  # a dict that json.dumps would recurse into
+    _nested_dict(40),
+])
+def test_deeply_nested_json_schemas_are_value_errors(schema) -> None:
+    """Never a RecursionError (a 500 on the server): a ValueError naming the field."""
+    from pagedllm.params import StructuredOutputsParams
+
+    with pytest.raises(ValueError, match="structured_outputs.json is nested too deeply"):
+        StructuredOutputsParams(json=schema)

@@ -42,6 +42,7 @@ from pagedllm.entrypoints.openai.serving_common import (
     check_structured_outputs,
     json_response,
     merge_generations,
+    client_id,
     prepare_structured_outputs,
     random_id,
     resolve_max_tokens,
@@ -95,9 +96,9 @@ class OpenAIServingChat:
         params = self._sampling_params(request, num_prompt_tokens)
         if tools.constrained:
             params.structured_outputs = tools.structured_outputs()
-            await prepare_structured_outputs(self.ctx, request, params, param="tools")
+            await prepare_structured_outputs(self.ctx, request, params, param="tools", client_id=client_id(raw_request))
         else:
-            await prepare_structured_outputs(self.ctx, request, params)
+            await prepare_structured_outputs(self.ctx, request, params, client_id=client_id(raw_request))
         if request.stream:
             return StreamingResponse(self._stream(request, prompt, params, request_id, model_name, tools),
                                      media_type="text/event-stream")

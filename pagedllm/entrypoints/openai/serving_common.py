@@ -115,6 +115,11 @@ def validate_body(body: bytes, model: type[RequestT]) -> RequestT:
     return request
 
 
+def client_id(raw_request: Request) -> str | None:
+    """Who sent a request, for per-client limits: the peer's address (None when the transport does not say)."""
+    return raw_request.client.host if raw_request.client else None
+
+
 def check_stream_options(request: SamplingFields) -> None:
     if request.stream_options is not None and not request.stream:
         raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")

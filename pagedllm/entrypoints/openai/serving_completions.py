@@ -36,6 +36,7 @@ from pagedllm.entrypoints.openai.serving_common import (
     check_token_ids,
     json_response,
     merge_generations,
+    client_id,
     prepare_structured_outputs,
     random_id,
     resolve_max_tokens,
@@ -79,7 +80,8 @@ class OpenAIServingCompletion:
         if request.use_beam_search:
             return await self._beam_search(request, prompts, request_id, model_name, raw_request)
         params = [self._sampling_params(request, prompt) for prompt in prompts]
-        await prepare_structured_outputs(self.ctx, request, params[0])  # one spec for every prompt
+        # One spec for every prompt; each client may have only a few compiles pending (429 beyond).
+        await prepare_structured_outputs(self.ctx, request, params[0], client_id=client_id(raw_request))
         if request.stream:
             return StreamingResponse(self._stream(request, prompts, params, request_id, model_name),
                                      media_type="text/event-stream")
