@@ -232,6 +232,20 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """How grammars are compiled: the per-compile deadline, and the pending compiles one client may have."""
+
+    compile_timeout_s: float = 30.0
+    max_pending_per_client: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.compile_timeout_s > 0:
+            raise ValueError(f"structured_outputs_compile_timeout must be positive, got {self.compile_timeout_s}")
+        if self.max_pending_per_client < 1:
+            raise ValueError(f"max_pending_grammars_per_client must be >= 1, got {self.max_pending_per_client}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine is built from."""
 
@@ -244,6 +258,7 @@ class EngineConfig:
     skip_tokenizer_init: bool
     attention_backend: str
     enforce_eager: bool = False  # no CUDA graphs: every step runs eagerly
+    structured_outputs_config: StructuredOutputsConfig = StructuredOutputsConfig()
 
 
 @dataclass
@@ -271,6 +286,8 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     revision: str | None = None
     enforce_eager: bool = False
+    structured_outputs_compile_timeout: float = 30.0  # seconds one grammar may compile before its request fails
+    max_pending_grammars_per_client: int = 4  # compiles one client may have waiting (the server answers 429 beyond)
 
     def create_engine_config(self) -> EngineConfig:
         if self.load_format not in LOAD_FORMATS:
@@ -302,6 +319,8 @@ class EngineArgs:
             seed=self.seed,
             skip_tokenizer_init=self.skip_tokenizer_init,
             enforce_eager=self.enforce_eager,
+            structured_outputs_config=StructuredOutputsConfig(self.structured_outputs_compile_timeout,
+                                                              self.max_pending_grammars_per_client),
             attention_backend=resolve_attention_backend(
                 os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "auto"), device, model_config.head_dim, self.block_size
             ),

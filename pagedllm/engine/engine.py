@@ -223,9 +223,7 @@ def _make_structured_output_manager(config: EngineConfig):
 
     if config.skip_tokenizer_init:
         raise ValueError("structured_outputs needs a tokenizer; this engine was built with skip_tokenizer_init=True")
-    tokenizer = load_tokenizer(config.model_config)
-    model_config = config.model_config
-    return StructuredOutputManager(tokenizer, model_config.vocab_size, list(model_config.eos_token_ids))
+    return StructuredOutputManager.for_engine(load_tokenizer(config.model_config), config)
 
 
 def with_resolved_eos_token_ids(config: EngineConfig, tokenizer) -> EngineConfig:

@@ -60,6 +60,7 @@ class InputProcessor:
     """Tokenizes and validates prompts and sampling parameters before anything is queued."""
 
     def __init__(self, config: EngineConfig, tokenizer, num_kv_blocks: int) -> None:
+        self.config = config
         self.model_config = config.model_config
         self.max_model_len = config.scheduler_config.max_model_len
         self.tokenizer = tokenizer
@@ -77,9 +78,7 @@ class InputProcessor:
         if self._structured_output_manager is None:
             from pagedllm.structured_output import StructuredOutputManager
 
-            self._structured_output_manager = StructuredOutputManager(
-                self.tokenizer, self.model_config.vocab_size, list(self.eos_token_ids)
-            )
+            self._structured_output_manager = StructuredOutputManager.for_engine(self.tokenizer, self.config)
         return self._structured_output_manager
 
     def check_structured_outputs(self, params: SamplingParams) -> None:

@@ -63,6 +63,12 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
     group.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype (only auto = the model's, yet)")
     group.add_argument("--enforce-eager", action="store_true",
                        help="never capture CUDA graphs: every step runs eagerly (slower decoding, faster start-up)")
+    group.add_argument("--structured-outputs-compile-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="how long one grammar (JSON schema, regex, EBNF) may compile before its request fails; "
+                            "the compile worker is then killed and replaced (default: 30)")
+    group.add_argument("--max-pending-grammars-per-client", type=int, default=4, metavar="N",
+                       help="grammar compiles one client may have waiting; beyond, the server answers 429 "
+                            "(default: 4)")
 
 
 # Flags whose default is "whatever the engine says": passed on only when given, so the engine's default stands.
@@ -92,6 +98,8 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         "num_gpu_blocks_override": args.num_gpu_blocks_override,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "enforce_eager": args.enforce_eager,
+        "structured_outputs_compile_timeout": args.structured_outputs_compile_timeout,
+        "max_pending_grammars_per_client": args.max_pending_grammars_per_client,
     }
     for name in _OPTIONAL_FLAGS:
         if getattr(args, name, None) is not None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pagedllm.config import EngineConfig
 from pagedllm.params import StructuredOutputsParams
 from pagedllm.structured_output.backend import GrammarMatcher, StructuredOutputBackend
 from pagedllm.structured_output.compile_pool import (
@@ -204,6 +205,14 @@ class StructuredOutputManager:
         self._cache_bytes = 0
         self._pending_by_client: dict[str, int] = {}
         self._is_shut_down = False
+
+    @classmethod
+    def for_engine(cls, tokenizer, config: EngineConfig) -> StructuredOutputManager:
+        """The manager of an engine built from ``config``: its vocabulary, end-of-sequence ids and compile settings."""
+        settings = config.structured_outputs_config
+        return cls(tokenizer, config.model_config.vocab_size, list(config.model_config.eos_token_ids),
+                   compile_timeout_s=settings.compile_timeout_s,
+                   max_pending_per_client=settings.max_pending_per_client)
 
     @property
     def backend(self) -> StructuredOutputBackend:
