@@ -34,6 +34,21 @@ MAX_MIXED_GRAPH_TOKENS = 256
 _SMALLEST_MIXED_GRAPH_TOKENS = 16
 
 
+# Context bounds of the extra decode graphs of small batches. The decode attention kernel's split count is fixed
+# when a graph is captured, from an upper bound of the context: a graph captured for max_model_len launches up to
+# 64 splits per (request, kv head) and merges them all, even for a 100-token context. Graphs of the same batch sizes
+# captured for these bounds launch fewer (at most 4 and 16 at batch 1); a step replays the graph of the smallest bound
+# that holds its longest context. Measured on an H200 at batch 1, context 100 (profile_decode_kernels.py): the
+# Qwen3-0.6B replay 1.38 -> 1.13 ms with a 256 bound, Llama-3.1-8B 4.47 -> 4.20 ms. Any bound is correct for any
+# context (the kernel spreads the context over the splits it has): the bound decides only the parallelism.
+DECODE_CONTEXT_BOUNDS = (256, 1024)
+
+
+def decode_context_bounds(max_model_len: int) -> list[int]:
+    """The bounds of the extra decode graphs, ascending: those shorter than max_model_len."""
+    return [bound for bound in DECODE_CONTEXT_BOUNDS if bound < max_model_len]
+
+
 def mixed_capture_sizes(max_num_batched_tokens: int) -> list[int]:
     """Padded token counts of the mixed-step graphs: 16, 32, 64, 128, 256 (those within the step budget)."""
     sizes, size = [], _SMALLEST_MIXED_GRAPH_TOKENS

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,14 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, NewRequestData, SchedulerOutput, TopLogprobs
 from pagedllm.model.loader import get_model, torch_dtype
 from pagedllm.params import SamplingParams
-from pagedllm.worker.cuda_graphs import StepGraphs, capture_sizes, decode_metadata, mixed_capture_sizes, mixed_metadata
+from pagedllm.worker.cuda_graphs import (
+    StepGraphs,
+    capture_sizes,
+    decode_context_bounds,
+    decode_metadata,
+    mixed_capture_sizes,
+    mixed_metadata,
+)
 from pagedllm.worker.sampler import (
     LogprobsTensors,
     Sampler,
@@ -117,7 +125,10 @@ class ModelRunner:
         self.use_cuda_graphs = (
             self.device.type == "cuda" and not config.enforce_eager and config.attention_backend == "triton"
         )
-        self.decode_graphs = StepGraphs()  # keyed by padded number of requests
+        self.decode_graphs = StepGraphs()  # keyed by padded number of requests, for any context up to max_model_len
+        # Context bound -> decode graphs of the small batch sizes whose attention launches fewer splits under that
+        # bound (ascending bounds; see cuda_graphs.DECODE_CONTEXT_BOUNDS).
+        self.bounded_decode_graphs: dict[int, StepGraphs] = {}
         self.mixed_graphs = StepGraphs()  # steps with a prefill, keyed by padded number of tokens
         self._block_table_versions = itertools.count(1)
         self.grammar_sampling: Any = None  # worker.grammar_sampling.GrammarSampling, made when first needed
@@ -229,18 +240,51 @@ class ModelRunner:
         buffers.fill_padding(0, 0, sched.max_num_seqs)  # every row padding: the captures write no KV slot
         self._upload_padded(sched.max_num_seqs, sched.max_num_seqs)
 
-        def forward(size: int) -> torch.Tensor:
-            metadata = decode_metadata(
-                buffers.slot_mapping.device[:size],
-                buffers.query_start_loc.device[: size + 1],
-                buffers.seq_lens.device[:size],
-                buffers.block_tables.device[:size],
-                sched.max_model_len,
-            )
-            return self.model(buffers.input_ids.device[:size], buffers.positions.device[:size], self.kv_caches,
-                              metadata)
+        def forward_for(context_bound: int) -> Callable[[int], torch.Tensor]:
+            def forward(size: int) -> torch.Tensor:
+                metadata = decode_metadata(
+                    buffers.slot_mapping.device[:size],
+                    buffers.query_start_loc.device[: size + 1],
+                    buffers.seq_lens.device[:size],
+                    buffers.block_tables.device[:size],
+                    context_bound,
+                )
+                return self.model(buffers.input_ids.device[:size], buffers.positions.device[:size], self.kv_caches,
+                                  metadata)
 
-        return self.decode_graphs.capture(capture_sizes(sched.max_num_seqs), forward, self.device, pool)
+            return forward
+
+        sizes = capture_sizes(sched.max_num_seqs)
+        seconds = self.decode_graphs.capture(sizes, forward_for(sched.max_model_len), self.device, pool)
+        if self.device.type == "cuda":
+            seconds += self._capture_bounded_decode_graphs(sizes, forward_for, pool)
+        return seconds
+
+    def _capture_bounded_decode_graphs(self, sizes: list[int], forward_for, pool) -> float:
+        """For each context bound, the decode graphs of the sizes whose attention splits fewer ways under it."""
+        from pagedllm.attention.triton_paged import num_decode_splits  # graphs run only the Triton backend
+
+        max_model_len = self.config.scheduler_config.max_model_len
+        num_kv_heads = self.model_config.num_key_value_heads
+
+        def splits(size: int, bound: int) -> int:
+            return num_decode_splits(size, num_kv_heads, bound, self.device)
+
+        seconds = 0.0
+        for bound in decode_context_bounds(max_model_len):
+            fewer = [size for size in sizes if splits(size, bound) < splits(size, max_model_len)]
+            if fewer:
+                graphs = self.bounded_decode_graphs[bound] = StepGraphs()
+                seconds += graphs.capture(fewer, forward_for(bound), self.device, pool)
+        return seconds
+
+    def _decode_graphs_for(self, padded_num_reqs: int, max_seq_len: int) -> StepGraphs:
+        """The graphs to replay a decode step of ``padded_num_reqs`` rows with: those of the smallest context bound
+        that holds ``max_seq_len`` and has that size, else the max_model_len ones."""
+        for bound, graphs in self.bounded_decode_graphs.items():
+            if max_seq_len <= bound and graphs.padded_size(padded_num_reqs) == padded_num_reqs:
+                return graphs
+        return self.decode_graphs
 
     def _mixed_graph_num_reqs(self, padded_num_tokens: int) -> int:
         """Requests a mixed graph of ``padded_num_tokens`` tokens holds: every request has at least one token."""
@@ -324,7 +368,9 @@ class ModelRunner:
             if padded is not None:
                 self.buffers.fill_padding(inputs.num_tokens, inputs.num_reqs, padded)
                 self._upload_padded(padded, padded)
-                return self.decode_graphs.replay(padded)[: inputs.num_tokens]
+                graphs = self._decode_graphs_for(padded, max(inputs.seq_lens)) if self.bounded_decode_graphs \
+                    else self.decode_graphs
+                return graphs.replay(padded)[: inputs.num_tokens]
         else:
             padded = self.mixed_graphs.padded_size(inputs.num_tokens)
             if padded is not None:
@@ -410,7 +456,7 @@ class ModelRunner:
             slot_mapping=buffers.slot_mapping.upload(num_tokens),
             query_start_loc=buffers.query_start_loc.upload(num_reqs + 1),
             seq_lens=buffers.seq_lens.upload(num_reqs),
-            block_tables=buffers.block_tables.upload(num_reqs),
+            block_tables=buffers.upload_block_tables(num_reqs),
             query_lens_cpu=inputs.query_lens,
             seq_lens_cpu=inputs.seq_lens,
             max_query_len=max(inputs.query_lens),
@@ -423,8 +469,8 @@ class ModelRunner:
         buffers = self.buffers
         for buffer in (buffers.input_ids, buffers.positions, buffers.slot_mapping):
             buffer.upload(padded_num_tokens)
-        for buffer in (buffers.seq_lens, buffers.block_tables):
-            buffer.upload(padded_num_reqs)
+        buffers.seq_lens.upload(padded_num_reqs)
+        buffers.upload_block_tables(padded_num_reqs)
         buffers.query_start_loc.upload(padded_num_reqs + 1)
 
     def _sample(self, hidden: torch.Tensor, inputs: _StepInputs) -> ModelRunnerOutput:

@@ -7,6 +7,11 @@ replayed CUDA graph reads. On CPU the host buffer is the device buffer and uploa
 
 Host buffers are rewritten only after the previous step's one device->host sync, by which time the copies that
 read them have finished.
+
+Two inputs rarely change from one step to the next and are copied only when they do: the query starts (a run of
+decode steps has the same ``0, 1, 2, ...``) and the block tables (a row changes when its request gets a new block, every
+``block_size`` tokens, or another request takes the row). Each copy costs ~15 us of host time at batch 1 (measured on
+an H200), and the block tables are ``max_num_seqs x max_blocks_per_req`` ids (2.6 MB at 256 x 2560).
 """
 
 from __future__ import annotations
@@ -24,11 +29,27 @@ class StagedBuffer:
         self.np = self.host.numpy()
         self.device = torch.zeros(shape, dtype=dtype, device=device) if is_cuda else self.host
 
-    def upload(self, num_rows: int) -> torch.Tensor:
-        """Copy the first ``num_rows`` rows to the device (asynchronously) and return them there."""
-        if self.device is not self.host:
-            self.device[:num_rows].copy_(self.host[:num_rows], non_blocking=True)
+    def upload(self, num_rows: int, first_row: int = 0) -> torch.Tensor:
+        """Copy rows ``first_row:num_rows`` to the device (asynchronously); return the first ``num_rows`` there."""
+        if self.device is not self.host and first_row < num_rows:
+            self.device[first_row:num_rows].copy_(self.host[first_row:num_rows], non_blocking=True)
         return self.device[:num_rows]
+
+
+class ShadowedBuffer(StagedBuffer):
+    """A small 1-D staged buffer copied only when its used prefix differs from what the device already holds."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(shape, dtype, device)
+        self._shadow = self.np.copy()  # what the device holds, on the host
+        self._num_shadowed = 0  # rows of the device buffer that equal the shadow
+
+    def upload(self, num_rows: int, first_row: int = 0) -> torch.Tensor:
+        if num_rows <= self._num_shadowed and np.array_equal(self.np[:num_rows], self._shadow[:num_rows]):
+            return self.device[:num_rows]
+        self._shadow[:num_rows] = self.np[:num_rows]
+        self._num_shadowed = max(self._num_shadowed, num_rows)
+        return super().upload(num_rows)
 
 
 class StepBuffers:
@@ -38,7 +59,7 @@ class StepBuffers:
         self.input_ids = StagedBuffer((max_num_tokens,), torch.int64, device)
         self.positions = StagedBuffer((max_num_tokens,), torch.int64, device)
         self.slot_mapping = StagedBuffer((max_num_tokens,), torch.int64, device)
-        self.query_start_loc = StagedBuffer((max_num_reqs + 1,), torch.int32, device)
+        self.query_start_loc = ShadowedBuffer((max_num_reqs + 1,), torch.int32, device)
         self.seq_lens = StagedBuffer((max_num_reqs,), torch.int32, device)
         self.block_tables = StagedBuffer((max_num_reqs, max_blocks_per_req), torch.int32, device)
         self.sample_indices = StagedBuffer((max_num_reqs,), torch.int64, device)
@@ -46,6 +67,14 @@ class StepBuffers:
         # from one step to the next only has its new blocks written (the scheduler's diff, not a rebuild).
         self._row_version: list[int | None] = [None] * max_num_reqs
         self._row_num_blocks = [0] * max_num_reqs
+        self._num_current_rows = 0  # block-table rows [0, this) on the device equal the host's
+
+    def upload_block_tables(self, num_rows: int) -> torch.Tensor:
+        """The first ``num_rows`` block-table rows on the device, copying only from the first row written since
+        the last copy (rows are contiguous, so one copy)."""
+        first_row = self._num_current_rows
+        self._num_current_rows = max(first_row, num_rows)
+        return self.block_tables.upload(num_rows, first_row)
 
     def write_block_table_row(self, row: int, version: int, block_ids: list[int]) -> None:
         """Make row ``row`` hold ``block_ids``; ``version`` (unique per block table, which only grows under one
@@ -53,6 +82,7 @@ class StepBuffers:
         num_written = self._row_num_blocks[row] if self._row_version[row] == version else 0
         if num_written < len(block_ids):
             self.block_tables.np[row, num_written : len(block_ids)] = block_ids[num_written:]
+            self._num_current_rows = min(self._num_current_rows, row)
         self._row_version[row] = version
         self._row_num_blocks[row] = len(block_ids)
 

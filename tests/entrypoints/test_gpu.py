@@ -88,6 +88,29 @@ def test_cuda_graphs_match_eager_steps(tiny_model):
             assert abs(got[token].logprob - expected[token].logprob) < 1e-4
 
 
+def test_context_bounded_decode_graphs_match_eager_steps(tiny_model):
+    """Small batches with short contexts replay the graphs captured for a short context bound (fewer attention
+    splits); contexts that outgrow a bound move to the next graphs. Tokens and logprobs equal the eager engine's."""
+    prompts = [{"prompt_token_ids": [7 + i, 30, 31, 32][: 1 + i % 4] * (1 + 60 * (i % 2))} for i in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=200 + 20 * i, ignore_eos=True, logprobs=0) for i in range(3)]
+    common = dict(device="cuda", dtype="float32", num_gpu_blocks_override=512, max_model_len=2048, max_num_seqs=4)
+    graphed = LLM(tiny_model("qwen3"), **common)
+    runner = graphed.llm_engine.engine_core.model_runner
+    assert list(runner.bounded_decode_graphs) == [256, 1024]
+    used = []
+    for graphs in [runner.decode_graphs, *runner.bounded_decode_graphs.values()]:
+        graphs.replay = (lambda original, graphs: lambda size: used.append(graphs) or original(size))(
+            graphs.replay, graphs)
+    eager = LLM(tiny_model("qwen3"), enforce_eager=True, **common)
+    for ours, reference in zip(graphed.generate(prompts, params, use_tqdm=False),
+                               eager.generate(prompts, params, use_tqdm=False)):
+        assert ours.outputs[0].token_ids == reference.outputs[0].token_ids
+        for got, expected in zip(ours.outputs[0].logprobs, reference.outputs[0].logprobs):
+            token = next(iter(expected))
+            assert abs(got[token].logprob - expected[token].logprob) < 1e-4
+    assert runner.bounded_decode_graphs[256] in used and runner.bounded_decode_graphs[1024] in used
+
+
 @torch.no_grad()
 def test_bfloat16_top1_agrees_with_float32_hf_over_long_generations(stories_dir):
     """The served path (bf16, Triton attention, fused ops, CUDA graphs) picks HF float32's top-1 token at >= 99% of

@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from pagedllm import LLM, SamplingParams  # noqa: E402
-from pagedllm.worker.cuda_graphs import capture_sizes, mixed_capture_sizes  # noqa: E402
+from pagedllm.worker.cuda_graphs import capture_sizes, decode_context_bounds, mixed_capture_sizes  # noqa: E402
+from pagedllm.worker.model_runner import ModelRunner  # noqa: E402
 from tests.utils import build_tiny_model  # noqa: E402
 
 
@@ -47,6 +48,24 @@ def test_capture_sizes() -> None:
     assert mixed_capture_sizes(8) == []
     assert mixed_capture_sizes(40) == [16, 32]
     assert mixed_capture_sizes(8192) == [16, 32, 64, 128, 256]
+
+
+def test_a_decode_step_replays_the_graph_of_the_smallest_context_bound_that_holds_it() -> None:
+    assert decode_context_bounds(40960) == [256, 1024]
+    assert decode_context_bounds(1024) == [256]
+    assert decode_context_bounds(128) == []
+    runner = object.__new__(ModelRunner)  # only the graph tables are needed
+    runner.decode_graphs = EagerGraphs()
+    runner.decode_graphs.sizes = [1, 2, 4, 8, 16, 24]
+    short, medium = EagerGraphs(), EagerGraphs()
+    short.sizes, medium.sizes = [1, 2, 4, 8, 16], [1, 2, 4]
+    runner.bounded_decode_graphs = {256: short, 1024: medium}
+    assert runner._decode_graphs_for(1, 100) is short
+    assert runner._decode_graphs_for(1, 256) is short
+    assert runner._decode_graphs_for(4, 257) is medium
+    assert runner._decode_graphs_for(8, 257) is runner.decode_graphs  # no 8-row graph under the 1024 bound
+    assert runner._decode_graphs_for(24, 10) is runner.decode_graphs  # no 24-row graph under any bound
+    assert runner._decode_graphs_for(1, 1025) is runner.decode_graphs
 
 
 @pytest.mark.slow
