@@ -379,3 +379,9 @@ def triton_ops_disabled_by_env() -> bool:
     """``PAGEDLLM_DISABLE_TRITON_OPS=1`` keeps the model's elementwise ops in plain torch on CUDA (to rule the
     fused kernels out when debugging numerics); read once, by ``platform.triton_ops_enabled``."""
     return os.environ.get("PAGEDLLM_DISABLE_TRITON_OPS", "0") not in ("", "0")
+
+
+def cpu_threads_from_env() -> int | None:
+    """The intra-op thread count the user set with ``OMP_NUM_THREADS`` (torch honours it), or None when unset."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
