@@ -119,15 +119,17 @@ class AsyncEngine:
     """Serves many concurrent requests from one continuously running engine loop."""
 
     def __init__(self, config: EngineConfig, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S,
-                 core_process: bool = False) -> None:
+                 core_process: bool = False, warm_up_grammars: bool = False) -> None:
         """``health_stall_timeout_s``: how long the loop may go without finishing a step (or an idle wait; with a
         core process: without hearing from it) before the engine reports itself unhealthy. ``core_process``: run
-        the engine core in its own process (raises EngineStartupError, with the core's reason, if it cannot start)."""
+        the engine core in its own process (raises EngineStartupError, with the core's reason, if it cannot start).
+        ``warm_up_grammars`` (a server): start the grammar compile workers in the background now, so that the first
+        constrained request does not wait for them (they take ~5 s of CPU each; readiness does not wait)."""
         if not health_stall_timeout_s > 0:
             raise ValueError(f"health_stall_timeout_s must be positive, got {health_stall_timeout_s}")
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         self.core_process = core_process
-        self.engine = _make_engine(config, core_process)
+        self.engine = _make_engine(config, core_process, warm_up_grammars)
         self._dead_reason: str | None = None  # the core process died: why (health stays bad)
         self._death_callbacks: list = []
         self.config = self.engine.config  # with the end-of-sequence ids resolved
@@ -145,9 +147,9 @@ class AsyncEngine:
     @classmethod
     def from_engine_args(
         cls, args: EngineArgs, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S,
-        core_process: bool = False,
+        core_process: bool = False, warm_up_grammars: bool = False,
     ) -> AsyncEngine:
-        return cls(args.create_engine_config(), health_stall_timeout_s, core_process)
+        return cls(args.create_engine_config(), health_stall_timeout_s, core_process, warm_up_grammars)
 
     @property
     def tokenizer(self):
@@ -159,8 +161,10 @@ class AsyncEngine:
 
     @property
     def structured_output_manager(self):
-        """The grammar compiler and cache, to compile a request's constraint ahead (ValueError without a tokenizer)."""
-        return self.engine.input_processor.structured_output_manager
+        """What compiles a request's constraint ahead (ValueError without a tokenizer): in one process the manager
+        the engine's grammars come from; with a core process, a stand-in that asks the core's (``prepare``,
+        ``compile_timeout_s``, ``max_wait_s``), so that each spec compiles once, in the core's compile pool."""
+        return self.engine.structured_output_manager
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -257,8 +261,12 @@ class AsyncEngine:
             logger.error("The engine loop did not stop within %.1f s; failing its requests without it", timeout)
             self._fail_streams(EngineDeadError("The engine is shutting down"))
             self._fail_inbox(EngineDeadError("The engine is shutting down"))
+        # Kills the grammar compile workers (with a core process: the core does, and is reaped). In one process only
+        # after the loop stopped, or gave up on it: a step in flight may be waiting on a compile.
         if self.core_process:
-            self.engine.shutdown(timeout)  # reaps the core process
+            self.engine.shutdown(timeout)
+        else:
+            self.engine.shutdown()
 
     # ---- the loop thread -----------------------------------------------------------------------------------
 
@@ -372,9 +380,12 @@ class AsyncEngine:
                 message.stream.put(error)
 
 
-def _make_engine(config: EngineConfig, core_process: bool):
-    if not core_process:
-        return LLMEngine(config)
-    from pagedllm.engine.frontend import MultiprocessLLMEngine
+def _make_engine(config: EngineConfig, core_process: bool, warm_up_grammars: bool):
+    if core_process:
+        from pagedllm.engine.frontend import MultiprocessLLMEngine
 
-    return MultiprocessLLMEngine(config)
+        return MultiprocessLLMEngine(config, warm_up_grammars)
+    engine = LLMEngine(config)
+    if warm_up_grammars:
+        engine.warm_up_structured_outputs()
+    return engine

@@ -2,7 +2,7 @@
 executor), which may run in another process. Plain data only: no ``Request``, grammar object, tokenizer or tensor.
 
 Front end -> core: ``AddRequests`` (the sequences of one request, as ``EngineCoreRequest``), ``AbortRequests``,
-``UtilityCall``, ``ShutdownCore``. Core -> front end: ``CoreReady`` or ``CoreStartupFailed`` once (the handshake),
+``UtilityCall``, ``PrepareGrammar``, ``ShutdownCore``. Core -> front end: ``CoreReady`` or ``CoreStartupFailed`` once (the handshake),
 then ``EngineCoreOutputs`` after every step that produced outputs, and as a heartbeat while idle.
 
 Serialization: msgspec msgpack, with the hot messages as ``msgspec.Struct`` (``array_like``: no field names on the
@@ -23,7 +23,7 @@ from typing import Any, Union
 import msgspec
 
 from pagedllm.core.interface import TopLogprobs
-from pagedllm.params import SamplingParams
+from pagedllm.params import SamplingParams, StructuredOutputsParams
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -97,11 +97,21 @@ class UtilityCall(msgspec.Struct, tag=True, array_like=True):
     args: list[Any] = []
 
 
+class PrepareGrammar(msgspec.Struct, tag=True, array_like=True):
+    """Compile a spec ahead of its request (the server's early check) in the core's compile pool, which is the only
+    one: the compiled grammar stays in the core's cache for the request that follows. Answered, once the compile
+    has finished, by a ``GrammarPrepared`` with the same call id; the core does not wait for it meanwhile."""
+
+    call_id: int
+    spec: StructuredOutputsParams
+    client_id: str | None = None  # whose per-client pending limit the compile counts against
+
+
 class ShutdownCore(msgspec.Struct, tag=True, array_like=True):
     """Stop stepping and exit (requests still in flight are dropped: the front end has failed them)."""
 
 
-FrontToCore = Union[AddRequests, AbortRequests, UtilityCall, ShutdownCore]
+FrontToCore = Union[AddRequests, AbortRequests, UtilityCall, PrepareGrammar, ShutdownCore]
 
 
 # ---- core -> front end -------------------------------------------------------------------------------------------
@@ -111,6 +121,21 @@ class UtilityResult(msgspec.Struct, array_like=True, omit_defaults=True):
     call_id: int
     result: Any = None
     error: str | None = None
+
+
+class GrammarPrepared(msgspec.Struct, array_like=True, omit_defaults=True):
+    """The answer to ``PrepareGrammar``: compiled (``error_kind`` None), or why not. ``error_kind`` is one of
+    ``GRAMMAR_ERROR_KINDS`` so that the front end raises the exception type the manager raised (the server's 400 /
+    429 / 503 depend on it)."""
+
+    call_id: int
+    error_kind: str | None = None
+    error: str | None = None
+
+
+# GrammarPrepared.error_kind: "invalid" (ValueError: a bad spec, a compile past its deadline), "queue_full"
+# (GrammarQueueFull), "abandoned" (GrammarCompileAbandoned: shutting down), "internal" (anything else).
+GRAMMAR_ERROR_KINDS = ("invalid", "queue_full", "abandoned", "internal")
 
 
 class EngineCoreOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
@@ -123,6 +148,7 @@ class EngineCoreOutputs(msgspec.Struct, tag=True, array_like=True, omit_defaults
     # Core request id -> time.monotonic() it was first scheduled, reported with its first output (queue time).
     first_scheduled_times: dict[str, float] = {}
     utility_results: list[UtilityResult] = []
+    grammar_results: list[GrammarPrepared] = []
 
 
 class CoreReady(msgspec.Struct, tag=True, array_like=True):

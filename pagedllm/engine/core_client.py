@@ -4,7 +4,11 @@
 
 The multiprocess client is owned by one thread (the front end's loop): ZeroMQ sockets are not thread-safe. Another
 thread wakes that loop with ``wake()`` (a pipe in the same poll as the output socket and the child's sentinel), so a
-new request never waits for the next output, and the child's death is seen at once.
+new request never waits for the next output, and the child's death is seen at once. A message from another thread
+(the server's early grammar check) is queued with ``send_from_any_thread`` and sent by the owning thread.
+
+The sockets' directory is named after this process (``pagedllm-core-<pid>-*``): a server killed with SIGKILL cannot
+remove it, so each new client removes those of ours whose process is gone (``remove_stale_socket_dirs``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import atexit
 import logging
 import multiprocessing
 import os
+import queue
+import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -62,12 +69,50 @@ class InProcessCoreClient:
         return self.core.step_outputs()
 
 
+_SOCKET_DIR_PREFIX = "pagedllm-core-"
+_SOCKET_DIR_PATTERN = re.compile(rf"{_SOCKET_DIR_PREFIX}(\d+)-[^/]+")
+
+
+def remove_stale_socket_dirs(parent: str | None = None) -> list[str]:
+    """Remove the socket directories (``pagedllm-core-<pid>-*``, owned by this user) whose process is gone; return
+    them. Directories of live processes, of other users and of any other name are left alone."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(parent):
+        match = _SOCKET_DIR_PATTERN.fullmatch(name)
+        path = os.path.join(parent, name)
+        if match and _is_own_dir(path) and not _is_process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _is_own_dir(path: str) -> bool:
+    try:
+        info = os.lstat(path)  # lstat: a symlink is never followed, nor removed
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+
+
+def _is_process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's: a reused pid; keep the directory
+    return True
+
+
 class MultiprocessCoreClient:
     """The core in a spawned child. Construction returns once the child is ready (``self.ready``), or raises
     ``EngineStartupError`` with the child's reason."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        self._dir = tempfile.mkdtemp(prefix="pagedllm-core-")
+    def __init__(self, config: EngineConfig, warm_up_grammars: bool = False) -> None:
+        """``warm_up_grammars``: the core starts its grammar compile workers in the background once ready."""
+        remove_stale_socket_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{_SOCKET_DIR_PREFIX}{os.getpid()}-")
         self._context = zmq.Context()
         self._codec = MessageCodec()
         self._input = self._bind(zmq.PUSH, "input")
@@ -76,9 +121,10 @@ class MultiprocessCoreClient:
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._next_call_id = 0
+        self._outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()  # encoded messages from other threads
         self._shutdown_lock = threading.Lock()  # the server may call shutdown from several threads at once
         self._is_shut_down = False
-        self.process = self._spawn(config)
+        self.process = self._spawn(config, warm_up_grammars)
         self._poller = zmq.Poller()
         for source in (self._output, self._wake_read, self.process.sentinel):
             self._poller.register(source, zmq.POLLIN)
@@ -97,14 +143,14 @@ class MultiprocessCoreClient:
         socket.bind(f"ipc://{self._dir}/{name}")
         return socket
 
-    def _spawn(self, config: EngineConfig) -> multiprocessing.process.BaseProcess:
+    def _spawn(self, config: EngineConfig, warm_up_grammars: bool) -> multiprocessing.process.BaseProcess:
         from pagedllm.engine.core_proc import run_engine_core
 
         # Not a daemon: the core starts processes of its own (grammar compile workers). Reaped by shutdown();
         # if this process dies first, the core notices its new parent and exits.
         process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core, name="pagedllm-engine-core",
-            args=(config, f"ipc://{self._dir}/input", f"ipc://{self._dir}/output", os.getpid()),
+            args=(config, f"ipc://{self._dir}/input", f"ipc://{self._dir}/output", os.getpid(), warm_up_grammars),
         )
         process.start()
         return process
@@ -138,6 +184,19 @@ class MultiprocessCoreClient:
         self._input.send(self._codec.encode(UtilityCall(self._next_call_id, method, list(args))))
         return self._next_call_id
 
+    def send_from_any_thread(self, data: bytes) -> None:
+        """Queue an encoded message for the core; the owning thread sends it (woken now). Safe from any thread."""
+        self._outbox.put(data)
+        self.wake()
+
+    def _send_outbox(self) -> None:
+        while True:
+            try:
+                data = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._input.send(data)
+
     # ---- outputs out -------------------------------------------------------------------------------------------
 
     def wake(self) -> None:
@@ -150,9 +209,11 @@ class MultiprocessCoreClient:
     def get_outputs(self, timeout_s: float) -> list[EngineCoreOutputs]:
         """Whatever outputs have arrived, waiting up to ``timeout_s`` for the first (or a ``wake``). Raises
         EngineDeadError if the child has died."""
+        self._send_outbox()
         events = dict(self._poller.poll(int(timeout_s * 1000)))
         if self._wake_read in events:
             self._drain_wake_pipe()
+            self._send_outbox()
         messages = self._receive_all() if self._output in events else []
         if self.process.sentinel in events:
             raise EngineDeadError(self.death_reason())

@@ -6,6 +6,11 @@ It connects two ZeroMQ sockets to the parent's: PULL for ``contracts.FrontToCore
 ``CoreStartupFailed`` with the error for the user, then exit. The loop: while there is work, take whatever input
 is waiting without blocking, step, send the step's ``EngineCoreOutputs``; idle, block on input (sending a heartbeat
 each ``HEARTBEAT_INTERVAL_S``, by which the front end knows the core is alive and not stuck).
+
+The core owns the only grammar compile pool (its ``StructuredOutputManager``): the server's early check of a spec
+arrives as ``PrepareGrammar`` and is answered when its compile finishes (``grammar_calls.PendingGrammarCalls``); a
+finished compile wakes an idle loop through a pipe polled with the input socket. Serving (``warm_up_grammars``), the
+compile workers start in the background while the model loads.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ from pagedllm.engine.contracts import (
     EngineCoreOutput,
     EngineCoreOutputs,
     FrontToCore,
+    GrammarPrepared,
     MessageCodec,
+    PrepareGrammar,
     ShutdownCore,
     UtilityCall,
     UtilityResult,
 )
+from pagedllm.engine.grammar_calls import LazyStructuredOutputManager, PendingGrammarCalls
 
 logger = logging.getLogger(__name__)
 
@@ -40,24 +48,44 @@ HEARTBEAT_INTERVAL_S = 1.0  # longest silence of a live core (idle, or waiting o
 _SEND_LINGER_MS = 5000  # at exit, how long queued messages (the start-up error, last outputs) may take to go out
 
 
-def run_engine_core(config: EngineConfig, input_address: str, output_address: str, parent_pid: int) -> None:
-    """The child's main: build the core, shake hands, serve the parent until told to stop or the parent is gone."""
+def run_engine_core(config: EngineConfig, input_address: str, output_address: str, parent_pid: int,
+                    warm_up_grammars: bool = False) -> None:
+    """The child's main: build the core, shake hands, serve the parent until told to stop or the parent is gone.
+    ``warm_up_grammars``: start the grammar compile workers in the background now (serving): they start while the
+    model loads, so that the first constrained request does not wait for them; readiness does not wait either."""
     # Ctrl-C reaches the whole process group: the parent decides (it drains, then tells this process to stop).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if config.device == "cpu":
+        _leave_a_core_to_the_server()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
     context = zmq.Context()
     input_socket = _connect(context, zmq.PULL, input_address)
     output_socket = _connect(context, zmq.PUSH, output_address)
     codec = MessageCodec()
-    core = _build_core(config, output_socket, codec)
+    grammars = LazyStructuredOutputManager(config)  # the only grammar compile pool of the server
+    if warm_up_grammars:
+        grammars.warm_up()
+    core = _build_core(config, output_socket, codec, grammars.get)
     if core is None:
+        grammars.shutdown()
         _close(context, _SEND_LINGER_MS, input_socket, output_socket)  # the error must reach the parent
         sys.exit(1)
+    loop = _CoreLoop(core, input_socket, output_socket, codec, parent_pid)
     try:
-        _CoreLoop(core, input_socket, output_socket, codec, parent_pid).run()
+        loop.run()
     finally:
+        grammars.shutdown()  # kills the grammar compile workers at once
         core.shutdown()
+        loop.close()
         _close(context, 0, input_socket, output_socket)  # the parent reads no more: drop what is unsent
+
+
+def _leave_a_core_to_the_server() -> None:
+    import torch
+
+    from pagedllm.platform import engine_core_cpu_threads
+
+    torch.set_num_threads(engine_core_cpu_threads())
 
 
 def _connect(context: zmq.Context, kind: int, address: str) -> zmq.Socket:
@@ -72,12 +100,12 @@ def _close(context: zmq.Context, linger_ms: int, *sockets: zmq.Socket) -> None:
     context.term()
 
 
-def _build_core(config: EngineConfig, output_socket: zmq.Socket, codec: MessageCodec):
+def _build_core(config: EngineConfig, output_socket: zmq.Socket, codec: MessageCodec, structured_output_manager):
     """The EngineCore, announced with ``CoreReady``; or None after sending why it could not be built."""
     from pagedllm.engine.engine import EngineCore, describe_error
 
     try:
-        core = EngineCore(config)
+        core = EngineCore(config, structured_output_manager)
     except Exception as exc:
         logger.debug("Engine core start-up failed", exc_info=True)
         output_socket.send(codec.encode(CoreStartupFailed(describe_error(exc, max_chars=2000))))
@@ -101,6 +129,20 @@ class _CoreLoop:
         self.last_sent = time.monotonic()
         self.pending: list[EngineCoreOutput] = []  # outputs made outside a step (failed adds)
         self.utility_results: list[UtilityResult] = []
+        self.grammar_results: list[GrammarPrepared] = []
+        # A finished grammar compile writes here (from the compile pool's thread) to wake an idle loop.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self.grammar_calls = PendingGrammarCalls(self._wake)
+        self.poller = zmq.Poller()
+        self.poller.register(self.input_socket, zmq.POLLIN)
+        self.poller.register(self._wake_read, zmq.POLLIN)
+
+    def close(self) -> None:
+        """Close the wake pipe: after the core's shutdown, whose abandoned compiles still call ``_wake``."""
+        for fd in (self._wake_read, self._wake_write):
+            os.close(fd)
 
     def run(self) -> None:
         while not self.stopping:
@@ -108,15 +150,35 @@ class _CoreLoop:
             self._take_inputs(block=not busy)
             if self.stopping:
                 return
+            self.grammar_results += self.grammar_calls.take_answers()
             if self.core.has_unfinished_requests():
                 self._step()
-            elif self.pending or self.utility_results:
+            elif self._has_answers():
                 self._send(EngineCoreOutputs([], time.monotonic()))
             self._check_liveness()
 
+    def _has_answers(self) -> bool:
+        return bool(self.pending or self.utility_results or self.grammar_results)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"x")
+        except OSError:
+            pass  # the pipe is full (a wake is pending anyway) or closed (stopping)
+
+    def _drain_wakes(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
     def _take_inputs(self, block: bool) -> None:
         timeout_ms = int(HEARTBEAT_INTERVAL_S * 1000) if block else 0
-        if not self.input_socket.poll(timeout_ms):
+        events = dict(self.poller.poll(timeout_ms))
+        if self._wake_read in events:
+            self._drain_wakes()
+        if self.input_socket not in events:
             return
         while not self.stopping:
             try:
@@ -133,6 +195,8 @@ class _CoreLoop:
             self.core.abort_requests(message.request_ids, status)
         elif isinstance(message, UtilityCall):
             self.utility_results.append(self._call_utility(message))
+        elif isinstance(message, PrepareGrammar):
+            self.grammar_calls.start(message, lambda: self.core.structured_output_manager)
         elif isinstance(message, ShutdownCore):
             self.stopping = True
 
@@ -160,7 +224,7 @@ class _CoreLoop:
             outputs = self.core.step_outputs()
         except Exception:
             outputs = self._fail_everything()
-        if outputs.outputs or self.pending or self.utility_results or self._heartbeat_due():
+        if outputs.outputs or self._has_answers() or self._heartbeat_due():
             self._send(outputs)
 
     def _fail_everything(self) -> EngineCoreOutputs:
@@ -180,6 +244,8 @@ class _CoreLoop:
             self.pending = []
         if self.utility_results:
             outputs.utility_results, self.utility_results = self.utility_results, []
+        if self.grammar_results:
+            outputs.grammar_results, self.grammar_results = self.grammar_results, []
         self.output_socket.send(self.codec.encode(outputs), copy=False)
         self.last_sent = time.monotonic()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,7 @@ class EngineCore:
         self.config = config
         self._manager_provider = structured_output_manager
         self._own_manager = None  # made here when no provider was given
+        self._own_manager_lock = threading.Lock()  # the loop and the warm-up thread may both make it
         # Requests whose first schedule time the front end has not been told yet (its queue-time metric).
         self._awaiting_first_output: dict[str, Request] = {}
         self.executor: Executor = InProcessExecutor(config)
@@ -139,9 +141,10 @@ class EngineCore:
         """The grammar compiler and cache the core's grammars come from (made on first use)."""
         if self._manager_provider is not None:
             return self._manager_provider()
-        if self._own_manager is None:
-            self._own_manager = _make_structured_output_manager(self.config)
-        return self._own_manager
+        with self._own_manager_lock:
+            if self._own_manager is None:
+                self._own_manager = make_structured_output_manager(self.config)
+            return self._own_manager
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -177,8 +180,10 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop what the core started: its grammar compile workers and the executor's workers."""
-        if self._own_manager is not None:
-            self._own_manager.shutdown()
+        with self._own_manager_lock:
+            manager = self._own_manager
+        if manager is not None:
+            manager.shutdown()
         self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
@@ -217,13 +222,25 @@ def describe_error(exc: BaseException, max_chars: int = _MAX_ERROR_CHARS) -> str
     return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
-def _make_structured_output_manager(config: EngineConfig):
-    """The core's own grammar manager (the core process's): with the tokenizer, which xgrammar's tables need."""
+def make_structured_output_manager(config: EngineConfig):
+    """A grammar manager of the core's own (the core process's): with the tokenizer, which xgrammar's tables need."""
     from pagedllm.structured_output import StructuredOutputManager
 
     if config.skip_tokenizer_init:
         raise ValueError("structured_outputs needs a tokenizer; this engine was built with skip_tokenizer_init=True")
     return StructuredOutputManager.for_engine(load_tokenizer(config.model_config), config)
+
+
+def start_grammar_warm_up(manager_provider: Callable[[], Any]) -> None:
+    """Build the grammar manager and its compile pool in a background thread (a failure is only logged: the first
+    constrained request then meets it)."""
+    def warm_up() -> None:
+        try:
+            manager_provider().start_workers()
+        except Exception:
+            logger.warning("Starting the grammar compile workers ahead failed", exc_info=True)
+
+    threading.Thread(target=warm_up, name="pagedllm-grammar-warm-up", daemon=True).start()
 
 
 def with_resolved_eos_token_ids(config: EngineConfig, tokenizer) -> EngineConfig:
@@ -304,3 +321,19 @@ class LLMEngine:
     def get_metrics(self) -> list[Metric]:
         self.metrics.record_step(self.engine_core.scheduler.stats())
         return self.metrics.snapshot()
+
+    @property
+    def structured_output_manager(self):
+        """The grammar compiler and cache (shared by the front end and the core); ValueError without a tokenizer."""
+        return self.input_processor.structured_output_manager
+
+    def warm_up_structured_outputs(self) -> None:
+        """Serving: start the grammar compile workers now, in the background, so that the first constrained request
+        does not wait ~5-10 s for them. Does not delay anything; nothing to do without a tokenizer."""
+        if self.tokenizer is not None:
+            start_grammar_warm_up(lambda: self.input_processor.structured_output_manager)
+
+    def shutdown(self) -> None:
+        """Kill the grammar compile workers (pending compiles fail at once) and stop the core."""
+        self.input_processor.shutdown_structured_outputs()
+        self.engine_core.shutdown()

@@ -4,6 +4,9 @@
 add_processed, abort_request, step, has_unfinished_requests, get_metrics, engine_fault), but ``step()`` does no
 model work: it waits for the core's ``EngineCoreOutputs`` and turns them into RequestOutputs (detokenizing,
 applying stop strings: a stop string found here finishes the sequence in the core too).
+
+No grammar is compiled here: the core owns the only compile pool, and ``structured_output_manager`` is a stand-in
+(``grammar_calls.CoreGrammarPreparer``) that sends the server's early check of a spec to the core.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import time
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.contracts import EngineCoreOutputs
-from pagedllm.engine.core_client import MultiprocessCoreClient
+from pagedllm.engine.core_client import EngineDeadError, MultiprocessCoreClient
 from pagedllm.engine.engine import with_resolved_eos_token_ids
+from pagedllm.engine.grammar_calls import CoreGrammarPreparer
 from pagedllm.engine.metrics import EngineMetrics, Metric
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.processing import InputProcessor, ProcessedRequest, PromptInput, load_tokenizer
@@ -23,14 +27,16 @@ from pagedllm.params import RequestOutput, SamplingParams
 class MultiprocessLLMEngine:
     """Tokenize and validate here, send plain requests to the core process, process its outputs here."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, warm_up_grammars: bool = False) -> None:
+        """``warm_up_grammars``: the core starts its grammar compile workers in the background once ready."""
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_config)
         self.config = with_resolved_eos_token_ids(config, self.tokenizer)
-        self.core_client = MultiprocessCoreClient(self.config)  # returns once the core is ready
+        self.core_client = MultiprocessCoreClient(self.config, warm_up_grammars)  # returns once the core is ready
         self.startup_report = self.core_client.ready.startup_report
         self.num_blocks = self.core_client.ready.num_blocks
         self.metrics = EngineMetrics()
-        self.input_processor = InputProcessor(self.config, self.tokenizer, self.num_blocks)
+        self.grammar_preparer = CoreGrammarPreparer(self.config, self.core_client.send_from_any_thread)
+        self.input_processor = InputProcessor(self.config, self.tokenizer, self.num_blocks, self.grammar_preparer)
         self.output_processor = OutputProcessor(self.tokenizer, self.metrics)
         self.engine_fault: str | None = None
         self.last_heard_from_core = time.monotonic()
@@ -59,13 +65,20 @@ class MultiprocessLLMEngine:
         """The outputs of whatever the core has sent, waiting up to ``timeout_s`` (or a ``wake``) for some.
         Raises EngineDeadError when the core process has died."""
         request_outputs = []
-        for message in self.core_client.get_outputs(timeout_s):
+        try:
+            messages = self.core_client.get_outputs(timeout_s)
+        except EngineDeadError as exc:
+            self.grammar_preparer.abandon_all(str(exc))
+            raise
+        for message in messages:
             request_outputs += self._process(message)
         return request_outputs
 
     def _process(self, message: EngineCoreOutputs) -> list[RequestOutput]:
         self.last_heard_from_core = time.monotonic()
         self.engine_fault = message.engine_fault
+        if message.grammar_results:
+            self.grammar_preparer.resolve(message.grammar_results)
         if message.scheduler_stats is not None:
             self.metrics.record_step(message.scheduler_stats)
         if not message.outputs:
@@ -83,5 +96,12 @@ class MultiprocessLLMEngine:
     def get_metrics(self) -> list[Metric]:
         return self.metrics.snapshot()
 
+    @property
+    def structured_output_manager(self) -> CoreGrammarPreparer:
+        """The early check of a spec, compiled by the core; ValueError without a tokenizer (as in one process)."""
+        return self.input_processor.structured_output_manager
+
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the core (it kills its grammar compile workers); pending early checks fail with a 503."""
+        self.grammar_preparer.shutdown()
         self.core_client.shutdown(timeout)

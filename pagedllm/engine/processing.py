@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,27 +60,38 @@ class ProcessedRequest:
 class InputProcessor:
     """Tokenizes and validates prompts and sampling parameters before anything is queued."""
 
-    def __init__(self, config: EngineConfig, tokenizer, num_kv_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, tokenizer, num_kv_blocks: int, structured_output_manager=None) -> None:
+        """``structured_output_manager``: what ``structured_output_manager`` returns (the engine core process's
+        stand-in, ``grammar_calls.CoreGrammarPreparer``); None: a ``StructuredOutputManager`` made here on first use."""
         self.config = config
         self.model_config = config.model_config
         self.max_model_len = config.scheduler_config.max_model_len
         self.tokenizer = tokenizer
         self.eos_token_ids = config.model_config.eos_token_ids  # resolved once: see resolve_eos_token_ids
         self._seed_rng = random.Random(config.seed)
-        self._structured_output_manager = None  # made on the first constrained request
+        self._structured_output_manager = structured_output_manager  # else made on the first constrained request
+        self._manager_lock = threading.Lock()  # the event loop and a warm-up thread may both ask first
 
     @property
     def structured_output_manager(self):
         """The grammar compiler and cache, made on first use; ValueError without a tokenizer. The engine core makes
-        the grammar objects; in-process it shares this manager (one compile), in its own process it has its own
-        and this one serves only the server's early check of a spec (``prepare``)."""
+        the grammar objects: in-process it shares this manager (one compile); in its own process it owns the only
+        manager, and this is the stand-in given at construction, which asks the core (``prepare`` only)."""
         if self.tokenizer is None:
             raise ValueError("structured_outputs needs a tokenizer; this engine was built with skip_tokenizer_init=True")
-        if self._structured_output_manager is None:
-            from pagedllm.structured_output import StructuredOutputManager
+        with self._manager_lock:
+            if self._structured_output_manager is None:
+                from pagedllm.structured_output import StructuredOutputManager
 
-            self._structured_output_manager = StructuredOutputManager.for_engine(self.tokenizer, self.config)
-        return self._structured_output_manager
+                self._structured_output_manager = StructuredOutputManager.for_engine(self.tokenizer, self.config)
+            return self._structured_output_manager
+
+    def shutdown_structured_outputs(self) -> None:
+        """Shut the manager down, if there is one: its compile workers are killed, pending compiles fail at once."""
+        with self._manager_lock:
+            manager = self._structured_output_manager
+        if manager is not None:
+            manager.shutdown()
 
     def check_structured_outputs(self, params: SamplingParams) -> None:
         """Raise ValueError now if the request's spec does not parse (the compile goes on in the background)."""

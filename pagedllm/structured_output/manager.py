@@ -225,13 +225,28 @@ class StructuredOutputManager:
 
     @property
     def pool(self) -> CompilePool:
-        """The compile worker processes, started on first use."""
+        """The compile worker processes, started on first use (GrammarCompileAbandoned once shut down)."""
         with self._lock:
+            if self._is_shut_down:  # e.g. a warm-up thread that comes late must not start workers nobody kills
+                raise GrammarCompileAbandoned("structured output compilation is shut down")
             if self._pool is None:
                 backend = self.backend
                 self._pool = CompilePool(backend.worker_setup, backend.worker_payload(), backend.load_compiled,
                                          num_workers=self._num_workers, max_result_bytes=self.cache_max_bytes)
             return self._pool
+
+    def start_workers(self) -> None:
+        """Start the compile workers now rather than at the first compile (a server warming up: each takes ~5 s of
+        CPU to start). Returns once they are launched, not ready; a no-op once shut down."""
+        try:
+            self.pool
+        except GrammarCompileAbandoned:
+            pass
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the compile workers (none before they start)."""
+        with self._lock:
+            return [] if self._pool is None else [pid for pid in self._pool.worker_pids() if pid is not None]
 
     @property
     def max_wait_s(self) -> float:

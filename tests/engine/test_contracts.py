@@ -13,7 +13,9 @@ from pagedllm.engine.contracts import (
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
+    GrammarPrepared,
     MessageCodec,
+    PrepareGrammar,
     SchedulerStats,
     ShutdownCore,
     UtilityCall,
@@ -45,6 +47,8 @@ FRONT_TO_CORE = [
     AbortRequests(["a"], stopped=True),
     UtilityCall(7, "num_unfinished_requests"),
     UtilityCall(8, "echo", [1, "two", [3.0]]),
+    PrepareGrammar(9, StructuredOutputsParams(json={"type": "object", "properties": {"b": {}, "a": {}}}), "10.0.0.1"),
+    PrepareGrammar(10, StructuredOutputsParams(regex="[a-z]+")),
     ShutdownCore(),
 ]
 
@@ -63,6 +67,7 @@ CORE_TO_FRONT = [
         engine_fault="steps keep failing",
         first_scheduled_times={"r1": 99.5},
         utility_results=[UtilityResult(7, 3), UtilityResult(8, error="no utility method 'echo'")],
+        grammar_results=[GrammarPrepared(9), GrammarPrepared(10, "queue_full", "too many grammars")],
     ),
     EngineCoreOutputs([], timestamp=1.0),
     CoreReady(num_blocks=2048, max_model_len=1024, startup_report={"num_gpu_blocks": 2048, "seconds": {"load": 0.2}}),
@@ -98,3 +103,12 @@ def test_sampling_params_keep_their_types():
 def test_a_finished_output_says_so():
     assert EngineCoreOutput("r", [1], finish_reason="length").finished
     assert not EngineCoreOutput("r", [1]).finished
+
+
+def test_a_prepared_schema_keeps_its_property_order():
+    """The core's cache key and the compiled grammar depend on the schema's property order."""
+    codec = MessageCodec()
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"z": {}, "a": {}, "m": {}}})
+    decoded = codec.decode_front_to_core(codec.encode(PrepareGrammar(1, spec)))
+    assert list(decoded.spec.json["properties"]) == ["z", "a", "m"]
+    assert decoded.spec.spec_key == spec.spec_key

@@ -329,7 +329,8 @@ def run_server(args: argparse.Namespace) -> int:
     load_chat_template(args.chat_template)  # a wrong path fails now, not after the model has loaded
     _exit_quietly_on_signals()
     engine = AsyncEngine.from_engine_args(engine_args, health_stall_timeout_s=args.health_stall_timeout,
-                                          core_process=getattr(args, "engine_core_process", True))
+                                          core_process=getattr(args, "engine_core_process", True),
+                                          warm_up_grammars=True)  # the first constrained request need not wait
     try:
         app = build_app(engine, args)
         names = ", ".join(args.served_model_name or [args.model_name])
