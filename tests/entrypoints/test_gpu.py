@@ -7,7 +7,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from tests.entrypoints.conftest import hf_greedy
-from tests.utils import load_hf_model
+from tests.utils import build_tiny_model, load_hf_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -78,7 +78,7 @@ def test_cuda_graphs_match_eager_steps(tiny_model):
     runner = graphed.llm_engine.engine_core.model_runner
     assert runner.use_cuda_graphs and runner.decode_graphs.padded_size(11) == 16
     assert {"load", "cuda_graphs"} <= set(runner.startup_seconds)  # no "profile": the block count is given
-    eager = LLM(tiny_model("qwen3"), enforce_eager=True, **common)
+    eager = LLM(long_context_model, enforce_eager=True, **common)
     assert not eager.llm_engine.engine_core.model_runner.use_cuda_graphs
     for ours, reference in zip(graphed.generate(prompts, params, use_tqdm=False),
                                eager.generate(prompts, params, use_tqdm=False)):
@@ -88,20 +88,28 @@ def test_cuda_graphs_match_eager_steps(tiny_model):
             assert abs(got[token].logprob - expected[token].logprob) < 1e-4
 
 
-def test_context_bounded_decode_graphs_match_eager_steps(tiny_model):
+@pytest.fixture(scope="module")
+def long_context_model(tmp_path_factory) -> str:
+    """A tiny Qwen3 whose positions reach 2048 (the session's tiny models stop at 256), for the 1024 bound."""
+    return build_tiny_model(tmp_path_factory.mktemp("long_context"), "qwen3", vocab_size=320,
+                            max_position_embeddings=2048)
+
+
+def test_context_bounded_decode_graphs_match_eager_steps(long_context_model):
     """Small batches with short contexts replay the graphs captured for a short context bound (fewer attention
     splits); contexts that outgrow a bound move to the next graphs. Tokens and logprobs equal the eager engine's."""
     prompts = [{"prompt_token_ids": [7 + i, 30, 31, 32][: 1 + i % 4] * (1 + 60 * (i % 2))} for i in range(3)]
     params = [SamplingParams(temperature=0, max_tokens=200 + 20 * i, ignore_eos=True, logprobs=0) for i in range(3)]
-    common = dict(device="cuda", dtype="float32", num_gpu_blocks_override=512, max_model_len=2048, max_num_seqs=4)
-    graphed = LLM(tiny_model("qwen3"), **common)
+    common = dict(device="cuda", dtype="float32", num_gpu_blocks_override=512, max_model_len=2048, max_num_seqs=4,
+                  skip_tokenizer_init=True)
+    graphed = LLM(long_context_model, **common)
     runner = graphed.llm_engine.engine_core.model_runner
     assert list(runner.bounded_decode_graphs) == [256, 1024]
     used = []
     for graphs in [runner.decode_graphs, *runner.bounded_decode_graphs.values()]:
         graphs.replay = (lambda original, graphs: lambda size: used.append(graphs) or original(size))(
             graphs.replay, graphs)
-    eager = LLM(tiny_model("qwen3"), enforce_eager=True, **common)
+    eager = LLM(long_context_model, enforce_eager=True, **common)
     for ours, reference in zip(graphed.generate(prompts, params, use_tqdm=False),
                                eager.generate(prompts, params, use_tqdm=False)):
         assert ours.outputs[0].token_ids == reference.outputs[0].token_ids

@@ -155,6 +155,16 @@ class SetBackend(StructuredOutputBackend):
     def compile(self, grammar):
         raise NotImplementedError
 
+    # Never compiled in worker processes: its grammars are given ready-made (FakeGrammar).
+    def worker_setup(self):
+        raise NotImplementedError
+
+    def worker_payload(self):
+        raise NotImplementedError
+
+    def load_compiled(self, serialized, slow_masks):
+        raise NotImplementedError
+
     def new_matcher(self, compiled: list[set[int]]) -> SetMatcher:
         return SetMatcher(compiled)
 
