@@ -293,7 +293,7 @@ class StructuredOutputManager:
                 return entry  # a cache hit never touches the pool nor the client's quota
             self._admit(client_id)
             if entry is None:
-                entry = self._start(key, params.kind, spec)
+                entry = self._start(key, params.kind, spec, client_id)
             self._count_pending(client_id, entry.job.compiled)
             return entry
 
@@ -307,10 +307,10 @@ class StructuredOutputManager:
         self._cache.move_to_end(key)
         return entry
 
-    def _start(self, key: tuple[str, str], kind: str, spec: Any) -> _CacheEntry:
+    def _start(self, key: tuple[str, str], kind: str, spec: Any, client_id: str | None) -> _CacheEntry:
         if self._is_shut_down:
             raise GrammarCompileAbandoned("structured output compilation is shut down")
-        entry = _CacheEntry(self.pool.submit(kind, spec, self.compile_timeout_s))
+        entry = _CacheEntry(self.pool.submit(kind, spec, self.compile_timeout_s, client_id))
         self._cache[key] = entry
         entry.job.compiled.add_done_callback(lambda future: self._on_compiled(key, entry, future))
         return entry

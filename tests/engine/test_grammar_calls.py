@@ -213,7 +213,7 @@ def test_one_pool_in_the_core_process_warm_before_any_request(model_dir):
     core_pid = engine.engine.core_client.process.pid
     try:
         assert type(engine.structured_output_manager) is CoreGrammarPreparer  # no manager, no pool here
-        assert wait_for(lambda: len(workers_of(core_pid)) == 2), "the core did not start its workers ahead"
+        assert wait_for(lambda: len(workers_of(core_pid)) == 3), "the core did not start its workers ahead"  # + spare
         assert workers_of(os.getpid()) == []
 
         async def scenario():
@@ -225,7 +225,7 @@ def test_one_pool_in_the_core_process_warm_before_any_request(model_dir):
             return await generate_text(engine, params)
 
         assert asyncio.run(scenario()) in ("yes", "no")
-        assert workers_of(os.getpid()) == [] and len(workers_of(core_pid)) == 2  # compiled once, in the core
+        assert workers_of(os.getpid()) == [] and len(workers_of(core_pid)) == 3  # compiled once, in the core
     finally:
         engine.shutdown()
     assert wait_for(lambda: not workers_of(core_pid), 10.0), "compile workers outlived the core"
@@ -260,7 +260,7 @@ def test_in_process_shutdown_kills_the_compile_workers(model_dir):
 
     engine = make_engine(model_dir, core_process=False)
     try:
-        assert wait_for(lambda: len(own_workers()) == 2), "the workers were not started ahead"
+        assert wait_for(lambda: len(own_workers()) == 3), "the workers were not started ahead"  # two and the spare
         assert engine.structured_output_manager.prepare(CHOICE).result(timeout=60) is not None
     finally:
         engine.shutdown()

@@ -6,15 +6,16 @@ nested too deeply is a ValueError. Uses the genuinely slow grammar of ``slow_gra
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
 from transformers import AutoTokenizer
 
 from pagedllm.params import StructuredOutputsParams
-from pagedllm.structured_output.compile_pool import GrammarCompileAbandoned, _compile_one
+from pagedllm.structured_output.compile_pool import WORKER_NICENESS, CompilePool, GrammarCompileAbandoned, _compile_one
 from pagedllm.structured_output.manager import GrammarQueueFull, StructuredOutputManager
-from tests.structured_output.slow_grammars import FAST_JSON_SCHEMA, slow_json_schema
+from tests.structured_output.slow_grammars import FAST_JSON_SCHEMA, slow_json_schema, slow_json_schema_text
 
 DEADLINE_S = 1.5
 
@@ -47,10 +48,66 @@ def test_slow_grammar_is_killed_at_its_deadline_while_a_cheap_one_compiles(manag
     with pytest.raises(ValueError, match=f"longer than {DEADLINE_S:g} s to compile"):
         slow.result(timeout=30)
     assert time.monotonic() - start < DEADLINE_S + 1.0
-    assert len(set(manager.pool.worker_pids()) - set(pids_before)) == 1  # its worker was replaced
+    assert len(set(pids_before) - set(manager.pool.worker_pids())) == 1  # its worker was killed...
+    assert wait_for(lambda: len(set(manager.pool.worker_pids()) - set(pids_before)) == 1)  # ...and replaced
     # The failure is remembered for a while: the same spec fails at once instead of taking a worker again.
     with pytest.raises(ValueError, match="to compile"):
         manager.prepare(_slow("killed")).result(timeout=1)
+
+
+def wait_for(condition, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.05)
+    return condition()
+
+
+def wait_ready(pool: CompilePool, count: int) -> None:
+    assert wait_for(lambda: len(pool.ready_worker_pids()) >= count, 120), "the workers did not get ready"
+
+
+def test_ready_workers_yield_the_cpu(manager):
+    wait_ready(manager.pool, 3)  # two workers and the warm spare
+    for pid in manager.pool.ready_worker_pids():
+        assert os.getpriority(os.PRIO_PROCESS, pid) == WORKER_NICENESS
+
+
+def test_a_cheap_grammar_takes_the_spare_while_every_worker_compiles_a_slow_one(tokenizer):
+    manager = StructuredOutputManager(tokenizer, 320, [tokenizer.eos_token_id], compile_timeout_s=8)
+    try:
+        wait_ready(manager.pool, 3)
+        slow = [manager.prepare(_slow(f"busy{i}"), client_id=f"slow{i}") for i in range(2)]
+        time.sleep(0.3)  # both workers compiling
+        assert manager.prepare(StructuredOutputsParams(regex="spare[0-9]+"), client_id="c").result(timeout=30)
+        assert not any(future.done() for future in slow)  # done long before the slow ones' deadline
+    finally:
+        manager.shutdown()
+
+
+def test_a_killed_workers_place_is_taken_by_the_ready_spare(manager):
+    wait_ready(manager.pool, 3)
+    slow = [manager.prepare(_slow(f"replaced{i}")) for i in range(2)]  # both workers; the spare stays free
+    for future in slow:
+        with pytest.raises(ValueError, match="to compile"):
+            future.result(timeout=30)
+    start = time.monotonic()
+    assert manager.prepare(StructuredOutputsParams(regex="after[0-9]+")).result(timeout=30) is not None
+    assert time.monotonic() - start < 2.0  # the spare, not a fresh worker (~5 s of CPU to start)
+
+
+def test_the_pool_shrinks_back_when_idle(manager):
+    backend = manager.backend
+    pool = CompilePool(backend.worker_setup, backend.worker_payload(), backend.load_compiled, num_workers=1,
+                       max_workers=3, spare_after_s=0.05, retire_after_s=0.5)
+    try:
+        wait_ready(pool, 2)
+        jobs = [pool.submit("json", slow_json_schema_text(f"grow{i}", 1), 60) for i in range(2)]
+        assert wait_for(lambda: len(pool.worker_pids()) == 3)  # the spare took the second job; a new spare
+        for job in jobs:
+            job.compiled.result(timeout=120)
+        assert wait_for(lambda: len(pool.worker_pids()) == 2)  # one worker and the spare again
+    finally:
+        pool.shutdown()
 
 
 def test_event_loop_stays_responsive_during_a_slow_compile(manager):

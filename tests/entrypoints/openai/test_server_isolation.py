@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -199,12 +200,51 @@ async def keep_probing(http: httpx.AsyncClient, stop: asyncio.Event, plain: list
         await asyncio.sleep(0.05)
 
 
+def compile_workers_of(root_pid: int) -> dict[int, float]:
+    """The grammar compile workers among ``root_pid``'s descendants: pid -> CPU seconds used so far."""
+    parents, workers = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                is_worker = b"compile_pool import worker_main" in file.read()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        if is_worker:
+            workers[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return {pid: cpu for pid, cpu in workers.items() if _descends_from(pid, root_pid, parents)}
+
+
+def _descends_from(pid: int, root_pid: int, parents: dict[int, int]) -> bool:
+    while pid in parents and pid != root_pid:
+        pid = parents[pid]
+    return pid == root_pid
+
+
+def wait_for_warm_compile_workers(server: RemoteServer, timeout_s: float = 120.0) -> None:
+    """Until the server's compile workers (two and the spare) have started and sit idle. The scenario is about
+    compiles running next to serving: a compile that waits for the workers' start-up (~5 s of CPU each, longer on
+    2 cores shared with the previous test) is a different case, bounded by the worker-start allowance instead."""
+    deadline, last = time.monotonic() + timeout_s, {}
+    while time.monotonic() < deadline:
+        now = compile_workers_of(server.proc.pid)
+        if len(now) >= 3 and now == last:  # no worker used any CPU for the last half second: all are idle
+            return
+        last = now
+        time.sleep(0.5)
+    pytest.fail(f"the server's compile workers did not settle in {timeout_s:g} s: {last}")
+
+
 def test_slow_grammar_compiles_do_not_freeze_other_clients(server):
     if compile_timeout_flag() is None:
         pytest.fail("`pagedllm serve` has no compile-timeout flag yet: the test needs a short compile deadline")
+    wait_for_warm_compile_workers(server)
     plain: list[float] = []
     health: list[float] = []
     statuses: list[int] = []
+    cheap_s: list[float] = []
 
     async def scenario() -> tuple[list[httpx.Response], httpx.Response]:
         # Separate connection pools: the probes must not queue behind the slow requests' connections.
@@ -216,9 +256,11 @@ def test_slow_grammar_compiles_do_not_freeze_other_clients(server):
             stop = asyncio.Event()
             probes = [asyncio.create_task(keep_probing(probe_http, stop, plain, health, statuses)) for _ in range(2)]
             await asyncio.sleep(0.5)
+            cheap_start = time.monotonic()
             cheap = await probe_http.post("/v1/completions", json={
                 "model": "tiny", "prompt": "Yes or no?", "max_tokens": 8,
                 "structured_outputs": {"choice": ["yes", "no"]}})
+            cheap_s.append(time.monotonic() - cheap_start)
             slow_responses = await asyncio.gather(*slow)
             stop.set()
             await asyncio.gather(*probes)
@@ -227,6 +269,8 @@ def test_slow_grammar_compiles_do_not_freeze_other_clients(server):
     start = time.monotonic()
     slow_responses, cheap = asyncio.run(scenario())
     elapsed = time.monotonic() - start
+    print(f"slow grammars failed after {elapsed:.1f} s; cheap grammar {cheap_s[0]:.2f} s; plain p99 "
+          f"{p99(plain):.3f} s (n={len(plain)}); /health p99 {p99(health):.3f} s")  # shown with -s
     assert cheap.status_code == 200, cheap.text[:500]
     assert cheap.json()["choices"][0]["text"] in ("yes", "no")
     for response in slow_responses:  # each slow grammar fails alone, at the deadline, in OpenAI's shape
