@@ -87,3 +87,39 @@ class ModelRunnerOutput:
     logprobs: dict[str, TopLogprobs] = field(default_factory=dict)
     # req_id -> logprobs of the prompt tokens computed this step (one entry per prompt position > 0).
     prompt_logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)
+
+
+# ---- what the scheduler hands out after each step (they cross to the front end: see engine/contracts.py) ----------
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """What happened to one request (sequence) in one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: TopLogprobs | None = None
+    new_prompt_logprobs: list[TopLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    error: str | None = None  # the engine failed this request (finish_reason "abort"): why, about it only
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class SchedulerStats:
+    """Counters and gauges for metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions_total: int = 0
+    num_swap_preemptions_total: int = 0
+    num_swapped_out_blocks_total: int = 0
+    cpu_kv_cache_usage: float = 0.0
+    num_shared_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0

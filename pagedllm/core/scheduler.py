@@ -32,15 +32,15 @@ from pagedllm.config import SchedulerConfig
 from pagedllm.core.interface import (
     CachedRequestData,
     ModelRunnerOutput,
+    EngineCoreOutput,
     NewRequestData,
     SchedulerOutput,
+    SchedulerStats,
     TopLogprobs,
 )
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.quarantine import Quarantine
 from pagedllm.core.request import Request, RequestStatus
-# The step's outputs are contract messages (they cross to the front end): defined with the other messages.
-from pagedllm.engine.contracts import EngineCoreOutput, SchedulerStats  # noqa: F401 - re-exported
 
 SWAP_MIN_TOKENS = 256
 

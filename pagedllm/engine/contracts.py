@@ -17,46 +17,13 @@ re-runs its ``__post_init__`` checks, which valid values pass unchanged); it tra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Union
 
 import msgspec
 
-from pagedllm.core.interface import TopLogprobs
+# The step outputs are made by the scheduler (core/), which may not import engine/: defined there, sent from here.
+from pagedllm.core.interface import EngineCoreOutput, SchedulerStats, TopLogprobs  # noqa: F401 - re-exported
 from pagedllm.params import SamplingParams, StructuredOutputsParams
-
-
-class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """What happened to one request (sequence) in one step."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: TopLogprobs | None = None
-    new_prompt_logprobs: list[TopLogprobs] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_preemptions: int = 0
-    error: str | None = None  # the engine failed this request (finish_reason "abort"): why, about it only
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class SchedulerStats:
-    """Counters and gauges for metrics."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_preemptions_total: int = 0
-    num_swap_preemptions_total: int = 0
-    num_swapped_out_blocks_total: int = 0
-    cpu_kv_cache_usage: float = 0.0
-    num_shared_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
 
 
 # ---- front end -> core -------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from typing import Any
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
-from pagedllm.core.scheduler import EngineCoreOutput, Scheduler
+from pagedllm.core.interface import EngineCoreOutput
+from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.contracts import EngineCoreOutputs, EngineCoreRequest
 from pagedllm.engine.metrics import EngineMetrics, Metric
 from pagedllm.engine.output_processor import OutputProcessor

@@ -12,7 +12,7 @@ from collections import Counter as TallyCounter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pagedllm.core.scheduler import SchedulerStats
+from pagedllm.core.interface import SchedulerStats
 
 if TYPE_CHECKING:
     from pagedllm.engine.output_processor import _RequestState

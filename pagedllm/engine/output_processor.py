@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from pagedllm.core.interface import TopLogprobs
-from pagedllm.core.scheduler import EngineCoreOutput
+from pagedllm.core.interface import EngineCoreOutput
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.metrics import EngineMetrics
 from pagedllm.engine.processing import ProcessedRequest
