@@ -31,6 +31,9 @@ from pagedllm.entrypoints.openai.protocol import (
 )
 
 _REF = "#/components/schemas/{model}"
+# One server-sent event of a stream: ``data`` is a chunk's JSON text (or ``[DONE]``, or an error body).
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+              "required": ["data"]}
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def _ok_response(doc: RouteDoc, add_component: Callable[..., dict]) -> dict[str,
         return {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
     content: dict[str, Any] = {"application/json": {"schema": add_component(doc.answer, "serialization")}}
     if doc.streams:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+        content["text/event-stream"] = {"schema": _SSE_EVENT}
     return {"description": "OK", "content": content}
 
 
