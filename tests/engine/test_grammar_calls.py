@@ -209,12 +209,14 @@ async def generate_text(engine: AsyncEngine, params: SamplingParams) -> str:
 
 @pytest.mark.slow
 def test_one_pool_in_the_core_process_warm_before_any_request(model_dir):
+    # Offline engines of earlier tests in this pytest process may have compile workers of their own.
+    earlier_workers = set(workers_of(os.getpid()))
     engine = make_engine(model_dir, core_process=True)
     core_pid = engine.engine.core_client.process.pid
     try:
         assert type(engine.structured_output_manager) is CoreGrammarPreparer  # no manager, no pool here
         assert wait_for(lambda: len(workers_of(core_pid)) == 3), "the core did not start its workers ahead"  # + spare
-        assert workers_of(os.getpid()) == []
+        assert set(workers_of(os.getpid())) <= earlier_workers  # none started here
 
         async def scenario():
             await asyncio.wrap_future(engine.structured_output_manager.prepare(CHOICE, client_id="a"))
@@ -225,7 +227,7 @@ def test_one_pool_in_the_core_process_warm_before_any_request(model_dir):
             return await generate_text(engine, params)
 
         assert asyncio.run(scenario()) in ("yes", "no")
-        assert workers_of(os.getpid()) == []  # compiled once, in the core
+        assert set(workers_of(os.getpid())) <= earlier_workers  # compiled once, in the core
         # (a worker may be mid-replacement by the spare for a moment: wait for the resting size)
         assert wait_for(lambda: len(workers_of(core_pid)) == 3)
     finally:
