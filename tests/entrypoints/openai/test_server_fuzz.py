@@ -2,10 +2,10 @@
 no request may get a 5xx, and every response must match what the schema documents (status codes, content types,
 bodies).
 
-The handlers parse their bodies themselves (``parse_body``), so FastAPI's ``/openapi.json`` documents neither the
-request bodies nor the responses. Until the server documents them, the test completes the loaded schema with the
-pydantic models of ``protocol.py`` (request bodies, 200 bodies, OpenAI's error body for every 4xx) before fuzzing;
-where the served schema already documents something, it is kept as served.
+The server documents every route itself (``entrypoints/openai/openapi.py``: request bodies, 200 answers, SSE events,
+OpenAI error bodies); ``test_served_schema_documents_request_bodies`` holds it to that. ``complete_schema`` fills in
+only what a route might still lack, and narrows generation (small ``max_tokens``, served model names, known fields)
+so that positive examples reach the engine cheaply.
 
 Bounded for CI on 2 cores: a fixed number of examples per operation (``FUZZ_EXAMPLES``), no hypothesis deadline, no
 shrinking, and generation limited to small ``max_tokens`` so that accepted requests stay cheap (the limits
