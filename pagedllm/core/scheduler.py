@@ -36,7 +36,6 @@ from pagedllm.core.interface import (
     NewRequestData,
     SchedulerOutput,
     SchedulerStats,
-    TopLogprobs,
 )
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.quarantine import Quarantine
