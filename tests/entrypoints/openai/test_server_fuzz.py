@@ -3,9 +3,9 @@ no request may get a 5xx, and every response must match what the schema document
 bodies).
 
 The server documents every route itself (``entrypoints/openai/openapi.py``: request bodies, 200 answers, SSE events,
-OpenAI error bodies); ``test_served_schema_documents_request_bodies`` holds it to that. ``complete_schema`` fills in
-only what a route might still lack, and narrows generation (small ``max_tokens``, served model names, known fields)
-so that positive examples reach the engine cheaply.
+OpenAI error bodies); ``test_served_schema_documents_request_bodies`` holds it to that. ``narrowed_schema`` only
+narrows generation (small ``max_tokens``, served model names, known fields) so that positive examples reach the
+engine cheaply.
 
 Bounded for CI on 2 cores: a fixed number of examples per operation (``FUZZ_EXAMPLES``), no hypothesis deadline, no
 shrinking, and generation limited to small ``max_tokens`` so that accepted requests stay cheap (the limits
@@ -25,19 +25,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402 - after the importorskip
 
-from pagedllm.entrypoints.openai.protocol import (  # noqa: E402
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ErrorResponse,
-    ModelList,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-    TokenizeResponse,
-)
+from pagedllm.entrypoints.openai.openapi import ROUTE_DOCS  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
@@ -48,28 +36,8 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 FUZZ_EXAMPLES = int(os.environ.get("PAGEDLLM_FUZZ_EXAMPLES", "40"))  # per operation and generation mode
 MAX_FUZZ_TOKENS = 8  # max_tokens the positive examples may ask for: accepted requests stay cheap on CPU
 
-# route -> (request body models, 200 body model); None: no body
-DOCUMENTED = {
-    ("/v1/completions", "post"): ([CompletionRequest], CompletionResponse),
-    ("/v1/chat/completions", "post"): ([ChatCompletionRequest], ChatCompletionResponse),
-    ("/tokenize", "post"): ([TokenizeCompletionRequest, TokenizeChatRequest], TokenizeResponse),
-    ("/detokenize", "post"): ([DetokenizeRequest], DetokenizeResponse),
-    ("/v1/models", "get"): (None, ModelList),
-}
-STREAMING_ROUTES = {"/v1/completions", "/v1/chat/completions"}  # 200 may also be text/event-stream
-COMPONENT_REF = "#/components/schemas/{model}"
-REQUEST_COMPONENTS = ("CompletionRequest", "ChatCompletionRequest", "TokenizeCompletionRequest", "TokenizeChatRequest",
-                      "DetokenizeRequest")
-
-
-def model_schema(model, components: dict[str, Any], mode: str) -> dict[str, Any]:
-    """``model``'s JSON schema with its definitions moved into ``components``; a ``$ref`` to it."""
-    schema = model.model_json_schema(ref_template=COMPONENT_REF, mode=mode)
-    for name, definition in schema.pop("$defs", {}).items():
-        components.setdefault(name, definition)
-    name = f"{model.__name__}{'' if mode == 'validation' else 'Out'}"
-    components.setdefault(name, schema)
-    return {"$ref": COMPONENT_REF.format(model=name)}
+STREAMING_ROUTES = {path for (path, _), doc in ROUTE_DOCS.items() if doc.streams}  # 200 may be an event stream
+REQUEST_COMPONENTS = [model.__name__ for doc in ROUTE_DOCS.values() for model in doc.request_models]
 
 
 def bound_max_tokens(components: dict[str, Any]) -> None:
@@ -96,35 +64,11 @@ def no_unknown_fields(components: dict[str, Any]) -> None:
         components[name]["additionalProperties"] = False
 
 
-def complete_schema(served: dict[str, Any], model_names: list[str]) -> dict[str, Any]:
-    """The served schema plus request bodies, 200 bodies and 4xx error bodies from protocol.py's models, where the
-    served one lacks them."""
+def narrowed_schema(served: dict[str, Any], model_names: list[str]) -> dict[str, Any]:
+    """The served schema, with positive examples kept cheap and on target (the server documents every route itself:
+    ``entrypoints/openai/openapi.py``)."""
     spec = copy.deepcopy(served)
-    components = spec.setdefault("components", {}).setdefault("schemas", {})
-    error = model_schema(ErrorResponse, components, "serialization")
-    for (path, method), (request_models, response_model) in DOCUMENTED.items():
-        operation = spec["paths"].get(path, {}).get(method)
-        if operation is None:
-            continue
-        if request_models and "requestBody" not in operation:
-            refs = [model_schema(m, components, "validation") for m in request_models]
-            body = refs[0] if len(refs) == 1 else {"anyOf": refs}
-            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-        responses = operation.setdefault("responses", {})
-        ok = responses.setdefault("200", {"description": "OK"})
-        content = ok.setdefault("content", {})
-        if not content.get("application/json", {}).get("schema"):
-            content["application/json"] = {"schema": model_schema(response_model, components, "serialization")}
-        if path in STREAMING_ROUTES:
-            content.setdefault("text/event-stream", {"schema": {"type": "string"}})
-    for item in spec["paths"].values():
-        for operation in item.values():
-            responses = operation.setdefault("responses", {})
-            responses.setdefault("4XX", {"description": "Bad request",
-                                         "content": {"application/json": {"schema": error}}})
-            # A working route is allowed to be unavailable (engine fault, draining): OpenAI's error shape too.
-            responses.setdefault("503", {"description": "Unavailable",
-                                         "content": {"application/json": {"schema": error}}})
+    components = spec["components"]["schemas"]
     bound_max_tokens(components)
     name_served_models(components, model_names)
     no_unknown_fields(components)
@@ -141,7 +85,7 @@ def served_schema(server) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def fuzz_schema(server, served_schema):
     models = httpx.get(server.url_for("/v1/models"), headers=server.headers, timeout=30).json()
-    schema = schemathesis.openapi.from_dict(complete_schema(served_schema, [card["id"] for card in models["data"]]))
+    schema = schemathesis.openapi.from_dict(narrowed_schema(served_schema, [card["id"] for card in models["data"]]))
     schema.config.update(base_url=server.base_url)
     schema.config.generation.update(max_examples=FUZZ_EXAMPLES, no_shrink=True, deterministic=True,
                                     database="none")
@@ -149,9 +93,9 @@ def fuzz_schema(server, served_schema):
 
 
 def test_served_schema_documents_request_bodies(served_schema):
-    """What the server should publish itself (tells where ``complete_schema`` still fills in)."""
-    missing = [f"{method.upper()} {path}" for (path, method), (models, _) in DOCUMENTED.items()
-               if models and "requestBody" not in served_schema["paths"].get(path, {}).get(method, {})]
+    """The server publishes the bodies its handlers parse themselves (the fuzz reads them from there)."""
+    missing = [f"{method.upper()} {path}" for (path, method), doc in ROUTE_DOCS.items()
+               if doc.request_models and "requestBody" not in served_schema["paths"].get(path, {}).get(method, {})]
     assert missing == [], f"/openapi.json has no request body for {missing}"
 
 
