@@ -242,7 +242,7 @@ class OpenAIServingCompletion:
         except ValueError as exc:
             yield sse_error(from_value_error(exc, _FIELDS, default_param="prompt"))
         except Exception as exc:  # noqa: BLE001 - engine stopped or a step failed: say so, end the stream
-            yield sse_error(stream_failure(exc))
+            yield sse_error(stream_failure(exc, request_id))
         else:
             if request.include_usage_in_stream:
                 num_prompt = sum(len(prompt.token_ids) for prompt in prompts)
