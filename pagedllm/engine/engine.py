@@ -257,7 +257,7 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_config)
         config = with_resolved_eos_token_ids(config, self.tokenizer)
         self.config = config
-        self.input_processor = InputProcessor(config, self.tokenizer, 0)
+        self.input_processor = InputProcessor(config, self.tokenizer)
         # In-process, the core's grammars come from the front end's manager: a spec checked early compiles once.
         self.engine_core = EngineCore(config, lambda: self.input_processor.structured_output_manager)
         self.metrics = EngineMetrics()

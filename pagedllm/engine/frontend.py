@@ -36,7 +36,7 @@ class MultiprocessLLMEngine:
         self.num_blocks = self.core_client.ready.num_blocks
         self.metrics = EngineMetrics()
         self.grammar_preparer = CoreGrammarPreparer(self.config, self.core_client.send_from_any_thread)
-        self.input_processor = InputProcessor(self.config, self.tokenizer, self.num_blocks, self.grammar_preparer)
+        self.input_processor = InputProcessor(self.config, self.tokenizer, self.grammar_preparer)
         self.output_processor = OutputProcessor(self.tokenizer, self.metrics)
         self.engine_fault: str | None = None
         self.last_heard_from_core = time.monotonic()

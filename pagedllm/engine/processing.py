@@ -60,7 +60,7 @@ class ProcessedRequest:
 class InputProcessor:
     """Tokenizes and validates prompts and sampling parameters before anything is queued."""
 
-    def __init__(self, config: EngineConfig, tokenizer, num_kv_blocks: int, structured_output_manager=None) -> None:
+    def __init__(self, config: EngineConfig, tokenizer, structured_output_manager=None) -> None:
         """``structured_output_manager``: what ``structured_output_manager`` returns (the engine core process's
         stand-in, ``grammar_calls.CoreGrammarPreparer``); None: a ``StructuredOutputManager`` made here on first use."""
         self.config = config
