@@ -16,18 +16,14 @@ import pytest
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineStartupError
 from pagedllm.params import RequestOutputKind, SamplingParams, StructuredOutputsParams
-from tests.entrypoints.conftest import save_bpe_tokenizer
 from tests.entrypoints.openai.conftest import RemoteServer
-from tests.utils import build_tiny_model
 
 ENGINE_KWARGS = dict(device="cpu", block_size=4, num_gpu_blocks_override=256, max_model_len=128, max_num_seqs=8)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    model_dir = build_tiny_model(tmp_path_factory.mktemp("core_proc"), "llama", vocab_size=320)
-    save_bpe_tokenizer(model_dir, 300)
-    return model_dir
+def model_dir(tokenized_llama_dir: str) -> str:
+    return tokenized_llama_dir
 
 
 def make_engine(model_dir: str, core_process: bool, **kwargs) -> AsyncEngine:

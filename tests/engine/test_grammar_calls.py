@@ -22,8 +22,6 @@ from pagedllm.engine.grammar_calls import CoreGrammarPreparer, PendingGrammarCal
 from pagedllm.params import SamplingParams, StructuredOutputsParams
 from pagedllm.structured_output.compile_pool import CompileTimeout, GrammarCompileAbandoned
 from pagedllm.structured_output.manager import GrammarQueueFull
-from tests.entrypoints.conftest import save_bpe_tokenizer
-from tests.utils import build_tiny_model
 
 CHOICE = StructuredOutputsParams(choice=["yes", "no"])
 
@@ -151,10 +149,8 @@ ENGINE_KWARGS = dict(device="cpu", block_size=4, num_gpu_blocks_override=256, ma
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    model_dir = build_tiny_model(tmp_path_factory.mktemp("grammar_calls"), "llama", vocab_size=320)
-    save_bpe_tokenizer(model_dir, 300)
-    return model_dir
+def model_dir(tokenized_llama_dir: str) -> str:
+    return tokenized_llama_dir
 
 
 def compile_workers() -> dict[int, int]:
