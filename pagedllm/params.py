@@ -192,9 +192,8 @@ class SamplingParams:
         self._check_ranges()
         if self.is_greedy:
             # Greedy ignores the truncation knobs; reset them so the sampler never sees a half-greedy row.
+            # n > 1 stays allowed, as in OpenAI's API: every sequence is the same greedy text (sharing the prompt).
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
-            if self.n > 1:
-                raise ValueError(f"n must be 1 when using greedy sampling (temperature=0), got {self.n}.")
 
     # -- validation phases --------------------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ INVALID = [
     ({"n": 1.0}, "n"),
     ({"n": True}, "n"),
     ({"n": 16385}, "n"),
-    ({"n": 2, "temperature": 0.0}, "n"),
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"presence_penalty": -2.01}, "presence_penalty"),
     ({"presence_penalty": "1"}, "presence_penalty"),
@@ -194,6 +193,7 @@ def test_greedy() -> None:
     assert p.is_greedy and p.sampling_type is SamplingType.GREEDY
     assert (p.top_p, p.top_k, p.min_p) == (1.0, 0, 0.0)  # truncation knobs are meaningless when greedy
     assert SamplingParams(temperature=9e-6).is_greedy
+    assert SamplingParams(n=3, temperature=0.0).n == 3  # n greedy copies, as OpenAI answers
     assert not SamplingParams(temperature=1e-5).is_greedy
 
 

@@ -35,3 +35,15 @@ def test_parallel_sampling_shares_blocks(tiny_model):
         shared_peak = max(shared_peak, pool.num_blocks - pool.num_free_blocks)
         assert pool.num_shared_blocks <= 10
     assert shared_peak <= 9 + 4 * 2  # independent requests would hold 4 * 11 = 44 blocks
+
+
+def test_n_greedy_sequences_are_the_same_text(tiny_model):
+    """n > 1 at temperature 0 (allowed, as in OpenAI's API): n copies of the greedy text, sharing the prompt."""
+    llm = LLM(tiny_model("qwen3"), enable_prefix_caching=False, **KWARGS)
+    prompt = {"prompt_token_ids": [5, 17, 42, 99, 7, 3, 250, 11, 64, 120, 33, 18, 77, 9]}
+    together = llm.generate(prompt, SamplingParams(n=3, temperature=0.0, max_tokens=12, ignore_eos=True),
+                            use_tqdm=False)[0].outputs
+    (single,) = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                             use_tqdm=False)[0].outputs
+    assert [c.index for c in together] == [0, 1, 2]
+    assert all(c.token_ids == single.token_ids for c in together)

@@ -51,7 +51,6 @@ CASES = [
     ("stop-token-out-of-vocab", "/v1/completions", {"prompt": "hi", "stop_token_ids": [10**6]}, 400,
      "stop_token_ids"),
     ("logit-bias-key", "/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
-    ("greedy-n", "/v1/completions", {"prompt": "hi", "n": 2, "temperature": 0}, 400, "n"),
     ("min-tokens-above-max", "/v1/completions", {"prompt": "hi", "min_tokens": 20, "max_tokens": 5}, 400,
      "min_tokens"),
     ("stream-options-without-stream", "/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}},

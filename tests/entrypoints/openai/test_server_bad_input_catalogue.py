@@ -272,7 +272,6 @@ REQUESTS = [
     Case("stream-options-without-stream", "/v1/completions", completion(stream_options={"include_usage": True}), 400,
          "stream_options"),
     Case("suffix", "/v1/completions", completion(suffix="bye"), 400, "suffix"),
-    Case("greedy-with-n", "/v1/completions", completion(n=2, temperature=0), 400, "n"),
     Case("tokenize-missing-prompt", "/tokenize", {"text": "hi"}, 400, "prompt"),
     Case("get-completions", "/v1/completions", None, 405, check_param=False, method="GET"),
     Case("put-chat", "/v1/chat/completions", chat(), 405, check_param=False, method="PUT"),
