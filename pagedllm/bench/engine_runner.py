@@ -26,6 +26,7 @@ class EngineRun:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (0 with prefix caching off)
     prefix_cache_hits: int = 0  # of which found cached
     ttfts_s: tuple[float, ...] = ()  # per request: first token time - arrival time
+    tpots_s: tuple[float, ...] = ()  # per request of 2+ tokens: (last token time - first token time) / (tokens - 1)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -35,6 +36,20 @@ class EngineRun:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``LLM`` keyword arguments from the engine flags (the same flags as ``pagedllm serve``)."""
     return engine_kwargs_from_cli(args)
+
+
+_WARM_UP_CONTEXT = 64  # the warm-ups' requests fit in it: 16 + 8 tokens (warm_up), 3 + 32 (a schema's warm-up)
+
+
+def fit_context(args: argparse.Namespace, workload: Workload, model_max_len: int, device: str) -> argparse.Namespace:
+    """``args`` with ``max_model_len`` sized to the workload's longest request when none was given, on CPU: there
+    the KV cache is a fixed byte budget (4 GiB) that a model's whole context may exceed (Qwen3-0.6B's 40,960
+    tokens need 8.75 GiB in float32), and the engine refuses a context the cache cannot hold. On GPU the cache is
+    sized from the device's memory, and the recorded GPU runs used the model's context: left as it is."""
+    if args.max_model_len is not None or device != "cpu":
+        return args
+    needed = max(workload.max_seq_len, _WARM_UP_CONTEXT)
+    return argparse.Namespace(**{**vars(args), "max_model_len": min(needed, model_max_len)})
 
 
 def build_llm(model_dir: str, args: argparse.Namespace):
@@ -80,6 +95,7 @@ def run_workload(llm, workload: Workload, use_tqdm: bool = False) -> EngineRun:
         prefix_cache_queries=delta["prefix_cache_queries_total"],
         prefix_cache_hits=delta["prefix_cache_hits_total"],
         ttfts_s=tuple(ttft for ttft in map(_ttft_s, outputs) if ttft is not None),
+        tpots_s=tuple(tpot for tpot in map(_tpot_s, outputs) if tpot is not None),
     )
 
 
@@ -96,6 +112,15 @@ def _ttft_s(output) -> float | None:
     if metrics is None or metrics.first_token_time is None or metrics.arrival_time is None:
         return None
     return metrics.first_token_time - metrics.arrival_time
+
+
+def _tpot_s(output) -> float | None:
+    """Time per output token after the first: in a batch that decodes together, the decode step's time. Measured
+    between the request's own token timestamps, so it is never negative (unlike a difference of two runs' means)."""
+    metrics, num_tokens = output.metrics, len(output.outputs[0].token_ids) if output.outputs else 0
+    if metrics is None or metrics.first_token_time is None or metrics.last_token_time is None or num_tokens < 2:
+        return None
+    return (metrics.last_token_time - metrics.first_token_time) / (num_tokens - 1)
 
 
 def warm_up(llm, workload: Workload, num_requests: int = 2, num_tokens: int = 8) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 
 from pagedllm.bench.common import check_vocab, model_bytes, resolved_model_config, run_baselines, succeeded
 from pagedllm.bench.device import device_name, measure_bandwidth
-from pagedllm.bench.engine_runner import build_llm, engine_kwargs, run_workload
+from pagedllm.bench.engine_runner import build_llm, engine_kwargs, fit_context, run_workload
 from pagedllm.bench.models import model_label, resolve_model
 from pagedllm.bench.record import base_record, format_table, throughput_figures, write_record
 from pagedllm.bench.roofline import decode_step_roofline_s, roofline
@@ -37,16 +37,18 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     baselines = run_baselines(args.compare, model_dir, workload, model_config.dtype, device, args.seed,
                               iters=args.num_iters, warmup_iters=args.num_iters_warmup, batch_size=args.batch_size)
 
+    args = fit_context(args, workload, model_config.max_model_len, device)
     llm = build_llm(model_dir, args)
     for _ in range(args.num_iters_warmup):
         run_workload(llm, workload)
-    latencies = [run_workload(llm, workload).elapsed_s for _ in range(args.num_iters)]
+    runs = [run_workload(llm, workload) for _ in range(args.num_iters)]
+    latencies = [run.elapsed_s for run in runs]
     prefill_only = _prefill_only(workload)
     prefill = [run_workload(llm, prefill_only).elapsed_s for _ in range(args.num_iters)]
 
     stats = latency_stats(latencies)
-    prefill_mean = float(np.mean(prefill))
-    decode_step_s = (stats["mean_s"] - prefill_mean) / max(args.output_len - 1, 1)
+    tpots_s = [tpot for run in runs for tpot in run.tpots_s]
+    decode_step_s = float(np.mean(tpots_s)) if tpots_s else None  # None: output_len 1 has no decode step
     ideal = roofline([args.input_len] * args.batch_size, [args.output_len] * args.batch_size, args.batch_size,
                      bytes_["weight_bytes_per_step"], bytes_["kv_bytes_per_token"], bandwidth)
     ideal_step_s = decode_step_roofline_s(args.batch_size, args.input_len + args.output_len / 2,
@@ -62,10 +64,11 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     record.update({
         "latency": stats,
         "prefill_latency": latency_stats(prefill),
-        "decode_step_ms": 1000 * decode_step_s,
+        # The requests' own time per output token after the first (they decode together: one step per token).
+        "decode_step_ms": None if decode_step_s is None else 1000 * decode_step_s,
         "bandwidth_bytes_per_s": bandwidth,
         "roofline": {**ideal.to_dict(), "decode_step_ms": 1000 * ideal_step_s},
-        "roofline_fraction": ideal_step_s / decode_step_s if decode_step_s > 0 else None,
+        "roofline_fraction": ideal_step_s / decode_step_s if decode_step_s else None,
         "baselines": {name: figures if "error" in figures else
                       {**figures, "latency": latency_stats(figures["iteration_s"])}
                       for name, figures in baselines.items()},
@@ -91,7 +94,8 @@ def print_summary(record: dict[str, Any]) -> None:
         rows.append([name, figures["latency"]["mean_s"], figures["latency"]["p50_s"], figures["latency"]["p99_s"],
                      figures["output_tokens_per_s"]])
     print(format_table(["engine", "mean s", "p50 s", "p99 s", "output tok/s"], rows))
-    print(f"prefill {1000 * record['prefill_latency']['mean_s']:.1f} ms; decode step {record['decode_step_ms']:.2f} ms "
+    step = "-" if record["decode_step_ms"] is None else f"{record['decode_step_ms']:.2f}"
+    print(f"prefill {1000 * record['prefill_latency']['mean_s']:.1f} ms; decode step {step} ms "
           f"vs roofline {record['roofline']['decode_step_ms']:.3f} ms "
           f"({record['bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s): {100 * (record['roofline_fraction'] or 0):.1f}% "
           "of the roofline")

@@ -18,7 +18,7 @@ from pagedllm.bench.common import (
     workload_from_args,
 )
 from pagedllm.bench.device import device_name, measure_bandwidth
-from pagedllm.bench.engine_runner import EngineRun, engine_kwargs, run_workload, warm_up
+from pagedllm.bench.engine_runner import EngineRun, engine_kwargs, fit_context, run_workload, warm_up
 from pagedllm.bench.models import model_label, resolve_model
 from pagedllm.bench.record import base_record, throughput_figures, write_record
 from pagedllm.bench.roofline import roofline
@@ -41,6 +41,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
                      args.max_num_seqs, bytes_["weight_bytes_per_step"], bytes_["kv_bytes_per_token"], bandwidth)
     baselines = run_baselines(args.compare, model_dir, workload, model_config.dtype, device, args.seed)
 
+    args = fit_context(args, workload, model_config.max_model_len, device)
     start = time.perf_counter()
     llm = build_llm(model_dir, args)
     load_s = time.perf_counter() - start

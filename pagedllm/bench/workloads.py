@@ -55,6 +55,11 @@ class Workload:
     def num_output_tokens(self) -> int:
         return sum(r.max_tokens for r in self.requests)
 
+    @property
+    def max_seq_len(self) -> int:
+        """Tokens of the longest request (prompt + output): the context the workload needs."""
+        return max(len(r.prompt_token_ids) + r.max_tokens for r in self.requests)
+
     def prefix(self, limit: int | None) -> Workload:
         """The first ``limit`` requests (all of them for None), recorded in ``params["limit"]``."""
         if limit is None or limit >= len(self.requests):

@@ -56,6 +56,15 @@ def test_throughput_nano_prefix(bench_model_dir, tmp_path):
     assert load_workload(tmp_path / "nano.json").requests == [first]
 
 
+def test_throughput_on_cpu_sizes_the_context_to_the_workload(bench_model_dir, tmp_path):
+    # 8 blocks of 16 tokens cannot hold the model's 2048-token context: the engine would refuse to start. The bench
+    # sizes the context to the workload's longest request (at least 64 tokens, for the warm-ups) instead.
+    record = _run(["throughput", "--model", bench_model_dir, "--workload", "random", "--num-prompts", "2",
+                   "--input-len", "12", "--output-len", "5", "--num-gpu-blocks-override", "8", "--disable-tqdm"],
+                  tmp_path / "fit.json")
+    assert record["config"]["max_model_len"] == 64 and record["output_tokens"] == 10
+
+
 def test_latency_with_hf_generate(bench_model_dir, tmp_path):
     record = _run(["latency", "--model", bench_model_dir, "--batch-size", "2", "--input-len", "8", "--output-len",
                    "4", "--num-iters-warmup", "1", "--num-iters", "2", "--compare", "hf-static"],
@@ -63,8 +72,11 @@ def test_latency_with_hf_generate(bench_model_dir, tmp_path):
     assert record["bench"] == "latency" and record["num_requests"] == 2 and record["output_tokens"] == 8
     assert len(record["latency"]["all_s"]) == 2 and record["latency"]["p99_s"] >= record["latency"]["p50_s"]
     assert record["elapsed_s"] == pytest.approx(record["latency"]["mean_s"])
-    assert record["prefill_latency"]["mean_s"] > 0 and record["decode_step_ms"] > 0
-    assert record["roofline"]["decode_step_ms"] > 0 and record["roofline_fraction"] > 0
+    # The decode step is the requests' own time per output token (their token timestamps): never negative, even
+    # on a busy machine where a difference of two runs' means could be.
+    assert record["prefill_latency"]["mean_s"] > 0 and record["decode_step_ms"] >= 0
+    assert record["roofline"]["decode_step_ms"] > 0
+    assert record["roofline_fraction"] is None or record["roofline_fraction"] > 0  # None for a step of 0 ms
     baseline = record["baselines"]["hf-static"]
     assert len(baseline["iteration_s"]) == 2 and baseline["batch_size"] == 2
     assert baseline["latency"]["mean_s"] == pytest.approx(baseline["elapsed_s"])
