@@ -260,6 +260,12 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs: every step runs eagerly
     structured_outputs_config: StructuredOutputsConfig = StructuredOutputsConfig()
 
+    def __post_init__(self) -> None:
+        # Without a CPU pool every preemption recomputes: "swap" would be accepted and silently not honoured.
+        if self.scheduler_config.preemption_mode == "swap" and self.cache_config.swap_space_bytes == 0:
+            raise ValueError("preemption_mode 'swap' needs CPU swap space: set swap_space (--swap-space, in GiB) "
+                             "above 0 (its default is 0 on CPU)")
+
 
 @dataclass
 class EngineArgs:

@@ -41,6 +41,7 @@ from pagedllm.engine.contracts import (
     UtilityResult,
 )
 from pagedllm.engine.grammar_calls import LazyStructuredOutputManager, PendingGrammarCalls
+from pagedllm.logger import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if config.device == "cpu":
         _leave_a_core_to_the_server()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
+    configure_logging("info", process_tag="engine core")
     context = zmq.Context()
     input_socket = _connect(context, zmq.PULL, input_address)
     output_socket = _connect(context, zmq.PUSH, output_address)

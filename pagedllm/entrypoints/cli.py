@@ -8,7 +8,6 @@ instant.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from pagedllm import __version__
@@ -16,6 +15,7 @@ from pagedllm.config import server_api_key_from_env
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME, DefaultModelMissing
 from pagedllm.entrypoints.engine_args import add_engine_args
 from pagedllm.entrypoints.openai.cli_args import add_serve_args
+from pagedllm.logger import configure_logging
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                     "/health, /metrics, /tokenize, /detokenize, /version. Without MODEL, serves "
                     f"{DEFAULT_MODEL_NAME} (install it with `{DEFAULT_MODEL_INSTALL}`).")
     add_serve_args(parser)
-    parser.set_defaults(func=_run_serve)
+    parser.set_defaults(func=_run_serve, command_parser=parser)  # command_parser: what --config fills in
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -94,20 +94,15 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 # ---- subcommands -------------------------------------------------------------------------------------------------
 
 
-def _setup_logging(level: str = "info") -> None:
-    logging.basicConfig(level=level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-
-
 def _run_serve(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    configure_logging(args.log_level)
     from pagedllm.entrypoints.openai.server import run_server
 
     return run_server(args)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    _setup_logging("warning")
+    configure_logging("warning")
     from pagedllm.entrypoints.default_model import default_model_path
     from pagedllm.entrypoints.engine_args import engine_kwargs_from_cli
     from pagedllm.entrypoints.llm import LLM
@@ -137,9 +132,21 @@ def _run_chat(args: argparse.Namespace) -> int:
     return run_chat(client, args.model, args.system, params)
 
 
+def _reparse_with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None,
+                              args: argparse.Namespace) -> argparse.Namespace:
+    """The command line again, over the defaults that ``--config FILE`` sets: what the line gives wins."""
+    from pagedllm.entrypoints.config_file import apply_config_file
+
+    apply_config_file(args.command_parser, args.config)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            args = _reparse_with_config_file(parser, argv, args)
         return args.func(args)
     except DefaultModelMissing as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -55,6 +55,11 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
     group.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="on GPU without a byte budget: fraction of device memory for weights, activations and "
                             "KV cache (default: 0.9)")
+    group.add_argument("--swap-space", type=float, default=None, metavar="GiB",
+                       help="CPU memory for KV blocks swapped out by preemption, in GiB (default: 4 on GPU, 0 on CPU)")
+    group.add_argument("--preemption-mode", choices=("auto", "recompute", "swap"), default="auto",
+                       help="what preemption does with a request's KV blocks: recompute them later, or swap them to "
+                            "the CPU space of --swap-space; auto swaps when there is swap space (default: auto)")
     if serving:
         group.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
                            help="admit requests first come, first served, or by priority (default: fcfs)")
@@ -97,6 +102,8 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
         "num_gpu_blocks_override": args.num_gpu_blocks_override,
         "gpu_memory_utilization": args.gpu_memory_utilization,
+        "swap_space": args.swap_space,
+        "preemption_mode": args.preemption_mode,
         "enforce_eager": args.enforce_eager,
         "structured_outputs_compile_timeout": args.structured_outputs_compile_timeout,
         "max_pending_grammars_per_client": args.max_pending_grammars_per_client,

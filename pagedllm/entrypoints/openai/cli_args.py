@@ -26,6 +26,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="model to serve: a local Hugging Face model directory, a .gguf file, or a hub id "
                              f"(default: {DEFAULT_MODEL_NAME}, from `{DEFAULT_MODEL_INSTALL}`)")
     parser.add_argument("--model", default=None, help="the model, as a flag (the positional MODEL wins)")
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="read flags from a YAML file: keys are flag names (max-model-len or max_model_len), "
+                             "values what the flag takes (a list, true/false for a switch); flags given on the "
+                             "command line win over the file; an unknown key is an error")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
@@ -62,8 +66,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="a client must send a whole request (headers and body) within this long of connecting "
                              "or of its previous response, else it is disconnected: slow clients cannot hold "
                              "connections (default: 30)")
+    server.add_argument("--root-path", default="", metavar="PATH",
+                        help="the path prefix a reverse proxy serves this server under, e.g. /llm: routes answer both "
+                             "with and without it, and /openapi.json names it as the server URL (default: none)")
+    server.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="serve HTTPS with this private key (PEM)")
+    server.add_argument("--ssl-certfile", default=None, metavar="FILE",
+                        help="serve HTTPS with this certificate (PEM; it may hold the key too)")
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="log level of the server and engine (default: info)")
+    server.add_argument("--uvicorn-log-level", default=None,
+                        choices=("critical", "error", "warning", "info", "debug", "trace"),
+                        help="log level of uvicorn's own loggers (default: --log-level)")
     server.add_argument("--disable-access-log", action="store_true", help="no log line per HTTP request")
+    server.add_argument("--disable-log-stats", action="store_true",
+                        help="no periodic stats line (throughput, running and waiting requests, KV cache usage, "
+                             "every 10 s while the server has work)")
     add_limit_args(parser)
     add_engine_args(parser, serving=True)

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import hmac
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -81,6 +82,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     chat_template: str | None = None  # template text, already read from --chat-template
     limits: RequestLimits = RequestLimits()
+    root_path: str = ""  # the path prefix a proxy serves this server under (--root-path)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, engine: AsyncEngine) -> ServerConfig:
@@ -93,6 +95,7 @@ class ServerConfig:
             allowed_origins=tuple(args.allowed_origins or ()),
             chat_template=load_chat_template(args.chat_template),
             limits=RequestLimits.from_args(args),
+            root_path=getattr(args, "root_path", None) or "",
         )
 
 
@@ -117,7 +120,8 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
         logger.info("Shutting the engine down")
         await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan,
+                  root_path=config.root_path, docs_url=None, redoc_url=None)  # the docs pages: see _docs_routes
     app.state.in_flight = InFlightRequests()  # read by the graceful shutdown (run_server)
     _add_exception_handlers(app, engine)
     # Added before CORS, so it runs inside it: its 413 and 503 answers carry CORS headers too.
@@ -130,6 +134,7 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     key_check = [Depends(_api_key_check(config.api_key))]
     registry = build_registry(engine.get_metrics, ctx.models.default_name)
     app.include_router(_probe_routes(ctx))
+    app.include_router(_docs_routes())
     app.include_router(_metrics_routes(registry), dependencies=key_check if config.metrics_require_api_key else [])
     app.include_router(_tokenizer_routes(ctx), dependencies=key_check)  # they do work: keyed like /v1
     app.include_router(_v1_routes(ctx), dependencies=key_check)
@@ -166,6 +171,23 @@ def _probe_routes(ctx: ServingContext) -> APIRouter:
     @router.get("/version")
     async def version() -> JSONResponse:
         return JSONResponse({"version": __version__})
+
+    return router
+
+
+_DOCS_OFF = ("The interactive API docs (/docs, /redoc) are off: FastAPI's Swagger UI and ReDoc pages load their "
+             "scripts from a CDN, which an offline server cannot reach. The OpenAPI schema is served at "
+             "/openapi.json: open it in any OpenAPI viewer or client generator.")
+
+
+def _docs_routes() -> APIRouter:
+    """A clear answer where FastAPI's docs pages would be, rather than a page that never finishes loading."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/docs")
+    @router.get("/redoc")
+    async def docs_off() -> Response:
+        return error_response(_DOCS_OFF, HTTPStatus.NOT_FOUND, code="docs_disabled")
 
     return router
 
@@ -216,6 +238,10 @@ def _v1_routes(ctx: ServingContext) -> APIRouter:
     @router.get("/models")
     async def models() -> Response:
         return json_response(ctx.models.model_list())
+
+    @router.get("/models/{model_id:path}")  # ":path": served names often hold a slash ("Qwen/Qwen3-0.6B")
+    async def model(model_id: str) -> Response:
+        return json_response(ctx.models.model_card(model_id))
 
     @router.post("/completions")
     async def create_completion(raw_request: Request) -> Response:
@@ -327,6 +353,7 @@ def run_server(args: argparse.Namespace) -> int:
         args.model_name = model
     engine_args = engine_args_from_cli(args, model)
     load_chat_template(args.chat_template)  # a wrong path fails now, not after the model has loaded
+    _check_ssl_files(args.ssl_keyfile, args.ssl_certfile)  # likewise
     _exit_quietly_on_signals()
     engine = AsyncEngine.from_engine_args(engine_args, health_stall_timeout_s=args.health_stall_timeout,
                                           core_process=getattr(args, "engine_core_process", True),
@@ -334,10 +361,15 @@ def run_server(args: argparse.Namespace) -> int:
     try:
         app = build_app(engine, args)
         names = ", ".join(args.served_model_name or [args.model_name])
-        logger.info("Serving %s as %s on http://%s:%d", model, names, args.host, args.port)
+        scheme = "https" if args.ssl_certfile else "http"
+        logger.info("Serving %s as %s on %s://%s:%d%s", model, names, scheme, args.host, args.port, args.root_path)
         grace = args.graceful_shutdown_timeout
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+        config = uvicorn.Config(app, host=args.host, port=args.port,
+                                # log_config=None: uvicorn's loggers propagate to the root handler of
+                                # pagedllm.logger, so their lines have the same format as the server's.
+                                log_config=None, log_level=args.uvicorn_log_level or args.log_level,
                                 access_log=not args.disable_access_log,
+                                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                                 timeout_keep_alive=args.timeout_keep_alive,
                                 http=request_read_deadline_protocol(args.timeout_request_read),
                                 # A backstop only: _GracefulServer ends the streams itself after `grace`.
@@ -348,6 +380,15 @@ def run_server(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 1 if engine.core_died else 0
+
+
+def _check_ssl_files(keyfile: str | None, certfile: str | None) -> None:
+    """uvicorn reads them only once the model has loaded: a wrong path should fail before that."""
+    if keyfile and not certfile:
+        raise ValueError("--ssl-keyfile needs --ssl-certfile (the certificate that goes with the key)")
+    for flag, path in (("--ssl-keyfile", keyfile), ("--ssl-certfile", certfile)):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{flag}: no such file: {path}")
 
 
 def _make_graceful_server(config, engine: AsyncEngine, grace_s: float, in_flight: InFlightRequests):

@@ -50,12 +50,24 @@ class ServedModels:
         """The name to report for a request's ``model``; unset means the served model. Unknown names are a 404."""
         if requested is None or requested in self.names:
             return self.default_name
-        raise OpenAIError(f"The model `{quote_bounded(requested)}` does not exist.", HTTPStatus.NOT_FOUND,
-                          param="model", code="model_not_found")
+        raise _model_not_found(requested)
 
     def model_list(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=name, max_model_len=self.max_model_len)
-                               for name in self.names])
+        return ModelList(data=[self._card(name) for name in self.names])
+
+    def model_card(self, name: str) -> ModelCard:
+        """``GET /v1/models/{name}``: the card of one served name; an unknown name is a 404."""
+        if name not in self.names:
+            raise _model_not_found(name)
+        return self._card(name)
+
+    def _card(self, name: str) -> ModelCard:
+        return ModelCard(id=name, root=name, max_model_len=self.max_model_len)
+
+
+def _model_not_found(name: str) -> OpenAIError:
+    return OpenAIError(f"The model `{quote_bounded(name)}` does not exist.", HTTPStatus.NOT_FOUND, param="model",
+                       code="model_not_found")
 
 
 @dataclass(frozen=True)
