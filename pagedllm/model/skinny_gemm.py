@@ -1,0 +1,190 @@
+"""Skinny GEMM for decode-sized inputs: ``y[M, N] = x[M, K] @ W[N, K]^T (+ bias)`` with few rows (M <= 16).
+
+At batch 1..16 a linear layer is one pass over its weight, so its time is the weight's bytes over the memory
+bandwidth. cuBLAS picks tiles for large M: measured on an H200 at batch 1 it streamed Qwen3-0.6B's layer weights
+at ~1.1 TB/s of the ~4.3 TB/s the card copies at (benchmarks/h200/issue14-step-latency/kernel-profile).
+
+Here each program owns ``BLOCK_N`` rows of W and one slice of K, and computes the transposed product
+``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T`` with ``tl.dot``: x's rows are padded to 16 (tl.dot's minimum), work
+the tensor cores do for free while memory is the bound, and the weight loads feed a dot so Triton pipelines them
+``num_stages`` deep (many bytes in flight per SM is what reaches full bandwidth).
+
+When W has too few row blocks to give every SM work (N = 1024 with K = 3072, say), K is split as well: each
+program writes its float32 partial, and the last program of a row block to arrive (an atomic counter per row block)
+sums the partials in split order, adds the bias, writes the output and resets its counter. That is one launch, no
+memset, and deterministic (the sum order never depends on which program finished first).
+
+Allocation per call is a fixed-size output (and partials buffer when split) and nothing is read back to the host,
+so calls can be captured in a CUDA graph. The counters are one zeroed buffer per device, made on first use; every
+launch leaves them at zero again.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # decode batches up to this many rows take this kernel
+_BLOCK_M = 16  # tl.dot's smallest tile side: x's rows are padded to it
+_MAX_ROW_BLOCKS_SPLIT = 4096  # counters per device: a split launch may have at most this many row blocks
+
+
+@dataclass(frozen=True)
+class SkinnyGemmConfig:
+    """Launch shape: rows of W per program, K per loop step, K slices, warps and pipeline depth."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@triton.jit
+def _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS: tl.constexpr):
+    """Add the bias and write ``acc`` [BLOCK_N, BLOCK_M] (transposed) into ``out`` [num_rows, N]."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < num_rows)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _partial_product(
+    x_ptr, w_ptr, offs_n, offs_m, k_start, num_rows, N, K, k_per_split, stride_xm, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``W[offs_n, k_start : k_start + k_per_split] @ x[:, same]^T`` as float32 [BLOCK_N, BLOCK_M]."""
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    # Rows past N re-read row N - 1: the weight stream needs no row mask, and those results are never stored.
+    w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
+    is_row = offs_m[None, :] < num_rows
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(0, k_per_split, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=is_row, other=0.0)
+        else:
+            is_in_k = offs_k + k < K
+            w = tl.load(w_ptrs, mask=is_in_k[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=is_row & is_in_k[:, None], other=0.0)
+        acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _skinny_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+    num_rows, N, K, k_per_split, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (row block, K slice): one partial product; with IS_SPLIT the last slice to arrive sums them all."""
+    row_block = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    acc = _partial_product(x_ptr, w_ptr, offs_n, offs_m, split * k_per_split, num_rows, N, K, k_per_split,
+                           stride_xm, stride_wn, BLOCK_N, BLOCK_M, BLOCK_K, EVEN_K, DOT_PRECISION)
+    if IS_SPLIT:
+        num_splits = tl.num_programs(1)
+        # partials [num_splits, row blocks * BLOCK_N, BLOCK_M]: padded rows, so no masks.
+        tile = offs_n[:, None] * BLOCK_M + offs_m[None, :]
+        split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
+        tl.store(partial_ptr + split * split_stride + tile, acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(arrivals_ptr + row_block, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(0, num_splits):  # fixed order: the same sum whichever slice came last
+                total += tl.load(partial_ptr + s * split_stride + tile, cache_modifier=".cg")
+            _store_output(total, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
+            tl.store(arrivals_ptr + row_block, 0)  # ready for the next launch (or graph replay)
+    else:
+        _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _arrival_counters(device: torch.device) -> torch.Tensor:
+    """The split launches' counters on ``device``: zero between launches (each launch resets those it used)."""
+    return torch.zeros(_MAX_ROW_BLOCKS_SPLIT, dtype=torch.int32, device=device)
+
+
+@functools.cache
+def choose_config(n: int, k: int, num_sms: int) -> SkinnyGemmConfig:
+    """A launch shape for W [n, k] on a device of ``num_sms`` SMs: 64-row blocks, and K split when there are
+    fewer row blocks than SMs, until the launch has about two programs per SM (each slice at least 2 K steps)."""
+    block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
+    block_n = 64
+    row_blocks = triton.cdiv(n, block_n)
+    split_k = 1
+    if row_blocks < num_sms and row_blocks <= _MAX_ROW_BLOCKS_SPLIT:
+        split_k = max(1, min(triton.cdiv(2 * num_sms, row_blocks), triton.cdiv(k, block_k) // 2))
+    return SkinnyGemmConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+
+
+def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``skinny_gemm(x, weight)`` serves this call and beats cuBLAS: a half-precision x of 1 to
+    ``MAX_ROWS`` rows with a unit inner stride, and a contiguous weight of the same dtype."""
+    k = x.shape[-1]
+    return (0 < x.numel() <= MAX_ROWS * k and x.dtype in (torch.float16, torch.bfloat16) and x.stride(-1) == 1
+            and weight.dtype == x.dtype and weight.is_contiguous() and weight.shape[1] == k)
+
+
+def skinny_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: SkinnyGemmConfig | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x [..., K] of at most ``MAX_ROWS`` rows and a contiguous weight [N, K]
+    of x's dtype; a new tensor [..., N]. ``config`` overrides the launch shape (tests, tuning)."""
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k)
+    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    num_rows, n = x2d.shape[0], weight.shape[0]
+    if num_rows > MAX_ROWS or weight.shape[1] != k or not weight.is_contiguous():
+        raise ValueError(f"skinny_gemm needs x [<= {MAX_ROWS} rows, K] and a contiguous weight [N, K]; got x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)} strides {weight.stride()}")
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    if num_rows:
+        num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
+        _launch(x2d, weight, bias, out, config or choose_config(n, k, num_sms))
+    return out.view(*x.shape[:-1], n)
+
+
+def _launch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, config: SkinnyGemmConfig
+) -> None:
+    (num_rows, k), n = x.shape, weight.shape[0]
+    row_blocks = triton.cdiv(n, config.block_n)
+    # Whole K steps per slice; trailing slices that would be empty are dropped.
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    num_splits = triton.cdiv(k, k_per_split)
+    is_split = num_splits > 1 and row_blocks <= _MAX_ROW_BLOCKS_SPLIT
+    if is_split:
+        partials = torch.empty((num_splits, row_blocks * config.block_n, _BLOCK_M), dtype=torch.float32,
+                               device=x.device)
+        arrivals = _arrival_counters(x.device)
+    else:
+        num_splits, k_per_split = 1, triton.cdiv(k, config.block_k) * config.block_k
+        partials = arrivals = out  # placeholders, never touched
+    _skinny_gemm_kernel[(row_blocks, num_splits)](
+        x, weight, bias if bias is not None else out, out, partials, arrivals,
+        num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, IS_SPLIT=is_split, EVEN_K=k == num_splits * k_per_split,
+        BLOCK_N=config.block_n, BLOCK_M=_BLOCK_M, BLOCK_K=config.block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
