@@ -103,13 +103,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_generate(args: argparse.Namespace) -> int:
     configure_logging("warning")
-    from pagedllm.entrypoints.default_model import default_model_path
     from pagedllm.entrypoints.engine_args import engine_kwargs_from_cli
     from pagedllm.entrypoints.llm import LLM
     from pagedllm.params import SamplingParams
 
     engine_kwargs = engine_kwargs_from_cli(args)
-    llm = LLM(args.model or default_model_path(), **engine_kwargs)
+    llm = LLM(args.model, **engine_kwargs)  # None: the default model
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k)
     if args.chat:

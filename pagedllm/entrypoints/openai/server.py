@@ -26,7 +26,7 @@ from pagedllm import __version__
 from pagedllm.config import server_api_key_from_env
 from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from pagedllm.entrypoints.chat_utils import load_chat_template
-from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path
+from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
 from pagedllm.entrypoints.engine_args import engine_args_from_cli
 from pagedllm.entrypoints.openai.errors import (
     OpenAIError,
@@ -346,7 +346,7 @@ def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     model = args.model_tag or args.model
-    if model is None:
+    if is_default_model(model):
         model = default_model_path()
         args.model_name = DEFAULT_MODEL_NAME
     else:
