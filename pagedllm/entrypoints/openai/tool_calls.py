@@ -8,9 +8,10 @@ parsers in ``tool_parsers`` read both).
 - ``"required"``: the output is constrained to a JSON array of one or more ``{"name": <one of the functions>,
   "parameters": {...}}`` items (each item's parameters validating against its function's schema), one call per
   item; with ``parallel_tool_calls`` false the array holds exactly one item.
-- ``"auto"`` (the default with tools): no constraint; Hermes-style ``<tool_call>{"name", "arguments"}</tool_call>``
-  blocks are parsed out of the text, and the text outside them stays the content. ``parallel_tool_calls`` is not
-  enforced here: every block the model writes is a call.
+- ``"auto"`` (the default with tools): no constraint; the calls are read out of the text in the format of the
+  server's ``--tool-call-parser`` (see ``tool_parsers``), and the text outside them stays the content.
+  ``parallel_tool_calls`` is not enforced here: every call the model writes is a call. As in vLLM, a server
+  started without ``--enable-auto-tool-choice`` refuses "auto" (a 400): it cannot know the model's format.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import Any
 
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.tool_parsers import (
+    TOOL_CALL_PARSERS,
     HermesCallsParser,
     NamedCallParser,
     ParsedToolCall,
     RequiredCallsParser,
     ToolCallParser,
-    collect,
+    make_tool_call_parser,
 )
 from pagedllm.params import StructuredOutputsParams
 
@@ -35,18 +37,21 @@ __all__ = ["ParsedToolCall", "ToolPlan", "parse_hermes_tool_calls", "plan_tools"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+AUTO_NEEDS_FLAGS = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
 
 
 @dataclass
 class ToolPlan:
     """What a request asks of tools: ``mode`` is "none", "auto", "required" or "named" (then ``named`` is the
     function's name); ``functions`` maps each name to its parameters schema, in request order; ``parallel`` is
-    ``parallel_tool_calls`` (whether "required" may make more than one call)."""
+    ``parallel_tool_calls`` (whether "required" may make more than one call); ``auto_parser`` names the format
+    "auto" reads (a key of ``TOOL_CALL_PARSERS``)."""
 
     mode: str
     functions: dict[str, dict[str, Any]]
     named: str | None = None
     parallel: bool = True
+    auto_parser: str = "hermes"
 
     @property
     def constrained(self) -> bool:
@@ -67,15 +72,20 @@ class ToolPlan:
         if self.mode == "required":
             return RequiredCallsParser()
         if self.mode == "auto":
-            return HermesCallsParser()
+            return make_tool_call_parser(self.auto_parser)
         return None
+
+    @property
+    def needs_special_tokens(self) -> bool:
+        """Whether the output must keep special tokens (the format's markers are special tokens)."""
+        return self.mode == "auto" and TOOL_CALL_PARSERS[self.auto_parser].needs_special_tokens
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
         """``(content, tool_calls)`` of a finished generation, read by the same parser as a stream (so a call's
         arguments are the characters a stream sends). A constrained output that does not parse (cut by max_tokens)
         stays content, with no calls."""
         if self.mode == "auto":
-            return parse_hermes_tool_calls(text)
+            return self.stream_parser().parse(text)
         parser = self.stream_parser()
         if parser is None or not _is_complete_json(text, self.mode):
             return text, []
@@ -113,16 +123,24 @@ def parse_hermes_tool_calls(text: str) -> tuple[str | None, list[ParsedToolCall]
     text outside the blocks is the content (trailing whitespace dropped; None when only whitespace). Text without
     calls is given back unchanged; if any block is not such JSON, nothing is parsed: the whole text is the
     content."""
-    parser = HermesCallsParser()
-    messages = parser.parse_all(text)
-    if not parser.calls or parser.has_invalid_call:
-        return text, []
-    return collect(messages), parser.calls
+    return HermesCallsParser().parse(text)
 
 
 def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
-               parallel_tool_calls: bool = True) -> ToolPlan:
-    """Check ``tools`` and ``tool_choice`` (OpenAIError 400 naming the field) and say what to do."""
+               parallel_tool_calls: bool = True, auto_parser: str | None = "hermes") -> ToolPlan:
+    """Check ``tools`` and ``tool_choice`` (OpenAIError 400 naming the field) and say what to do. ``auto_parser``:
+    the format "auto" reads; None refuses "auto" (explicit, or implied by tools without tool_choice)."""
+    functions = _check_tools(tools)
+    plan = _plan_choice(functions, tool_choice, parallel_tool_calls)
+    if plan.mode == "auto":
+        if auto_parser is None:
+            raise OpenAIError(AUTO_NEEDS_FLAGS, param="tool_choice")
+        plan.auto_parser = auto_parser
+    return plan
+
+
+def _check_tools(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Each function's parameters schema by name, in request order; a bad spec is a 400 naming ``tools``."""
     functions: dict[str, dict[str, Any]] = {}
     for i, tool in enumerate(tools or []):
         where = f"tools[{i}]"
@@ -146,7 +164,11 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, 
         if not isinstance(parameters, dict):
             raise OpenAIError(f"{where}.function.parameters must be a JSON schema object", param="tools")
         functions[name] = parameters
+    return functions
 
+
+def _plan_choice(functions: dict[str, dict[str, Any]], tool_choice: str | dict[str, Any] | None,
+                 parallel_tool_calls: bool) -> ToolPlan:
     if tool_choice is None:
         return ToolPlan("auto" if functions else "none", functions, parallel=parallel_tool_calls)
     if isinstance(tool_choice, str):
