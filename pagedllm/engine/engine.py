@@ -78,6 +78,7 @@ class EngineCore:
             "num_gpu_blocks": self.num_blocks,
             "kv_cache_tokens": self.num_blocks * block_size,
             "max_concurrency_at_max_model_len": round(self.num_blocks * block_size / max_model_len, 2),
+            "num_cpu_blocks": self.executor.num_cpu_blocks(),  # the swap space's
             "attention_backend": self.config.attention_backend,
             "cuda_graphs": worker_info["cuda_graphs"],
             "seconds": {**{name: round(s, 3) for name, s in worker_info["seconds"].items()}, "total": round(total_s, 3)},
@@ -260,7 +261,7 @@ class LLMEngine:
         self.input_processor = InputProcessor(config, self.tokenizer)
         # In-process, the core's grammars come from the front end's manager: a spec checked early compiles once.
         self.engine_core = EngineCore(config, lambda: self.input_processor.structured_output_manager)
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics.for_engine(config, self.engine_core.startup_report)
         self.output_processor = OutputProcessor(self.tokenizer, self.metrics)
 
     def add_request(

@@ -34,7 +34,7 @@ class MultiprocessLLMEngine:
         self.core_client = MultiprocessCoreClient(self.config, warm_up_grammars)  # returns once the core is ready
         self.startup_report = self.core_client.ready.startup_report
         self.num_blocks = self.core_client.ready.num_blocks
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics.for_engine(self.config, self.startup_report)
         self.grammar_preparer = CoreGrammarPreparer(self.config, self.core_client.send_from_any_thread)
         self.input_processor = InputProcessor(self.config, self.tokenizer, self.grammar_preparer)
         self.output_processor = OutputProcessor(self.tokenizer, self.metrics)

@@ -123,6 +123,7 @@ class OutputProcessor:
         """``first_scheduled_times``: core request id -> when the core first scheduled it (sent with its first
         output: the queue-time metric)."""
         now = time.monotonic()
+        num_tokens_before = self.metrics.num_tokens_total
         failed: dict[str, str] = {}  # request id -> error; filled by the engine core and by the phases below
         if first_scheduled_times:
             self._record_first_scheduled(first_scheduled_times)
@@ -135,6 +136,7 @@ class OutputProcessor:
             if state is not None:
                 request_outputs.append(self._failed_output(state, error, now))
                 failed_children += state.sequences
+        self.metrics.record_iteration(num_tokens_before)
         return ProcessedOutputs(request_outputs, stopped_by_string, failed_children)
 
     def _record_first_scheduled(self, first_scheduled_times: dict[str, float]) -> None:

@@ -20,6 +20,12 @@ _DOCS = {
     "pagedllm:num_requests_waiting": "Number of requests waiting to be processed.",
     "pagedllm:kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
     "pagedllm:num_preemptions_total": "Cumulative number of preemptions from the engine.",
+    "pagedllm:kv_cache_shared_blocks": "Number of KV blocks held by more than one request (prefix sharing, forks).",
+    "pagedllm:num_swap_preemptions_total": "Cumulative number of preemptions that swapped KV blocks to the CPU.",
+    "pagedllm:num_swapped_out_blocks_total": "Cumulative number of KV blocks swapped out to the CPU.",
+    "pagedllm:cpu_kv_cache_usage_perc": "CPU swap space usage. 1 means 100 percent usage.",
+    "pagedllm:prefix_cache_queries_total": "Prefix cache queries, in number of queried tokens.",
+    "pagedllm:prefix_cache_hits_total": "Prefix cache hits, in number of cached tokens.",
     "pagedllm:prompt_tokens_total": "Number of prefill tokens processed.",
     "pagedllm:generation_tokens_total": "Number of generation tokens processed.",
     "pagedllm:request_success_total": "Count of finished requests, by finish reason.",
@@ -27,6 +33,17 @@ _DOCS = {
     "pagedllm:inter_token_latency_seconds": "Histogram of inter-token latency in seconds.",
     "pagedllm:e2e_request_latency_seconds": "Histogram of end to end request latency in seconds.",
     "pagedllm:request_queue_time_seconds": "Histogram of time spent waiting in the queue in seconds.",
+    "pagedllm:iteration_tokens_total": "Histogram of the number of tokens per engine step.",
+    "pagedllm:request_prompt_tokens": "Number of prefill tokens processed, per finished request.",
+    "pagedllm:request_generation_tokens": "Number of generation tokens processed, per finished request.",
+    "pagedllm:request_params_max_tokens": "Histogram of the max_tokens request parameter.",
+    "pagedllm:request_params_n": "Histogram of the n request parameter.",
+    "pagedllm:request_time_per_output_token_seconds": "Histogram of time per output token in seconds, per finished "
+                                                      "request.",
+    "pagedllm:request_prefill_time_seconds": "Histogram of time spent in PREFILL phase for request.",
+    "pagedllm:request_decode_time_seconds": "Histogram of time spent in DECODE phase for request.",
+    "pagedllm:request_inference_time_seconds": "Histogram of time spent in RUNNING phase for request.",
+    "pagedllm:cache_config_info": "Information of the LLMEngine CacheConfig (the labels; the value is 1).",
 }
 
 

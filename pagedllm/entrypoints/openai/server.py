@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pagedllm import __version__
-from pagedllm.config import server_api_key_from_env
+from pagedllm.config import log_stats_interval_from_env, server_api_key_from_env
 from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from pagedllm.entrypoints.chat_utils import load_chat_template
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
@@ -68,6 +68,7 @@ from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokeni
 from pagedllm.entrypoints.openai.slow_clients import request_read_deadline_protocol
 
 logger = logging.getLogger("pagedllm.server")
+from pagedllm.entrypoints.openai.stats_logger import StatsLogger
 
 _CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away"; nobody reads it
 
@@ -85,6 +86,7 @@ class ServerConfig:
     root_path: str = ""  # the path prefix a proxy serves this server under (--root-path)
 
     @classmethod
+    log_stats_interval_s: float | None = None  # seconds between stats lines; None: none (--disable-log-stats)
     def from_args(cls, args: argparse.Namespace, engine: AsyncEngine) -> ServerConfig:
         model = engine.model_config.model
         names = tuple(args.served_model_name or [getattr(args, "model_name", None) or model])
@@ -98,6 +100,7 @@ class ServerConfig:
             root_path=getattr(args, "root_path", None) or "",
         )
 
+            log_stats_interval_s=None if getattr(args, "disable_log_stats", True) else log_stats_interval_from_env(),
 
 def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> FastAPI:
     """The FastAPI app serving ``engine``; shutting the app down (lifespan end) shuts the engine down."""
@@ -117,7 +120,10 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         # uvicorn has stopped accepting and finished (or cancelled) the in-flight requests by now.
+        stats_task = _start_stats_logger(engine, config.log_stats_interval_s)
         logger.info("Shutting the engine down")
+        if stats_task is not None:
+            stats_task.cancel()
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan,
@@ -144,6 +150,12 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
 
 def _is_draining(engine: AsyncEngine) -> bool:
     """Shutting down but still running the requests in flight (a dead engine is not draining: it is dead)."""
+def _start_stats_logger(engine: AsyncEngine, interval_s: float | None) -> asyncio.Task | None:
+    if interval_s is None:
+        return None
+    return asyncio.create_task(StatsLogger(engine.get_metrics, interval_s).run(), name="pagedllm-stats-logger")
+
+
     return engine.is_running and not engine.is_ready()
 
 
