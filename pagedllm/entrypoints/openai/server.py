@@ -66,9 +66,9 @@ from pagedllm.entrypoints.openai.serving_common import (
 from pagedllm.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.slow_clients import request_read_deadline_protocol
+from pagedllm.entrypoints.openai.stats_logger import StatsLogger
 
 logger = logging.getLogger("pagedllm.server")
-from pagedllm.entrypoints.openai.stats_logger import StatsLogger
 
 _CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away"; nobody reads it
 
@@ -84,9 +84,9 @@ class ServerConfig:
     chat_template: str | None = None  # template text, already read from --chat-template
     limits: RequestLimits = RequestLimits()
     root_path: str = ""  # the path prefix a proxy serves this server under (--root-path)
+    log_stats_interval_s: float | None = None  # seconds between stats lines; None: none (--disable-log-stats)
 
     @classmethod
-    log_stats_interval_s: float | None = None  # seconds between stats lines; None: none (--disable-log-stats)
     def from_args(cls, args: argparse.Namespace, engine: AsyncEngine) -> ServerConfig:
         model = engine.model_config.model
         names = tuple(args.served_model_name or [getattr(args, "model_name", None) or model])
@@ -98,9 +98,9 @@ class ServerConfig:
             chat_template=load_chat_template(args.chat_template),
             limits=RequestLimits.from_args(args),
             root_path=getattr(args, "root_path", None) or "",
+            log_stats_interval_s=None if getattr(args, "disable_log_stats", True) else log_stats_interval_from_env(),
         )
 
-            log_stats_interval_s=None if getattr(args, "disable_log_stats", True) else log_stats_interval_from_env(),
 
 def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> FastAPI:
     """The FastAPI app serving ``engine``; shutting the app down (lifespan end) shuts the engine down."""
@@ -118,12 +118,12 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        # uvicorn has stopped accepting and finished (or cancelled) the in-flight requests by now.
         stats_task = _start_stats_logger(engine, config.log_stats_interval_s)
-        logger.info("Shutting the engine down")
+        yield
         if stats_task is not None:
             stats_task.cancel()
+        # uvicorn has stopped accepting and finished (or cancelled) the in-flight requests by now.
+        logger.info("Shutting the engine down")
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan,
@@ -148,14 +148,14 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     return app
 
 
-def _is_draining(engine: AsyncEngine) -> bool:
-    """Shutting down but still running the requests in flight (a dead engine is not draining: it is dead)."""
 def _start_stats_logger(engine: AsyncEngine, interval_s: float | None) -> asyncio.Task | None:
     if interval_s is None:
         return None
     return asyncio.create_task(StatsLogger(engine.get_metrics, interval_s).run(), name="pagedllm-stats-logger")
 
 
+def _is_draining(engine: AsyncEngine) -> bool:
+    """Shutting down but still running the requests in flight (a dead engine is not draining: it is dead)."""
     return engine.is_running and not engine.is_ready()
 
 
