@@ -385,14 +385,14 @@ def triton_ops_disabled_by_env() -> bool:
     """``PAGEDLLM_DISABLE_TRITON_OPS=1`` keeps the model's elementwise ops in plain torch on CUDA (to rule the
     fused kernels out when debugging numerics); read once, by ``platform.triton_ops_enabled``."""
     return os.environ.get("PAGEDLLM_DISABLE_TRITON_OPS", "0") not in ("", "0")
+
+
 def log_stats_interval_from_env() -> float:
     """Seconds between the server's stats lines (``PAGEDLLM_LOG_STATS_INTERVAL``, default 10, as vLLM's)."""
     value = float(os.environ.get("PAGEDLLM_LOG_STATS_INTERVAL") or 10.0)
     if not value > 0:
         raise ValueError(f"PAGEDLLM_LOG_STATS_INTERVAL must be a positive number of seconds, got {value}")
     return value
-
-
 
 
 def cpu_threads_from_env() -> int | None:
