@@ -259,6 +259,7 @@ class EngineConfig:
     attention_backend: str
     enforce_eager: bool = False  # no CUDA graphs: every step runs eagerly
     structured_outputs_config: StructuredOutputsConfig = StructuredOutputsConfig()
+    cpu_threads: int | None = None  # torch threads of a model on the CPU as the user set them; None = platform's pick
 
     def __post_init__(self) -> None:
         # Without a CPU pool every preemption recomputes: "swap" would be accepted and silently not honoured.
@@ -294,6 +295,7 @@ class EngineArgs:
     enforce_eager: bool = False
     structured_outputs_compile_timeout: float = 30.0  # seconds one grammar may compile before its request fails
     max_pending_grammars_per_client: int = 4  # compiles one client may have waiting (the server answers 429 beyond)
+    cpu_threads: int | None = None  # torch threads on CPU (default: $PAGEDLLM_CPU_THREADS, else platform's pick)
 
     def create_engine_config(self) -> EngineConfig:
         if self.load_format not in LOAD_FORMATS:
@@ -325,6 +327,7 @@ class EngineArgs:
             seed=self.seed,
             skip_tokenizer_init=self.skip_tokenizer_init,
             enforce_eager=self.enforce_eager,
+            cpu_threads=_requested_cpu_threads(self.cpu_threads),
             structured_outputs_config=StructuredOutputsConfig(self.structured_outputs_compile_timeout,
                                                               self.max_pending_grammars_per_client),
             attention_backend=resolve_attention_backend(
@@ -385,8 +388,6 @@ def triton_ops_disabled_by_env() -> bool:
     """``PAGEDLLM_DISABLE_TRITON_OPS=1`` keeps the model's elementwise ops in plain torch on CUDA (to rule the
     fused kernels out when debugging numerics); read once, by ``platform.triton_ops_enabled``."""
     return os.environ.get("PAGEDLLM_DISABLE_TRITON_OPS", "0") not in ("", "0")
-
-
 def log_stats_interval_from_env() -> float:
     """Seconds between the server's stats lines (``PAGEDLLM_LOG_STATS_INTERVAL``, default 10, as vLLM's)."""
     value = float(os.environ.get("PAGEDLLM_LOG_STATS_INTERVAL") or 10.0)
@@ -395,7 +396,22 @@ def log_stats_interval_from_env() -> float:
     return value
 
 
+
+
+def _requested_cpu_threads(cpu_threads: int | None) -> int | None:
+    """The CPU thread count the user asked for: the argument, else the environment's; None = none asked."""
+    if cpu_threads is not None and cpu_threads < 1:
+        raise ValueError(f"cpu_threads must be at least 1, got {cpu_threads}")
+    return cpu_threads or cpu_threads_from_env()
+
+
 def cpu_threads_from_env() -> int | None:
-    """The intra-op thread count the user set with ``OMP_NUM_THREADS`` (torch honours it), or None when unset."""
+    """The intra-op thread count set by ``PAGEDLLM_CPU_THREADS`` (a bad value is an error), else by
+    ``OMP_NUM_THREADS`` (which torch honours too), or None when neither is set."""
+    value = os.environ.get("PAGEDLLM_CPU_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"PAGEDLLM_CPU_THREADS must be a positive integer, got {value[:20]!r}")
+        return int(value)
     value = os.environ.get("OMP_NUM_THREADS", "")
     return int(value) if value.isdigit() and int(value) > 0 else None

@@ -34,6 +34,7 @@ from pagedllm.engine.metrics import Metric
 from pagedllm.engine.processing import ProcessedRequest, PromptInput
 from pagedllm.engine.output_processor import merge_delta_outputs
 from pagedllm.params import RequestOutput, RequestOutputKind, SamplingParams
+from pagedllm.platform import set_engine_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -385,6 +386,8 @@ def _make_engine(config: EngineConfig, core_process: bool, warm_up_grammars: boo
         from pagedllm.engine.frontend import MultiprocessLLMEngine
 
         return MultiprocessLLMEngine(config, warm_up_grammars)
+    if config.device == "cpu":  # the engine thread shares this process with the API server: leave it a core
+        set_engine_cpu_threads(config.cpu_threads, beside_api_server=True)
     engine = LLMEngine(config)
     if warm_up_grammars:
         engine.warm_up_structured_outputs()

@@ -57,7 +57,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     # Ctrl-C reaches the whole process group: the parent decides (it drains, then tells this process to stop).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if config.device == "cpu":
-        _leave_a_core_to_the_server()
+        _leave_a_core_to_the_server(config)
     configure_logging("info", process_tag="engine core")
     context = zmq.Context()
     input_socket = _connect(context, zmq.PULL, input_address)
@@ -81,12 +81,10 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         _close(context, 0, input_socket, output_socket)  # the parent reads no more: drop what is unsent
 
 
-def _leave_a_core_to_the_server() -> None:
-    import torch
+def _leave_a_core_to_the_server(config: EngineConfig) -> None:
+    from pagedllm.platform import set_engine_cpu_threads
 
-    from pagedllm.platform import engine_core_cpu_threads
-
-    torch.set_num_threads(engine_core_cpu_threads())
+    set_engine_cpu_threads(config.cpu_threads, beside_api_server=True)
 
 
 def _connect(context: zmq.Context, kind: int, address: str) -> zmq.Socket:

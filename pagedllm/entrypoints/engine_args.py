@@ -68,6 +68,10 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
     group.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype (only auto = the model's, yet)")
     group.add_argument("--enforce-eager", action="store_true",
                        help="never capture CUDA graphs: every step runs eagerly (slower decoding, faster start-up)")
+    group.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                       help="torch threads of a model on the CPU (default: $PAGEDLLM_CPU_THREADS, else "
+                            "$OMP_NUM_THREADS, else the cores not kept busy by other processes, less one for the API "
+                            "server when serving)")
     group.add_argument("--structured-outputs-compile-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="how long one grammar (JSON schema, regex, EBNF) may compile before its request fails; "
                             "the compile worker is then killed and replaced (default: 30)")
@@ -105,6 +109,7 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         "swap_space": args.swap_space,
         "preemption_mode": args.preemption_mode,
         "enforce_eager": args.enforce_eager,
+        "cpu_threads": args.cpu_threads,
         "structured_outputs_compile_timeout": args.structured_outputs_compile_timeout,
         "max_pending_grammars_per_client": args.max_pending_grammars_per_client,
     }

@@ -17,6 +17,7 @@ from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchState, 
 from pagedllm.entrypoints.chat_utils import ChatMessages, render_chat
 from pagedllm.entrypoints.default_model import model_or_default
 from pagedllm.params import BeamSearchParams, RequestOutput, RequestOutputKind, SamplingParams
+from pagedllm.platform import set_engine_cpu_threads
 
 
 class LLM:
@@ -35,14 +36,16 @@ class LLM:
         seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, enable_chunked_prefill,
         enable_prefix_caching, kv_cache_memory_bytes, num_gpu_blocks_override, gpu_memory_utilization,
         swap_space, preemption_mode, scheduling_policy, load_format, tokenizer, skip_tokenizer_init, revision,
-        enforce_eager)
+        enforce_eager, cpu_threads)
         is a field of ``pagedllm.config.EngineArgs``; an unknown one raises TypeError."""
         if tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if kv_cache_dtype != "auto":
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported yet; use 'auto'")
-        args = EngineArgs(model=model_or_default(model), **engine_args)
-        self.llm_engine = LLMEngine(args.create_engine_config())
+        config = EngineArgs(model=model_or_default(model), **engine_args).create_engine_config()
+        if config.device == "cpu":
+            set_engine_cpu_threads(config.cpu_threads, beside_api_server=False)
+        self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
