@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 ChatMessages = list[dict[str, Any]]
+
+# Arguments of ``apply_chat_template`` itself, or variables it sets: in chat_template_kwargs they would collide with
+# what pagedllm passes or change what rendering returns (token ids, tensors, a dict) instead of adding a variable.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+MAX_TEMPLATE_KWARGS = 64  # variables
+MAX_TEMPLATE_KWARGS_CHARS = 64 * 1024  # their size as JSON: the template may loop over them
+
+
+def check_chat_template_kwargs(kwargs: dict[str, Any] | None) -> None:
+    """Extra template variables (e.g. ``{"enable_thinking": False}``): at most 64, 64 KiB as JSON, none of the
+    reserved names; ValueError otherwise."""
+    if not kwargs:
+        return
+    if len(kwargs) > MAX_TEMPLATE_KWARGS:
+        raise ValueError(f"chat_template_kwargs may hold at most {MAX_TEMPLATE_KWARGS} variables, got {len(kwargs)}")
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}: these are arguments of the "
+                         "rendering itself, not template variables")
+    if len(json.dumps(kwargs, default=str)) > MAX_TEMPLATE_KWARGS_CHARS:
+        raise ValueError(f"chat_template_kwargs may be at most {MAX_TEMPLATE_KWARGS_CHARS} characters as JSON")
 
 
 def render_chat(
@@ -22,6 +48,7 @@ def render_chat(
     ``tools``."""
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError("The tokenizer has no chat template; pass chat_template=...")
+    check_chat_template_kwargs(chat_template_kwargs)
     text = tokenizer.apply_chat_template(
         conversation,
         chat_template=chat_template,

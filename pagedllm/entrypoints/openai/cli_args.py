@@ -8,6 +8,8 @@ from pagedllm.engine.async_engine import DEFAULT_HEALTH_STALL_TIMEOUT_S
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME
 from pagedllm.entrypoints.engine_args import add_engine_args
 from pagedllm.entrypoints.openai.limits import add_limit_args
+from pagedllm.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
+from pagedllm.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 
 
 def _origins(text: str) -> list[str]:
@@ -49,6 +51,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--chat-template", default=None, metavar="FILE",
                         help="Jinja chat template file (or inline template) for /v1/chat/completions (default: the "
                              "tokenizer's)")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="answer tool_choice \"auto\" (the default when a request has tools): read the calls the "
+                             "model writes in the format of --tool-call-parser (default: off; such requests get a "
+                             "400, as in vLLM)")
+    server.add_argument("--tool-call-parser", choices=tuple(TOOL_CALL_PARSERS), default=None,
+                        help="the model family's tool-call format, for --enable-auto-tool-choice")
+    server.add_argument("--reasoning-parser", choices=tuple(REASONING_PARSERS), default=None,
+                        help="split what a reasoning model writes between <think> and </think> into the message's "
+                             "reasoning_content (default: none, all text is content)")
     server.add_argument("--graceful-shutdown-timeout", type=float, default=3.0, metavar="SECONDS",
                         help="on SIGTERM/SIGINT, how long in-flight requests may finish before they are aborted "
                              "(default: 3)")
@@ -83,3 +94,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "every 10 s while the server has work)")
     add_limit_args(parser)
     add_engine_args(parser, serving=True)
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Flags that only make sense together (ValueError: the command says why and exits)."""
+    if getattr(args, "enable_auto_tool_choice", False) and getattr(args, "tool_call_parser", None) is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{', '.join(TOOL_CALL_PARSERS)})")

@@ -18,10 +18,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
 
+from pagedllm.entrypoints.chat_utils import check_chat_template_kwargs
 from pagedllm.params import STRUCTURED_OUTPUT_KINDS, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 # vLLM's guided decoding fields (still accepted by vLLM) and the structured_outputs field each maps onto.
@@ -383,6 +385,11 @@ def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
+def _checked_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+    check_chat_template_kwargs(value)
+    return value
+
+
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
@@ -397,7 +404,10 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's chat extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}; bounded, see chat_utils
+    include_reasoning: bool = True  # with --reasoning-parser: False leaves reasoning_content out
+
+    _check_template_kwargs = field_validator("chat_template_kwargs")(_checked_template_kwargs)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -432,6 +442,7 @@ class ToolCall(OpenAIBaseModel):
 class ChatResponseMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # with --reasoning-parser: what the model wrote between <think> tags
     tool_calls: list[ToolCall] | None = None
 
 
@@ -483,6 +494,7 @@ class DeltaMessage(OpenAIBaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
@@ -548,6 +560,8 @@ class TokenizeChatRequest(RequestModel):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
+
+    _check_template_kwargs = field_validator("chat_template_kwargs")(_checked_template_kwargs)
 
 
 class TokenizeResponse(OpenAIBaseModel):

@@ -28,6 +28,7 @@ from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFa
 from pagedllm.entrypoints.chat_utils import load_chat_template
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
 from pagedllm.entrypoints.engine_args import engine_args_from_cli
+from pagedllm.entrypoints.openai.cli_args import check_serve_args
 from pagedllm.entrypoints.openai.errors import (
     OpenAIError,
     error_response,
@@ -66,9 +67,9 @@ from pagedllm.entrypoints.openai.serving_common import (
 from pagedllm.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.slow_clients import request_read_deadline_protocol
-from pagedllm.entrypoints.openai.stats_logger import StatsLogger
 
 logger = logging.getLogger("pagedllm.server")
+from pagedllm.entrypoints.openai.stats_logger import StatsLogger
 
 _CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away"; nobody reads it
 
@@ -83,6 +84,8 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     chat_template: str | None = None  # template text, already read from --chat-template
     limits: RequestLimits = RequestLimits()
+    reasoning_parser: str | None = None  # --reasoning-parser
+    auto_tool_parser: str | None = None  # --tool-call-parser, with --enable-auto-tool-choice (None: "auto" refused)
     root_path: str = ""  # the path prefix a proxy serves this server under (--root-path)
     log_stats_interval_s: float | None = None  # seconds between stats lines; None: none (--disable-log-stats)
 
@@ -97,6 +100,8 @@ class ServerConfig:
             allowed_origins=tuple(args.allowed_origins or ()),
             chat_template=load_chat_template(args.chat_template),
             limits=RequestLimits.from_args(args),
+            reasoning_parser=getattr(args, "reasoning_parser", None),
+            auto_tool_parser=args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None,
             root_path=getattr(args, "root_path", None) or "",
             log_stats_interval_s=None if getattr(args, "disable_log_stats", True) else log_stats_interval_from_env(),
         )
@@ -114,6 +119,8 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
         vocab_size=engine.model_config.vocab_size,
         chat_template=config.chat_template,
         limits=config.limits,
+        reasoning_parser=config.reasoning_parser,
+        auto_tool_parser=config.auto_tool_parser,
     )
 
     @asynccontextmanager
@@ -127,10 +134,7 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)  # the docs pages: see _docs_routes
-    # As vLLM sets it: routes answer with the prefix and without it (a proxy that strips it). Set after construction:
-    # FastAPI deprecates the constructor argument in favour of uvicorn's, which answers only stripped paths.
-    app.root_path = config.root_path
+                  root_path=config.root_path, docs_url=None, redoc_url=None)  # the docs pages: see _docs_routes
     app.state.in_flight = InFlightRequests()  # read by the graceful shutdown (run_server)
     _add_exception_handlers(app, engine)
     # Added before CORS, so it runs inside it: its 413 and 503 answers carry CORS headers too.
@@ -368,6 +372,7 @@ def run_server(args: argparse.Namespace) -> int:
         args.model_name = model
     engine_args = engine_args_from_cli(args, model)
     load_chat_template(args.chat_template)  # a wrong path fails now, not after the model has loaded
+    check_serve_args(args)  # likewise
     _check_ssl_files(args.ssl_keyfile, args.ssl_certfile)  # likewise
     _exit_quietly_on_signals()
     engine = AsyncEngine.from_engine_args(engine_args, health_stall_timeout_s=args.health_stall_timeout,

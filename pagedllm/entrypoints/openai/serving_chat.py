@@ -13,12 +13,12 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from pagedllm.entrypoints.chat_utils import render_chat
+from pagedllm.entrypoints.openai.chat_output import OutputFormat, finish_reason
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_value_error
 from pagedllm.entrypoints.openai.limits import LimitExceeded, check_sampling_limits, check_tools_limit
 from pagedllm.entrypoints.openai.logprobs import chat_logprobs, prompt_logprobs_json
 from pagedllm.entrypoints.openai.offload import off_loop
 from pagedllm.entrypoints.openai.protocol import (
-    ChatCompletionLogProbs,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionResponseChoice,
@@ -51,8 +51,7 @@ from pagedllm.entrypoints.openai.serving_common import (
     sse_error,
     stream_failure,
 )
-from pagedllm.entrypoints.openai.tool_calls import ParsedToolCall, ToolPlan, plan_tools
-from pagedllm.entrypoints.openai.tool_parsers import ToolCallParser
+from pagedllm.entrypoints.openai.tool_calls import ToolPlan, plan_tools
 from pagedllm.params import CompletionOutput, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class OpenAIServingChat:
         _check_supported(request)
         check_stream_options(request)
         check_structured_outputs(request)
-        tools = _plan_tools(request)
+        tools = _plan_tools(request, self.ctx.auto_tool_parser)
         prompt = await off_loop(render_messages, self.ctx, request)
         num_prompt_tokens = len(prompt["prompt_token_ids"])
         check_prompt_length(num_prompt_tokens, self.ctx.max_model_len, "messages")
@@ -94,20 +93,25 @@ class OpenAIServingChat:
         if request.use_beam_search:
             return await self._beam_search(request, prompt, request_id, model_name, raw_request)
         params = self._sampling_params(request, num_prompt_tokens)
+        if tools.needs_special_tokens:
+            params.skip_special_tokens = False  # the format's markers are special tokens: the parser must see them
         if tools.constrained:
             params.structured_outputs = tools.structured_outputs()
             await prepare_structured_outputs(self.ctx, request, params, param="tools", client_id=client_id(raw_request))
         else:
             await prepare_structured_outputs(self.ctx, request, params, client_id=client_id(raw_request))
+        fmt = OutputFormat(tools, self.ctx.reasoning_parser, prompt["prompt"], request.chat_template_kwargs,
+                           constrained=params.structured_outputs is not None,
+                           include_reasoning=request.include_reasoning)
         if request.stream:
-            return StreamingResponse(self._stream(request, prompt, params, request_id, model_name, tools),
+            return StreamingResponse(self._stream(request, prompt, params, request_id, model_name, fmt),
                                      media_type="text/event-stream")
         try:
             output = await run_unless_disconnected(raw_request, self._generate(prompt, params, request_id,
                                                                                request.priority))
         except ValueError as exc:
             raise from_value_error(exc, _FIELDS, default_param="messages") from None
-        return json_response(self._response(request, output, request_id, model_name, tools))
+        return json_response(self._response(request, output, request_id, model_name, fmt))
 
     def _check_limits(self, request: ChatCompletionRequest) -> None:
         """The server's work limits, checked before the conversation is rendered."""
@@ -144,16 +148,16 @@ class OpenAIServingChat:
         return final
 
     def _response(self, request: ChatCompletionRequest, output: RequestOutput, request_id: str,
-                  model_name: str, tools: ToolPlan) -> ChatCompletionResponse:
+                  model_name: str, fmt: OutputFormat) -> ChatCompletionResponse:
         choices = []
         for completion in output.outputs:
-            content, calls = tools.parse(completion.text)
+            read = fmt.read_whole(completion.text)
             choices.append(ChatCompletionResponseChoice(
                 index=completion.index,
-                message=ChatResponseMessage(content=content,
-                                            tool_calls=[ToolCall(**call.to_openai()) for call in calls] or None),
+                message=ChatResponseMessage(content=read.content, reasoning_content=read.reasoning,
+                                            tool_calls=[ToolCall(**call.to_openai()) for call in read.calls] or None),
                 logprobs=self._logprobs(request, completion),
-                finish_reason=_finish_reason(completion.finish_reason, calls),
+                finish_reason=finish_reason(completion.finish_reason, read.calls),
                 stop_reason=completion.stop_reason,
                 token_ids=list(completion.token_ids) if request.return_token_ids else None,
             ))
@@ -201,13 +205,14 @@ class OpenAIServingChat:
     # ---- streams ---------------------------------------------------------------------------------------------
 
     async def _stream(self, request: ChatCompletionRequest, prompt: dict[str, Any], params: SamplingParams,
-                      request_id: str, model_name: str, tools: ToolPlan) -> AsyncIterator[str]:
+                      request_id: str, model_name: str, fmt: OutputFormat) -> AsyncIterator[str]:
         """SSE chunks: the assistant role for every choice first, then content as it is generated. When the client
         goes, Starlette cancels this generator, which closes the engine generator: the request is aborted.
 
-        With tools (other than "none") each choice's text goes through a tool-call parser as it comes: content
-        deltas, and for each call a first delta with its index, id, type and name, then its arguments in
-        fragments as they are generated; logprobs ride on the next chunk the choice sends."""
+        With tools (other than "none") or a reasoning parser, each choice's text goes through its parsers as it
+        comes (see ``chat_output.ChoiceStream``): reasoning deltas, content deltas, and for each call a first delta
+        with its index, id, type and name, then its arguments in fragments as they are generated; logprobs ride
+        on the next chunk the choice sends."""
         created = int(time.time())
 
         def chunk(choices: list[ChatCompletionResponseStreamChoice], usage=None, prompt_token_ids=None) -> str:
@@ -220,7 +225,8 @@ class OpenAIServingChat:
                                                                                             content=""))],
                         prompt_token_ids=first_ids)
         num_generated = 0
-        tool_streams = {index: _ToolStream(tools.stream_parser()) for index in range(request.n)}
+        plain = fmt.is_plain
+        choice_streams = {index: fmt.choice_stream() for index in range(request.n)} if not plain else {}
         try:
             async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id,
                                                   request.priority)) as outputs:
@@ -228,15 +234,15 @@ class OpenAIServingChat:
                     choices = []
                     for completion in output.outputs:
                         num_generated += len(completion.token_ids)
-                        if tools.mode == "none":
+                        if plain:
                             choice = self._stream_choice(request, completion)
                             if choice is not None:
                                 choices.append(choice)
                             continue
-                        for tool_choice in tool_streams[completion.index].choices(
+                        for read_choice in choice_streams[completion.index].choices(
                                 completion, self._logprobs(request, completion), request.logprobs,
                                 request.return_token_ids):
-                            yield chunk([tool_choice])
+                            yield chunk([read_choice])
                     if choices:
                         yield chunk(choices)
         except ValueError as exc:
@@ -264,44 +270,11 @@ class OpenAIServingChat:
         )
 
 
-class _ToolStream:
-    """One streamed choice read by a tool-call parser: its chunks, with logprobs and token ids held until a chunk
-    goes out."""
-
-    def __init__(self, parser: ToolCallParser) -> None:
-        self.parser = parser
-        self._held_logprobs: list[Any] = []
-        self._held_token_ids: list[int] = []
-
-    def choices(self, completion: CompletionOutput, logprobs: ChatCompletionLogProbs | None,
-                wants_logprobs: bool, wants_token_ids: bool = False) -> list[ChatCompletionResponseStreamChoice]:
-        """The chunks of one output delta: content and tool-call deltas, then the finish chunk if it finished."""
-        if logprobs is not None and logprobs.content:
-            self._held_logprobs.extend(logprobs.content)
-        if wants_token_ids:
-            self._held_token_ids.extend(completion.token_ids)
-        deltas = self.parser.feed(completion.text)
-        finished = completion.finish_reason is not None
-        if finished:
-            deltas += self.parser.finish()
-        choices = [ChatCompletionResponseStreamChoice(index=completion.index, delta=delta) for delta in deltas]
-        if finished:
-            choices.append(ChatCompletionResponseStreamChoice(
-                index=completion.index, delta=DeltaMessage(),
-                finish_reason=_finish_reason(completion.finish_reason, self.parser.calls),
-                stop_reason=completion.stop_reason))
-        if choices and wants_logprobs and (self._held_logprobs or finished):
-            choices[-1].logprobs = ChatCompletionLogProbs(content=self._held_logprobs)
-            self._held_logprobs = []
-        if choices and wants_token_ids:
-            choices[-1].token_ids, self._held_token_ids = self._held_token_ids, []
-        return choices
-
-
-def _plan_tools(request: ChatCompletionRequest) -> ToolPlan:
-    """Check tools and tool_choice; a forced call ("required", a named function) is a grammar, so it cannot be
+def _plan_tools(request: ChatCompletionRequest, auto_tool_parser: str | None) -> ToolPlan:
+    """Check tools and tool_choice ("auto" reads ``auto_tool_parser``'s format; None: refused, as vLLM does
+    without --enable-auto-tool-choice); a forced call ("required", a named function) is a grammar, so it cannot be
     combined with another output constraint or with beam search."""
-    plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
+    plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls, auto_tool_parser)
     if plan.constrained:
         other = request.structured_outputs_field
         if other is not None:
@@ -311,11 +284,6 @@ def _plan_tools(request: ChatCompletionRequest) -> ToolPlan:
             raise OpenAIError("tool_choice 'required' or a named function cannot be combined with use_beam_search",
                               param="tool_choice")
     return plan
-
-
-def _finish_reason(finish_reason: str | None, calls: list[ParsedToolCall]) -> str | None:
-    """"tool_calls" when the model made calls and stopped by itself (not cut by max_tokens or aborted)."""
-    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 
 def _check_supported(request: ChatCompletionRequest) -> None:

@@ -81,6 +81,8 @@ class ServingContext:
     vocab_size: int
     chat_template: str | None
     limits: RequestLimits = RequestLimits()
+    reasoning_parser: str | None = None  # --reasoning-parser
+    auto_tool_parser: str | None = None  # --tool-call-parser with --enable-auto-tool-choice; None refuses "auto"
 
 
 def random_id(prefix: str) -> str:

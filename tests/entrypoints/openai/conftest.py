@@ -142,8 +142,10 @@ def server_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def server(server_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
-    """One server for every test that leaves it running, with an API key (so every client sends one)."""
-    remote = RemoteServer(server_model_dir, [*ENGINE_FLAGS, "--served-model-name", "tiny", "tiny-alias"],
+    """One server for every test that leaves it running, with an API key (so every client sends one) and
+    tool_choice "auto" reading Hermes-style calls."""
+    remote = RemoteServer(server_model_dir, [*ENGINE_FLAGS, "--served-model-name", "tiny", "tiny-alias",
+                                             "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
                           tmp_path_factory.mktemp("server_logs"), api_key=API_KEY)
     yield remote
     remote.terminate()

@@ -76,7 +76,7 @@ CASES = [
     ("logit-bias", "/v1/completions", {"prompt": "hi", "logit_bias": {str(t): 1 for t in range(5)}}, "logit_bias",
      "--max-logit-bias-entries", {"prompt": "hi", "logit_bias": {str(t): 1 for t in range(4)}}),
     ("tools", "/v1/chat/completions", {"messages": USER, "tools": [_tool("a"), _tool("b"), _tool("c")]}, "tools",
-     "--max-tools", {"messages": USER, "tools": [_tool("a"), _tool("b")]}),
+     "--max-tools", {"messages": USER, "tools": [_tool("a"), _tool("b")], "tool_choice": "none"}),
 ]
 
 
