@@ -134,7 +134,10 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan,
-                  root_path=config.root_path, docs_url=None, redoc_url=None)  # the docs pages: see _docs_routes
+                  docs_url=None, redoc_url=None)  # the docs pages: see _docs_routes
+    # As vLLM sets it: routes answer with the prefix and without it (a proxy that strips it). Set after construction:
+    # FastAPI deprecates the constructor argument in favour of uvicorn's, which answers only stripped paths.
+    app.root_path = config.root_path
     app.state.in_flight = InFlightRequests()  # read by the graceful shutdown (run_server)
     _add_exception_handlers(app, engine)
     # Added before CORS, so it runs inside it: its 413 and 503 answers carry CORS headers too.
