@@ -7,11 +7,15 @@ tensor. Tensor-parallel sharding and quantized formats hook in here later by bri
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagedllm.platform import triton_ops_enabled
 
 WeightLoader = Callable[..., None]
 
@@ -30,6 +34,22 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: o
     param.data.copy_(loaded)
 
 
+@functools.cache
+def _skinny_gemm() -> ModuleType:
+    """The skinny-GEMM kernel module, imported on first CUDA use so that CPU-only runs never import Triton."""
+    from pagedllm.model import skinny_gemm
+
+    return skinny_gemm
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; a decode-sized x on CUDA (a few rows) takes the skinny-GEMM kernel, which
+    streams the weight at near memory bandwidth where cuBLAS's tiles for large batches do not."""
+    if x.is_cuda and triton_ops_enabled() and _skinny_gemm().accepts(x, weight):
+        return _skinny_gemm().skinny_gemm(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     """``y = x W^T + b`` with W [output_size, input_size]; not fused, loads with the default loader."""
 
@@ -46,7 +66,7 @@ class Linear(nn.Module):
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"

@@ -1,8 +1,10 @@
 """Skinny GEMM for decode-sized inputs: ``y[M, N] = x[M, K] @ W[N, K]^T (+ bias)`` with few rows (M <= 16).
 
 At batch 1..16 a linear layer is one pass over its weight, so its time is the weight's bytes over the memory
-bandwidth. cuBLAS picks tiles for large M: measured on an H200 at batch 1 it streamed Qwen3-0.6B's layer weights
-at ~1.1 TB/s of the ~4.3 TB/s the card copies at (benchmarks/h200/issue14-step-latency/kernel-profile).
+bandwidth plus a fixed cost per launch. Measured on an H200 inside a CUDA graph (benchmarks/h200/
+issue14-decode-kernels): Qwen3-0.6B's four projections take 4.6-5.7 us here against 4.8-12.5 us in cuBLAS (its
+o_proj, 4.2 MB, ran at 0.33 TB/s), Llama-3.1-8B's are within -2%..+10% of cuBLAS, and both LM heads stream at
+~4.3-4.45 TB/s, 5% faster than cuBLAS.
 
 Here each program owns ``BLOCK_N`` rows of W and one slice of K, and computes the transposed product
 ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T`` with ``tl.dot``: x's rows are padded to 16 (tl.dot's minimum), work
@@ -125,20 +127,28 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def choose_config(n: int, k: int, num_sms: int) -> SkinnyGemmConfig:
-    """A launch shape for W [n, k] on a device of ``num_sms`` SMs: 64-row blocks, and K split when there are
-    fewer row blocks than SMs, until the launch has about two programs per SM (each slice at least 2 K steps)."""
+def choose_config(n: int, k: int, num_sms: int, element_size: int = 2) -> SkinnyGemmConfig:
+    """A launch shape for W [n, k] (elements of ``element_size`` bytes) on a device of ``num_sms`` SMs.
+
+    From a sweep on an H200 (benchmarks/h200/issue14-decode-kernels), M = 1 and 16 alike: with at least a quarter
+    as many 64-row blocks as SMs, no split and a 6-deep pipeline won (4 deep once the blocks are many waves, as
+    for an LM head); below that (N = 1024) 32-row blocks with K split to about one program per SM, each slice
+    at least 4 K steps long, came within ~5% of the best of every swept shape.
+    """
     block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
-    block_n = 64
-    row_blocks = triton.cdiv(n, block_n)
-    split_k = 1
-    if row_blocks < num_sms and row_blocks <= _MAX_ROW_BLOCKS_SPLIT:
-        split_k = max(1, min(triton.cdiv(2 * num_sms, row_blocks), triton.cdiv(k, block_k) // 2))
-    return SkinnyGemmConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+    row_blocks = triton.cdiv(n, 64)
+    max_stages = 6 if element_size <= 2 else 3  # float32 tiles are twice the shared memory
+    if 4 * row_blocks >= num_sms:
+        return SkinnyGemmConfig(64, block_k, 1, num_stages=min(max_stages, 6 if row_blocks <= 2 * num_sms else 4))
+    k_steps = triton.cdiv(k, block_k)
+    wanted = max(1, min(triton.cdiv(num_sms, triton.cdiv(n, 32)), k_steps // 4))
+    # Slices of equal whole K steps where possible: the kernel then needs no K mask.
+    split_k = max(d for d in range(1, wanted + 1) if k_steps % d == 0)
+    return SkinnyGemmConfig(32, block_k, split_k, num_stages=min(max_stages, 4))
 
 
 def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``skinny_gemm(x, weight)`` serves this call and beats cuBLAS: a half-precision x of 1 to
+    """Whether ``skinny_gemm(x, weight)`` serves this call: a half-precision x of 1 to
     ``MAX_ROWS`` rows with a unit inner stride, and a contiguous weight of the same dtype."""
     k = x.shape[-1]
     return (0 < x.numel() <= MAX_ROWS * k and x.dtype in (torch.float16, torch.bfloat16) and x.stride(-1) == 1
@@ -160,7 +170,7 @@ def skinny_gemm(
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows:
         num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
-        _launch(x2d, weight, bias, out, config or choose_config(n, k, num_sms))
+        _launch(x2d, weight, bias, out, config or choose_config(n, k, num_sms, x.element_size()))
     return out.view(*x.shape[:-1], n)
 
 

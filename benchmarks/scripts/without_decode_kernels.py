@@ -1,0 +1,39 @@
+"""Run a module or script with some of issue 14's decode kernels switched off, to time a tree with and without
+them in the same device call (the same GPU, clocks and other code):
+
+    python benchmarks/scripts/without_decode_kernels.py skinny_gemm -m pagedllm.bench latency --model ...
+    python benchmarks/scripts/without_decode_kernels.py skinny_gemm benchmarks/scripts/profile_decode_kernels.py ...
+
+Switches (comma-separated): ``skinny_gemm`` (linear layers and the LM head back on cuBLAS). The engine must run
+in this process (the offline LLM does).
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+import types
+
+
+def switch_off(names: list[str]) -> None:
+    from pagedllm.model import linear
+
+    for name in names:
+        if name == "skinny_gemm":
+            linear._skinny_gemm = lambda: types.SimpleNamespace(accepts=lambda x, weight: False)
+        elif name:
+            raise SystemExit(f"unknown switch {name!r}")
+
+
+def main() -> None:
+    switch_off(sys.argv[1].split(","))
+    if sys.argv[2] == "-m":
+        sys.argv = [sys.argv[3], *sys.argv[4:]]
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = sys.argv[2:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
