@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.model.linear import default_weight_loader, set_weight_loader
+from pagedllm.model.linear import default_weight_loader, linear, set_weight_loader
 from pagedllm.platform import triton_ops_enabled
 
 
@@ -219,4 +219,4 @@ class LMHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab_size] in float32 (sampling and logprobs want the precision)."""
-        return F.linear(hidden_states, self.weight).float()
+        return linear(hidden_states, self.weight).float()
