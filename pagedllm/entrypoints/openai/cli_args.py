@@ -7,6 +7,7 @@ import argparse
 from pagedllm.engine.async_engine import DEFAULT_HEALTH_STALL_TIMEOUT_S
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME
 from pagedllm.entrypoints.engine_args import add_engine_args
+from pagedllm.entrypoints.generation_config import DEFAULT_SERVING_MAX_TOKENS
 from pagedllm.entrypoints.openai.limits import add_limit_args
 from pagedllm.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
@@ -51,6 +52,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--chat-template", default=None, metavar="FILE",
                         help="Jinja chat template file (or inline template) for /v1/chat/completions (default: the "
                              "tokenizer's)")
+    server.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                        help="defaults of the sampling fields a request leaves unset (temperature, top_p, top_k, "
+                             "min_p, repetition_penalty, max_new_tokens as max_tokens): auto = the model's "
+                             "generation_config.json, vllm = none (the engine's own), or a directory holding a "
+                             "generation_config.json (default: auto)")
+    server.add_argument("--max-tokens-default", type=int, default=None, metavar="N",
+                        help="max_tokens of a request that sets none (chat, or completions with max_tokens null), "
+                             "capped by the context; 0 = no bound but the context (default: the model's "
+                             f"max_new_tokens, else {DEFAULT_SERVING_MAX_TOKENS})")
     server.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="answer tool_choice \"auto\" (the default when a request has tools): read the calls the "
                              "model writes in the format of --tool-call-parser (default: off; such requests get a "

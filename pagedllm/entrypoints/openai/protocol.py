@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from pagedllm.entrypoints.chat_utils import check_chat_template_kwargs
+from pagedllm.entrypoints.generation_config import GenerationDefaults
 from pagedllm.params import STRUCTURED_OUTPUT_KINDS, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 # vLLM's guided decoding fields (still accepted by vLLM) and the structured_outputs field each maps onto.
@@ -227,18 +228,20 @@ class SamplingFields(RequestModel):
             raise ValueError(str(exc).replace(f"structured_outputs.{GUIDED_FIELDS[name]}", name)) from None
 
     def build_sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
+        defaults: GenerationDefaults = GenerationDefaults(),
     ) -> SamplingParams:
-        """SamplingParams for one prompt; raises ValueError naming the field for an invalid value."""
+        """SamplingParams for one prompt, ``defaults`` (the model's generation config) filling the sampling fields
+        it leaves unset; raises ValueError naming the field for an invalid value."""
         return SamplingParams(
             n=self.n,
-            temperature=_or(self.temperature, 1.0),
-            top_p=_or(self.top_p, 1.0),
-            top_k=_or(self.top_k, 0),
-            min_p=_or(self.min_p, 0.0),
+            temperature=_or(self.temperature, defaults.temperature, 1.0),
+            top_p=_or(self.top_p, defaults.top_p, 1.0),
+            top_k=_or(self.top_k, defaults.top_k, 0),
+            min_p=_or(self.min_p, defaults.min_p, 0.0),
             presence_penalty=_or(self.presence_penalty, 0.0),
             frequency_penalty=_or(self.frequency_penalty, 0.0),
-            repetition_penalty=_or(self.repetition_penalty, 1.0),
+            repetition_penalty=_or(self.repetition_penalty, defaults.repetition_penalty, 1.0),
             logit_bias=self.logit_bias,
             seed=self.seed,
             stop=self.stop,
@@ -261,8 +264,9 @@ class SamplingFields(RequestModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
+def _or(*values: Any) -> Any:
+    """The first value that is not None."""
+    return next(value for value in values if value is not None)
 
 
 # ---- completions -------------------------------------------------------------------------------------------------

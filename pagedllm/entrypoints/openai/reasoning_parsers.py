@@ -71,13 +71,13 @@ class ReasoningParser:
         return ReasoningDelta(reasoning=held) if state == "reasoning" else ReasoningDelta(content=held)
 
     def parse(self, text: str) -> tuple[str | None, str | None]:
-        """``(reasoning, content)`` of a whole text: without reasoning, ``(None, text)``; with it, content is the
-        rest as it is, None when empty."""
+        """``(reasoning, content)`` of a whole text: without reasoning (or tags), ``(None, text)``; else each is
+        None when empty."""
         first, last = self.feed(text), self.finish()
         reasoning, content = first.reasoning + last.reasoning, first.content + last.content
-        if not reasoning:
+        if content == text:
             return None, content  # no reasoning: the text as it is
-        return reasoning, content or None
+        return reasoning or None, content or None
 
     def _start(self, text: str) -> str:
         """Hold the output's first characters until they show whether it opens with ``<think>``."""

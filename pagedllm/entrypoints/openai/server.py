@@ -28,6 +28,7 @@ from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFa
 from pagedllm.entrypoints.chat_utils import load_chat_template
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
 from pagedllm.entrypoints.engine_args import engine_args_from_cli
+from pagedllm.entrypoints.generation_config import GenerationDefaults, load_generation_defaults, serving_defaults
 from pagedllm.entrypoints.openai.cli_args import check_serve_args
 from pagedllm.entrypoints.openai.errors import (
     OpenAIError,
@@ -83,6 +84,7 @@ class ServerConfig:
     metrics_require_api_key: bool = False  # /metrics is open by default, as in vLLM (scrapers send no key)
     allowed_origins: tuple[str, ...] = ()
     chat_template: str | None = None  # template text, already read from --chat-template
+    generation_defaults: GenerationDefaults = GenerationDefaults()  # for the fields a request leaves unset
     limits: RequestLimits = RequestLimits()
     reasoning_parser: str | None = None  # --reasoning-parser
     auto_tool_parser: str | None = None  # --tool-call-parser, with --enable-auto-tool-choice (None: "auto" refused)
@@ -99,12 +101,19 @@ class ServerConfig:
             metrics_require_api_key=getattr(args, "require_api_key_for_metrics", False),
             allowed_origins=tuple(args.allowed_origins or ()),
             chat_template=load_chat_template(args.chat_template),
+            generation_defaults=_generation_defaults(args, model),
             limits=RequestLimits.from_args(args),
             reasoning_parser=getattr(args, "reasoning_parser", None),
             auto_tool_parser=args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None,
             root_path=getattr(args, "root_path", None) or "",
             log_stats_interval_s=None if getattr(args, "disable_log_stats", True) else log_stats_interval_from_env(),
         )
+
+
+def _generation_defaults(args: argparse.Namespace, model_path: str) -> GenerationDefaults:
+    """--generation-config's defaults, bounded by --max-tokens-default (see generation_config.serving_defaults)."""
+    defaults = load_generation_defaults(getattr(args, "generation_config", "auto"), model_path)
+    return serving_defaults(defaults, getattr(args, "max_tokens_default", None))
 
 
 def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> FastAPI:
@@ -118,6 +127,7 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
         max_model_len=max_model_len,
         vocab_size=engine.model_config.vocab_size,
         chat_template=config.chat_template,
+        generation_defaults=config.generation_defaults,
         limits=config.limits,
         reasoning_parser=config.reasoning_parser,
         auto_tool_parser=config.auto_tool_parser,

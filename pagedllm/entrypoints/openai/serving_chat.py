@@ -125,13 +125,14 @@ class OpenAIServingChat:
         """The max_tokens to run with (None: the rest of the context) and the field that set it."""
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         return resolve_max_tokens(request.requested_max_tokens, True, num_prompt_tokens, self.ctx.max_model_len,
-                                  param), param
+                                  param, self.ctx.generation_defaults.max_tokens), param
 
     def _sampling_params(self, request: ChatCompletionRequest, num_prompt_tokens: int) -> SamplingParams:
         max_tokens, _ = self._max_tokens(request, num_prompt_tokens)
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         try:
-            params = request.build_sampling_params(max_tokens, logprobs, request.prompt_logprobs)
+            params = request.build_sampling_params(max_tokens, logprobs, request.prompt_logprobs,
+                                                   self.ctx.generation_defaults)
             params.verify_for_vocab(self.ctx.vocab_size)
         except ValueError as exc:
             raise from_value_error(exc, _FIELDS, default_param=None) from None

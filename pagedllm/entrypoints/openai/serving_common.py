@@ -17,6 +17,7 @@ from fastapi import Request, Response
 from pydantic import BaseModel, ValidationError
 
 from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from pagedllm.entrypoints.generation_config import GenerationDefaults
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_validation_errors, nesting_too_deep, quote_bounded
 from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.protocol import ModelCard, ModelList, SamplingFields
@@ -81,6 +82,7 @@ class ServingContext:
     vocab_size: int
     chat_template: str | None
     limits: RequestLimits = RequestLimits()
+    generation_defaults: GenerationDefaults = GenerationDefaults()  # for the sampling fields a request leaves unset
     reasoning_parser: str | None = None  # --reasoning-parser
     auto_tool_parser: str | None = None  # --tool-call-parser with --enable-auto-tool-choice; None refuses "auto"
 
@@ -158,10 +160,13 @@ def check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> No
 
 
 def resolve_max_tokens(requested: int | None, is_explicit: bool, num_prompt_tokens: int, max_model_len: int,
-                       param: str = "max_tokens") -> int | None:
+                       param: str = "max_tokens", default: int | None = None) -> int | None:
     """An explicit max_tokens that does not fit the context is a 400 (as in OpenAI and vLLM); a default one
-    (completions' 16) is capped to what fits; None means the rest of the context."""
+    (completions' 16, or ``default`` for an unset one: the server's --max-tokens-default or the model's
+    max_new_tokens) is capped to what fits; None means the rest of the context."""
     room = max_model_len - num_prompt_tokens
+    if requested is None:
+        requested, is_explicit = default, False
     if requested is None or requested < 1:
         return requested  # None: the rest of the context; < 1: SamplingParams names the error
     if requested <= room:

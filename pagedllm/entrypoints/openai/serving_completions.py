@@ -126,14 +126,19 @@ class OpenAIServingCompletion:
     def _encode(self, text: str, add_special_tokens: bool) -> _Prompt:
         return _Prompt(self.ctx.tokenizer.encode(text, add_special_tokens=add_special_tokens), text)
 
+    def _max_tokens(self, request: CompletionRequest, prompt: _Prompt) -> int | None:
+        """OpenAI's 16 when unset; the server's default for an explicit null; capped to the context unless given."""
+        return resolve_max_tokens(request.max_tokens, "max_tokens" in request.model_fields_set, len(prompt.token_ids),
+                                  self.ctx.max_model_len, default=self.ctx.generation_defaults.max_tokens)
+
     def _sampling_params(self, request: CompletionRequest, prompt: _Prompt) -> SamplingParams:
-        max_tokens = resolve_max_tokens(request.max_tokens, "max_tokens" in request.model_fields_set,
-                                        len(prompt.token_ids), self.ctx.max_model_len)
+        max_tokens = self._max_tokens(request, prompt)
         prompt_logprobs = request.prompt_logprobs
         if request.echo and request.logprobs is not None:  # echoed prompt tokens come with their logprobs
             prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
         try:
-            params = request.build_sampling_params(max_tokens, request.logprobs, prompt_logprobs)
+            params = request.build_sampling_params(max_tokens, request.logprobs, prompt_logprobs,
+                                                   self.ctx.generation_defaults)
             params.verify_for_vocab(self.ctx.vocab_size)
         except ValueError as exc:
             raise from_value_error(exc, _FIELDS, default_param=None) from None
@@ -196,11 +201,8 @@ class OpenAIServingCompletion:
     async def _beam_search(self, request: CompletionRequest, prompts: list[_Prompt], request_id: str,
                            model_name: str, raw_request: Request) -> Response:
         check_beam_search_request(request, wants_logprobs=request.logprobs is not None)
-        is_explicit = "max_tokens" in request.model_fields_set
         params = [
-            build_beam_search_params(request, resolve_max_tokens(request.max_tokens, is_explicit, len(p.token_ids),
-                                                                 self.ctx.max_model_len),
-                                     len(p.token_ids), self.ctx.max_model_len)
+            build_beam_search_params(request, self._max_tokens(request, p), len(p.token_ids), self.ctx.max_model_len)
             for p in prompts
         ]
         search = beam_search(self.ctx.engine, [p.token_ids for p in prompts], params, request_id, request.priority,
