@@ -16,6 +16,7 @@ from pagedllm.engine.processing import PromptInput
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchState, BeamSearchStep, decode_sequences
 from pagedllm.entrypoints.chat_utils import ChatMessages, render_chat
 from pagedllm.entrypoints.default_model import model_or_default
+from pagedllm.entrypoints.generation_config import load_generation_defaults
 from pagedllm.params import BeamSearchParams, RequestOutput, RequestOutputKind, SamplingParams
 from pagedllm.platform import set_engine_cpu_threads
 
@@ -29,6 +30,7 @@ class LLM:
         *,
         tensor_parallel_size: int = 1,
         kv_cache_dtype: str = "auto",
+        generation_config: str = "auto",
         **engine_args: Any,
     ) -> None:
         """``model``: a model directory, a .gguf file or a hub id; None (or ``"SmolLM2-135M-Instruct"``) is the
@@ -37,7 +39,9 @@ class LLM:
         enable_prefix_caching, kv_cache_memory_bytes, num_gpu_blocks_override, gpu_memory_utilization,
         swap_space, preemption_mode, scheduling_policy, load_format, tokenizer, skip_tokenizer_init, revision,
         enforce_eager, cpu_threads)
-        is a field of ``pagedllm.config.EngineArgs``; an unknown one raises TypeError."""
+        is a field of ``pagedllm.config.EngineArgs``; an unknown one raises TypeError. ``generation_config``: where
+        ``generate`` without sampling_params takes its defaults (``get_default_sampling_params``): ``"auto"`` the
+        model's generation_config.json, ``"vllm"`` none, or a directory holding one."""
         if tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if kv_cache_dtype != "auto":
@@ -45,11 +49,17 @@ class LLM:
         config = EngineArgs(model=model_or_default(model), **engine_args).create_engine_config()
         if config.device == "cpu":
             set_engine_cpu_threads(config.cpu_threads, beside_api_server=False)
+        self.generation_defaults = load_generation_defaults(generation_config, config.model_config.model)
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` and ``chat`` use without sampling_params: SamplingParams with the model's
+        generation_config.json values (see ``generation_config``), as vLLM's."""
+        return self.generation_defaults.sampling_params()
 
     def get_metrics(self) -> list[Metric]:
         """Current metric values (vLLM names under the ``pagedllm:`` prefix)."""
@@ -132,12 +142,11 @@ class LLM:
             tokenizer, conversation, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs
         )
 
-    @staticmethod
     def _params_per_prompt(
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+        self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
     ) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * num_prompts
+            return [self.get_default_sampling_params()] * num_prompts
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
         params_list = list(sampling_params)
