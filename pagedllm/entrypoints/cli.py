@@ -12,6 +12,7 @@ import sys
 
 from pagedllm import __version__
 from pagedllm.config import server_api_key_from_env
+from pagedllm.entrypoints.chat_client import DEFAULT_CHAT_MAX_TOKENS
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME, DefaultModelMissing
 from pagedllm.entrypoints.engine_args import add_engine_args
 from pagedllm.entrypoints.openai.cli_args import add_serve_args
@@ -71,14 +72,16 @@ def _add_chat(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "chat", help="chat interactively with a running server",
         description="A small interactive client for a running OpenAI-compatible server: type a message, the reply "
-                    "streams back. /clear starts over, /exit or Ctrl-D quits.")
+                    "streams back. Ctrl-C cancels a reply (the server aborts it), /clear starts over, /exit or "
+                    "Ctrl-D quits. A reply cut at --max-tokens says so.")
     parser.add_argument("--url", default="http://127.0.0.1:8000/v1",
                         help="the server's API base URL (default: http://127.0.0.1:8000/v1)")
     parser.add_argument("--api-key", default=None, help="bearer token, if the server wants one "
                                                         "(default: $PAGEDLLM_API_KEY)")
     parser.add_argument("--model", default=None, help="model name (default: the first the server lists)")
     parser.add_argument("--system", default=None, help="system message at the start of the conversation")
-    parser.add_argument("--max-tokens", type=int, default=None, help="most tokens per reply (default: the server's)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_CHAT_MAX_TOKENS,
+                        help=f"most tokens per reply; 0 = the server's default (default: {DEFAULT_CHAT_MAX_TOKENS})")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: server's)")
     parser.set_defaults(func=_run_chat)
 
@@ -125,10 +128,13 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _run_chat(args: argparse.Namespace) -> int:
     from pagedllm.entrypoints.chat_client import ChatClient, run_chat
 
-    params = {key: value for key, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
+    params = {key: value for key, value in (("max_tokens", args.max_tokens or None), ("temperature", args.temperature))
               if value is not None}
     client = ChatClient(args.url, args.api_key or server_api_key_from_env())
-    return run_chat(client, args.model, args.system, params)
+    try:
+        return run_chat(client, args.model, args.system, params)
+    except KeyboardInterrupt:  # between turns (run_chat handles it at the prompt and during a reply): no traceback
+        return 130
 
 
 def _reparse_with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None,
