@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from pagedllm.config import ModelConfig
+from pagedllm.entrypoints.default_model import is_default_model, model_or_default
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # The public hub id of each shipped reference configuration, for records and for resolving a hub id by name.
@@ -27,9 +28,12 @@ def reference_model_names() -> list[str]:
 
 def resolve_model(model: str) -> str:
     """A local path for ``model``: an existing path as is, a reference name (``qwen3-0.6b``, case-insensitive, or its
-    hub id ``Qwen/Qwen3-0.6B``) as the shipped config directory; anything else unchanged (a hub id)."""
+    hub id ``Qwen/Qwen3-0.6B``) as the shipped config directory, the default model's name
+    (``SmolLM2-135M-Instruct``) as its installed GGUF file; anything else unchanged (a hub id)."""
     if os.path.exists(model):
         return model
+    if is_default_model(model):
+        return model_or_default(model)
     key = model.lower()
     by_hub_id = {hub_id.lower(): name for name, hub_id in REFERENCE_MODELS.items()}
     name = key if key in REFERENCE_MODELS else by_hub_id.get(key)

@@ -4,6 +4,7 @@ baselines (``--compare hf``, each in its own subprocess) and the memory roofline
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -66,6 +67,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "load_s": load_s,
         "startup": llm.llm_engine.engine_core.startup_report,
         "warmup_s": warmup_s,
+        **cpu_figures(device),
         "bandwidth_bytes_per_s": bandwidth,
         "roofline": bound.to_dict(),
         "roofline_fraction": record["output_tokens_per_s"] / bound.output_tokens_per_s,
@@ -76,6 +78,16 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     if structured is not None:
         record["structured_outputs"] = structured
     return record
+
+
+def cpu_figures(device: str) -> dict[str, Any]:
+    """On CPU, the torch threads the engine ran with and the machine's 1-minute load average after the run: a busy
+    machine changes CPU figures several-fold."""
+    if device != "cpu":
+        return {}
+    import torch
+
+    return {"cpu_threads_used": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0]}
 
 
 def prefix_cache_figures(result: EngineRun) -> dict[str, Any]:
