@@ -42,6 +42,7 @@ from pagedllm.engine.contracts import (
 )
 from pagedllm.engine.grammar_calls import LazyStructuredOutputManager, PendingGrammarCalls
 from pagedllm.logger import configure_logging
+from pagedllm.platform import set_engine_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     model loads, so that the first constrained request does not wait for them; readiness does not wait either."""
     # Ctrl-C reaches the whole process group: the parent decides (it drains, then tells this process to stop).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if config.device == "cpu":
-        _leave_a_core_to_the_server(config)
     configure_logging("info", process_tag="engine core")
+    if config.device == "cpu":  # after the logging set-up: the thread count it picks is logged
+        set_engine_cpu_threads(config.cpu_threads, beside_api_server=True)
     context = zmq.Context()
     input_socket = _connect(context, zmq.PULL, input_address)
     output_socket = _connect(context, zmq.PUSH, output_address)
@@ -79,12 +80,6 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         core.shutdown()
         loop.close()
         _close(context, 0, input_socket, output_socket)  # the parent reads no more: drop what is unsent
-
-
-def _leave_a_core_to_the_server(config: EngineConfig) -> None:
-    from pagedllm.platform import set_engine_cpu_threads
-
-    set_engine_cpu_threads(config.cpu_threads, beside_api_server=True)
 
 
 def _connect(context: zmq.Context, kind: int, address: str) -> zmq.Socket:
