@@ -53,7 +53,7 @@ def config_file_flags(values: dict[str, Any], parser: argparse.ArgumentParser,
     for key, value in values.items():
         flag = "--" + str(key).replace("_", "-")
         action = options.get(flag)
-        if action is None or flag == CONFIG_FLAG or isinstance(action, argparse._HelpAction):  # noqa: SLF001
+        if action is None or action.dest in ("help", "config"):
             unknown.append(str(key))
         elif value is not None:
             flags.append((action, _command_line_words(flag, action, value, path)))
