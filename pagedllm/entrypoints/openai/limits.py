@@ -29,6 +29,9 @@ class RequestLimits:
     # n x prompts (beam width x prompts with use_beam_search): the sequences one request runs at once. Without it
     # the two limits above multiply (16 x 64 = 1,024 sequences from one request).
     max_sequences_per_request: int = 256
+    # Responses kept in memory for /v1/responses' previous_response_id (the least recently used go first); each
+    # holds a conversation that fit the context.
+    max_stored_responses: int = 1000
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RequestLimits:
@@ -46,6 +49,8 @@ _HELP = {
     "max_logit_bias_entries": "most logit_bias entries of one request",
     "max_tools": "most tools of one chat request",
     "max_sequences_per_request": "most sequences one request runs: n (or the beam width) times its prompts",
+    "max_stored_responses": "most /v1/responses responses kept for previous_response_id; the least recently used "
+                            "are dropped first (0: none are kept)",
 }
 
 

@@ -30,6 +30,7 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from pagedllm.entrypoints.openai.protocol_responses import ResponsesRequest, ResponsesResponse
 
 _REF = "#/components/schemas/{model}"
 # One server-sent event of a stream: ``data`` is a chunk's JSON text (or ``[DONE]``, or an error body).
@@ -49,6 +50,7 @@ class RouteDoc:
 ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
     ("/v1/completions", "post"): RouteDoc((CompletionRequest,), CompletionResponse, streams=True),
     ("/v1/chat/completions", "post"): RouteDoc((ChatCompletionRequest,), ChatCompletionResponse, streams=True),
+    ("/v1/responses", "post"): RouteDoc((ResponsesRequest,), ResponsesResponse, streams=True),
     ("/tokenize", "post"): RouteDoc((TokenizeCompletionRequest, TokenizeChatRequest), TokenizeResponse),
     ("/detokenize", "post"): RouteDoc((DetokenizeRequest,), DetokenizeResponse),
     ("/v1/models", "get"): RouteDoc(answer=ModelList),

@@ -65,7 +65,9 @@ from pagedllm.entrypoints.openai.serving_common import (
     read_json_body,
     validate_body,
 )
+from pagedllm.entrypoints.openai.protocol_responses import ResponsesRequest
 from pagedllm.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.slow_clients import request_read_deadline_protocol
 
@@ -266,6 +268,7 @@ def _v1_routes(ctx: ServingContext) -> APIRouter:
     router = APIRouter(prefix="/v1")
     completions = OpenAIServingCompletion(ctx)
     chat = OpenAIServingChat(ctx)
+    responses = OpenAIServingResponses(ctx)
 
     @router.get("/models")
     async def models() -> Response:
@@ -284,6 +287,11 @@ def _v1_routes(ctx: ServingContext) -> APIRouter:
     async def create_chat_completion(raw_request: Request) -> Response:
         request = await parse_body(raw_request, ChatCompletionRequest)
         return await chat.create_chat_completion(request, raw_request)
+
+    @router.post("/responses")
+    async def create_response(raw_request: Request) -> Response:
+        request = await parse_body(raw_request, ResponsesRequest)
+        return await responses.create_response(request, raw_request)
 
     return router
 

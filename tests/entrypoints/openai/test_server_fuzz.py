@@ -42,9 +42,9 @@ REQUEST_COMPONENTS = [model.__name__ for doc in ROUTE_DOCS.values() for model in
 
 def bound_max_tokens(components: dict[str, Any]) -> None:
     """Positive examples ask for at most MAX_FUZZ_TOKENS tokens (bigger ones are cheap 400s or expensive 200s)."""
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
+    for name in ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest"):
         properties = components[name]["properties"]
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if field in properties:
                 properties[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_FUZZ_TOKENS},
                                                {"type": "null"}]}
@@ -112,9 +112,9 @@ def test_served_schema_documents_request_bodies(served_schema):
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Every route of the server, fuzzed one by one (schemathesis' own lazy parametrization does not run on pytest 9).
-OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
-              ("POST", "/detokenize"), ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/ready"),
-              ("GET", "/ping"), ("GET", "/version"), ("GET", "/metrics"),
+OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"),
+              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/v1/models"), ("GET", "/health"),
+              ("GET", "/ready"), ("GET", "/ping"), ("GET", "/version"), ("GET", "/metrics"),
               ("GET", "/v1/models/{model_id}")]
 MODES = ["positive", "negative"]
 
