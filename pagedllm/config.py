@@ -211,6 +211,8 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" | "priority" (lower priority value first)
     preemption_mode: str = "auto"  # "auto" | "recompute" | "swap": see core/scheduler.py
+    # Plan step N+1 while the device runs step N (the same tokens as planning after it; see core/scheduler.py).
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):
@@ -286,6 +288,7 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     swap_space: float | None = None  # GiB; default 4 on CUDA (as vLLM), 0 on CPU where swapping gains nothing
     preemption_mode: str = "auto"
+    async_scheduling: bool = False  # schedule the next step while the device runs this one
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -321,6 +324,7 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 policy=self.scheduling_policy,
                 preemption_mode=self.preemption_mode,
+                async_scheduling=self.async_scheduling,
             ),
             device=device,
             load_format=self.load_format,
@@ -384,10 +388,6 @@ def server_api_key_from_env() -> str | None:
     return os.environ.get("PAGEDLLM_API_KEY") or None
 
 
-def triton_ops_disabled_by_env() -> bool:
-    """``PAGEDLLM_DISABLE_TRITON_OPS=1`` keeps the model's elementwise ops in plain torch on CUDA (to rule the
-    fused kernels out when debugging numerics); read once, by ``platform.triton_ops_enabled``."""
-    return os.environ.get("PAGEDLLM_DISABLE_TRITON_OPS", "0") not in ("", "0")
 def log_stats_interval_from_env() -> float:
     """Seconds between the server's stats lines (``PAGEDLLM_LOG_STATS_INTERVAL``, default 10, as vLLM's)."""
     value = float(os.environ.get("PAGEDLLM_LOG_STATS_INTERVAL") or 10.0)
@@ -396,6 +396,10 @@ def log_stats_interval_from_env() -> float:
     return value
 
 
+def triton_ops_disabled_by_env() -> bool:
+    """``PAGEDLLM_DISABLE_TRITON_OPS=1`` keeps the model's elementwise ops in plain torch on CUDA (to rule the
+    fused kernels out when debugging numerics); read once, by ``platform.triton_ops_enabled``."""
+    return os.environ.get("PAGEDLLM_DISABLE_TRITON_OPS", "0") not in ("", "0")
 
 
 def _requested_cpu_threads(cpu_threads: int | None) -> int | None:

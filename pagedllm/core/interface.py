@@ -53,6 +53,7 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, CPU block)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (device block, device block)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (CPU block, device block)
+    step_id: int = 0  # increasing; names the step whose output updates the scheduler
 
     @property
     def is_empty(self) -> bool:
@@ -87,6 +88,9 @@ class ModelRunnerOutput:
     logprobs: dict[str, TopLogprobs] = field(default_factory=dict)
     # req_id -> logprobs of the prompt tokens computed this step (one entry per prompt position > 0).
     prompt_logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)
+    # Requests whose grammar is complete with this step's token (the runner owns the grammar matchers: the
+    # scheduler, possibly a step behind them under async scheduling, learns it from here).
+    grammars_terminated: set[str] = field(default_factory=set)
 
 
 # ---- what the scheduler hands out after each step (they cross to the front end: see engine/contracts.py) ----------

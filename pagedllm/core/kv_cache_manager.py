@@ -176,10 +176,11 @@ class KVCacheManager:
         return [(cpu.block_id, block.block_id) for cpu, block in zip(cpu_blocks, blocks)]
 
     def _hash_full_blocks(self, request: Request, num_tokens: int) -> None:
-        """Hash the blocks that will be full once ``num_tokens`` tokens are computed (their token ids are known)."""
+        """Hash the blocks that will be full once ``num_tokens`` tokens are computed, as far as their token ids are
+        known (a token still being sampled by a step in flight is not: its block is hashed by a later call)."""
         hashes = self._hashes.setdefault(request.request_id, [])
         blocks = self._blocks[request.request_id]
-        num_full = num_tokens // self.block_size
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
         if num_full <= len(hashes):
             return
         tokens = request.all_token_ids

@@ -53,6 +53,7 @@ class Request:
         "fork_source",
         "max_tokens",
         "num_computed_tokens",
+        "num_output_placeholders",
         "num_preemptions",
         "output_token_ids",
         "priority",
@@ -92,10 +93,13 @@ class Request:
         self.priority = priority
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # advanced when a step is scheduled (its KV is written by that step)
+        # Tokens being sampled by scheduled steps whose outputs have not arrived yet (at most one per step in
+        # flight: async scheduling keeps one step ahead of the outputs).
+        self.num_output_placeholders = 0
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
-        # The request's grammar (an opaque engine-side object: ``is_ready()``, ``error``, ``is_terminated()``),
+        # The request's grammar (an opaque engine-side object: ``is_ready()``, ``error``; the runner advances it),
         # or None for an unconstrained request.
         self.structured_output = structured_output
 
@@ -110,6 +114,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        """Tokens once every scheduled step has sampled: what ``num_computed_tokens`` catches up to."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_output_placeholders
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -16,6 +16,14 @@ A step that raises does not fail the batch: its requests are requeued for recomp
 written is trusted or left findable in the prefix cache) and the ``Quarantine`` runs them in ever smaller groups
 until the request that makes the step fail runs alone, fails, and is finished with an error; the others go on.
 
+A step's tokens count as computed as soon as the step is scheduled (the step writes their KV before any later
+step reads it: steps run in order on the device), and a request that will sample in the step holds a placeholder
+for that token until the step's output arrives (``update_from_output``). So the scheduler can plan step N+1 while
+step N runs (async scheduling: the runner feeds step N's sampled tokens to step N+1 on the device); a request
+whose placeholder may be its last token (``max_tokens``, the context limit) waits for it, and a request preempted
+with a placeholder is re-admitted only once the token is known. Synchronously, every placeholder is resolved before
+the next schedule and the two ways give the same tokens.
+
 Queue order is arrival order under the "fcfs" policy, and (priority, arrival) under "priority" (lower priority
 values first). Under "priority", a waiting request that does not fit also preempts running requests of a
 strictly lower priority (higher value), latest first, until it fits.
@@ -24,6 +32,7 @@ strictly lower priority (higher value), latest first, until it fits.
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,6 +72,10 @@ class Scheduler:
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found cached
         self._pending_outputs: list[EngineCoreOutput] = []
+        # The requests of each scheduled step whose output has not arrived yet, by step id: an output belongs to
+        # the Request objects the step ran, not to a later request that reuses a finished one's id.
+        self._unfinished_steps: dict[int, dict[str, Request]] = {}
+        self._step_ids = itertools.count(1)
         # Finding one culprit among max_num_seqs takes about log2(max_num_seqs) + 1 failed steps in a row; a few more
         # than that, with no step succeeding, means the engine fails whatever it runs.
         self._quarantine = Quarantine(max_consecutive_failures=config.max_num_seqs.bit_length() + 3)
@@ -81,10 +94,7 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.is_finished:
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
+            (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
             self._finish(request, status)
 
     def has_unfinished_requests(self) -> bool:
@@ -94,6 +104,11 @@ class Scheduler:
     def engine_fault(self) -> str | None:
         """Why steps keep failing with no request to blame (None when healthy, or since a normal step succeeded)."""
         return self._quarantine.engine_fault
+
+    @property
+    def is_isolating_failure(self) -> bool:
+        """Whether the quarantine is at work after a failed step (steps then run one at a time)."""
+        return self._quarantine.is_engaged
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -125,7 +140,7 @@ class Scheduler:
 
     def _schedule(self) -> SchedulerOutput:
         budget = _Budget(self.config.max_num_batched_tokens)
-        output = SchedulerOutput([], [], {}, 0)
+        output = SchedulerOutput([], [], {}, 0, step_id=next(self._step_ids))
         if self.config.policy == "priority":
             self._make_room_for_higher_priority()
         preempted = self._schedule_running(budget, output)
@@ -136,7 +151,19 @@ class Scheduler:
         output.blocks_to_copy = self.kv_cache_manager.take_pending_copies()
         # Includes this step's preemptions: the runner drops them before adding this step's new requests.
         output.finished_req_ids, self._finished_since_last_step = self._finished_since_last_step, set()
+        if output.num_scheduled_tokens:
+            self._advance_scheduled(output)
         return output
+
+    def _advance_scheduled(self, output: SchedulerOutput) -> None:
+        """Count the step's tokens as computed, and give each request that samples in it a placeholder."""
+        requests = {request_id: self.requests[request_id] for request_id in output.num_scheduled_tokens}
+        for request_id, num_new in output.num_scheduled_tokens.items():
+            request = requests[request_id]
+            request.num_computed_tokens += num_new
+            if request.num_computed_tokens == request.num_tokens_with_placeholders:
+                request.num_output_placeholders += 1
+        self._unfinished_steps[output.step_id] = requests
 
     def _schedule_only(self, request_ids: set[str]) -> SchedulerOutput:
         """Schedule the quarantine's probe group alone: every other request is held out of the queues for this step."""
@@ -158,7 +185,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget.tokens_left > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget.tokens_left)
+            if self._may_have_finished(request):
+                index += 1  # its last token may be in flight: wait for it rather than compute past the end
+                continue
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget.tokens_left)
             new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
             while new_block_ids is None:
                 preempted = True
@@ -182,6 +212,13 @@ class Scheduler:
             index += 1
         return preempted
 
+    def _may_have_finished(self, request: Request) -> bool:
+        """Whether the token a step in flight samples for the request can be its last (by length)."""
+        if not request.num_output_placeholders:
+            return False
+        return (request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
+                or request.num_tokens_with_placeholders >= self.config.max_model_len)
+
     def _make_room_for_higher_priority(self) -> None:
         """Preempt running requests of lower priority than the head of the queue until the head fits."""
         if not self.waiting:
@@ -197,8 +234,10 @@ class Scheduler:
         index = 0
         while index < len(self.waiting) and budget.tokens_left > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[index]
-            if self._waits_for_fork_source(request):
-                index += 1  # a later sequence of a prompt whose first sequence is still computing it
+            if self._waits_for_fork_source(request) or request.num_output_placeholders:
+                # A later sequence of a prompt whose first sequence is still computing it, or a preempted request
+                # whose last token is still being sampled.
+                index += 1
                 continue
             grammar = request.structured_output
             if grammar is not None and not grammar.is_ready():
@@ -329,18 +368,7 @@ class Scheduler:
     def recover_from_failed_step(self, scheduler_output: SchedulerOutput, error: str) -> list[EngineCoreOutput]:
         """The step of ``scheduler_output`` raised ``error``: requeue what it ran for recompute, trusting none of the
         KV it may have written, and fail the requests the quarantine blames. Returns the outputs to hand out."""
-        # The runner may have raised before dropping these: tell it again.
-        self._finished_since_last_step |= scheduler_output.finished_req_ids
-        suspects = [
-            request
-            for request_id in scheduler_output.num_scheduled_tokens
-            if (request := self.requests.get(request_id)) is not None and request.status == RequestStatus.RUNNING
-        ]
-        self._distrust_step_kv(scheduler_output, suspects)
-        for request in suspects:
-            self.running.remove(request)
-            self._drop_kv(request)
-            self._requeue(request)
+        suspects = self._requeue_step(scheduler_output)
         verdict = self._quarantine.record_failure([request.request_id for request in suspects], error)
         for request_id in verdict.culprits:
             self._fail(request_id, f"The engine could not run this request: {error}")
@@ -348,12 +376,39 @@ class Scheduler:
             self._fail(request_id, "The engine failed repeatedly while running this request (engine fault)")
         return self.take_pending_outputs()
 
+    def discard_step(self, scheduler_output: SchedulerOutput) -> list[EngineCoreOutput]:
+        """Give up the output of a step that ran on the tokens of a step that failed: requeue its requests for
+        recompute, as for a failed step, but blame none of them."""
+        self._requeue_step(scheduler_output)
+        return self.take_pending_outputs()
+
+    def _requeue_step(self, scheduler_output: SchedulerOutput) -> list[Request]:
+        """Requeue the requests a step ran that are still running, for recompute (trusting none of the KV the step
+        may have written); return them."""
+        # The runner may have raised before dropping these: tell it again.
+        self._finished_since_last_step |= scheduler_output.finished_req_ids
+        scheduled = [request for request_id, request in self._unfinished_steps.pop(scheduler_output.step_id, {}).items()
+                     if self.requests.get(request_id) is request]
+        requeued = [request for request in scheduled if request.status == RequestStatus.RUNNING]
+        self._distrust_step_kv(scheduler_output, requeued)
+        for request in scheduled:
+            request.num_output_placeholders = 0  # the step's samples never arrive
+            if request.status == RequestStatus.SWAPPED:
+                self._drop_kv(request)  # preempted after the step was launched: its swapped KV holds the step's
+        for request in requeued:
+            self.running.remove(request)
+            self._drop_kv(request)
+            self._requeue(request)
+        return requeued
+
     def _distrust_step_kv(self, scheduler_output: SchedulerOutput, suspects: list[Request]) -> None:
         """Make sure no block the failed step may have written (its tokens, swap-in and copy targets) stays in the
         prefix cache, and that no swap-out it may not have copied is swapped back in."""
         kv = self.kv_cache_manager
+        computed_before = {data.req_id: data.num_computed_tokens
+                           for data in [*scheduler_output.new_reqs, *scheduler_output.cached_reqs]}
         for request in suspects:
-            kv.forget_hashes_from(request, request.num_computed_tokens)
+            kv.forget_hashes_from(request, computed_before[request.request_id])
         kv.forget_block_hashes([block for _, block in scheduler_output.blocks_to_swap_in + scheduler_output.blocks_to_copy])
         if scheduler_output.blocks_to_swap_out:
             cpu_targets = {cpu_block for _, cpu_block in scheduler_output.blocks_to_swap_out}
@@ -371,19 +426,19 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Advance computed tokens, append sampled tokens, finish requests that hit a stop condition."""
+        """Append sampled tokens (in place of their placeholders), finish requests that hit a stop condition."""
         outputs = self.take_pending_outputs()
-        for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
-            request = self.requests.get(request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += num_tokens
+        for request_id, request in self._unfinished_steps.pop(scheduler_output.step_id, {}).items():
+            if self.requests.get(request_id) is not request:
+                continue  # finished (aborted, or stopped by a step in flight before) while the step ran
             new_token_ids = []
+            was_running = request.status == RequestStatus.RUNNING
             token_id = runner_output.sampled_token_ids.get(request_id)
             if token_id is not None:
+                request.num_output_placeholders -= 1
                 request.output_token_ids.append(token_id)
                 new_token_ids.append(token_id)
-                self._check_stop(request)
+                self._check_stop(request, request_id in runner_output.grammars_terminated)
             prompt_logprobs = runner_output.prompt_logprobs.get(request_id)
             if new_token_ids or prompt_logprobs:
                 outputs.append(
@@ -398,7 +453,7 @@ class Scheduler:
                     )
                 )
             if request.is_finished:
-                self.running.remove(request)
+                (self.running if was_running else self.waiting).remove(request)
                 self._release(request)
         if self._quarantine.is_engaged and not scheduler_output.is_empty:
             self._report_success(scheduler_output, runner_output)
@@ -413,10 +468,10 @@ class Scheduler:
             if request_id in sampled or request_id not in self.requests
         )
 
-    def _check_stop(self, request: Request) -> None:
+    def _check_stop(self, request: Request, grammar_terminated: bool) -> None:
         params = request.sampling_params
         last_token = request.output_token_ids[-1]
-        if request.structured_output is not None and request.structured_output.is_terminated():
+        if grammar_terminated:
             request.status = RequestStatus.FINISHED_STOPPED  # the grammar is complete
             return
         if request.num_output_tokens >= params.min_tokens:

@@ -17,7 +17,7 @@ from typing import Any
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
-from pagedllm.core.interface import EngineCoreOutput
+from pagedllm.core.interface import EngineCoreOutput, SchedulerOutput
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.contracts import EngineCoreOutputs, EngineCoreRequest
 from pagedllm.engine.metrics import EngineMetrics, Metric
@@ -32,6 +32,7 @@ from pagedllm.engine.processing import (
 from pagedllm.params import RequestOutput, SamplingParams
 from pagedllm.worker.executor import Executor, InProcessExecutor
 from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.step_output import StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class EngineCore:
         self._own_manager_lock = threading.Lock()  # the loop and the warm-up thread may both make it
         # Requests whose first schedule time the front end has not been told yet (its queue-time metric).
         self._awaiting_first_output: dict[str, Request] = {}
+        self._in_flight: _LaunchedStep | None = None  # the launched step whose output the scheduler has not had
         self.executor: Executor = InProcessExecutor(config)
         num_blocks = self.executor.determine_num_blocks()
         self._check_capacity(num_blocks)
@@ -76,9 +78,9 @@ class EngineCore:
         worker_info = self.executor.startup_info()
         return {
             "num_gpu_blocks": self.num_blocks,
+            "num_cpu_blocks": self.executor.num_cpu_blocks(),  # the swap space's
             "kv_cache_tokens": self.num_blocks * block_size,
             "max_concurrency_at_max_model_len": round(self.num_blocks * block_size / max_model_len, 2),
-            "num_cpu_blocks": self.executor.num_cpu_blocks(),  # the swap space's
             "attention_backend": self.config.attention_backend,
             "cuda_graphs": worker_info["cuda_graphs"],
             "seconds": {**{name: round(s, 3) for name, s in worker_info["seconds"].items()}, "total": round(total_s, 3)},
@@ -189,30 +191,91 @@ class EngineCore:
         self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """Schedule and launch a step, and hand out the outputs of the step before it (async scheduling: the host
+        plans and prepares this step while the device runs the last one) or of this one (synchronous). While the
+        quarantine looks for a failing request, steps run one at a time."""
+        if self.config.scheduler_config.async_scheduling and not self.scheduler.is_isolating_failure:
+            return self._step_overlapped()
+        outputs = self._finish_in_flight()
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.has_work:
-            if self.scheduler.has_unfinished_requests():
-                # Everything left waits for a grammar to compile: let the compiling threads have the GIL
-                # rather than spin on empty steps.
-                time.sleep(_IDLE_STEP_SLEEP_S)
-            return self.scheduler.take_pending_outputs()
+            return outputs + self._idle()
+        self._in_flight = self._launch(scheduler_output)
+        return outputs + self._finish_in_flight()
+
+    def _step_overlapped(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        launched = self._launch(scheduler_output) if scheduler_output.has_work else None
+        outputs = self._finish_in_flight()
+        if launched is not None and self.scheduler.is_isolating_failure:
+            # The step before failed, and this one ran on its tokens: wait for it and give its output up.
+            outputs += self._discard(launched)
+        elif launched is not None and launched.error is not None:
+            outputs += self._recover(scheduler_output, launched.error)  # now: the next schedule must not count on it
+        elif launched is not None:
+            self._in_flight = launched
+        elif not outputs:
+            outputs = self._idle()
+        return outputs
+
+    def _discard(self, launched: _LaunchedStep) -> list[EngineCoreOutput]:
+        if launched.output is not None:
+            try:
+                launched.output.result()
+            except Exception:
+                logger.debug("A step launched after a failed one failed too", exc_info=True)
+        return self.scheduler.discard_step(launched.scheduler_output)
+
+    def _idle(self) -> list[EngineCoreOutput]:
+        if self.scheduler.has_unfinished_requests():
+            # Everything left waits for a grammar to compile: let the compiling threads have the GIL rather than
+            # spin on empty steps.
+            time.sleep(_IDLE_STEP_SLEEP_S)
+        return self.scheduler.take_pending_outputs()
+
+    def _launch(self, scheduler_output: SchedulerOutput) -> _LaunchedStep:
         try:
-            runner_output = self.executor.execute_model(scheduler_output)
+            return _LaunchedStep(scheduler_output, self.executor.execute_model_async(scheduler_output))
         except Exception as exc:
-            # One request's bad state must not fail the batch: the scheduler requeues the step's requests and
-            # retries them in groups until the culprit runs (and fails) alone.
-            logger.warning("Engine step failed; requests in it: %s", list(scheduler_output.num_scheduled_tokens),
-                           exc_info=True)
-            return self.scheduler.recover_from_failed_step(scheduler_output, describe_error(exc))
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+            return _LaunchedStep(scheduler_output, None, exc)
+
+    def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        """Read the launched step's output (waiting for the device) and update the scheduler with it."""
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            return []
+        outputs = self.scheduler.take_pending_outputs()
+        try:
+            if launched.error is not None:
+                raise launched.error
+            runner_output = launched.output.result()
+        except Exception as exc:
+            return outputs + self._recover(launched.scheduler_output, exc)
+        return outputs + self.scheduler.update_from_output(launched.scheduler_output, runner_output)
+
+    def _recover(self, scheduler_output: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
+        """One request's bad state must not fail the batch: the scheduler requeues the step's requests and retries
+        them in groups until the culprit runs (and fails) alone."""
+        logger.warning("Engine step failed; requests in it: %s", list(scheduler_output.num_scheduled_tokens),
+                       exc_info=exc)
+        return self.scheduler.recover_from_failed_step(scheduler_output, describe_error(exc))
 
     @property
     def engine_fault(self) -> str | None:
         """Why steps keep failing with no request to blame; None while healthy (see ``core/quarantine.py``)."""
         return self.scheduler.engine_fault
+
+
+@dataclasses.dataclass(slots=True)
+class _LaunchedStep:
+    """A step handed to the executor: its output to read, or the error its launch raised."""
+
+    scheduler_output: SchedulerOutput
+    output: StepOutput | None
+    error: Exception | None = None
 
 
 _MAX_ERROR_CHARS = 300  # what of an exception's text a client may see

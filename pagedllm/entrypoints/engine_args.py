@@ -66,6 +66,9 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="GPUs to shard the model over (only 1 is supported yet)")
     group.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype (only auto = the model's, yet)")
+    group.add_argument("--async-scheduling", action="store_true",
+                       help="schedule the next step while the GPU runs this one (same outputs; hides the host's "
+                            "per-step work behind the GPU's)")
     group.add_argument("--enforce-eager", action="store_true",
                        help="never capture CUDA graphs: every step runs eagerly (slower decoding, faster start-up)")
     group.add_argument("--cpu-threads", type=int, default=None, metavar="N",
@@ -110,6 +113,7 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         "preemption_mode": args.preemption_mode,
         "enforce_eager": args.enforce_eager,
         "cpu_threads": args.cpu_threads,
+        "async_scheduling": args.async_scheduling,
         "structured_outputs_compile_timeout": args.structured_outputs_compile_timeout,
         "max_pending_grammars_per_client": args.max_pending_grammars_per_client,
     }

@@ -14,6 +14,7 @@ from typing import Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
+from pagedllm.worker.step_output import ReadyOutput, StepOutput
 from pagedllm.worker.worker import Worker
 
 
@@ -40,6 +41,11 @@ class Executor(ABC):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collective_rpc("execute_model", scheduler_output)[0]
 
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
+        """Launch a step without waiting for it (async scheduling); ``result()`` of the answer is its output. An
+        executor that cannot overlap steps waits here."""
+        return ReadyOutput(self.execute_model(scheduler_output))
+
     def startup_info(self) -> dict:
         """The driver worker's start-up report."""
         return self.collective_rpc("startup_info")[0]
@@ -61,3 +67,6 @@ class InProcessExecutor(Executor):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         # The hot path: skip the by-name dispatch and the result list.
         return self.driver_worker.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
+        return self.driver_worker.execute_model_async(scheduler_output)

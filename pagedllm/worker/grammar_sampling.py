@@ -82,7 +82,10 @@ class GrammarSampling:
     def prepare(self, states: list[Any], metadata: SamplingMetadata) -> GrammarStep | None:
         """Split the step's rows under a grammar; fill the masks of those masked first (``metadata.grammar_mask``)
         and name those checked after the draw (``metadata.checked_rows``). None when no row has a grammar."""
-        rows = [row for row, state in enumerate(states) if state.structured_output is not None]
+        # A complete grammar constrains nothing more: its row can only be a step past its end under async scheduling
+        # (scheduled before the token that completed it was known), and that row's token is dropped.
+        rows = [row for row, state in enumerate(states)
+                if state.structured_output is not None and not state.structured_output.is_terminated()]
         if not rows:
             return None
         accept_deferred_tokens([states[row].structured_output for row in rows])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,13 +31,13 @@ from pagedllm.worker.cuda_graphs import (
     mixed_metadata,
 )
 from pagedllm.worker.sampler import (
-    LogprobsTensors,
     Sampler,
     SamplingMetadata,
     SamplingRow,
     compute_logprobs,
 )
 from pagedllm.worker.step_buffers import StepBuffers
+from pagedllm.worker.step_output import PendingSampledOutput, ReadyOutput, StepOutput, per_request_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,13 @@ class CachedRequestState:
     output_token_ids: list[int] = field(default_factory=list)
     # Under a grammar: whether the next draw is checked after it rather than masked before it (grammar_sampling).
     draw_checked: bool = False
+    # Async scheduling: a token sampled by the step in flight, not yet on the host (0 or 1), and its row in that
+    # step's sampled tensor (where the next step reads it on the device).
+    num_pending: int = 0
+    pending_row: int = 0
+    # Whether sampling reads the tokens generated so far (a grammar, penalties): a step with such a row waits for
+    # the step in flight first.
+    reads_output_history: bool = False
 
     @classmethod
     def from_new(cls, data: NewRequestData) -> CachedRequestState:
@@ -76,11 +84,21 @@ class CachedRequestState:
             data.structured_output,
             prompt_token_ids=token_ids[: data.num_prompt_tokens],
             output_token_ids=token_ids[data.num_prompt_tokens :],
+            reads_output_history=data.structured_output is not None or _has_penalties(data.sampling_params),
         )
 
     def append_output(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
+
+    def resolve_pending(self, token_id: int) -> None:
+        """The token the step in flight sampled has reached the host."""
+        self.append_output(token_id)
+        self.num_pending -= 1
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 
 
 @dataclass(slots=True)
@@ -94,6 +112,10 @@ class _StepInputs:
     sample_req_ids: list[str]  # requests whose tokens are all computed after this step: they sample
     sample_indices: list[int]  # flat index of each sampling request's last token
     prompt_logprob_spans: list[tuple[str, int, int, int]]  # (req_id, flat start, first prompt position, count)
+    # Async scheduling: flat indices of tokens the previous step is still sampling, and their rows in its output.
+    placeholder_indices: list[int] = field(default_factory=list)
+    placeholder_sources: list[int] = field(default_factory=list)
+    sample_index_tensor: torch.Tensor | None = None  # sample_indices on the device (None: every token samples)
 
     @property
     def is_decode_only(self) -> bool:
@@ -132,6 +154,17 @@ class ModelRunner:
         self.mixed_graphs = StepGraphs()  # steps with a prefill, keyed by padded number of tokens
         self._block_table_versions = itertools.count(1)
         self.grammar_sampling: Any = None  # worker.grammar_sampling.GrammarSampling, made when first needed
+        # Async scheduling (see step_output.py): the steps whose sampled tokens the host has not read (oldest
+        # first), the last sampled tensor (the next step reads its pending tokens from it), two pinned buffers the
+        # sampled tokens are copied into (a step's copy must not overwrite what the previous step's reader has yet
+        # to read), and an event recorded once a step's inputs are on the device (its host buffers may be rewritten).
+        self._unread_steps: deque[PendingSampledOutput] = deque()
+        self._last_sampled: torch.Tensor | None = None
+        self._sampled_host = [torch.zeros(sched.max_num_seqs, dtype=torch.int64, pin_memory=True)
+                              for _ in range(2)] if self.device.type == "cuda" else []
+        self._num_sampling_steps = 0
+        self._inputs_uploaded = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._any_step_uploaded = False
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -349,17 +382,34 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for it (synchronous scheduling)."""
+        return self.execute_model_async(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
+        """Launch one step; ``result()`` of the answer waits for it. Requests may hold a token the previous step is
+        still sampling (async scheduling): this step reads it on the device. Every earlier step's output is read
+        here first, so at most the previous step is ever unread."""
         self._update_states(scheduler_output)
         self._copy_blocks(scheduler_output)
         if scheduler_output.is_empty:
-            return ModelRunnerOutput({})
+            return ReadyOutput(ModelRunnerOutput({}))
+        self._read_earlier_steps(scheduler_output)
         inputs = self._prepare_inputs(scheduler_output)
         hidden = self._forward(inputs)
         output = self._sample(hidden, inputs)
-        output.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
-        return output
+        output.prompt_logprobs.update(self._prompt_logprobs(hidden, inputs))  # (waits for the step: rare)
+        return ReadyOutput(output) if isinstance(output, ModelRunnerOutput) else output
+
+    def _read_earlier_steps(self, scheduler_output: SchedulerOutput) -> None:
+        """Read the outputs of the steps before the previous one, and the previous one's too when a row of this step
+        samples from the tokens generated so far (a grammar, penalties): it must know them all."""
+        unread = self._unread_steps
+        while unread and (len(unread) > 1 or unread[0].is_resolved):
+            unread.popleft().result()
+        if unread and any(self.requests[req_id].reads_output_history for req_id in scheduler_output.num_scheduled_tokens):
+            unread.popleft().result()
 
     def _forward(self, inputs: _StepInputs) -> torch.Tensor:
         """Hidden states of the step's tokens: a graph replay for a step of a captured size, else eager."""
@@ -368,6 +418,7 @@ class ModelRunner:
             if padded is not None:
                 self.buffers.fill_padding(inputs.num_tokens, inputs.num_reqs, padded)
                 self._upload_padded(padded, padded)
+                self._finish_inputs(inputs)
                 graphs = self._decode_graphs_for(padded, max(inputs.seq_lens)) if self.bounded_decode_graphs \
                     else self.decode_graphs
                 return graphs.replay(padded)[: inputs.num_tokens]
@@ -377,9 +428,34 @@ class ModelRunner:
                 padded_reqs = self._mixed_graph_num_reqs(padded)
                 self.buffers.fill_mixed_padding(inputs.num_tokens, inputs.num_reqs, padded, padded_reqs)
                 self._upload_padded(padded, padded_reqs)
+                self._finish_inputs(inputs)
                 return self.mixed_graphs.replay(padded)[: inputs.num_tokens]
         input_ids, positions, metadata = self._upload(inputs, inputs.num_tokens, inputs.num_reqs)
+        self._finish_inputs(inputs)
         return self.model(input_ids, positions, self.kv_caches, metadata)
+
+    def _finish_inputs(self, inputs: _StepInputs) -> None:
+        """After the staged inputs are uploaded: the tokens the previous step is still sampling (copied on the device),
+        the rows to sample; then mark the host buffers free for the next step."""
+        self._fill_placeholders(inputs)
+        num_samples = len(inputs.sample_indices)
+        if num_samples != inputs.num_tokens:  # some token does not sample (a prefill): the sampling rows are gathered
+            self.buffers.sample_indices.np[:num_samples] = inputs.sample_indices
+            inputs.sample_index_tensor = self.buffers.sample_indices.upload(num_samples)
+        if self._inputs_uploaded is not None:
+            self._inputs_uploaded.record()
+            self._any_step_uploaded = True
+
+    def _fill_placeholders(self, inputs: _StepInputs) -> None:
+        num_placeholders = len(inputs.placeholder_indices)
+        if not num_placeholders:
+            return
+        buffers = self.buffers
+        buffers.placeholder_indices.np[:num_placeholders] = inputs.placeholder_indices
+        buffers.placeholder_sources.np[:num_placeholders] = inputs.placeholder_sources
+        sources = buffers.placeholder_sources.upload(num_placeholders)
+        tokens = self._last_sampled.index_select(0, sources)
+        buffers.input_ids.device.index_copy_(0, buffers.placeholder_indices.upload(num_placeholders), tokens)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
@@ -398,23 +474,30 @@ class ModelRunner:
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> _StepInputs:
         """Stage the step's inputs in the host buffers (one pass over the batch, then numpy)."""
+        if self._any_step_uploaded and self._inputs_uploaded is not None:
+            self._inputs_uploaded.synchronize()  # the previous step's uploads have read the buffers rewritten here
         buffers = self.buffers
         token_ids: list[int] = []
         query_lens, seq_lens = [], []
         sample_req_ids, sample_indices, prompt_spans = [], [], []
+        placeholder_indices, placeholder_sources = [], []
         for row, (req_id, num_new) in enumerate(scheduler_output.num_scheduled_tokens.items()):
             state = self.requests[req_id]
             start = state.num_computed_tokens
             end = start + num_new
             flat_start = len(token_ids)
-            if num_new == 1:
+            if num_new == 1 and start < len(state.token_ids):
                 token_ids.append(state.token_ids[start])
             else:
                 token_ids.extend(state.token_ids[start:end])
+                if end > len(state.token_ids):  # its last token is being sampled by the previous step
+                    placeholder_indices.append(len(token_ids))
+                    placeholder_sources.append(state.pending_row)
+                    token_ids.append(0)
             query_lens.append(num_new)
             seq_lens.append(end)
             buffers.write_block_table_row(row, state.block_table_version, state.block_ids)
-            if end == len(state.token_ids):
+            if end == len(state.token_ids) + state.num_pending:
                 sample_req_ids.append(req_id)
                 sample_indices.append(flat_start + num_new - 1)
             if state.sampling_params.prompt_logprobs is not None:
@@ -423,9 +506,8 @@ class ModelRunner:
                     prompt_spans.append((req_id, flat_start, start, num_prompt_positions))
             state.num_computed_tokens = end
 
-        inputs = _StepInputs(
-            len(token_ids), len(query_lens), query_lens, seq_lens, sample_req_ids, sample_indices, prompt_spans
-        )
+        inputs = _StepInputs(len(token_ids), len(query_lens), query_lens, seq_lens, sample_req_ids, sample_indices,
+                             prompt_spans, placeholder_indices, placeholder_sources)
         buffers.input_ids.np[: inputs.num_tokens] = token_ids
         self._stage_positions_and_slots(inputs)
         return inputs
@@ -473,42 +555,72 @@ class ModelRunner:
         buffers.upload_block_tables(padded_num_reqs)
         buffers.query_start_loc.upload(padded_num_reqs + 1)
 
-    def _sample(self, hidden: torch.Tensor, inputs: _StepInputs) -> ModelRunnerOutput:
+    def _sample(self, hidden: torch.Tensor, inputs: _StepInputs) -> ModelRunnerOutput | PendingSampledOutput:
+        """Launch the step's sampling: the output is read later (``PendingSampledOutput``), except under a grammar
+        whose draws are checked on the host (then the step is waited for here)."""
         if not inputs.sample_req_ids:
             return ModelRunnerOutput({})
         logits = self.model.compute_logits(self._sampled_hidden(hidden, inputs))
         states = [self.requests[req_id] for req_id in inputs.sample_req_ids]
         rows = [
-            SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.sampling_seed)
+            SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.sampling_seed, s.num_pending)
             for s in states
         ]
         metadata = SamplingMetadata.build(rows, self.model_config.vocab_size, self.device, self.model_config.eos_token_ids)
         grammar_step = self._prepare_grammars(states, metadata)
         sampler_output = self.sampler(logits, metadata)
-        sampled = sampler_output.sampled_token_ids.tolist()  # the step's one device->host sync
-        logprobs = sampler_output.logprobs
         if grammar_step is not None:
-            sampled = self.grammar_sampling.finish(
-                grammar_step, states, sampled, sampler_output, metadata, lambda m: self.sampler(logits, m)
-            )
-            if logprobs is not None and grammar_step.changed:  # some token is not the first draw
-                tokens = torch.tensor(sampled, device=logits.device)
-                logprobs = compute_logprobs(logits, tokens, metadata.max_num_logprobs)
+            return self._finish_grammar_step(inputs, states, logits, metadata, sampler_output, grammar_step)
+        return self._pending_output(inputs.sample_req_ids, states, sampler_output)
+
+    def _pending_output(self, req_ids: list[str], states: list[CachedRequestState], sampler_output) -> PendingSampledOutput:
+        """Start the copy of the sampled tokens to the host (non-blocking) and note them as pending in the states."""
+        sampled = sampler_output.sampled_token_ids
+        copied = None
+        if self._sampled_host:
+            self._num_sampling_steps += 1
+            host = self._sampled_host[self._num_sampling_steps % 2][: len(req_ids)]
+            host.copy_(sampled, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            sampled_host = host
+        else:
+            sampled_host = sampled
+        for row, state in enumerate(states):
+            state.num_pending += 1
+            state.pending_row = row
+        self._last_sampled = sampled
+        pending = PendingSampledOutput(req_ids, states, sampled_host, copied, sampler_output.logprobs)
+        self._unread_steps.append(pending)
+        return pending
+
+    def _finish_grammar_step(self, inputs: _StepInputs, states: list[CachedRequestState], logits: torch.Tensor,
+                             metadata: SamplingMetadata, sampler_output, grammar_step) -> ModelRunnerOutput:
+        """Check the draws of rows under a grammar on the host (redrawing refused ones), waiting for the step."""
+        sampled = sampler_output.sampled_token_ids.tolist()  # the step's one device->host sync
+        sampled = self.grammar_sampling.finish(
+            grammar_step, states, sampled, sampler_output, metadata, lambda m: self.sampler(logits, m)
+        )
+        logprobs = sampler_output.logprobs
+        if logprobs is not None and grammar_step.changed:  # some token is not the first draw
+            logprobs = compute_logprobs(logits, torch.tensor(sampled, device=logits.device), metadata.max_num_logprobs)
         output = ModelRunnerOutput(dict(zip(inputs.sample_req_ids, sampled)))
         for state, token_id in zip(states, sampled):
             state.append_output(token_id)
         if logprobs is not None:
-            output.logprobs = _per_request_logprobs(inputs.sample_req_ids, states, logprobs)
+            output.logprobs = per_request_logprobs(inputs.sample_req_ids, states, logprobs)
+        output.grammars_terminated = {
+            req_id for req_id, state in zip(inputs.sample_req_ids, states)
+            if state.structured_output is not None and state.structured_output.is_terminated()
+        }
         return output
 
     def _sampled_hidden(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
-        """The hidden states of the sampling tokens; indices go through a staged buffer (a Python list index
-        would be a blocking copy from pageable memory)."""
-        num_samples = len(inputs.sample_indices)
-        if num_samples == inputs.num_tokens:  # every token samples (a decode step): no gather
-            return hidden[:num_samples]
-        self.buffers.sample_indices.np[:num_samples] = inputs.sample_indices
-        return hidden.index_select(0, self.buffers.sample_indices.upload(num_samples))
+        """The hidden states of the sampling tokens (the indices went through a staged buffer with the inputs: a
+        Python list index would be a blocking copy from pageable memory)."""
+        if inputs.sample_index_tensor is None:  # every token samples (a decode step): no gather
+            return hidden[: inputs.num_tokens]
+        return hidden.index_select(0, inputs.sample_index_tensor)
 
     def _prepare_grammars(self, states: list[CachedRequestState], metadata: SamplingMetadata) -> Any:
         """The rows under a grammar (``GrammarSampling.prepare``: masks filled, checked rows named), or None (no
@@ -536,14 +648,3 @@ class ModelRunner:
             result[req_id] = [tensors.to_top_logprobs(row, num_top) for row in range(count)]
         return result
 
-
-def _per_request_logprobs(
-    req_ids: list[str], states: list[CachedRequestState], tensors: LogprobsTensors
-) -> dict[str, TopLogprobs]:
-    """Slice each asking row to the number it asked for (-1: the whole vocabulary, as in vLLM)."""
-    tensors = tensors.cpu()
-    return {
-        req_id: tensors.to_top_logprobs(row, state.sampling_params.logprobs)
-        for row, (req_id, state) in enumerate(zip(req_ids, states))
-        if state.sampling_params.logprobs is not None
-    }

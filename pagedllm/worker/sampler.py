@@ -74,8 +74,14 @@ class SamplingRow:
 
     params: SamplingParams
     prompt_token_ids: list[int]
-    output_token_ids: list[int]  # tokens generated so far (before this step's sample)
-    sampling_seed: int  # randomness of this row depends only on (sampling_seed, len(output_token_ids))
+    output_token_ids: list[int]  # tokens generated so far (before this step's sample), as far as the host knows
+    sampling_seed: int  # randomness of this row depends only on (sampling_seed, num_output_tokens)
+    # Tokens sampled before this step whose values are still on the device (async scheduling): counted, not known.
+    num_pending_tokens: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending_tokens
 
 
 def generator_seed(sampling_seed: int, num_output_tokens: int) -> int:
@@ -269,7 +275,7 @@ def _random_row_values(
         "log_min_p": _log_min_p(params),
         "top_k": _top_k(params, vocab_size),
         "top_p": _top_p(params),
-        "seeds": generator_seeds([row.sampling_seed for row in rows], [len(row.output_token_ids) for row in rows]),
+        "seeds": generator_seeds([row.sampling_seed for row in rows], [row.num_output_tokens for row in rows]),
     }
     return {name: array for name, array in values.items() if array is not None}
 
@@ -424,7 +430,7 @@ def _min_tokens_bans(
         return None
     banned = [
         list(dict.fromkeys([*eos_token_ids, *row.params.stop_token_ids]))
-        if len(row.output_token_ids) < row.params.min_tokens
+        if row.num_output_tokens < row.params.min_tokens
         else []
         for row in rows
     ]

@@ -5,8 +5,9 @@ sample) lives in a buffer allocated once at start-up at its maximum size: pinned
 upload is one asynchronous copy of the used prefix, and a device twin at a fixed address, which is what a
 replayed CUDA graph reads. On CPU the host buffer is the device buffer and uploads are free.
 
-Host buffers are rewritten only after the previous step's one device->host sync, by which time the copies that
-read them have finished.
+Host buffers are rewritten only once the copies that read them have run: after the previous step's one
+device->host sync, or (async scheduling, where the host prepares a step while the previous one runs) after an event
+recorded behind the previous step's uploads.
 
 Two inputs rarely change from one step to the next and are copied only when they do: the query starts (a run of
 decode steps has the same ``0, 1, 2, ...``) and the block tables (a row changes when its request gets a new block, every
@@ -63,6 +64,9 @@ class StepBuffers:
         self.seq_lens = StagedBuffer((max_num_reqs,), torch.int32, device)
         self.block_tables = StagedBuffer((max_num_reqs, max_blocks_per_req), torch.int32, device)
         self.sample_indices = StagedBuffer((max_num_reqs,), torch.int64, device)
+        # Async scheduling: where the tokens the previous step is still sampling go, and their rows in its output.
+        self.placeholder_indices = StagedBuffer((max_num_reqs,), torch.int64, device)
+        self.placeholder_sources = StagedBuffer((max_num_reqs,), torch.int64, device)
         # Which block table (by version) each row holds, and how many of its ids: a request that keeps its row
         # from one step to the next only has its new blocks written (the scheduler's diff, not a rebuild).
         self._row_version: list[int | None] = [None] * max_num_reqs

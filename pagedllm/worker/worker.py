@@ -9,6 +9,7 @@ from __future__ import annotations
 from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
 from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.step_output import StepOutput
 
 
 class Worker:
@@ -32,6 +33,10 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
+        """Launch the step; its output is read with ``result()`` (async scheduling)."""
+        return self.model_runner.execute_model_async(scheduler_output)
 
     def startup_info(self) -> dict:
         """What start-up cost on this worker (seconds per phase) and whether decode replays CUDA graphs."""

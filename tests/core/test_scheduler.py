@@ -35,10 +35,13 @@ class FakeRunner:
             self.known.add(data.req_id)
         for data in output.cached_reqs:
             assert data.req_id in self.known
+        # A request samples when the step computes its last known token (the counts before the step are the
+        # scheduler output's: the scheduler has already advanced its own).
+        computed_before = {data.req_id: data.num_computed_tokens for data in [*output.new_reqs, *output.cached_reqs]}
         sampled = {}
         for req_id, num_tokens in output.num_scheduled_tokens.items():
             request = self.scheduler.requests[req_id]
-            if request.num_computed_tokens + num_tokens == request.num_tokens:
+            if computed_before[req_id] + num_tokens == request.num_tokens:
                 sampled[req_id] = fake_token(request)
         return ModelRunnerOutput(sampled)
 

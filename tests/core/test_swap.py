@@ -43,11 +43,12 @@ class FakeKVRunner:
                 self.tables[data.req_id] = list(data.block_ids_reset)
             else:
                 self.tables[data.req_id] += data.new_block_ids
+        computed_before = {data.req_id: data.num_computed_tokens for data in [*output.new_reqs, *output.cached_reqs]}
         sampled = {}
         for req_id, num_new in output.num_scheduled_tokens.items():
             request = self.scheduler.requests[req_id]
             tokens = request.all_token_ids
-            start = request.num_computed_tokens
+            start = computed_before[req_id]
             self._check_cached_prefix(req_id, tokens[:start])
             for position in range(start, start + num_new):
                 block = self.tables[req_id][position // BLOCK_SIZE]

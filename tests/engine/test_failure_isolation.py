@@ -39,7 +39,7 @@ class StepPoison:
         self.num_failures = 0
         self.garbage_blocks: set[int] = set()  # blocks the last failed step wrote
         self._step_ids: list[str] = []
-        execute_model, sample = runner.execute_model, runner._sample
+        execute_model, sample = runner.execute_model_async, runner._sample
 
         def execute_model_recording_ids(scheduler_output):
             self._step_ids = list(scheduler_output.num_scheduled_tokens)
@@ -51,7 +51,7 @@ class StepPoison:
                 raise OverflowError("Python int too large to convert to C long")
             return sample(hidden, inputs)
 
-        runner.execute_model = execute_model_recording_ids
+        runner.execute_model_async = execute_model_recording_ids
         runner._sample = sample_or_fail
 
     def _write_garbage(self, num_tokens: int) -> None:

@@ -68,26 +68,26 @@ def test_poisoned_stream_raises_request_failed_while_others_complete(engine):
 
 def test_steps_failing_with_no_culprit_turn_health_off_until_a_step_succeeds(engine):
     runner = engine.engine.engine_core.model_runner
-    sample, execute_model = runner._sample, runner.execute_model
+    sample, execute_model = runner._sample, runner.execute_model_async
     StepPoison(runner, lambda params_list: True)
     requests = {f"r{i}": (prompt, greedy()) for i, prompt in enumerate(prompts(8))}
     results = asyncio.run(collect_all(engine, requests))
     assert all(isinstance(result, RequestFailedError) for result in results.values())
     assert not engine.is_healthy() and engine.health_reason().startswith("engine fault")
-    runner._sample, runner.execute_model = sample, execute_model  # the fault goes away
+    runner._sample, runner.execute_model_async = sample, execute_model  # the fault goes away
     asyncio.run(collect_all(engine, {"after": ([5, 6, 7], greedy())}))
     assert engine.is_healthy()
 
 
 def test_stuck_step_turns_health_off_and_shutdown_stays_bounded(engine):
     runner = engine.engine.engine_core.model_runner
-    execute_model, release = runner.execute_model, threading.Event()
+    execute_model, release = runner.execute_model_async, threading.Event()
 
     def stuck_execute_model(scheduler_output):
         release.wait(30)
         return execute_model(scheduler_output)
 
-    runner.execute_model = stuck_execute_model
+    runner.execute_model_async = stuck_execute_model
 
     async def stream_until_shutdown() -> BaseException | None:
         task = asyncio.ensure_future(collect(engine, [5, 6, 7], greedy(), "stuck"))
