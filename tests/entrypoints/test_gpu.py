@@ -83,6 +83,19 @@ def test_cuda_graphs_match_eager_steps(tiny_model):
     assert_same_tokens_and_logprobs(graphed, eager, prompts, params)
 
 
+def test_async_scheduling_matches_the_synchronous_loop_on_cuda(tiny_model):
+    """With CUDA graphs, pinned double-buffered copies and tokens fed on the device from the step before, async
+    scheduling gives the synchronous loop's tokens and logprobs, with swap preemption and seeded sampling."""
+    prompts = [{"prompt_token_ids": [5 + i, 30, 31, 32, 33][: 1 + i % 5] * (1 + i % 4)} for i in range(14)]
+    params = [SamplingParams(temperature=0 if i % 2 else 0.9, seed=i, max_tokens=6 + 3 * i, ignore_eos=True,
+                             logprobs=0) for i in range(14)]
+    common = dict(device="cuda", dtype="float32", block_size=4, num_gpu_blocks_override=48, max_model_len=96,
+                  max_num_seqs=16, preemption_mode="swap", swap_space=0.01)
+    overlapped = LLM(tiny_model("qwen3"), async_scheduling=True, **common)
+    assert overlapped.llm_engine.engine_core.model_runner.use_cuda_graphs
+    assert_same_tokens_and_logprobs(overlapped, LLM(tiny_model("qwen3"), **common), prompts, params)
+
+
 def assert_same_tokens_and_logprobs(ours_llm: LLM, reference_llm: LLM, prompts, params) -> None:
     for ours, reference in zip(ours_llm.generate(prompts, params, use_tqdm=False),
                                reference_llm.generate(prompts, params, use_tqdm=False)):
