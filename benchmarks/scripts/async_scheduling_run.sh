@@ -20,7 +20,7 @@ RANDOM512=(--workload random --input-len 512 --output-len 128 --num-prompts 500)
 serve() {  # serve TAG [FLAGS...]: one server, bench serve at 16 req/s and unlimited, then SIGTERM
   local tag=$1; shift
   python3 -m pagedllm.entrypoints.cli serve pagedllm/bench/configs/qwen3-0.6b --load-format dummy \
-    --tokenizer .assets/tokenizers/qwen3 --port 8011 "$@" > "$OUT/server-$tag.log" 2>&1 &
+    --tokenizer .assets/tokenizers/qwen3 --port 8011 "$@" > "/tmp/server-$tag.log" 2>&1 &  # (few files come back from $OUT)
   local server=$!
   for _ in $(seq 150); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
   for rate in 16 inf; do
@@ -28,7 +28,7 @@ serve() {  # serve TAG [FLAGS...]: one server, bench serve at 16 req/s and unlim
     timeout 120 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
       --request-rate $rate --output-json "$OUT/serve-qwen3-0.6b-rate$rate-$tag.json" 2>&1 | grep -v "^\[bench\]" | tail -4
   done
-  kill -TERM $server; wait $server; echo "server exit code $?"
+  kill -TERM $server; wait $server; echo "server exit code $?"; grep -c "Traceback" /tmp/server-$tag.log
 }
 for section in "$@"; do
   echo "=== $section"
