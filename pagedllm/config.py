@@ -288,7 +288,9 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     swap_space: float | None = None  # GiB; default 4 on CUDA (as vLLM), 0 on CPU where swapping gains nothing
     preemption_mode: str = "auto"
-    async_scheduling: bool = False  # schedule the next step while the device runs this one
+    # Schedule the next step while the device runs this one (same outputs); None: on CUDA, where it pays (the host
+    # work it hides is a third of a batch-1 decode step there), off on CPU (a CPU step leaves the host no time).
+    async_scheduling: bool | None = None
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -324,7 +326,7 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 policy=self.scheduling_policy,
                 preemption_mode=self.preemption_mode,
-                async_scheduling=self.async_scheduling,
+                async_scheduling=device == "cuda" if self.async_scheduling is None else self.async_scheduling,
             ),
             device=device,
             load_format=self.load_format,

@@ -9,8 +9,9 @@
 source benchmarks/scripts/device_env.sh || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$PWD
-run_as() {  # run_as LABEL COMMAND...: LABEL base = .base's tree, new = this tree, async = this tree + the flag
+run_as() {  # run_as LABEL COMMAND...: base = .base's tree, new = this tree synchronous, async = this tree async
   local label=$1 dir=$ROOT extra=(); shift; [ "$label" = base ] && dir=$ROOT/.base
+  [ "$label" = new ] && extra=(--no-async-scheduling)
   [ "$label" = async ] && extra=(--async-scheduling)
   echo "--- $label: $* ${extra[*]}"
   (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout 120 "$@" "${extra[@]}" 2>&1 | grep -v "^\[bench\]" | tail -3)
@@ -46,7 +47,7 @@ for section in "$@"; do
     nano-hf) timeout 200 python3 -m pagedllm.bench throughput --disable-tqdm --model qwen3-0.6b --workload nano \
         --async-scheduling --compare hf-static --output-json "$OUT/throughput-nano-qwen3-0.6b-async-vs-hf-static.json" \
         2>&1 | grep -v "^\[bench\]" | tail -6 ;;
-    serve) serve async --async-scheduling; serve sync ;;
+    serve) serve async --async-scheduling; serve sync --no-async-scheduling ;;
     offline) for which in new async; do
         run_as $which python3 -m pagedllm.bench throughput --disable-tqdm --model qwen3-0.6b "${RANDOM512[@]}" \
           --output-json "$OUT/throughput-random512-128-qwen3-0.6b-$which.json"

@@ -66,9 +66,9 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="GPUs to shard the model over (only 1 is supported yet)")
     group.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype (only auto = the model's, yet)")
-    group.add_argument("--async-scheduling", action="store_true",
-                       help="schedule the next step while the GPU runs this one (same outputs; hides the host's "
-                            "per-step work behind the GPU's)")
+    group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                       help="schedule the next step while the GPU runs this one: the same outputs, with the host's "
+                            "per-step work hidden behind the GPU's (default: on with CUDA, off on CPU)")
     group.add_argument("--enforce-eager", action="store_true",
                        help="never capture CUDA graphs: every step runs eagerly (slower decoding, faster start-up)")
     group.add_argument("--cpu-threads", type=int, default=None, metavar="N",
