@@ -46,8 +46,10 @@ def test_signal_during_streaming_exits_zero(server_model_dir, tmp_path, signum):
     for thread in clients:
         thread.join(timeout=15)
     assert returncode == 0, remote.log()
-    assert elapsed < 8, f"took {elapsed:.1f} s to exit"
-    assert len(received) == 3 and all(chunks >= 2 for chunks, _ in received)
+    # Bounded by the grace period, not by the 1000-token streams (the exit takes ~5 s idle, more on a busy machine:
+    # the bound only catches a server that waits for its streams or hangs).
+    assert elapsed < 25, f"took {elapsed:.1f} s to exit"
+    assert len(received) == 3 and all(2 <= chunks < 1000 for chunks, _ in received), received
     # The streams were ended by the server, not cut: an error event, then [DONE].
     assert all(last == "data: [DONE]" for _, last in received), received
     assert "Traceback" not in remote.log()
