@@ -21,9 +21,17 @@ def model_dir(tmp_path_factory) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("async"), "qwen3")
 
 
-@pytest.fixture
-def engine(model_dir):
-    engine = AsyncEngine.from_engine_args(EngineArgs(model=model_dir, skip_tokenizer_init=True, **ENGINE_KWARGS))
+# The engine loop with the core in its thread (synchronous and async scheduling) and in its own process.
+MODES = {"in-process": dict(core_process=False), "in-process-async": dict(core_process=False, async_scheduling=True),
+         "core-process": dict(core_process=True)}
+
+
+@pytest.fixture(params=list(MODES))
+def engine(model_dir, request):
+    mode = dict(MODES[request.param])
+    core_process = mode.pop("core_process")
+    args = EngineArgs(model=model_dir, skip_tokenizer_init=True, **ENGINE_KWARGS, **mode)
+    engine = AsyncEngine.from_engine_args(args, core_process=core_process)
     yield engine
     engine.shutdown()
 
@@ -44,10 +52,12 @@ async def collect(engine: AsyncEngine, prompt, params, request_id) -> list[int]:
 
 
 def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> None:
+    """Wait until no request runs or waits and no KV block is in use (read from the metrics: any mode)."""
     deadline = time.monotonic() + timeout
-    core = engine.engine.engine_core
+    idle = {"pagedllm:num_requests_running": 0, "pagedllm:num_requests_waiting": 0, "pagedllm:kv_cache_usage_perc": 0}
     while time.monotonic() < deadline:
-        if not core.has_unfinished_requests() and core.scheduler.kv_cache_manager.num_free_blocks == core.num_blocks:
+        values = {m.name: m.value for m in engine.get_metrics() if m.name in idle}
+        if values == idle:
             return
         time.sleep(0.05)
     pytest.fail("the engine did not go idle with every block free")
@@ -71,8 +81,11 @@ def test_cumulative_outputs_grow(engine):
         return [o async for o in engine.generate(prompts(1)[0], greedy(5, RequestOutputKind.CUMULATIVE), "c")]
 
     outputs = asyncio.run(run())
-    assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 2, 3, 4, 5]
-    assert outputs[-1].finished and not outputs[0].finished
+    # Each output holds all tokens so far (a reader that falls behind gets only the latest of those piled up).
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    assert len(tokens[-1]) == 5 and all(later[: len(earlier)] == earlier and len(later) > len(earlier)
+                                       for earlier, later in zip(tokens, tokens[1:]))
+    assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
 
 
 def test_consumer_that_stops_early_aborts_the_request(engine):
