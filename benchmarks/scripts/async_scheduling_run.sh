@@ -48,6 +48,13 @@ for section in "$@"; do
         --async-scheduling --compare hf-static --output-json "$OUT/throughput-nano-qwen3-0.6b-async-vs-hf-static.json" \
         2>&1 | grep -v "^\[bench\]" | tail -6 ;;
     serve) serve async --async-scheduling; serve sync --no-async-scheduling ;;
+    profile) for mode in --no-async-scheduling --async-scheduling; do  # host vs GPU per step, both loops
+        for shape in "--num-seqs 256 --input-len 512" "--num-seqs 1 --input-len 32 --temperature 0"; do
+          echo "--- profile_steps qwen3-0.6b $shape $mode"
+          timeout 150 python3 benchmarks/scripts/profile_steps.py --model qwen3-0.6b $shape $mode 2>&1 \
+            | sed -n '/^{/,/^}/p' | tr -d '\n'; echo
+        done
+      done ;;
     offline) for which in new async; do
         run_as $which python3 -m pagedllm.bench throughput --disable-tqdm --model qwen3-0.6b "${RANDOM512[@]}" \
           --output-json "$OUT/throughput-random512-128-qwen3-0.6b-$which.json"
