@@ -105,6 +105,9 @@ def _is_process_alive(pid: int) -> bool:
     return True
 
 
+_SEND_TIMEOUT_MS = 1000  # how long one send waits before checking that the core is still alive
+
+
 class MultiprocessCoreClient:
     """The core in a spawned child. Construction returns once the child is ready (``self.ready``), or raises
     ``EngineStartupError`` with the child's reason."""
@@ -140,6 +143,7 @@ class MultiprocessCoreClient:
     def _bind(self, kind: int, name: str) -> zmq.Socket:
         socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)  # a send to a dead core must not block forever
         socket.bind(f"ipc://{self._dir}/{name}")
         return socket
 
@@ -173,15 +177,26 @@ class MultiprocessCoreClient:
     # ---- requests in -------------------------------------------------------------------------------------------
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
-        self._input.send(self._codec.encode(AddRequests(requests)), copy=False)
+        self._send(self._codec.encode(AddRequests(requests)))
 
     def abort_requests(self, request_ids: list[str], stopped: bool = False) -> None:
-        self._input.send(self._codec.encode(AbortRequests(request_ids, stopped)))
+        self._send(self._codec.encode(AbortRequests(request_ids, stopped)))
+
+    def _send(self, data: bytes) -> None:
+        """Send to the core, waiting while it is alive (a busy core takes its input every step); EngineDeadError
+        once it is gone (a socket with no reader would wait forever)."""
+        while True:
+            try:
+                self._input.send(data, copy=False)
+                return
+            except zmq.Again:
+                if not self.process.is_alive():
+                    raise EngineDeadError(self.death_reason()) from None
 
     def call_utility(self, method: str, *args) -> int:
         """Send a utility call; its ``UtilityResult`` (same call id) comes back in the outputs."""
         self._next_call_id += 1
-        self._input.send(self._codec.encode(UtilityCall(self._next_call_id, method, list(args))))
+        self._send(self._codec.encode(UtilityCall(self._next_call_id, method, list(args))))
         return self._next_call_id
 
     def send_from_any_thread(self, data: bytes) -> None:
@@ -195,7 +210,7 @@ class MultiprocessCoreClient:
                 data = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            self._input.send(data)
+            self._send(data)
 
     # ---- outputs out -------------------------------------------------------------------------------------------
 
@@ -258,7 +273,11 @@ class MultiprocessCoreClient:
 
     def _stop_child(self, timeout: float) -> None:
         if self.process.is_alive():
-            self._input.send(self._codec.encode(ShutdownCore()))
+            try:
+                # Never blocks: a child that is exiting (its socket already closed) would never take the message.
+                self._input.send(self._codec.encode(ShutdownCore()), zmq.NOBLOCK)
+            except zmq.Again:
+                logger.debug("The engine core process takes no more messages; reaping it")
             self._reap(timeout)
         self.process.join(0.1)
 
