@@ -1,10 +1,13 @@
-"""Run a module or script with some of issue 14's decode kernels switched off, to time a tree with and without
-them in the same device call (the same GPU, clocks and other code):
+"""Run a module or script with some of issue 14's decode kernels switched off (or on), to time a tree with and
+without them in the same device call (the same GPU, clocks and other code):
 
     python benchmarks/scripts/without_decode_kernels.py skinny_gemm -m pagedllm.bench latency --model ...
-    python benchmarks/scripts/without_decode_kernels.py skinny_gemm benchmarks/scripts/profile_decode_kernels.py ...
+    python benchmarks/scripts/without_decode_kernels.py +pdl,rotary_store benchmarks/scripts/profile_decode_kernels.py
 
-Switches (comma-separated): ``skinny_gemm`` (linear layers and the LM head back on cuBLAS). The engine must run
+Switches (comma-separated; a leading ``+`` switches on what is off by default): ``skinny_gemm`` (linear layers and
+the LM head back on cuBLAS, which also ends the fusions that ride on the skinny GEMM), ``rotary_store`` (the
+attention backend stores K/V again, not the rotary kernel), ``+fused_norm_act`` (RMSNorm and SiLU-and-mul inside
+the skinny GEMM's prologue), ``+pdl`` (programmatic dependent launch for every Triton kernel). The engine must run
 in this process (the offline LLM does).
 """
 
@@ -15,18 +18,25 @@ import sys
 import types
 
 
-def switch_off(names: list[str]) -> None:
-    from pagedllm.model import linear
+def switch(names: list[str]) -> None:
+    from pagedllm import pdl
+    from pagedllm.model import layers, linear
 
     for name in names:
         if name == "skinny_gemm":
             linear._skinny_gemm = lambda: types.SimpleNamespace(accepts=lambda x, weight: False)
+        elif name == "rotary_store":
+            layers.stores_kv_with_rotary = lambda rope: False
+        elif name == "+fused_norm_act":
+            layers.FUSE_NORM_AND_ACTIVATION_INTO_GEMM = True
+        elif name == "+pdl":
+            pdl.ENABLED = True
         elif name:
             raise SystemExit(f"unknown switch {name!r}")
 
 
 def main() -> None:
-    switch_off(sys.argv[1].split(","))
+    switch(sys.argv[1].split(","))
     if sys.argv[2] == "-m":
         sys.argv = [sys.argv[3], *sys.argv[4:]]
         runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)

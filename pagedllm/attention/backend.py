@@ -40,13 +40,17 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    """Stores the step's new K/V into the paged cache and computes attention for the step's queries."""
+    """Stores the step's new K/V into the paged cache and computes attention for the step's queries.
+
+    ``key`` and ``value`` are None when the caller has already written them into ``kv_cache`` at
+    ``metadata.slot_mapping`` (on CUDA the rotary kernel does, in the same launch: ``model/triton_ops.py``).
+    """
 
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        key: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim], or None: already in the cache
+        value: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim], or None with key
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,

@@ -20,13 +20,14 @@ class TorchPagedAttention:
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        key: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]; None: already stored by the caller
+        value: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        if key is not None and value is not None:
+            write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         block_size = kv_cache.shape[2]
         # Rows past the batch's real tokens (padding) stay zero rather than holding garbage.
         output = torch.zeros_like(query)

@@ -13,6 +13,9 @@ Three kernels, each one launch per layer for the whole step:
   count depends only on the batch size (and an upper bound of the context), never on the contexts' actual
   lengths, so a decode step can be captured in a CUDA graph and replayed with other lengths.
 
+Every kernel can launch with programmatic dependent launch (``pagedllm/pdl.py``, off by default): it then waits
+for the kernel before it as its first step, and its launch overlaps that kernel's tail.
+
 Keys are read through the block table one token at a time (``block_table[pos // BLOCK_SIZE]``), so any
 power-of-two block size works with any tile size. Softmax runs in float32 in base 2 (``exp2`` with the scale
 folded into ``log2(e)``); the output is in the query's dtype. The pure-torch backend is the oracle these kernels
@@ -27,7 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm import pdl
 from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.pdl import wait_for_earlier_kernels
 
 _LOG2_E = 1.4426950408889634
 _PREFILL_BLOCK_M = 64  # query rows (tokens x heads of a group) per prefill program
@@ -42,13 +47,14 @@ class TritonPagedAttention:
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        key: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]; None: already stored by the caller
+        value: torch.Tensor | None,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        store_kv(key, value, kv_cache, metadata.slot_mapping)
+        if key is not None and value is not None:
+            store_kv(key, value, kv_cache, metadata.slot_mapping)
         output = torch.empty_like(query)
         if metadata.max_query_len == 1:
             paged_decode(query, kv_cache, metadata, scale, output)
@@ -82,7 +88,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         key, value, cache[0], cache[1], slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         cache.stride(1), cache.stride(2),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim), **pdl.launch_options(key.device),
     )
 
 
@@ -91,8 +97,9 @@ def _store_kv_kernel(
     key, value, key_cache, value_cache, slot_mapping,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_slot, stride_cache_head,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_earlier_kernels(USE_PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     slot = tl.load(slot_mapping + token).to(tl.int64)
@@ -160,6 +167,7 @@ def paged_prefill(
         cache.stride(1), cache.stride(2), metadata.block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=_padded_head_dim(head_dim), BLOCK_SIZE=kv_cache.shape[2], DOT_PRECISION=_dot_precision(query.dtype),
+        **pdl.launch_options(query.device),
     )
 
 
@@ -169,7 +177,9 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cache_slot, stride_cache_head, stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_earlier_kernels(USE_PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     q_block = tl.program_id(2)
@@ -250,13 +260,14 @@ def paged_decode(
         cache.stride(1), cache.stride(2), metadata.block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim),
         BLOCK_SIZE=kv_cache.shape[2],
-        DOT_PRECISION=_dot_precision(query.dtype), IS_SPLIT=num_splits > 1,
+        DOT_PRECISION=_dot_precision(query.dtype), IS_SPLIT=num_splits > 1, **pdl.launch_options(query.device),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_reqs, num_heads)](
             partial_out, partial_lse, output, num_splits,
             *partial_out.stride()[:3], output.stride(0), output.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim), SPLITS_PAD=triton.next_power_of_2(num_splits),
+            **pdl.launch_options(query.device),
         )
 
 
@@ -267,7 +278,9 @@ def _decode_kernel(
     stride_cache_slot, stride_cache_head, stride_table,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SPLIT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_earlier_kernels(USE_PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -312,9 +325,10 @@ def _decode_kernel(
 def _reduce_splits_kernel(
     partial_out, partial_lse, output, num_splits,
     stride_po_req, stride_po_head, stride_po_split, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Merge a (request, head)'s split outputs, each weighted by its share exp2(lse_s - lse) of the softmax."""
+    wait_for_earlier_kernels(USE_PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)

@@ -6,7 +6,10 @@ activation dtype) so that float32 logits match HF's to rounding error.
 
 On CUDA, RMSNorm (with its residual add), rotary (with Qwen3's q/k norm) and SiLU-and-mul each run as one fused
 Triton kernel (``triton_ops.py``, same numerics up to rounding) unless ``PAGEDLLM_DISABLE_TRITON_OPS=1``; on CPU
-they are the plain torch code here, which is also the reference the kernels are tested against.
+they are the plain torch code here, which is also the reference the kernels are tested against. On CUDA,
+``rotate_qk_into_cache`` also stores K/V into the paged cache in rotary's launch; ``rms_norm_linear`` and
+``silu_mul_linear`` can run the norm or the activation inside the following projection's skinny GEMM, which is
+switched off (``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``: measured slower).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.model.linear import default_weight_loader, linear, set_weight_loader
+from pagedllm.model.linear import Linear, default_weight_loader, linear, set_weight_loader, skinny_gemm_for
 from pagedllm.platform import triton_ops_enabled
 
 
@@ -72,6 +75,35 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+# The norm before qkv / gate_up and the activation before down inside the skinny GEMM's prologue: exact up to a
+# rounding step and tested, but measured slower on an H200 (Qwen3-0.6B decode step 1.125 -> 1.322 ms, see
+# skinny_gemm.py and benchmarks/h200/issue14-decode-fusions), so decode steps run them as their own kernels.
+FUSE_NORM_AND_ACTIVATION_INTO_GEMM = False
+
+
+def fused_gemm_kernels(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | None:
+    """The skinny-GEMM module when a norm or an activation before ``linear(x, weight)`` runs inside the GEMM's
+    prologue (switched on, and a decode-sized x on CUDA with the fused ops on), else None: the ops then run one by
+    one."""
+    if not (FUSE_NORM_AND_ACTIVATION_INTO_GEMM and use_triton_ops(x)):
+        return None
+    return skinny_gemm_for(x, weight)
+
+
+def rms_norm_linear(
+    norm: RMSNorm, layer: Linear, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer(norm(x + residual))`` and the new residual stream ``x + residual`` (``x`` when ``residual`` is None,
+    as in the first layer); one skinny-GEMM launch, the norm in its prologue, where ``fused_gemm_kernels`` says."""
+    kernels = fused_gemm_kernels(x, layer.weight)
+    if kernels is not None:
+        return kernels.rms_norm_gemm(x, residual, norm.weight, norm.eps, layer.weight, layer.bias)
+    if residual is None:
+        return layer(norm(x)), x
+    normed, residual = norm(x, residual)
+    return layer(normed), residual
 
 
 def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -183,14 +215,55 @@ def rotate_qk(
     return apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)
 
 
+def stores_kv_with_rotary(rope: RotaryStep) -> bool:
+    """Whether rotary writes k and v into the KV cache itself (the fused path: one launch instead of two)."""
+    return not rope.is_gathered
+
+
+def rotate_qk_into_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: RotaryStep,
+    q_norm: RMSNorm | None,
+    k_norm: RMSNorm | None,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``rotate_qk``, and on the fused path also the store of k and v into ``kv_cache`` at ``slot_mapping``, in the
+    same launch: k and v then come back as None, which tells the attention backend they are stored already."""
+    if not stores_kv_with_rotary(rope):
+        q, k = rotate_qk(q, k, rope, q_norm, k_norm)
+        return q, k, v
+    q_weight, k_weight = (q_norm.weight, k_norm.weight) if q_norm is not None and k_norm is not None else (None, None)
+    eps = q_norm.eps if q_norm is not None else 0.0
+    q = _triton_ops().rotary_qk_store_kv(q, k, v, rope.positions, rope.cos, rope.sin, q_weight, k_weight, eps,
+                                         kv_cache, slot_mapping)
+    return q, None, None
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for a fused ``[..., 2 * d]`` gate/up projection output (gate first)."""
+    if use_triton_ops(x):
+        return _triton_ops().silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SiluAndMul(nn.Module):
-    """``silu(gate) * up`` for a fused ``[..., 2 * d]`` gate/up projection (gate first)."""
+    """``silu(gate) * up`` for a fused ``[..., 2 * d]`` gate/up projection (gate first), as a module."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton_ops(x):
-            return _triton_ops().silu_and_mul(x)
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return silu_and_mul(x)
+
+
+def silu_mul_linear(layer: Linear, gate_up: torch.Tensor) -> torch.Tensor:
+    """``layer(silu(gate) * up)`` for a fused ``[..., 2 * d]`` gate/up output; one skinny-GEMM launch that computes the
+    activation as it loads its input, where ``fused_gemm_kernels`` says."""
+    kernels = fused_gemm_kernels(gate_up[..., : layer.weight.shape[1]], layer.weight)
+    if kernels is not None:
+        return kernels.silu_mul_gemm(gate_up, layer.weight, layer.bias)
+    return layer(silu_and_mul(gate_up))
 
 
 class VocabEmbedding(nn.Module):

@@ -42,11 +42,20 @@ def _skinny_gemm() -> ModuleType:
     return skinny_gemm
 
 
+def skinny_gemm_for(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | None:
+    """The skinny-GEMM module when ``linear(x, weight)`` runs its kernel (a decode-sized x on CUDA), else None.
+    Its fused variants (an RMSNorm or SiLU-and-mul in the kernel's prologue) ride on the same choice."""
+    if x.is_cuda and triton_ops_enabled() and _skinny_gemm().accepts(x, weight):
+        return _skinny_gemm()
+    return None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; a decode-sized x on CUDA (a few rows) takes the skinny-GEMM kernel, which
     streams the weight at near memory bandwidth where cuBLAS's tiles for large batches do not."""
-    if x.is_cuda and triton_ops_enabled() and _skinny_gemm().accepts(x, weight):
-        return _skinny_gemm().skinny_gemm(x, weight, bias)
+    kernels = skinny_gemm_for(x, weight)
+    if kernels is not None:
+        return kernels.skinny_gemm(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

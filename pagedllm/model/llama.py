@@ -13,7 +13,16 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.config import ModelConfig
-from pagedllm.model.layers import LMHead, RMSNorm, RotaryEmbedding, RotaryStep, SiluAndMul, VocabEmbedding, rotate_qk
+from pagedllm.model.layers import (
+    LMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RotaryStep,
+    VocabEmbedding,
+    rms_norm_linear,
+    rotate_qk_into_cache,
+    silu_mul_linear,
+)
 from pagedllm.model.linear import Linear, MergedLinear, QKVLinear
 
 
@@ -41,18 +50,19 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
+        qkv: torch.Tensor,
         rope: RotaryStep,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens = hidden_states.shape[0]
-        qkv = self.qkv_proj(hidden_states)
+        """Attention from the output of ``qkv_proj``, which the decoder layer runs (so its norm can fuse into it)."""
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotate_qk(q, k, rope, self.q_norm, self.k_norm)  # Qwen3 normalizes each head before rotary
+        # Qwen3 normalizes each head before rotary; on CUDA, k and v land in the cache in the same launch (k, v None).
+        q, k, v = rotate_qk_into_cache(q, k, v, rope, self.q_norm, self.k_norm, kv_cache, attn_metadata.slot_mapping)
         out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
@@ -66,15 +76,17 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"Unsupported hidden_act {config.hidden_act!r}; only 'silu' is implemented")
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
-        self.act_fn = SiluAndMul()
         self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``down(silu(gate) * up)`` from the output of ``gate_up_proj``, which the decoder layer runs (so that its
+        norm can fuse into it)."""
+        return silu_mul_linear(self.down_proj, gate_up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm transformer block; the residual add is fused into the following RMSNorm."""
+    """Pre-norm transformer block; the residual add is fused into the following RMSNorm, and each RMSNorm (and the
+    MLP's activation) can run inside the projection after it (``layers.rms_norm_linear``, ``silu_mul_linear``)."""
 
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         super().__init__()
@@ -91,14 +103,12 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:  # first layer: the residual stream starts as the embeddings
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(hidden_states, rope, kv_cache, attn_metadata)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        # First layer: residual is None, and the residual stream starts as the embeddings.
+        qkv, residual = rms_norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden_states, residual)
+        hidden_states = self.self_attn(qkv, rope, kv_cache, attn_metadata)
+        gate_up, residual = rms_norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden_states,
+                                            residual)
+        return self.mlp(gate_up), residual
 
 
 class LlamaModel(nn.Module):

@@ -16,6 +16,15 @@ program writes its float32 partial, and the last program of a row block to arriv
 sums the partials in split order, adds the bias, writes the output and resets its counter. That is one launch, no
 memset, and deterministic (the sum order never depends on which program finished first).
 
+The op before a projection can ride in the kernel's input prologue, saving its launch: ``rms_norm_gemm`` adds
+the residual and RMS-normalizes each row as it loads x (the row's 1 / rms, summed over the K loop, scales the
+float32 product at the end; one program writes the new residual), and ``silu_mul_gemm`` computes
+``silu(gate) * up`` from a fused gate/up output as it loads it. Both are exact up to a rounding step and tested,
+but the model does not route to them (``layers.FUSE_NORM_AND_ACTIVATION_INTO_GEMM``): on an H200 they made the
+Qwen3-0.6B decode step 17% slower (benchmarks/h200/issue14-decode-fusions). In the 64-row configs Triton feeds the
+dot's x operand to wgmma from shared memory, so a computed x is stored there every K step and each step then
+waits for its own MMA and an unpipelined norm-weight load: the weight stream stops being pipelined.
+
 Allocation per call is a fixed-size output (and partials buffer when split) and nothing is read back to the host,
 so calls can be captured in a CUDA graph. The counters are one zeroed buffer per device, made on first use; every
 launch leaves them at zero again.
@@ -29,6 +38,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm import pdl
+from pagedllm.pdl import wait_for_earlier_kernels
 
 MAX_ROWS = 16  # decode batches up to this many rows take this kernel
 _BLOCK_M = 16  # tl.dot's smallest tile side: x's rows are padded to it
@@ -56,47 +68,103 @@ def _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om
 
 
 @triton.jit
-def _partial_product(
-    x_ptr, w_ptr, offs_n, offs_m, k_start, num_rows, N, K, k_per_split, stride_xm, stride_wn,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def _load_weight_tile(w_ptrs, offs_k, K, EVEN_K: tl.constexpr):
+    """W[rows, offs_k] as [BLOCK_N, BLOCK_K]; columns past K read as zero."""
+    if EVEN_K:
+        return tl.load(w_ptrs)
+    return tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0)
+
+
+@triton.jit
+def _input_tile(
+    x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, offs_k, offs_m, sum_squares, num_rows, K,
+    stride_xm, stride_rm, num_residual_rows, DTYPE: tl.constexpr,
+    EVEN_K: tl.constexpr, NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL_INPUT: tl.constexpr,
 ):
-    """``W[offs_n, k_start : k_start + k_per_split] @ x[:, same]^T`` as float32 [BLOCK_N, BLOCK_M]."""
+    """The GEMM's input at columns ``offs_k``, transposed ([BLOCK_K, BLOCK_M] in ``DTYPE``), after the fused
+    prologue; and ``sum_squares`` [BLOCK_K, BLOCK_M] plus these columns' squares (NORM_INPUT; summed over K only
+    after the loop, so each step adds no cross-thread reduction).
+
+    NORM_INPUT: ``s = x + residual`` (rounded, as torch adds), written to ``residual_out`` by one program, and
+    ``s * norm_weight`` (rounded) is the input; the row's 1 / rms is applied to the product in the epilogue. Only
+    the first row block's program writes ``s`` (``num_residual_rows`` is 0 in the others).
+    SILU_MUL_INPUT: ``silu(x[:, k]) * x[:, K + k]``, rounded where torch rounds.
+    """
+    rows = offs_m[None, :].to(tl.int64)
+    cols = offs_k[:, None]
+    mask = rows < num_rows
+    if not EVEN_K:
+        mask = mask & (cols < K)
+    x = tl.load(x_ptr + rows * stride_xm + cols, mask=mask, other=0.0)
+    if NORM_INPUT:
+        if HAS_RESIDUAL:
+            residual = tl.load(residual_ptr + rows * stride_rm + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + residual.to(tl.float32)).to(DTYPE)
+            write_mask = rows < num_residual_rows
+            if not EVEN_K:
+                write_mask = write_mask & (cols < K)
+            tl.store(residual_out_ptr + rows * K + cols, x, mask=write_mask)
+        x32 = x.to(tl.float32)
+        sum_squares += x32 * x32
+        norm_weight = tl.load(norm_weight_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        x = (x32 * norm_weight[:, None]).to(DTYPE)
+    elif SILU_MUL_INPUT:
+        gate = x.to(tl.float32)
+        up = tl.load(x_ptr + rows * stride_xm + K + cols, mask=mask, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(DTYPE).to(tl.float32)  # torch rounds F.silu's output first
+        x = (silu * up).to(DTYPE)
+    return x.to(DTYPE), sum_squares
+
+
+@triton.jit
+def _partial_product(
+    x_ptr, w_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, offs_n, offs_m, k_start, num_rows, N, K,
+    k_per_split, stride_xm, stride_wn, stride_rm, num_residual_rows,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SILU_MUL_INPUT: tl.constexpr,
+):
+    """``W[offs_n, k_start : k_start + k_per_split] @ input[:, same]^T`` as float32 [BLOCK_N, BLOCK_M], and each
+    input row's sum of squares over those columns ([BLOCK_M]; zero unless NORM_INPUT)."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     # Rows past N re-read row N - 1: the weight stream needs no row mask, and those results are never stored.
     w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
-    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
-    is_row = offs_m[None, :] < num_rows
+    dtype = w_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    sum_squares = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     for k in range(0, k_per_split, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs, mask=is_row, other=0.0)
-        else:
-            is_in_k = offs_k + k < K
-            w = tl.load(w_ptrs, mask=is_in_k[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=is_row & is_in_k[:, None], other=0.0)
+        w = _load_weight_tile(w_ptrs, offs_k + k, K, EVEN_K)
+        x, sum_squares = _input_tile(x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, offs_k + k, offs_m,
+                                     sum_squares, num_rows, K, stride_xm, stride_rm, num_residual_rows, dtype,
+                                     EVEN_K, NORM_INPUT, HAS_RESIDUAL, SILU_MUL_INPUT)
         acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
         w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    return acc
+    return acc, tl.sum(sum_squares, axis=0)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
-    num_rows, N, K, k_per_split, stride_xm, stride_wn, stride_om,
+    x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr,
+    num_rows, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_rm, eps,
     HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL_INPUT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """Program (row block, K slice): one partial product; with IS_SPLIT the last slice to arrive sums them all."""
+    """Program (row block, K slice): one partial product; with IS_SPLIT the last slice to arrive sums them all.
+    With NORM_INPUT (never split: each program sees whole rows) the product is scaled by each row's 1 / rms."""
+    wait_for_earlier_kernels(USE_PDL)
     row_block = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    acc = _partial_product(x_ptr, w_ptr, offs_n, offs_m, split * k_per_split, num_rows, N, K, k_per_split,
-                           stride_xm, stride_wn, BLOCK_N, BLOCK_M, BLOCK_K, EVEN_K, DOT_PRECISION)
+    acc, sum_squares = _partial_product(
+        x_ptr, w_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, offs_n, offs_m, split * k_per_split,
+        num_rows, N, K, k_per_split, stride_xm, stride_wn, stride_rm, tl.where(row_block == 0, num_rows, 0),
+        BLOCK_N, BLOCK_M, BLOCK_K, EVEN_K, DOT_PRECISION, NORM_INPUT, HAS_RESIDUAL, SILU_MUL_INPUT,
+    )
+    if NORM_INPUT:
+        acc = acc * tl.rsqrt(sum_squares / K + eps)[None, :]
     if IS_SPLIT:
         num_splits = tl.num_programs(1)
         # partials [num_splits, row blocks * BLOCK_N, BLOCK_M]: padded rows, so no masks.
@@ -160,27 +228,91 @@ def skinny_gemm(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x [..., K] of at most ``MAX_ROWS`` rows and a contiguous weight [N, K]
     of x's dtype; a new tensor [..., N]. ``config`` overrides the launch shape (tests, tuning)."""
+    x2d = _rows(x, weight, x.shape[-1])
+    out = _run(x2d, weight, bias, config, _Prologue())
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def rms_norm_gemm(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+    bias: torch.Tensor | None = None, config: SkinnyGemmConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.linear(rms_norm(x + residual) * norm_weight, weight, bias)`` and ``x + residual`` (the next residual
+    stream) in one launch; without ``residual``, of ``x`` alone, and the second result is ``x`` itself.
+
+    Same rounding as the torch RMSNorm up to one step: torch rounds the normalized row before multiplying by
+    ``norm_weight``, here ``x * norm_weight`` is rounded and the row's 1 / rms scales the float32 product.
+    """
     k = x.shape[-1]
-    x2d = x.reshape(-1, k)
+    x2d = _rows(x, weight, k)
+    residual2d = _rows(residual, weight, k) if residual is not None else x2d
+    new_residual = torch.empty_like(x2d, memory_format=torch.contiguous_format) if residual is not None else x2d
+    prologue = _Prologue(residual=residual2d if residual is not None else None, norm_weight=norm_weight, eps=eps,
+                         residual_out=new_residual)
+    out = _run(x2d, weight, bias, config, prologue)
+    return out.view(*x.shape[:-1], weight.shape[0]), (new_residual.view(x.shape) if residual is not None else x)
+
+
+def silu_mul_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: SkinnyGemmConfig | None = None
+) -> torch.Tensor:
+    """``F.linear(silu(x[..., :K]) * x[..., K:], weight, bias)`` for x [..., 2 * K] (a fused gate/up projection's
+    output) and weight [N, K], in one launch: the activation is computed as the GEMM loads its input."""
+    k = weight.shape[1]
+    if x.shape[-1] != 2 * k:
+        raise ValueError(f"silu_mul_gemm needs x [..., 2 * K] for a weight [N, K]; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    x2d = _rows(x, weight, 2 * k)
+    out = _run(x2d, weight, bias, config, _Prologue(is_silu_mul=True))
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@dataclass(frozen=True)
+class _Prologue:
+    """What the kernel does to its input as it loads it: nothing, an RMSNorm (with a residual add), or SiLU-and-mul."""
+
+    residual: torch.Tensor | None = None
+    norm_weight: torch.Tensor | None = None
+    eps: float = 0.0
+    residual_out: torch.Tensor | None = None
+    is_silu_mul: bool = False
+
+    @property
+    def is_norm(self) -> bool:
+        return self.norm_weight is not None
+
+
+def _rows(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` as [rows, width] with a unit inner stride, checked against the kernel's limits."""
+    x2d = x.reshape(-1, x.shape[-1])
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    num_rows, n = x2d.shape[0], weight.shape[0]
-    if num_rows > MAX_ROWS or weight.shape[1] != k or not weight.is_contiguous():
+    if x2d.shape[0] > MAX_ROWS or x2d.shape[1] != width or weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError(f"skinny_gemm needs x [<= {MAX_ROWS} rows, K] and a contiguous weight [N, K]; got x "
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)} strides {weight.stride()}")
+    return x2d
+
+
+def _run(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyGemmConfig | None,
+    prologue: _Prologue,
+) -> torch.Tensor:
+    num_rows, (n, k) = x.shape[0], weight.shape
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows:
         num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
-        _launch(x2d, weight, bias, out, config or choose_config(n, k, num_sms, x.element_size()))
-    return out.view(*x.shape[:-1], n)
+        _launch(x, weight, bias, out, config or choose_config(n, k, num_sms, x.element_size()), prologue)
+    return out
 
 
 def _launch(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, config: SkinnyGemmConfig
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, config: SkinnyGemmConfig,
+    prologue: _Prologue,
 ) -> None:
-    (num_rows, k), n = x.shape, weight.shape[0]
+    num_rows, (n, k) = x.shape[0], weight.shape
     row_blocks = triton.cdiv(n, config.block_n)
-    # Whole K steps per slice; trailing slices that would be empty are dropped.
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    # Whole K steps per slice; trailing slices that would be empty are dropped. The norm needs whole rows: no split.
+    split_k = 1 if prologue.is_norm else config.split_k
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
     num_splits = triton.cdiv(k, k_per_split)
     is_split = num_splits > 1 and row_blocks <= _MAX_ROW_BLOCKS_SPLIT
     if is_split:
@@ -190,11 +322,16 @@ def _launch(
     else:
         num_splits, k_per_split = 1, triton.cdiv(k, config.block_k) * config.block_k
         partials = arrivals = out  # placeholders, never touched
+    residual = prologue.residual if prologue.residual is not None else x  # placeholders when unused
     _skinny_gemm_kernel[(row_blocks, num_splits)](
-        x, weight, bias if bias is not None else out, out, partials, arrivals,
-        num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
+        x, weight, bias if bias is not None else out, out, partials, arrivals, residual,
+        prologue.norm_weight if prologue.is_norm else x,
+        prologue.residual_out if prologue.residual_out is not None else x,
+        num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0), prologue.eps,
         HAS_BIAS=bias is not None, IS_SPLIT=is_split, EVEN_K=k == num_splits * k_per_split,
         BLOCK_N=config.block_n, BLOCK_M=_BLOCK_M, BLOCK_K=config.block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        NORM_INPUT=prologue.is_norm, HAS_RESIDUAL=prologue.residual is not None, SILU_MUL_INPUT=prologue.is_silu_mul,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x.device),
     )
+

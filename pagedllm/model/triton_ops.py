@@ -2,7 +2,9 @@
 
 In eager PyTorch, RMSNorm with its residual add, rotary (with Qwen3's per-head q/k norm) and SiLU-and-mul cost
 ~40 tiny kernels per layer, which dominates a small-batch decode step even inside a CUDA graph. Here each is one
-launch: ``rms_norm``, ``fused_add_rms_norm``, ``rotary_qk`` (q and k together) and ``silu_and_mul``.
+launch: ``rms_norm``, ``fused_add_rms_norm``, ``rotary_qk`` (q and k together) and ``silu_and_mul``. In a decode
+step ``rotary_qk_store_kv`` also writes the rotated k and v into the paged KV cache (one launch instead of rotary
+plus the attention backend's store). Every kernel here can launch with PDL (``pagedllm/pdl.py``, off by default).
 
 Imported lazily by ``layers.py`` only when the activations are on CUDA, so ``import pagedllm`` and CPU inference
 never compile Triton. With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels also run on
@@ -12,7 +14,8 @@ Numerics follow the torch path of ``layers.py``: arithmetic in float32, but ever
 activation dtype on the way (the residual sum, the normalized row before the weight, the gathered cos/sin, the
 SiLU before the multiply) is rounded here too, so bf16 results differ from torch's by at most a rounding step.
 
-Every op is out of place and returns fresh contiguous tensors (inputs are never written), allocates nothing
+Every op is out of place (``rotary_qk_store_kv`` writes the KV cache, as the backend's store would) and returns
+fresh contiguous tensors (inputs are never written), allocates nothing
 data-dependent and never syncs with the host, so all of them can be captured in a CUDA graph. Inputs may be
 strided views along the leading dimensions (q and k are slices of the fused qkv projection), but the last
 dimension must be contiguous.
@@ -24,14 +27,18 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm import pdl
+from pagedllm.pdl import wait_for_earlier_kernels
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, sum_out_ptr,
     x_row_stride, residual_row_stride, hidden_size, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """One program per row: optionally ``x += residual`` (stored to ``sum_out``), then RMS-normalize times weight."""
+    wait_for_earlier_kernels(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -50,38 +57,61 @@ def _rms_norm_kernel(
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, x_head_stride, out_ptr, norm_weight_ptr, cos, sin, num_heads, eps,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, HAS_NORM: tl.constexpr,
+    x_ptr, x_head_stride, out_ptr, out_head_stride, num_stored_heads, norm_weight_ptr, cos, sin, num_heads, eps,
+    DTYPE: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    HAS_NORM: tl.constexpr,
 ):
-    """Rotate (and first RMS-normalize, with HAS_NORM) all heads of one token; rows = heads, columns = half dims."""
+    """Rotate (and first RMS-normalize, with HAS_NORM) all heads of one token; rows = heads, columns = half dims.
+    Heads past ``num_stored_heads`` are computed but not stored (0: a padding token's K, kept out of the cache)."""
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < num_heads) & (cols < HALF)
     first = x_ptr + heads * x_head_stride + cols
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
     if HAS_NORM:  # Qwen3's q_norm / k_norm over each head, rounded where the torch RMSNorm rounds
         sum_squares = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
         rstd = tl.rsqrt(sum_squares / (2 * HALF) + eps)[:, None]
         w1 = tl.load(norm_weight_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
         w2 = tl.load(norm_weight_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
-        x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-        x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    out = out_ptr + heads * (2 * HALF) + cols
-    tl.store(out, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(out + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+        x1 = ((x1 * rstd).to(DTYPE).to(tl.float32) * w1).to(DTYPE).to(tl.float32)
+        x2 = ((x2 * rstd).to(DTYPE).to(tl.float32) * w2).to(DTYPE).to(tl.float32)
+    out = out_ptr + heads * out_head_stride + cols
+    store_mask = mask & (heads < num_stored_heads)
+    out_dtype = out_ptr.dtype.element_ty
+    tl.store(out, (x1 * cos - x2 * sin).to(DTYPE).to(out_dtype), mask=store_mask)
+    tl.store(out + HALF, (x2 * cos + x1 * sin).to(DTYPE).to(out_dtype), mask=store_mask)
+
+
+@triton.jit
+def _copy_heads(x_ptr, x_head_stride, out_ptr, out_head_stride, num_stored_heads,
+                HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+    """Copy the first ``num_stored_heads`` heads of one token (V into the cache), in the two halves rotary uses."""
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < num_stored_heads) & (cols < HALF)
+    for half in tl.static_range(2):
+        x = tl.load(x_ptr + heads * x_head_stride + half * HALF + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + heads * out_head_stride + half * HALF + cols, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rotary_qk_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,
-    q_token_stride, q_head_stride, k_token_stride, k_head_stride, cache_row_stride,
+    q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slot_mapping_ptr, positions_ptr, cos_ptr, sin_ptr,
+    q_norm_ptr, k_norm_ptr,
+    q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
+    kv_out_token_stride, kv_out_head_stride, cache_row_stride, num_slots,
     num_q_heads, num_k_heads, eps,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr,
-    HAS_NORM: tl.constexpr,
+    HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """One program per token: gather its cos/sin row once, then rotate all its q heads and all its k heads."""
+    """One program per token: gather its cos/sin row once, then rotate all its q heads and all its k heads.
+
+    STORE_KV: the rotated k and the untouched v go straight to the token's KV cache slot (``k_out``/``v_out`` are
+    the cache's slot-indexed views), and a token whose slot is negative (padding) or missing stores nothing.
+    Otherwise k goes to ``k_out`` [T, Hkv, D] and v is not read.
+    """
+    wait_for_earlier_kernels(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)[None, :]
@@ -92,14 +122,27 @@ def _rotary_qk_kernel(
     cos = cos.to(dtype).to(tl.float32)
     sin = sin.to(dtype).to(tl.float32)
     _rotate_heads(q_ptr + token * q_token_stride, q_head_stride, q_out_ptr + token * num_q_heads * 2 * HALF,
-                  q_norm_ptr, cos, sin, num_q_heads, eps, HALF, BLOCK_HALF, BLOCK_Q_HEADS, HAS_NORM)
-    _rotate_heads(k_ptr + token * k_token_stride, k_head_stride, k_out_ptr + token * num_k_heads * 2 * HALF,
-                  k_norm_ptr, cos, sin, num_k_heads, eps, HALF, BLOCK_HALF, BLOCK_K_HEADS, HAS_NORM)
+                  2 * HALF, num_q_heads, q_norm_ptr, cos, sin, num_q_heads, eps,
+                  dtype, HALF, BLOCK_HALF, BLOCK_Q_HEADS, HAS_NORM)
+    num_stored_heads = num_k_heads
+    kv_row = token
+    if STORE_KV:
+        slot = tl.load(slot_mapping_ptr + token, mask=token < num_slots, other=-1).to(tl.int64)
+        num_stored_heads = tl.where(slot >= 0, num_k_heads, 0)
+        kv_row = tl.maximum(slot, 0)
+    kv_out_offset = kv_row * kv_out_token_stride
+    _rotate_heads(k_ptr + token * k_token_stride, k_head_stride, k_out_ptr + kv_out_offset, kv_out_head_stride,
+                  num_stored_heads, k_norm_ptr, cos, sin, num_k_heads, eps,
+                  dtype, HALF, BLOCK_HALF, BLOCK_K_HEADS, HAS_NORM)
+    if STORE_KV:
+        _copy_heads(v_ptr + token * v_token_stride, v_head_stride, v_out_ptr + kv_out_offset, kv_out_head_stride,
+                    num_stored_heads, HALF, BLOCK_HALF, BLOCK_K_HEADS)
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_row_stride, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_row_stride, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (row, column block): ``silu(gate) * up`` with gate = x[:, :d] and up = x[:, d:]."""
+    wait_for_earlier_kernels(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -135,6 +178,7 @@ def _launch_rms_norm(
             x2d, residual2d, weight, out, sum_out,
             x2d.stride(0), residual2d.stride(0), hidden_size, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+            **pdl.launch_options(x.device),
         )
     new_residual = sum_out.view(x.shape) if residual is not None else None
     return out.view(x.shape), new_residual
@@ -171,6 +215,47 @@ def rotary_qk(
 
     Returns new contiguous q and k of the input shapes and dtype.
     """
+    k_out = torch.empty((k.shape[0], *k.shape[1:]), dtype=k.dtype, device=k.device)
+    q_out = _launch_rotary(q, k, None, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
+                           k_out, None, None)
+    return q_out, k_out
+
+
+def rotary_qk_store_kv(
+    q: torch.Tensor,  # [T, num_heads, head_dim], any strides with a contiguous last dim
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    positions: torch.Tensor,  # [T] integer
+    cos_cache: torch.Tensor,  # [max_position, head_dim // 2] float32
+    sin_cache: torch.Tensor,  # [max_position, head_dim // 2] float32
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim] (attention/backend.py's layout)
+    slot_mapping: torch.Tensor,  # [>= T] int64: each token's cache slot, negative for padding
+) -> torch.Tensor:
+    """``rotary_qk``, but the rotated k and v are written into the KV cache at each token's slot in the same launch
+    (what the attention backend's own store would do; a negative slot is skipped): one kernel instead of two.
+
+    Returns the rotated q, a new contiguous tensor.
+    """
+    if kv_cache.dim() != 5 or tuple(kv_cache.shape[3:]) != tuple(k.shape[1:]) or v.shape != k.shape:
+        raise ValueError(f"rotary_qk_store_kv needs k, v [T, Hkv, D] and a cache [2, blocks, block_size, Hkv, D]; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}, cache {tuple(kv_cache.shape)}")
+    if v.stride(-1) != 1:
+        raise ValueError(f"rotary_qk_store_kv needs v with a contiguous last dim; got strides {v.stride()}")
+    slots = kv_cache.view(2, -1, *kv_cache.shape[3:])  # [2, num_slots, Hkv, D]: a view, writes land in the cache
+    return _launch_rotary(q, k, v, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
+                          slots[0], slots[1], slot_mapping)
+
+
+def _launch_rotary(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, positions: torch.Tensor, cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor, q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
+    k_out: torch.Tensor, v_out: torch.Tensor | None, slot_mapping: torch.Tensor | None,
+) -> torch.Tensor:
+    """Rotate q (into a new tensor, returned) and k (into ``k_out``, rows indexed by token or, with
+    ``slot_mapping``, by slot, where v is copied too)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
     is_k_like_q = k.shape[0] == num_tokens and k.shape[2] == head_dim
@@ -182,21 +267,22 @@ def rotary_qk(
         raise ValueError("rotary_qk needs both q_norm_weight and k_norm_weight, or neither")
     half = head_dim // 2
     q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
-    k_out = torch.empty((num_tokens, num_k_heads, head_dim), dtype=k.dtype, device=k.device)
-    block_half = triton.next_power_of_2(half)
-    block_q_heads = triton.next_power_of_2(num_q_heads)
     if num_tokens == 0:
-        return q_out, k_out
+        return q_out
+    store_kv = slot_mapping is not None
+    v_in, v_dst = (v, v_out) if store_kv else (k, k_out)  # unread placeholders without the store
+    block_q_heads = triton.next_power_of_2(num_q_heads)
     _rotary_qk_kernel[(num_tokens,)](
-        q, k, q_out, k_out, positions, cos_cache, sin_cache,
+        q, k, v_in, q_out, k_out, v_dst, slot_mapping if store_kv else positions, positions, cos_cache, sin_cache,
         q_norm_weight if has_norm else q, k_norm_weight if has_norm else k,  # unread placeholders without norm
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_in.stride(0), v_in.stride(1),
+        k_out.stride(0), k_out.stride(1), cos_cache.stride(0), slot_mapping.shape[0] if store_kv else 0,
         num_q_heads, num_k_heads, eps,
-        HALF=half, BLOCK_HALF=block_half, BLOCK_Q_HEADS=block_q_heads,
-        BLOCK_K_HEADS=triton.next_power_of_2(num_k_heads), HAS_NORM=has_norm,
-        num_warps=_num_warps(block_q_heads * block_half),
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_Q_HEADS=block_q_heads,
+        BLOCK_K_HEADS=triton.next_power_of_2(num_k_heads), HAS_NORM=has_norm, STORE_KV=store_kv,
+        num_warps=_num_warps(block_q_heads * triton.next_power_of_2(half)), **pdl.launch_options(q.device),
     )
-    return q_out, k_out
+    return q_out
 
 
 _SILU_BLOCK = 1024
@@ -210,6 +296,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(_SILU_BLOCK, triton.next_power_of_2(d))
     if x2d.shape[0]:
         _silu_and_mul_kernel[(x2d.shape[0], triton.cdiv(d, block))](
-            x2d, out, x2d.stride(0), d, BLOCK=block, num_warps=_num_warps(block)
+            x2d, out, x2d.stride(0), d, BLOCK=block, num_warps=_num_warps(block), **pdl.launch_options(x.device)
         )
     return out.view(*x.shape[:-1], d)

@@ -126,3 +126,15 @@ def test_padding_tokens_are_skipped_and_padding_requests_output_zero() -> None:
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     changed = (cache != before).flatten(2).any(-1)  # [2, blocks, slots] written
     assert int(changed.sum()) == 2  # only request 0's new K and V
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_key_and_value_none_means_already_stored(backend: str) -> None:
+    """The fused rotary kernel stores K/V itself and passes None: the backend then attends to the cache as is."""
+    query, key, value, cache, metadata = build_case([(1, 20), (5, 30), (1, 9)], 16, 4, 2, 16, torch.float32, 3)
+    attention = TorchPagedAttention() if backend == "torch" else triton_paged.TritonPagedAttention()
+    expected = attention.forward(query, key, value, cache, metadata, 0.25)  # stores, then attends
+    before = cache.clone()
+    out = attention.forward(query, None, None, cache, metadata, 0.25)
+    assert torch.equal(cache, before)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)

@@ -1,4 +1,5 @@
-"""The skinny-GEMM kernel (``model/skinny_gemm.py``) against ``F.linear``.
+"""The skinny-GEMM kernel (``model/skinny_gemm.py``) against ``F.linear``, and its fused variants (an RMSNorm with
+a residual add, or SiLU-and-mul, in the input prologue) against the torch ops they replace.
 
 Without CUDA the kernel runs in Triton's interpreter on small float32 CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1); with CUDA it also runs compiled in bfloat16/float16 on the real layer shapes of Qwen3-0.6B and
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 
 skinny = pytest.importorskip("pagedllm.model.skinny_gemm")
 
+from pagedllm import pdl
 from pagedllm.model.linear import Linear
-from pagedllm.model.skinny_gemm import SkinnyGemmConfig, skinny_gemm
+from pagedllm.model.skinny_gemm import SkinnyGemmConfig, rms_norm_gemm, silu_mul_gemm, skinny_gemm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if DEVICE == "cuda" else [torch.float32]
@@ -136,3 +138,151 @@ def test_linear_routes_decode_batches_to_the_kernel(monkeypatch: pytest.MonkeyPa
     layer(torch.randn(4, 256, device="cuda", dtype=torch.bfloat16))
     layer(torch.randn(64, 256, device="cuda", dtype=torch.bfloat16))  # prefill-sized: cuBLAS
     assert calls == [4]
+
+
+# ---- fused prologues: RMSNorm (+ residual add) and SiLU-and-mul --------------------------------------------------
+
+# The fused inputs are rounded once more than a plain GEMM's (the normalized or activated row): twice the tolerance.
+FUSED_RELATIVE_ERROR = {dtype: 2 * error for dtype, error in RELATIVE_ERROR.items()}
+
+
+def norm_then_linear(x, residual, norm_weight, eps, weight, bias):
+    """The torch path's result in float64 from the same inputs, and the new residual (``x + residual``, rounded to
+    x's dtype as torch adds)."""
+    summed = x if residual is None else x + residual
+    s64 = summed.double()
+    normed = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    return F.linear(normed, weight.double(), None if bias is None else bias.double()), summed
+
+
+def assert_relative_error(out: torch.Tensor, expected: torch.Tensor) -> None:
+    assert out.shape == expected.shape and torch.isfinite(out).all()
+    error = (out.double() - expected).norm() / expected.norm()
+    assert error < FUSED_RELATIVE_ERROR[out.dtype], f"relative error {error:.2e}"
+
+
+def random_norm_problem(num_rows, n, k, dtype, has_bias, seed):
+    x, weight, bias = random_problem(num_rows, n, k, dtype, has_bias, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    residual = (3 * torch.randn(num_rows, k, generator=generator)).to(DEVICE, dtype)
+    norm_weight = (0.5 + torch.rand(k, generator=generator)).to(DEVICE, dtype)
+    return x, residual, norm_weight, weight, bias
+
+
+def check_rms_norm_gemm(num_rows, n, k, dtype, has_bias, has_residual, seed, config=None):
+    x, residual, norm_weight, weight, bias = random_norm_problem(num_rows, n, k, dtype, has_bias, seed)
+    residual = residual if has_residual else None
+    out, new_residual = rms_norm_gemm(x, residual, norm_weight, 1e-6, weight, bias, config)
+    expected, expected_residual = norm_then_linear(x, residual, norm_weight, 1e-6, weight, bias)
+    assert out.dtype == x.dtype
+    assert_relative_error(out, expected)
+    assert torch.equal(new_residual, expected_residual)  # one rounding of the same sum: bit-exact
+    assert has_residual or new_residual is x
+
+
+def check_silu_mul_gemm(num_rows, n, k, dtype, has_bias, seed, config=None):
+    generator = torch.Generator().manual_seed(seed)
+    gate_up = (2 * torch.randn(num_rows, 2 * k, generator=generator)).to(DEVICE, dtype)
+    _, weight, bias = random_problem(num_rows, n, k, dtype, has_bias, seed)
+    activated = F.silu(gate_up[:, :k]) * gate_up[:, k:]  # the torch path, rounded as it rounds
+    expected = F.linear(activated.double(), weight.double(), None if bias is None else bias.double())
+    assert_relative_error(silu_mul_gemm(gate_up, weight, bias, config), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 2, 5, 16])
+@pytest.mark.parametrize(("n", "k", "has_bias"), [(100, 37, True), (193, 300, False), (64, 256, True)])
+def test_rms_norm_gemm_matches_norm_then_linear(dtype, num_rows: int, n: int, k: int, has_bias: bool) -> None:
+    for has_residual in (True, False):  # (no residual: the first layer's input norm)
+        check_rms_norm_gemm(num_rows, n, k, dtype, has_bias, has_residual, seed=num_rows * n + k)
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 16])
+def test_rms_norm_gemm_never_splits_k(num_rows: int) -> None:
+    """A config that would split K still gives whole rows to each program: the norm needs the full row."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    check_rms_norm_gemm(num_rows, 70, 200, dtype, True, True, seed=5, config=SkinnyGemmConfig(16, 32, split_k=3))
+    assert not skinny._arrival_counters(torch.device(DEVICE)).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 2, 5, 16])
+@pytest.mark.parametrize(("n", "k", "has_bias"), [(100, 37, True), (193, 300, False), (64, 256, True)])
+def test_silu_mul_gemm_matches_silu_and_mul_then_linear(dtype, num_rows: int, n: int, k: int, has_bias: bool) -> None:
+    check_silu_mul_gemm(num_rows, n, k, dtype, has_bias, seed=num_rows + n + k)
+
+
+@pytest.mark.parametrize("num_rows", [1, 16])
+def test_silu_mul_gemm_splits_k(num_rows: int) -> None:
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    check_silu_mul_gemm(num_rows, 130, 512, dtype, True, seed=2, config=SkinnyGemmConfig(32, 64, split_k=4))
+    assert not skinny._arrival_counters(torch.device(DEVICE)).any()
+
+
+def test_fused_variants_reject_bad_shapes() -> None:
+    weight = torch.empty(8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="2 \\* K"):
+        silu_mul_gemm(torch.empty(2, 32, device=DEVICE), weight)
+    with pytest.raises(ValueError, match="rows"):
+        rms_norm_gemm(torch.empty(17, 32, device=DEVICE), None, torch.ones(32, device=DEVICE), 1e-6, weight)
+
+
+# (N, K) of the projections a norm precedes (qkv, gate_up) and the down projection, Qwen3-0.6B then Llama-3.1-8B.
+NORM_SHAPES = [(4096, 1024), (6144, 1024), (6144, 4096), (28672, 4096)]
+DOWN_SHAPES = [(1024, 3072), (4096, 14336)]
+
+
+@needs_cuda
+@pytest.mark.parametrize(("n", "k"), NORM_SHAPES)
+def test_real_shapes_rms_norm_gemm(n: int, k: int) -> None:
+    for num_rows in (1, 4, 16):
+        check_rms_norm_gemm(num_rows, n, k, torch.bfloat16, n == 4096, True, seed=n + num_rows)
+
+
+@needs_cuda
+@pytest.mark.parametrize(("n", "k"), DOWN_SHAPES)
+def test_real_shapes_silu_mul_gemm(n: int, k: int) -> None:
+    for num_rows in (1, 4, 16):
+        check_silu_mul_gemm(num_rows, n, k, torch.bfloat16, False, seed=n + num_rows)
+
+
+def test_pdl_is_off_by_default_and_never_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDL measured no gain on an H200 (pagedllm/pdl.py): off unless switched on, and never outside CUDA."""
+    assert not pdl.ENABLED
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert pdl.launch_options(torch.device("cpu")) == {"USE_PDL": False}
+
+
+def _decode_layer_chain(x, residual, norm_weight, qkv, o, gate_up, down):
+    """A decoder layer's four GEMMs back to back, each reading the one before's output and the residual stream
+    written two launches earlier (what PDL must keep ordered)."""
+    projected, residual = rms_norm_gemm(x, residual, norm_weight, 1e-6, qkv)
+    attended = skinny_gemm(projected, o)  # N = 1024: K split, partials and counters
+    gate_up_out, residual = rms_norm_gemm(attended, residual, norm_weight, 1e-6, gate_up)
+    return silu_mul_gemm(gate_up_out, down), residual
+
+
+@needs_cuda
+def test_pdl_chain_in_a_cuda_graph_matches_plain_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dependent kernels launched with PDL, eagerly and replayed from a graph, give what plain launches give."""
+    dtype, hidden, generator = torch.bfloat16, 1024, torch.Generator().manual_seed(3)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=generator)).to(DEVICE, dtype)
+
+    x, residual, norm_weight = randn(4, hidden), randn(4, hidden), 0.5 + randn(hidden).abs()
+    weights = (randn(4096, hidden, scale=0.03), randn(hidden, 4096, scale=0.015), randn(6144, hidden, scale=0.03),
+               randn(hidden, 3072, scale=0.02))
+    plain = _decode_layer_chain(x, residual, norm_weight, *weights)
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert pdl.launch_options(x.device).get("launch_pdl")  # an H100/H200: the chain below really uses PDL
+    eager = _decode_layer_chain(x, residual, norm_weight, *weights)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _decode_layer_chain(x, residual, norm_weight, *weights)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for replayed, launched, reference in zip(captured, eager, plain, strict=True):
+            assert torch.equal(replayed, launched)
+            torch.testing.assert_close(launched, reference, atol=1e-2, rtol=1e-2)

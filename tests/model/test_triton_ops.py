@@ -13,7 +13,9 @@ import torch
 
 # Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before triton was first imported.
 triton_ops = pytest.importorskip("pagedllm.model.triton_ops")
+skinny = pytest.importorskip("pagedllm.model.skinny_gemm")
 
+from pagedllm.attention.torch_paged import write_kv_cache
 from pagedllm.config import ModelConfig
 from pagedllm.model import layers
 from pagedllm.model.layers import RMSNorm, RotaryEmbedding, RotaryStep, SiluAndMul, rotate_qk
@@ -120,6 +122,50 @@ def test_rotary_qk(torch_path: None, dtype: torch.dtype, with_norm: bool, shape:
     assert torch.equal(q, inputs_before[0]) and torch.equal(k, inputs_before[1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("shape", ROTARY_SHAPES)
+def test_rotary_qk_store_kv(torch_path: None, dtype: torch.dtype, with_norm: bool,
+                            shape: tuple[int, int, int, int]) -> None:
+    """Rotary with the K/V store fused in, against rotate_qk + the torch backend's cache write: the same q, the
+    same cache bytes, and padding tokens (slot -1) leave the cache alone."""
+    num_tokens, num_heads, num_kv_heads, head_dim = shape
+    block_size, num_blocks = 4, 8
+    rotary = RotaryEmbedding(head_dim, 512, base=1e6).to(DEVICE)
+    positions = torch.randint(0, 512, (num_tokens,), device=DEVICE)
+    q, k = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    q_norm, k_norm = (random_norm(head_dim, dtype), random_norm(head_dim, dtype)) if with_norm else (None, None)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[-1] = -1 if num_tokens > 1 else slots[-1]  # a CUDA-graph padding token
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    expected_cache = cache.clone()
+
+    gathered = RotaryStep(positions, *rotary(positions, dtype), is_gathered=True)
+    expected_q, expected_k = rotate_qk(q, k, gathered, q_norm, k_norm)
+    is_real = slots >= 0
+    write_kv_cache(expected_k[is_real], v[is_real], expected_cache, slots[is_real])
+    weights = (q_norm.weight, k_norm.weight, q_norm.eps) if with_norm else (None, None, 1e-6)
+    actual_q = triton_ops.rotary_qk_store_kv(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, *weights,
+                                             cache, slots)
+
+    assert_close(actual_q, expected_q)
+    assert_close(cache, expected_cache)
+    assert torch.equal(cache[1], expected_cache[1])  # V is copied, not computed
+
+
+def test_rotary_store_kv_ignores_tokens_past_the_slot_mapping() -> None:
+    """A slot mapping shorter than the batch (as the torch backend allows) stores only the tokens it covers."""
+    rotary = RotaryEmbedding(16, 64, base=1e4).to(DEVICE)
+    q, k = qkv_views(3, 2, 1, 16, torch.float32)
+    v = torch.randn(3, 1, 16, device=DEVICE)
+    cache = torch.zeros(2, 4, 4, 1, 16, device=DEVICE)
+    triton_ops.rotary_qk_store_kv(q, k, v, torch.tensor([0, 1, 2], device=DEVICE), rotary.cos_cache,
+                                  rotary.sin_cache, None, None, 1e-6, cache, torch.tensor([5, 9], device=DEVICE))
+    written = cache.flatten(1, 2).flatten(2).ne(0).any(-1)  # [2, slots]
+    assert written.sum(-1).tolist() == [2, 2] and written[:, [5, 9]].all()
+
+
 def test_rotary_step_takes_the_kernel_path_only_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
     rotary = RotaryEmbedding(32, 64, base=1e4).to(DEVICE)
     positions = torch.tensor([0, 5, 63], device=DEVICE)
@@ -163,13 +209,17 @@ def test_empty_batch() -> None:
 def test_whole_model_through_the_kernels(tiny_model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch,
                                          arch: str) -> None:
     """A tiny model's prefill and decode steps with every fused op dispatched to the kernels (on CPU: in the
-    interpreter) give the torch path's logits: the wiring in llama.py passes the right tensors."""
+    interpreter), the norms and the activation inside the GEMMs and the K/V store inside rotary, give the torch
+    path's logits: the wiring in llama.py passes the right tensors."""
     config = ModelConfig.from_pretrained(tiny_model_dir(arch), None, dtype="float32")
     model = get_model(config, "auto", DEVICE)
     ids = torch.randint(3, 128, (11,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def run(fused: bool) -> torch.Tensor:
         monkeypatch.setattr(layers, "use_triton_ops", lambda x: fused)
+        # The fused skinny GEMMs (norm and activation in the prologue) too, for every step of at most 16 tokens.
+        monkeypatch.setattr(layers, "fused_gemm_kernels", lambda x, weight: skinny if fused and x.numel() <= 16 *
+                            x.shape[-1] else None)
         runner = PagedRunner(model, block_size=4)
         return torch.cat([runner.step([("a", ids[:9])]), runner.step([("a", ids[9:10])]),
                           runner.step([("a", ids[10:])])])

@@ -1,0 +1,54 @@
+"""Programmatic dependent launch (PDL) for the Triton kernels of a decode step (Hopper and newer GPUs).
+
+A batch-1 decode step is a chain of small kernels (about ten per layer), each of which pays a fixed cost before
+its first useful byte: the launch and placing its programs on the SMs. Launched with PDL, a kernel is placed on
+the SMs while the kernel before it is still running, so that cost can overlap the other's tail.
+
+The rule for every kernel launched with ``launch_options``: its first step is ``wait_for_earlier_kernels``, before
+it reads or writes any memory. After that call every write of the kernel before it (and, since that one waited
+too, of all earlier kernels) is visible, and every read of theirs is done. A kernel launched without PDL (torch's,
+cuBLAS's) keeps the plain stream order, and a PDL kernel after it simply starts when it ends. Inside a CUDA graph
+the dependencies are captured as programmatic edges (CUDA 12.3 and newer).
+
+Off by default (``ENABLED``): on an H200 it changed nothing measurable in the Qwen3-0.6B batch-1 decode step
+(1.322 vs 1.328 ms, benchmarks/h200/issue14-decode-fusions), and a bulk L2 prefetch of each GEMM's first weight
+columns before the wait made it 9% slower. Correct under CUDA-graph capture (tests/model/test_skinny_gemm.py), so
+it is one switch away for the next measurement. Always off on CPU and in Triton's interpreter (``USE_PDL`` False
+removes the calls at compile time).
+
+Imported only by the kernel modules, themselves imported on first CUDA use.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+ENABLED = False  # measured no gain (see above); True launches every kernel here with PDL on Hopper and newer
+
+
+def launch_options(device: torch.device) -> dict[str, Any]:
+    """Keywords for a kernel launch on ``device``: the kernel's ``USE_PDL`` constexpr, and Triton's ``launch_pdl``
+    when PDL is on (``ENABLED``, a CUDA device of compute capability 9.0 or newer: the ``griddepcontrol``
+    instructions)."""
+    if ENABLED and device.type == "cuda" and _has_grid_dependency_control(device.index or 0):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
+
+
+@functools.cache
+def _has_grid_dependency_control(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+@triton.jit
+def wait_for_earlier_kernels(USE_PDL: tl.constexpr):
+    """Block until the kernel launched before this one has finished and its writes are visible, then let the next
+    kernel be placed on the SMs (it runs its own prologue while this one works). Nothing without PDL."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
