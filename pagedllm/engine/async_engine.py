@@ -56,12 +56,16 @@ class _Stream:
     A reader that falls behind gets what piled up as one output: DELTA outputs are concatenated, the others
     (each complete) replaced by the latest. So a busy server sends fewer, larger stream chunks instead of
     falling further behind, as vLLM does.
+
+    A list and one future rather than an ``asyncio.Queue``: every stream takes an output at every step, and the
+    reader takes everything at once anyway.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, is_delta: bool) -> None:
         self._loop = loop
         self._is_delta = is_delta
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._items: list[RequestOutput | BaseException] = []
+        self._waiter: asyncio.Future[None] | None = None  # the reader's, while it waits for an item
         self._held_error: BaseException | None = None  # met while merging: raised by the next get()
 
     @property
@@ -69,24 +73,35 @@ class _Stream:
         return self._loop
 
     def put(self, item: RequestOutput | BaseException) -> None:  # called from the loop thread
-        _call_soon(self._loop, self._queue.put_nowait, item)
+        _call_soon(self._loop, self.put_nowait, item)
 
     def put_nowait(self, item: RequestOutput | BaseException) -> None:  # called on the stream's event loop
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> RequestOutput:
         if self._held_error is not None:
             raise self._held_error
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        while not self._queue.empty():
-            later = self._queue.get_nowait()
-            if isinstance(later, BaseException):
-                self._held_error = later
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        items, self._items = self._items, []
+        return self._merged(items)
+
+    def _merged(self, items: list[RequestOutput | BaseException]) -> RequestOutput:
+        """The items as one output; an error after the first item is held for the next get()."""
+        if isinstance(items[0], BaseException):
+            self._items[:0] = items[1:]  # left for the next get(), as a queue would
+            raise items[0]
+        outputs = []
+        for item in items:
+            if isinstance(item, BaseException):
+                self._held_error = item
                 break
-            item = merge_delta_outputs(item, later) if self._is_delta else later
-        return item
+            outputs.append(item)
+        return merge_delta_outputs(*outputs) if self._is_delta else outputs[-1]
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:

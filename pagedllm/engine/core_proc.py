@@ -42,7 +42,7 @@ from pagedllm.engine.contracts import (
 )
 from pagedllm.engine.grammar_calls import LazyStructuredOutputManager, PendingGrammarCalls
 from pagedllm.logger import configure_logging
-from pagedllm.platform import set_engine_cpu_threads
+from pagedllm.platform import set_engine_cpu_threads, tune_gc_for_serving
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         grammars.shutdown()
         _close(context, _SEND_LINGER_MS, input_socket, output_socket)  # the error must reach the parent
         sys.exit(1)
+    tune_gc_for_serving()
     loop = _CoreLoop(core, input_socket, output_socket, codec, parent_pid)
     try:
         loop.run()

@@ -11,7 +11,6 @@ RequestOutput carries follows the request's ``output_kind``: everything so far (
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pagedllm.params import CompletionOutput, Logprob, RequestMetrics, RequestOu
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class _SequenceState:
     index: int
     detokenizer: IncrementalDetokenizer
@@ -42,21 +41,21 @@ class _SequenceState:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class _RequestState:
     processed: ProcessedRequest
     sequences: dict[str, _SequenceState]
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     metrics: RequestMetrics
+    output_kind: RequestOutputKind  # processed.params.output_kind, read for every output
     prompt_logprobs_sent: bool = False
 
     @property
-    def output_kind(self) -> RequestOutputKind:
-        return self.processed.params.output_kind
-
-    @property
     def finished(self) -> bool:
-        return all(seq.finished for seq in self.sequences.values())
+        for sequence in self.sequences.values():  # a loop, not all(...): this runs for every output
+            if sequence.finish_reason is None:
+                return False
+        return True
 
 
 @dataclass
@@ -96,7 +95,8 @@ class OutputProcessor:
             self._parent_of[request.request_id] = processed.request_id
         prompt_logprobs = [None] if processed.params.prompt_logprobs is not None else None
         self._requests[processed.request_id] = _RequestState(
-            processed, sequences, prompt_logprobs, RequestMetrics(arrival_time=processed.arrival_time)
+            processed, sequences, prompt_logprobs, RequestMetrics(arrival_time=processed.arrival_time),
+            processed.params.output_kind,
         )
 
     def abort_requests(self, request_ids: list[str]) -> list[str]:
@@ -160,13 +160,19 @@ class OutputProcessor:
             if output.error is not None:
                 failed[parent_id] = output.error
                 continue
+            state = self._requests[parent_id]
+            sequence = state.sequences[output.request_id]
             try:
-                if self._apply(self._requests[parent_id], output, now):
+                if self._apply(state, sequence, output, now):
                     stopped_by_string.append(output.request_id)
             except Exception as exc:
                 failed[parent_id] = _processing_error(parent_id, exc)
                 continue
-            touched.setdefault(parent_id, []).append(self._requests[parent_id].sequences[output.request_id])
+            sequences = touched.get(parent_id)
+            if sequences is None:
+                touched[parent_id] = [sequence]
+            else:
+                sequences.append(sequence)
         return touched, stopped_by_string
 
     def _emit_outputs(
@@ -182,12 +188,13 @@ class OutputProcessor:
                 failed[request_id] = _processing_error(request_id, exc)
         return request_outputs
 
-    def _apply(self, state: _RequestState, output: EngineCoreOutput, now: float) -> bool:
+    def _apply(self, state: _RequestState, sequence: _SequenceState, output: EngineCoreOutput, now: float) -> bool:
         """Record one core output of a request; return True when a stop string finished its sequence."""
-        self._record_prompt_logprobs(state, output)
+        if output.new_prompt_logprobs:
+            self._record_prompt_logprobs(state, output)
         if output.new_token_ids:
             self._record_timing(state, len(output.new_token_ids), now)
-        return self._update_sequence(state.sequences[output.request_id], output)
+        return self._update_sequence(sequence, output)
 
     def _emit(self, request_id: str, sequences: list[_SequenceState], now: float, into: list[RequestOutput]) -> None:
         """Append the request's output of this step (if its kind sends one now); forget it once finished."""
@@ -263,15 +270,10 @@ class OutputProcessor:
         delta = state.output_kind == RequestOutputKind.DELTA
         sequences = touched if delta else list(state.sequences.values())
         processed = state.processed
-        return RequestOutput(
-            request_id=processed.request_id,
-            prompt=processed.prompt,
-            prompt_token_ids=processed.prompt_token_ids,
-            prompt_logprobs=self._prompt_logprobs_to_send(state, delta),
-            outputs=[self._completion(sequence, delta) for sequence in sequences],
-            finished=finished,
-            metrics=state.metrics,
-        )
+        # Positional arguments (RequestOutput's and CompletionOutput's field order): made for every output.
+        return RequestOutput(processed.request_id, processed.prompt, processed.prompt_token_ids,
+                             self._prompt_logprobs_to_send(state, delta),
+                             [self._completion(sequence, delta) for sequence in sequences], finished, state.metrics)
 
     @staticmethod
     def _prompt_logprobs_to_send(state: _RequestState, delta: bool) -> list[dict[int, Logprob] | None] | None:
@@ -287,14 +289,15 @@ class OutputProcessor:
     def _completion(sequence: _SequenceState, delta: bool) -> CompletionOutput:
         start = sequence.num_tokens_sent if delta else 0
         sequence.num_tokens_sent = len(sequence.token_ids)
+        finish_reason = sequence.finish_reason
         return CompletionOutput(
-            index=sequence.index,
-            text=sequence.detokenizer.get_next_output_text(finished=sequence.finished, delta=delta),
-            token_ids=sequence.token_ids[start:],
-            cumulative_logprob=sequence.cumulative_logprob,
-            logprobs=None if sequence.logprobs is None else sequence.logprobs[start:],
-            finish_reason=sequence.finish_reason,
-            stop_reason=sequence.stop_reason,
+            sequence.index,
+            sequence.detokenizer.get_next_output_text(finish_reason is not None, delta),
+            sequence.token_ids[start:],
+            sequence.cumulative_logprob,
+            None if sequence.logprobs is None else sequence.logprobs[start:],
+            finish_reason,
+            sequence.stop_reason,
         )
 
 
@@ -303,25 +306,32 @@ def _processing_error(request_id: str, exc: Exception) -> str:
     return f"Processing this request's output failed ({type(exc).__name__})"
 
 
-def merge_delta_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """One DELTA output carrying what two consecutive ones of a request carry (texts, token ids and logprobs
-    concatenated per sequence; finish state and metrics from the later one)."""
-    by_index = {completion.index: completion for completion in earlier.outputs}
-    for completion in later.outputs:
-        before = by_index.get(completion.index)
-        by_index[completion.index] = completion if before is None else _concatenated(before, completion)
-    return dataclasses.replace(
-        later,
-        outputs=sorted(by_index.values(), key=lambda completion: completion.index),
-        prompt_logprobs=earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
-    )
+def merge_delta_outputs(*outputs: RequestOutput) -> RequestOutput:
+    """One DELTA output carrying what consecutive ones of a request carry (texts, token ids and logprobs
+    concatenated per sequence; finish state and metrics from the last one). All at once rather than pairwise: a
+    stream that fell k steps behind costs one merge, not k - 1."""
+    if len(outputs) == 1:
+        return outputs[0]
+    parts: dict[int, list[CompletionOutput]] = {}
+    for output in outputs:
+        for completion in output.outputs:
+            parts.setdefault(completion.index, []).append(completion)
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return _replaced(outputs[-1], outputs=[_concatenated(parts[index]) for index in sorted(parts)],
+                     prompt_logprobs=prompt_logprobs)
 
 
-def _concatenated(before: CompletionOutput, after: CompletionOutput) -> CompletionOutput:
+def _concatenated(parts: list[CompletionOutput]) -> CompletionOutput:
+    if len(parts) == 1:
+        return parts[0]
     logprobs = None
-    if before.logprobs is not None or after.logprobs is not None:
-        logprobs = list(before.logprobs or []) + list(after.logprobs or [])
-    return dataclasses.replace(
-        after, text=before.text + after.text, token_ids=list(before.token_ids) + list(after.token_ids),
-        logprobs=logprobs,
-    )
+    if any(part.logprobs is not None for part in parts):
+        logprobs = [entry for part in parts for entry in part.logprobs or ()]
+    return _replaced(parts[-1], text="".join(part.text for part in parts),
+                     token_ids=[token for part in parts for token in part.token_ids], logprobs=logprobs)
+
+
+def _replaced(output: RequestOutput | CompletionOutput, **changes):
+    """``dataclasses.replace`` in half the time (it re-reads the fields' definitions at every call): these
+    dataclasses have no slots and only init fields. A lagging stream merges an output per step."""
+    return type(output)(**{**output.__dict__, **changes})

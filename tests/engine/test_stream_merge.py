@@ -44,3 +44,23 @@ def test_a_lagging_reader_gets_one_output_then_a_held_error(is_delta: bool) -> N
             await stream.get()
 
     asyncio.run(scenario())
+
+
+def test_merging_many_at_once_equals_merging_them_in_pairs() -> None:
+    outputs = [
+        delta([1], prompt_logprobs=None),
+        RequestOutput("r", None, [1, 2], [None, {2: Logprob(-0.5)}],
+                      [delta([2], logprobs=True).outputs[0], delta([8], index=1).outputs[0]], False),
+        delta([3]),
+        RequestOutput("r", None, [1, 2], None, [delta([9], index=1, finish="stop").outputs[0]], False),
+        delta([4], finish="length"),
+    ]
+    pairwise = outputs[0]
+    for later in outputs[1:]:
+        pairwise = merge_delta_outputs(pairwise, later)
+    merged = merge_delta_outputs(*outputs)
+    assert merged == pairwise
+    assert merged.outputs[0].token_ids == [1, 2, 3, 4] and merged.outputs[0].finish_reason == "length"
+    assert merged.outputs[0].logprobs == [{2: Logprob(-1.0)}]  # only the sequence's own entries
+    assert merged.outputs[1].text == "<8><9>" and merged.outputs[1].finish_reason == "stop"
+    assert merged.prompt_logprobs == outputs[1].prompt_logprobs and merged.finished

@@ -70,6 +70,7 @@ from pagedllm.entrypoints.openai.serving_completions import OpenAIServingComplet
 from pagedllm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.slow_clients import request_read_deadline_protocol
+from pagedllm.platform import tune_gc_for_serving
 
 logger = logging.getLogger("pagedllm.server")
 from pagedllm.entrypoints.openai.stats_logger import StatsLogger
@@ -417,6 +418,7 @@ def run_server(args: argparse.Namespace) -> int:
                                 timeout_graceful_shutdown=grace + 5)
         server = _make_graceful_server(config, engine, grace, app.state.in_flight)
         engine.on_core_death(lambda: setattr(server, "should_exit", True))  # the streams have failed: stop serving
+        tune_gc_for_serving()
         server.run()
     finally:
         engine.shutdown()

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -43,6 +44,7 @@ from pagedllm.entrypoints.openai.serving_common import (
     run_unless_disconnected,
     sse,
     sse_error,
+    sse_json,
     stream_failure,
 )
 from pagedllm.params import CompletionOutput, RequestOutput, SamplingParams
@@ -75,7 +77,8 @@ class OpenAIServingCompletion:
         _check_supported(request)
         check_stream_options(request)
         check_structured_outputs(request)
-        prompts = await off_loop(self._prompts, request)  # tokenizing a large prompt takes milliseconds
+        # Tokenizing a large prompt takes milliseconds: off the loop. Checking token ids is cheaper than the hop.
+        prompts = self._prompts(request) if _is_cheap_to_check(request) else await off_loop(self._prompts, request)
         request_id = random_id("cmpl")
         if request.use_beam_search:
             return await self._beam_search(request, prompts, request_id, model_name, raw_request)
@@ -227,7 +230,7 @@ class OpenAIServingCompletion:
     # ---- streams ---------------------------------------------------------------------------------------------
 
     async def _stream(self, request: CompletionRequest, prompts: list[_Prompt], params: list[SamplingParams],
-                      request_id: str, model_name: str) -> AsyncIterator[str]:
+                      request_id: str, model_name: str) -> AsyncIterator[str | bytes]:
         """SSE chunks as the engine produces tokens. When the client goes, Starlette cancels this generator,
         which closes the engine generators: their requests are aborted."""
         created = int(time.time())
@@ -239,8 +242,7 @@ class OpenAIServingCompletion:
                 async for prompt_index, output in outputs:
                     choices = self._stream_choices(request, prompts[prompt_index], prompt_index, output, state)
                     if choices:
-                        yield sse(CompletionStreamResponse(id=request_id, created=created, model=model_name,
-                                                           choices=choices))
+                        yield _stream_chunk(request_id, created, model_name, choices)
         except ValueError as exc:
             yield sse_error(from_value_error(exc, _FIELDS, default_param="prompt"))
         except Exception as exc:  # noqa: BLE001 - engine stopped or a step failed: say so, end the stream
@@ -254,7 +256,8 @@ class OpenAIServingCompletion:
         yield SSE_DONE
 
     def _stream_choices(self, request: CompletionRequest, prompt: _Prompt, prompt_index: int, output: RequestOutput,
-                        state: _StreamState) -> list[CompletionResponseStreamChoice]:
+                        state: _StreamState) -> list[CompletionResponseStreamChoice] | list[dict[str, Any]]:
+        """The chunk's choices: models, or for a plain stream (no logprobs, no token ids) their JSON fields as dicts."""
         if output.prompt_logprobs is not None:  # DELTA sends them once; every sequence's echo needs them
             state.prompt_logprobs[prompt_index] = output.prompt_logprobs
         choices = []
@@ -277,6 +280,9 @@ class OpenAIServingCompletion:
             has_ids = request.return_token_ids and (completion.token_ids or index not in state.sent_prompt_ids)
             if not text and logprobs is None and completion.finish_reason is None and not has_ids:
                 continue  # nothing to say yet (text held back until its character is complete)
+            if _is_plain_stream(request):
+                choices.append(_plain_choice(index, text, completion))
+                continue
             choice = CompletionResponseStreamChoice(index=index, text=text, logprobs=logprobs,
                                                     finish_reason=completion.finish_reason,
                                                     stop_reason=completion.stop_reason)
@@ -284,6 +290,27 @@ class OpenAIServingCompletion:
                 _add_token_ids(choice, prompt, completion, state)
             choices.append(choice)
         return choices
+
+
+def _is_plain_stream(request: CompletionRequest) -> bool:
+    """Its chunks carry text and finish state only (no logprobs, no token ids): most streams."""
+    return request.logprobs is None and not request.return_token_ids
+
+
+def _plain_choice(index: int, text: str, completion: CompletionOutput) -> dict[str, Any]:
+    """The JSON fields of a plain stream's CompletionResponseStreamChoice (token-id fields left out when unset)."""
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": completion.finish_reason,
+            "stop_reason": completion.stop_reason}
+
+
+def _stream_chunk(request_id: str, created: int, model_name: str,
+                  choices: list[CompletionResponseStreamChoice] | list[dict[str, Any]]) -> str | bytes:
+    """One SSE chunk of a completion stream. A plain stream's chunk is serialized without building the models (same
+    bytes, a tenth of the CPU: it is made once per stream and engine step)."""
+    if isinstance(choices[0], dict):
+        return sse_json({"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                         "choices": choices, "usage": None})
+    return sse(CompletionStreamResponse(id=request_id, created=created, model=model_name, choices=choices))
 
 
 @dataclass
@@ -304,6 +331,20 @@ def _add_token_ids(choice: CompletionResponseStreamChoice, prompt: _Prompt, comp
     if choice.index not in state.sent_prompt_ids:
         state.sent_prompt_ids.add(choice.index)
         choice.prompt_token_ids = prompt.token_ids
+
+
+# Token-id prompts up to this many ids in all are checked on the event loop (~0.3 ms at most): a hop to a front-end
+# thread costs more, and under load it waits for the GIL behind the event loop and the engine loop thread.
+_MAX_IDS_CHECKED_ON_LOOP = 16384
+
+
+def _is_cheap_to_check(request: CompletionRequest) -> bool:
+    """The prompts need no tokenizer (token ids, not echoed) and are few enough to check on the event loop."""
+    prompt = request.prompt
+    if request.echo or isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
+        return False
+    num_ids = len(prompt) if not prompt or isinstance(prompt[0], int) else sum(map(len, prompt))
+    return num_ids <= _MAX_IDS_CHECKED_ON_LOOP
 
 
 def _num_prompts(prompt: list[int] | list[list[int]] | str | list[str]) -> int:

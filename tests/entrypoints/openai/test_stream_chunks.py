@@ -1,0 +1,45 @@
+"""A plain completion stream's chunks are serialized from dicts, without the pydantic models: the bytes must be
+exactly those the models give."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm.entrypoints.openai.protocol import CompletionResponseStreamChoice, CompletionStreamResponse
+from pagedllm.entrypoints.openai.serving_common import sse
+from pagedllm.entrypoints.openai.serving_completions import _plain_choice, _stream_chunk
+from pagedllm.params import CompletionOutput
+
+# Every escape JSON has (quotes, backslash, control characters, U+2028/9), non-ASCII of 2-4 UTF-8 bytes, DEL.
+TEXTS = ["", " hello", 'say "hi"\\', "".join(map(chr, range(32))), "\u2028\u2029\x7f", "é中🙂", "\ufffd", "a\nb\tc"]
+
+
+def model_chunk(choices: list[tuple[int, str, str | None, int | str | None]], model: str) -> str:
+    return sse(CompletionStreamResponse(id="cmpl-1", created=1700000000, model=model, choices=[
+        CompletionResponseStreamChoice(index=index, text=text, finish_reason=finish, stop_reason=stop)
+        for index, text, finish, stop in choices]))
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("finish,stop", [(None, None), ("length", None), ("stop", 151645), ("stop", "\n\n"),
+                                         ("abort", None)])
+def test_a_plain_chunk_has_the_models_bytes(text: str, finish: str | None, stop: int | str | None) -> None:
+    completion = CompletionOutput(0, text, [1], finish_reason=finish, stop_reason=stop)
+    fast = _stream_chunk("cmpl-1", 1700000000, "Qwen/Qwen3-0.6B", [_plain_choice(3, text, completion)])
+    assert fast == model_chunk([(3, text, finish, stop)], "Qwen/Qwen3-0.6B").encode()
+
+
+def test_several_choices_and_an_unusual_model_name() -> None:
+    completions = [CompletionOutput(i, text, [], finish_reason="length" if i else None) for i, text in
+                   enumerate(TEXTS[:3])]
+    fast = _stream_chunk("cmpl-1", 1700000000, 'a"é\u2028', [_plain_choice(2 * i, c.text, c) for i, c in
+                                                                 enumerate(completions)])
+    expected = model_chunk([(2 * i, c.text, c.finish_reason, None) for i, c in enumerate(completions)], 'a"é\u2028')
+    assert fast == expected.encode()
+
+
+def test_choices_with_logprobs_or_token_ids_keep_the_models() -> None:
+    choice = CompletionResponseStreamChoice(index=0, text="x", token_ids=[5])
+    chunk = _stream_chunk("cmpl-1", 1, "m", [choice])
+    assert chunk == sse(CompletionStreamResponse(id="cmpl-1", created=1, model="m", choices=[choice]))
+    assert '"token_ids":[5]' in chunk
