@@ -61,11 +61,12 @@ class EngineCore:
         self._check_capacity(num_blocks)
         self.executor.initialize_kv_cache(num_blocks)
         self.num_blocks = num_blocks
+        self.num_cpu_blocks = self.executor.num_cpu_blocks()  # the swap space's
         kv_cache_manager = KVCacheManager(
             num_blocks,
             config.cache_config.block_size,
             config.cache_config.enable_prefix_caching,
-            num_cpu_blocks=self.executor.num_cpu_blocks(),
+            num_cpu_blocks=self.num_cpu_blocks,
         )
         self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
         self.startup_report = self._startup_report(time.perf_counter() - start)
@@ -78,7 +79,7 @@ class EngineCore:
         worker_info = self.executor.startup_info()
         return {
             "num_gpu_blocks": self.num_blocks,
-            "num_cpu_blocks": self.executor.num_cpu_blocks(),  # the swap space's
+            "num_cpu_blocks": self.num_cpu_blocks,
             "kv_cache_tokens": self.num_blocks * block_size,
             "max_concurrency_at_max_model_len": round(self.num_blocks * block_size / max_model_len, 2),
             "attention_backend": self.config.attention_backend,
@@ -247,14 +248,13 @@ class EngineCore:
         launched, self._in_flight = self._in_flight, None
         if launched is None:
             return []
-        outputs = self.scheduler.take_pending_outputs()
         try:
             if launched.error is not None:
                 raise launched.error
             runner_output = launched.output.result()
         except Exception as exc:
-            return outputs + self._recover(launched.scheduler_output, exc)
-        return outputs + self.scheduler.update_from_output(launched.scheduler_output, runner_output)
+            return self._recover(launched.scheduler_output, exc)
+        return self.scheduler.update_from_output(launched.scheduler_output, runner_output)
 
     def _recover(self, scheduler_output: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
         """One request's bad state must not fail the batch: the scheduler requeues the step's requests and retries

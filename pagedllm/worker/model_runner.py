@@ -163,8 +163,8 @@ class ModelRunner:
         self._sampled_host = [torch.zeros(sched.max_num_seqs, dtype=torch.int64, pin_memory=True)
                               for _ in range(2)] if self.device.type == "cuda" else []
         self._num_sampling_steps = 0
+        # (Waiting on it before its first record returns at once: torch creates the CUDA event when first recorded.)
         self._inputs_uploaded = torch.cuda.Event() if self.device.type == "cuda" else None
-        self._any_step_uploaded = False
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -444,7 +444,6 @@ class ModelRunner:
             inputs.sample_index_tensor = self.buffers.sample_indices.upload(num_samples)
         if self._inputs_uploaded is not None:
             self._inputs_uploaded.record()
-            self._any_step_uploaded = True
 
     def _fill_placeholders(self, inputs: _StepInputs) -> None:
         num_placeholders = len(inputs.placeholder_indices)
@@ -474,7 +473,7 @@ class ModelRunner:
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> _StepInputs:
         """Stage the step's inputs in the host buffers (one pass over the batch, then numpy)."""
-        if self._any_step_uploaded and self._inputs_uploaded is not None:
+        if self._inputs_uploaded is not None:
             self._inputs_uploaded.synchronize()  # the previous step's uploads have read the buffers rewritten here
         buffers = self.buffers
         token_ids: list[int] = []
