@@ -6,6 +6,7 @@ never stalls it) and is shared by the whole session where the tests allow; tests
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -18,6 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pagedllm.config import EngineArgs
+from pagedllm.engine.async_engine import AsyncEngine
+from pagedllm.entrypoints.openai.cli_args import add_serve_args
 from tests.entrypoints.conftest import save_bpe_tokenizer
 from tests.utils import build_tiny_model
 
@@ -138,6 +142,21 @@ def server_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
                                  max_position_embeddings=MAX_MODEL_LEN)
     save_bpe_tokenizer(model_dir, 300)
     return model_dir
+
+
+@pytest.fixture(scope="module")
+def engine(server_model_dir: str) -> Iterator[AsyncEngine]:
+    """The tiny model's engine in this process, for apps built and driven in process (``TestClient``)."""
+    engine = AsyncEngine.from_engine_args(EngineArgs(model=server_model_dir, **ENGINE_KWARGS))
+    yield engine
+    engine.shutdown()
+
+
+def serve_args(*flags: str) -> argparse.Namespace:
+    """``pagedllm serve`` flags, parsed as the command line parses them."""
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    return parser.parse_args(list(flags))
 
 
 @pytest.fixture(scope="session")

@@ -3,31 +3,12 @@ PAGEDLLM_API_KEY, and --chat-template."""
 
 from __future__ import annotations
 
-import argparse
-
-import pytest
 from fastapi.testclient import TestClient
 
-from pagedllm.config import EngineArgs
-from pagedllm.engine.async_engine import AsyncEngine
-from pagedllm.entrypoints.openai.cli_args import add_serve_args
 from pagedllm.entrypoints.openai.server import build_app
-from tests.entrypoints.openai.conftest import ENGINE_KWARGS
+from tests.entrypoints.openai.conftest import serve_args
 
 PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
-
-
-@pytest.fixture(scope="module")
-def engine(server_model_dir):
-    engine = AsyncEngine.from_engine_args(EngineArgs(model=server_model_dir, **ENGINE_KWARGS))
-    yield engine
-    engine.shutdown()
-
-
-def serve_args(*flags: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_serve_args(parser)
-    return parser.parse_args(list(flags))
 
 
 def test_cors_is_off_unless_origins_are_allowed(engine):

@@ -7,25 +7,15 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 from fastapi.testclient import TestClient
 
-from pagedllm.config import EngineArgs
 from pagedllm.engine.async_engine import AsyncEngine
 from pagedllm.entrypoints.openai.server import build_app
-from tests.entrypoints.openai.conftest import ENGINE_KWARGS
-from tests.entrypoints.openai.test_server_app import serve_args
+from tests.entrypoints.openai.conftest import serve_args
 from tests.structured_output.slow_grammars import slow_json_schema
 from tests.structured_output.test_compile_timeout import TIMEOUT_S, short_compile_timeout
 
 USER = [{"role": "user", "content": "Answer."}]
-
-
-@pytest.fixture(scope="module")
-def engine(server_model_dir):
-    engine = AsyncEngine.from_engine_args(EngineArgs(model=server_model_dir, **ENGINE_KWARGS))
-    yield engine
-    engine.shutdown()
 
 
 def _wait_until_idle(engine: AsyncEngine, timeout: float = 10.0) -> bool:

@@ -19,15 +19,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from pagedllm.config import EngineArgs
-from pagedllm.engine.async_engine import AsyncEngine
 from pagedllm.engine.metrics import PREFIX, Metric
 from pagedllm.entrypoints.cli import _reparse_with_config_file, main, make_parser
 from pagedllm.entrypoints.engine_args import engine_args_from_cli
-from pagedllm.entrypoints.openai.cli_args import add_serve_args
 from pagedllm.entrypoints.openai.server import ServerConfig, _start_stats_logger, build_app
 from pagedllm.entrypoints.openai.stats_logger import StatsLogger
-from tests.entrypoints.openai.conftest import ENGINE_KWARGS, RemoteServer
+from tests.entrypoints.openai.conftest import ENGINE_KWARGS, RemoteServer, serve_args
 
 LOG_LINE = r"^{level} \d\d-\d\d \d\d:\d\d:\d\d {tag}{logger}: "  # pagedllm.logger's format
 STATS_LINE = (r"Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: [\d.]+ tokens/s, "
@@ -142,19 +139,6 @@ def test_uvicorn_lines_have_the_servers_format(server):
 
 
 # ---- the app in process ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def engine(server_model_dir):
-    engine = AsyncEngine.from_engine_args(EngineArgs(model=server_model_dir, **ENGINE_KWARGS))
-    yield engine
-    engine.shutdown()
-
-
-def serve_args(*flags: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_serve_args(parser)
-    return parser.parse_args(list(flags))
 
 
 def test_model_card_by_id(engine):

@@ -3,23 +3,19 @@ generation_config.json fills the sampling fields a request leaves unset, and a r
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 from fastapi.testclient import TestClient
 
-from pagedllm.config import EngineArgs
-from pagedllm.engine.async_engine import AsyncEngine
 from pagedllm.entrypoints.generation_config import (
     DEFAULT_SERVING_MAX_TOKENS,
     GenerationDefaults,
     load_generation_defaults,
     serving_defaults,
 )
-from pagedllm.entrypoints.openai.cli_args import add_serve_args
 from pagedllm.entrypoints.openai.server import build_app
-from tests.entrypoints.openai.conftest import ENGINE_KWARGS
+from tests.entrypoints.openai.conftest import ENGINE_KWARGS, serve_args
 
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "ignore_eos": True}
 
@@ -55,17 +51,8 @@ def test_the_servers_max_tokens_default():
         serving_defaults(model, -1)
 
 
-@pytest.fixture(scope="module")
-def engine(server_model_dir):
-    engine = AsyncEngine.from_engine_args(EngineArgs(model=server_model_dir, **ENGINE_KWARGS))
-    yield engine
-    engine.shutdown()
-
-
 def serve(engine, *flags: str) -> TestClient:
-    parser = argparse.ArgumentParser()
-    add_serve_args(parser)
-    return TestClient(build_app(engine, parser.parse_args(list(flags))))
+    return TestClient(build_app(engine, serve_args(*flags)))
 
 
 def test_defaults_fill_what_a_request_leaves_unset(engine, tmp_path):
