@@ -26,13 +26,5 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider tests/attention tests/entry
   tests/model/test_triton_ops.py tests/worker 2>&1 | tail -8
 echo "=== profile (new tree)"
 timeout 90 python3 benchmarks/scripts/profile_host_phases.py --model qwen3-0.6b > "$OUT/profile-host-phases-after.log" 2>&1
-python3 - "$OUT" <<'PY'
-import json, sys, glob, os
-for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
-    r = json.load(open(f)); n = os.path.basename(f)
-    if r.get("bench") == "latency":
-        print(n, "decode_step_ms %.3f prefill_ms %.2f" % (r["decode_step_ms"], 1000 * r["prefill_latency"]["mean_s"]))
-    else:
-        print(n, "output tok/s %.0f" % r["output_tokens_per_s"])
-PY
+python3 benchmarks/scripts/summarize_records.py "$OUT"
 tail -32 "$OUT/profile-host-phases-after.log" | grep -E "ms|steps" | head -40

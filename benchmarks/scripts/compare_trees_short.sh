@@ -28,12 +28,4 @@ for section in "$@"; do
       timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -6 ;;
   esac
 done
-python3 - "$OUT" <<'PY'
-import json, sys, glob, os
-for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
-    r = json.load(open(f)); n = os.path.basename(f)
-    if r.get("bench") == "latency":
-        print(n, "decode_step_ms %.3f prefill_ms %.2f" % (r["decode_step_ms"], 1000 * r["prefill_latency"]["mean_s"]))
-    else:
-        print(n, "output tok/s %.0f" % r["output_tokens_per_s"])
-PY
+python3 benchmarks/scripts/summarize_records.py "$OUT"
