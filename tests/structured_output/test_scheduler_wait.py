@@ -12,13 +12,9 @@ class FakeGrammar:
     def __init__(self) -> None:
         self.ready = False
         self.error = None
-        self.terminated = False
 
     def is_ready(self) -> bool:
         return self.ready
-
-    def is_terminated(self) -> bool:
-        return self.terminated
 
 
 def _request(request_id: str, grammar=None) -> Request:
@@ -38,8 +34,9 @@ def test_waiting_for_grammar_does_not_block_others_and_terminates():
     output = scheduler.schedule()
     assert [d.req_id for d in output.new_reqs] == ["constrained"]
     assert output.new_reqs[0].structured_output is grammar
-    grammar.terminated = True  # the runner's matcher accepted the grammar's last token
-    results = scheduler.update_from_output(output, ModelRunnerOutput({"free": 3, "constrained": 4}))
+    # The runner's matcher accepted the grammar's last token: the runner says so in its output.
+    results = scheduler.update_from_output(
+        output, ModelRunnerOutput({"free": 3, "constrained": 4}, grammars_terminated={"constrained"}))
     finished = {r.request_id: r.finish_reason for r in results}
     assert finished == {"free": None, "constrained": "stop"}
 
