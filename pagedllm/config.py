@@ -23,6 +23,8 @@ SUPPORTED_ARCHITECTURES = (
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+# Weight quantization schemes (``--quantization``; also read from a checkpoint's ``quantization_config``).
+QUANTIZATION_METHODS = ("fp8", "gptq", "awq", "compressed-tensors")
 _DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 
 
@@ -54,6 +56,8 @@ class ModelConfig:
     hidden_act: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    quantization: str | None = None  # one of QUANTIZATION_METHODS, None for a dense model
+    quantization_config: dict[str, Any] | None = None  # the checkpoint's; None when quantizing online
 
     @classmethod
     def from_pretrained(
@@ -63,17 +67,22 @@ class ModelConfig:
         dtype: str = "auto",
         device: str = "cpu",
         max_model_len: int | None = None,
+        quantization: str | None = None,
     ) -> ModelConfig:
         """Read ``config.json`` of an HF model directory, or the metadata of a GGUF model (a ``.gguf`` file, or a
         directory holding one); for GGUF, ``model`` is then the ``.gguf`` file itself."""
         gguf_file = find_gguf_file(model_dir)
         if gguf_file is not None:
+            if quantization is not None:
+                raise ValueError(f"quantization={quantization!r} does not apply to a GGUF model: its weights are "
+                                 "dequantized at load")
             hf = gguf_to_hf_config(gguf_file)
             return cls.from_dict(hf, str(gguf_file), tokenizer, dtype, device, max_model_len)
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ValueError(f"No config.json in {model_dir!r}: not a Hugging Face model directory")
-        return cls.from_dict(json.loads(path.read_text()), model_dir, tokenizer, dtype, device, max_model_len)
+        return cls.from_dict(json.loads(path.read_text()), model_dir, tokenizer, dtype, device, max_model_len,
+                             quantization)
 
     @classmethod
     def from_dict(
@@ -84,6 +93,7 @@ class ModelConfig:
         dtype: str = "auto",
         device: str = "cpu",
         max_model_len: int | None = None,
+        quantization: str | None = None,
     ) -> ModelConfig:
         architecture = _architecture(hf)
         hidden_size = hf["hidden_size"]
@@ -116,6 +126,8 @@ class ModelConfig:
             hidden_act=hf.get("hidden_act", "silu"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_eos_ids(hf.get("eos_token_id")),
+            quantization=_quantization_method(hf.get("quantization_config"), quantization),
+            quantization_config=hf.get("quantization_config"),
         )
 
     @property
@@ -123,6 +135,23 @@ class ModelConfig:
         """Bytes of K and V that one token occupies in the cache, over all layers."""
         itemsize = 4 if self.dtype == "float32" else 2
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
+
+
+def _quantization_method(checkpoint: dict[str, Any] | None, requested: str | None) -> str | None:
+    """The scheme to run: the checkpoint's (``quantization_config.quant_method``), which a requested one must match;
+    or the requested one on a dense checkpoint (FP8 quantizes online; the others fill dummy weights only)."""
+    if requested is not None and requested not in QUANTIZATION_METHODS:
+        raise ValueError(f"Unsupported quantization {requested!r}; pagedllm supports: {', '.join(QUANTIZATION_METHODS)}")
+    if checkpoint is None:
+        return requested
+    stored = str(checkpoint.get("quant_method", "")).lower().replace("_", "-")
+    if stored not in QUANTIZATION_METHODS:
+        raise ValueError(f"The checkpoint is quantized with {stored or 'an unnamed method'!r}, which pagedllm does "
+                         f"not support (supported: {', '.join(QUANTIZATION_METHODS)})")
+    if requested is not None and requested != stored:
+        raise ValueError(f"quantization={requested!r} does not match the checkpoint, which is quantized with "
+                         f"{stored!r}; leave quantization unset to use the checkpoint's")
+    return stored
 
 
 def _architecture(hf: dict[str, Any]) -> str:
@@ -295,6 +324,7 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     gpu_memory_utilization: float = 0.9
     load_format: str = "auto"
+    quantization: str | None = None  # one of QUANTIZATION_METHODS; None: the checkpoint's, if any
     skip_tokenizer_init: bool = False
     revision: str | None = None
     enforce_eager: bool = False
@@ -308,7 +338,8 @@ class EngineArgs:
         device = resolve_device(self.device)
         model_dir = resolve_model_dir(self.model, self.revision, weights=self.load_format != "dummy")
         tokenizer = None if self.skip_tokenizer_init else (self.tokenizer or model_dir)
-        model_config = ModelConfig.from_pretrained(model_dir, tokenizer, self.dtype, device, self.max_model_len)
+        model_config = ModelConfig.from_pretrained(model_dir, tokenizer, self.dtype, device, self.max_model_len,
+                                                   self.quantization)
         return EngineConfig(
             model_config=model_config,
             cache_config=CacheConfig(

@@ -20,11 +20,11 @@ import types
 
 def switch(names: list[str]) -> None:
     from pagedllm import pdl
-    from pagedllm.model import layers, linear
+    from pagedllm.model import gemm, layers
 
     for name in names:
         if name == "skinny_gemm":
-            linear._skinny_gemm = lambda: types.SimpleNamespace(accepts=lambda x, weight: False)
+            gemm._skinny_gemm = lambda: types.SimpleNamespace(accepts=lambda x, weight: False)
         elif name == "rotary_store":
             layers.stores_kv_with_rotary = lambda rope: False
         elif name == "+fused_norm_act":

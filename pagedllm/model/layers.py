@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.model.linear import Linear, default_weight_loader, linear, set_weight_loader, skinny_gemm_for
+from pagedllm.model.gemm import linear, skinny_gemm_for
+from pagedllm.model.linear import Linear, default_weight_loader, set_weight_loader
 from pagedllm.platform import triton_ops_enabled
 
 
@@ -97,7 +98,7 @@ def rms_norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``layer(norm(x + residual))`` and the new residual stream ``x + residual`` (``x`` when ``residual`` is None,
     as in the first layer); one skinny-GEMM launch, the norm in its prologue, where ``fused_gemm_kernels`` says."""
-    kernels = fused_gemm_kernels(x, layer.weight)
+    kernels = fused_gemm_kernels(x, layer.weight) if layer.is_dense else None
     if kernels is not None:
         return kernels.rms_norm_gemm(x, residual, norm.weight, norm.eps, layer.weight, layer.bias)
     if residual is None:
@@ -260,7 +261,7 @@ class SiluAndMul(nn.Module):
 def silu_mul_linear(layer: Linear, gate_up: torch.Tensor) -> torch.Tensor:
     """``layer(silu(gate) * up)`` for a fused ``[..., 2 * d]`` gate/up output; one skinny-GEMM launch that computes the
     activation as it loads its input, where ``fused_gemm_kernels`` says."""
-    kernels = fused_gemm_kernels(gate_up[..., : layer.weight.shape[1]], layer.weight)
+    kernels = fused_gemm_kernels(gate_up[..., : layer.input_size], layer.weight) if layer.is_dense else None
     if kernels is not None:
         return kernels.silu_mul_gemm(gate_up, layer.weight, layer.bias)
     return layer(silu_and_mul(gate_up))

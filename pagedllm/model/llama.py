@@ -24,12 +24,14 @@ from pagedllm.model.layers import (
     silu_mul_linear,
 )
 from pagedllm.model.linear import Linear, MergedLinear, QKVLinear
+from pagedllm.model.quantization.base import QuantizationConfig
 
 
 class LlamaAttention(nn.Module):
     """Self-attention: fused qkv projection, optional per-head q/k norm, rotary, paged attention, output proj."""
 
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend,
+                 quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -39,8 +41,9 @@ class LlamaAttention(nn.Module):
                              f"num_key_value_heads ({self.num_kv_heads})")
         self.scale = self.head_dim**-0.5
         self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                  bias=config.qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+                                  bias=config.qkv_bias, quant_config=quant_config, prefix=prefix)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias,
+                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -70,13 +73,16 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one GEMM."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"Unsupported hidden_act {config.hidden_act!r}; only 'silu' is implemented")
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
-        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias,
+                                         quant_config=quant_config, prefix=prefix,
+                                         part_names=["gate_proj", "up_proj"])
+        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias, quant_config=quant_config,
+                                prefix=f"{prefix}.down_proj")
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """``down(silu(gate) * up)`` from the output of ``gate_up_proj``, which the decoder layer runs (so that its
@@ -88,10 +94,11 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual add is fused into the following RMSNorm, and each RMSNorm (and the
     MLP's activation) can run inside the projection after it (``layers.rms_norm_linear``, ``silu_mul_linear``)."""
 
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend,
+                 quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, attn_backend)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, attn_backend, quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -114,14 +121,16 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers and the final norm (HF's ``model.*``)."""
 
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend,
+                 quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         # One rotary table for all layers: cos/sin are gathered once per step, not once per layer.
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling
         )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend, quant_config, f"model.layers.{i}")
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
@@ -157,10 +166,11 @@ class LlamaForCausalLM(nn.Module):
         (".gate_up_proj.", ".up_proj.", 1),
     ]
 
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend,
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attn_backend)
+        self.model = LlamaModel(config, attn_backend, quant_config)
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to)
 

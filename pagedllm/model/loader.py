@@ -18,6 +18,7 @@ from pagedllm.config import LOAD_FORMATS, SUPPORTED_ARCHITECTURES, ModelConfig
 from pagedllm.model.gguf import is_gguf_model, iterate_gguf_weights
 from pagedllm.model.linear import default_weight_loader
 from pagedllm.model.llama import LlamaForCausalLM
+from pagedllm.model.quantization import get_quantization_config
 
 _MODEL_REGISTRY: dict[str, type[nn.Module]] = {name: LlamaForCausalLM for name in SUPPORTED_ARCHITECTURES}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,16 +50,37 @@ def get_model(
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     weights = None if load_format == "dummy" else _iterate_checkpoint(model_config.model, load_format)
+    _check_quantized_checkpoint(model_config, load_format)
     model_class = get_model_class(model_config.architecture)
     dtype = torch_dtype(model_config.dtype)
     # Parameters are created directly on the device in the target dtype: no float32 copy of a big model in RAM.
     with torch.device(device), _default_dtype(dtype):
-        model = model_class(model_config, get_attention_backend(attn_backend_name))
+        model = model_class(model_config, get_attention_backend(attn_backend_name),
+                            get_quantization_config(model_config))
     if weights is None:
         init_dummy_weights(model)
     else:
         load_weights(model, weights)
+    process_weights_after_loading(model)
     return model.eval().requires_grad_(False)
+
+
+def _check_quantized_checkpoint(model_config: ModelConfig, load_format: str) -> None:
+    """Only FP8 quantizes a dense checkpoint at load; the other schemes need a checkpoint written in them (or dummy
+    weights, for benchmarks)."""
+    method = model_config.quantization
+    if method in (None, "fp8") or model_config.quantization_config is not None or load_format == "dummy":
+        return
+    raise ValueError(f"quantization={method!r} needs a checkpoint quantized with it (its config.json has no "
+                     "quantization_config); only 'fp8' quantizes a dense checkpoint at load")
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let every quantized layer repack (or quantize) its loaded parameters for its kernel."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
 def _iterate_checkpoint(model_path: str, load_format: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -174,7 +196,10 @@ def init_dummy_weights(model: nn.Module, seed: int = _DUMMY_SEED) -> None:
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
+        dummy_init = getattr(param, "dummy_init", None)
+        if dummy_init is not None:  # quantized parameters: packed integers, scales (see quantization/base.py)
+            dummy_init(param.data, generator)
+        elif name.endswith("norm.weight"):
             param.fill_(1.0)
         else:
             param.normal_(0.0, _DUMMY_STD, generator=generator)
