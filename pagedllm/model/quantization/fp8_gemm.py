@@ -1,0 +1,123 @@
+"""The FP8-weight product ``y = x (W_fp8 * s_w)^T + b`` (weight [N, K] in float8_e4m3fn, one float32 scale per
+output channel), on the fastest path the device has:
+
+- decode-sized x (<= 16 rows) on CUDA: a weight-only Triton GEMM (``fp8_triton.fp8_skinny_gemm``) that streams the
+  FP8 weight, half the bytes of bf16, and dequantizes in registers; at batch 1..16 a layer is one pass over its
+  weight, so bytes are time, and x stays in 16 bits (no activation rounding at all);
+- larger x on a device with FP8 tensor cores (sm89+): x is quantized to FP8 per token (or with the checkpoint's
+  static scale) and ``torch._scaled_mm`` multiplies with row-wise scales (x's [M, 1], the weight's [1, N]);
+- anywhere else (CPU, older GPUs, shapes ``_scaled_mm`` refuses): dequantize and multiply in x's dtype. This is
+  also the oracle every faster path is tested against.
+
+Activation schemes (``ActivationScheme``): ``dynamic_token`` (a scale per row, from its max), ``dynamic_tensor``
+(one scale per call), ``static`` (the checkpoint's ``input_scale``), ``none`` (weight-only FP8: never quantize x).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.platform import triton_ops_enabled
+
+ActivationScheme = Literal["dynamic_token", "dynamic_tensor", "static", "none"]
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # an all-zero row still gets a finite, non-zero scale
+_SCALED_MM_ALIGN = 16  # _scaled_mm wants K and N multiples of 16
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType:
+    """The Triton module, imported on first CUDA use so that CPU-only runs never import Triton."""
+    from pagedllm.model.quantization import fp8_triton
+
+    return fp8_triton
+
+
+@functools.cache
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether ``device`` multiplies FP8 in hardware (Ada sm89, Hopper sm90 and later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense weight [N, K] as FP8 with one scale per output channel (its max maps to 448): (fp8 [N, K], [N])."""
+    w32 = weight.float()
+    scale = (w32.abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight * scale[:, None]`` in ``dtype`` (computed in float32)."""
+    return (weight.float() * scale.float()[:, None]).to(dtype)
+
+
+def quantize_activation(x: torch.Tensor, scheme: ActivationScheme,
+                        input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] as FP8 and its scale as [M, 1] float32 (the torch path; ``fp8_triton`` fuses it on CUDA)."""
+    x32 = x.float()
+    if scheme == "static":
+        assert input_scale is not None
+        scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    elif scheme == "dynamic_token":
+        scale = (x32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    elif scheme == "dynamic_tensor":
+        scale = (x32.abs().amax() / FP8_MAX).clamp(min=_MIN_SCALE).reshape(1, 1).expand(x.shape[0], 1)
+    else:
+        raise ValueError(f"Activation scheme {scheme!r} does not quantize activations")
+    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale.contiguous()
+
+
+def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """The oracle and the CPU path: ``x W_fp8^T`` in x's dtype (FP8 values are exact in 16 bits), then the
+    per-channel scale; x is never rounded to FP8."""
+    out = F.linear(x, weight.to(x.dtype)) * weight_scale.to(x.dtype)
+    return out + bias if bias is not None else out
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               scheme: ActivationScheme, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (weight * weight_scale[:, None])^T + bias`` for x [..., K], weight fp8 [N, K], weight_scale float32 [N];
+    a tensor [..., N] in x's dtype, by the fastest path of x's device (module docstring)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if x.is_cuda:
+        out = _cuda_linear(x2d, weight, weight_scale, bias, scheme, input_scale)
+    else:
+        out = fp8_linear_reference(x2d, weight, weight_scale, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _cuda_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 scheme: ActivationScheme, input_scale: torch.Tensor | None) -> torch.Tensor:
+    if triton_ops_enabled() and _triton_kernels().skinny_accepts(x, weight):
+        return _triton_kernels().fp8_skinny_gemm(x, weight, weight_scale, bias)
+    if scheme != "none" and _scaled_mm_accepts(x, weight):
+        return _scaled_mm_linear(x, weight, weight_scale, bias, scheme, input_scale)
+    return fp8_linear_reference(x, weight, weight_scale, bias)
+
+
+def _scaled_mm_accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return (has_fp8_tensor_cores(x.device) and k % _SCALED_MM_ALIGN == 0 and n % _SCALED_MM_ALIGN == 0
+            and x.shape[0] > 0)
+
+
+def _scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                      scheme: ActivationScheme, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 on the FP8 tensor cores: x quantized (one fused Triton launch where Triton runs), then cuBLASLt with
+    row-wise scales. Row-wise scaling gives bf16 out; the bias is added in x's dtype afterwards."""
+    if triton_ops_enabled():
+        x_fp8, x_scale = _triton_kernels().quantize_activation(x, scheme, input_scale)
+    else:
+        x_fp8, x_scale = quantize_activation(x, scheme, input_scale)
+    # weight.t() is the column-major [K, N] operand cuBLASLt wants, without a copy.
+    out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
+                           out_dtype=torch.bfloat16)
+    out = out.to(x.dtype)
+    return out + bias if bias is not None else out
