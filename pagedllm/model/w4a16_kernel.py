@@ -1,0 +1,276 @@
+"""W4A16 GEMM: ``y[M, N] = x[M, K] @ W[N, K]^T (+ bias)`` with W in the canonical int4 layout of
+``quantization/int4.py`` (int32 [N, K / 8] packed along K, scales / zeros [N, G], an optional act-order ``perm``),
+dequantized in registers.
+
+One kernel serves decode and prefill shapes. Each program owns ``BLOCK_N`` rows of W, ``BLOCK_M`` rows of x and a
+slice of K, and computes the transposed tile ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T`` with ``tl.dot`` (as the
+dense skinny GEMM does, ``model/skinny_gemm.py``): the dequantized weight is the dot's first operand, which Hopper's
+MMA can take straight from registers, and x's rows, padded to 16, are the second. Each K step loads
+[BLOCK_N, BLOCK_K / 8] int32 words (whole rows' bytes, contiguous), splits every word into its 8 nibbles, and
+applies ``(q - zero) * scale`` in float32 with the group's scale (one group per tile when the group is at least
+``BLOCK_K`` wide, else ``BLOCK_K / group`` groups per tile). With act-order the kernel reads x's column
+``perm[k]`` for its column k, so the sorted groups stay contiguous at no extra launch.
+
+At batch 1..16 the layer is one pass over its 4-bit weight, a quarter of the bf16 bytes, so the grid needs many
+programs in flight: when W has too few row blocks for the SMs, K is split, and the last program of a row block to
+arrive sums the float32 partials in split order (deterministic, one launch, no memset; same scheme as the skinny
+GEMM). For many rows (a prefill chunk) the GEMM is compute-bound and cuBLAS's bf16 tiles beat a dequantizing
+kernel, so above ``DEQUANT_MIN_ROWS`` rows W is dequantized into a bf16 scratch by ``dequantize_int4`` and
+multiplied by ``F.linear``: the dequantization reads 0.5 and writes 2 bytes per weight, small next to a GEMM of
+that many rows.
+
+Nothing is read back to the host and the allocations are fixed-size, so calls can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from pagedllm.model.quantization.int4 import Int4Weight
+
+DEQUANT_MIN_ROWS = 256  # from this many rows of x on, dequantize + cuBLAS (module docstring)
+_MAX_ROW_BLOCKS_SPLIT = 4096  # counters per device for split launches
+
+
+@dataclass(frozen=True)
+class W4A16Config:
+    """Launch shape: rows of W and of x per program, K per loop step, K slices, warps and pipeline depth."""
+
+    block_n: int
+    block_m: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@triton.jit
+def _dequantize_tile(
+    qw_ptr, scales_ptr, zeros_ptr, rows, kk, K, group_size, num_groups, stride_qn, stride_sn, stride_zn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    EVEN_K: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """W[rows, kk : kk + BLOCK_K] as [BLOCK_N, BLOCK_K] in DTYPE. GROUP_SIZE 0: the tile lies in one group
+    (``group_size`` wide, a multiple of BLOCK_K, or the only group); else the tile spans BLOCK_K / GROUP_SIZE."""
+    offs_w = kk // 8 + tl.arange(0, BLOCK_K // 8)
+    w_ptrs = qw_ptr + rows[:, None] * stride_qn + offs_w[None, :]
+    if EVEN_K:
+        packed = tl.load(w_ptrs)
+    else:
+        packed = tl.load(w_ptrs, mask=offs_w[None, :] < K // 8, other=0)
+    shifts = tl.arange(0, 8) * 4
+    q = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)
+    if GROUP_SIZE == 0:
+        # Clamped: past K (a ragged last tile) the weights read as 0 and x as 0, but the scale must be finite.
+        group = tl.minimum(kk // group_size, num_groups - 1)
+        scale = tl.load(scales_ptr + rows * stride_sn + group).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + rows * stride_zn + group).to(tl.float32)
+        else:
+            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+        w = (tl.reshape(q, (BLOCK_N, BLOCK_K)) - zero[:, None]) * scale[:, None]
+    else:
+        groups = tl.minimum(kk // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE), num_groups - 1)
+        scale = tl.load(scales_ptr + rows[:, None] * stride_sn + groups[None, :]).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + rows[:, None] * stride_zn + groups[None, :]).to(tl.float32)
+        else:
+            zero = tl.full((BLOCK_N, BLOCK_K // GROUP_SIZE), 8.0, tl.float32)
+        q = tl.reshape(q, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
+        w = tl.reshape((q - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    return w.to(DTYPE)
+
+
+@triton.jit
+def _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS: tl.constexpr):
+    """Add the bias and write ``acc`` [BLOCK_N, BLOCK_M] (transposed) into ``out`` [num_rows, N]."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < num_rows)
+    out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _w4a16_gemm_kernel(
+    x_ptr, perm_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+    num_rows, N, K, k_per_split, group_size, num_groups, stride_xm, stride_qn, stride_sn, stride_zn, stride_om,
+    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (row block of W, row block of x, K slice): one partial product; with IS_SPLIT (a single row block
+    of x) the last K slice to arrive sums them all in split order."""
+    row_block = tl.program_id(0)
+    split = tl.program_id(2)
+    offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows past N re-read row N - 1: no row mask on the weight stream; those results are never stored.
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    x_rows = offs_m[None, :].to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_start = split * k_per_split
+    for k in range(0, k_per_split, BLOCK_K):
+        kk = k_start + k
+        w = _dequantize_tile(qw_ptr, scales_ptr, zeros_ptr, rows, kk, K, group_size, num_groups, stride_qn,
+                             stride_sn, stride_zn, BLOCK_N, BLOCK_K, GROUP_SIZE, HAS_ZEROS, EVEN_K, dtype)
+        offs_k = kk + tl.arange(0, BLOCK_K)
+        x_mask = x_rows < num_rows
+        if not EVEN_K:
+            x_mask = x_mask & (offs_k[:, None] < K)
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
+        else:
+            cols = offs_k
+        x = tl.load(x_ptr + x_rows * stride_xm + cols[:, None], mask=x_mask, other=0.0)
+        acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+    if IS_SPLIT:
+        num_splits = tl.num_programs(2)
+        tile = offs_n[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
+        tl.store(partial_ptr + split * split_stride + tile, acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(arrivals_ptr + row_block, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(0, num_splits):  # fixed order: the same sum whichever slice came last
+                total += tl.load(partial_ptr + s * split_stride + tile, cache_modifier=".cg")
+            _store_output(total, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
+            tl.store(arrivals_ptr + row_block, 0)  # ready for the next launch (or graph replay)
+    else:
+        _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _dequantize_kernel(
+    qw_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, group_size, num_groups, stride_qn, stride_sn, stride_zn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Program (row block, K block): W's tile dequantized into ``out`` [N, K]."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.program_id(1) * BLOCK_K
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    w = _dequantize_tile(qw_ptr, scales_ptr, zeros_ptr, rows, kk, K, group_size, num_groups, stride_qn, stride_sn,
+                         stride_zn, BLOCK_N, BLOCK_K, GROUP_SIZE, HAS_ZEROS, EVEN_K, out_ptr.dtype.element_ty)
+    offs_k = kk + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w, mask=mask)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _arrival_counters(device: torch.device) -> torch.Tensor:
+    """The split launches' counters on ``device``: zero between launches (each launch resets those it used)."""
+    return torch.zeros(_MAX_ROW_BLOCKS_SPLIT, dtype=torch.int32, device=device)
+
+
+@functools.cache
+def choose_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
+    """A launch shape for x [num_rows, k] times W [n, k] on a device of ``num_sms`` SMs.
+
+    Decode-sized x (<= 64 rows) is one row block, padded to a power of two >= 16; K is split until about two
+    programs per SM stream the weight (int4 rows carry a quarter of bf16's bytes, so more programs are needed in
+    flight than for the bf16 skinny GEMM). More rows: square-ish 128-wide tiles, no split.
+    """
+    if num_rows > 64:
+        return W4A16Config(block_n=128, block_m=64 if num_rows <= 128 else 128, block_k=64, num_warps=8,
+                           num_stages=3)
+    block_m = max(16, triton.next_power_of_2(num_rows))
+    block_k = 128 if k >= 128 else max(32, triton.next_power_of_2(k))
+    row_blocks = triton.cdiv(n, 64)
+    k_steps = triton.cdiv(k, block_k)
+    wanted = max(1, min(triton.cdiv(2 * num_sms, row_blocks), k_steps // 2))
+    # Slices of equal whole K steps where possible: the kernel then needs no K mask.
+    split_k = max(d for d in range(1, wanted + 1) if k_steps % d == 0)
+    return W4A16Config(block_n=64, block_m=block_m, block_k=block_k, split_k=split_k, num_warps=4,
+                       num_stages=4 if block_m <= 32 else 3)
+
+
+def w4a16_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None,
+                 config: W4A16Config | None = None, dequant_min_rows: int | None = None) -> torch.Tensor:
+    """``x W^T + bias`` for x [..., K] (half precision on CUDA; float32 in the interpreter) and W in the canonical
+    int4 layout; a new tensor [..., N] in x's dtype. ``config`` / ``dequant_min_rows`` override the choices
+    (tests, tuning)."""
+    n, k = weight.qweight.shape[0], weight.qweight.shape[1] * 8
+    x2d = x.reshape(-1, k)
+    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    num_rows = x2d.shape[0]
+    threshold = DEQUANT_MIN_ROWS if dequant_min_rows is None else dequant_min_rows
+    if num_rows >= threshold:
+        x_in = x2d if weight.perm is None else x2d.index_select(1, weight.perm)
+        out = F.linear(x_in, dequantize_int4(weight, x.dtype), bias)
+        return out.view(*x.shape[:-1], n)
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    if num_rows:
+        num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
+        _launch_gemm(x2d, weight, bias, out, config or choose_config(num_rows, n, k, num_sms))
+    return out.view(*x.shape[:-1], n)
+
+
+def dequantize_int4(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in ``dtype`` (columns in the kernel's order), by one Triton launch."""
+    n, k = weight.qweight.shape[0], weight.qweight.shape[1] * 8
+    out = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
+    block_n, block_k = 64, 128 if k >= 128 else max(32, triton.next_power_of_2(k))
+    group_constexpr, num_groups = _group_args(weight, block_k)
+    zeros = weight.zeros if weight.zeros is not None else weight.scales
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        weight.qweight, weight.scales, zeros, out, n, k, weight.group_size, num_groups, weight.qweight.stride(0),
+        weight.scales.stride(0), zeros.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=group_constexpr, HAS_ZEROS=weight.zeros is not None,
+        EVEN_K=k % block_k == 0, num_warps=4,
+    )
+    return out
+
+
+def _group_args(weight: Int4Weight, block_k: int) -> tuple[int, int]:
+    """The kernel's GROUP_SIZE (0 when every K tile lies in one group) and the number of groups."""
+    num_groups = weight.scales.shape[1]
+    if num_groups == 1 or weight.group_size % block_k == 0:
+        return 0, num_groups
+    if block_k % weight.group_size:
+        raise ValueError(f"W4A16 kernel: group size {weight.group_size} and K tile {block_k} do not nest")
+    return weight.group_size, num_groups
+
+
+def _launch_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                 config: W4A16Config) -> None:
+    num_rows, k = x.shape
+    n = out.shape[1]
+    row_blocks = triton.cdiv(n, config.block_n)
+    m_blocks = triton.cdiv(num_rows, config.block_m)
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    num_splits = triton.cdiv(k, k_per_split)
+    is_split = num_splits > 1 and m_blocks == 1 and row_blocks <= _MAX_ROW_BLOCKS_SPLIT
+    if is_split:
+        partials = torch.empty((num_splits, row_blocks * config.block_n, config.block_m), dtype=torch.float32,
+                               device=x.device)
+        arrivals = _arrival_counters(x.device)
+    else:
+        num_splits, k_per_split = 1, triton.cdiv(k, config.block_k) * config.block_k
+        partials = arrivals = out  # placeholders, never touched
+    group_constexpr, num_groups = _group_args(weight, config.block_k)
+    zeros = weight.zeros if weight.zeros is not None else weight.scales  # placeholder when symmetric
+    _w4a16_gemm_kernel[(row_blocks, m_blocks, num_splits)](
+        x, weight.perm if weight.perm is not None else x, weight.qweight, weight.scales, zeros,
+        bias if bias is not None else out, out, partials, arrivals,
+        num_rows, n, k, k_per_split, weight.group_size, num_groups, x.stride(0), weight.qweight.stride(0),
+        weight.scales.stride(0), zeros.stride(0), out.stride(0),
+        HAS_PERM=weight.perm is not None, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
+        IS_SPLIT=is_split, EVEN_K=k == num_splits * k_per_split, GROUP_SIZE=group_constexpr,
+        BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
