@@ -25,6 +25,10 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # Weight quantization schemes (``--quantization``; also read from a checkpoint's ``quantization_config``).
 QUANTIZATION_METHODS = ("fp8", "gptq", "awq", "compressed-tensors")
+# KV cache element types (``kv_cache_dtype``, as vLLM's): "auto" = the model's dtype; "fp8" = "fp8_e4m3".
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+_FP8_KV_CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 _DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 
 
@@ -132,9 +136,22 @@ class ModelConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V that one token occupies in the cache, over all layers."""
-        itemsize = 4 if self.dtype == "float32" else 2
+        """Bytes of K and V that one token occupies in a cache of the model's dtype, over all layers."""
+        return self.kv_bytes_per_token_in("auto")
+
+    def kv_bytes_per_token_in(self, cache_dtype: str) -> int:
+        """Bytes of K and V that one token occupies in a cache of ``cache_dtype`` (one of KV_CACHE_DTYPES)."""
+        itemsize = _DTYPE_BYTES[kv_cache_dtype_name(cache_dtype, self.dtype)]
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
+
+
+def kv_cache_dtype_name(cache_dtype: str, model_dtype: str) -> str:
+    """The torch dtype name of the KV cache's elements: the model's for "auto", else the FP8 format named."""
+    if cache_dtype == "auto":
+        return model_dtype
+    if cache_dtype not in _FP8_KV_CACHE_DTYPES:
+        raise ValueError(f"Unsupported kv_cache_dtype {cache_dtype!r}; pagedllm supports: {', '.join(KV_CACHE_DTYPES)}")
+    return _FP8_KV_CACHE_DTYPES[cache_dtype]
 
 
 def _quantization_method(checkpoint: dict[str, Any] | None, requested: str | None) -> str | None:
@@ -216,8 +233,15 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     swap_space_bytes: int = 0  # CPU pool for swapped-out KV blocks (pinned on CUDA); 0 = recompute only
+    cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES: "auto" = the model's dtype, "fp8*" = 1 byte per element
+    # FP8 cache: set each layer's K and V scales from the first step's keys and values (max |x| / FP8 max), instead
+    # of the checkpoint's (or 1.0 without them).
+    calculate_kv_scales: bool = False
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"Unsupported kv_cache_dtype {self.cache_dtype!r}; pagedllm supports: "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of 2, got {self.block_size}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
@@ -298,6 +322,16 @@ class EngineConfig:
             raise ValueError("preemption_mode 'swap' needs CPU swap space: set swap_space (--swap-space, in GiB) "
                              "above 0 (its default is 0 on CPU)")
 
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The torch dtype name of the KV cache's elements (the model's, or an FP8 one)."""
+        return kv_cache_dtype_name(self.cache_config.cache_dtype, self.model_config.dtype)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V that one token occupies in the KV cache as configured, over all layers."""
+        return self.model_config.kv_bytes_per_token_in(self.cache_config.cache_dtype)
+
 
 @dataclass
 class EngineArgs:
@@ -325,6 +359,8 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     load_format: str = "auto"
     quantization: str | None = None  # one of QUANTIZATION_METHODS; None: the checkpoint's, if any
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
+    calculate_kv_scales: bool = False  # FP8 KV cache: scales from the first step rather than the checkpoint's
     skip_tokenizer_init: bool = False
     revision: str | None = None
     enforce_eager: bool = False
@@ -349,6 +385,8 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 enable_prefix_caching=self.enable_prefix_caching,
                 swap_space_bytes=int(self._swap_space_gib(device) * 2**30),
+                cache_dtype=self.kv_cache_dtype,
+                calculate_kv_scales=self.calculate_kv_scales,
             ),
             scheduler_config=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,

@@ -6,6 +6,7 @@ the paged cache at its slot (``block_id * block_size + offset``); each request's
 the request's whole context (cached prefix + the new tokens), read through its block table.
 
 KV cache layout, one tensor per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (index 0 = K, 1 = V).
+Its dtype is the model's, or an FP8 format holding ``x / scale`` with a per-layer K and V scale (``kv_quant.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    # calculate_kv_scales: this (eager) step sets each layer's K/V scales from its keys and values before storing.
+    compute_kv_scales: bool = False
 
     @property
     def num_reqs(self) -> int:
@@ -54,6 +57,8 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,  # FP8 cache: 0-dim float32 K and V scales of the layer (None = 1.0)
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 

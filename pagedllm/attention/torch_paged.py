@@ -4,7 +4,8 @@ Readability beats speed here. The cache write is vectorized (one ``index_copy_``
 attended one request at a time (``causal_attention``, the reference); decodes, one query per request, are
 attended all at once over their gathered, padded contexts (``decode_attention``), so a big decode batch is a few
 large ops rather than hundreds of small ones. Both materialize the scores: fine on CPU and as a reference, not a
-fast GPU kernel.
+fast GPU kernel. An FP8 cache (``kv_quant.py``) is quantized on the store and dequantized to the query's dtype as
+it is gathered, before any arithmetic.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.kv_quant import as_bytes, dequantize_kv, quantize_kv
 
 
 class TorchPagedAttention:
@@ -25,9 +27,11 @@ class TorchPagedAttention:
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,  # FP8 cache: the layer's K and V scales (None = 1.0)
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if key is not None and value is not None:
-            write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+            write_kv_cache(key, value, kv_cache, metadata.slot_mapping, k_scale, v_scale)
         block_size = kv_cache.shape[2]
         # Rows past the batch's real tokens (padding) stay zero rather than holding garbage.
         output = torch.zeros_like(query)
@@ -42,15 +46,18 @@ class TorchPagedAttention:
                 block_ids = metadata.block_tables[i, :num_blocks].long()
                 key_ctx, value_ctx = gather_context(kv_cache, block_ids, seq_len)
                 output[start : start + query_len] = causal_attention(
-                    query[start : start + query_len], key_ctx, value_ctx, scale
+                    query[start : start + query_len],
+                    dequantize_kv(key_ctx, k_scale, query.dtype),
+                    dequantize_kv(value_ctx, v_scale, query.dtype),
+                    scale,
                 )
             start += query_len
         if decode_rows:
-            self._decode(query, kv_cache, metadata, scale, output, decode_rows, decode_tokens)
+            self._decode(query, kv_cache, metadata, scale, output, decode_rows, decode_tokens, (k_scale, v_scale))
         return output
 
     @staticmethod
-    def _decode(query, kv_cache, metadata, scale, output, rows: list[int], tokens: list[int]) -> None:
+    def _decode(query, kv_cache, metadata, scale, output, rows: list[int], tokens: list[int], kv_scales) -> None:
         """Attend every decode at once, in chunks that bound the gathered context's memory."""
         seq_lens = [metadata.seq_lens_cpu[i] for i in rows]
         chunk = max(1, _MAX_GATHERED_TOKENS // max(seq_lens))
@@ -65,16 +72,25 @@ class TorchPagedAttention:
                 metadata.seq_lens[row_ids],
                 max(seq_lens[first : first + chunk]),
                 scale,
+                *kv_scales,
             )
 
 
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store each token's K/V at its flat slot ``block_id * block_size + offset`` (one vectorized copy each)."""
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> None:
+    """Store each token's K/V at its flat slot ``block_id * block_size + offset`` (one vectorized copy each),
+    quantized for an FP8 cache."""
     num_tokens = slot_mapping.shape[0]
     # [2, num_blocks, block_size, H, D] -> [2, num_blocks * block_size, H, D]: a view, so the copy lands in the cache.
-    flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
-    flat[0].index_copy_(0, slot_mapping, key[:num_tokens].to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value[:num_tokens].to(kv_cache.dtype))
+    flat = as_bytes(kv_cache.view(2, -1, *kv_cache.shape[3:]))
+    flat[0].index_copy_(0, slot_mapping, as_bytes(quantize_kv(key[:num_tokens], k_scale, kv_cache.dtype)))
+    flat[1].index_copy_(0, slot_mapping, as_bytes(quantize_kv(value[:num_tokens], v_scale, kv_cache.dtype)))
 
 
 def gather_context(
@@ -97,6 +113,8 @@ def decode_attention(
     seq_lens: torch.Tensor,  # [R]
     max_seq_len: int,
     scale: float,
+    k_scale: torch.Tensor | None = None,  # FP8 cache: the layer's K and V scales (None = 1.0)
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per request over its whole paged context, for all requests at once (contexts padded to the
     longest; padding masked out). Scores and softmax in float32; returns the query's dtype."""
@@ -105,8 +123,10 @@ def decode_attention(
     num_blocks = -(-max_seq_len // block_size)
     tables = block_tables[:, :num_blocks].long()
     # [R, blocks, block_size, Hkv, D] -> [R, Hkv, L, D]
-    key = kv_cache[0][tables].reshape(num_reqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    value = kv_cache[1][tables].reshape(num_reqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    key = dequantize_kv(kv_cache[0][tables], k_scale, query.dtype)
+    value = dequantize_kv(kv_cache[1][tables], v_scale, query.dtype)
+    key = key.reshape(num_reqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    value = value.reshape(num_reqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     # GQA without copying K/V: query head h = kv_head * group + g, as HF's repeat_kv groups them.
     grouped = query.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.matmul(grouped, key.transpose(2, 3)).float() * scale  # [R, Hkv, group, L]

@@ -16,6 +16,11 @@ Three kernels, each one launch per layer for the whole step:
 Every kernel can launch with programmatic dependent launch (``pagedllm/pdl.py``, off by default): it then waits
 for the kernel before it as its first step, and its launch overlaps that kernel's tail.
 
+With an FP8 cache (``IS_FP8``; ``triton_fp8.py``) the store quantizes (``x / scale``, saturated, cast) and the
+attention kernels read the FP8 tiles directly: K and V are converted to the query's dtype in registers (exact: every
+FP8 value is a bf16/fp16/fp32 value), the K scale is folded into the query's scale and the V scale into the output,
+which is the dequantization ``x * scale`` done once per row instead of once per element.
+
 Keys are read through the block table one token at a time (``block_table[pos // BLOCK_SIZE]``), so any
 power-of-two block size works with any tile size. Softmax runs in float32 in base 2 (``exp2`` with the scale
 folded into ``log2(e)``); the output is in the query's dtype. The pure-torch backend is the oracle these kernels
@@ -32,6 +37,7 @@ import triton.language as tl
 
 from pagedllm import pdl
 from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.triton_fp8 import fp8_kernel_args, load_scale, quantize_fp8
 from pagedllm.pdl import wait_for_earlier_kernels
 
 _LOG2_E = 1.4426950408889634
@@ -52,14 +58,16 @@ class TritonPagedAttention:
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,  # FP8 cache: the layer's K and V scales (None = 1.0)
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if key is not None and value is not None:
-            store_kv(key, value, kv_cache, metadata.slot_mapping)
+            store_kv(key, value, kv_cache, metadata.slot_mapping, k_scale, v_scale)
         output = torch.empty_like(query)
         if metadata.max_query_len == 1:
-            paged_decode(query, kv_cache, metadata, scale, output)
+            paged_decode(query, kv_cache, metadata, scale, output, k_scale, v_scale)
         else:
-            paged_prefill(query, kv_cache, metadata, scale, output)
+            paged_prefill(query, kv_cache, metadata, scale, output, k_scale, v_scale)
         return output
 
 
@@ -78,26 +86,36 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write each token's K/V [num_tokens, num_kv_heads, head_dim] into its slot; slot < 0 = padding, skipped."""
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> None:
+    """Write each token's K/V [num_tokens, num_kv_heads, head_dim] into its slot (quantized for an FP8 cache);
+    slot < 0 = padding, skipped."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     cache = _flat_cache(kv_cache)
+    k_scale, v_scale, fp8 = fp8_kernel_args(kv_cache, k_scale, v_scale)
     _store_kv_kernel[(num_tokens, num_kv_heads)](
-        key, value, cache[0], cache[1], slot_mapping,
+        key, value, cache[0], cache[1], slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         cache.stride(1), cache.stride(2),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim), **pdl.launch_options(key.device),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim), **fp8, **pdl.launch_options(key.device),
     )
 
 
 @triton.jit
 def _store_kv_kernel(
-    key, value, key_cache, value_cache, slot_mapping,
+    key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_slot, stride_cache_head,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     wait_for_earlier_kernels(USE_PDL)
     token = tl.program_id(0)
@@ -109,6 +127,9 @@ def _store_kv_kernel(
     d_mask = offs_d < HEAD_DIM
     k = tl.load(key + token.to(tl.int64) * stride_kt + head * stride_kh + offs_d, mask=d_mask)
     v = tl.load(value + token.to(tl.int64) * stride_vt + head * stride_vh + offs_d, mask=d_mask)
+    if IS_FP8:
+        k = quantize_fp8(k, tl.load(k_scale), FP8_MAX)
+        v = quantize_fp8(v, tl.load(v_scale), FP8_MAX)
     target = slot * stride_cache_slot + head * stride_cache_head + offs_d
     tl.store(key_cache + target, k.to(key_cache.dtype.element_ty), mask=d_mask)
     tl.store(value_cache + target, v.to(value_cache.dtype.element_ty), mask=d_mask)
@@ -122,7 +143,8 @@ def _attend_tile(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One online-softmax step over keys [start, start + BLOCK_N) of a request, read through its block table."""
+    """One online-softmax step over keys [start, start + BLOCK_N) of a request, read through its block table.
+    With an FP8 cache, ``q`` carries the K scale and ``acc`` still lacks the V scale (the caller multiplies it)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     in_context = offs_n < seq_len
@@ -130,8 +152,9 @@ def _attend_tile(
     slot = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
     kv_offsets = slot[:, None] * stride_cache_slot + kv_head * stride_cache_head + offs_d[None, :]
     kv_mask = in_context[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(key_cache + kv_offsets, mask=kv_mask, other=0.0)
-    v = tl.load(value_cache + kv_offsets, mask=kv_mask, other=0.0)
+    # An FP8 cache's tiles become the query's dtype here, exactly; their scales are applied by the caller.
+    k = tl.load(key_cache + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
+    v = tl.load(value_cache + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N], base-2 logits
     is_visible = in_context[None, :] & (offs_n[None, :] <= query_pos[:, None])
     scores = tl.where(is_visible, scores, float("-inf"))
@@ -149,7 +172,8 @@ def _attend_tile(
 
 
 def paged_prefill(
-    query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, output: torch.Tensor
+    query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, output: torch.Tensor,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """Causal attention of each request's queries over its cached prefix plus themselves."""
     num_heads, head_dim = query.shape[1:]
@@ -160,24 +184,25 @@ def paged_prefill(
     queries_per_program = block_m // group_pad
     cache = _flat_cache(kv_cache)
     grid = (metadata.num_reqs, num_kv_heads, triton.cdiv(metadata.max_query_len, queries_per_program))
+    k_scale, v_scale, fp8 = fp8_kernel_args(kv_cache, k_scale, v_scale)
     _prefill_kernel[grid](
         query, output, cache[0], cache[1], metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
-        scale * _LOG2_E,
+        k_scale, v_scale, scale * _LOG2_E,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         cache.stride(1), cache.stride(2), metadata.block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=_padded_head_dim(head_dim), BLOCK_SIZE=kv_cache.shape[2], DOT_PRECISION=_dot_precision(query.dtype),
-        **pdl.launch_options(query.device),
+        IS_FP8=fp8["IS_FP8"], **pdl.launch_options(query.device),
     )
 
 
 @triton.jit
 def _prefill_kernel(
-    query, output, key_cache, value_cache, block_tables, query_start_loc, seq_lens, qk_scale,
+    query, output, key_cache, value_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cache_slot, stride_cache_head, stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    IS_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_for_earlier_kernels(USE_PDL)
     req = tl.program_id(0)
@@ -199,7 +224,7 @@ def _prefill_kernel(
     mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     q_offsets = (q_start + q_index)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(query + q_offsets, mask=mask, other=0.0)
-    q = (q.to(tl.float32) * qk_scale).to(query.dtype.element_ty)
+    q = (q.to(tl.float32) * (qk_scale * load_scale(k_scale, IS_FP8))).to(query.dtype.element_ty)
     query_pos = context_len + q_index
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -215,6 +240,8 @@ def _prefill_kernel(
             DOT_PRECISION,
         )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if IS_FP8:
+        out = out * tl.load(v_scale)
     o_offsets = (q_start + q_index)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(output + o_offsets, out.to(output.dtype.element_ty), mask=mask)
 
@@ -236,7 +263,8 @@ def num_decode_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, device
 
 
 def paged_decode(
-    query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, output: torch.Tensor
+    query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, output: torch.Tensor,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """One query per request over its whole paged context, split along the context when the batch is small."""
     num_reqs = metadata.num_reqs
@@ -253,14 +281,16 @@ def paged_decode(
         partial_out = torch.empty(num_reqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
         partial_lse = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
         stride_po = partial_out.stride()[:3]
+    k_scale, v_scale, fp8 = fp8_kernel_args(kv_cache, k_scale, v_scale)
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, partial_out, partial_lse, cache[0], cache[1], metadata.block_tables, metadata.seq_lens,
-        scale * _LOG2_E, num_splits,
+        k_scale, v_scale, scale * _LOG2_E, num_splits,
         query.stride(0), query.stride(1), *stride_po,
         cache.stride(1), cache.stride(2), metadata.block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim),
         BLOCK_SIZE=kv_cache.shape[2],
-        DOT_PRECISION=_dot_precision(query.dtype), IS_SPLIT=num_splits > 1, **pdl.launch_options(query.device),
+        DOT_PRECISION=_dot_precision(query.dtype), IS_SPLIT=num_splits > 1, IS_FP8=fp8["IS_FP8"],
+        **pdl.launch_options(query.device),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(num_reqs, num_heads)](
@@ -273,12 +303,13 @@ def paged_decode(
 
 @triton.jit
 def _decode_kernel(
-    query, partial_out, partial_lse, key_cache, value_cache, block_tables, seq_lens, qk_scale, num_splits,
+    query, partial_out, partial_lse, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale, qk_scale,
+    num_splits,
     stride_qt, stride_qh, stride_po_req, stride_po_head, stride_po_split,
     stride_cache_slot, stride_cache_head, stride_table,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SPLIT: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    IS_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_for_earlier_kernels(USE_PDL)
     req = tl.program_id(0)
@@ -297,7 +328,7 @@ def _decode_kernel(
     mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(query + req.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=mask, other=0.0)
-    q = (q.to(tl.float32) * qk_scale).to(query.dtype.element_ty)
+    q = (q.to(tl.float32) * (qk_scale * load_scale(k_scale, IS_FP8))).to(query.dtype.element_ty)
     query_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + seq_len - 1
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -312,6 +343,8 @@ def _decode_kernel(
         )
     # An empty split (or a padding request, seq_len 0) leaves l = 0: output 0, lse -inf (weight 0 in the merge).
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if IS_FP8:
+        out = out * tl.load(v_scale)
     o_offsets = (req.to(tl.int64) * stride_po_req + head[:, None] * stride_po_head + split * stride_po_split
                  + offs_d[None, :])
     tl.store(partial_out + o_offsets, out.to(partial_out.dtype.element_ty), mask=mask)

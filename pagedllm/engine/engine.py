@@ -80,6 +80,7 @@ class EngineCore:
         return {
             "num_gpu_blocks": self.num_blocks,
             "num_cpu_blocks": self.num_cpu_blocks,
+            "kv_cache_dtype": self.config.kv_cache_dtype,
             "kv_cache_tokens": self.num_blocks * block_size,
             "max_concurrency_at_max_model_len": round(self.num_blocks * block_size / max_model_len, 2),
             "attention_backend": self.config.attention_backend,

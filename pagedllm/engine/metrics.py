@@ -86,7 +86,7 @@ def cache_config_info(config: EngineConfig, startup_report: dict) -> dict[str, s
         "num_cpu_blocks": str(startup_report.get("num_cpu_blocks", 0)),
         "num_gpu_blocks_override": str(cache.num_gpu_blocks_override),
         "enable_prefix_caching": str(cache.enable_prefix_caching),
-        "cache_dtype": "auto",  # the only KV cache dtype yet: the model's
+        "cache_dtype": cache.cache_dtype,
         "gpu_memory_utilization": str(cache.gpu_memory_utilization),
         "kv_cache_memory_bytes": str(cache.kv_cache_memory_bytes),
         "swap_space_bytes": str(cache.swap_space_bytes),

@@ -7,7 +7,7 @@ import argparse
 import re
 from typing import Any
 
-from pagedllm.config import LOAD_FORMATS, QUANTIZATION_METHODS, EngineArgs
+from pagedllm.config import KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_METHODS, EngineArgs
 
 _BYTE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
                "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
@@ -68,7 +68,12 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
                            help="admit requests first come, first served, or by priority (default: fcfs)")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="GPUs to shard the model over (only 1 is supported yet)")
-    group.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype (only auto = the model's, yet)")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                       help="KV cache element type: auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2; FP8 holds "
+                            "twice the tokens of a 16-bit cache in the same memory (default: auto)")
+    group.add_argument("--calculate-kv-scales", action="store_true",
+                       help="with an FP8 KV cache: set each layer's K/V scales from the first step's keys and values "
+                            "(default: the checkpoint's k_scale/v_scale, else 1.0)")
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="schedule the next step while the GPU runs this one: the same outputs, with the host's "
                             "per-step work hidden behind the GPU's (default: on with CUDA, off on CPU)")
@@ -95,8 +100,6 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
     yet fail here, before any loading."""
     if args.tensor_parallel_size != 1:
         raise ValueError("--tensor-parallel-size > 1 is not supported yet")
-    if args.kv_cache_dtype != "auto":
-        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype!r} is not supported yet; use auto")
     kwargs = {
         "tokenizer": args.tokenizer,
         "revision": args.revision,
@@ -105,6 +108,8 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "load_format": args.load_format,
         "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "calculate_kv_scales": args.calculate_kv_scales,
         "max_model_len": args.max_model_len,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,

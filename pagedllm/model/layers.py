@@ -230,16 +230,19 @@ def rotate_qk_into_cache(
     k_norm: RMSNorm | None,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``rotate_qk``, and on the fused path also the store of k and v into ``kv_cache`` at ``slot_mapping``, in the
-    same launch: k and v then come back as None, which tells the attention backend they are stored already."""
+    """``rotate_qk``, and on the fused path also the store of k and v into ``kv_cache`` at ``slot_mapping`` (divided
+    by ``k_scale``/``v_scale`` for an FP8 cache), in the same launch: k and v then come back as None, which tells
+    the attention backend they are stored already."""
     if not stores_kv_with_rotary(rope):
         q, k = rotate_qk(q, k, rope, q_norm, k_norm)
         return q, k, v
     q_weight, k_weight = (q_norm.weight, k_norm.weight) if q_norm is not None and k_norm is not None else (None, None)
     eps = q_norm.eps if q_norm is not None else 0.0
     q = _triton_ops().rotary_qk_store_kv(q, k, v, rope.positions, rope.cos, rope.sin, q_weight, k_weight, eps,
-                                         kv_cache, slot_mapping)
+                                         kv_cache, slot_mapping, k_scale, v_scale)
     return q, None, None
 
 

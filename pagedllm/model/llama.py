@@ -20,9 +20,11 @@ from pagedllm.model.layers import (
     RotaryStep,
     VocabEmbedding,
     rms_norm_linear,
+    rotate_qk,
     rotate_qk_into_cache,
     silu_mul_linear,
 )
+from pagedllm.model.kv_scales import calibrate_kv_scales, kv_scale_parameter
 from pagedllm.model.linear import Linear, MergedLinear, QKVLinear
 from pagedllm.model.quantization.base import QuantizationConfig
 
@@ -50,6 +52,9 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.attn_backend = attn_backend
+        # FP8 KV cache: what the cache holds is K / k_scale and V / v_scale (checkpoint names; see kv_scales.py).
+        self.k_scale = kv_scale_parameter()
+        self.v_scale = kv_scale_parameter()
 
     def forward(
         self,
@@ -65,8 +70,13 @@ class LlamaAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         # Qwen3 normalizes each head before rotary; on CUDA, k and v land in the cache in the same launch (k, v None).
-        q, k, v = rotate_qk_into_cache(q, k, v, rope, self.q_norm, self.k_norm, kv_cache, attn_metadata.slot_mapping)
-        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
+        if attn_metadata.compute_kv_scales:  # the scales come from the rotated k and v, before the backend stores them
+            q, k = rotate_qk(q, k, rope, self.q_norm, self.k_norm)
+            calibrate_kv_scales(k, v, self.k_scale, self.v_scale, kv_cache.dtype)
+        else:
+            q, k, v = rotate_qk_into_cache(q, k, v, rope, self.q_norm, self.k_norm, kv_cache,
+                                           attn_metadata.slot_mapping, self.k_scale, self.v_scale)
+        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from pagedllm.attention.backend import get_attention_backend
 from pagedllm.config import LOAD_FORMATS, SUPPORTED_ARCHITECTURES, ModelConfig
 from pagedllm.model.gguf import is_gguf_model, iterate_gguf_weights
+from pagedllm.model.kv_scales import checkpoint_kv_scale_name
 from pagedllm.model.linear import default_weight_loader
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.quantization import get_quantization_config
@@ -137,7 +138,9 @@ def _expected_checkpoint_names(model: nn.Module) -> set[str]:
     """The checkpoint names that must be present: every parameter, fused ones expanded to their HF parts."""
     stacked = getattr(model, "stacked_params_mapping", [])
     expected: set[str] = set()
-    for param_name, _ in model.named_parameters():  # tied weights are listed once, under the embedding
+    for param_name, param in model.named_parameters():  # tied weights are listed once, under the embedding
+        if getattr(param, "optional_in_checkpoint", False):  # e.g. FP8 KV cache scales: 1.0 when absent
+            continue
         parts = [param_name.replace(fused, part) for fused, part, _ in stacked if fused in param_name]
         expected.update(parts or [param_name])
     return expected
@@ -162,6 +165,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     for name, tensor in weights:
         if _skip(name, model):
             continue
+        name = checkpoint_kv_scale_name(name)  # before the fused names: "k_proj.output_scale" is no k_proj shard
         param_name, shard_id = name, None
         for fused, part, shard in stacked:
             if part in name:

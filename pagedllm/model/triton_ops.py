@@ -4,7 +4,7 @@ In eager PyTorch, RMSNorm with its residual add, rotary (with Qwen3's per-head q
 ~40 tiny kernels per layer, which dominates a small-batch decode step even inside a CUDA graph. Here each is one
 launch: ``rms_norm``, ``fused_add_rms_norm``, ``rotary_qk`` (q and k together) and ``silu_and_mul``. In a decode
 step ``rotary_qk_store_kv`` also writes the rotated k and v into the paged KV cache (one launch instead of rotary
-plus the attention backend's store). Every kernel here can launch with PDL (``pagedllm/pdl.py``, off by default).
+plus the attention backend's store), quantized for an FP8 cache as the backend's store would. Every kernel here can launch with PDL (``pagedllm/pdl.py``, off by default).
 
 Imported lazily by ``layers.py`` only when the activations are on CUDA, so ``import pagedllm`` and CPU inference
 never compile Triton. With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels also run on
@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
+from pagedllm.attention.triton_fp8 import fp8_kernel_args, quantize_fp8
 from pagedllm.pdl import wait_for_earlier_kernels
 
 
@@ -58,11 +59,13 @@ def _rms_norm_kernel(
 @triton.jit
 def _rotate_heads(
     x_ptr, x_head_stride, out_ptr, out_head_stride, num_stored_heads, norm_weight_ptr, cos, sin, num_heads, eps,
-    DTYPE: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-    HAS_NORM: tl.constexpr,
+    out_scale, DTYPE: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    HAS_NORM: tl.constexpr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     """Rotate (and first RMS-normalize, with HAS_NORM) all heads of one token; rows = heads, columns = half dims.
-    Heads past ``num_stored_heads`` are computed but not stored (0: a padding token's K, kept out of the cache)."""
+    Heads past ``num_stored_heads`` are computed but not stored (0: a padding token's K, kept out of the cache).
+    QUANTIZE: the rotated values (rounded to DTYPE, as the torch path holds them) are divided by ``out_scale`` and
+    saturated for an FP8 cache."""
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < num_heads) & (cols < HALF)
@@ -79,37 +82,48 @@ def _rotate_heads(
     out = out_ptr + heads * out_head_stride + cols
     store_mask = mask & (heads < num_stored_heads)
     out_dtype = out_ptr.dtype.element_ty
-    tl.store(out, (x1 * cos - x2 * sin).to(DTYPE).to(out_dtype), mask=store_mask)
-    tl.store(out + HALF, (x2 * cos + x1 * sin).to(DTYPE).to(out_dtype), mask=store_mask)
+    first_half = (x1 * cos - x2 * sin).to(DTYPE)
+    second_half = (x2 * cos + x1 * sin).to(DTYPE)
+    if QUANTIZE:
+        first_half = quantize_fp8(first_half, out_scale, FP8_MAX)
+        second_half = quantize_fp8(second_half, out_scale, FP8_MAX)
+    tl.store(out, first_half.to(out_dtype), mask=store_mask)
+    tl.store(out + HALF, second_half.to(out_dtype), mask=store_mask)
 
 
 @triton.jit
-def _copy_heads(x_ptr, x_head_stride, out_ptr, out_head_stride, num_stored_heads,
-                HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
-    """Copy the first ``num_stored_heads`` heads of one token (V into the cache), in the two halves rotary uses."""
+def _copy_heads(x_ptr, x_head_stride, out_ptr, out_head_stride, num_stored_heads, out_scale,
+                HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, QUANTIZE: tl.constexpr,
+                FP8_MAX: tl.constexpr):
+    """Copy the first ``num_stored_heads`` heads of one token (V into the cache, quantized for an FP8 one), in the
+    two halves rotary uses."""
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < num_stored_heads) & (cols < HALF)
     for half in tl.static_range(2):
         x = tl.load(x_ptr + heads * x_head_stride + half * HALF + cols, mask=mask, other=0.0)
+        if QUANTIZE:
+            x = quantize_fp8(x, out_scale, FP8_MAX)
         tl.store(out_ptr + heads * out_head_stride + half * HALF + cols, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rotary_qk_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slot_mapping_ptr, positions_ptr, cos_ptr, sin_ptr,
-    q_norm_ptr, k_norm_ptr,
+    q_norm_ptr, k_norm_ptr, k_scale_ptr, v_scale_ptr,
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
     kv_out_token_stride, kv_out_head_stride, cache_row_stride, num_slots,
     num_q_heads, num_k_heads, eps,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr,
-    HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program per token: gather its cos/sin row once, then rotate all its q heads and all its k heads.
 
     STORE_KV: the rotated k and the untouched v go straight to the token's KV cache slot (``k_out``/``v_out`` are
     the cache's slot-indexed views), and a token whose slot is negative (padding) or missing stores nothing.
-    Otherwise k goes to ``k_out`` [T, Hkv, D] and v is not read.
+    Otherwise k goes to ``k_out`` [T, Hkv, D] and v is not read. IS_FP8 (with STORE_KV): the cache is FP8, k and v
+    are stored divided by their scales.
     """
     wait_for_earlier_kernels(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
@@ -123,9 +137,14 @@ def _rotary_qk_kernel(
     sin = sin.to(dtype).to(tl.float32)
     _rotate_heads(q_ptr + token * q_token_stride, q_head_stride, q_out_ptr + token * num_q_heads * 2 * HALF,
                   2 * HALF, num_q_heads, q_norm_ptr, cos, sin, num_q_heads, eps,
-                  dtype, HALF, BLOCK_HALF, BLOCK_Q_HEADS, HAS_NORM)
+                  1.0, dtype, HALF, BLOCK_HALF, BLOCK_Q_HEADS, HAS_NORM, False, FP8_MAX)
     num_stored_heads = num_k_heads
     kv_row = token
+    k_scale = 1.0
+    v_scale = 1.0
+    if IS_FP8:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
     if STORE_KV:
         slot = tl.load(slot_mapping_ptr + token, mask=token < num_slots, other=-1).to(tl.int64)
         num_stored_heads = tl.where(slot >= 0, num_k_heads, 0)
@@ -133,10 +152,10 @@ def _rotary_qk_kernel(
     kv_out_offset = kv_row * kv_out_token_stride
     _rotate_heads(k_ptr + token * k_token_stride, k_head_stride, k_out_ptr + kv_out_offset, kv_out_head_stride,
                   num_stored_heads, k_norm_ptr, cos, sin, num_k_heads, eps,
-                  dtype, HALF, BLOCK_HALF, BLOCK_K_HEADS, HAS_NORM)
+                  k_scale, dtype, HALF, BLOCK_HALF, BLOCK_K_HEADS, HAS_NORM, IS_FP8, FP8_MAX)
     if STORE_KV:
         _copy_heads(v_ptr + token * v_token_stride, v_head_stride, v_out_ptr + kv_out_offset, kv_out_head_stride,
-                    num_stored_heads, HALF, BLOCK_HALF, BLOCK_K_HEADS)
+                    num_stored_heads, v_scale, HALF, BLOCK_HALF, BLOCK_K_HEADS, IS_FP8, FP8_MAX)
 
 
 @triton.jit
@@ -217,7 +236,7 @@ def rotary_qk(
     """
     k_out = torch.empty((k.shape[0], *k.shape[1:]), dtype=k.dtype, device=k.device)
     q_out = _launch_rotary(q, k, None, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
-                           k_out, None, None)
+                           k_out, None, None, None)
     return q_out, k_out
 
 
@@ -233,9 +252,12 @@ def rotary_qk_store_kv(
     eps: float,
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim] (attention/backend.py's layout)
     slot_mapping: torch.Tensor,  # [>= T] int64: each token's cache slot, negative for padding
+    k_scale: torch.Tensor | None = None,  # FP8 cache: the layer's K and V scales (None = 1.0)
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``rotary_qk``, but the rotated k and v are written into the KV cache at each token's slot in the same launch
-    (what the attention backend's own store would do; a negative slot is skipped): one kernel instead of two.
+    (what the attention backend's own store would do, FP8 quantization included; a negative slot is skipped): one
+    kernel instead of two.
 
     Returns the rotated q, a new contiguous tensor.
     """
@@ -246,16 +268,17 @@ def rotary_qk_store_kv(
         raise ValueError(f"rotary_qk_store_kv needs v with a contiguous last dim; got strides {v.stride()}")
     slots = kv_cache.view(2, -1, *kv_cache.shape[3:])  # [2, num_slots, Hkv, D]: a view, writes land in the cache
     return _launch_rotary(q, k, v, positions, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps,
-                          slots[0], slots[1], slot_mapping)
+                          slots[0], slots[1], slot_mapping, fp8_kernel_args(kv_cache, k_scale, v_scale))
 
 
 def _launch_rotary(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, positions: torch.Tensor, cos_cache: torch.Tensor,
     sin_cache: torch.Tensor, q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
     k_out: torch.Tensor, v_out: torch.Tensor | None, slot_mapping: torch.Tensor | None,
+    fp8_args: tuple[torch.Tensor, torch.Tensor, dict] | None,
 ) -> torch.Tensor:
     """Rotate q (into a new tensor, returned) and k (into ``k_out``, rows indexed by token or, with
-    ``slot_mapping``, by slot, where v is copied too)."""
+    ``slot_mapping``, by slot, where v is copied too; ``fp8_args``: ``fp8_kernel_args`` of that cache)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
     is_k_like_q = k.shape[0] == num_tokens and k.shape[2] == head_dim
@@ -271,15 +294,17 @@ def _launch_rotary(
         return q_out
     store_kv = slot_mapping is not None
     v_in, v_dst = (v, v_out) if store_kv else (k, k_out)  # unread placeholders without the store
+    k_scale, v_scale, fp8 = fp8_args or (k, k, {"IS_FP8": False, "FP8_MAX": 0.0})
     block_q_heads = triton.next_power_of_2(num_q_heads)
     _rotary_qk_kernel[(num_tokens,)](
         q, k, v_in, q_out, k_out, v_dst, slot_mapping if store_kv else positions, positions, cos_cache, sin_cache,
         q_norm_weight if has_norm else q, k_norm_weight if has_norm else k,  # unread placeholders without norm
+        k_scale, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v_in.stride(0), v_in.stride(1),
         k_out.stride(0), k_out.stride(1), cos_cache.stride(0), slot_mapping.shape[0] if store_kv else 0,
         num_q_heads, num_k_heads, eps,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_Q_HEADS=block_q_heads,
-        BLOCK_K_HEADS=triton.next_power_of_2(num_k_heads), HAS_NORM=has_norm, STORE_KV=store_kv,
+        BLOCK_K_HEADS=triton.next_power_of_2(num_k_heads), HAS_NORM=has_norm, STORE_KV=store_kv, **fp8,
         num_warps=_num_warps(block_q_heads * triton.next_power_of_2(half)), **pdl.launch_options(q.device),
     )
     return q_out

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.kv_quant import as_bytes, is_fp8, kv_cache_torch_dtype
 from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, NewRequestData, SchedulerOutput, TopLogprobs
 from pagedllm.model.loader import get_model, torch_dtype
@@ -131,6 +132,9 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.device = torch.device(config.device)
         self.dtype = torch_dtype(self.model_config.dtype)
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype)  # the model's, or FP8
+        # calculate_kv_scales: the first step runs eagerly and sets every layer's K/V scales from its own K/V.
+        self._kv_scales_pending = config.cache_config.calculate_kv_scales and is_fp8(self.kv_cache_dtype)
         torch.manual_seed(config.seed)
         start = time.perf_counter()
         self.model = get_model(self.model_config, config.load_format, config.device, config.attention_backend)
@@ -170,7 +174,8 @@ class ModelRunner:
 
     @property
     def kv_block_bytes(self) -> int:
-        return self.model_config.kv_bytes_per_token * self.block_size
+        """Bytes of one block over all layers, in the cache's dtype (an FP8 cache fits twice the blocks of bf16)."""
+        return self.config.kv_bytes_per_token * self.block_size
 
     def determine_num_blocks(self) -> int:
         """How many KV blocks the budget allows: an explicit override, a byte budget, or the GPU's free memory."""
@@ -235,7 +240,8 @@ class ModelRunner:
             self.cpu_kv_caches = self._allocate_kv_caches(self.num_cpu_blocks, torch.device("cpu"), pin)
         max_model_len = self.config.scheduler_config.max_model_len
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f GiB, %d tokens); max concurrency at max_model_len %d: %.1fx",
+            "KV cache (%s): %d blocks of %d tokens (%.1f GiB, %d tokens); max concurrency at max_model_len %d: %.1fx",
+            self.config.kv_cache_dtype,
             num_blocks,
             self.block_size,
             num_blocks * self.kv_block_bytes / 2**30,
@@ -358,7 +364,7 @@ class ModelRunner:
         # (slots are always written before they are read). Device caches are zeroed: kernels may load masked slots.
         allocate = torch.empty if device.type == "cpu" and not pin_memory else torch.zeros
         return [
-            allocate(shape, dtype=self.dtype, device=device, pin_memory=pin_memory)
+            allocate(shape, dtype=self.kv_cache_dtype, device=device, pin_memory=pin_memory)
             for _ in range(self.model_config.num_hidden_layers)
         ]
 
@@ -378,7 +384,9 @@ class ModelRunner:
             # host reads it, so it copies synchronously: swap-outs are rare, a sync then is cheap.
             non_blocking = targets[0].device.type == "cuda"
             for source, target in zip(sources, targets):
-                target[:, target_ids] = source[:, source_ids].to(target.device, non_blocking=non_blocking)
+                # As bytes: the same copy for any cache dtype (torch lacks some indexed copies of FP8).
+                as_bytes(target)[:, target_ids] = as_bytes(source)[:, source_ids].to(target.device,
+                                                                                     non_blocking=non_blocking)
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -413,6 +421,8 @@ class ModelRunner:
 
     def _forward(self, inputs: _StepInputs) -> torch.Tensor:
         """Hidden states of the step's tokens: a graph replay for a step of a captured size, else eager."""
+        if self._kv_scales_pending:
+            return self._forward_computing_kv_scales(inputs)
         if inputs.is_decode_only:
             padded = self.decode_graphs.padded_size(inputs.num_reqs)
             if padded is not None:
@@ -432,6 +442,15 @@ class ModelRunner:
                 return self.mixed_graphs.replay(padded)[: inputs.num_tokens]
         input_ids, positions, metadata = self._upload(inputs, inputs.num_tokens, inputs.num_reqs)
         self._finish_inputs(inputs)
+        return self.model(input_ids, positions, self.kv_caches, metadata)
+
+    def _forward_computing_kv_scales(self, inputs: _StepInputs) -> torch.Tensor:
+        """The first step with calculate_kv_scales: eager (a graph would not run the scale computation), each layer
+        setting its K/V scales from this step's keys and values before storing them; later steps use them."""
+        input_ids, positions, metadata = self._upload(inputs, inputs.num_tokens, inputs.num_reqs)
+        metadata.compute_kv_scales = True
+        self._finish_inputs(inputs)
+        self._kv_scales_pending = False
         return self.model(input_ids, positions, self.kv_caches, metadata)
 
     def _finish_inputs(self, inputs: _StepInputs) -> None:

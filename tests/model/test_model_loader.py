@@ -109,7 +109,10 @@ def test_dummy_weights_need_only_the_config(tiny_model_dir: Callable[[str], str]
     assert attn.o_proj.weight.shape == (64, 4 * 32)
     assert model.model.layers[0].mlp.gate_up_proj.weight.shape == (2 * 96, 64)
     assert model.lm_head.weight.shape == (128, 64)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    # FP8 KV cache scales stay float32 (and 1.0: random weights have no scales).
+    is_kv_scale = lambda name: name.endswith(("k_scale", "v_scale"))  # noqa: E731
+    assert all(p.dtype == torch.bfloat16 for name, p in model.named_parameters() if not is_kv_scale(name))
+    assert attn.k_scale.dtype == torch.float32 and attn.k_scale.item() == attn.v_scale.item() == 1.0
     assert torch.all(attn.q_norm.weight == 1) and torch.all(model.model.norm.weight == 1)
     assert 0.01 < attn.qkv_proj.weight.float().std() < 0.03
     again = load(str(model_dir), load_format="dummy", dtype="bfloat16")  # seeded: identical
