@@ -266,6 +266,8 @@ class SchedulerConfig:
     preemption_mode: str = "auto"  # "auto" | "recompute" | "swap": see core/scheduler.py
     # Plan step N+1 while the device runs step N (the same tokens as planning after it; see core/scheduler.py).
     async_scheduling: bool = False
+    # With LoRA: the most distinct adapters one step may hold (the device's adapter slots); 0 = no LoRA.
+    max_loras: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):
@@ -300,6 +302,32 @@ class StructuredOutputsConfig:
             raise ValueError(f"max_pending_grammars_per_client must be >= 1, got {self.max_pending_per_client}")
 
 
+# LoRA ranks the slot pool can be padded to (the kernels tile the rank by a power of 2).
+LORA_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (``enable_lora``): adapters in one step (device slots), the largest rank they may have
+    (every slot is padded to it), and adapters kept loaded on the CPU (LRU; ``None`` = ``max_loras``)."""
+
+    max_loras: int = 8
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {LORA_RANKS}, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+
+    @property
+    def num_cpu_loras(self) -> int:
+        return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine is built from."""
@@ -315,6 +343,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs: every step runs eagerly
     structured_outputs_config: StructuredOutputsConfig = StructuredOutputsConfig()
     cpu_threads: int | None = None  # torch threads of a model on the CPU as the user set them; None = platform's pick
+    lora_config: LoRAConfig | None = None  # None: LoRA off (requests with an adapter are refused)
 
     def __post_init__(self) -> None:
         # Without a CPU pool every preemption recomputes: "swap" would be accepted and silently not honoured.
@@ -367,6 +396,10 @@ class EngineArgs:
     structured_outputs_compile_timeout: float = 30.0  # seconds one grammar may compile before its request fails
     max_pending_grammars_per_client: int = 4  # compiles one client may have waiting (the server answers 429 beyond)
     cpu_threads: int | None = None  # torch threads on CPU (default: $PAGEDLLM_CPU_THREADS, else platform's pick)
+    enable_lora: bool = False  # serve LoRA adapters (LoRARequest / --lora-modules) over the base model
+    max_loras: int = 8  # distinct adapters in one step (device slots)
+    max_lora_rank: int = 16  # the largest adapter rank accepted (slots are padded to it)
+    max_cpu_loras: int | None = None  # adapters kept loaded on the CPU; None = max_loras
 
     def create_engine_config(self) -> EngineConfig:
         if self.load_format not in LOAD_FORMATS:
@@ -396,7 +429,9 @@ class EngineArgs:
                 policy=self.scheduling_policy,
                 preemption_mode=self.preemption_mode,
                 async_scheduling=device == "cuda" if self.async_scheduling is None else self.async_scheduling,
+                max_loras=self.max_loras if self.enable_lora else 0,
             ),
+            lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
             device=device,
             load_format=self.load_format,
             seed=self.seed,
@@ -457,6 +492,13 @@ def resolve_model_dir(model: str, revision: str | None = None, weights: bool = T
 def server_api_key_from_env() -> str | None:
     """The API key the OpenAI server requires when ``--api-key`` is not given (``PAGEDLLM_API_KEY``); None = none."""
     return os.environ.get("PAGEDLLM_API_KEY") or None
+
+
+def runtime_lora_updating_allowed() -> bool:
+    """Whether the server exposes /v1/load_lora_adapter and /v1/unload_lora_adapter:
+    ``PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING`` (or vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) set to true / 1."""
+    value = os.environ.get("PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING") or os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+    return (value or "").strip().lower() in ("1", "true", "yes")
 
 
 def log_stats_interval_from_env() -> float:
