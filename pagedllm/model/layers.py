@@ -98,7 +98,7 @@ def rms_norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``layer(norm(x + residual))`` and the new residual stream ``x + residual`` (``x`` when ``residual`` is None,
     as in the first layer); one skinny-GEMM launch, the norm in its prologue, where ``fused_gemm_kernels`` says."""
-    kernels = fused_gemm_kernels(x, layer.weight) if layer.is_dense else None
+    kernels = fused_gemm_kernels(x, layer.weight) if layer.is_dense and layer.lora is None else None
     if kernels is not None:
         return kernels.rms_norm_gemm(x, residual, norm.weight, norm.eps, layer.weight, layer.bias)
     if residual is None:
@@ -264,7 +264,8 @@ class SiluAndMul(nn.Module):
 def silu_mul_linear(layer: Linear, gate_up: torch.Tensor) -> torch.Tensor:
     """``layer(silu(gate) * up)`` for a fused ``[..., 2 * d]`` gate/up output; one skinny-GEMM launch that computes the
     activation as it loads its input, where ``fused_gemm_kernels`` says."""
-    kernels = fused_gemm_kernels(gate_up[..., : layer.input_size], layer.weight) if layer.is_dense else None
+    kernels = fused_gemm_kernels(gate_up[..., : layer.input_size], layer.weight) if layer.is_dense and layer.lora is None \
+        else None
     if kernels is not None:
         return kernels.silu_mul_gemm(gate_up, layer.weight, layer.bias)
     return layer(silu_and_mul(gate_up))

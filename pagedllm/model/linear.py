@@ -10,12 +10,16 @@ projections. Tensor-parallel sharding hooks in here later the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pagedllm.model.quantization.base import QuantizationConfig, add_param
 from pagedllm.model.quantization.unquantized import UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from pagedllm.lora.layers import LoRALayerWeights
 
 WeightLoader = Callable[..., None]
 
@@ -100,8 +104,15 @@ class Linear(nn.Module):
         """Whether the layer holds a plain ``weight`` [output_size, input_size] in the model's dtype."""
         return isinstance(self.quant_method, UnquantizedLinearMethod)
 
+    # The layer's LoRA adapter slots (``lora/slots.py`` sets them when LoRA is enabled): their delta is added to
+    # the product of any quantization method.
+    lora: LoRALayerWeights | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+        y = self.quant_method.apply(self, x, self.bias)
+        if self.lora is not None:
+            self.lora.add_delta(x, y)
+        return y
 
     def extra_repr(self) -> str:
         method = type(self.quant_method).__name__
