@@ -139,6 +139,10 @@ class ModelRunner:
         start = time.perf_counter()
         self.model = get_model(self.model_config, config.load_format, config.device, config.attention_backend)
         self.startup_seconds = {"load": time.perf_counter() - start}
+        # Counted at their stored size (FP8 / packed int4 under quantization): the KV budget gets what they save.
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info("Model weights: %.2f GiB (quantization: %s)", self.weight_bytes / 2**30,
+                    self.model_config.quantization or "none")
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []

@@ -39,6 +39,8 @@ class Worker:
         return self.model_runner.execute_model_async(scheduler_output)
 
     def startup_info(self) -> dict:
-        """What start-up cost on this worker (seconds per phase) and whether decode replays CUDA graphs."""
+        """What start-up cost on this worker (seconds per phase), whether decode replays CUDA graphs, and the bytes
+        of the model's weights as stored."""
         runner = self.model_runner
-        return {"cuda_graphs": runner.use_cuda_graphs, "seconds": dict(runner.startup_seconds)}
+        return {"cuda_graphs": runner.use_cuda_graphs, "seconds": dict(runner.startup_seconds),
+                "weight_bytes": runner.weight_bytes}

@@ -85,7 +85,7 @@ class Fp8LinearMethod(LinearMethod):
         else:
             scale = _per_channel_scale(layer.weight_scale.data, layer.fp8_shard_sizes, self.scheme.weight_strategy)
             replace_param(layer, "weight", layer.weight.data.contiguous())
-        replace_param(layer, "weight_scale", scale.float().contiguous())
+        _set_param(layer, "weight_scale", scale.float().contiguous())
         if self.scheme.activations == "static":
             replace_param(layer, "input_scale", layer.input_scale.data.float().amax().reshape(1))
         else:
@@ -93,6 +93,14 @@ class Fp8LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return fp8_linear(x, layer.weight, layer.weight_scale, bias, self.scheme.activations, layer.input_scale)
+
+
+def _set_param(layer: nn.Module, name: str, data: torch.Tensor) -> None:
+    """Replace parameter ``name``, or register it when the layer had none (online FP8 adds its scale)."""
+    if hasattr(layer, name):
+        replace_param(layer, name, data)
+    else:
+        layer.register_parameter(name, nn.Parameter(data, requires_grad=False))
 
 
 def _per_channel_scale(loaded: torch.Tensor, shard_sizes: list[int], strategy: WeightStrategy) -> torch.Tensor:
