@@ -133,13 +133,15 @@ class PagedRunner:
     """Drives a pagedllm model by hand: owns the KV caches, hands out blocks from a shuffled free list (so block
     tables have holes and are out of order), and runs steps of (request id, new token ids) chunks."""
 
-    def __init__(self, model: torch.nn.Module, block_size: int = 4, num_blocks: int = 64, seed: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, block_size: int = 4, num_blocks: int = 64, seed: int = 0,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
+        """``kv_cache_dtype``: the caches' dtype (an FP8 one, say); default the model's."""
         config = model.config
         self.model = model
         self.block_size = block_size
         param = next(model.parameters())
-        self.kv_caches = make_kv_caches(config.num_hidden_layers, num_blocks, block_size,
-                                        config.num_key_value_heads, config.head_dim, param.dtype, str(param.device))
+        self.kv_caches = make_kv_caches(config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads,
+                                        config.head_dim, kv_cache_dtype or param.dtype, str(param.device))
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)
         self.block_tables: dict[str, list[int]] = {}

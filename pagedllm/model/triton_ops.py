@@ -4,7 +4,8 @@ In eager PyTorch, RMSNorm with its residual add, rotary (with Qwen3's per-head q
 ~40 tiny kernels per layer, which dominates a small-batch decode step even inside a CUDA graph. Here each is one
 launch: ``rms_norm``, ``fused_add_rms_norm``, ``rotary_qk`` (q and k together) and ``silu_and_mul``. In a decode
 step ``rotary_qk_store_kv`` also writes the rotated k and v into the paged KV cache (one launch instead of rotary
-plus the attention backend's store), quantized for an FP8 cache as the backend's store would. Every kernel here can launch with PDL (``pagedllm/pdl.py``, off by default).
+plus the attention backend's store; quantized for an FP8 cache, as that store would). Every kernel here can launch
+with PDL (``pagedllm/pdl.py``, off by default).
 
 Imported lazily by ``layers.py`` only when the activations are on CUDA, so ``import pagedllm`` and CPU inference
 never compile Triton. With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels also run on
