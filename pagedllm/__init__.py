@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams",
+__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "Logprob", "LoRARequest", "RequestOutput", "SamplingParams",
            "StructuredOutputsParams", "__version__"]
 
 if TYPE_CHECKING:
     from pagedllm.entrypoints.llm import LLM
+    from pagedllm.lora.request import LoRARequest
     from pagedllm.params import (
         BeamSearchParams,
         CompletionOutput,
@@ -32,4 +33,8 @@ def __getattr__(name: str) -> Any:
         from pagedllm import params
 
         return getattr(params, name)
+    if name == "LoRARequest":
+        from pagedllm.lora.request import LoRARequest
+
+        return LoRARequest
     raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")

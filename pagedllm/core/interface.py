@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import SamplingParams
 
 
@@ -27,6 +28,7 @@ class NewRequestData:
     num_computed_tokens: int
     # The request's grammar state (engine-side object, shared in-process), or None when unconstrained.
     structured_output: object | None = None
+    lora_request: LoRARequest | None = None  # the adapter it runs with; None = the base model
 
 
 @dataclass(slots=True)

@@ -46,7 +46,8 @@ class KVCacheManager:
         hits: list[KVBlock] = []
         parent: BlockHash | None = None
         for index in range(max_cached_blocks):
-            parent = hash_block_tokens(parent, tokens[index * self.block_size : (index + 1) * self.block_size])
+            parent = hash_block_tokens(parent, tokens[index * self.block_size : (index + 1) * self.block_size],
+                                       _extra_keys(request))
             block = self.pool.get_cached_block(parent)
             if block is None:
                 break
@@ -186,6 +187,13 @@ class KVCacheManager:
         tokens = request.all_token_ids
         for index in range(len(hashes), num_full):
             parent = hashes[-1] if hashes else None
-            block_hash = hash_block_tokens(parent, tokens[index * self.block_size : (index + 1) * self.block_size])
+            block_hash = hash_block_tokens(parent, tokens[index * self.block_size : (index + 1) * self.block_size],
+                                           _extra_keys(request))
             hashes.append(block_hash)
             self.pool.cache_full_block(blocks[index], block_hash)
+
+
+def _extra_keys(request: Request) -> tuple[int, ...]:
+    """What besides the tokens a block's KV depends on: the LoRA adapter (an adapter's KV differs from the base
+    model's and every other adapter's for the same tokens)."""
+    return (request.lora_request.lora_int_id,) if request.lora_request is not None else ()

@@ -6,6 +6,7 @@ import enum
 import itertools
 import time
 
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import SamplingParams
 
 _arrival_counter = itertools.count()
@@ -51,6 +52,7 @@ class Request:
         "eos_token_ids",
         "first_scheduled_time",
         "fork_source",
+        "lora_request",
         "max_tokens",
         "num_computed_tokens",
         "num_output_placeholders",
@@ -78,6 +80,7 @@ class Request:
         priority: int = 0,
         fork_source: str | None = None,
         structured_output: object | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self.request_id = request_id
         # Another sequence of the same prompt (parallel sampling): this one starts from its KV blocks, shared.
@@ -102,6 +105,12 @@ class Request:
         # The request's grammar (an opaque engine-side object: ``is_ready()``, ``error``; the runner advances it),
         # or None for an unconstrained request.
         self.structured_output = structured_output
+        self.lora_request = lora_request  # the adapter it runs with (None: the base model)
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id, 0 for the base model."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def num_prompt_tokens(self) -> int:

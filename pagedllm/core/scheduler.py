@@ -232,12 +232,16 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: _Budget, output: SchedulerOutput) -> None:
         index = 0
+        running_loras = self._running_loras()
         while index < len(self.waiting) and budget.tokens_left > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[index]
             if self._waits_for_fork_source(request) or request.num_output_placeholders:
                 # A later sequence of a prompt whose first sequence is still computing it, or a preempted request
                 # whose last token is still being sampled.
                 index += 1
+                continue
+            if self._lacks_lora_slot(request, running_loras):
+                index += 1  # every adapter slot is taken by running requests of other adapters: let others pass
                 continue
             grammar = request.structured_output
             if grammar is not None and not grammar.is_ready():
@@ -255,9 +259,23 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             bisect.insort(self.running, request, key=self._key)
+            if request.lora_int_id:
+                running_loras.add(request.lora_int_id)
             output.new_reqs.append(self._new_request_data(request))
             output.num_scheduled_tokens[request.request_id] = num_new
             budget.tokens_left -= num_new
+
+    def _running_loras(self) -> set[int]:
+        """The adapters of the running requests (empty without LoRA)."""
+        if not self.config.max_loras:
+            return set()
+        return {request.lora_int_id for request in self.running if request.lora_int_id}
+
+    def _lacks_lora_slot(self, request: Request, running_loras: set[int]) -> bool:
+        """Whether admitting the request would put more distinct adapters in the running batch (so in a step) than
+        the device has slots for."""
+        lora_id = request.lora_int_id
+        return bool(lora_id) and lora_id not in running_loras and len(running_loras) >= self.config.max_loras
 
     def _admit(self, request: Request, tokens_left: int, output: SchedulerOutput) -> int | None:
         """Give a waiting request its KV blocks and computed tokens; return how many tokens it computes this step,
@@ -320,6 +338,7 @@ class Scheduler:
             block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
             num_computed_tokens=request.num_computed_tokens,
             structured_output=request.structured_output,
+            lora_request=request.lora_request,
         )
 
     def _swap_in(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:

@@ -33,6 +33,7 @@ from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.processing import ProcessedRequest, PromptInput
 from pagedllm.engine.output_processor import merge_delta_outputs
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import RequestOutput, RequestOutputKind, SamplingParams
 from pagedllm.platform import set_engine_cpu_threads
 
@@ -190,7 +191,8 @@ class AsyncEngine:
     # ---- the asyncio side ----------------------------------------------------------------------------------
 
     async def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs. Raises ValueError at once on bad input; aborts the request if the
         consumer stops early (e.g. the client disconnected). ``priority`` (lower first) matters only under the
@@ -200,7 +202,7 @@ class AsyncEngine:
             raise EngineDeadError(self._dead_reason or "The engine loop is not running")
         if self._draining:
             raise EngineDeadError("The engine is draining: it takes no new requests")
-        processed = self.engine.process_request(request_id, prompt, params, priority=priority)
+        processed = self.engine.process_request(request_id, prompt, params, priority=priority, lora_request=lora_request)
         stream = _Stream(asyncio.get_running_loop(), params.output_kind == RequestOutputKind.DELTA)
         self._post(_Add(processed, stream))
         finished = False

@@ -23,6 +23,7 @@ import msgspec
 
 # The step outputs are made by the scheduler (core/), which may not import engine/: defined there, sent from here.
 from pagedllm.core.interface import EngineCoreOutput, SchedulerStats, TopLogprobs  # noqa: F401 - re-exported
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import SamplingParams, StructuredOutputsParams
 
 
@@ -41,6 +42,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     arrival_time: float  # time.monotonic() of the front end (system-wide on Linux, so the core's clock agrees)
     priority: int = 0
     fork_source: str | None = None  # another sequence of the same prompt whose KV blocks this one starts from
+    lora_request: LoRARequest | None = None  # the adapter to run with (validated by the front end); None = base
 
 
 class AddRequests(msgspec.Struct, tag=True, array_like=True):

@@ -29,6 +29,7 @@ from pagedllm.engine.processing import (
     load_tokenizer,
     resolve_eos_token_ids,
 )
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import RequestOutput, SamplingParams
 from pagedllm.worker.executor import Executor, InProcessExecutor
 from pagedllm.worker.model_runner import ModelRunner
@@ -129,6 +130,7 @@ class EngineCore:
             priority=core_request.priority,
             fork_source=core_request.fork_source,
             structured_output=grammar,
+            lora_request=core_request.lora_request,
         )
 
     def _grammars(self, core_requests: list[EngineCoreRequest]) -> list[object | None]:
@@ -338,9 +340,10 @@ class LLMEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
-        self.add_processed(self.process_request(request_id, prompt, params, arrival_time, priority))
+        self.add_processed(self.process_request(request_id, prompt, params, arrival_time, priority, lora_request))
 
     def process_request(
         self,
@@ -349,11 +352,12 @@ class LLMEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> ProcessedRequest:
         """Tokenize and validate without queueing, so a batch can be checked whole before any of it runs."""
         if self.output_processor.has_request(request_id):
             raise ValueError(f"Request id {request_id!r} is already in use")
-        processed = self.input_processor.process(request_id, prompt, params, arrival_time, priority)
+        processed = self.input_processor.process(request_id, prompt, params, arrival_time, priority, lora_request)
         self.input_processor.check_structured_outputs(params)  # a bad spec raises now, before a batch is queued
         return processed
 

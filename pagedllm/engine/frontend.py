@@ -21,6 +21,7 @@ from pagedllm.engine.grammar_calls import CoreGrammarPreparer
 from pagedllm.engine.metrics import EngineMetrics, Metric
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.processing import InputProcessor, ProcessedRequest, PromptInput, load_tokenizer
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import RequestOutput, SamplingParams
 
 
@@ -42,11 +43,12 @@ class MultiprocessLLMEngine:
         self.last_heard_from_core = time.monotonic()
 
     def process_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
-                        arrival_time: float | None = None, priority: int = 0) -> ProcessedRequest:
+                        arrival_time: float | None = None, priority: int = 0,
+                        lora_request: LoRARequest | None = None) -> ProcessedRequest:
         """Tokenize and validate. A structured-output spec is compiled by the core (the server checks it first)."""
         if self.output_processor.has_request(request_id):
             raise ValueError(f"Request id {request_id!r} is already in use")
-        return self.input_processor.process(request_id, prompt, params, arrival_time, priority)
+        return self.input_processor.process(request_id, prompt, params, arrival_time, priority, lora_request)
 
     def add_processed(self, processed: ProcessedRequest) -> None:
         self.output_processor.add_request(processed)

@@ -16,6 +16,8 @@ from typing import Any
 
 from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.contracts import EngineCoreRequest
+from pagedllm.lora.request import LoRARequest
+from pagedllm.lora.validation import LoRARequestValidator
 from pagedllm.params import SamplingParams
 
 PromptInput = str | dict[str, Any]  # "text", {"prompt": "text"} or {"prompt_token_ids": [...]}
@@ -55,6 +57,7 @@ class ProcessedRequest:
     params: SamplingParams
     requests: list[EngineCoreRequest]  # what the engine core gets: plain data, grammars compiled there
     arrival_time: float
+    lora_request: LoRARequest | None = None
 
 
 class InputProcessor:
@@ -71,6 +74,7 @@ class InputProcessor:
         self._seed_rng = random.Random(config.seed)
         self._structured_output_manager = structured_output_manager  # else made on the first constrained request
         self._manager_lock = threading.Lock()  # the event loop and a warm-up thread may both ask first
+        self.lora_validator = LoRARequestValidator(config.model_config, config.lora_config)
 
     @property
     def structured_output_manager(self):
@@ -105,6 +109,7 @@ class InputProcessor:
         params: SamplingParams,
         arrival_time: float | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> ProcessedRequest:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -112,6 +117,7 @@ class InputProcessor:
             raise ValueError(f"priority must be an integer, got {priority!r}")
         prompt_text, prompt_token_ids = self.tokenize(prompt)
         self._validate(prompt_token_ids, params)
+        lora_request = self.lora_validator.check(lora_request)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
         requests = [
@@ -125,10 +131,12 @@ class InputProcessor:
                 priority=priority,
                 # Later sequences start from the first one's prompt blocks, shared with copy-on-write.
                 fork_source=_child_id(request_id, 0, params.n) if index > 0 else None,
+                lora_request=lora_request,
             )
             for index in range(params.n)
         ]
-        return ProcessedRequest(request_id, prompt_text, prompt_token_ids, params, requests, arrival_time)
+        return ProcessedRequest(request_id, prompt_text, prompt_token_ids, params, requests, arrival_time,
+                                lora_request)
 
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         """The prompt's text (if any) and token ids."""

@@ -17,6 +17,7 @@ from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchState, 
 from pagedllm.entrypoints.chat_utils import ChatMessages, render_chat
 from pagedllm.entrypoints.default_model import model_or_default
 from pagedllm.entrypoints.generation_config import load_generation_defaults
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import BeamSearchParams, RequestOutput, RequestOutputKind, SamplingParams
 from pagedllm.platform import set_engine_cpu_threads
 
@@ -72,18 +73,21 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate completions for every prompt; outputs come back in input order.
 
-        ``priority`` (one per prompt, lower first) matters with ``scheduling_policy="priority"``. All prompts and
-        parameters are validated before any work starts: a bad one raises ValueError and nothing of the call runs.
+        ``priority`` (one per prompt, lower first) matters with ``scheduling_policy="priority"``. ``lora_request``:
+        the adapter of every prompt, or one per prompt (None = the base model); needs ``enable_lora=True``. All
+        prompts and parameters are validated before any work starts: a bad one raises ValueError and nothing of
+        the call runs.
         """
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
         priorities = [0] * len(prompt_list) if priority is None else list(priority)
         if len(priorities) != len(prompt_list):
             raise ValueError(f"Got {len(priorities)} priorities for {len(prompt_list)} prompts")
-        return self._run(prompt_list, params_list, priorities, use_tqdm)
+        return self._run(prompt_list, params_list, priorities, use_tqdm, _per_prompt(lora_request, len(prompt_list)))
 
     def beam_search(
         self, prompts: PromptInput | Sequence[PromptInput], params: BeamSearchParams, use_tqdm: bool = False
@@ -119,14 +123,16 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to conversations, each rendered with the tokenizer's chat template."""
+        """Generate replies to conversations, each rendered with the tokenizer's chat template (``lora_request`` as
+        in ``generate``)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
             self._render_chat(c, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs)
             for c in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def _render_chat(
         self,
@@ -158,13 +164,16 @@ class LLM:
         return params_list
 
     def _run(
-        self, prompts: list[PromptInput], params_list: list[SamplingParams], priorities: list[int], use_tqdm: bool
+        self, prompts: list[PromptInput], params_list: list[SamplingParams], priorities: list[int], use_tqdm: bool,
+        lora_requests: list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         engine = self.llm_engine
         params_list = _final_only(params_list)
+        lora_requests = lora_requests or [None] * len(prompts)
         processed = [
-            engine.process_request(str(next(self._request_counter)), prompt, params, priority=priority)
-            for prompt, params, priority in zip(prompts, params_list, priorities)
+            engine.process_request(str(next(self._request_counter)), prompt, params, priority=priority,
+                                   lora_request=lora_request)
+            for prompt, params, priority, lora_request in zip(prompts, params_list, priorities, lora_requests)
         ]
         order = {p.request_id: index for index, p in enumerate(processed)}
         for request in processed:
@@ -190,6 +199,17 @@ class LLM:
                     progress.update(1)
                     progress.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):.1f} tok/s out")
         progress.close()
+
+
+def _per_prompt(lora_request: LoRARequest | Sequence[LoRARequest | None] | None, num_prompts: int
+                ) -> list[LoRARequest | None]:
+    """One adapter (or None) per prompt, from one for all or a list of one per prompt."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * num_prompts
+    requests = list(lora_request)
+    if len(requests) != num_prompts:
+        raise ValueError(f"Got {len(requests)} lora_requests for {num_prompts} prompts: pass one, or one per prompt")
+    return requests
 
 
 def _final_only(params_list: list[SamplingParams]) -> list[SamplingParams]:

@@ -63,6 +63,7 @@ class CachedRequestState:
     output_token_ids: list[int] = field(default_factory=list)
     # Under a grammar: whether the next draw is checked after it rather than masked before it (grammar_sampling).
     draw_checked: bool = False
+    lora_request: Any = None  # the request's adapter (LoRARequest), or None for the base model
     # Async scheduling: a token sampled by the step in flight, not yet on the host (0 or 1), and its row in that
     # step's sampled tensor (where the next step reads it on the device).
     num_pending: int = 0
@@ -86,6 +87,7 @@ class CachedRequestState:
             prompt_token_ids=token_ids[: data.num_prompt_tokens],
             output_token_ids=token_ids[data.num_prompt_tokens :],
             reads_output_history=data.structured_output is not None or _has_penalties(data.sampling_params),
+            lora_request=data.lora_request,
         )
 
     def append_output(self, token_id: int) -> None:
@@ -151,6 +153,7 @@ class ModelRunner:
         self.max_blocks_per_req = -(-sched.max_model_len // self.block_size)
         self.buffers = StepBuffers(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_blocks_per_req,
                                    self.device)
+        self.lora = self._make_lora_slots(config)  # None without LoRA
         # Graphs replay fixed launch shapes: only the Triton backend's kernels are built for that.
         self.use_cuda_graphs = (
             self.device.type == "cuda" and not config.enforce_eager and config.attention_backend == "triton"
@@ -173,6 +176,25 @@ class ModelRunner:
         self._num_sampling_steps = 0
         # (Waiting on it before its first record returns at once: torch creates the CUDA event when first recorded.)
         self._inputs_uploaded = torch.cuda.Event() if self.device.type == "cuda" else None
+
+    def _make_lora_slots(self, config: EngineConfig) -> Any:
+        """The adapter slot pool (``lora/slots.py``), hooked into the model's linear layers; None without LoRA."""
+        if config.lora_config is None:
+            return None
+        from pagedllm.lora.slots import LoRASlotPool
+        from pagedllm.platform import triton_ops_enabled
+
+        use_kernels = self.device.type == "cuda" and triton_ops_enabled()
+        pool = LoRASlotPool(self.model, self.model_config, config.lora_config,
+                            config.scheduler_config.max_num_batched_tokens, self.device, self.dtype, use_kernels)
+        logger.info("LoRA: %d slots of rank %d (%.2f GiB)", config.lora_config.max_loras,
+                    config.lora_config.max_lora_rank, pool.num_bytes / 2**30)
+        return pool
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Forget an unloaded adapter (its slot and CPU copy)."""
+        if self.lora is not None:
+            self.lora.remove(lora_id)
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -272,6 +294,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _capture_cuda_graphs(self) -> None:
+        if self.lora is not None:
+            self.lora.prepare_capture()  # the graphs hold the LoRA kernels, which read the slots of each replay
         pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         seconds = self._capture_decode_graphs(pool) + self._capture_mixed_graphs(pool)
         self.startup_seconds["cuda_graphs"] = seconds
@@ -532,6 +556,9 @@ class ModelRunner:
                              prompt_spans, placeholder_indices, placeholder_sources)
         buffers.input_ids.np[: inputs.num_tokens] = token_ids
         self._stage_positions_and_slots(inputs)
+        if self.lora is not None:
+            self.lora.stage_step([self.requests[req_id].lora_request for req_id in scheduler_output.num_scheduled_tokens],
+                                 query_lens)
         return inputs
 
     def _stage_positions_and_slots(self, inputs: _StepInputs) -> None:
@@ -556,6 +583,8 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Copy the staged step to the device: (input_ids, positions, metadata) for an eager forward."""
         buffers = self.buffers
+        if self.lora is not None:
+            self.lora.upload(num_tokens)
         metadata = AttentionMetadata(
             slot_mapping=buffers.slot_mapping.upload(num_tokens),
             query_start_loc=buffers.query_start_loc.upload(num_reqs + 1),
@@ -573,6 +602,8 @@ class ModelRunner:
         buffers = self.buffers
         for buffer in (buffers.input_ids, buffers.positions, buffers.slot_mapping):
             buffer.upload(padded_num_tokens)
+        if self.lora is not None:
+            self.lora.upload(padded_num_tokens)
         buffers.seq_lens.upload(padded_num_reqs)
         buffers.upload_block_tables(padded_num_reqs)
         buffers.query_start_loc.upload(padded_num_reqs + 1)
