@@ -1,0 +1,86 @@
+"""FP8 linear microbenchmark on Llama-3.1-8B's projection shapes (run on a GPU): pagedllm's FP8 path
+(``fp8_gemm.fp8_linear``: the weight-only Triton kernel at <= 16 rows, per-token quantization + ``_scaled_mm``
+above) against bf16 (``gemm.linear``: the skinny kernel at <= 16 rows, cuBLAS above), per row count M; the FP8
+kernel's achieved GB/s at M = 1; and a small sweep of its decode launch shapes (``--sweep``).
+
+Times are per call, from CUDA graphs of ``--calls`` calls over rotating weight copies (more bytes than L2 holds),
+so launch overhead is out and the weight comes from HBM as in a decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from pagedllm.model import gemm
+from pagedllm.model.quantization.fp8_gemm import fp8_linear, quantize_weight
+from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, choose_config, fp8_skinny_gemm
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+ROWS = [1, 16, 64, 256, 1024]
+NUM_COPIES = 4
+SWEEP = [Fp8GemmConfig(64, 128, s, 4, st) for s in (1, 2, 4) for st in (3, 5)] + \
+        [Fp8GemmConfig(32, 128, s, 4, 4) for s in (1, 2)] + [Fp8GemmConfig(64, 256, s, 4, 3) for s in (1, 2)]
+
+
+def time_calls(fn, num_calls: int) -> float:
+    """Microseconds per call of ``fn(i)`` replayed from one CUDA graph of ``num_calls`` calls."""
+    fn(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(num_calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1000 / num_calls)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=16)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows_out = []
+    for name, (n, k) in SHAPES.items():
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(NUM_COPIES)]
+        fp8 = [quantize_weight(w) for w in dense]
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bf16_us = time_calls(lambda i: gemm.linear(x, dense[i % NUM_COPIES]), args.calls)
+            fp8_us = time_calls(lambda i: fp8_linear(x, *fp8[i % NUM_COPIES], None, "dynamic_token"), args.calls)
+            row = {"shape": name, "n": n, "k": k, "m": m, "bf16_us": round(bf16_us, 2), "fp8_us": round(fp8_us, 2),
+                   "speedup": round(bf16_us / fp8_us, 3)}
+            if m == 1:
+                row["fp8_gb_s"] = round(n * k / fp8_us / 1e3, 1)
+                row["config"] = str(choose_config(n, k, num_sms))
+            rows_out.append(row)
+            print(json.dumps(row), flush=True)
+        if args.sweep:
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            for config in SWEEP:
+                us = time_calls(lambda i: fp8_skinny_gemm(x, *fp8[i % NUM_COPIES], None, config), args.calls)
+                sweep_row = {"shape": name, "m": 1, "config": str(config), "fp8_us": round(us, 2),
+                             "gb_s": round(n * k / us / 1e3, 1)}
+                rows_out.append(sweep_row)
+                print(json.dumps(sweep_row), flush=True)
+        del dense, fp8
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(0), "rows": rows_out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
