@@ -2,8 +2,9 @@
 
 Each attention layer holds ``k_scale`` and ``v_scale`` (0-dim float32, 1.0 by default), named as llm-compressor /
 compressed-tensors write them (``model.layers.N.self_attn.k_scale``), so a checkpoint's scales load through the
-ordinary loader; older checkpoints' ``k_proj.output_scale`` / ``v_proj.output_scale`` are renamed to them. A
-checkpoint without scales still loads (the parameters are optional there). With ``calculate_kv_scales`` the first
+ordinary loader; older checkpoints' ``k_proj.output_scale`` / ``v_proj.output_scale`` are renamed to them, and
+the query / probability scales of checkpoints made for FP8 attention math (``q_scale``, ``prob_scale``) are skipped:
+only the cache is FP8 here. A checkpoint without scales still loads (the parameters are optional there). With ``calculate_kv_scales`` the first
 step sets them from its own keys and values instead. A float cache ignores them.
 """
 
@@ -17,6 +18,7 @@ from pagedllm.model.linear import set_weight_loader
 
 # Older checkpoint names -> ours (the output scale of the k/v projection is the scale of what the cache stores).
 _RENAMES = ((".k_proj.output_scale", ".k_scale"), (".v_proj.output_scale", ".v_scale"))
+_UNUSED_SCALES = (".self_attn.q_scale", ".self_attn.prob_scale")
 
 
 def kv_scale_parameter() -> nn.Parameter:
@@ -45,8 +47,11 @@ def load_kv_scale(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = 
     param.data.copy_(value)
 
 
-def checkpoint_kv_scale_name(name: str) -> str:
-    """The parameter name of a checkpoint's KV scale under an older spelling; any other name unchanged."""
+def checkpoint_kv_scale_name(name: str) -> str | None:
+    """The parameter name of a checkpoint's KV scale under an older spelling, None for an attention scale that
+    pagedllm has no use for; any other name unchanged."""
+    if name.endswith(_UNUSED_SCALES):
+        return None
     for old, new in _RENAMES:
         if name.endswith(old):
             return name[: -len(old)] + new

@@ -166,6 +166,8 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         if _skip(name, model):
             continue
         name = checkpoint_kv_scale_name(name)  # before the fused names: "k_proj.output_scale" is no k_proj shard
+        if name is None:
+            continue
         param_name, shard_id = name, None
         for fused, part, shard in stacked:
             if part in name:
