@@ -17,6 +17,7 @@ FORBIDDEN = {
     "model": ("pagedllm.worker", "pagedllm.engine", "pagedllm.entrypoints"),
     "worker": ("pagedllm.engine", "pagedllm.entrypoints"),
     "engine": ("pagedllm.entrypoints",),
+    "lora": ("pagedllm.worker", "pagedllm.engine", "pagedllm.entrypoints", "pagedllm.core"),
     "entrypoints": ("pagedllm.worker", "pagedllm.attention"),
 }
 

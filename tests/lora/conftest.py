@@ -37,7 +37,8 @@ def make_peft_adapter(base_dir: str, out_dir: Path, seed: int, **lora_args) -> s
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+                scale = 1.0 if "lora_A" in name else 0.4  # B: a delta near half the base output, not dominating it
+                param.copy_(scale * torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
     peft_model.save_pretrained(str(out_dir))
     return str(out_dir)
 
