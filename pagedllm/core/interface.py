@@ -129,3 +129,6 @@ class SchedulerStats:
     num_shared_blocks: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # With LoRA: the names of the adapters of running / waiting requests (the labels of lora_requests_info).
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)

@@ -126,6 +126,8 @@ class Scheduler:
             num_shared_blocks=self.kv_cache_manager.pool.num_shared_blocks,
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
+            running_lora_adapters=_lora_names(self.running) if self.config.max_loras else [],
+            waiting_lora_adapters=_lora_names(self.waiting) if self.config.max_loras else [],
         )
 
     # ---- one step ------------------------------------------------------------------------------------------
@@ -535,6 +537,11 @@ class Scheduler:
 @dataclass(slots=True)
 class _Budget:
     tokens_left: int
+
+
+def _lora_names(requests: list[Request]) -> list[str]:
+    """The distinct adapter names of ``requests``, sorted."""
+    return sorted({request.lora_request.lora_name for request in requests if request.lora_request is not None})
 
 
 def _is_fresh_fork(request: Request) -> bool:

@@ -8,6 +8,7 @@ Prometheus by the server at scrape time.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import Counter as TallyCounter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -162,6 +163,7 @@ class EngineMetrics:
     request_queue_time: Histogram = field(default_factory=lambda: Histogram(_REQUEST_BUCKETS))
     iteration_tokens: Histogram = field(default_factory=lambda: Histogram(_ITERATION_TOKEN_BUCKETS))
     scheduler: SchedulerStats = field(default_factory=SchedulerStats)
+    max_loras: int = 0  # LoRA's adapter slots (0: LoRA off, no lora_requests_info)
     requests: RequestHistograms = field(init=False)
 
     def __post_init__(self) -> None:
@@ -170,7 +172,8 @@ class EngineMetrics:
     @classmethod
     def for_engine(cls, config: EngineConfig, startup_report: dict) -> EngineMetrics:
         """The metrics of an engine built from ``config``, whose start-up sized the KV cache as ``startup_report``."""
-        return cls(config.scheduler_config.max_model_len, cache_config_info(config, startup_report))
+        return cls(config.scheduler_config.max_model_len, cache_config_info(config, startup_report),
+                   max_loras=config.scheduler_config.max_loras)
 
     @property
     def num_tokens_total(self) -> int:
@@ -208,7 +211,8 @@ class EngineMetrics:
         self.finished_by_reason["abort"] += num_sequences
 
     def snapshot(self) -> list[Metric]:
-        return [*self._scheduler_metrics(), *self._token_counters(), *self._histograms(), *self._info()]
+        return [*self._scheduler_metrics(), *self._token_counters(), *self._histograms(), *self._info(),
+                *self._lora_info()]
 
     def _scheduler_metrics(self) -> list[Metric]:
         stats = self.scheduler
@@ -244,6 +248,16 @@ class EngineMetrics:
             self.iteration_tokens.metric(PREFIX + "iteration_tokens_total"),
             *self.requests.metrics(),
         ]
+
+    def _lora_info(self) -> list[Metric]:
+        """vLLM's ``lora_requests_info``: the running and waiting adapters as labels (comma-separated names), the
+        value the time of the reading (so the latest series can be picked)."""
+        if not self.max_loras:
+            return []
+        labels = {"running_lora_adapters": ",".join(self.scheduler.running_lora_adapters),
+                  "waiting_lora_adapters": ",".join(self.scheduler.waiting_lora_adapters),
+                  "max_lora": str(self.max_loras)}
+        return [Metric(PREFIX + "lora_requests_info", "gauge", time.time(), labels)]
 
     def _info(self) -> list[Metric]:
         return [Metric(PREFIX + "cache_config_info", "gauge", 1.0, dict(self.cache_info))] if self.cache_info else []

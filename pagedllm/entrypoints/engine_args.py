@@ -89,6 +89,16 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
     group.add_argument("--max-pending-grammars-per-client", type=int, default=4, metavar="N",
                        help="grammar compiles one client may have waiting; beyond, the server answers 429 "
                             "(default: 4)")
+    group.add_argument("--enable-lora", action="store_true",
+                       help="serve LoRA adapters (PEFT format) over the base model, many in one batch")
+    group.add_argument("--max-loras", type=int, default=8, metavar="N",
+                       help="with --enable-lora: distinct adapters in one step (device slots; requests of other "
+                            "adapters wait) (default: 8)")
+    group.add_argument("--max-lora-rank", type=int, default=16, metavar="R",
+                       help="with --enable-lora: the largest adapter rank accepted, a power of 2 up to 256 (every slot "
+                            "is padded to it) (default: 16)")
+    group.add_argument("--max-cpu-loras", type=int, default=None, metavar="N",
+                       help="with --enable-lora: adapters kept loaded in CPU memory, LRU (default: --max-loras)")
 
 
 # Flags whose default is "whatever the engine says": passed on only when given, so the engine's default stands.
@@ -125,6 +135,10 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         "async_scheduling": args.async_scheduling,
         "structured_outputs_compile_timeout": args.structured_outputs_compile_timeout,
         "max_pending_grammars_per_client": args.max_pending_grammars_per_client,
+        "enable_lora": args.enable_lora or bool(getattr(args, "lora_modules", None)),
+        "max_loras": args.max_loras,
+        "max_lora_rank": args.max_lora_rank,
+        "max_cpu_loras": args.max_cpu_loras,
     }
     for name in _OPTIONAL_FLAGS:
         if getattr(args, name, None) is not None:
