@@ -97,20 +97,19 @@ def sweep(name: str, n: int, k: int, weights, num_calls: int) -> list[dict]:
     for m in (1,):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         block_m = max(16, m)
-        for block_n, block_k, stages, warps in ((64, 128, 4, 4), (64, 256, 3, 4), (128, 128, 4, 4), (32, 128, 4, 4),
-                                                (64, 128, 6, 4), (128, 128, 3, 8)):
-            for split in (1, 2, 4):
-                config = W4A16Config(block_n, block_m, block_k, split, warps, stages)
+        for block_n, stages, warps in ((64, 4, 4), (64, 6, 4), (128, 4, 4), (32, 4, 4), (128, 3, 8)):
+            for split in (1, 2, 4, 8):
+                config = W4A16Config(block_n, block_m, split, warps, stages)
                 try:
                     t = time_calls(lambda i: w4a16_linear(x, weights[i % NUM_COPIES], config=config), num_calls)
                 except Exception as exc:  # noqa: BLE001 - out of shared memory etc.: skip the shape
                     print(f"  sweep {name} M={m} {config}: {type(exc).__name__}")
                     continue
-                out.append(dict(shape=name, rows=m, sweep=True, block_n=block_n, block_k=block_k, stages=stages,
+                out.append(dict(shape=name, rows=m, sweep=True, block_n=block_n, stages=stages,
                                 warps=warps, split_k=split, us=t))
         best = sorted((r for r in out if r["shape"] == name and r["rows"] == m), key=lambda r: r["us"])[:3]
         for r in best:
-            print(f"  sweep {name} M={m}: {r['us']:.1f} us  bn={r['block_n']} bk={r['block_k']} "
+            print(f"  sweep {name} M={m}: {r['us']:.1f} us  bn={r['block_n']} "
                   f"st={r['stages']} w={r['warps']} split={r['split_k']}")
     return out
 

@@ -5,11 +5,12 @@ dequantized in registers.
 One kernel serves decode and prefill shapes. Each program owns ``BLOCK_N`` rows of W, ``BLOCK_M`` rows of x and a
 slice of K, and computes the transposed tile ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T`` with ``tl.dot`` (as the
 dense skinny GEMM does, ``model/skinny_gemm.py``): the dequantized weight is the dot's first operand, which Hopper's
-MMA can take straight from registers, and x's rows, padded to 16, are the second. Each K step loads
-[BLOCK_N, BLOCK_K / 8] int32 words (whole rows' bytes, contiguous), splits every word into its 8 nibbles, and
-applies ``(q - zero) * scale`` in float32 with the group's scale (one group per tile when the group is at least
-``BLOCK_K`` wide, else ``BLOCK_K / group`` groups per tile). With act-order the kernel reads x's column
-``perm[k]`` for its column k, so the sorted groups stay contiguous at no extra launch.
+MMA can take straight from registers, and x's rows, padded to 16, are the second. Each K step loads one canonical
+tile, [BLOCK_N, 16] int32 words (64 contiguous bytes per row); nibble i of those words is the 16 contiguous columns
+``16 i ...`` of the tile, so eight shifts give eight [BLOCK_N, 16] operands with no data moved between threads,
+each dequantized as ``(q - zero) * scale`` in float32 with its group's scale (a 16-column slice never straddles
+groups) and fed to its own dot. With act-order the kernel reads x's column ``perm[k]`` for its column k, so the
+sorted groups stay contiguous at no extra launch.
 
 At batch 1..16 the layer is one pass over its 4-bit weight, a quarter of the bf16 bytes, so the grid needs many
 programs in flight: when W has too few row blocks for the SMs, K is split, and the last program of a row block to
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pagedllm.model.quantization.int4 import Int4Weight
+from pagedllm.model.quantization.int4 import TILE_K, Int4Weight
 
 DEQUANT_MIN_ROWS = 256  # from this many rows of x on, dequantize + cuBLAS (module docstring)
 _MAX_ROW_BLOCKS_SPLIT = 4096  # counters per device for split launches
@@ -40,51 +41,47 @@ _MAX_ROW_BLOCKS_SPLIT = 4096  # counters per device for split launches
 
 @dataclass(frozen=True)
 class W4A16Config:
-    """Launch shape: rows of W and of x per program, K per loop step, K slices, warps and pipeline depth."""
+    """Launch shape: rows of W and of x per program, K slices, warps and pipeline depth (K advances one canonical
+    tile of 128 columns per loop step)."""
 
     block_n: int
     block_m: int
-    block_k: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
 
 
 @triton.jit
-def _dequantize_tile(
-    qw_ptr, scales_ptr, zeros_ptr, rows, kk, K, group_size, num_groups, stride_qn, stride_sn, stride_zn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    EVEN_K: tl.constexpr, DTYPE: tl.constexpr,
+def _dequantize_slice(
+    packed, scales_ptr, zeros_ptr, rows, col_start, group_size, num_groups, stride_sn, stride_zn, SLICE: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """W[rows, kk : kk + BLOCK_K] as [BLOCK_N, BLOCK_K] in DTYPE. GROUP_SIZE 0: the tile lies in one group
-    (``group_size`` wide, a multiple of BLOCK_K, or the only group); else the tile spans BLOCK_K / GROUP_SIZE."""
-    offs_w = kk // 8 + tl.arange(0, BLOCK_K // 8)
-    w_ptrs = qw_ptr + rows[:, None] * stride_qn + offs_w[None, :]
-    if EVEN_K:
-        packed = tl.load(w_ptrs)
+    """Columns ``col_start .. + 16`` of W's rows from a [BLOCK_N, 16] block of canonical words (their nibble
+    SLICE), as [BLOCK_N, 16] in DTYPE. A slice never straddles two groups (groups are multiples of 16 wide, or
+    one); past K (a padded tile) the group is clamped so that the scale read is finite."""
+    q = ((packed >> (4 * SLICE)) & 0xF).to(tl.float32)
+    group = tl.minimum(col_start // group_size, num_groups - 1)
+    scale = tl.load(scales_ptr + rows * stride_sn + group).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + rows * stride_zn + group).to(tl.float32)
     else:
-        packed = tl.load(w_ptrs, mask=offs_w[None, :] < K // 8, other=0)
-    shifts = tl.arange(0, 8) * 4
-    q = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)
-    if GROUP_SIZE == 0:
-        # Clamped: past K (a ragged last tile) the weights read as 0 and x as 0, but the scale must be finite.
-        group = tl.minimum(kk // group_size, num_groups - 1)
-        scale = tl.load(scales_ptr + rows * stride_sn + group).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + rows * stride_zn + group).to(tl.float32)
-        else:
-            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-        w = (tl.reshape(q, (BLOCK_N, BLOCK_K)) - zero[:, None]) * scale[:, None]
+        zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+    return ((q - zero[:, None]) * scale[:, None]).to(DTYPE)
+
+
+@triton.jit
+def _input_slice(x_ptr, perm_ptr, x_rows, num_rows, col_start, K, stride_xm, HAS_PERM: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """x's columns ``col_start .. + 16`` (through ``perm`` with act-order), transposed: [16, BLOCK_M]."""
+    offs_k = col_start + tl.arange(0, 16)
+    mask = x_rows < num_rows
+    if not EVEN_K:
+        mask = mask & (offs_k[:, None] < K)
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
     else:
-        groups = tl.minimum(kk // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE), num_groups - 1)
-        scale = tl.load(scales_ptr + rows[:, None] * stride_sn + groups[None, :]).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + rows[:, None] * stride_zn + groups[None, :]).to(tl.float32)
-        else:
-            zero = tl.full((BLOCK_N, BLOCK_K // GROUP_SIZE), 8.0, tl.float32)
-        q = tl.reshape(q, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
-        w = tl.reshape((q - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
-    return w.to(DTYPE)
+        cols = offs_k
+    return tl.load(x_ptr + x_rows * stride_xm + cols[:, None], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -100,10 +97,9 @@ def _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om
 @triton.jit(do_not_specialize=["num_rows"])
 def _w4a16_gemm_kernel(
     x_ptr, perm_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
-    num_rows, N, K, k_per_split, group_size, num_groups, stride_xm, stride_qn, stride_sn, stride_zn, stride_om,
+    num_rows, N, K, padded_k, k_per_split, group_size, num_groups, stride_xm, stride_qn, stride_sn, stride_zn, stride_om,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
-    EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (row block of W, row block of x, K slice): one partial product; with IS_SPLIT (a single row block
     of x) the last K slice to arrive sums them all in split order."""
@@ -117,20 +113,17 @@ def _w4a16_gemm_kernel(
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_start = split * k_per_split
-    for k in range(0, k_per_split, BLOCK_K):
-        kk = k_start + k
-        w = _dequantize_tile(qw_ptr, scales_ptr, zeros_ptr, rows, kk, K, group_size, num_groups, stride_qn,
-                             stride_sn, stride_zn, BLOCK_N, BLOCK_K, GROUP_SIZE, HAS_ZEROS, EVEN_K, dtype)
-        offs_k = kk + tl.arange(0, BLOCK_K)
-        x_mask = x_rows < num_rows
-        if not EVEN_K:
-            x_mask = x_mask & (offs_k[:, None] < K)
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
-        else:
-            cols = offs_k
-        x = tl.load(x_ptr + x_rows * stride_xm + cols[:, None], mask=x_mask, other=0.0)
-        acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+    k_stop = tl.minimum(k_per_split, padded_k - k_start)  # the last slice may be shorter
+    w_ptrs = qw_ptr + rows[:, None] * stride_qn + (k_start // 8 + tl.arange(0, 16))[None, :]
+    for k in range(0, k_stop, 128):
+        packed = tl.load(w_ptrs)  # one canonical tile: 16 words per row (the K padding makes it always whole)
+        for i in tl.static_range(8):
+            col_start = k_start + k + 16 * i
+            w = _dequantize_slice(packed, scales_ptr, zeros_ptr, rows, col_start, group_size, num_groups, stride_sn,
+                                  stride_zn, i, BLOCK_N, HAS_ZEROS, dtype)
+            x = _input_slice(x_ptr, perm_ptr, x_rows, num_rows, col_start, K, stride_xm, HAS_PERM, EVEN_K)
+            acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+        w_ptrs += 16
     if IS_SPLIT:
         num_splits = tl.num_programs(2)
         tile = offs_n[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
@@ -151,18 +144,20 @@ def _w4a16_gemm_kernel(
 @triton.jit
 def _dequantize_kernel(
     qw_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, group_size, num_groups, stride_qn, stride_sn, stride_zn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr,
 ):
-    """Program (row block, K block): W's tile dequantized into ``out`` [N, K]."""
+    """Program (row block, canonical tile): W's 128 columns of the tile dequantized into ``out`` [N, K]."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = tl.program_id(1) * BLOCK_K
+    tile = tl.program_id(1)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    w = _dequantize_tile(qw_ptr, scales_ptr, zeros_ptr, rows, kk, K, group_size, num_groups, stride_qn, stride_sn,
-                         stride_zn, BLOCK_N, BLOCK_K, GROUP_SIZE, HAS_ZEROS, EVEN_K, out_ptr.dtype.element_ty)
-    offs_k = kk + tl.arange(0, BLOCK_K)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w, mask=mask)
+    packed = tl.load(qw_ptr + rows[:, None] * stride_qn + tile * 16 + tl.arange(0, 16)[None, :])
+    for i in tl.static_range(8):
+        col_start = tile * 128 + 16 * i
+        w = _dequantize_slice(packed, scales_ptr, zeros_ptr, rows, col_start, group_size, num_groups, stride_sn,
+                              stride_zn, i, BLOCK_N, HAS_ZEROS, out_ptr.dtype.element_ty)
+        offs_k = col_start + tl.arange(0, 16)
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w, mask=mask)
 
 
 @functools.cache
@@ -180,21 +175,18 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
 def choose_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
     """A launch shape for x [num_rows, k] times W [n, k] on a device of ``num_sms`` SMs.
 
-    Decode-sized x (<= 64 rows) is one row block, padded to a power of two >= 16; K is split until about two
-    programs per SM stream the weight (int4 rows carry a quarter of bf16's bytes, so more programs are needed in
-    flight than for the bf16 skinny GEMM). More rows: square-ish 128-wide tiles, no split.
+    Decode-sized x (<= 64 rows) is one row block, padded to a power of two >= 16; K is split until about four
+    programs per SM stream the weight (int4 rows carry a quarter of bf16's bytes, so more programs must be in
+    flight than for the bf16 skinny GEMM), each slice at least two tiles long. More rows: 128 x 64/128 tiles.
     """
     if num_rows > 64:
-        return W4A16Config(block_n=128, block_m=64 if num_rows <= 128 else 128, block_k=64, num_warps=8,
-                           num_stages=3)
+        return W4A16Config(block_n=128, block_m=64 if num_rows <= 128 else 128, num_warps=8, num_stages=3)
     block_m = max(16, triton.next_power_of_2(num_rows))
-    block_k = 128 if k >= 128 else max(32, triton.next_power_of_2(k))
     row_blocks = triton.cdiv(n, 64)
-    k_steps = triton.cdiv(k, block_k)
-    wanted = max(1, min(triton.cdiv(2 * num_sms, row_blocks), k_steps // 2))
-    # Slices of equal whole K steps where possible: the kernel then needs no K mask.
-    split_k = max(d for d in range(1, wanted + 1) if k_steps % d == 0)
-    return W4A16Config(block_n=64, block_m=block_m, block_k=block_k, split_k=split_k, num_warps=4,
+    tiles = triton.cdiv(k, TILE_K)
+    wanted = max(1, min(triton.cdiv(4 * num_sms, row_blocks), tiles // 2))
+    split_k = max(d for d in range(1, wanted + 1) if tiles % d == 0)  # equal slices where possible
+    return W4A16Config(block_n=64, block_m=block_m, split_k=split_k, num_warps=4,
                        num_stages=4 if block_m <= 32 else 3)
 
 
@@ -203,7 +195,7 @@ def w4a16_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None 
     """``x W^T + bias`` for x [..., K] (half precision on CUDA; float32 in the interpreter) and W in the canonical
     int4 layout; a new tensor [..., N] in x's dtype. ``config`` / ``dequant_min_rows`` override the choices
     (tests, tuning)."""
-    n, k = weight.qweight.shape[0], weight.qweight.shape[1] * 8
+    n, k = weight.qweight.shape[0], weight.input_size
     x2d = x.reshape(-1, k)
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     num_rows = x2d.shape[0]
@@ -221,56 +213,42 @@ def w4a16_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None 
 
 def dequantize_int4(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in ``dtype`` (columns in the kernel's order), by one Triton launch."""
-    n, k = weight.qweight.shape[0], weight.qweight.shape[1] * 8
+    n, k = weight.qweight.shape[0], weight.input_size
     out = torch.empty((n, k), dtype=dtype, device=weight.qweight.device)
-    block_n, block_k = 64, 128 if k >= 128 else max(32, triton.next_power_of_2(k))
-    group_constexpr, num_groups = _group_args(weight, block_k)
+    block_n = 64
     zeros = weight.zeros if weight.zeros is not None else weight.scales
-    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        weight.qweight, weight.scales, zeros, out, n, k, weight.group_size, num_groups, weight.qweight.stride(0),
-        weight.scales.stride(0), zeros.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE=group_constexpr, HAS_ZEROS=weight.zeros is not None,
-        EVEN_K=k % block_k == 0, num_warps=4,
+    _dequantize_kernel[(triton.cdiv(n, block_n), weight.qweight.shape[1] // 16)](
+        weight.qweight, weight.scales, zeros, out, n, k, weight.group_size, weight.scales.shape[1],
+        weight.qweight.stride(0), weight.scales.stride(0), zeros.stride(0),
+        BLOCK_N=block_n, HAS_ZEROS=weight.zeros is not None, num_warps=4,
     )
     return out
-
-
-def _group_args(weight: Int4Weight, block_k: int) -> tuple[int, int]:
-    """The kernel's GROUP_SIZE (0 when every K tile lies in one group) and the number of groups."""
-    num_groups = weight.scales.shape[1]
-    if num_groups == 1 or weight.group_size % block_k == 0:
-        return 0, num_groups
-    if block_k % weight.group_size:
-        raise ValueError(f"W4A16 kernel: group size {weight.group_size} and K tile {block_k} do not nest")
-    return weight.group_size, num_groups
 
 
 def _launch_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
                  config: W4A16Config) -> None:
     num_rows, k = x.shape
-    n = out.shape[1]
+    n, padded_k = out.shape[1], weight.qweight.shape[1] * 8
     row_blocks = triton.cdiv(n, config.block_n)
     m_blocks = triton.cdiv(num_rows, config.block_m)
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
-    num_splits = triton.cdiv(k, k_per_split)
+    k_per_split = triton.cdiv(triton.cdiv(padded_k, config.split_k), TILE_K) * TILE_K
+    num_splits = triton.cdiv(padded_k, k_per_split)
     is_split = num_splits > 1 and m_blocks == 1 and row_blocks <= _MAX_ROW_BLOCKS_SPLIT
     if is_split:
         partials = torch.empty((num_splits, row_blocks * config.block_n, config.block_m), dtype=torch.float32,
                                device=x.device)
         arrivals = _arrival_counters(x.device)
     else:
-        num_splits, k_per_split = 1, triton.cdiv(k, config.block_k) * config.block_k
+        num_splits, k_per_split = 1, padded_k
         partials = arrivals = out  # placeholders, never touched
-    group_constexpr, num_groups = _group_args(weight, config.block_k)
     zeros = weight.zeros if weight.zeros is not None else weight.scales  # placeholder when symmetric
     _w4a16_gemm_kernel[(row_blocks, m_blocks, num_splits)](
         x, weight.perm if weight.perm is not None else x, weight.qweight, weight.scales, zeros,
         bias if bias is not None else out, out, partials, arrivals,
-        num_rows, n, k, k_per_split, weight.group_size, num_groups, x.stride(0), weight.qweight.stride(0),
-        weight.scales.stride(0), zeros.stride(0), out.stride(0),
+        num_rows, n, k, padded_k, k_per_split, weight.group_size, weight.scales.shape[1], x.stride(0),
+        weight.qweight.stride(0), weight.scales.stride(0), zeros.stride(0), out.stride(0),
         HAS_PERM=weight.perm is not None, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        IS_SPLIT=is_split, EVEN_K=k == num_splits * k_per_split, GROUP_SIZE=group_constexpr,
-        BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
+        IS_SPLIT=is_split, EVEN_K=k == padded_k, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

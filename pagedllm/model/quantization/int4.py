@@ -4,9 +4,12 @@ the ``LinearMethod`` base the three formats subclass.
 
 The canonical layout of a layer W [N, K] (``Int4Weight``):
 
-- ``qweight`` int32 [N, K / 8]: unsigned 4-bit values along K, value ``8 j + i`` of a row in bits ``4 i`` of word
-  ``j`` (compressed-tensors' own packing). A row's 64 bytes per 128 columns are contiguous, so a GEMM program that
-  owns a block of output rows streams whole cache lines of it.
+- ``qweight`` int32 [N, Kp / 8], K padded to a multiple of ``TILE_K`` (128) with zeros: unsigned 4-bit values,
+  tiled along K so that a tile unpacks without moving values between threads. Word ``w`` (0..15) of a row's tile
+  ``t`` holds, in bits ``4 i``, column ``128 t + 16 i + w``: shifting a [rows, 16] block of words right by ``4 i``
+  gives the contiguous columns ``128 t + 16 i ...`` as one [rows, 16] operand of a dot. (A plain sequential
+  packing needs a [rows, 16, 8] -> [rows, 128] reshape in the kernel, which Triton lowers through a layout
+  conversion: that ran at ~0.1-0.6 TB/s on an H200, benchmarks/h200/issue16-w4a16.)
 - ``scales`` [N, G] and ``zeros`` uint8 [N, G] (None for a symmetric scheme: zero ``2^(bits-1)``), group ``g``
   covering kernel columns ``g * group_size ...``; ``W[n, k] = (q - zero) * scale`` computed in float32.
 - ``perm`` int64 [K] or None: act-order (GPTQ ``desc_act``, compressed-tensors ``actorder: group``) stores groups
@@ -28,6 +31,8 @@ from torch import nn
 from pagedllm.model.quantization.base import DummyInit, LinearMethod, replace_param
 
 PACK_FACTOR = 8  # 4-bit values per int32
+TILE_K = 128  # columns per tile of the canonical layout (module docstring)
+_WORDS_PER_TILE = TILE_K // PACK_FACTOR
 SUPPORTED_BITS = (4,)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 _SHIFTS = tuple(range(0, 32, 4))
@@ -83,6 +88,23 @@ def pack_rows(values: torch.Tensor) -> torch.Tensor:
     return pack_cols(values.t().contiguous()).t().contiguous()
 
 
+def pack_tiled(values: torch.Tensor) -> torch.Tensor:
+    """int [N, K] of 0..15 -> the canonical int32 [N, Kp / 8] (K padded with zeros to a multiple of TILE_K)."""
+    n, k = values.shape
+    padded = F.pad(values.to(torch.int32), (0, -k % TILE_K))
+    # [N, tile, i, w] (column 128 t + 16 i + w) -> [N, tile, w, i]: sequential packing then puts column
+    # 128 t + 16 i + w in word 16 t + w, bits 4 i.
+    tiles = padded.reshape(n, -1, PACK_FACTOR, _WORDS_PER_TILE).transpose(2, 3)
+    return pack_cols(tiles.reshape(n, -1))
+
+
+def unpack_tiled(qweight: torch.Tensor, input_size: int) -> torch.Tensor:
+    """The inverse of ``pack_tiled``: int32 [N, input_size] of 0..15."""
+    n = qweight.shape[0]
+    tiles = unpack_cols(qweight).reshape(n, -1, _WORDS_PER_TILE, PACK_FACTOR).transpose(2, 3)
+    return tiles.reshape(n, -1)[:, :input_size]
+
+
 # -- the canonical layout -------------------------------------------------------------------------------------------
 
 
@@ -107,6 +129,7 @@ class Int4Weight:
     zeros: torch.Tensor | None
     perm: torch.Tensor | None
     group_size: int  # columns per group, K for one group
+    input_size: int  # K (qweight's columns are padded to a multiple of TILE_K)
 
 
 def to_canonical(ckpt: Int4Checkpoint, scale_dtype: torch.dtype, where: str) -> Int4Weight:
@@ -121,7 +144,7 @@ def to_canonical(ckpt: Int4Checkpoint, scale_dtype: torch.dtype, where: str) -> 
     perm = _act_order_perm(ckpt.g_idx, group_size, groups, where)
     q = ckpt.q if perm is None else ckpt.q[:, perm]
     zeros = None if ckpt.zeros is None else ckpt.zeros.to(torch.uint8)
-    return Int4Weight(pack_cols(q), ckpt.scales.to(scale_dtype).contiguous(), zeros, perm, group_size)
+    return Int4Weight(pack_tiled(q), ckpt.scales.to(scale_dtype).contiguous(), zeros, perm, group_size, k)
 
 
 def _act_order_perm(g_idx: torch.Tensor | None, group_size: int, groups: int, where: str) -> torch.Tensor | None:
@@ -145,7 +168,7 @@ def _act_order_perm(g_idx: torch.Tensor | None, group_size: int, groups: int, wh
 
 def dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in ``dtype``, columns in the kernel's (sorted) order: ``(q - zero) * scale`` in float32."""
-    q = unpack_cols(weight.qweight).float()
+    q = unpack_tiled(weight.qweight, weight.input_size).float()
     n, k = q.shape
     zeros = 8.0 if weight.zeros is None else weight.zeros.float().repeat_interleave(weight.group_size, dim=1)
     scales = weight.scales.float().repeat_interleave(weight.group_size, dim=1)
@@ -173,7 +196,8 @@ def torch_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None)
 
 def layer_weight(layer: nn.Module) -> Int4Weight:
     """The canonical weight stored on ``layer`` by ``Int4LinearMethod.process_weights_after_loading``."""
-    return Int4Weight(layer.qweight, layer.scales, layer.zeros, layer.perm, layer.int4_group_size)
+    return Int4Weight(layer.qweight, layer.scales, layer.zeros, layer.perm, layer.int4_group_size,
+                      layer.int4_input_size)
 
 
 def store_weight(layer: nn.Module, weight: Int4Weight, checkpoint_params: tuple[str, ...]) -> None:
@@ -192,6 +216,7 @@ def store_weight(layer: nn.Module, weight: Int4Weight, checkpoint_params: tuple[
         else:
             layer.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
     layer.int4_group_size = weight.group_size
+    layer.int4_input_size = weight.input_size
 
 
 class Int4LinearMethod(LinearMethod):
