@@ -19,7 +19,7 @@ from pagedllm.model.quantization.int4 import Int4Checkpoint, to_canonical
 from pagedllm.model.w4a16_kernel import W4A16Config, choose_config, dequantize_int4, w4a16_linear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-ROWS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096]
+ROWS = [1, 4, 16, 64, 128, 256, 1024]
 NUM_COPIES = 4
 
 
