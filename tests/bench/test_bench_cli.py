@@ -28,6 +28,7 @@ def _run(argv: list[str], path) -> dict:
     return record
 
 
+@pytest.mark.slow
 def test_throughput_with_hf_baselines(bench_model_dir, tmp_path):
     record = _run(["throughput", "--model", bench_model_dir, "--workload", "random", "--num-prompts", "3",
                    "--input-len", "12", "--output-len", "5", "--compare", "hf", "--disable-tqdm"],
@@ -65,6 +66,7 @@ def test_throughput_on_cpu_sizes_the_context_to_the_workload(bench_model_dir, tm
     assert record["config"]["max_model_len"] == 64 and record["output_tokens"] == 10
 
 
+@pytest.mark.slow
 def test_latency_with_hf_generate(bench_model_dir, tmp_path):
     record = _run(["latency", "--model", bench_model_dir, "--batch-size", "2", "--input-len", "8", "--output-len",
                    "4", "--num-iters-warmup", "1", "--num-iters", "2", "--compare", "hf-static"],

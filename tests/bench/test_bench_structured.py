@@ -27,6 +27,7 @@ def model_and_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, 
     return model_dir, tokenizer_dir
 
 
+@pytest.mark.slow
 def test_structured_fraction_end_to_end(model_and_tokenizer, tmp_path):
     model_dir, tokenizer_dir = model_and_tokenizer
     path = tmp_path / "structured.json"

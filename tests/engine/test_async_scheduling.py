@@ -121,6 +121,7 @@ def test_preemption_matches_the_synchronous_loop(tokenized_llama_dir, preemption
             assert llm.llm_engine.engine_core.scheduler.num_swap_preemptions_total > 0
 
 
+@pytest.mark.slow
 def test_structured_outputs_match_the_synchronous_loop(tokenized_llama_dir):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     constrained = [

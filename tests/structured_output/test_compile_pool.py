@@ -38,6 +38,7 @@ def manager(tokenizer):
     manager.shutdown()
 
 
+@pytest.mark.slow
 def test_slow_grammar_is_killed_at_its_deadline_while_a_cheap_one_compiles(manager):
     pids_before = manager.pool.worker_pids()
     start = time.monotonic()
@@ -72,6 +73,7 @@ def test_ready_workers_yield_the_cpu(manager):
         assert os.getpriority(os.PRIO_PROCESS, pid) == WORKER_NICENESS
 
 
+@pytest.mark.slow
 def test_a_cheap_grammar_takes_the_spare_while_every_worker_compiles_a_slow_one(tokenizer):
     manager = StructuredOutputManager(tokenizer, 320, [tokenizer.eos_token_id], compile_timeout_s=8)
     try:
@@ -95,6 +97,7 @@ def test_a_killed_workers_place_is_taken_by_the_ready_spare(manager):
     assert time.monotonic() - start < 2.0  # the spare, not a fresh worker (~5 s of CPU to start)
 
 
+@pytest.mark.slow
 def test_the_pool_shrinks_back_when_idle(manager):
     backend = manager.backend
     pool = CompilePool(backend.worker_setup, backend.worker_payload(), backend.load_compiled, num_workers=1,
@@ -136,6 +139,7 @@ def test_pending_compiles_are_bounded_per_client(manager):
     assert manager.prepare(StructuredOutputsParams(regex="a[0-9]+"), client_id="a").result(timeout=30)
 
 
+@pytest.mark.slow
 def test_cache_is_an_lru_bounded_by_bytes(tokenizer):
     manager = StructuredOutputManager(tokenizer, 320, [tokenizer.eos_token_id])
     try:
@@ -156,6 +160,7 @@ def test_cache_is_an_lru_bounded_by_bytes(tokenizer):
         manager.shutdown()
 
 
+@pytest.mark.slow
 def test_shutdown_abandons_compiles_within_a_second(tokenizer):
     manager = StructuredOutputManager(tokenizer, 320, [tokenizer.eos_token_id], compile_timeout_s=60)
     manager.prepare(StructuredOutputsParams(json_object=True)).result(timeout=120)

@@ -26,6 +26,7 @@ def _no_blocks_in_use(engine_core) -> bool:
             and scheduler.kv_cache_manager.num_free_blocks == engine_core.num_blocks)
 
 
+@pytest.mark.slow
 def test_offline_compile_timeout_fails_only_its_request(llm: LLM, monkeypatch: pytest.MonkeyPatch):
     engine = llm.llm_engine
     short_compile_timeout(engine.input_processor.structured_output_manager, monkeypatch)

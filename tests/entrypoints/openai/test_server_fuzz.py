@@ -124,6 +124,7 @@ def test_every_served_route_is_fuzzed(served_schema):
     assert served <= set(OPERATIONS), f"add these routes to OPERATIONS: {sorted(served - set(OPERATIONS))}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
 def test_fuzz_no_5xx_and_responses_match_the_schema(server, fuzz_schema, served_schema, method, path, mode):

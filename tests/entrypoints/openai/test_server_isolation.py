@@ -237,6 +237,7 @@ def wait_for_warm_compile_workers(server: RemoteServer, timeout_s: float = 120.0
     pytest.fail(f"the server's compile workers did not settle in {timeout_s:g} s: {last}")
 
 
+@pytest.mark.slow
 def test_slow_grammar_compiles_do_not_freeze_other_clients(server):
     if compile_timeout_flag() is None:
         pytest.fail("`pagedllm serve` has no compile-timeout flag yet: the test needs a short compile deadline")

@@ -137,6 +137,7 @@ def test_n_greedy_choices_through_the_server(client):
     assert texts[0] == texts[1] == completion.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_tool_choice_auto_needs_the_flag(server_model_dir, tmp_path):
     """Without --enable-auto-tool-choice, tools with tool_choice "auto" (or none given) are a 400 saying so, as in
     vLLM; named and "required" choices still work."""

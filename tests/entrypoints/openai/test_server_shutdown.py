@@ -12,6 +12,7 @@ import pytest
 from tests.entrypoints.openai.conftest import ENGINE_FLAGS, RemoteServer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_streaming_exits_zero(server_model_dir, tmp_path, signum):
     remote = RemoteServer(server_model_dir, [*ENGINE_FLAGS, "--graceful-shutdown-timeout", "1"], tmp_path)
