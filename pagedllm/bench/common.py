@@ -43,9 +43,10 @@ def check_vocab(workload: Workload, model_config: ModelConfig) -> None:
                          f"{model_config.model} ({model_config.vocab_size} ids)")
 
 
-def model_bytes(model_config: ModelConfig) -> dict[str, int]:
+def model_bytes(model_config: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, int]:
+    """Bytes a step reads: the weights, and K/V per context token in the cache's dtype (half with FP8)."""
     return {"weight_bytes_per_step": weight_bytes_per_step(model_config),
-            "kv_bytes_per_token": model_config.kv_bytes_per_token}
+            "kv_bytes_per_token": model_config.kv_bytes_per_token_in(kv_cache_dtype)}
 
 
 def resolved_model_config(model_dir: str, args: argparse.Namespace, device: str) -> ModelConfig:
