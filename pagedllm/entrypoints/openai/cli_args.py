@@ -9,8 +9,16 @@ from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MO
 from pagedllm.entrypoints.engine_args import add_engine_args
 from pagedllm.entrypoints.generation_config import DEFAULT_SERVING_MAX_TOKENS
 from pagedllm.entrypoints.openai.limits import add_limit_args
+from pagedllm.entrypoints.openai.lora_modules import LoRAModulePath, parse_lora_module
 from pagedllm.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
+
+
+def _lora_module(text: str) -> LoRAModulePath:
+    try:
+        return parse_lora_module(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _origins(text: str) -> list[str]:
@@ -46,6 +54,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="model name(s) clients use in 'model'; the first is reported in responses (default: "
                              f"MODEL as given, or {DEFAULT_MODEL_NAME} for the default model)")
+    server.add_argument("--lora-modules", type=_lora_module, nargs="+", default=None, metavar="NAME=PATH",
+                        help="LoRA adapters to serve (implies --enable-lora): name=path, or JSON "
+                             "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; a request's 'model' picks "
+                             "one by name")
     server.add_argument("--allowed-origins", type=_origins, default=None, metavar="ORIGINS",
                         help="comma-separated origins allowed by CORS, e.g. 'https://a.example,https://b.example' or "
                              "'*' (default: CORS off)")

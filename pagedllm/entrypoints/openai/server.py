@@ -17,13 +17,13 @@ from http import HTTPStatus
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic_core import from_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pagedllm import __version__
-from pagedllm.config import log_stats_interval_from_env, server_api_key_from_env
+from pagedllm.config import log_stats_interval_from_env, runtime_lora_updating_allowed, server_api_key_from_env
 from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from pagedllm.entrypoints.chat_utils import load_chat_template
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
@@ -45,6 +45,12 @@ from pagedllm.entrypoints.openai.http_guards import (
     server_draining,
 )
 from pagedllm.entrypoints.openai.limits import RequestLimits
+from pagedllm.entrypoints.openai.lora_modules import (
+    LoadLoRAAdapterRequest,
+    LoRAModulePath,
+    ServedLoRAs,
+    UnloadLoRAAdapterRequest,
+)
 from pagedllm.entrypoints.openai.metrics import build_registry, render_metrics
 from pagedllm.entrypoints.openai.openapi import install_openapi
 from pagedllm.entrypoints.openai.protocol import (
@@ -93,6 +99,8 @@ class ServerConfig:
     auto_tool_parser: str | None = None  # --tool-call-parser, with --enable-auto-tool-choice (None: "auto" refused)
     root_path: str = ""  # the path prefix a proxy serves this server under (--root-path)
     log_stats_interval_s: float | None = None  # seconds between stats lines; None: none (--disable-log-stats)
+    lora_modules: tuple[LoRAModulePath, ...] = ()  # --lora-modules: adapters served by name from the start
+    allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, engine: AsyncEngine) -> ServerConfig:
@@ -110,6 +118,8 @@ class ServerConfig:
             auto_tool_parser=args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None,
             root_path=getattr(args, "root_path", None) or "",
             log_stats_interval_s=None if getattr(args, "disable_log_stats", True) else log_stats_interval_from_env(),
+            lora_modules=tuple(getattr(args, "lora_modules", None) or ()),
+            allow_runtime_lora_updating=runtime_lora_updating_allowed(),
         )
 
 
@@ -125,7 +135,7 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     max_model_len = engine.config.scheduler_config.max_model_len
     ctx = ServingContext(
         engine=engine,
-        models=ServedModels(config.served_model_names, max_model_len),
+        models=ServedModels(config.served_model_names, max_model_len, _served_loras(engine, config)),
         tokenizer=engine.tokenizer,
         max_model_len=max_model_len,
         vocab_size=engine.model_config.vocab_size,
@@ -167,8 +177,24 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     app.include_router(_metrics_routes(registry), dependencies=key_check if config.metrics_require_api_key else [])
     app.include_router(_tokenizer_routes(ctx), dependencies=key_check)  # they do work: keyed like /v1
     app.include_router(_v1_routes(ctx), dependencies=key_check)
+    if config.allow_runtime_lora_updating and ctx.models.loras is not None:
+        app.include_router(_lora_routes(ctx.models.loras), dependencies=key_check)
     install_openapi(app)
     return app
+
+
+def _served_loras(engine: AsyncEngine, config: ServerConfig) -> ServedLoRAs | None:
+    """The adapters served by name (those of --lora-modules, each validated now: a bad one stops the start), or
+    None when the engine has no LoRA."""
+    if engine.config.lora_config is None:
+        return None
+    loras = ServedLoRAs(engine.engine.input_processor.lora_validator.check, config.served_model_names)
+    for module in config.lora_modules:
+        try:
+            loras.add(module.name, module.path, module.base_model_name)
+        except OpenAIError as exc:
+            raise ValueError(f"--lora-modules {module.name}: {exc.message}") from None
+    return loras
 
 
 def _start_stats_logger(engine: AsyncEngine, interval_s: float | None) -> asyncio.Task | None:
@@ -261,6 +287,25 @@ def _tokenizer_routes(ctx: ServingContext) -> APIRouter:
     async def detokenize(raw_request: Request) -> Response:
         request = await parse_body(raw_request, DetokenizeRequest)
         return json_response(await tokenization.detokenize(request))
+
+    return router
+
+
+def _lora_routes(loras: ServedLoRAs) -> APIRouter:
+    """Adapters loaded and unloaded at run time (only with PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING, as vLLM's)."""
+    router = APIRouter(prefix="/v1")
+
+    @router.post("/load_lora_adapter")
+    async def load_lora_adapter(raw_request: Request) -> Response:
+        request = await parse_body(raw_request, LoadLoRAAdapterRequest)
+        await loras.add_off_loop(request.lora_name, request.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+    @router.post("/unload_lora_adapter")
+    async def unload_lora_adapter(raw_request: Request) -> Response:
+        request = await parse_body(raw_request, UnloadLoRAAdapterRequest)
+        loras.remove(request.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
 
     return router
 

@@ -24,6 +24,7 @@ from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchState, 
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.offload import off_loop
 from pagedllm.entrypoints.openai.protocol import SamplingFields
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import MAX_N, BeamSearchParams, RequestOutput, SamplingParams
 
 
@@ -73,6 +74,7 @@ async def beam_search(
     request_id: str,
     priority: int = 0,
     skip_special_tokens: bool = True,
+    lora_request: LoRARequest | None = None,
 ) -> list[BeamSearchOutput]:
     """The beam searches of several prompts at once (one step advances them all), with their texts (decoded on a
     front-end thread: up to width x prompts long sequences)."""
@@ -80,7 +82,7 @@ async def beam_search(
               for token_ids, prompt_params in zip(prompt_token_ids, params)]
     step_index = 0
     while (step := BeamSearchStep.of(states)) is not None:
-        step.advance(await _run_step(engine, step, f"{request_id}-beam{step_index}", priority))
+        step.advance(await _run_step(engine, step, f"{request_id}-beam{step_index}", priority, lora_request))
         step_index += 1
     return await off_loop(_decode_outputs, states, engine.tokenizer, skip_special_tokens)
 
@@ -89,10 +91,12 @@ def _decode_outputs(states: Sequence[BeamSearchState], tokenizer, skip_special_t
     return [decode_sequences(state.output(), tokenizer, skip_special_tokens) for state in states]
 
 
-async def _run_step(engine: AsyncEngine, step: BeamSearchStep, request_id: str, priority: int) -> list[RequestOutput]:
+async def _run_step(engine: AsyncEngine, step: BeamSearchStep, request_id: str, priority: int,
+                    lora_request: LoRARequest | None) -> list[RequestOutput]:
     """Every request of the step concurrently; on failure or cancellation the others are cancelled too, which
     aborts their engine requests."""
-    tasks = [asyncio.ensure_future(_final_output(engine, prompt, step.params, f"{request_id}-{index}", priority))
+    tasks = [asyncio.ensure_future(_final_output(engine, prompt, step.params, f"{request_id}-{index}", priority,
+                                                 lora_request))
              for index, prompt in enumerate(step.prompts)]
     try:
         return await asyncio.gather(*tasks)
@@ -102,9 +106,9 @@ async def _run_step(engine: AsyncEngine, step: BeamSearchStep, request_id: str, 
 
 
 async def _final_output(engine: AsyncEngine, prompt: dict[str, Any], params: SamplingParams, request_id: str,
-                        priority: int) -> RequestOutput:
+                        priority: int, lora_request: LoRARequest | None) -> RequestOutput:
     final = None
-    async with aclosing(engine.generate(prompt, params, request_id, priority)) as outputs:
+    async with aclosing(engine.generate(prompt, params, request_id, priority, lora_request)) as outputs:
         async for output in outputs:
             final = output
     return final

@@ -52,6 +52,7 @@ from pagedllm.entrypoints.openai.serving_common import (
     stream_failure,
 )
 from pagedllm.entrypoints.openai.tool_calls import ToolPlan, plan_tools
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import CompletionOutput, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class OpenAIServingChat:
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         model_name = self.ctx.models.check(request.model)
+        lora = self.ctx.models.lora_request(request.model)
         self._check_limits(request)
         _check_supported(request)
         check_stream_options(request)
@@ -108,7 +110,7 @@ class OpenAIServingChat:
                                      media_type="text/event-stream")
         try:
             output = await run_unless_disconnected(raw_request, self._generate(prompt, params, request_id,
-                                                                               request.priority))
+                                                                               request.priority, lora))
         except ValueError as exc:
             raise from_value_error(exc, _FIELDS, default_param="messages") from None
         return json_response(self._response(request, output, request_id, model_name, fmt))
@@ -141,9 +143,10 @@ class OpenAIServingChat:
     # ---- whole responses -------------------------------------------------------------------------------------
 
     async def _generate(self, prompt: dict[str, Any], params: SamplingParams, request_id: str,
-                        priority: int) -> RequestOutput:
+                        priority: int, lora: LoRARequest | None) -> RequestOutput:
         final = None
-        async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id, priority)) as outputs:
+        async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id, priority,
+                                              lora)) as outputs:
             async for _, output in outputs:
                 final = output
         return final
@@ -186,7 +189,7 @@ class OpenAIServingChat:
         max_tokens, param = self._max_tokens(request, num_prompt_tokens)
         params = build_beam_search_params(request, max_tokens, num_prompt_tokens, self.ctx.max_model_len, param)
         search = beam_search(self.ctx.engine, [prompt["prompt_token_ids"]], [params], request_id, request.priority,
-                             request.skip_special_tokens)
+                             request.skip_special_tokens, self.ctx.models.lora_request(request.model))
         try:
             (output,) = await run_unless_disconnected(raw_request, search)
         except ValueError as exc:
@@ -230,7 +233,8 @@ class OpenAIServingChat:
         choice_streams = {index: fmt.choice_stream() for index in range(request.n)} if not plain else {}
         try:
             async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id,
-                                                  request.priority)) as outputs:
+                                                  request.priority, self.ctx.models.lora_request(request.model))
+                                ) as outputs:
                 async for _, output in outputs:
                     choices = []
                     for completion in output.outputs:

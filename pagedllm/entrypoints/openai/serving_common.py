@@ -21,7 +21,9 @@ from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFa
 from pagedllm.entrypoints.generation_config import GenerationDefaults
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_validation_errors, nesting_too_deep, quote_bounded
 from pagedllm.entrypoints.openai.limits import RequestLimits
+from pagedllm.entrypoints.openai.lora_modules import ServedLoRAs
 from pagedllm.entrypoints.openai.protocol import ModelCard, ModelList, SamplingFields
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import RequestOutput, SamplingParams
 from pagedllm.structured_output.compile_pool import GrammarCompileAbandoned
 from pagedllm.structured_output.manager import GrammarQueueFull
@@ -43,25 +45,42 @@ class ServedModels:
 
     names: tuple[str, ...]
     max_model_len: int
+    loras: ServedLoRAs | None = None  # the LoRA adapters served by name (None: LoRA off)
 
     @property
     def default_name(self) -> str:
         return self.names[0]
 
     def check(self, requested: str | None) -> str:
-        """The name to report for a request's ``model``; unset means the served model. Unknown names are a 404."""
+        """The name to report for a request's ``model``; unset means the served model, an adapter's name is itself.
+        Unknown names are a 404."""
         if requested is None or requested in self.names:
             return self.default_name
+        if self.lora_request(requested) is not None:
+            return requested
         raise _model_not_found(requested)
 
+    def lora_request(self, requested: str | None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names, or None (the base model)."""
+        return None if self.loras is None else self.loras.get(requested)
+
     def model_list(self) -> ModelList:
-        return ModelList(data=[self._card(name) for name in self.names])
+        adapters = [] if self.loras is None else self.loras.all()
+        return ModelList(data=[*(self._card(name) for name in self.names), *map(self._adapter_card, adapters)])
 
     def model_card(self, name: str) -> ModelCard:
-        """``GET /v1/models/{name}``: the card of one served name; an unknown name is a 404."""
-        if name not in self.names:
+        """``GET /v1/models/{name}``: the card of one served name or adapter; an unknown name is a 404."""
+        if name in self.names:
+            return self._card(name)
+        adapter = self.lora_request(name)
+        if adapter is None:
             raise _model_not_found(name)
-        return self._card(name)
+        return self._adapter_card(adapter)
+
+    def _adapter_card(self, adapter: LoRARequest) -> ModelCard:
+        """An adapter's card: its parent is the base model (its path on disk is not shown)."""
+        parent = adapter.base_model_name or self.default_name
+        return ModelCard(id=adapter.lora_name, root=adapter.lora_name, parent=parent, max_model_len=self.max_model_len)
 
     def _card(self, name: str) -> ModelCard:
         return ModelCard(id=name, root=name, max_model_len=self.max_model_len)
@@ -232,13 +251,13 @@ def _structured_outputs_message(message: str, param: str) -> str:
 
 async def merge_generations(
     engine: AsyncEngine, prompts: Sequence[dict[str, Any]], params: Sequence[SamplingParams], request_id: str,
-    priority: int = 0,
+    priority: int = 0, lora_request: LoRARequest | None = None,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of one engine request per prompt as ``(prompt index, output)``, in arrival order. When the consumer
     stops early (client gone, error), every engine request still running is aborted."""
     # aclosing: closing this generator closes the engine's at once (which aborts), not whenever it is collected.
     if len(prompts) == 1:  # the common case: no tasks, no queue
-        async with aclosing(engine.generate(prompts[0], params[0], request_id, priority)) as outputs:
+        async with aclosing(engine.generate(prompts[0], params[0], request_id, priority, lora_request)) as outputs:
             async for output in outputs:
                 yield 0, output
         return
@@ -246,7 +265,7 @@ async def merge_generations(
 
     async def pump(index: int) -> None:
         try:
-            request = engine.generate(prompts[index], params[index], f"{request_id}-{index}", priority)
+            request = engine.generate(prompts[index], params[index], f"{request_id}-{index}", priority, lora_request)
             async with aclosing(request) as outputs:
                 async for output in outputs:
                     queue.put_nowait((index, output))

@@ -47,6 +47,7 @@ from pagedllm.entrypoints.openai.serving_common import (
     sse_json,
     stream_failure,
 )
+from pagedllm.lora.request import LoRARequest
 from pagedllm.params import CompletionOutput, RequestOutput, SamplingParams
 
 _FIELDS = tuple(CompletionRequest.model_fields)
@@ -73,6 +74,7 @@ class OpenAIServingCompletion:
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         model_name = self.ctx.models.check(request.model)
+        lora = self.ctx.models.lora_request(request.model)
         self._check_limits(request)
         _check_supported(request)
         check_stream_options(request)
@@ -90,7 +92,7 @@ class OpenAIServingCompletion:
                                      media_type="text/event-stream")
         try:
             outputs = await run_unless_disconnected(raw_request, self._generate_all(prompts, params, request_id,
-                                                                                    request.priority))
+                                                                                    request.priority, lora))
         except ValueError as exc:  # bad input the engine found that the checks above let through
             raise from_value_error(exc, _FIELDS, default_param="prompt") from None
         return json_response(self._response(request, prompts, outputs, request_id, model_name))
@@ -155,10 +157,11 @@ class OpenAIServingCompletion:
     # ---- whole responses -------------------------------------------------------------------------------------
 
     async def _generate_all(self, prompts: list[_Prompt], params: list[SamplingParams], request_id: str,
-                            priority: int) -> dict[int, RequestOutput]:
+                            priority: int, lora: LoRARequest | None) -> dict[int, RequestOutput]:
         finals: dict[int, RequestOutput] = {}
         inputs = [prompt.engine_input() for prompt in prompts]
-        async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id, priority)) as outputs:
+        async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id, priority,
+                                              lora)) as outputs:
             async for index, output in outputs:
                 finals[index] = output  # FINAL_ONLY: the one output of a finished prompt
         return finals
@@ -209,7 +212,7 @@ class OpenAIServingCompletion:
             for p in prompts
         ]
         search = beam_search(self.ctx.engine, [p.token_ids for p in prompts], params, request_id, request.priority,
-                             request.skip_special_tokens)
+                             request.skip_special_tokens, self.ctx.models.lora_request(request.model))
         try:
             outputs = await run_unless_disconnected(raw_request, search)
         except ValueError as exc:
@@ -238,7 +241,8 @@ class OpenAIServingCompletion:
         inputs = [prompt.engine_input() for prompt in prompts]
         try:
             async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id,
-                                                  request.priority)) as outputs:
+                                                  request.priority, self.ctx.models.lora_request(request.model))
+                                ) as outputs:
                 async for prompt_index, output in outputs:
                     choices = self._stream_choices(request, prompts[prompt_index], prompt_index, output, state)
                     if choices:

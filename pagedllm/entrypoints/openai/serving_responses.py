@@ -185,7 +185,9 @@ class OpenAIServingResponses:
 
     async def _generate(self, run: _ResponseRun) -> RequestOutput:
         final = None
-        async with aclosing(merge_generations(self.ctx.engine, [run.prompt], [run.params], run.response_id)) as outs:
+        lora = self.ctx.models.lora_request(run.request.model)
+        async with aclosing(merge_generations(self.ctx.engine, [run.prompt], [run.params], run.response_id,
+                                              lora_request=lora)) as outs:
             async for _, output in outs:
                 final = output
         return final
@@ -206,8 +208,9 @@ class OpenAIServingResponses:
         reader = run.output_format.choice_stream()
         num_generated, finish_reason = 0, None
         try:
-            async with aclosing(merge_generations(self.ctx.engine, [run.prompt], [run.params],
-                                                  run.response_id)) as outputs:
+            async with aclosing(merge_generations(self.ctx.engine, [run.prompt], [run.params], run.response_id,
+                                                  lora_request=self.ctx.models.lora_request(run.request.model))
+                                ) as outputs:
                 async for _, output in outputs:
                     (completion,) = output.outputs
                     num_generated += len(completion.token_ids)
