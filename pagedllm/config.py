@@ -25,9 +25,11 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # Weight quantization schemes (``--quantization``; also read from a checkpoint's ``quantization_config``).
 QUANTIZATION_METHODS = ("fp8", "gptq", "awq", "compressed-tensors")
-# KV cache element types (``kv_cache_dtype``, as vLLM's): "auto" = the model's dtype; "fp8" = "fp8_e4m3".
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
-_FP8_KV_CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+# KV cache element types (``kv_cache_dtype``, as vLLM's): "auto" = the model's dtype; "fp8" = "fp8_e4m3";
+# "bfloat16" rounds a float32 model's K/V to bf16 (the reference FP8 accuracy is measured against).
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
+_NAMED_KV_CACHE_DTYPES = {"bfloat16": "bfloat16", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+                          "fp8_e5m2": "float8_e5m2"}
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 _DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 
@@ -146,12 +148,12 @@ class ModelConfig:
 
 
 def kv_cache_dtype_name(cache_dtype: str, model_dtype: str) -> str:
-    """The torch dtype name of the KV cache's elements: the model's for "auto", else the FP8 format named."""
+    """The torch dtype name of the KV cache's elements: the model's for "auto", else the format named."""
     if cache_dtype == "auto":
         return model_dtype
-    if cache_dtype not in _FP8_KV_CACHE_DTYPES:
+    if cache_dtype not in _NAMED_KV_CACHE_DTYPES:
         raise ValueError(f"Unsupported kv_cache_dtype {cache_dtype!r}; pagedllm supports: {', '.join(KV_CACHE_DTYPES)}")
-    return _FP8_KV_CACHE_DTYPES[cache_dtype]
+    return _NAMED_KV_CACHE_DTYPES[cache_dtype]
 
 
 def _quantization_method(checkpoint: dict[str, Any] | None, requested: str | None) -> str | None:

@@ -69,8 +69,8 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="GPUs to shard the model over (only 1 is supported yet)")
     group.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                       help="KV cache element type: auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2; FP8 holds "
-                            "twice the tokens of a 16-bit cache in the same memory (default: auto)")
+                       help="KV cache element type: auto (the model's dtype), bfloat16, fp8 (= fp8_e4m3) or fp8_e5m2; "
+                            "FP8 holds twice the tokens of a 16-bit cache in the same memory (default: auto)")
     group.add_argument("--calculate-kv-scales", action="store_true",
                        help="with an FP8 KV cache: set each layer's K/V scales from the first step's keys and values "
                             "(default: the checkpoint's k_scale/v_scale, else 1.0)")

