@@ -1,7 +1,7 @@
 """FP8 linear microbenchmark on Llama-3.1-8B's projection shapes (run on a GPU): pagedllm's FP8 path
-(``fp8_gemm.fp8_linear``: the weight-only Triton kernel at <= 16 rows, per-token quantization + ``_scaled_mm``
-above) against bf16 (``gemm.linear``: the skinny kernel at <= 16 rows, cuBLAS above), per row count M; the FP8
-kernel's achieved GB/s at M = 1; and a small sweep of its decode launch shapes (``--sweep``).
+(``fp8_gemm.fp8_linear``: a Triton decode kernel at <= 64 rows, per-token quantization + ``_scaled_mm`` above; both
+decode kernels, W8A8 and weight-only, also timed on their own) against bf16 (``gemm.linear``: the skinny kernel at <= 16 rows, cuBLAS above), per row count M; the FP8
+W8A8 kernel's achieved GB/s; and a small sweep of its launch shapes at M = 1 and 64 (``--sweep``).
 
 Times are per call, from CUDA graphs of ``--calls`` calls over rotating weight copies (more bytes than L2 holds),
 so launch overhead is out and the weight comes from HBM as in a decode step.
@@ -16,13 +16,13 @@ import torch
 
 from pagedllm.model import gemm
 from pagedllm.model.quantization.fp8_gemm import fp8_linear, quantize_weight
-from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, choose_config, fp8_skinny_gemm
+from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, choose_config, fp8_skinny_gemm, fp8_w8a8_gemm
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 ROWS = [1, 16, 64, 256, 1024]
 NUM_COPIES = 4
-SWEEP = [Fp8GemmConfig(64, 128, s, 4, st) for s in (1, 2, 4) for st in (3, 5)] + \
-        [Fp8GemmConfig(32, 128, s, 4, 4) for s in (1, 2)] + [Fp8GemmConfig(64, 256, s, 4, 3) for s in (1, 2)]
+SWEEP = [Fp8GemmConfig(64, 128, s, w, 4) for s in (1, 2, 4, 8) for w in (4, 8)] + \
+        [Fp8GemmConfig(128, 128, s, 8, 4) for s in (2, 4)]
 
 
 def time_calls(fn, num_calls: int) -> float:
@@ -63,16 +63,24 @@ def main() -> None:
             fp8_us = time_calls(lambda i: fp8_linear(x, *fp8[i % NUM_COPIES], None, "dynamic_token"), args.calls)
             row = {"shape": name, "n": n, "k": k, "m": m, "bf16_us": round(bf16_us, 2), "fp8_us": round(fp8_us, 2),
                    "speedup": round(bf16_us / fp8_us, 3)}
+            if m <= 64:  # the decode kernels side by side (fp8_us is whichever fp8_gemm.DECODE_KERNEL picks)
+                w8a8_us = time_calls(lambda i: fp8_w8a8_gemm(x, *fp8[i % NUM_COPIES], None, "dynamic_token"),
+                                     args.calls)
+                row["w8a8_us"] = round(w8a8_us, 2)
+                row["w8a8_gb_s"] = round(n * k / w8a8_us / 1e3, 1)
+            if m <= 16:
+                row["weight_only_us"] = round(time_calls(
+                    lambda i: fp8_skinny_gemm(x, *fp8[i % NUM_COPIES], None), args.calls), 2)
             if m == 1:
-                row["fp8_gb_s"] = round(n * k / fp8_us / 1e3, 1)
                 row["config"] = str(choose_config(n, k, num_sms))
             rows_out.append(row)
             print(json.dumps(row), flush=True)
-        if args.sweep:
-            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for m in (1, 64) if args.sweep else ():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             for config in SWEEP:
-                us = time_calls(lambda i: fp8_skinny_gemm(x, *fp8[i % NUM_COPIES], None, config), args.calls)
-                sweep_row = {"shape": name, "m": 1, "config": str(config), "fp8_us": round(us, 2),
+                us = time_calls(lambda i: fp8_w8a8_gemm(x, *fp8[i % NUM_COPIES], None, "dynamic_token", None,
+                                                        config), args.calls)
+                sweep_row = {"shape": name, "m": m, "kernel": "w8a8", "config": str(config), "us": round(us, 2),
                              "gb_s": round(n * k / us / 1e3, 1)}
                 rows_out.append(sweep_row)
                 print(json.dumps(sweep_row), flush=True)

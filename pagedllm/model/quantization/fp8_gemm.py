@@ -1,9 +1,10 @@
 """The FP8-weight product ``y = x (W_fp8 * s_w)^T + b`` (weight [N, K] in float8_e4m3fn, one float32 scale per
 output channel), on the fastest path the device has:
 
-- decode-sized x (<= 16 rows) on CUDA: a weight-only Triton GEMM (``fp8_triton.fp8_skinny_gemm``) that streams the
-  FP8 weight, half the bytes of bf16, and dequantizes in registers; at batch 1..16 a layer is one pass over its
-  weight, so bytes are time, and x stays in 16 bits (no activation rounding at all);
+- decode-sized x on CUDA: a Triton GEMM that streams the FP8 weight, half the bytes of bf16 (at small batches a
+  layer is one pass over its weight, so bytes are time): on FP8 hardware, up to 64 rows, x quantized per row and an
+  FP8 x FP8 dot (``fp8_triton.fp8_w8a8_gemm``); otherwise, up to 16 rows, weight only, the FP8 tile widened in
+  registers and x left in 16 bits (``fp8_triton.fp8_skinny_gemm``); ``DECODE_KERNEL`` picks;
 - larger x on a device with FP8 tensor cores (sm89+): x is quantized to FP8 per token (or with the checkpoint's
   static scale) and ``torch._scaled_mm`` multiplies with row-wise scales (x's [M, 1], the weight's [1, N]);
 - anywhere else (CPU, older GPUs, shapes ``_scaled_mm`` refuses): dequantize and multiply in x's dtype. This is
@@ -29,6 +30,10 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # an all-zero row still gets a finite, non-zero scale
 _SCALED_MM_ALIGN = 16  # _scaled_mm wants K and N multiples of 16
+# Small batches on FP8 hardware: "w8a8" (x quantized per row, FP8 x FP8 Triton dot, up to 64 rows) or
+# "weight_only" (x kept in 16 bits, the FP8 weight widened in registers, up to 16 rows). A module constant so that a
+# benchmark can compare them in one process; see fp8_triton for the measurements behind the choice.
+DECODE_KERNEL: Literal["w8a8", "weight_only"] = "w8a8"
 
 
 @functools.cache
@@ -95,8 +100,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 def _cuda_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  scheme: ActivationScheme, input_scale: torch.Tensor | None) -> torch.Tensor:
-    if triton_ops_enabled() and _triton_kernels().skinny_accepts(x, weight):
-        return _triton_kernels().fp8_skinny_gemm(x, weight, weight_scale, bias)
+    if triton_ops_enabled():
+        kernels = _triton_kernels()
+        if (DECODE_KERNEL == "w8a8" and scheme != "none" and has_fp8_tensor_cores(x.device)
+                and kernels.w8a8_accepts(x, weight)):
+            return kernels.fp8_w8a8_gemm(x, weight, weight_scale, bias, scheme, input_scale)
+        if kernels.skinny_accepts(x, weight):
+            return kernels.fp8_skinny_gemm(x, weight, weight_scale, bias)
     if scheme != "none" and _scaled_mm_accepts(x, weight):
         return _scaled_mm_linear(x, weight, weight_scale, bias, scheme, input_scale)
     return fp8_linear_reference(x, weight, weight_scale, bias)

@@ -10,6 +10,11 @@ enough work: K is split whenever the row blocks alone would leave SMs idle; the 
 (an atomic counter, shared with the bf16 kernel) sums the float32 partials in split order: deterministic, one
 launch, no memset.
 
+``fp8_w8a8_gemm``: the same kernel fed an FP8 x (quantized per row first, ``quantize_activation``) for up to 64
+rows: the dot then multiplies FP8 by FP8 straight from shared memory, as the bf16 kernel does with bf16, with
+nothing widened in registers (on an H200 the widening kept the weight-only kernel at 1.4-2.2 TB/s,
+benchmarks/h200/issue16-fp8-weights), and both scales are applied in the epilogue.
+
 ``quantize_activation``: x [M, K] -> FP8 with a scale per row (dynamic: its max / 448) or one given scale, in one
 launch instead of torch's four (abs, amax, divide, cast), ahead of ``torch._scaled_mm``.
 """
@@ -26,7 +31,8 @@ import triton.language as tl
 from pagedllm.model.quantization.fp8_gemm import _MIN_SCALE, FP8_DTYPE, FP8_MAX, ActivationScheme
 from pagedllm.model.skinny_gemm import _MAX_ROW_BLOCKS_SPLIT, _arrival_counters, _num_sms
 
-MAX_ROWS = 16  # decode batches up to this many rows take the skinny kernel
+MAX_ROWS = 16  # decode batches up to this many rows take the weight-only skinny kernel
+MAX_ROWS_W8A8 = 64  # and up to this many the W8A8 one
 _BLOCK_M = 16  # tl.dot's smallest tile side: x's rows are padded to it
 
 
@@ -44,22 +50,24 @@ class Fp8GemmConfig:
 @functools.cache
 def choose_config(n: int, k: int, num_sms: int) -> Fp8GemmConfig:
     """A launch shape for an FP8 weight [n, k]: 64-row blocks, 128-wide K steps; K split into equal whole-step
-    slices (each at least 4 steps long) until there are about two programs per SM."""
+    slices (each at least 4 steps long) until there are about four programs per SM (on an H200 the weight-only
+    kernel ran fastest with the most slices swept, 4, on all of Llama-3.1-8B's projections)."""
     block_k = 128 if k >= 128 else max(32, triton.next_power_of_2(k))
     row_blocks = triton.cdiv(n, 64)
-    if row_blocks >= num_sms:
-        return Fp8GemmConfig(64, block_k)
     k_steps = triton.cdiv(k, block_k)
-    wanted = max(1, min(triton.cdiv(2 * num_sms, row_blocks), k_steps // 4))
+    wanted = max(1, min(triton.cdiv(4 * num_sms, row_blocks), k_steps // 4))
     split_k = max(d for d in range(1, wanted + 1) if k_steps % d == 0)
     return Fp8GemmConfig(64, block_k, split_k)
 
 
 @triton.jit
-def _store_output(acc, scale_ptr, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om,
-                  HAS_BIAS: tl.constexpr):
-    """Scale each output channel, add the bias, write ``acc`` [BLOCK_N, BLOCK_M] (transposed) to out [rows, N]."""
+def _store_output(acc, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om,
+                  HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr):
+    """Scale each output channel (and each row, for an FP8 x), add the bias, write ``acc`` [BLOCK_N, BLOCK_M]
+    (transposed) to out [rows, N]."""
     acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
+    if HAS_X_SCALE:
+        acc = acc * tl.load(x_scale_ptr + offs_m, mask=offs_m < num_rows, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     mask = (offs_n[:, None] < N) & (offs_m[None, :] < num_rows)
@@ -70,7 +78,8 @@ def _store_output(acc, scale_ptr, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N
 def _partial_product(x_ptr, w_ptr, offs_n, offs_m, k_start, num_rows, N, K, k_per_split, stride_xm, stride_wn,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    """``W[offs_n, k_start : k_start + k_per_split] @ x[:, same]^T`` as float32 [BLOCK_N, BLOCK_M], unscaled."""
+    """``W[offs_n, k_start : k_start + k_per_split] @ x[:, same]^T`` as float32 [BLOCK_N, BLOCK_M], unscaled. The
+    weight tile is widened to x's dtype (a no-op when x is FP8 too)."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     # Rows past N re-read row N - 1: the weight stream needs no row mask, and those results are never stored.
     w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
@@ -95,9 +104,10 @@ def _partial_product(x_ptr, w_ptr, offs_n, offs_m, k_start, num_rows, N, K, k_pe
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _fp8_skinny_gemm_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, num_rows, N, K, k_per_split,
-    stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, num_rows, N, K,
+    k_per_split, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (row block, K slice): one partial product; with IS_SPLIT the last slice to arrive sums them all."""
@@ -119,10 +129,12 @@ def _fp8_skinny_gemm_kernel(
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(0, num_splits):  # fixed order: the same sum whichever slice came last
                 total += tl.load(partial_ptr + s * split_stride + tile, cache_modifier=".cg")
-            _store_output(total, scale_ptr, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
+            _store_output(total, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om,
+                          HAS_BIAS, HAS_X_SCALE)
             tl.store(arrivals_ptr + row_block, 0)  # ready for the next launch (or graph replay)
     else:
-        _store_output(acc, scale_ptr, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
+        _store_output(acc, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om,
+                      HAS_BIAS, HAS_X_SCALE)
 
 
 def skinny_accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -140,8 +152,35 @@ def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     if not skinny_accepts(x, weight):
         raise ValueError(f"fp8_skinny_gemm needs x [<= {MAX_ROWS} rows, K] and a contiguous FP8 weight [N, K]; got "
                          f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    _launch(x, None, weight, scale, bias, out, _BLOCK_M, config)
+    return out
+
+
+def w8a8_accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``fp8_w8a8_gemm`` serves x [M, K]: 1 to MAX_ROWS_W8A8 rows, a contiguous FP8 weight [N, K]."""
+    return (0 < x.shape[0] <= MAX_ROWS_W8A8 and weight.dtype == FP8_DTYPE and weight.is_contiguous()
+            and weight.shape[1] == x.shape[1] and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def fp8_w8a8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  scheme: ActivationScheme, input_scale: torch.Tensor | None = None,
+                  config: Fp8GemmConfig | None = None) -> torch.Tensor:
+    """W8A8 for x [M <= 64, K]: x quantized per row (``scheme``), FP8 x FP8 dot, both scales in the epilogue; a
+    new tensor [M, N] in x's dtype."""
+    if not w8a8_accepts(x, weight):
+        raise ValueError(f"fp8_w8a8_gemm needs x [<= {MAX_ROWS_W8A8} rows, K] and a contiguous FP8 weight [N, K]; "
+                         f"got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    x_fp8, x_scale = quantize_activation(x, scheme, input_scale)
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    block_m = max(_BLOCK_M, triton.next_power_of_2(x.shape[0]))
+    _launch(x_fp8, x_scale, weight, scale, bias, out, block_m, config)
+    return out
+
+
+def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor,
+            bias: torch.Tensor | None, out: torch.Tensor, block_m: int, config: Fp8GemmConfig | None) -> None:
     num_rows, (n, k) = x.shape[0], weight.shape
-    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
     config = config or choose_config(n, k, num_sms)
     row_blocks = triton.cdiv(n, config.block_n)
@@ -149,21 +188,20 @@ def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     num_splits = triton.cdiv(k, k_per_split)
     is_split = num_splits > 1 and row_blocks <= _MAX_ROW_BLOCKS_SPLIT
     if is_split:
-        partials = torch.empty((num_splits, row_blocks * config.block_n, _BLOCK_M), dtype=torch.float32,
+        partials = torch.empty((num_splits, row_blocks * config.block_n, block_m), dtype=torch.float32,
                                device=x.device)
         arrivals = _arrival_counters(x.device)
     else:
         num_splits, k_per_split = 1, triton.cdiv(k, config.block_k) * config.block_k
         partials = arrivals = out  # placeholders, never touched
     _fp8_skinny_gemm_kernel[(row_blocks, num_splits)](
-        x, weight, scale, bias if bias is not None else out, out, partials, arrivals, num_rows, n, k, k_per_split,
-        x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, IS_SPLIT=is_split, EVEN_K=k == num_splits * k_per_split,
-        BLOCK_N=config.block_n, BLOCK_M=_BLOCK_M, BLOCK_K=config.block_k,
+        x, weight, scale, x_scale if x_scale is not None else scale, bias if bias is not None else out, out,
+        partials, arrivals, num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, HAS_X_SCALE=x_scale is not None, IS_SPLIT=is_split,
+        EVEN_K=k == num_splits * k_per_split, BLOCK_N=config.block_n, BLOCK_M=block_m, BLOCK_K=config.block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return out
 
 
 @triton.jit(do_not_specialize=["K"])
