@@ -35,7 +35,9 @@ import triton.language as tl
 
 from pagedllm.model.quantization.int4 import TILE_K, Int4Weight
 
-DEQUANT_MIN_ROWS = 256  # from this many rows of x on, dequantize + cuBLAS (module docstring)
+# From this many rows of x on, dequantize + cuBLAS (module docstring): on an H200 the two tie at 64 rows on
+# Llama-3.1-8B's projections and the dequantizing path wins 1.3-2.6x at 128 (benchmarks/h200/issue16-w4a16).
+DEQUANT_MIN_ROWS = 64
 _MAX_ROW_BLOCKS_SPLIT = 4096  # counters per device for split launches
 
 
@@ -175,19 +177,23 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
 def choose_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
     """A launch shape for x [num_rows, k] times W [n, k] on a device of ``num_sms`` SMs.
 
-    Decode-sized x (<= 64 rows) is one row block, padded to a power of two >= 16; K is split until about four
-    programs per SM stream the weight (int4 rows carry a quarter of bf16's bytes, so more programs must be in
-    flight than for the bf16 skinny GEMM), each slice at least two tiles long. More rows: 128 x 64/128 tiles.
+    From the M = 1 sweep on an H200 (benchmarks/h200/issue16-w4a16): up to 16 rows, 128-row blocks of W with 8
+    warps and a 3-deep pipeline, K split in up to 8 slices while the grid stays within ~8 programs per SM, won on
+    each of Llama-3.1-8B's projections (down_proj 67.6 -> 48.0 us against 64-row blocks). 17..63 rows: x padded
+    to 32 / 64 rows, 64-row blocks of W (the shape measured at 64 rows). More rows: 128 x 64/128 tiles (those
+    sizes normally take the dequantize + cuBLAS path, ``DEQUANT_MIN_ROWS``).
     """
     if num_rows > 64:
         return W4A16Config(block_n=128, block_m=64 if num_rows <= 128 else 128, num_warps=8, num_stages=3)
-    block_m = max(16, triton.next_power_of_2(num_rows))
-    row_blocks = triton.cdiv(n, 64)
     tiles = triton.cdiv(k, TILE_K)
-    wanted = max(1, min(triton.cdiv(4 * num_sms, row_blocks), tiles // 2))
+    if num_rows <= 16:
+        block_n, block_m, max_split, warps, stages = 128, 16, 8, 8, 3
+    else:
+        block_n, block_m, max_split, warps, stages = 64, triton.next_power_of_2(num_rows), 8, 4, 3
+    row_blocks = triton.cdiv(n, block_n)
+    wanted = max(1, min(max_split, triton.cdiv(8 * num_sms, row_blocks), tiles // 2))
     split_k = max(d for d in range(1, wanted + 1) if tiles % d == 0)  # equal slices where possible
-    return W4A16Config(block_n=64, block_m=block_m, split_k=split_k, num_warps=4,
-                       num_stages=4 if block_m <= 32 else 3)
+    return W4A16Config(block_n=block_n, block_m=block_m, split_k=split_k, num_warps=warps, num_stages=stages)
 
 
 def w4a16_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None,
