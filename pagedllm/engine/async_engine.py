@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from pagedllm.config import EngineArgs, EngineConfig
 from pagedllm.engine.core_client import EngineDeadError, EngineStartupError  # noqa: F401 - re-exported
+from pagedllm.engine.deadlines import QueueTimeoutError, RequestDeadlines, RequestTimeoutError  # noqa: F401
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.metrics import Metric
 from pagedllm.engine.processing import ProcessedRequest, PromptInput
@@ -125,6 +126,7 @@ def _deliver(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None
 class _Add:
     processed: ProcessedRequest
     stream: _Stream
+    timeout_s: float | None = None  # the request's own deadline, from when the loop takes it
 
 
 @dataclass(slots=True)
@@ -136,12 +138,15 @@ class AsyncEngine:
     """Serves many concurrent requests from one continuously running engine loop."""
 
     def __init__(self, config: EngineConfig, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S,
-                 core_process: bool = False, warm_up_grammars: bool = False) -> None:
+                 core_process: bool = False, warm_up_grammars: bool = False,
+                 max_queue_delay_s: float | None = None) -> None:
         """``health_stall_timeout_s``: how long the loop may go without finishing a step (or an idle wait; with a
         core process: without hearing from it) before the engine reports itself unhealthy. ``core_process``: run
         the engine core in its own process (raises EngineStartupError, with the core's reason, if it cannot start).
         ``warm_up_grammars`` (a server): start the grammar compile workers in the background now, so that the first
-        constrained request does not wait for them (they take ~5 s of CPU each; readiness does not wait)."""
+        constrained request does not wait for them (they take ~5 s of CPU each; readiness does not wait).
+        ``max_queue_delay_s``: a request still without its first token this long after it was added is aborted and
+        its stream ends with QueueTimeoutError (see ``deadlines.py``)."""
         if not health_stall_timeout_s > 0:
             raise ValueError(f"health_stall_timeout_s must be positive, got {health_stall_timeout_s}")
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
@@ -153,6 +158,7 @@ class AsyncEngine:
         self.health_stall_timeout_s = health_stall_timeout_s
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # owned by the loop thread
+        self._deadlines = RequestDeadlines(max_queue_delay_s)  # owned by the loop thread
         self._stopping = threading.Event()
         self._draining = False
         # Set by the loop thread, read by anyone without a lock: the health flags.
@@ -164,9 +170,10 @@ class AsyncEngine:
     @classmethod
     def from_engine_args(
         cls, args: EngineArgs, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S,
-        core_process: bool = False, warm_up_grammars: bool = False,
+        core_process: bool = False, warm_up_grammars: bool = False, max_queue_delay_s: float | None = None,
     ) -> AsyncEngine:
-        return cls(args.create_engine_config(), health_stall_timeout_s, core_process, warm_up_grammars)
+        return cls(args.create_engine_config(), health_stall_timeout_s, core_process, warm_up_grammars,
+                   max_queue_delay_s)
 
     @property
     def tokenizer(self):
@@ -192,19 +199,20 @@ class AsyncEngine:
 
     async def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str, priority: int = 0,
-        lora_request: LoRARequest | None = None,
+        lora_request: LoRARequest | None = None, timeout_s: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs. Raises ValueError at once on bad input; aborts the request if the
         consumer stops early (e.g. the client disconnected). ``priority`` (lower first) matters only under the
-        "priority" scheduling policy. The stream raises RequestFailedError if the engine fails this request, and
-        EngineDeadError if the engine stops (or is draining, for a new request)."""
+        "priority" scheduling policy. The stream raises RequestFailedError if the engine fails this request,
+        EngineDeadError if the engine stops (or is draining, for a new request), QueueTimeoutError if it waited
+        past the queue delay for its first token and RequestTimeoutError past ``timeout_s`` (both aborted)."""
         if not self.is_running:
             raise EngineDeadError(self._dead_reason or "The engine loop is not running")
         if self._draining:
             raise EngineDeadError("The engine is draining: it takes no new requests")
         processed = self.engine.process_request(request_id, prompt, params, priority=priority, lora_request=lora_request)
         stream = _Stream(asyncio.get_running_loop(), params.output_kind == RequestOutputKind.DELTA)
-        self._post(_Add(processed, stream))
+        self._post(_Add(processed, stream, timeout_s))
         finished = False
         try:
             while not finished:
@@ -266,7 +274,7 @@ class AsyncEngine:
         self._draining = True
 
     def get_metrics(self) -> list[Metric]:
-        return self.engine.get_metrics()
+        return [*self.engine.get_metrics(), *self._deadlines.metrics()]
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop within about ``timeout`` seconds; requests still running end with an EngineDeadError in their
@@ -295,10 +303,12 @@ class AsyncEngine:
                     # Always wait on the core: its heartbeats, outputs and death (the inbox wakes the wait).
                     self._drain_inbox(block=False)
                     self._step()
+                    self._expire_deadlines()
                     continue
                 self._drain_inbox(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
                     self._step()
+                    self._expire_deadlines()
                 else:
                     self._last_progress = time.monotonic()  # idle, and answering its inbox
         except BaseException:  # a bug in the loop itself: fail everyone loudly rather than hang
@@ -328,9 +338,20 @@ class AsyncEngine:
                 return
             self._streams[request_id] = message.stream
             self._last_progress = time.monotonic()
+            self._deadlines.add(request_id, self._last_progress, message.timeout_s)
         elif isinstance(message, _Abort):
+            self._deadlines.discard(message.request_id)
             if self._streams.pop(message.request_id, None) is not None:
                 self.engine.abort_request(message.request_id)
+
+    def _expire_deadlines(self) -> None:
+        """Abort the requests past a deadline (freeing their KV blocks now) and end their streams with why."""
+        expired = self._deadlines.expired(time.monotonic(), self.engine.output_processor.has_first_token)
+        for request_id, error in expired:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self.engine.abort_request(request_id)
+                stream.put(error)
 
     def _step(self) -> None:
         try:
@@ -352,6 +373,8 @@ class AsyncEngine:
         # contends for the GIL, and a step of a full batch has hundreds of outputs.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
         for output in outputs:
+            if output.finished:
+                self._deadlines.discard(output.request_id)
             stream = self._streams.pop(output.request_id, None) if output.finished else self._streams.get(output.request_id)
             if stream is not None:
                 item = output if output.error is None else RequestFailedError(output.error)
@@ -382,6 +405,7 @@ class AsyncEngine:
         are handed over through their event loops)."""
         request_ids = list(self._streams)
         for request_id in request_ids:
+            self._deadlines.discard(request_id)
             stream = self._streams.pop(request_id, None)
             if stream is not None:
                 stream.put(error)

@@ -81,6 +81,11 @@ class OutputProcessor:
     def num_requests(self) -> int:
         return len(self._requests)
 
+    def has_first_token(self, request_id: str) -> bool:
+        """True once the request's first token has arrived (or it is no longer tracked): it has left the queue."""
+        state = self._requests.get(request_id)
+        return state is None or state.metrics.first_token_time is not None
+
     def add_request(self, processed: ProcessedRequest) -> None:
         wants_logprobs = processed.params.logprobs is not None
         sequences = {}

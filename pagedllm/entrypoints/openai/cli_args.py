@@ -8,6 +8,7 @@ from pagedllm.engine.async_engine import DEFAULT_HEALTH_STALL_TIMEOUT_S
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME
 from pagedllm.entrypoints.engine_args import add_engine_args
 from pagedllm.entrypoints.generation_config import DEFAULT_SERVING_MAX_TOKENS
+from pagedllm.entrypoints.openai.admission import add_admission_args
 from pagedllm.entrypoints.openai.limits import add_limit_args
 from pagedllm.entrypoints.openai.lora_modules import LoRAModulePath, parse_lora_module
 from pagedllm.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
@@ -82,9 +83,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--reasoning-parser", choices=tuple(REASONING_PARSERS), default=None,
                         help="split what a reasoning model writes between <think> and </think> into the message's "
                              "reasoning_content (default: none, all text is content)")
-    server.add_argument("--graceful-shutdown-timeout", type=float, default=3.0, metavar="SECONDS",
-                        help="on SIGTERM/SIGINT, how long in-flight requests may finish before they are aborted "
-                             "(default: 3)")
+    server.add_argument("--graceful-shutdown-timeout", "--shutdown-timeout", dest="graceful_shutdown_timeout",
+                        type=float, default=3.0, metavar="SECONDS",
+                        help="on SIGTERM/SIGINT, how long in-flight requests may finish before they are aborted; "
+                             "new ones get 503 meanwhile, and the server exits 0 (default: 3)")
     server.add_argument("--health-stall-timeout", type=_positive_float, default=DEFAULT_HEALTH_STALL_TIMEOUT_S,
                         metavar="SECONDS",
                         help="/health and /ready answer 503 when the engine loop has made no progress for this long "
@@ -115,6 +117,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="no periodic stats line (throughput, running and waiting requests, KV cache usage, "
                              "every 10 s while the server has work)")
     add_limit_args(parser)
+    add_admission_args(parser)
     add_engine_args(parser, serving=True)
 
 

@@ -23,6 +23,7 @@ class OpenAIError(Exception):
         param: str | None = None,
         code: str | None = None,
         error_type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -30,11 +31,12 @@ class OpenAIError(Exception):
         self.param = param
         self.code = code
         self.error_type = error_type or error_type_for(self.status)
+        self.headers = headers  # e.g. Retry-After of a 429
 
     def to_response(self) -> JSONResponse:
         body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.error_type, param=self.param,
                                              code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status)
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 
 
 def error_type_for(status: int) -> str:

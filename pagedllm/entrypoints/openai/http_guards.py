@@ -13,6 +13,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+from pagedllm.entrypoints.openai.admission import AdmissionControl, is_generation_request
 from pagedllm.entrypoints.openai.errors import OpenAIError
 
 Scope = dict[str, Any]
@@ -59,11 +60,12 @@ class RequestGuard:
     """ASGI middleware: body-size limit, draining gate, in-flight count (see the module docstring)."""
 
     def __init__(self, app: Callable, max_body_bytes: int, is_draining: Callable[[], bool],
-                 in_flight: InFlightRequests) -> None:
+                 in_flight: InFlightRequests, admission: AdmissionControl | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.is_draining = is_draining
         self.in_flight = in_flight
+        self.admission = admission  # None: every generation request is admitted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
@@ -73,11 +75,17 @@ class RequestGuard:
         if refusal is not None:
             await send_error(refusal, scope, receive, send)
             return
+        admission = self.admission if self.admission is not None and is_generation_request(scope) else None
+        if admission is not None and (refusal := admission.try_admit()) is not None:
+            await send_error(refusal, scope, receive, send)
+            return
         self.in_flight.count += 1
         try:
             await self.app(scope, capped_receive(receive, self.max_body_bytes), send)
         finally:
             self.in_flight.count -= 1
+            if admission is not None:
+                admission.release()
 
     def _refusal(self, scope: Scope) -> OpenAIError | None:
         if self.is_draining():

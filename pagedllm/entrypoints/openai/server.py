@@ -9,6 +9,7 @@ import hmac
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,11 +25,18 @@ from starlette.requests import ClientDisconnect
 
 from pagedllm import __version__
 from pagedllm.config import log_stats_interval_from_env, runtime_lora_updating_allowed, server_api_key_from_env
-from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from pagedllm.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    QueueTimeoutError,
+    RequestFailedError,
+    RequestTimeoutError,
+)
 from pagedllm.entrypoints.chat_utils import load_chat_template
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
 from pagedllm.entrypoints.engine_args import engine_args_from_cli
 from pagedllm.entrypoints.generation_config import GenerationDefaults, load_generation_defaults, serving_defaults
+from pagedllm.entrypoints.openai.admission import AdmissionConfig, AdmissionControl, admission_config, deadline_error
 from pagedllm.entrypoints.openai.cli_args import check_serve_args
 from pagedllm.entrypoints.openai.errors import (
     OpenAIError,
@@ -101,6 +109,7 @@ class ServerConfig:
     log_stats_interval_s: float | None = None  # seconds between stats lines; None: none (--disable-log-stats)
     lora_modules: tuple[LoRAModulePath, ...] = ()  # --lora-modules: adapters served by name from the start
     allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    admission: AdmissionConfig | None = None  # --max-num-waiting / --max-queue-delay-ms (None: admit everything)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, engine: AsyncEngine) -> ServerConfig:
@@ -120,6 +129,7 @@ class ServerConfig:
             log_stats_interval_s=None if getattr(args, "disable_log_stats", True) else log_stats_interval_from_env(),
             lora_modules=tuple(getattr(args, "lora_modules", None) or ()),
             allow_runtime_lora_updating=runtime_lora_updating_allowed(),
+            admission=admission_config(args, engine.config.scheduler_config.max_num_seqs),
         )
 
 
@@ -162,17 +172,18 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     # FastAPI deprecates the constructor argument in favour of uvicorn's, which answers only stripped paths.
     app.root_path = config.root_path
     app.state.in_flight = InFlightRequests()  # read by the graceful shutdown (run_server)
-    _add_exception_handlers(app, engine)
-    # Added before CORS, so it runs inside it: its 413 and 503 answers carry CORS headers too.
+    admission = _admission_control(config.admission, engine)
+    _add_exception_handlers(app, engine, admission)
+    # Added before CORS, so it runs inside it: its 413, 429 and 503 answers carry CORS headers too.
     app.add_middleware(RequestGuard, max_body_bytes=config.limits.max_request_body_bytes,
-                       is_draining=lambda: _is_draining(engine), in_flight=app.state.in_flight)
+                       is_draining=lambda: _is_draining(engine), in_flight=app.state.in_flight, admission=admission)
     if config.allowed_origins:
         # No credentials (cookies): the API authenticates with a bearer header, which CORS allows as any header.
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_credentials=False,
                            allow_methods=["*"], allow_headers=["*"])
     key_check = [Depends(_api_key_check(config.api_key))]
-    registry = build_registry(engine.get_metrics, ctx.models.default_name)
-    app.include_router(_probe_routes(ctx))
+    registry = build_registry(lambda: [*engine.get_metrics(), *admission.metrics()], ctx.models.default_name)
+    app.include_router(_probe_routes(ctx, admission))
     app.include_router(_docs_routes())
     app.include_router(_metrics_routes(registry), dependencies=key_check if config.metrics_require_api_key else [])
     app.include_router(_tokenizer_routes(ctx), dependencies=key_check)  # they do work: keyed like /v1
@@ -181,6 +192,11 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
         app.include_router(_lora_routes(ctx.models.loras), dependencies=key_check)
     install_openapi(app)
     return app
+
+
+def _admission_control(config: AdmissionConfig | None, engine: AsyncEngine) -> AdmissionControl:
+    """The gate of the generation routes; without limits it only counts (its metrics read 0 rejections)."""
+    return AdmissionControl(config or AdmissionConfig(engine.config.scheduler_config.max_num_seqs))
 
 
 def _served_loras(engine: AsyncEngine, config: ServerConfig) -> ServedLoRAs | None:
@@ -211,7 +227,7 @@ def _is_draining(engine: AsyncEngine) -> bool:
 # ---- routes ------------------------------------------------------------------------------------------------------
 
 
-def _probe_routes(ctx: ServingContext) -> APIRouter:
+def _probe_routes(ctx: ServingContext, admission: AdmissionControl) -> APIRouter:
     """Open to everyone, even with --api-key: they answer from flags at once and do no work."""
     router = APIRouter()
 
@@ -225,8 +241,13 @@ def _probe_routes(ctx: ServingContext) -> APIRouter:
 
     @router.get("/ready")
     async def ready() -> Response:
+        # Not ready while draining or while the queue is full: a load balancer sends new work elsewhere. (Before
+        # the model has loaded nothing listens: a probe's refused connection says "not ready" too.)
         if _is_draining(ctx.engine):
             return server_draining().to_response()
+        if admission.is_overloaded():
+            return error_response("The server is overloaded: its queue is full (--max-num-waiting)",
+                                  HTTPStatus.SERVICE_UNAVAILABLE, code="server_overloaded")
         return _health_response(ctx.engine)
 
     @router.get("/version")
@@ -368,10 +389,18 @@ def _api_key_check(api_key: str | None) -> Callable:
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 
-def _add_exception_handlers(app: FastAPI, engine: AsyncEngine) -> None:
+def _add_exception_handlers(app: FastAPI, engine: AsyncEngine, admission: AdmissionControl) -> None:
     """Every error answers in OpenAI's shape; what the client did wrong is a 4xx, and a 5xx names no internals."""
     _add_client_error_handlers(app)
     _add_server_error_handlers(app, engine)
+    _add_deadline_handlers(app, admission)
+
+
+def _add_deadline_handlers(app: FastAPI, admission: AdmissionControl) -> None:
+    @app.exception_handler(QueueTimeoutError)
+    @app.exception_handler(RequestTimeoutError)
+    async def dropped(_: Request, exc: Exception) -> Response:  # the engine dropped it at a deadline
+        return deadline_error(exc, admission.retry_after_s(time.monotonic())).to_response()
 
 
 def _add_client_error_handlers(app: FastAPI) -> None:
@@ -442,9 +471,11 @@ def run_server(args: argparse.Namespace) -> int:
     check_serve_args(args)  # likewise
     _check_ssl_files(args.ssl_keyfile, args.ssl_certfile)  # likewise
     _exit_quietly_on_signals()
+    delay_ms = getattr(args, "max_queue_delay_ms", None)
     engine = AsyncEngine.from_engine_args(engine_args, health_stall_timeout_s=args.health_stall_timeout,
                                           core_process=getattr(args, "engine_core_process", True),
-                                          warm_up_grammars=True)  # the first constrained request need not wait
+                                          warm_up_grammars=True,  # the first constrained request need not wait
+                                          max_queue_delay_s=None if delay_ms is None else delay_ms / 1000)
     try:
         app = build_app(engine, args)
         names = ", ".join(args.served_model_name or [args.model_name])

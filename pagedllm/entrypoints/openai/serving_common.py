@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from pagedllm.entrypoints.generation_config import GenerationDefaults
+from pagedllm.entrypoints.openai.admission import deadline_error
 from pagedllm.entrypoints.openai.errors import OpenAIError, from_validation_errors, nesting_too_deep, quote_bounded
 from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.lora_modules import ServedLoRAs
@@ -323,6 +324,8 @@ def stream_failure(exc: Exception, request_id: str | None = None) -> OpenAIError
         return OpenAIError(str(exc), HTTPStatus.SERVICE_UNAVAILABLE, code="engine_unavailable")
     if isinstance(exc, RequestFailedError):  # the engine's message about this request only
         return OpenAIError(str(exc), HTTPStatus.INTERNAL_SERVER_ERROR, code="request_failed")
+    if (dropped := deadline_error(exc)) is not None:  # a queue delay or the request's timeout passed
+        return dropped
     return internal_error(exc, request_id, "while generating")
 
 
