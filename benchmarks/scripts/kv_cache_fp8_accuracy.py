@@ -1,14 +1,15 @@
-"""Top-1 agreement of an FP8 KV cache with the float KV cache, teacher-forced over long greedy generations (issue 16).
+"""Top-1 agreement of an FP8 KV cache with float KV caches, teacher-forced over long greedy generations (issue 16).
 
     python benchmarks/scripts/kv_cache_fp8_accuracy.py --model ../shared/assets/models/stories260K \
         --output-json benchmarks/cpu/kv-cache-fp8/accuracy-stories260k.json
     python benchmarks/scripts/kv_cache_fp8_accuracy.py --output-json benchmarks/cpu/kv-cache-fp8/accuracy-smollm2.json
 
-The float-cache engine generates a few hundred tokens greedily from each prompt; then every engine (the float
-cache, and each FP8 cache variant) reads the same token sequences as prompts with ``prompt_logprobs=1``, and at
-each position its top-1 token is compared with the float cache's. Teacher forcing keeps one early disagreement
-from changing everything after it: the figure counts how often the cache's rounding changes the model's choice.
-The model runs in float32 on CPU (the model's dtype there), so the float cache is float32.
+The model runs in float32 on CPU. With a float32 KV cache it generates a few hundred tokens greedily from each
+prompt; then every engine (float32 cache, bf16 cache, each FP8 variant) reads those token sequences as prompts with
+``prompt_logprobs=2``, and its top-1 token at each position is compared with the float32 cache's and the bf16
+cache's. Teacher forcing keeps one early disagreement from changing everything after it: the figure counts how
+often the cache's rounding changes the model's choice. Agreement is also given where the float32 cache's top-1
+leads its top-2 by at least ``MARGIN`` nats (positions that are not near-ties).
 """
 
 from __future__ import annotations
@@ -34,36 +35,53 @@ PROMPTS = [
     "In the morning, the sun was shining and the birds",
     "What is the capital of France, and what is it famous for?",
 ]
-# name -> LLM keyword arguments of each cache compared with the float one
+# name -> LLM keyword arguments of each cache compared with the float32 one
 VARIANTS = {
+    "bfloat16": dict(kv_cache_dtype="bfloat16"),
     "fp8_e4m3, calculate_kv_scales": dict(kv_cache_dtype="fp8", calculate_kv_scales=True),
     "fp8_e4m3, scales 1.0": dict(kv_cache_dtype="fp8"),
     "fp8_e5m2, scales 1.0": dict(kv_cache_dtype="fp8_e5m2"),
 }
+MARGIN = 0.5  # nats
 
 
-def generate_sequences(llm: LLM, max_tokens: int) -> list[list[int]]:
+def generate_sequences(llm: LLM, max_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Prompt + greedy output of each prompt, and each prompt's length."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    return [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outputs]
+    return ([list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outputs],
+            [len(o.prompt_token_ids) for o in outputs])
 
 
-def teacher_forced_top1(llm: LLM, sequences: list[list[int]]) -> list[list[int]]:
-    """The engine's top-1 token at each position of each sequence (for the token after it), the sequence being the
-    context."""
+def teacher_forced(llm: LLM, sequences: list[list[int]]) -> list[list[tuple[int, float]]]:
+    """At each position of each sequence (the sequence being the context): the engine's top-1 token for the next
+    position, and by how many nats it leads the top-2."""
     outputs = llm.generate([{"prompt_token_ids": s} for s in sequences],
-                           SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
-    return [[next(t for t, lp in entry.items() if lp.rank == 1) for entry in out.prompt_logprobs[1:]]
-            for out in outputs]
+                           SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)
+    rows = []
+    for out in outputs:
+        row = []
+        for entry in out.prompt_logprobs[1:]:
+            ranked = sorted((lp.rank, token, lp.logprob) for token, lp in entry.items() if lp.rank in (1, 2))
+            row.append((ranked[0][1], ranked[0][2] - ranked[1][2]))
+        rows.append(row)
+    return rows
 
 
-def agreement(reference: list[list[int]], other: list[list[int]], first_positions: list[int]) -> dict:
-    """Agreement over all positions and over the generated ones (after each prompt)."""
-    pairs = [(a, b) for r, o in zip(reference, other) for a, b in zip(r, o)]
-    generated = [(a, b) for r, o, first in zip(reference, other, first_positions) for a, b in zip(r[first:], o[first:])]
-    return {"top1_agreement": round(sum(a == b for a, b in pairs) / len(pairs), 5), "positions": len(pairs),
-            "top1_agreement_generated": round(sum(a == b for a, b in generated) / len(generated), 5),
-            "generated_positions": len(generated)}
+def agreement(reference: list[list[tuple[int, float]]], other: list[list[tuple[int, float]]],
+              first_generated: list[int]) -> dict:
+    """Top-1 agreement over all positions, over the generated ones, and over those where the reference's top-1
+    leads by MARGIN nats or more."""
+    pairs = [(r, o, i >= first) for r_row, o_row, first in zip(reference, other, first_generated)
+             for i, (r, o) in enumerate(zip(r_row, o_row))]
+
+    def rate(selected):
+        return round(sum(r[0] == o[0] for r, o, _ in selected) / len(selected), 5) if selected else None
+
+    clear = [p for p in pairs if p[0][1] >= MARGIN]
+    return {"top1_agreement": rate(pairs), "positions": len(pairs),
+            "top1_agreement_generated": rate([p for p in pairs if p[2]]),
+            f"top1_agreement_margin_ge_{MARGIN}": rate(clear), f"positions_margin_ge_{MARGIN}": len(clear)}
 
 
 def git_commit() -> str:
@@ -80,26 +98,29 @@ def main() -> None:
     common = dict(max_model_len=512, enable_prefix_caching=False, seed=0)
     start = time.perf_counter()
     reference_llm = LLM(model, **common)
-    sequences = generate_sequences(reference_llm, args.max_tokens)
-    prompt_lens = [len(o.prompt_token_ids) for o in reference_llm.generate(PROMPTS, SamplingParams(max_tokens=1),
-                                                                            use_tqdm=False)]
-    reference = teacher_forced_top1(reference_llm, sequences)
+    sequences, prompt_lens = generate_sequences(reference_llm, args.max_tokens)
     first_generated = [n - 1 for n in prompt_lens]  # position i predicts token i + 1: the first generated is n - 1
+    reference = teacher_forced(reference_llm, sequences)
     record = {"model": str(args.model or "SmolLM2-135M-Instruct (default)"),
               "dtype": reference_llm.llm_engine.config.model_config.dtype,
               "reference_cache": reference_llm.llm_engine.config.kv_cache_dtype,
-              "prompts": len(PROMPTS), "max_tokens": args.max_tokens, "variants": {}}
-    self_check = agreement(reference, teacher_forced_top1(reference_llm, sequences), first_generated)
-    record["reference_vs_itself"] = self_check["top1_agreement"]  # 1.0 unless the engine is not deterministic
+              "prompts": len(PROMPTS), "max_tokens": args.max_tokens,
+              "reference_vs_itself": agreement(reference, teacher_forced(reference_llm, sequences),
+                                               first_generated)["top1_agreement"],  # 1.0: deterministic
+              "variants": {}}
     del reference_llm
+    choices = {}
     for name, kwargs in VARIANTS.items():
         llm = LLM(model, **common, **kwargs)
-        result = agreement(reference, teacher_forced_top1(llm, sequences), first_generated)
-        result["kv_cache_dtype"] = llm.llm_engine.config.kv_cache_dtype
+        choices[name] = teacher_forced(llm, sequences)
+        result = {"kv_cache_dtype": llm.llm_engine.config.kv_cache_dtype,
+                  "vs_float32_cache": agreement(reference, choices[name], first_generated)}
+        if name != "bfloat16":
+            result["vs_bfloat16_cache"] = agreement(choices["bfloat16"], choices[name], first_generated)
         record["variants"][name] = result
-        print(f"{name}: top-1 agreement {result['top1_agreement']:.4f} over {result['positions']} positions "
-              f"({result['top1_agreement_generated']:.4f} over the {result['generated_positions']} generated)",
-              flush=True)
+        print(f"{name}: top-1 agreement with the float32 cache {result['vs_float32_cache']['top1_agreement']:.4f}"
+              + (f", with the bf16 cache {result['vs_bfloat16_cache']['top1_agreement']:.4f}"
+                 if "vs_bfloat16_cache" in result else ""), flush=True)
         del llm
     record.update(command=" ".join([Path(sys.executable).name, *sys.argv]), commit=git_commit(),
                   machine=f"{platform.machine()} CPU, {platform.system()}", seconds=round(time.perf_counter() - start))
