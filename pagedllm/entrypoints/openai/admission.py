@@ -94,7 +94,7 @@ class AdmissionControl:
     def is_overloaded(self) -> bool:
         """A new request would be refused for the queue's length (readiness says 503 meanwhile)."""
         limit = self.config.max_num_waiting
-        return limit is not None and self.num_waiting >= limit
+        return limit is not None and self.num_in_flight >= self.config.max_num_seqs + limit
 
     def _refusal_reason(self, now: float) -> str | None:
         if self.is_overloaded():

@@ -141,6 +141,8 @@ class SamplingFields(RequestModel):
     spaces_between_special_tokens: bool = True
     prompt_logprobs: int | None = Field(None, ge=0)  # at most --max-logprobs
     priority: int = 0  # lower is scheduled sooner, under --scheduling-policy priority
+    # pagedllm's own: a server-side deadline in seconds; past it the request is aborted (KV freed) with a 408.
+    timeout: float | None = Field(None, gt=0)
     use_beam_search: bool = False  # n is then the beam width; see serving_beam_search.py
     length_penalty: float = 1.0  # beam search: a hypothesis scores cumulative logprob / length ** length_penalty
     # Constrained output: OpenAI's response_format, or vLLM's structured_outputs (exactly one of json, regex,

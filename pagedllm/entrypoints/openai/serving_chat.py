@@ -110,7 +110,8 @@ class OpenAIServingChat:
                                      media_type="text/event-stream")
         try:
             output = await run_unless_disconnected(raw_request, self._generate(prompt, params, request_id,
-                                                                               request.priority, lora))
+                                                                               request.priority, lora,
+                                                                               request.timeout))
         except ValueError as exc:
             raise from_value_error(exc, _FIELDS, default_param="messages") from None
         return json_response(self._response(request, output, request_id, model_name, fmt))
@@ -143,10 +144,10 @@ class OpenAIServingChat:
     # ---- whole responses -------------------------------------------------------------------------------------
 
     async def _generate(self, prompt: dict[str, Any], params: SamplingParams, request_id: str,
-                        priority: int, lora: LoRARequest | None) -> RequestOutput:
+                        priority: int, lora: LoRARequest | None, timeout_s: float | None = None) -> RequestOutput:
         final = None
         async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id, priority,
-                                              lora)) as outputs:
+                                              lora, timeout_s)) as outputs:
             async for _, output in outputs:
                 final = output
         return final
@@ -233,8 +234,8 @@ class OpenAIServingChat:
         choice_streams = {index: fmt.choice_stream() for index in range(request.n)} if not plain else {}
         try:
             async with aclosing(merge_generations(self.ctx.engine, [prompt], [params], request_id,
-                                                  request.priority, self.ctx.models.lora_request(request.model))
-                                ) as outputs:
+                                                  request.priority, self.ctx.models.lora_request(request.model),
+                                                  request.timeout)) as outputs:
                 async for _, output in outputs:
                     choices = []
                     for completion in output.outputs:

@@ -252,13 +252,14 @@ def _structured_outputs_message(message: str, param: str) -> str:
 
 async def merge_generations(
     engine: AsyncEngine, prompts: Sequence[dict[str, Any]], params: Sequence[SamplingParams], request_id: str,
-    priority: int = 0, lora_request: LoRARequest | None = None,
+    priority: int = 0, lora_request: LoRARequest | None = None, timeout_s: float | None = None,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of one engine request per prompt as ``(prompt index, output)``, in arrival order. When the consumer
     stops early (client gone, error), every engine request still running is aborted."""
     # aclosing: closing this generator closes the engine's at once (which aborts), not whenever it is collected.
     if len(prompts) == 1:  # the common case: no tasks, no queue
-        async with aclosing(engine.generate(prompts[0], params[0], request_id, priority, lora_request)) as outputs:
+        request = engine.generate(prompts[0], params[0], request_id, priority, lora_request, timeout_s)
+        async with aclosing(request) as outputs:
             async for output in outputs:
                 yield 0, output
         return
@@ -266,7 +267,8 @@ async def merge_generations(
 
     async def pump(index: int) -> None:
         try:
-            request = engine.generate(prompts[index], params[index], f"{request_id}-{index}", priority, lora_request)
+            request = engine.generate(prompts[index], params[index], f"{request_id}-{index}", priority, lora_request,
+                                      timeout_s)
             async with aclosing(request) as outputs:
                 async for output in outputs:
                     queue.put_nowait((index, output))

@@ -92,7 +92,8 @@ class OpenAIServingCompletion:
                                      media_type="text/event-stream")
         try:
             outputs = await run_unless_disconnected(raw_request, self._generate_all(prompts, params, request_id,
-                                                                                    request.priority, lora))
+                                                                                    request.priority, lora,
+                                                                                    request.timeout))
         except ValueError as exc:  # bad input the engine found that the checks above let through
             raise from_value_error(exc, _FIELDS, default_param="prompt") from None
         return json_response(self._response(request, prompts, outputs, request_id, model_name))
@@ -157,11 +158,12 @@ class OpenAIServingCompletion:
     # ---- whole responses -------------------------------------------------------------------------------------
 
     async def _generate_all(self, prompts: list[_Prompt], params: list[SamplingParams], request_id: str,
-                            priority: int, lora: LoRARequest | None) -> dict[int, RequestOutput]:
+                            priority: int, lora: LoRARequest | None,
+                            timeout_s: float | None = None) -> dict[int, RequestOutput]:
         finals: dict[int, RequestOutput] = {}
         inputs = [prompt.engine_input() for prompt in prompts]
         async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id, priority,
-                                              lora)) as outputs:
+                                              lora, timeout_s)) as outputs:
             async for index, output in outputs:
                 finals[index] = output  # FINAL_ONLY: the one output of a finished prompt
         return finals
@@ -241,8 +243,8 @@ class OpenAIServingCompletion:
         inputs = [prompt.engine_input() for prompt in prompts]
         try:
             async with aclosing(merge_generations(self.ctx.engine, inputs, params, request_id,
-                                                  request.priority, self.ctx.models.lora_request(request.model))
-                                ) as outputs:
+                                                  request.priority, self.ctx.models.lora_request(request.model),
+                                                  request.timeout)) as outputs:
                 async for prompt_index, output in outputs:
                     choices = self._stream_choices(request, prompts[prompt_index], prompt_index, output, state)
                     if choices:

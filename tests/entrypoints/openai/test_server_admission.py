@@ -1,0 +1,123 @@
+"""Admission control through a real server: a bounded loopback burst at 3x capacity gets 429s with Retry-After,
+no admitted request waits past the queue delay, /ready says 503 while the queue is full, a request past its own
+timeout is a 408, and afterwards nothing runs, waits or holds KV blocks.
+
+Counts and invariants only: the one time bound (first token within the delay) is the server's own guarantee plus
+generous slack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.entrypoints.openai.conftest import ENGINE_FLAGS, RemoteServer
+
+MAX_NUM_SEQS, MAX_NUM_WAITING, DELAY_S = 2, 2, 2.0
+CAPACITY = MAX_NUM_SEQS + MAX_NUM_WAITING  # requests the server holds at once
+SLACK_S = 5.0  # the engine checks deadlines once per step; a loaded test machine adds scheduling delays
+
+
+@dataclass
+class Outcome:
+    status: int
+    retry_after: str | None = None
+    error_code: str | None = None
+    first_token_s: float | None = None
+    completed: bool = False
+
+
+@pytest.fixture(scope="module")
+def admission_server(server_model_dir, tmp_path_factory):
+    flags = [*ENGINE_FLAGS, "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-waiting", str(MAX_NUM_WAITING),
+             "--max-queue-delay-ms", str(int(DELAY_S * 1000))]
+    remote = RemoteServer(server_model_dir, flags, tmp_path_factory.mktemp("admission_logs"))
+    yield remote
+    remote.terminate()
+
+
+async def stream_completion(client: httpx.AsyncClient, max_tokens: int) -> Outcome:
+    body = {"prompt": "hello there", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    start = time.monotonic()
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            error = json.loads(await response.aread())["error"]
+            return Outcome(response.status_code, response.headers.get("retry-after"), error["code"])
+        outcome = Outcome(200)
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                outcome.completed = outcome.error_code is None
+            elif "error" in (chunk := json.loads(line[6:])):
+                outcome.error_code = chunk["error"]["code"]
+            elif outcome.first_token_s is None:
+                outcome.first_token_s = time.monotonic() - start
+        return outcome
+
+
+async def burst(base_url: str, num_waves: int, per_wave: int, max_tokens: int) -> list[Outcome]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+        outcomes = []
+        for _ in range(num_waves):
+            outcomes += await asyncio.gather(*(stream_completion(client, max_tokens) for _ in range(per_wave)))
+        return outcomes
+
+
+def rejected(metrics_text: str, reason: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "pagedllm:request_rejected_total" and sample.labels.get("reason") == reason:
+                return sample.value
+    raise AssertionError(f"no request_rejected_total sample for reason {reason}")
+
+
+def test_burst_at_three_times_capacity(admission_server):
+    outcomes = asyncio.run(burst(admission_server.base_url, num_waves=3, per_wave=3 * CAPACITY, max_tokens=32))
+    refused = [o for o in outcomes if o.status == 429]  # refused at once, with a retry hint
+    served = [o for o in outcomes if o.completed]
+    assert {o.status for o in outcomes} <= {200, 429}, outcomes
+    assert refused and served, outcomes
+    assert all(o.error_code == "server_overloaded" and o.retry_after.isdigit() and int(o.retry_after) >= 1
+               for o in refused), refused
+    # Admitted: served with a first token within the delay, or dropped at it with a clear error (never both).
+    assert all(o.first_token_s <= DELAY_S + SLACK_S for o in served), [o.first_token_s for o in served]
+    assert all(o.completed or o.error_code == "queue_timeout" for o in outcomes if o.status == 200), outcomes
+    metrics = admission_server.wait_idle(timeout=30)
+    assert metrics["pagedllm:num_requests_running"] == 0 and metrics["pagedllm:num_requests_waiting"] == 0
+    assert metrics["pagedllm:kv_cache_usage_perc"] == 0
+    text = httpx.get(admission_server.url_for("/metrics")).text
+    assert rejected(text, "max_num_waiting") + rejected(text, "max_queue_delay") == len(refused)
+
+
+def test_ready_is_503_while_the_queue_is_full(admission_server):
+    async def run() -> tuple[int, int, int]:
+        async with httpx.AsyncClient(base_url=admission_server.base_url, timeout=60) as client:
+            body = {"prompt": "hi", "max_tokens": 900, "temperature": 0, "ignore_eos": True, "stream": True}
+            streams = [client.stream("POST", "/v1/completions", json=body) for _ in range(CAPACITY)]
+            responses = [await stream.__aenter__() for stream in streams]  # headers: each is admitted
+            full = (await client.get("/ready")).status_code
+            extra = (await client.post("/v1/completions", json=body)).status_code
+            for stream in streams:  # hanging up aborts them
+                await stream.__aexit__(None, None, None)
+            assert all(response.status_code == 200 for response in responses)
+            return full, extra
+
+    full, extra = asyncio.run(run())
+    assert (full, extra) == (503, 429)
+    admission_server.wait_idle(timeout=30)
+    assert httpx.get(admission_server.url_for("/ready")).status_code == 200
+
+
+def test_request_past_its_timeout_is_a_408(admission_server):
+    body = {"prompt": "hi", "max_tokens": 900, "temperature": 0, "ignore_eos": True, "timeout": 0.2}
+    response = httpx.post(admission_server.url_for("/v1/completions"), json=body, timeout=60)
+    assert response.status_code == 408, response.text
+    assert response.json()["error"]["code"] == "request_timeout"
+    assert admission_server.wait_idle(timeout=30)["pagedllm:kv_cache_usage_perc"] == 0
