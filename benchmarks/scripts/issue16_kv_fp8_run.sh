@@ -11,10 +11,10 @@ for section in "$@"; do
   echo "=== $section $(date +%T)"
   case $section in
     tests)
-      timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -rs tests/attention/test_kv_cache_fp8.py \
+      timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -rfEs tests/attention/test_kv_cache_fp8.py \
         tests/attention/test_triton_paged_fp8.py tests/model/test_triton_ops_fp8.py \
         tests/entrypoints/test_llm_kv_cache_fp8.py tests/attention/test_triton_paged.py tests/model/test_triton_ops.py \
-        2>&1 | tail -15 ;;
+        2>&1 | grep -E "^(FAILED|ERROR|SKIPPED)|^E  |passed|failed" | tail -40 ;;
     nano)
       for dtype in ${NANO_DTYPES:-auto fp8}; do
         echo "--- kv-cache-dtype $dtype"

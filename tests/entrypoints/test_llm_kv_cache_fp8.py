@@ -180,16 +180,17 @@ def test_fp8_cache_on_cuda_graphs_match_eager_steps_and_swap(tiny_model, cache_d
     memory keeps them."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    common = dict(device="cuda", dtype="float32", max_model_len=128, max_num_seqs=16, skip_tokenizer_init=True,
-                  kv_cache_dtype=cache_dtype, calculate_kv_scales=True, enable_prefix_caching=False)
-    batch = prompts(11, seed=3)
+    common = dict(device="cuda", dtype="float32", block_size=4, max_model_len=96, max_num_seqs=16,
+                  max_num_batched_tokens=48, skip_tokenizer_init=True, kv_cache_dtype=cache_dtype,
+                  calculate_kv_scales=True, enable_prefix_caching=False)
+    batch = prompts(16, seed=2)  # 30 blocks of 4 tokens cannot hold them all at once: preemptions
     graphed = LLM(tiny_model("qwen3"), num_gpu_blocks_override=256, **common)
     assert runner(graphed).use_cuda_graphs and runner(graphed).kv_caches[0].dtype.itemsize == 1
     expected = [o.outputs[0].token_ids for o in graphed.generate(batch, GREEDY, use_tqdm=False)]
     assert all(a.k_scale.item() != 1.0 for a in attention_layers(graphed))
     eager = LLM(tiny_model("qwen3"), num_gpu_blocks_override=256, enforce_eager=True, **common)
     assert [o.outputs[0].token_ids for o in eager.generate(batch, GREEDY, use_tqdm=False)] == expected
-    swapping = LLM(tiny_model("qwen3"), num_gpu_blocks_override=40, preemption_mode="swap", swap_space=0.01,
+    swapping = LLM(tiny_model("qwen3"), num_gpu_blocks_override=30, preemption_mode="swap", swap_space=0.01,
                    **common)
     assert [o.outputs[0].token_ids for o in swapping.generate(batch, GREEDY, use_tqdm=False)] == expected
     assert metric(swapping, "num_swap_preemptions_total") > 0
@@ -199,13 +200,11 @@ def test_fp8_cache_on_cuda_graphs_match_eager_steps_and_swap(tiny_model, cache_d
 def test_fp8_cache_on_cuda_mostly_agrees_with_bfloat16(tiny_model) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    # A byte budget, not gpu_memory_utilization: the second engine's share would count the first one's cache.
     common = dict(device="cuda", dtype="bfloat16", max_model_len=256, skip_tokenizer_init=True,
-                  gpu_memory_utilization=0.3)
+                  kv_cache_memory_bytes=64 << 20)
     bf16 = LLM(tiny_model("llama"), **common)
     fp8 = LLM(tiny_model("llama"), kv_cache_dtype="fp8", calculate_kv_scales=True, **common)
-    report_bf16, report_fp8 = (llm.llm_engine.engine_core.startup_report for llm in (bf16, fp8))
-    print(f"KV tokens at gpu_memory_utilization 0.3: bf16 {report_bf16['kv_cache_tokens']}, "
-          f"fp8 {report_fp8['kv_cache_tokens']}")
     outputs = bf16.generate(prompts(8), SamplingParams(temperature=0, max_tokens=128, ignore_eos=True), use_tqdm=False)
     sequences = [o.prompt_token_ids + o.outputs[0].token_ids for o in outputs]
     pairs = [(a, b) for r, f in zip(teacher_forced_top1(bf16, sequences), teacher_forced_top1(fp8, sequences))
