@@ -80,6 +80,9 @@ def _add_throughput(subparsers: argparse._SubParsersAction) -> None:
                              "max_tokens = the tokens it generated constrained, and the record reports both and the "
                              "throughput loss (default: 0, no constraints)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar during the timed run")
+    parser.add_argument("--num-loras", type=int, default=0, metavar="N",
+                        help="N random LoRA adapters of rank --max-lora-rank on all projections, requests spread "
+                             "evenly over them (--max-loras of them in one step); 0 = the base model (default: 0)")
     _add_output_json(parser)
     parser.set_defaults(func=_runner("throughput"))
 

@@ -67,7 +67,7 @@ def engine_dtype(llm) -> str:
     return llm.llm_engine.config.model_config.dtype
 
 
-def run_workload(llm, workload: Workload, use_tqdm: bool = False) -> EngineRun:
+def run_workload(llm, workload: Workload, use_tqdm: bool = False, lora_requests: list | None = None) -> EngineRun:
     """One timed ``LLM.generate`` over the whole workload, tracking the peak KV usage, the preemptions, the prefix
     cache's queries and hits (deltas of the engine's counters over this call) and each request's TTFT."""
     from pagedllm.bench.device import synchronize
@@ -81,7 +81,7 @@ def run_workload(llm, workload: Workload, use_tqdm: bool = False) -> EngineRun:
     with _kv_usage_probe(llm) as peak:
         synchronize(device)
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+        outputs = llm.generate(prompts, params, use_tqdm=use_tqdm, lora_request=lora_requests)
         synchronize(device)
         elapsed = time.perf_counter() - start
     delta = {name: int(value - before[name]) for name, value in counter_values(llm).items()}
@@ -123,12 +123,14 @@ def _tpot_s(output) -> float | None:
     return (metrics.last_token_time - metrics.first_token_time) / (num_tokens - 1)
 
 
-def warm_up(llm, workload: Workload, num_requests: int = 2, num_tokens: int = 8) -> float:
-    """A short untimed generate of 16-token prompts: loads kernels and allocator pools. Its prompts start with a
-    token no workload prompt starts with, so the blocks it leaves in the prefix cache can never be hit later."""
+def warm_up(llm, workload: Workload, num_requests: int = 2, num_tokens: int = 8, lora_requests: list | None = None
+            ) -> float:
+    """A short untimed generate of 16-token prompts: loads kernels and allocator pools (and, with adapters, puts
+    the first ones in their slots). Its prompts start with a token no workload prompt starts with, so the blocks it
+    leaves in the prefix cache can never be hit later."""
     tiny = Workload("warmup", [BenchRequest(warmup_prompt(workload), num_tokens)] * num_requests,
                     workload.temperature, True)
-    return run_workload(llm, tiny).elapsed_s
+    return run_workload(llm, tiny, lora_requests=lora_requests[:num_requests] if lora_requests else None).elapsed_s
 
 
 def warmup_prompt(workload: Workload, length: int = 16) -> list[int]:

@@ -20,6 +20,7 @@ from pagedllm.bench.common import (
 )
 from pagedllm.bench.device import device_name, measure_bandwidth
 from pagedllm.bench.engine_runner import EngineRun, engine_kwargs, fit_context, run_workload, warm_up
+from pagedllm.bench.lora import random_adapters, spread
 from pagedllm.bench.models import model_label, resolve_model
 from pagedllm.bench.record import base_record, throughput_figures, write_record
 from pagedllm.bench.roofline import roofline
@@ -43,15 +44,19 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     baselines = run_baselines(args.compare, model_dir, workload, model_config.dtype, device, args.seed)
 
     args = fit_context(args, workload, model_config.max_model_len, device)
+    adapters = random_adapters(model_config, args.num_loras, args.max_lora_rank, args.seed) if args.num_loras else []
+    lora_requests = spread(adapters, len(workload.requests))
+    if adapters:
+        args = argparse.Namespace(**{**vars(args), "enable_lora": True})
     start = time.perf_counter()
     llm = build_llm(model_dir, args)
     load_s = time.perf_counter() - start
-    warmup_s = warm_up(llm, workload)
+    warmup_s = warm_up(llm, workload, lora_requests=lora_requests)
     structured = None
     if args.structured_fraction > 0:
         result, structured = run_structured(llm, workload, args.structured_fraction)
     else:
-        result = run_workload(llm, workload, use_tqdm=not args.disable_tqdm)
+        result = run_workload(llm, workload, use_tqdm=not args.disable_tqdm, lora_requests=lora_requests)
 
     config = {**_config(args, model_config.dtype, device),
               "enable_prefix_caching": llm.llm_engine.config.cache_config.enable_prefix_caching}  # as resolved
@@ -77,6 +82,9 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     })
     if structured is not None:
         record["structured_outputs"] = structured
+    if adapters:
+        record["lora"] = {"num_loras": len(adapters), "max_loras": args.max_loras, "rank": args.max_lora_rank,
+                          "slot_loads": llm.llm_engine.engine_core.model_runner.lora.num_slot_loads}
     return record
 
 
