@@ -19,14 +19,16 @@ _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", 
 
 
 def random_adapters(model_config: ModelConfig, num_loras: int, rank: int, seed: int = 0,
-                    root: str | None = None) -> list[LoRARequest]:
-    """``num_loras`` random adapters written under ``root`` (a new temporary directory by default)."""
+                    root: str | None = None, scale: float = 0.01) -> list[LoRARequest]:
+    """``num_loras`` random adapters written under ``root`` (a new temporary directory by default); weights are
+    normal with standard deviation ``scale``."""
     directory = Path(root or tempfile.mkdtemp(prefix="pagedllm-bench-loras-"))
-    return [_write_adapter(model_config, directory / f"lora-{index}", rank, seed + index, index + 1)
+    return [_write_adapter(model_config, directory / f"lora-{index}", rank, seed + index, index + 1, scale)
             for index in range(num_loras)]
 
 
-def _write_adapter(model_config: ModelConfig, path: Path, rank: int, seed: int, lora_id: int) -> LoRARequest:
+def _write_adapter(model_config: ModelConfig, path: Path, rank: int, seed: int, lora_id: int,
+                   scale: float) -> LoRARequest:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
@@ -38,14 +40,14 @@ def _write_adapter(model_config: ModelConfig, path: Path, rank: int, seed: int, 
     for layer in range(model_config.num_hidden_layers):
         for module, (in_size, out_size) in module_shapes(model_config).items():
             prefix = f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = _random((rank, in_size), generator)
-            tensors[f"{prefix}.lora_B.weight"] = _random((out_size, rank), generator)
+            tensors[f"{prefix}.lora_A.weight"] = _random((rank, in_size), generator, scale)
+            tensors[f"{prefix}.lora_B.weight"] = _random((out_size, rank), generator, scale)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     return LoRARequest(path.name, lora_id, str(path))
 
 
-def _random(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    return (torch.randn(shape, generator=generator) * 0.01).to(torch.bfloat16)
+def _random(shape: tuple[int, int], generator: torch.Generator, scale: float) -> torch.Tensor:
+    return torch.randn(shape, generator=generator) * scale
 
 
 def spread(adapters: list[LoRARequest], num_requests: int) -> list[LoRARequest | None] | None:
