@@ -26,6 +26,11 @@ from pagedllm.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
+# Above this many tokens an eager step computes the delta as one GEMM pair per adapter (its tokens gathered) instead
+# of the per-token kernels, which read each token's A and B again: right for decode-sized steps (and the CUDA graphs,
+# which go up to 256 tokens), wasteful for a long prefill.
+MAX_KERNEL_TOKENS = 256
+
 # HF module -> (the fused layer it lives in, under a decoder layer; its shard there).
 MODULE_PLACES = {
     "q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1), "v_proj": ("self_attn.qkv_proj", 2),
@@ -50,6 +55,7 @@ class LoRASlotPool:
         token_slots = torch.full((max_num_tokens,), -1, dtype=torch.int32, device=device) if is_cuda \
             else self._slots_host
         self.context = LoRAStepContext(token_slots, use_kernels)
+        self.kernels_available = use_kernels
         self.layers: dict[tuple[int, str], LoRALayerWeights] = {}
         self._attach(model)
         self._cpu_cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
@@ -133,6 +139,7 @@ class LoRASlotPool:
         context = self.context
         context.is_active = bool(present)
         num_tokens = self._num_staged = sum(query_lens)
+        context.use_kernels = self.kernels_available and num_tokens <= MAX_KERNEL_TOKENS
         if not present:
             self._slots_np[:num_tokens] = -1
             context.groups = []
@@ -155,6 +162,7 @@ class LoRASlotPool:
         """Before capturing CUDA graphs: every LoRA layer runs, reading only device data (the slot buffer)."""
         self.context.is_active = True
         self.context.groups = None
+        self.context.use_kernels = self.kernels_available
         self._num_staged = 0
 
 
