@@ -144,3 +144,26 @@ def test_lora_modules_flag_forms():
     for bad in ("nopath", "=x", '{"name": "s"}'):
         with pytest.raises(ValueError):
             parse_lora_module(bad)
+
+
+def test_requests_running_on_an_unloaded_adapter_finish_first(lora_server, offline, lora_adapter):
+    path = lora_adapter("llama", "mlp_r16_rslora")
+    assert post(lora_server, "/v1/load_lora_adapter", {"lora_name": "leaving", "lora_path": path}).status_code == 200
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    expected = offline.generate({"prompt_token_ids": PROMPTS[0]}, params, use_tqdm=False,
+                                lora_request=LoRARequest("leaving", 9, path))[0].outputs[0].token_ids
+
+    async def run() -> tuple[list[int], int]:
+        client = lora_server.async_client()
+        running = asyncio.create_task(client.completions.create(
+            model="leaving", prompt=PROMPTS[0], max_tokens=100, temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True}))
+        await asyncio.sleep(0.3)  # the request is running (100 tokens take longer on CPU)
+        async with httpx.AsyncClient() as http:
+            unload = await http.post(lora_server.url_for("/v1/unload_lora_adapter"), json={"lora_name": "leaving"})
+        response = await running
+        await client.close()
+        return response.choices[0].token_ids, unload.status_code
+
+    tokens, status = asyncio.run(run())
+    assert status == 200 and tokens == expected
