@@ -273,6 +273,12 @@ class AsyncEngine:
         on to their end."""
         self._draining = True
 
+    @property
+    def num_requests_in_flight(self) -> int:
+        """Requests added and not yet finished (those in the inbox too): what an unload waits for. Read without a
+        lock: an estimate that is exact once it reaches 0 while draining (no new request can come)."""
+        return len(self._streams) + self._inbox.qsize()
+
     def get_metrics(self) -> list[Metric]:
         return [*self.engine.get_metrics(), *self._deadlines.metrics()]
 

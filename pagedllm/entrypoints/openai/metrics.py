@@ -47,21 +47,26 @@ _DOCS = {
 }
 
 
-class EngineCollector(Collector):
-    """Turns ``engine.get_metrics()`` into Prometheus metric families, labelled with the served model name."""
+MetricSources = Callable[[], list[tuple[str, Callable[[], list[EngineMetric]]]]]
 
-    def __init__(self, get_metrics: Callable[[], list[EngineMetric]], model_name: str) -> None:
-        self._get_metrics = get_metrics
-        self._model_name = model_name
+
+class EngineCollector(Collector):
+    """Turns engines' ``get_metrics()`` into Prometheus metric families, each sample labelled with its model's served
+    name. Several engines (a server of several models) share one family per metric name: the text format allows a
+    family only once per exposition."""
+
+    def __init__(self, sources: MetricSources) -> None:
+        self._sources = sources  # read at every scrape: models come and go at run time
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
-        for metric in self._get_metrics():
-            labels = {"model_name": self._model_name, **metric.labels}
-            family = families.get(metric.name)
-            if family is None:
-                family = families[metric.name] = _new_family(metric, list(labels))
-            _add_sample(family, metric, labels)
+        for model_name, get_metrics in self._sources():
+            for metric in get_metrics():
+                labels = {"model_name": model_name, **metric.labels}
+                family = families.get(metric.name)
+                if family is None:
+                    family = families[metric.name] = _new_family(metric, list(labels))
+                _add_sample(family, metric, labels)
         yield from families.values()
 
 
@@ -86,8 +91,13 @@ def _add_sample(family: Metric, metric: EngineMetric, labels: dict[str, str]) ->
 
 def build_registry(get_metrics: Callable[[], list[EngineMetric]], model_name: str) -> CollectorRegistry:
     """A registry of its own (not the process-global one), so several apps can live in one process."""
+    return build_models_registry(lambda: [(model_name, get_metrics)])
+
+
+def build_models_registry(sources: MetricSources) -> CollectorRegistry:
+    """The registry of a server of several models: ``sources()`` gives (served name, get_metrics) per model."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(get_metrics, model_name))
+    registry.register(EngineCollector(sources))
     ProcessCollector(registry=registry)  # process_* metrics: CPU seconds, resident memory, open fds
     return registry
 

@@ -142,19 +142,7 @@ def _generation_defaults(args: argparse.Namespace, model_path: str) -> Generatio
 def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> FastAPI:
     """The FastAPI app serving ``engine``; shutting the app down (lifespan end) shuts the engine down."""
     config = args if isinstance(args, ServerConfig) else ServerConfig.from_args(args, engine)
-    max_model_len = engine.config.scheduler_config.max_model_len
-    ctx = ServingContext(
-        engine=engine,
-        models=ServedModels(config.served_model_names, max_model_len, _served_loras(engine, config)),
-        tokenizer=engine.tokenizer,
-        max_model_len=max_model_len,
-        vocab_size=engine.model_config.vocab_size,
-        chat_template=config.chat_template,
-        generation_defaults=config.generation_defaults,
-        limits=config.limits,
-        reasoning_parser=config.reasoning_parser,
-        auto_tool_parser=config.auto_tool_parser,
-    )
+    ctx = serving_context(engine, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -192,6 +180,23 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
         app.include_router(_lora_routes(ctx.models.loras), dependencies=key_check)
     install_openapi(app)
     return app
+
+
+def serving_context(engine: AsyncEngine, config: ServerConfig) -> ServingContext:
+    """What the handlers of one model need (a server of several models builds one per model)."""
+    max_model_len = engine.config.scheduler_config.max_model_len
+    return ServingContext(
+        engine=engine,
+        models=ServedModels(config.served_model_names, max_model_len, _served_loras(engine, config)),
+        tokenizer=engine.tokenizer,
+        max_model_len=max_model_len,
+        vocab_size=engine.model_config.vocab_size,
+        chat_template=config.chat_template,
+        generation_defaults=config.generation_defaults,
+        limits=config.limits,
+        reasoning_parser=config.reasoning_parser,
+        auto_tool_parser=config.auto_tool_parser,
+    )
 
 
 def _admission_control(config: AdmissionConfig | None, engine: AsyncEngine) -> AdmissionControl:
