@@ -107,8 +107,9 @@ def _per_channel_scale(loaded: torch.Tensor, shard_sizes: list[int], strategy: W
     """One scale per output row: a per-tensor scale of each shard repeated over that shard's rows."""
     if strategy == "channel":
         return loaded.reshape(-1)
-    sizes = torch.tensor(shard_sizes, device=loaded.device)
-    return loaded.reshape(-1).repeat_interleave(sizes)
+    # expand + cat rather than repeat_interleave: sizes known on the host, so this also runs on the meta device.
+    per_shard = loaded.reshape(-1)
+    return torch.cat([per_shard[i].expand(size) for i, size in enumerate(shard_sizes)])
 
 
 def _dummy_fp8_weight(weight: torch.Tensor, generator: torch.Generator) -> None:
