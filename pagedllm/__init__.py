@@ -6,12 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "Logprob", "LoRARequest", "RequestOutput", "SamplingParams",
-           "StructuredOutputsParams", "__version__"]
+__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "Logprob",
+           "LoRARequest", "PoolingParams", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "__version__"]
 
 if TYPE_CHECKING:
     from pagedllm.entrypoints.llm import LLM
     from pagedllm.lora.request import LoRARequest
+    from pagedllm.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingParams
     from pagedllm.params import (
         BeamSearchParams,
         CompletionOutput,
@@ -33,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from pagedllm import params
 
         return getattr(params, name)
+    if name in ("PoolingParams", "EmbeddingOutput", "EmbeddingRequestOutput"):
+        from pagedllm import pooling
+
+        return getattr(pooling, name)
     if name == "LoRARequest":
         from pagedllm.lora.request import LoRARequest
 

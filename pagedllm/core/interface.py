@@ -13,6 +13,7 @@ import msgspec
 
 from pagedllm.lora.request import LoRARequest
 from pagedllm.params import SamplingParams
+from pagedllm.pooling.params import PoolingParams
 
 
 @dataclass(slots=True)
@@ -29,6 +30,8 @@ class NewRequestData:
     # The request's grammar state (engine-side object, shared in-process), or None when unconstrained.
     structured_output: object | None = None
     lora_request: LoRARequest | None = None  # the adapter it runs with; None = the base model
+    # Set (resolved) for an embedding request: the runner pools its prompt's hidden states instead of sampling.
+    pooling_params: PoolingParams | None = None
 
 
 @dataclass(slots=True)
@@ -93,6 +96,8 @@ class ModelRunnerOutput:
     # Requests whose grammar is complete with this step's token (the runner owns the grammar matchers: the
     # scheduler, possibly a step behind them under async scheduling, learns it from here).
     grammars_terminated: set[str] = field(default_factory=set)
+    # req_id -> the pooled vector of an embedding request whose prompt was completed this step (plain floats).
+    pooled_outputs: dict[str, list[float]] = field(default_factory=dict)
 
 
 # ---- what the scheduler hands out after each step (they cross to the front end: see engine/contracts.py) ----------
@@ -109,6 +114,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     error: str | None = None  # the engine failed this request (finish_reason "abort"): why, about it only
+    pooled_output: list[float] | None = None  # an embedding request's vector (it finishes with it)
 
     @property
     def finished(self) -> bool:

@@ -41,6 +41,8 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
+        if request.pooling_params is not None and request.pooling_params.needs_every_position:
+            return [], 0  # mean / first-token pooling reads every prompt position's hidden state: none is skipped
         tokens = request.all_token_ids
         max_cached_blocks = (len(tokens) - 1) // self.block_size
         hits: list[KVBlock] = []

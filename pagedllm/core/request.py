@@ -8,6 +8,7 @@ import time
 
 from pagedllm.lora.request import LoRARequest
 from pagedllm.params import SamplingParams
+from pagedllm.pooling.params import PoolingParams
 
 _arrival_counter = itertools.count()
 
@@ -58,6 +59,7 @@ class Request:
         "num_output_placeholders",
         "num_preemptions",
         "output_token_ids",
+        "pooling_params",
         "priority",
         "prompt_token_ids",
         "request_id",
@@ -81,6 +83,7 @@ class Request:
         fork_source: str | None = None,
         structured_output: object | None = None,
         lora_request: LoRARequest | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
         self.request_id = request_id
         # Another sequence of the same prompt (parallel sampling): this one starts from its KV blocks, shared.
@@ -106,6 +109,12 @@ class Request:
         # or None for an unconstrained request.
         self.structured_output = structured_output
         self.lora_request = lora_request  # the adapter it runs with (None: the base model)
+        # An embedding request: its prompt is computed (prefill only), pooled, and it finishes; nothing is sampled.
+        self.pooling_params = pooling_params
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.pooling_params is not None
 
     @property
     def lora_int_id(self) -> int:

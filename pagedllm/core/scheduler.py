@@ -163,7 +163,7 @@ class Scheduler:
         for request_id, num_new in output.num_scheduled_tokens.items():
             request = requests[request_id]
             request.num_computed_tokens += num_new
-            if request.num_computed_tokens == request.num_tokens_with_placeholders:
+            if request.num_computed_tokens == request.num_tokens_with_placeholders and not request.is_pooling:
                 request.num_output_placeholders += 1
         self._unfinished_steps[output.step_id] = requests
 
@@ -215,7 +215,10 @@ class Scheduler:
         return preempted
 
     def _may_have_finished(self, request: Request) -> bool:
-        """Whether the token a step in flight samples for the request can be its last (by length)."""
+        """Whether the token a step in flight samples for the request can be its last (by length); for an embedding
+        request, whether its whole prompt is computed (its vector is in flight)."""
+        if request.is_pooling:
+            return request.num_computed_tokens >= request.num_prompt_tokens
         if not request.num_output_placeholders:
             return False
         return (request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
@@ -341,6 +344,7 @@ class Scheduler:
             num_computed_tokens=request.num_computed_tokens,
             structured_output=request.structured_output,
             lora_request=request.lora_request,
+            pooling_params=request.pooling_params,
         )
 
     def _swap_in(self, request: Request, num_new: int, output: SchedulerOutput) -> bool:
@@ -355,6 +359,8 @@ class Scheduler:
 
     def _should_swap(self, request: Request) -> bool:
         mode = self.config.preemption_mode
+        if request.is_pooling:
+            return False  # a prompt-only request recomputes cheaply, and the runner's partial pooling state is gone
         if mode == "recompute" or not self.kv_cache_manager.can_swap_out(request):
             return False
         return mode == "swap" or request.num_computed_tokens >= SWAP_MIN_TOKENS
@@ -454,6 +460,9 @@ class Scheduler:
                 continue  # finished (aborted, or stopped by a step in flight before) while the step ran
             new_token_ids = []
             was_running = request.status == RequestStatus.RUNNING
+            if request.is_pooling:
+                outputs += self._finish_pooled(request, runner_output.pooled_outputs.get(request_id))
+                continue
             token_id = runner_output.sampled_token_ids.get(request_id)
             if token_id is not None:
                 request.num_output_placeholders -= 1
@@ -479,6 +488,17 @@ class Scheduler:
         if self._quarantine.is_engaged and not scheduler_output.is_empty:
             self._report_success(scheduler_output, runner_output)
         return outputs
+
+    def _finish_pooled(self, request: Request, pooled: list[float] | None) -> list[EngineCoreOutput]:
+        """An embedding request's prompt is computed: it finishes with its vector and its blocks are freed now
+        (no KV is kept for it beyond what the prefix cache may reuse). A chunk before the last has no output."""
+        if pooled is None:
+            return []
+        request.status = RequestStatus.FINISHED_STOPPED
+        self.running.remove(request)
+        self._release(request)
+        return [EngineCoreOutput(request.request_id, [], finish_reason="stop", num_preemptions=request.num_preemptions,
+                                 pooled_output=pooled)]
 
     def _report_success(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
         """Tell the quarantine which scheduled requests caught up (sampled, or finished) in a step that worked."""

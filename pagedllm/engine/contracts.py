@@ -25,6 +25,7 @@ import msgspec
 from pagedllm.core.interface import EngineCoreOutput, SchedulerStats, TopLogprobs  # noqa: F401 - re-exported
 from pagedllm.lora.request import LoRARequest
 from pagedllm.params import SamplingParams, StructuredOutputsParams
+from pagedllm.pooling.params import PoolingParams
 
 
 # ---- front end -> core -------------------------------------------------------------------------------------------
@@ -43,6 +44,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     priority: int = 0
     fork_source: str | None = None  # another sequence of the same prompt whose KV blocks this one starts from
     lora_request: LoRARequest | None = None  # the adapter to run with (validated by the front end); None = base
+    pooling_params: PoolingParams | None = None  # an embedding request (resolved): pooled, never sampled
 
 
 class AddRequests(msgspec.Struct, tag=True, array_like=True):

@@ -131,6 +131,7 @@ class EngineCore:
             fork_source=core_request.fork_source,
             structured_output=grammar,
             lora_request=core_request.lora_request,
+            pooling_params=core_request.pooling_params,
         )
 
     def _grammars(self, core_requests: list[EngineCoreRequest]) -> list[object | None]:

@@ -21,6 +21,7 @@ from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.metrics import EngineMetrics
 from pagedllm.engine.processing import ProcessedRequest
 from pagedllm.params import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RequestOutputKind
+from pagedllm.pooling.outputs import EmbeddingOutput, EmbeddingRequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class _RequestState:
     metrics: RequestMetrics
     output_kind: RequestOutputKind  # processed.params.output_kind, read for every output
     prompt_logprobs_sent: bool = False
+    embedding: list[float] | None = None  # an embedding request's vector, once pooled
 
     @property
     def finished(self) -> bool:
@@ -197,6 +199,8 @@ class OutputProcessor:
         """Record one core output of a request; return True when a stop string finished its sequence."""
         if output.new_prompt_logprobs:
             self._record_prompt_logprobs(state, output)
+        if output.pooled_output is not None:
+            self._record_pooled(state, output.pooled_output, now)
         if output.new_token_ids:
             self._record_timing(state, len(output.new_token_ids), now)
         return self._update_sequence(sequence, output)
@@ -249,6 +253,16 @@ class OutputProcessor:
         if output.new_prompt_logprobs and state.prompt_logprobs is not None:
             state.prompt_logprobs.extend(self._to_logprob_dict(entry) for entry in output.new_prompt_logprobs)
 
+    def _record_pooled(self, state: _RequestState, embedding: list[float], now: float) -> None:
+        """The vector arrives when the prompt is computed: the metrics count it as the request's first output
+        (prompt tokens, time to first output, queue time); nothing is generated."""
+        state.embedding = embedding
+        metrics = state.metrics
+        metrics.first_token_time = metrics.last_token_time = now
+        if metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = now
+        self.metrics.record_first_token(state)
+
     def _record_timing(self, state: _RequestState, num_new: int, now: float) -> None:
         metrics = state.metrics
         if metrics.first_token_time is None:
@@ -272,6 +286,8 @@ class OutputProcessor:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def _make_output(self, state: _RequestState, touched: list[_SequenceState], finished: bool) -> RequestOutput:
+        if state.processed.pooling_params is not None:
+            return self._embedding_output(state)
         delta = state.output_kind == RequestOutputKind.DELTA
         sequences = touched if delta else list(state.sequences.values())
         processed = state.processed
@@ -279,6 +295,12 @@ class OutputProcessor:
         return RequestOutput(processed.request_id, processed.prompt, processed.prompt_token_ids,
                              self._prompt_logprobs_to_send(state, delta),
                              [self._completion(sequence, delta) for sequence in sequences], finished, state.metrics)
+
+    @staticmethod
+    def _embedding_output(state: _RequestState) -> EmbeddingRequestOutput:
+        processed = state.processed
+        return EmbeddingRequestOutput(processed.request_id, EmbeddingOutput(state.embedding or []),
+                                      processed.prompt_token_ids, True, processed.prompt, metrics=state.metrics)
 
     @staticmethod
     def _prompt_logprobs_to_send(state: _RequestState, delta: bool) -> list[dict[int, Logprob] | None] | None:

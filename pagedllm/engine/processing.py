@@ -18,7 +18,8 @@ from pagedllm.config import EngineConfig, ModelConfig
 from pagedllm.engine.contracts import EngineCoreRequest
 from pagedllm.lora.request import LoRARequest
 from pagedllm.lora.validation import LoRARequestValidator
-from pagedllm.params import SamplingParams
+from pagedllm.params import RequestOutputKind, SamplingParams
+from pagedllm.pooling.params import PoolingParams
 
 PromptInput = str | dict[str, Any]  # "text", {"prompt": "text"} or {"prompt_token_ids": [...]}
 
@@ -58,6 +59,7 @@ class ProcessedRequest:
     requests: list[EngineCoreRequest]  # what the engine core gets: plain data, grammars compiled there
     arrival_time: float
     lora_request: LoRARequest | None = None
+    pooling_params: PoolingParams | None = None  # an embedding request (resolved); ``params`` is then a stand-in
 
 
 class InputProcessor:
@@ -99,18 +101,22 @@ class InputProcessor:
 
     def check_structured_outputs(self, params: SamplingParams) -> None:
         """Raise ValueError now if the request's spec does not parse (the compile goes on in the background)."""
-        if params.structured_outputs is not None:
+        if getattr(params, "structured_outputs", None) is not None:  # (PoolingParams have none)
             self.structured_output_manager.new_requests(params.structured_outputs, 0)
 
     def process(
         self,
         request_id: str,
         prompt: PromptInput,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         arrival_time: float | None = None,
         priority: int = 0,
         lora_request: LoRARequest | None = None,
     ) -> ProcessedRequest:
+        """Validate and build the core requests: sampling for a generation engine, pooling for an embedding one
+        (each refuses the other's parameters)."""
+        if isinstance(params, PoolingParams) or self.config.is_pooling:
+            return self._process_pooling(request_id, prompt, params, arrival_time, priority, lora_request)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -137,6 +143,38 @@ class InputProcessor:
         ]
         return ProcessedRequest(request_id, prompt_text, prompt_token_ids, params, requests, arrival_time,
                                 lora_request)
+
+    def _process_pooling(self, request_id: str, prompt: PromptInput, params: PoolingParams | SamplingParams,
+                         arrival_time: float | None, priority: int, lora_request: LoRARequest | None
+                         ) -> ProcessedRequest:
+        """An embedding request: its prompt runs through the scheduler like a prefill and finishes pooled."""
+        _check_runner_accepts(self.config.is_pooling, params)
+        if lora_request is not None:
+            raise ValueError("LoRA adapters are not supported for embeddings")
+        pooling_params = params.resolved(self.config.pooler_config, self.model_config.hidden_size)
+        prompt_text, prompt_token_ids = self.tokenize(prompt)
+        prompt_token_ids = _truncated(prompt_token_ids, params.truncate_prompt_tokens, self.max_model_len)
+        self._validate_pooling_prompt(prompt_token_ids)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        # Never sampled (the request finishes when its prompt is computed); max_tokens 1 bounds it even so.
+        stand_in = _pooling_stand_in()
+        core_request = EngineCoreRequest(request_id, prompt_token_ids, stand_in, 0, 1, arrival_time, priority,
+                                         pooling_params=pooling_params)
+        return ProcessedRequest(request_id, prompt_text, prompt_token_ids, stand_in, [core_request], arrival_time,
+                                pooling_params=pooling_params)
+
+    def _validate_pooling_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise ValueError("The input is empty: it must contain at least one token")
+        vocab_size = self.model_config.vocab_size
+        out_of_range = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+        if out_of_range:
+            raise ValueError(f"Token id {out_of_range[0]} in the input is out of vocabulary (vocab_size={vocab_size})")
+        if len(prompt_token_ids) > self.max_model_len:
+            raise ValueError(
+                f"The input has {len(prompt_token_ids)} tokens, more than this model's maximum context length "
+                f"(max_model_len) of {self.max_model_len}. Shorten it, or set truncate_prompt_tokens."
+            )
 
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         """The prompt's text (if any) and token ids."""
@@ -183,6 +221,30 @@ def _is_list_of_ints(value: Any) -> bool:
     if set(map(type, value)) <= {int}:  # the usual case, a third of the time of the loop below
         return True
     return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _check_runner_accepts(is_pooling_engine: bool, params: object) -> None:
+    """An engine serves either generation or embeddings: a request for the other is refused, naming the flag."""
+    if is_pooling_engine and not isinstance(params, PoolingParams):
+        raise ValueError("This engine serves embeddings (runner='pooling' / task='embed'): it does not generate. "
+                         "Start it without --runner pooling / --task embed to generate text.")
+    if not is_pooling_engine:
+        raise ValueError("This engine generates text: embeddings need an engine started with runner='pooling' "
+                         "(--runner pooling, or task='embed' / --task embed).")
+
+
+def _pooling_stand_in() -> SamplingParams:
+    params = SamplingParams(max_tokens=1)
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    return params
+
+
+def _truncated(token_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int) -> list[int]:
+    """The last ``truncate_prompt_tokens`` tokens (-1: the last max_model_len), as vLLM truncates; all if None."""
+    if truncate_prompt_tokens is None:
+        return token_ids
+    keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    return token_ids[-keep:]
 
 
 def _child_id(request_id: str, index: int, n: int) -> str:

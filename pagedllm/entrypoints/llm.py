@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from pagedllm.entrypoints.generation_config import load_generation_defaults
 from pagedllm.lora.request import LoRARequest
 from pagedllm.params import BeamSearchParams, RequestOutput, RequestOutputKind, SamplingParams
 from pagedllm.platform import set_engine_cpu_threads
+from pagedllm.pooling.outputs import EmbeddingRequestOutput
+from pagedllm.pooling.params import PoolingParams
 
 
 class LLM:
@@ -41,10 +44,11 @@ class LLM:
         seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, enable_chunked_prefill,
         enable_prefix_caching, kv_cache_memory_bytes, num_gpu_blocks_override, gpu_memory_utilization,
         swap_space, preemption_mode, scheduling_policy, load_format, quantization, calculate_kv_scales, tokenizer,
-        skip_tokenizer_init, revision, enforce_eager, cpu_threads)
+        skip_tokenizer_init, revision, enforce_eager, cpu_threads, runner, task, pooler_config)
         is a field of ``pagedllm.config.EngineArgs``; an unknown one raises TypeError. ``generation_config``: where
         ``generate`` without sampling_params takes its defaults (``get_default_sampling_params``): ``"auto"`` the
-        model's generation_config.json, ``"vllm"`` none, or a directory holding one."""
+        model's generation_config.json, ``"vllm"`` none, or a directory holding one. ``task="embed"`` (or
+        ``runner="pooling"``) makes an embedding engine: ``embed`` works, ``generate`` is refused."""
         if tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         config = EngineArgs(model=model_or_default(model), kv_cache_dtype=kv_cache_dtype,
@@ -88,6 +92,23 @@ class LLM:
         if len(priorities) != len(prompt_list):
             raise ValueError(f"Got {len(priorities)} priorities for {len(prompt_list)} prompts")
         return self._run(prompt_list, params_list, priorities, use_tqdm, _per_prompt(lora_request, len(prompt_list)))
+
+    def embed(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (text or token ids), in input order; needs ``task="embed"``. Prompts are
+        batched through the scheduler as prefills (chunked when long); each finishes when its prompt is computed.
+        ``truncate_prompt_tokens``: embed only the last N tokens of longer prompts (-1: max_model_len)."""
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params_list = _pooling_params_per_prompt(pooling_params, len(prompt_list), truncate_prompt_tokens)
+        engine = self.llm_engine
+        processed = [engine.process_request(str(next(self._request_counter)), prompt, params)
+                     for prompt, params in zip(prompt_list, params_list)]
+        return self._run_processed(processed, use_tqdm)
 
     def beam_search(
         self, prompts: PromptInput | Sequence[PromptInput], params: BeamSearchParams, use_tqdm: bool = False
@@ -175,10 +196,15 @@ class LLM:
                                    lora_request=lora_request)
             for prompt, params, priority, lora_request in zip(prompts, params_list, priorities, lora_requests)
         ]
+        return self._run_processed(processed, use_tqdm)
+
+    def _run_processed(self, processed: list, use_tqdm: bool) -> list:
+        """Queue validated requests and step until all finish; their outputs in the order given."""
+        engine = self.llm_engine
         order = {p.request_id: index for index, p in enumerate(processed)}
         for request in processed:
             engine.add_processed(request)
-        results: dict[str, RequestOutput] = {}
+        results: dict[str, Any] = {}
         try:
             self._step_until_done(engine, results, len(processed), use_tqdm)
         finally:
@@ -195,7 +221,8 @@ class LLM:
             for output in engine.step():
                 if output.finished:
                     results[output.request_id] = output
-                    num_output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                    if isinstance(output, RequestOutput):
+                        num_output_tokens += sum(len(c.token_ids) for c in output.outputs)
                     progress.update(1)
                     progress.set_postfix_str(f"{num_output_tokens / (time.perf_counter() - start):.1f} tok/s out")
         progress.close()
@@ -210,6 +237,21 @@ def _per_prompt(lora_request: LoRARequest | Sequence[LoRARequest | None] | None,
     if len(requests) != num_prompts:
         raise ValueError(f"Got {len(requests)} lora_requests for {num_prompts} prompts: pass one, or one per prompt")
     return requests
+
+
+def _pooling_params_per_prompt(pooling_params: PoolingParams | Sequence[PoolingParams] | None, num_prompts: int,
+                               truncate_prompt_tokens: int | None) -> list[PoolingParams]:
+    """One PoolingParams per prompt (copies carrying ``truncate_prompt_tokens`` when given)."""
+    if pooling_params is None or isinstance(pooling_params, PoolingParams):
+        params_list = [pooling_params or PoolingParams()] * num_prompts
+    else:
+        params_list = list(pooling_params)
+        if len(params_list) != num_prompts:
+            raise ValueError(f"Got {len(params_list)} pooling_params for {num_prompts} prompts: pass one, or one per "
+                             "prompt")
+    if truncate_prompt_tokens is None:
+        return params_list
+    return [dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens) for params in params_list]
 
 
 def _final_only(params_list: list[SamplingParams]) -> list[SamplingParams]:

@@ -23,6 +23,8 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, NewRequestData, SchedulerOutput, TopLogprobs
 from pagedllm.model.loader import get_model, torch_dtype
 from pagedllm.params import SamplingParams
+from pagedllm.pooling.params import PoolingParams
+from pagedllm.pooling.pooler import Pooler, PoolingChunk
 from pagedllm.worker.cuda_graphs import (
     StepGraphs,
     capture_sizes,
@@ -71,6 +73,7 @@ class CachedRequestState:
     # Whether sampling reads the tokens generated so far (a grammar, penalties): a step with such a row waits for
     # the step in flight first.
     reads_output_history: bool = False
+    pooling_params: PoolingParams | None = None  # an embedding request: pooled when its prompt is computed
 
     @classmethod
     def from_new(cls, data: NewRequestData) -> CachedRequestState:
@@ -88,6 +91,7 @@ class CachedRequestState:
             output_token_ids=token_ids[data.num_prompt_tokens :],
             reads_output_history=data.structured_output is not None or _has_penalties(data.sampling_params),
             lora_request=data.lora_request,
+            pooling_params=data.pooling_params,
         )
 
     def append_output(self, token_id: int) -> None:
@@ -119,6 +123,7 @@ class _StepInputs:
     placeholder_indices: list[int] = field(default_factory=list)
     placeholder_sources: list[int] = field(default_factory=list)
     sample_index_tensor: torch.Tensor | None = None  # sample_indices on the device (None: every token samples)
+    pooling_chunks: list[PoolingChunk] = field(default_factory=list)  # embedding requests' rows, to pool
 
     @property
     def is_decode_only(self) -> bool:
@@ -146,6 +151,7 @@ class ModelRunner:
         logger.info("Model weights: %.2f GiB (quantization: %s)", self.weight_bytes / 2**30,
                     self.model_config.quantization or "none")
         self.sampler = Sampler()
+        self.pooler = Pooler()
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.cpu_kv_caches: list[torch.Tensor] = []  # the swap pool, same layout as kv_caches
@@ -436,6 +442,8 @@ class ModelRunner:
         hidden = self._forward(inputs)
         output = self._sample(hidden, inputs)
         output.prompt_logprobs.update(self._prompt_logprobs(hidden, inputs))  # (waits for the step: rare)
+        if inputs.pooling_chunks:  # (waits for the step: the vectors go to the host)
+            output.pooled_outputs.update(self.pooler.pool(hidden, inputs.pooling_chunks))
         return ReadyOutput(output) if isinstance(output, ModelRunnerOutput) else output
 
     def _read_earlier_steps(self, scheduler_output: SchedulerOutput) -> None:
@@ -506,6 +514,7 @@ class ModelRunner:
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
+            self.pooler.forget(req_id)
         for data in scheduler_output.new_reqs:
             state = self.requests[data.req_id] = CachedRequestState.from_new(data)
             state.block_table_version = next(self._block_table_versions)
@@ -527,6 +536,7 @@ class ModelRunner:
         query_lens, seq_lens = [], []
         sample_req_ids, sample_indices, prompt_spans = [], [], []
         placeholder_indices, placeholder_sources = [], []
+        pooling_chunks: list[PoolingChunk] = []
         for row, (req_id, num_new) in enumerate(scheduler_output.num_scheduled_tokens.items()):
             state = self.requests[req_id]
             start = state.num_computed_tokens
@@ -543,7 +553,10 @@ class ModelRunner:
             query_lens.append(num_new)
             seq_lens.append(end)
             buffers.write_block_table_row(row, state.block_table_version, state.block_ids)
-            if end == len(state.token_ids) + state.num_pending:
+            if state.pooling_params is not None:
+                pooling_chunks.append(PoolingChunk(req_id, state.pooling_params, flat_start, num_new, start,
+                                                   end == state.num_prompt_tokens))
+            elif end == len(state.token_ids) + state.num_pending:
                 sample_req_ids.append(req_id)
                 sample_indices.append(flat_start + num_new - 1)
             if state.sampling_params.prompt_logprobs is not None:
@@ -553,7 +566,7 @@ class ModelRunner:
             state.num_computed_tokens = end
 
         inputs = _StepInputs(len(token_ids), len(query_lens), query_lens, seq_lens, sample_req_ids, sample_indices,
-                             prompt_spans, placeholder_indices, placeholder_sources)
+                             prompt_spans, placeholder_indices, placeholder_sources, pooling_chunks=pooling_chunks)
         buffers.input_ids.np[: inputs.num_tokens] = token_ids
         self._stage_positions_and_slots(inputs)
         if self.lora is not None:

@@ -44,6 +44,7 @@ class PendingSampledOutput:
         self.copied = copied  # recorded after the copy on CUDA; None on CPU, where the copy is already done
         self.logprobs = logprobs
         self.prompt_logprobs: dict[str, list[TopLogprobs]] = {}  # computed at launch (they wait for the step)
+        self.pooled_outputs: dict[str, list[float]] = {}  # embedding vectors, also made at launch
         self._output: ModelRunnerOutput | None = None
 
     @property
@@ -60,7 +61,8 @@ class PendingSampledOutput:
     def _resolve(self, sampled: list[int]) -> ModelRunnerOutput:
         for state, token_id in zip(self.states, sampled):
             state.resolve_pending(token_id)
-        output = ModelRunnerOutput(dict(zip(self.req_ids, sampled)), prompt_logprobs=self.prompt_logprobs)
+        output = ModelRunnerOutput(dict(zip(self.req_ids, sampled)), prompt_logprobs=self.prompt_logprobs,
+                                   pooled_outputs=self.pooled_outputs)
         if self.logprobs is not None:
             output.logprobs = per_request_logprobs(self.req_ids, self.states, self.logprobs)
         return output
