@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pagedllm.model.gguf import find_gguf_file, gguf_to_hf_config  # torch-free at import, like this module
-from pagedllm.model.registry import SUPPORTED_ARCHITECTURES  # torch-free, like gguf
 from pagedllm.platform import resolve_attention_backend, resolve_device, resolve_dtype
-from pagedllm.pooling.config import PoolerConfig, load_pooler_config  # torch-free
 
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-# What an engine runs for its model (vLLM's ``runner``): text generation, or pooling (embeddings). ``task`` is the
-# older name of the same choice: "generate" or "embed".
-RUNNERS = ("generate", "pooling")
-_TASK_RUNNERS = {"generate": "generate", "embed": "pooling"}
 # Weight quantization schemes (``--quantization``; also read from a checkpoint's ``quantization_config``).
 QUANTIZATION_METHODS = ("fp8", "gptq", "awq", "compressed-tensors")
 # KV cache element types (``kv_cache_dtype``, as vLLM's): "auto" = the model's dtype; "fp8" = "fp8_e4m3";
@@ -55,13 +55,15 @@ class ModelConfig:
     max_position_embeddings: int
     max_model_len: int
     tie_word_embeddings: bool
+    qkv_bias: bool  # bias on q/k/v projections (always in Qwen2; with attention_bias in Llama and Qwen3)
+    o_bias: bool  # bias on the output projection (with attention_bias in Llama and Qwen3; HF Mistral has none)
+    mlp_bias: bool
+    qk_norm: bool  # RMSNorm on each head's q and k before rotary (Qwen3)
+    hidden_act: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     quantization: str | None = None  # one of QUANTIZATION_METHODS, None for a dense model
     quantization_config: dict[str, Any] | None = None  # the checkpoint's; None when quantizing online
-    # The whole config.json (or a GGUF model's equivalent): what only one family needs (biases, norms, experts,
-    # windows) is read from it by that family's module, not given a field here.
-    hf_config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_pretrained(
@@ -104,6 +106,7 @@ class ModelConfig:
         num_heads = hf["num_attention_heads"]
         rope_theta, rope_scaling = _rope(hf)
         max_positions = hf.get("max_position_embeddings", 2048)
+        attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             model=model_dir,
             tokenizer=tokenizer,
@@ -122,11 +125,15 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             max_model_len=_max_model_len(hf, architecture, max_positions, max_model_len),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=architecture == "Qwen2ForCausalLM" or (attention_bias and architecture != "MistralForCausalLM"),
+            o_bias=attention_bias and architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=architecture == "Qwen3ForCausalLM",
+            hidden_act=hf.get("hidden_act", "silu"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_eos_ids(hf.get("eos_token_id")),
             quantization=_quantization_method(hf.get("quantization_config"), quantization),
             quantization_config=hf.get("quantization_config"),
-            hf_config=hf,
         )
 
     @property
@@ -339,12 +346,6 @@ class EngineConfig:
     structured_outputs_config: StructuredOutputsConfig = StructuredOutputsConfig()
     cpu_threads: int | None = None  # torch threads of a model on the CPU as the user set them; None = platform's pick
     lora_config: LoRAConfig | None = None  # None: LoRA off (requests with an adapter are refused)
-    runner: str = "generate"  # one of RUNNERS: an engine generates, or pools (embeddings), never both
-    pooler_config: PoolerConfig | None = None  # the model's pooling (set when runner == "pooling")
-
-    @property
-    def is_pooling(self) -> bool:
-        return self.runner == "pooling"
 
     def __post_init__(self) -> None:
         # Without a CPU pool every preemption recomputes: "swap" would be accepted and silently not honoured.
@@ -401,9 +402,6 @@ class EngineArgs:
     max_loras: int = 8  # distinct adapters in one step (device slots)
     max_lora_rank: int = 16  # the largest adapter rank accepted (slots are padded to it)
     max_cpu_loras: int | None = None  # adapters kept loaded on the CPU; None = max_loras
-    runner: str = "generate"  # one of RUNNERS; "pooling" serves embeddings (LLM.embed, /v1/embeddings)
-    task: str | None = None  # "generate" or "embed": the same choice under vLLM's older name
-    pooler_config: PoolerConfig | None = None  # pooling to use instead of what the model directory says
 
     def create_engine_config(self) -> EngineConfig:
         if self.load_format not in LOAD_FORMATS:
@@ -436,8 +434,6 @@ class EngineArgs:
                 max_loras=self.max_loras if self.enable_lora else 0,
             ),
             lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
-            runner=self._runner(),
-            pooler_config=load_pooler_config(model_dir, self.pooler_config) if self._runner() == "pooling" else None,
             device=device,
             load_format=self.load_format,
             seed=self.seed,
@@ -450,19 +446,6 @@ class EngineArgs:
                 os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "auto"), device, model_config.head_dim, self.block_size
             ),
         )
-
-    def _runner(self) -> str:
-        """The runner from ``runner`` and ``task`` (which must agree when both are given)."""
-        if self.runner not in RUNNERS:
-            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
-        if self.task is None:
-            return self.runner
-        if self.task not in _TASK_RUNNERS:
-            raise ValueError(f"task must be one of {', '.join(_TASK_RUNNERS)}, got {self.task!r}")
-        runner = _TASK_RUNNERS[self.task]
-        if self.runner != "generate" and self.runner != runner:
-            raise ValueError(f"task={self.task!r} contradicts runner={self.runner!r}")
-        return runner
 
     def _swap_space_gib(self, device: str) -> float:
         if self.swap_space is not None:

@@ -99,6 +99,10 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
+    if args.models_config:
+        from pagedllm.entrypoints.openai.multi_server import run_multi_server
+
+        return run_multi_server(args)
     from pagedllm.entrypoints.openai.server import run_server
 
     return run_server(args)

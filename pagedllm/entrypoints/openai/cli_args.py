@@ -42,6 +42,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="read flags from a YAML file: keys are flag names (max-model-len or max_model_len), "
                              "values what the flag takes (a list, true/false for a switch); flags given on the "
                              "command line win over the file; an unknown key is an error")
+    parser.add_argument("--models-config", default=None, metavar="FILE.yaml",
+                        help="serve several models, each in its own engine core process with its own engine "
+                             "settings, and weighted aliases between them (see the README: Several models in one "
+                             "server); the command line's flags are every model's defaults")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
@@ -50,6 +54,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on every route that does work: /v1/*, /tokenize, "
                              "/detokenize (and /metrics with --require-api-key-for-metrics); /health, /ready, /ping "
                              "and /version stay open (default: $PAGEDLLM_API_KEY; none = no authentication)")
+    server.add_argument("--admin-api-key", default=None,
+                        help="with --models-config: enable the admin API (load and unload models at run time: "
+                             "POST /v1/admin/models, DELETE /v1/admin/models/NAME), which wants 'Authorization: "
+                             "Bearer KEY' (default: $PAGEDLLM_ADMIN_API_KEY; none = no admin API)")
     server.add_argument("--require-api-key-for-metrics", action="store_true",
                         help="with --api-key, /metrics wants the key too (default: open, as scrapers send no key)")
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -123,6 +131,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def check_serve_args(args: argparse.Namespace) -> None:
     """Flags that only make sense together (ValueError: the command says why and exits)."""
+    if getattr(args, "models_config", None) and (args.model_tag or args.model):
+        raise ValueError("--models-config lists the models: give no MODEL (nor --model) beside it")
     if getattr(args, "enable_auto_tool_choice", False) and getattr(args, "tool_call_parser", None) is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
                          f"{', '.join(TOOL_CALL_PARSERS)})")

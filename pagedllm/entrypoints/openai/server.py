@@ -463,8 +463,6 @@ def _add_server_error_handlers(app: FastAPI, engine: AsyncEngine) -> None:
 
 def run_server(args: argparse.Namespace) -> int:
     """Load the model, serve it until SIGTERM/SIGINT, shut down gracefully; the exit code (0 after a signal)."""
-    import uvicorn
-
     model = args.model_tag or args.model
     if is_default_model(model):
         model = default_model_path()
@@ -487,23 +485,29 @@ def run_server(args: argparse.Namespace) -> int:
         scheme = "https" if args.ssl_certfile else "http"
         logger.info("Serving %s as %s on %s://%s:%d%s", model, names, scheme, args.host, args.port, args.root_path)
         grace = args.graceful_shutdown_timeout
-        config = uvicorn.Config(app, host=args.host, port=args.port,
-                                # log_config=None: uvicorn's loggers propagate to the root handler of
-                                # pagedllm.logger, so their lines have the same format as the server's.
-                                log_config=None, log_level=args.uvicorn_log_level or args.log_level,
-                                access_log=not args.disable_access_log,
-                                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                                timeout_keep_alive=args.timeout_keep_alive,
-                                http=request_read_deadline_protocol(args.timeout_request_read),
-                                # A backstop only: _GracefulServer ends the streams itself after `grace`.
-                                timeout_graceful_shutdown=grace + 5)
-        server = _make_graceful_server(config, engine, grace, app.state.in_flight)
+        server = _make_graceful_server(uvicorn_config(app, args), engine, grace, app.state.in_flight)
         engine.on_core_death(lambda: setattr(server, "should_exit", True))  # the streams have failed: stop serving
         tune_gc_for_serving()
         server.run()
     finally:
         engine.shutdown()
     return 1 if engine.core_died else 0
+
+
+def uvicorn_config(app: FastAPI, args: argparse.Namespace):
+    """uvicorn's settings from the server flags."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=args.host, port=args.port,
+                          # log_config=None: uvicorn's loggers propagate to the root handler of
+                          # pagedllm.logger, so their lines have the same format as the server's.
+                          log_config=None, log_level=args.uvicorn_log_level or args.log_level,
+                          access_log=not args.disable_access_log,
+                          ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                          timeout_keep_alive=args.timeout_keep_alive,
+                          http=request_read_deadline_protocol(args.timeout_request_read),
+                          # A backstop only: _GracefulServer ends the streams itself after the grace period.
+                          timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)
 
 
 def _check_ssl_files(keyfile: str | None, certfile: str | None) -> None:

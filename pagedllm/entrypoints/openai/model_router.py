@@ -1,0 +1,62 @@
+"""Weighted aliases for A/B tests: a request for an alias goes to one of its target models.
+
+``aliases: {chat: {A: 90, B: 10}}`` sends about 90% of the requests for ``chat`` to A. A request with a ``user``
+always goes to the same target (a hash of the alias and the user picks it: a user sees one model during a test);
+one without a user is drawn from a seeded generator. Targets that are not serving (failed, dead, unloading) are
+left out of the draw, so an alias keeps answering while one of its targets is down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from bisect import bisect_right
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import accumulate
+
+_HASH_SPAN = float(1 << 64)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """An alias name and its targets' weights (positive)."""
+
+    name: str
+    weights: tuple[tuple[str, float], ...]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(target for target, _ in self.weights)
+
+    def pick(self, point: float, is_serving: Callable[[str], bool] = lambda _: True) -> str | None:
+        """The target at ``point`` (in [0, 1)) of the serving targets' cumulative weights; None if none serves."""
+        live = [(target, weight) for target, weight in self.weights if is_serving(target)]
+        if not live:
+            return None
+        bounds = list(accumulate(weight for _, weight in live))
+        index = bisect_right(bounds, point * bounds[-1])
+        return live[min(index, len(live) - 1)][0]
+
+
+def sticky_point(alias: str, user: str) -> float:
+    """A user's fixed point in [0, 1) for ``alias`` (sha256: the same on every server and every run)."""
+    digest = hashlib.sha256(f"{alias}\0{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / _HASH_SPAN
+
+
+class AliasRouter:
+    """Resolves alias names to target served names."""
+
+    def __init__(self, aliases: Mapping[str, Mapping[str, float]], seed: int = 0) -> None:
+        self.aliases = {name: Alias(name, tuple(weights.items())) for name, weights in aliases.items()}
+        self._rng = random.Random(seed)  # seeded: a test (or a replay) sees the same split
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.aliases
+
+    def resolve(self, alias: str, user: str | None, is_serving: Callable[[str], bool] = lambda _: True) -> str | None:
+        """The target served name for a request for ``alias`` from ``user``; None if no target serves. Raises
+        KeyError for a name that is not an alias."""
+        point = self._rng.random() if user is None else sticky_point(alias, user)
+        return self.aliases[alias].pick(point, is_serving)
