@@ -14,6 +14,7 @@ from typing import Any
 
 from pagedllm.model.gguf import find_gguf_file, gguf_to_hf_config  # torch-free at import, like this module
 from pagedllm.platform import resolve_attention_backend, resolve_device, resolve_dtype
+from pagedllm.pooling.config import PoolerConfig, load_pooler_config  # torch-free
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -23,6 +24,10 @@ SUPPORTED_ARCHITECTURES = (
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+# What an engine runs for its model (vLLM's ``runner``): text generation, or pooling (embeddings). ``task`` is the
+# older name of the same choice: "generate" or "embed".
+RUNNERS = ("generate", "pooling")
+_TASK_RUNNERS = {"generate": "generate", "embed": "pooling"}
 # Weight quantization schemes (``--quantization``; also read from a checkpoint's ``quantization_config``).
 QUANTIZATION_METHODS = ("fp8", "gptq", "awq", "compressed-tensors")
 # KV cache element types (``kv_cache_dtype``, as vLLM's): "auto" = the model's dtype; "fp8" = "fp8_e4m3";
@@ -346,6 +351,12 @@ class EngineConfig:
     structured_outputs_config: StructuredOutputsConfig = StructuredOutputsConfig()
     cpu_threads: int | None = None  # torch threads of a model on the CPU as the user set them; None = platform's pick
     lora_config: LoRAConfig | None = None  # None: LoRA off (requests with an adapter are refused)
+    runner: str = "generate"  # one of RUNNERS: an engine generates, or pools (embeddings), never both
+    pooler_config: PoolerConfig | None = None  # the model's pooling (set when runner == "pooling")
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.runner == "pooling"
 
     def __post_init__(self) -> None:
         # Without a CPU pool every preemption recomputes: "swap" would be accepted and silently not honoured.
@@ -402,6 +413,9 @@ class EngineArgs:
     max_loras: int = 8  # distinct adapters in one step (device slots)
     max_lora_rank: int = 16  # the largest adapter rank accepted (slots are padded to it)
     max_cpu_loras: int | None = None  # adapters kept loaded on the CPU; None = max_loras
+    runner: str = "generate"  # one of RUNNERS; "pooling" serves embeddings (LLM.embed, /v1/embeddings)
+    task: str | None = None  # "generate" or "embed": the same choice under vLLM's older name
+    pooler_config: PoolerConfig | None = None  # pooling to use instead of what the model directory says
 
     def create_engine_config(self) -> EngineConfig:
         if self.load_format not in LOAD_FORMATS:
@@ -434,6 +448,8 @@ class EngineArgs:
                 max_loras=self.max_loras if self.enable_lora else 0,
             ),
             lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
+            runner=self._runner(),
+            pooler_config=load_pooler_config(model_dir, self.pooler_config) if self._runner() == "pooling" else None,
             device=device,
             load_format=self.load_format,
             seed=self.seed,
@@ -446,6 +462,19 @@ class EngineArgs:
                 os.environ.get("PAGEDLLM_ATTENTION_BACKEND", "auto"), device, model_config.head_dim, self.block_size
             ),
         )
+
+    def _runner(self) -> str:
+        """The runner from ``runner`` and ``task`` (which must agree when both are given)."""
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+        if self.task is None:
+            return self.runner
+        if self.task not in _TASK_RUNNERS:
+            raise ValueError(f"task must be one of {', '.join(_TASK_RUNNERS)}, got {self.task!r}")
+        runner = _TASK_RUNNERS[self.task]
+        if self.runner != "generate" and self.runner != runner:
+            raise ValueError(f"task={self.task!r} contradicts runner={self.runner!r}")
+        return runner
 
     def _swap_space_gib(self, device: str) -> float:
         if self.swap_space is not None:
@@ -494,11 +523,6 @@ def resolve_model_dir(model: str, revision: str | None = None, weights: bool = T
 def server_api_key_from_env() -> str | None:
     """The API key the OpenAI server requires when ``--api-key`` is not given (``PAGEDLLM_API_KEY``); None = none."""
     return os.environ.get("PAGEDLLM_API_KEY") or None
-
-
-def admin_api_key_from_env() -> str | None:
-    """The admin API's key when ``--admin-api-key`` is not given (``PAGEDLLM_ADMIN_API_KEY``); None = no admin API."""
-    return os.environ.get("PAGEDLLM_ADMIN_API_KEY") or None
 
 
 def runtime_lora_updating_allowed() -> bool:
