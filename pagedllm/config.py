@@ -525,6 +525,11 @@ def server_api_key_from_env() -> str | None:
     return os.environ.get("PAGEDLLM_API_KEY") or None
 
 
+def admin_api_key_from_env() -> str | None:
+    """The admin API's key when ``--admin-api-key`` is not given (``PAGEDLLM_ADMIN_API_KEY``); None = no admin API."""
+    return os.environ.get("PAGEDLLM_ADMIN_API_KEY") or None
+
+
 def runtime_lora_updating_allowed() -> bool:
     """Whether the server exposes /v1/load_lora_adapter and /v1/unload_lora_adapter:
     ``PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING`` (or vLLM's ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) set to true / 1."""
