@@ -77,7 +77,14 @@ class ServedModel:
         """What the admin API shows: names, state and reason (never paths)."""
         state = self.current_state
         reason = None if state == "serving" else self.unavailable_reason()
-        return {"id": self.name, "served_model_names": list(self.spec.names), "state": state, "reason": reason}
+        return {"id": self.name, "served_model_names": list(self.spec.names), "state": state, "reason": reason,
+                "core_pid": self.core_pid}
+
+    @property
+    def core_pid(self) -> int | None:
+        """The engine core process's id (an operator's handle on it), or None without one."""
+        client = getattr(getattr(self.engine, "engine", None), "core_client", None)
+        return None if client is None else client.process.pid
 
 
 class ModelPool:

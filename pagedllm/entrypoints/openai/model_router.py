@@ -2,7 +2,9 @@
 
 ``aliases: {chat: {A: 90, B: 10}}`` sends about 90% of the requests for ``chat`` to A. A request with a ``user``
 always goes to the same target (a hash of the alias and the user picks it: a user sees one model during a test);
-one without a user is drawn from a seeded generator. Targets that are not serving (failed, dead, unloading) are
+one without a user takes the next point of a golden-ratio sequence from a seeded random start, which spreads the
+points evenly: any run of N such requests splits within about 1/N of the weights, where independent draws would
+stray by ~1/sqrt(N) (3% of 1,000 requests is two standard deviations of a random 50/50 split). Targets that are not serving (failed, dead, unloading) are
 left out of the draw, so an alias keeps answering while one of its targets is down.
 """
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 _HASH_SPAN = float(1 << 64)
+_GOLDEN_RATIO_STEP = 0.6180339887498949  # (sqrt(5) - 1) / 2: the most evenly spreading step modulo 1
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class AliasRouter:
 
     def __init__(self, aliases: Mapping[str, Mapping[str, float]], seed: int = 0) -> None:
         self.aliases = {name: Alias(name, tuple(weights.items())) for name, weights in aliases.items()}
-        self._rng = random.Random(seed)  # seeded: a test (or a replay) sees the same split
+        self._next_point = random.Random(seed).random()  # seeded: a test (or a replay) sees the same split
 
     def __contains__(self, name: object) -> bool:
         return name in self.aliases
@@ -58,5 +61,10 @@ class AliasRouter:
     def resolve(self, alias: str, user: str | None, is_serving: Callable[[str], bool] = lambda _: True) -> str | None:
         """The target served name for a request for ``alias`` from ``user``; None if no target serves. Raises
         KeyError for a name that is not an alias."""
-        point = self._rng.random() if user is None else sticky_point(alias, user)
-        return self.aliases[alias].pick(point, is_serving)
+        chosen = self.aliases[alias]  # KeyError before the sequence moves
+        return chosen.pick(self._even_point() if user is None else sticky_point(alias, user), is_serving)
+
+    def _even_point(self) -> float:
+        point = self._next_point
+        self._next_point = (point + _GOLDEN_RATIO_STEP) % 1.0
+        return point
