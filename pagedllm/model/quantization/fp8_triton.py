@@ -206,25 +206,41 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
 
 @triton.jit(do_not_specialize=["K"])
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, given_scale_ptr, K, stride_xm, stride_qm,
-                          HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, FP8_MAX_: tl.constexpr,
-                          MIN_SCALE: tl.constexpr):
-    """Row ``program_id``: its scale (given, or max |x| / 448) to scale_ptr, x / scale as FP8 to q."""
+                          HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+                          FP8_MAX_: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """Row ``program_id``: its scale (given, or max |x| / 448) to scale_ptr, x / scale as FP8 to q. ONE_PASS
+    (BLOCK_K covers the row): the row is loaded once and kept in registers, one memory round trip instead of two
+    dependent loops: at decode a row is one program, so its latency is the kernel's."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
-    if HAS_SCALE:
-        scale = tl.load(given_scale_ptr).to(tl.float32)
-    else:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            offs = k + tl.arange(0, BLOCK_K)
-            amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_, MIN_SCALE)
-    tl.store(scale_ptr + row, scale)
-    for k in range(0, K, BLOCK_K):
-        offs = k + tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        offs = tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            scale = tl.load(given_scale_ptr).to(tl.float32)
+        else:
+            scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX_, MIN_SCALE)
+        tl.store(scale_ptr + row, scale)
         q = tl.clamp(x / scale, -FP8_MAX_, FP8_MAX_)
         tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+    else:
+        if HAS_SCALE:
+            scale = tl.load(given_scale_ptr).to(tl.float32)
+        else:
+            amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                offs = k + tl.arange(0, BLOCK_K)
+                amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
+            scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_, MIN_SCALE)
+        tl.store(scale_ptr + row, scale)
+        for k in range(0, K, BLOCK_K):
+            offs = k + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            q = tl.clamp(x / scale, -FP8_MAX_, FP8_MAX_)
+            tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+
+
+_ONE_PASS_MAX_K = 16384  # rows up to this long are held in registers (32 floats a thread at 16 warps)
 
 
 def quantize_activation(x: torch.Tensor, scheme: ActivationScheme,
@@ -239,10 +255,12 @@ def quantize_activation(x: torch.Tensor, scheme: ActivationScheme,
     q = torch.empty((num_rows, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((num_rows, 1), dtype=torch.float32, device=x.device)
     if num_rows:
-        block_k = min(triton.next_power_of_2(k), 1024)
+        one_pass = k <= _ONE_PASS_MAX_K
+        block_k = triton.next_power_of_2(k) if one_pass else 1024
+        num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
         _quantize_rows_kernel[(num_rows,)](
             x, q, scale, given if given is not None else scale, k, x.stride(0), q.stride(0),
-            HAS_SCALE=given is not None, BLOCK_K=block_k, FP8_MAX_=FP8_MAX, MIN_SCALE=_MIN_SCALE,
-            num_warps=4,
+            HAS_SCALE=given is not None, BLOCK_K=block_k, ONE_PASS=one_pass, FP8_MAX_=FP8_MAX,
+            MIN_SCALE=_MIN_SCALE, num_warps=num_warps,
         )
     return q, scale

@@ -46,13 +46,15 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_quantize_weight_round_trip() -> None:
-    w = torch.randn(37, 53) * torch.linspace(0.01, 3.0, 37)[:, None]  # rows of very different ranges
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 53, generator=generator) * torch.linspace(0.01, 3.0, 37)[:, None]  # rows of unlike ranges
     q, scale = quantize_weight(w)
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (37,)
     assert torch.allclose(q.float().abs().amax(dim=1), torch.full((37,), FP8_MAX))  # each row's max maps to 448
-    # e4m3 keeps 3 mantissa bits: each value within half a step (1/16 relative) of the original.
+    # e4m3 keeps 3 mantissa bits: each value within half a step (1/16 relative) of the original, or within half
+    # the subnormal step (2^-10 of the scale) below the normal range.
     err = (q.float() * scale[:, None] - w).abs()
-    assert (err <= w.abs() / 16 + 1e-6 * scale[:, None]).all()
+    assert (err <= torch.maximum(w.abs() / 16, 2.0**-10 * scale[:, None]) * (1 + 1e-6)).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -108,7 +110,7 @@ def test_w8a8_gemm_matches_oracle_on_fp8_rounded_x(scheme: str, num_rows: int, n
 
 
 @pytest.mark.parametrize("scheme", ["dynamic_token", "dynamic_tensor", "static"])
-@pytest.mark.parametrize(("num_rows", "k"), [(1, 64), (7, 333), (33, 2100)])
+@pytest.mark.parametrize(("num_rows", "k"), [(1, 64), (7, 333), (33, 2100), (2, 16385)])  # the last: two passes
 def test_quantize_activation_matches_torch(scheme: str, num_rows: int, k: int) -> None:
     generator = torch.Generator().manual_seed(num_rows * k)
     x = (torch.randn(num_rows, k, generator=generator) * torch.rand(num_rows, 1, generator=generator) * 5)
