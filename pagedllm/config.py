@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pagedllm.model.gguf import find_gguf_file, gguf_to_hf_config  # torch-free at import, like this module
+from pagedllm.model.registry import SUPPORTED_ARCHITECTURES  # torch-free, like gguf
 from pagedllm.platform import resolve_attention_backend, resolve_device, resolve_dtype
 from pagedllm.pooling.config import PoolerConfig, load_pooler_config  # torch-free
 
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # What an engine runs for its model (vLLM's ``runner``): text generation, or pooling (embeddings). ``task`` is the
@@ -60,15 +55,13 @@ class ModelConfig:
     max_position_embeddings: int
     max_model_len: int
     tie_word_embeddings: bool
-    qkv_bias: bool  # bias on q/k/v projections (always in Qwen2; with attention_bias in Llama and Qwen3)
-    o_bias: bool  # bias on the output projection (with attention_bias in Llama and Qwen3; HF Mistral has none)
-    mlp_bias: bool
-    qk_norm: bool  # RMSNorm on each head's q and k before rotary (Qwen3)
-    hidden_act: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     quantization: str | None = None  # one of QUANTIZATION_METHODS, None for a dense model
     quantization_config: dict[str, Any] | None = None  # the checkpoint's; None when quantizing online
+    # The whole config.json (or a GGUF model's equivalent): what only one family needs (biases, norms, experts,
+    # windows) is read from it by that family's module, not given a field here.
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_pretrained(
@@ -111,7 +104,6 @@ class ModelConfig:
         num_heads = hf["num_attention_heads"]
         rope_theta, rope_scaling = _rope(hf)
         max_positions = hf.get("max_position_embeddings", 2048)
-        attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             model=model_dir,
             tokenizer=tokenizer,
@@ -130,15 +122,11 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             max_model_len=_max_model_len(hf, architecture, max_positions, max_model_len),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=architecture == "Qwen2ForCausalLM" or (attention_bias and architecture != "MistralForCausalLM"),
-            o_bias=attention_bias and architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=architecture == "Qwen3ForCausalLM",
-            hidden_act=hf.get("hidden_act", "silu"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_eos_ids(hf.get("eos_token_id")),
             quantization=_quantization_method(hf.get("quantization_config"), quantization),
             quantization_config=hf.get("quantization_config"),
+            hf_config=hf,
         )
 
     @property

@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from pagedllm.config import ModelConfig
 from pagedllm.entrypoints.default_model import is_default_model, model_or_default
+from pagedllm.model.loader import build_model, process_weights_after_loading
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # The public hub id of each shipped reference configuration, for records and for resolving a hub id by name.
@@ -52,29 +55,27 @@ def load_model_config(model_dir: str, dtype: str, device: str) -> ModelConfig:
     return ModelConfig.from_pretrained(model_dir, None, dtype, device)
 
 
-def dtype_bytes(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
+def _parameters_on_meta(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's parameters as built for ``config`` (any family, quantized layers at their stored dtypes, after
+    their load-time repacking or quantization), on the meta device: shapes and dtypes, no memory."""
+    model = build_model(config, "meta")
+    process_weights_after_loading(model)
+    return dict(model.named_parameters())  # tied weights once
 
 
 def num_parameters(config: ModelConfig) -> int:
-    """Parameters of the Llama-family architecture described by ``config`` (tied embeddings counted once)."""
-    hidden, head_dim = config.hidden_size, config.head_dim
-    q_size = config.num_attention_heads * head_dim
-    kv_size = config.num_key_value_heads * head_dim
-    attention = hidden * (q_size + 2 * kv_size) + q_size * hidden
-    attention += (q_size + 2 * kv_size) if config.qkv_bias else 0
-    attention += hidden if config.o_bias else 0
-    attention += 2 * head_dim if config.qk_norm else 0
-    mlp = 3 * hidden * config.intermediate_size
-    mlp += (2 * config.intermediate_size + hidden) if config.mlp_bias else 0
-    layer = attention + mlp + 2 * hidden  # + the two RMSNorm weights
-    embedding = config.vocab_size * hidden
-    lm_head = 0 if config.tie_word_embeddings else config.vocab_size * hidden
-    return config.num_hidden_layers * layer + hidden + embedding + lm_head
+    """Parameters of the model described by ``config`` (tied embeddings counted once; packed values count as
+    their storage elements)."""
+    return sum(param.numel() for param in _parameters_on_meta(config).values())
 
 
 def weight_bytes_per_step(config: ModelConfig) -> int:
-    """Weight bytes one forward step must read: every parameter except the input embedding table, of which a step
-    reads only its tokens' rows (with tied embeddings the table is read whole, as the LM head)."""
-    untied_embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-    return (num_parameters(config) - untied_embedding) * dtype_bytes(config.dtype)
+    """Weight bytes one forward step must read: every parameter at its stored size (quantized ones included)
+    except the input embedding table, of which a step reads only its tokens' rows (with tied embeddings the table
+    is read whole, as the LM head)."""
+    params = _parameters_on_meta(config)
+    total = sum(param.numel() * param.element_size() for param in params.values())
+    if config.tie_word_embeddings:
+        return total
+    embedding = params["model.embed_tokens.weight"]
+    return total - embedding.numel() * embedding.element_size()

@@ -8,6 +8,8 @@ Module names mirror HF's so checkpoint names map directly, except for the fused 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -29,10 +31,33 @@ from pagedllm.model.linear import Linear, MergedLinear, QKVLinear
 from pagedllm.model.quantization.base import QuantizationConfig
 
 
+@dataclass(frozen=True)
+class LlamaVariant:
+    """What tells the members of the family apart, read from config.json."""
+
+    qkv_bias: bool  # bias on q/k/v (always in Qwen2; with attention_bias in Llama and Qwen3)
+    o_bias: bool  # bias on the output projection (with attention_bias in Llama and Qwen3; HF Mistral has none)
+    mlp_bias: bool
+    qk_norm: bool  # RMSNorm on each head's q and k before rotary (Qwen3)
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> LlamaVariant:
+        hf, architecture = config.hf_config, config.architecture
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"Unsupported hidden_act {hf['hidden_act']!r}; only 'silu' is implemented")
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            qkv_bias=architecture == "Qwen2ForCausalLM" or (attention_bias and architecture != "MistralForCausalLM"),
+            o_bias=attention_bias and architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=architecture == "Qwen3ForCausalLM",
+        )
+
+
 class LlamaAttention(nn.Module):
     """Self-attention: fused qkv projection, optional per-head q/k norm, rotary, paged attention, output proj."""
 
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend,
+    def __init__(self, config: ModelConfig, variant: LlamaVariant, attn_backend: AttentionBackend,
                  quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -43,10 +68,10 @@ class LlamaAttention(nn.Module):
                              f"num_key_value_heads ({self.num_kv_heads})")
         self.scale = self.head_dim**-0.5
         self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                  bias=config.qkv_bias, quant_config=quant_config, prefix=prefix)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias,
+                                  bias=variant.qkv_bias, quant_config=quant_config, prefix=prefix)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=variant.o_bias,
                              quant_config=quant_config, prefix=f"{prefix}.o_proj")
-        if config.qk_norm:
+        if variant.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
@@ -83,15 +108,14 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one GEMM."""
 
-    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None, prefix: str) -> None:
+    def __init__(self, config: ModelConfig, variant: LlamaVariant, quant_config: QuantizationConfig | None,
+                 prefix: str) -> None:
         super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"Unsupported hidden_act {config.hidden_act!r}; only 'silu' is implemented")
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias,
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=variant.mlp_bias,
                                          quant_config=quant_config, prefix=prefix,
                                          part_names=["gate_proj", "up_proj"])
-        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias, quant_config=quant_config,
+        self.down_proj = Linear(size, config.hidden_size, bias=variant.mlp_bias, quant_config=quant_config,
                                 prefix=f"{prefix}.down_proj")
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -104,11 +128,11 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual add is fused into the following RMSNorm, and each RMSNorm (and the
     MLP's activation) can run inside the projection after it (``layers.rms_norm_linear``, ``silu_mul_linear``)."""
 
-    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend,
+    def __init__(self, config: ModelConfig, variant: LlamaVariant, attn_backend: AttentionBackend,
                  quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, attn_backend, quant_config, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
+        self.self_attn = LlamaAttention(config, variant, attn_backend, quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, variant, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -139,8 +163,11 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling
         )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_backend, quant_config, f"model.layers.{i}")
-                                    for i in range(config.num_hidden_layers))
+        variant = LlamaVariant.of(config)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, variant, attn_backend, quant_config, f"model.layers.{i}")
+            for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(

@@ -14,14 +14,13 @@ import torch
 from torch import nn
 
 from pagedllm.attention.backend import get_attention_backend
-from pagedllm.config import LOAD_FORMATS, SUPPORTED_ARCHITECTURES, ModelConfig
+from pagedllm.config import LOAD_FORMATS, ModelConfig
 from pagedllm.model.gguf import is_gguf_model, iterate_gguf_weights
 from pagedllm.model.kv_scales import checkpoint_kv_scale_name
 from pagedllm.model.linear import default_weight_loader
-from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.quantization import get_quantization_config
+from pagedllm.model.registry import model_class as model_class_for
 
-_MODEL_REGISTRY: dict[str, type[nn.Module]] = {name: LlamaForCausalLM for name in SUPPORTED_ARCHITECTURES}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DUMMY_SEED = 0
 _DUMMY_STD = 0.02
@@ -35,15 +34,6 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def get_model_class(architecture: str) -> type[nn.Module]:
-    """The model class implementing ``architecture`` (an HF ``architectures`` entry)."""
-    if architecture not in _MODEL_REGISTRY:
-        raise ValueError(
-            f"Unsupported model architecture {architecture!r}; pagedllm supports: {', '.join(_MODEL_REGISTRY)}"
-        )
-    return _MODEL_REGISTRY[architecture]
-
-
 def get_model(
     model_config: ModelConfig, load_format: str, device: str, attn_backend_name: str = "torch"
 ) -> nn.Module:
@@ -52,18 +42,22 @@ def get_model(
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     weights = None if load_format == "dummy" else _iterate_checkpoint(model_config.model, load_format)
     _check_quantized_checkpoint(model_config, load_format)
-    model_class = get_model_class(model_config.architecture)
-    dtype = torch_dtype(model_config.dtype)
-    # Parameters are created directly on the device in the target dtype: no float32 copy of a big model in RAM.
-    with torch.device(device), _default_dtype(dtype):
-        model = model_class(model_config, get_attention_backend(attn_backend_name),
-                            get_quantization_config(model_config))
+    model = build_model(model_config, device, attn_backend_name)
     if weights is None:
         init_dummy_weights(model)
     else:
         load_weights(model, weights)
     process_weights_after_loading(model)
     return model.eval().requires_grad_(False)
+
+
+def build_model(model_config: ModelConfig, device: str, attn_backend_name: str = "torch") -> nn.Module:
+    """The model's modules with uninitialized parameters on ``device`` (``"meta"``: shapes and dtypes only, e.g.
+    to count weight bytes), created there directly in the config's dtype: no float32 copy of a big model in RAM."""
+    model_class = model_class_for(model_config.architecture)
+    with torch.device(device), _default_dtype(torch_dtype(model_config.dtype)):
+        return model_class(model_config, get_attention_backend(attn_backend_name),
+                           get_quantization_config(model_config))
 
 
 def _check_quantized_checkpoint(model_config: ModelConfig, load_format: str) -> None:

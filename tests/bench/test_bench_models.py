@@ -41,6 +41,9 @@ REFERENCES = {
 }
 
 
+KV_SCALES = 2  # parameters per layer that HF's models lack: the KV cache's k_scale and v_scale
+
+
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_reference_config_matches_hf_architecture(name):
     expected_params, values = REFERENCES[name]
@@ -52,7 +55,9 @@ def test_reference_config_matches_hf_architecture(name):
     hf_config = transformers.AutoConfig.from_pretrained(resolve_model(name))
     with torch.device("meta"):
         hf_model = transformers.AutoModelForCausalLM.from_config(hf_config)
-    assert num_parameters(config) == sum(p.numel() for p in hf_model.parameters()) == expected_params
+    # pagedllm's layers also hold the KV cache's two scales (k_scale, v_scale: one float each)
+    assert num_parameters(config) - KV_SCALES * config.num_hidden_layers == expected_params
+    assert sum(p.numel() for p in hf_model.parameters()) == expected_params
 
 
 def test_llama31_rope_scaling():
@@ -68,6 +73,7 @@ def test_num_parameters_matches_hf_on_tiny_models(tmp_path, arch):
     model_dir = build_tiny_model(tmp_path, arch)
     config = load_model_config(model_dir, "float32", "cpu")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-    assert num_parameters(config) == sum(p.numel() for p in hf_model.parameters())
+    kv_scales = KV_SCALES * config.num_hidden_layers
+    assert num_parameters(config) - kv_scales == sum(p.numel() for p in hf_model.parameters())
     embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
     assert weight_bytes_per_step(config) == 4 * (num_parameters(config) - embedding)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from pagedllm.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from pagedllm.model.llama import LlamaForCausalLM
-from pagedllm.model.loader import get_model, get_model_class, torch_dtype
+from pagedllm.model.loader import get_model, torch_dtype
+from pagedllm.model.registry import model_class as get_model_class
 from tests.utils import STORIES, PagedRunner, build_tiny_model, load_hf_model
 
 

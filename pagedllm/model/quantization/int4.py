@@ -150,7 +150,7 @@ def to_canonical(ckpt: Int4Checkpoint, scale_dtype: torch.dtype, where: str) -> 
 def _act_order_perm(g_idx: torch.Tensor | None, group_size: int, groups: int, where: str) -> torch.Tensor | None:
     """None when column k is in group k // group_size; else the stable sort of the columns by group, which must
     then give every group exactly ``group_size`` columns (what GPTQ and llm-compressor write)."""
-    if g_idx is None:
+    if g_idx is None or g_idx.is_meta:  # meta: a model sized, not loaded (the order changes no byte count)
         return None
     k = g_idx.numel()
     contiguous = torch.arange(k, device=g_idx.device) // group_size

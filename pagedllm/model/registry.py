@@ -1,0 +1,30 @@
+"""Which class implements each Hugging Face architecture (an entry of config.json's ``architectures``).
+
+Torch-free and import-light: ``config.py`` validates architectures against it, and a model module is imported
+only when a model of its family is built. Adding a family is one module in ``model/`` plus its lines here; what is
+special about the family (biases, norms, weight names) lives in its module.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# architecture -> "module:class"
+_MODELS: dict[str, str] = {
+    "LlamaForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
+    "Qwen3ForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
+}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
+
+
+def model_class(architecture: str) -> type:
+    """The model class implementing ``architecture``, its module imported on first use."""
+    if architecture not in _MODELS:
+        raise ValueError(
+            f"Unsupported model architecture {architecture!r}; pagedllm supports: {', '.join(_MODELS)}"
+        )
+    module_name, class_name = _MODELS[architecture].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
