@@ -23,11 +23,11 @@ serve() {  # serve TAG RATES LAUNCHER...: one server, bench serve at each rate, 
   done
   kill -TERM $server; wait $server; echo "server exit code $?"; grep -c "Traceback" "/tmp/server-$tag.log"
 }
-for round in 1 2; do  # alternating, twice: runs differ from call to call and within one
+for round in $(seq ${ROUNDS:-2}); do  # alternating (ROUNDS, default 2): runs differ from call to call and within one
   serve "uvloop-httptools-$round" "inf" python3 -m pagedllm.entrypoints.cli
   serve "asyncio-h11-$round" "inf" python3 -c "$HIDE_FAST"
 done
-serve uvloop-httptools-16 16 python3 -m pagedllm.entrypoints.cli
+[ -n "$SKIP_RATE16" ] || serve uvloop-httptools-16 16 python3 -m pagedllm.entrypoints.cli
 timeout 150 python3 -m pagedllm.bench throughput --disable-tqdm --model qwen3-0.6b "${RANDOM512[@]}" \
   --async-scheduling --output-json "$OUT/throughput-random512-128-qwen3-0.6b-async.json" 2>&1 | grep -v "^\[bench\]" | tail -3
 python3 benchmarks/scripts/summarize_records.py "$OUT"
