@@ -7,7 +7,7 @@ import argparse
 import re
 from typing import Any
 
-from pagedllm.config import KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_METHODS, EngineArgs
+from pagedllm.config import KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_METHODS, RUNNERS, EngineArgs
 
 _BYTE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
                "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
@@ -89,6 +89,11 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
     group.add_argument("--max-pending-grammars-per-client", type=int, default=4, metavar="N",
                        help="grammar compiles one client may have waiting; beyond, the server answers 429 "
                             "(default: 4)")
+    group.add_argument("--runner", choices=RUNNERS, default="generate",
+                       help="what the engine runs for the model: generate text, or pooling (embeddings: "
+                            "/v1/embeddings, LLM.embed); one or the other (default: generate)")
+    group.add_argument("--task", choices=("generate", "embed"), default=None,
+                       help="the same choice under vLLM's older name: embed = --runner pooling")
     group.add_argument("--enable-lora", action="store_true",
                        help="serve LoRA adapters (PEFT format) over the base model, many in one batch")
     group.add_argument("--max-loras", type=int, default=8, metavar="N",
@@ -139,6 +144,8 @@ def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
         "max_loras": args.max_loras,
         "max_lora_rank": args.max_lora_rank,
         "max_cpu_loras": args.max_cpu_loras,
+        "runner": getattr(args, "runner", "generate"),
+        "task": getattr(args, "task", None),
     }
     for name in _OPTIONAL_FLAGS:
         if getattr(args, name, None) is not None:

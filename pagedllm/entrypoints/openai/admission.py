@@ -25,7 +25,7 @@ from pagedllm.engine.metrics import Metric
 from pagedllm.entrypoints.openai.errors import OpenAIError
 
 # The routes that start engine work; others (probes, /tokenize, /v1/models) always pass.
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 _DRAIN_WINDOW_S = 10.0  # the drain rate is that of the last few seconds: it follows load changes quickly
 _MAX_RETRY_AFTER_S = 60
 REJECTION_REASONS = ("max_num_waiting", "max_queue_delay")

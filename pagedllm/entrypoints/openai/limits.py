@@ -32,6 +32,7 @@ class RequestLimits:
     # Responses kept in memory for /v1/responses' previous_response_id (the least recently used go first); each
     # holds a conversation that fit the context.
     max_stored_responses: int = 1000
+    max_embedding_inputs: int = 2048  # inputs of one /v1/embeddings request (OpenAI's limit)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RequestLimits:
@@ -51,6 +52,7 @@ _HELP = {
     "max_sequences_per_request": "most sequences one request runs: n (or the beam width) times its prompts",
     "max_stored_responses": "most /v1/responses responses kept for previous_response_id; the least recently used "
                             "are dropped first (0: none are kept)",
+    "max_embedding_inputs": "most inputs of one /v1/embeddings request",
 }
 
 
@@ -114,6 +116,10 @@ def check_prompt_limits(num_prompts: int, n: int, limits: RequestLimits) -> None
     """The prompts of one completions request, and the sequences they run with ``n`` each."""
     _check_at_most("prompt", "The number of prompts", num_prompts, limits, "max_prompts_per_request")
     _check_at_most("n", f"n x prompts ({n} x {num_prompts})", n * num_prompts, limits, "max_sequences_per_request")
+
+
+def check_embedding_inputs_limit(num_inputs: int, limits: RequestLimits) -> None:
+    _check_at_most("input", "The number of inputs", num_inputs, limits, "max_embedding_inputs")
 
 
 def check_tools_limit(tools: Sequence[Any] | None, limits: RequestLimits) -> None:

@@ -79,7 +79,9 @@ from pagedllm.entrypoints.openai.serving_common import (
     read_json_body,
     validate_body,
 )
+from pagedllm.entrypoints.openai.protocol_embeddings import EmbeddingRequest
 from pagedllm.entrypoints.openai.protocol_responses import ResponsesRequest
+from pagedllm.entrypoints.openai.serving_embeddings import OpenAIServingEmbedding, check_serves_generation
 from pagedllm.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
@@ -341,6 +343,9 @@ def _v1_routes(ctx: ServingContext) -> APIRouter:
     completions = OpenAIServingCompletion(ctx)
     chat = OpenAIServingChat(ctx)
     responses = OpenAIServingResponses(ctx)
+    embeddings = OpenAIServingEmbedding(ctx)
+    # A server generates or embeds (--runner pooling): the generation routes refuse at once on an embedding one.
+    generates = [Depends(lambda: check_serves_generation(ctx))]
 
     @router.get("/models")
     async def models() -> Response:
@@ -350,17 +355,22 @@ def _v1_routes(ctx: ServingContext) -> APIRouter:
     async def model(model_id: str) -> Response:
         return json_response(ctx.models.model_card(model_id))
 
-    @router.post("/completions")
+    @router.post("/embeddings")
+    async def create_embedding(raw_request: Request) -> Response:
+        request = await parse_body(raw_request, EmbeddingRequest)
+        return await embeddings.create_embedding(request, raw_request)
+
+    @router.post("/completions", dependencies=generates)
     async def create_completion(raw_request: Request) -> Response:
         request = await parse_body(raw_request, CompletionRequest)
         return await completions.create_completion(request, raw_request)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", dependencies=generates)
     async def create_chat_completion(raw_request: Request) -> Response:
         request = await parse_body(raw_request, ChatCompletionRequest)
         return await chat.create_chat_completion(request, raw_request)
 
-    @router.post("/responses")
+    @router.post("/responses", dependencies=generates)
     async def create_response(raw_request: Request) -> Response:
         request = await parse_body(raw_request, ResponsesRequest)
         return await responses.create_response(request, raw_request)
