@@ -23,6 +23,7 @@ weights (see ``model_router.py``).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,8 @@ def load_models_config(path: str, base_args: argparse.Namespace) -> ModelsConfig
         raise ValueError(f"{MODELS_CONFIG_FLAG} {path}: 'models' must be a non-empty list of models")
     models = tuple(model_spec(entry, base_args, f"{path}: models[{i}]") for i, entry in enumerate(entries))
     aliases = _aliases(values.get("aliases") or {}, path)
-    check_unique_names(models, aliases, path)
+    check_unique_names(models, aliases, f"{MODELS_CONFIG_FLAG} {path}")
+    _check_alias_targets(models, aliases, path)
     return ModelsConfig(models, aliases)
 
 
@@ -123,14 +125,18 @@ def _alias_weights(name: Any, weights: Any, path: str) -> dict[str, float]:
     return {str(target): float(weight) for target, weight in weights.items()}
 
 
-def check_unique_names(models: tuple[ModelSpec, ...], aliases: dict[str, dict[str, float]], path: str) -> None:
-    """Every served name and alias names one thing; every alias target is a served name."""
+def check_unique_names(models: tuple[ModelSpec, ...], aliases: Iterable[str], where: str) -> None:
+    """Every served name and alias names one thing (``where`` starts the error message)."""
     seen: set[str] = set()
     for name in [*(name for spec in models for name in spec.names), *aliases]:
         if name in seen:
-            raise ValueError(f"{MODELS_CONFIG_FLAG} {path}: the name {name!r} is given twice (served model names "
+            raise ValueError(f"{where}: the name {name!r} is given twice (served model names "
                              "and aliases must be unique)")
         seen.add(name)
+
+
+def _check_alias_targets(models: tuple[ModelSpec, ...], aliases: dict[str, dict[str, float]], path: str) -> None:
+    """Every alias target is a served name of the file (the admin API may unload it later: then it is skipped)."""
     served = {name for spec in models for name in spec.names}
     for alias, weights in aliases.items():
         missing = sorted(set(weights) - served)

@@ -344,7 +344,7 @@ def _load_spec(pool: ModelPool, body: bytes, base_args: argparse.Namespace):
         raise OpenAIError(f"The body is not valid JSON: {exc}") from None
     try:
         spec = model_spec(entry, base_args, "load request")
-        check_unique_names((*(model.spec for model in pool.models), spec), pool.router.aliases, "(loaded)")
+        check_unique_names((*(model.spec for model in pool.models), spec), pool.router.aliases, "load request")
     except ValueError as exc:
         status = HTTPStatus.CONFLICT if "given twice" in str(exc) else HTTPStatus.BAD_REQUEST
         raise OpenAIError(str(exc), status, code="invalid_model_settings") from None
