@@ -539,6 +539,18 @@ def triton_ops_disabled_by_env() -> bool:
     return os.environ.get("PAGEDLLM_DISABLE_TRITON_OPS", "0") not in ("", "0")
 
 
+MOE_BACKENDS = ("triton", "torch")
+
+
+def moe_backend_from_env() -> str:
+    """``PAGEDLLM_MOE_BACKEND``: "triton" (default: the fused grouped-GEMM kernels on CUDA) or "torch" (the reference
+    loop over experts, which syncs per expert and so needs enforce_eager on CUDA); read once, by ``model/moe``."""
+    value = os.environ.get("PAGEDLLM_MOE_BACKEND", "triton").strip().lower() or "triton"
+    if value not in MOE_BACKENDS:
+        raise ValueError(f"PAGEDLLM_MOE_BACKEND must be one of {', '.join(MOE_BACKENDS)}, got {value[:20]!r}")
+    return value
+
+
 def _requested_cpu_threads(cpu_threads: int | None) -> int | None:
     """The CPU thread count the user asked for: the argument, else the environment's; None = none asked."""
     if cpu_threads is not None and cpu_threads < 1:

@@ -49,6 +49,10 @@ TINY_MODEL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),  # head_dim != hidden_size / num_heads (16)
     "qwen3_tied": ("Qwen3Config", {"head_dim": 32, "tie_word_embeddings": True}),
+    # MoE: 8 experts, top-2; Qwen3-MoE with its second layer dense (mlp_only_layers).
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "norm_topk_prob": True, "mlp_only_layers": [1]}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 48}),
 }
 
 
@@ -84,8 +88,8 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             param.copy_(0.1 * torch.randn(param.shape, generator=generator))
         elif "embed_tokens" in name:
             param.copy_(torch.randn(param.shape, generator=generator))
-        else:  # [out, in] projections: std 1/sqrt(in) keeps activations near unit scale
-            param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+        else:  # [(experts,) out, in] projections: std 1/sqrt(in) keeps activations near unit scale
+            param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
 
 
 def load_hf_model(model_dir: str) -> torch.nn.Module:

@@ -15,6 +15,8 @@ _MODELS: dict[str, str] = {
     "MistralForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
+    "Qwen3MoeForCausalLM": "pagedllm.model.qwen3_moe:Qwen3MoeForCausalLM",
+    "MixtralForCausalLM": "pagedllm.model.mixtral:MixtralForCausalLM",
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
