@@ -95,6 +95,13 @@ def test_second_served_name_reaches_the_same_model_and_reports_the_first(server)
     assert _complete(server, "a-alt").json()["model"] == "model-a"
 
 
+def test_tokenize_uses_the_named_models_tokenizer(server):
+    for model in ("model-a", "model-b"):
+        response = httpx.post(server.url_for("/tokenize"), json={"model": model, "prompt": PROMPTS[0]})
+        assert response.status_code == 200 and response.json()["count"] > 0
+    assert httpx.post(server.url_for("/tokenize"), json={"model": "nope", "prompt": "x"}).status_code == 404
+
+
 def test_unknown_model_is_a_404_and_the_failed_one_a_503_with_its_reason(server):
     response = _complete(server, "nope")
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
@@ -185,4 +192,8 @@ def test_killing_one_models_core_process_leaves_the_other_serving(server):
     assert _complete(server, "chat", user="anyone").json()["model"] == "model-a"  # the alias skips the dead one
     assert httpx.get(server.url_for("/health")).status_code == 503  # a restart is what brings model-b back
     assert httpx.get(server.url_for("/ready")).status_code == 200  # model-a still takes traffic
+    assert httpx.get(server.url_for("/metrics")).status_code == 200
+    states = {model["id"]: model["state"] for model in
+              httpx.get(server.url_for("/v1/admin/models"), headers=_admin()).json()["data"]}
+    assert states["model-b"] == "dead" and states["model-a"] == "serving"
     assert server.proc.poll() is None
