@@ -30,6 +30,7 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from pagedllm.entrypoints.openai.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
 from pagedllm.entrypoints.openai.protocol_responses import ResponsesRequest, ResponsesResponse
 
 _REF = "#/components/schemas/{model}"
@@ -51,6 +52,7 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
     ("/v1/completions", "post"): RouteDoc((CompletionRequest,), CompletionResponse, streams=True),
     ("/v1/chat/completions", "post"): RouteDoc((ChatCompletionRequest,), ChatCompletionResponse, streams=True),
     ("/v1/responses", "post"): RouteDoc((ResponsesRequest,), ResponsesResponse, streams=True),
+    ("/v1/embeddings", "post"): RouteDoc((EmbeddingRequest,), EmbeddingResponse),
     ("/tokenize", "post"): RouteDoc((TokenizeCompletionRequest, TokenizeChatRequest), TokenizeResponse),
     ("/detokenize", "post"): RouteDoc((DetokenizeRequest,), DetokenizeResponse),
     ("/v1/models", "get"): RouteDoc(answer=ModelList),

@@ -158,3 +158,14 @@ def test_metrics_count_embeddings_and_no_kv_is_kept(embed_server):
     assert after["pagedllm:prompt_tokens_total"] - before["pagedllm:prompt_tokens_total"] == result.usage.prompt_tokens
     assert after["pagedllm:generation_tokens_total"] == before["pagedllm:generation_tokens_total"]
     assert after["pagedllm:request_success_total"] - before["pagedllm:request_success_total"] == len(TEXTS)
+
+
+def test_embeddings_route_is_documented(engine):
+    from fastapi.testclient import TestClient
+
+    from pagedllm.entrypoints.openai.server import build_app
+    from tests.entrypoints.openai.conftest import serve_args
+
+    schema = TestClient(build_app(engine, serve_args())).get("/openapi.json").json()
+    operation = schema["paths"]["/v1/embeddings"]["post"]
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("EmbeddingResponseOut")
