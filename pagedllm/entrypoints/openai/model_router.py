@@ -3,9 +3,10 @@
 ``aliases: {chat: {A: 90, B: 10}}`` sends about 90% of the requests for ``chat`` to A. A request with a ``user``
 always goes to the same target (a hash of the alias and the user picks it: a user sees one model during a test);
 one without a user takes the next point of a golden-ratio sequence from a seeded random start, which spreads the
-points evenly: any run of N such requests splits within about 1/N of the weights, where independent draws would
-stray by ~1/sqrt(N) (3% of 1,000 requests is two standard deviations of a random 50/50 split). Targets that are not serving (failed, dead, unloading) are
-left out of the draw, so an alias keeps answering while one of its targets is down.
+points evenly: any run of N such requests is within a few requests of the weights, where independent draws would
+stray by ~sqrt(N) (3% of 1,000 requests is two standard deviations of a random 50/50 split). Targets that are not
+serving (failed, dead, unloading) are left out of the draw, so an alias keeps answering while one of its targets is
+down.
 """
 
 from __future__ import annotations
