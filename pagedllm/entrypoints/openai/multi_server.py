@@ -145,7 +145,7 @@ def _lifespan(pool: ModelPool, log_stats_interval_s: float | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         tasks = [] if log_stats_interval_s is None else [
-            asyncio.create_task(StatsLogger(model.engine.get_metrics, log_stats_interval_s).run())
+            asyncio.create_task(StatsLogger(model.engine.get_metrics, log_stats_interval_s, model.name).run())
             for model in pool.serving()]
         yield
         for task in tasks:

@@ -30,8 +30,10 @@ class _Totals:
 class StatsLogger:
     """Turns two readings of the engine's metrics into one line; ``run()`` logs one every ``interval_s``."""
 
-    def __init__(self, get_metrics: Callable[[], list[Metric]], interval_s: float) -> None:
+    def __init__(self, get_metrics: Callable[[], list[Metric]], interval_s: float,
+                 model_name: str | None = None) -> None:
         self._get_metrics = get_metrics
+        self._prefix = "" if model_name is None else f"[{model_name}] "  # a server of several models: whose line
         self.interval_s = interval_s
         self._last = _Totals(time.monotonic())
 
@@ -40,7 +42,7 @@ class StatsLogger:
             await asyncio.sleep(self.interval_s)
             line = self.next_line(time.monotonic())
             if line is not None:
-                logger.info(line)
+                logger.info("%s%s", self._prefix, line)
 
     def next_line(self, now: float) -> str | None:
         """The line for the period since the previous call, or None when the period had no work at all."""
