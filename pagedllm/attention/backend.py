@@ -47,6 +47,9 @@ class AttentionBackend(Protocol):
 
     ``key`` and ``value`` are None when the caller has already written them into ``kv_cache`` at
     ``metadata.slot_mapping`` (on CUDA the rotary kernel does, in the same launch: ``model/triton_ops.py``).
+
+    ``sliding_window`` and ``logits_soft_cap`` are per layer (Gemma alternates windowed and global layers): plain
+    Python numbers fixed for the layer, so a captured CUDA graph bakes them in and nothing syncs.
     """
 
     def forward(
@@ -59,6 +62,8 @@ class AttentionBackend(Protocol):
         scale: float,
         k_scale: torch.Tensor | None = None,  # FP8 cache: 0-dim float32 K and V scales of the layer (None = 1.0)
         v_scale: torch.Tensor | None = None,
+        sliding_window: int = 0,  # the layer's window: > 0 = a query at p sees keys (p - window, p]; 0 = global
+        logits_soft_cap: float = 0.0,  # > 0: scaled scores become cap * tanh(scores / cap) (Gemma 2); 0 = off
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 

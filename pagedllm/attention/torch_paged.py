@@ -6,6 +6,10 @@ attended all at once over their gathered, padded contexts (``decode_attention``)
 large ops rather than hundreds of small ones. Both materialize the scores: fine on CPU and as a reference, not a
 fast GPU kernel. An FP8 cache (``kv_quant.py``) is quantized on the store and dequantized to the query's dtype as
 it is gathered, before any arithmetic.
+
+Per layer, a sliding window (``sliding_window`` > 0: the query at position p sees keys p - window < k <= p, as HF's
+``sliding_window_overlay``) and attention logit soft-capping (``logits_soft_cap`` > 0: ``cap * tanh(s / cap)`` on
+the scaled scores before the mask, as HF Gemma 2) are applied to the materialized scores.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ class TorchPagedAttention:
         scale: float,
         k_scale: torch.Tensor | None = None,  # FP8 cache: the layer's K and V scales (None = 1.0)
         v_scale: torch.Tensor | None = None,
+        sliding_window: int = 0,  # > 0: each query sees only the last ``sliding_window`` positions (itself included)
+        logits_soft_cap: float = 0.0,  # > 0: scores become cap * tanh(scores / cap) (Gemma 2)
     ) -> torch.Tensor:
         if key is not None and value is not None:
             write_kv_cache(key, value, kv_cache, metadata.slot_mapping, k_scale, v_scale)
@@ -50,14 +56,18 @@ class TorchPagedAttention:
                     dequantize_kv(key_ctx, k_scale, query.dtype),
                     dequantize_kv(value_ctx, v_scale, query.dtype),
                     scale,
+                    sliding_window,
+                    logits_soft_cap,
                 )
             start += query_len
         if decode_rows:
-            self._decode(query, kv_cache, metadata, scale, output, decode_rows, decode_tokens, (k_scale, v_scale))
+            self._decode(query, kv_cache, metadata, scale, output, decode_rows, decode_tokens, (k_scale, v_scale),
+                         sliding_window, logits_soft_cap)
         return output
 
     @staticmethod
-    def _decode(query, kv_cache, metadata, scale, output, rows: list[int], tokens: list[int], kv_scales) -> None:
+    def _decode(query, kv_cache, metadata, scale, output, rows: list[int], tokens: list[int], kv_scales,
+                sliding_window: int, logits_soft_cap: float) -> None:
         """Attend every decode at once, in chunks that bound the gathered context's memory."""
         seq_lens = [metadata.seq_lens_cpu[i] for i in rows]
         chunk = max(1, _MAX_GATHERED_TOKENS // max(seq_lens))
@@ -73,6 +83,8 @@ class TorchPagedAttention:
                 max(seq_lens[first : first + chunk]),
                 scale,
                 *kv_scales,
+                sliding_window=sliding_window,
+                logits_soft_cap=logits_soft_cap,
             )
 
 
@@ -115,6 +127,8 @@ def decode_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,  # FP8 cache: the layer's K and V scales (None = 1.0)
     v_scale: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    logits_soft_cap: float = 0.0,
 ) -> torch.Tensor:
     """One query per request over its whole paged context, for all requests at once (contexts padded to the
     longest; padding masked out). Scores and softmax in float32; returns the query's dtype."""
@@ -129,8 +143,11 @@ def decode_attention(
     value = value.reshape(num_reqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     # GQA without copying K/V: query head h = kv_head * group + g, as HF's repeat_kv groups them.
     grouped = query.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.matmul(grouped, key.transpose(2, 3)).float() * scale  # [R, Hkv, group, L]
-    is_padding = torch.arange(key.shape[2], device=query.device)[None, :] >= seq_lens[:, None].long()
+    scores = soft_cap(torch.matmul(grouped, key.transpose(2, 3)).float() * scale, logits_soft_cap)  # [R, Hkv, g, L]
+    key_pos = torch.arange(key.shape[2], device=query.device)[None, :]
+    is_padding = key_pos >= seq_lens[:, None].long()
+    if sliding_window > 0:  # the query sits at seq_len - 1
+        is_padding |= key_pos <= seq_lens[:, None].long() - 1 - sliding_window
     scores.masked_fill_(is_padding[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # Padding slots may hold anything, NaN included, and 0 * NaN is NaN: zero them rather than trust the mask.
@@ -138,10 +155,17 @@ def decode_attention(
     return torch.matmul(probs.to(value.dtype), value).reshape(num_reqs, num_heads, head_dim)
 
 
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+def soft_cap(scores: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(scores / cap)`` (attention logit soft-capping); the scores unchanged when ``cap`` is 0."""
+    return scores if cap <= 0 else torch.tanh(scores / cap) * cap
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     sliding_window: int = 0, logits_soft_cap: float = 0.0) -> torch.Tensor:
     """Attention of ``query`` [q, H, D] over ``key``/``value`` [k, H_kv, D], the queries being the last q positions.
 
-    Query ``j`` sits at context position ``k - q + j`` and sees positions ``<= k - q + j``. Computed in float32
+    Query ``j`` sits at context position ``k - q + j`` and sees positions ``<= k - q + j`` (and, with a sliding
+    window ``w`` > 0, ``> k - q + j - w``). Computed in float32
     whatever the input dtype; returned in the query's dtype.
     """
     num_queries, num_heads, _ = query.shape
@@ -150,10 +174,12 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     group = num_heads // num_kv_heads
     key = key.float().repeat_interleave(group, dim=1)
     value = value.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", query.float(), key) * scale
+    scores = soft_cap(torch.einsum("qhd,khd->hqk", query.float(), key) * scale, logits_soft_cap)
     query_pos = torch.arange(num_queries, device=query.device) + (num_keys - num_queries)
     key_pos = torch.arange(num_keys, device=query.device)
     is_visible = key_pos[None, :] <= query_pos[:, None]  # [q, k]
+    if sliding_window > 0:
+        is_visible &= key_pos[None, :] > query_pos[:, None] - sliding_window
     scores = scores.masked_fill(~is_visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, value).to(query.dtype)

@@ -21,6 +21,11 @@ attention kernels read the FP8 tiles directly: K and V are converted to the quer
 FP8 value is a bf16/fp16/fp32 value), the K scale is folded into the query's scale and the V scale into the output,
 which is the dequantization ``x * scale`` done once per row instead of once per element.
 
+Per layer, a sliding window (``window`` > 0: the query at p sees keys p - window < k <= p) skips whole key tiles
+outside the window (the loops start at the tile holding the first visible key; decode splits cover only the window)
+and masks inside the edge tile; attention logit soft-capping (``cap * tanh(s / cap)``, Gemma 2) is applied to the
+base-2 scores with the cap scaled the same way. Both are per-layer Python numbers: fixed under CUDA graphs.
+
 Keys are read through the block table one token at a time (``block_table[pos // BLOCK_SIZE]``), so any
 power-of-two block size works with any tile size. Softmax runs in float32 in base 2 (``exp2`` with the scale
 folded into ``log2(e)``); the output is in the query's dtype. The pure-torch backend is the oracle these kernels
@@ -60,14 +65,16 @@ class TritonPagedAttention:
         scale: float,
         k_scale: torch.Tensor | None = None,  # FP8 cache: the layer's K and V scales (None = 1.0)
         v_scale: torch.Tensor | None = None,
+        sliding_window: int = 0,  # > 0: each query sees only the last ``sliding_window`` positions (itself included)
+        logits_soft_cap: float = 0.0,  # > 0: scores become cap * tanh(scores / cap) (Gemma 2)
     ) -> torch.Tensor:
         if key is not None and value is not None:
             store_kv(key, value, kv_cache, metadata.slot_mapping, k_scale, v_scale)
         output = torch.empty_like(query)
         if metadata.max_query_len == 1:
-            paged_decode(query, kv_cache, metadata, scale, output, k_scale, v_scale)
+            paged_decode(query, kv_cache, metadata, scale, output, k_scale, v_scale, sliding_window, logits_soft_cap)
         else:
-            paged_prefill(query, kv_cache, metadata, scale, output, k_scale, v_scale)
+            paged_prefill(query, kv_cache, metadata, scale, output, k_scale, v_scale, sliding_window, logits_soft_cap)
         return output
 
 
@@ -139,9 +146,9 @@ def _store_kv_kernel(
 def _attend_tile(
     q, acc, m_i, l_i,  # q [M, D] (pre-scaled by scale*log2 e); running output, max, sum per row
     key_cache, value_cache, block_table_row, start, seq_len, query_pos,  # query_pos [M]: causal limit per row
-    kv_head, stride_cache_slot, stride_cache_head,
+    kv_head, stride_cache_slot, stride_cache_head, window, soft_cap,  # soft_cap: the cap in base-2 units
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr,
 ):
     """One online-softmax step over keys [start, start + BLOCK_N) of a request, read through its block table.
     With an FP8 cache, ``q`` carries the K scale and ``acc`` still lacks the V scale (the caller multiplies it)."""
@@ -156,7 +163,11 @@ def _attend_tile(
     k = tl.load(key_cache + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
     v = tl.load(value_cache + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N], base-2 logits
+    if HAS_SOFT_CAP:
+        scores = soft_cap * _tanh(scores / soft_cap)
     is_visible = in_context[None, :] & (offs_n[None, :] <= query_pos[:, None])
+    if HAS_WINDOW:
+        is_visible = is_visible & (offs_n[None, :] > query_pos[:, None] - window)
     scores = tl.where(is_visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     # Rows that have seen no visible key yet keep m = -inf: subtract 0 instead so exp2 gives 0, not nan.
@@ -168,12 +179,28 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
+@triton.jit
+def _tanh(x):
+    """tanh from one exp of a non-positive argument: no overflow, and accurate near 0 (no 1 - 1 cancellation)."""
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+def _window_args(sliding_window: int, logits_soft_cap: float) -> tuple[tuple[int, float], dict[str, bool]]:
+    """Kernel arguments of a layer's window and soft cap (the cap in the kernels' base-2 units)."""
+    window = max(0, int(sliding_window or 0))
+    cap = float(logits_soft_cap or 0.0)
+    return (window, cap * _LOG2_E), {"HAS_WINDOW": window > 0, "HAS_SOFT_CAP": cap > 0}
+
+
 # ---- prefill (any step) ---------------------------------------------------------------------------------------
 
 
 def paged_prefill(
     query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, output: torch.Tensor,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    sliding_window: int = 0, logits_soft_cap: float = 0.0,
 ) -> None:
     """Causal attention of each request's queries over its cached prefix plus themselves."""
     num_heads, head_dim = query.shape[1:]
@@ -185,24 +212,26 @@ def paged_prefill(
     cache = _flat_cache(kv_cache)
     grid = (metadata.num_reqs, num_kv_heads, triton.cdiv(metadata.max_query_len, queries_per_program))
     k_scale, v_scale, fp8 = fp8_kernel_args(kv_cache, k_scale, v_scale)
+    window_args, window_flags = _window_args(sliding_window, logits_soft_cap)
     _prefill_kernel[grid](
         query, output, cache[0], cache[1], metadata.block_tables, metadata.query_start_loc, metadata.seq_lens,
-        k_scale, v_scale, scale * _LOG2_E,
+        k_scale, v_scale, scale * _LOG2_E, *window_args,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         cache.stride(1), cache.stride(2), metadata.block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=_padded_head_dim(head_dim), BLOCK_SIZE=kv_cache.shape[2], DOT_PRECISION=_dot_precision(query.dtype),
-        IS_FP8=fp8["IS_FP8"], **pdl.launch_options(query.device),
+        IS_FP8=fp8["IS_FP8"], **window_flags, **pdl.launch_options(query.device),
     )
 
 
 @triton.jit
 def _prefill_kernel(
     query, output, key_cache, value_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale, qk_scale,
+    window, soft_cap,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cache_slot, stride_cache_head, stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    IS_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+    IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_for_earlier_kernels(USE_PDL)
     req = tl.program_id(0)
@@ -232,12 +261,16 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Keys past the block's last query are invisible to all its rows: stop there.
     end = tl.minimum(seq_len, context_len + (q_block + 1) * QUERIES)
+    # With a window, keys before the first query's window are invisible to all rows: start at their tile.
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(context_len + q_block * QUERIES - window + 1, 0) // BLOCK_N * BLOCK_N
     block_table_row = block_tables + req.to(tl.int64) * stride_table
-    for start in range(0, end, BLOCK_N):
+    for start in range(lo, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, key_cache, value_cache, block_table_row, start, seq_len, query_pos,
-            kv_head, stride_cache_slot, stride_cache_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
-            DOT_PRECISION,
+            kv_head, stride_cache_slot, stride_cache_head, window, soft_cap, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
+            HEAD_DIM_PAD, DOT_PRECISION, HAS_WINDOW, HAS_SOFT_CAP,
         )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if IS_FP8:
@@ -265,6 +298,7 @@ def num_decode_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, device
 def paged_decode(
     query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, output: torch.Tensor,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    sliding_window: int = 0, logits_soft_cap: float = 0.0,
 ) -> None:
     """One query per request over its whole paged context, split along the context when the batch is small."""
     num_reqs = metadata.num_reqs
@@ -282,14 +316,15 @@ def paged_decode(
         partial_lse = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
         stride_po = partial_out.stride()[:3]
     k_scale, v_scale, fp8 = fp8_kernel_args(kv_cache, k_scale, v_scale)
+    window_args, window_flags = _window_args(sliding_window, logits_soft_cap)
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, partial_out, partial_lse, cache[0], cache[1], metadata.block_tables, metadata.seq_lens,
-        k_scale, v_scale, scale * _LOG2_E, num_splits,
+        k_scale, v_scale, scale * _LOG2_E, *window_args, num_splits,
         query.stride(0), query.stride(1), *stride_po,
         cache.stride(1), cache.stride(2), metadata.block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim),
         BLOCK_SIZE=kv_cache.shape[2],
-        DOT_PRECISION=_dot_precision(query.dtype), IS_SPLIT=num_splits > 1, IS_FP8=fp8["IS_FP8"],
+        DOT_PRECISION=_dot_precision(query.dtype), IS_SPLIT=num_splits > 1, IS_FP8=fp8["IS_FP8"], **window_flags,
         **pdl.launch_options(query.device),
     )
     if num_splits > 1:
@@ -304,21 +339,25 @@ def paged_decode(
 @triton.jit
 def _decode_kernel(
     query, partial_out, partial_lse, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale, qk_scale,
-    num_splits,
+    window, soft_cap, num_splits,
     stride_qt, stride_qh, stride_po_req, stride_po_head, stride_po_split,
     stride_cache_slot, stride_cache_head, stride_table,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SPLIT: tl.constexpr,
-    IS_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+    IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_for_earlier_kernels(USE_PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + req)
-    # Tile-aligned slice of the context for this split; trailing splits of a short context are empty.
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
-    start = split * tiles_per_split * BLOCK_N
+    # The keys to read start at the tile holding the first one in the window (0 without a window).
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0) // BLOCK_N * BLOCK_N
+    # Tile-aligned slice of [lo, seq_len) for this split; trailing splits of a short context are empty.
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - lo, BLOCK_N), num_splits)
+    start = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(seq_len, start + tiles_per_split * BLOCK_N)
 
     rows = tl.arange(0, BLOCK_M)
@@ -338,8 +377,8 @@ def _decode_kernel(
     for tile_start in range(start, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, key_cache, value_cache, block_table_row, tile_start, seq_len, query_pos,
-            kv_head, stride_cache_slot, stride_cache_head, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
-            DOT_PRECISION,
+            kv_head, stride_cache_slot, stride_cache_head, window, soft_cap, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
+            HEAD_DIM_PAD, DOT_PRECISION, HAS_WINDOW, HAS_SOFT_CAP,
         )
     # An empty split (or a padding request, seq_len 0) leaves l = 0: output 0, lse -inf (weight 0 in the merge).
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
