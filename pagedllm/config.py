@@ -193,13 +193,8 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 
 def _max_model_len(hf: dict[str, Any], architecture: str, max_positions: int, requested: int | None) -> int:
+    # Sliding windows are attended as such by every backend: a windowed model runs to its full context.
     limit = max_positions
-    # Sliding-window attention is not implemented: cap the context at the window so outputs stay exact.
-    window = hf.get("sliding_window")
-    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not hf.get("use_sliding_window", False):
-        window = None
-    if window:
-        limit = min(limit, window)
     if requested is None:
         return limit
     if requested < 1:
@@ -207,7 +202,7 @@ def _max_model_len(hf: dict[str, Any], architecture: str, max_positions: int, re
     if requested > limit:
         raise ValueError(
             f"max_model_len={requested} exceeds the model's limit of {limit} tokens "
-            "(max_position_embeddings, or the sliding window)"
+            "(max_position_embeddings)"
         )
     return requested
 

@@ -46,6 +46,9 @@ TINY_MODEL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama_linear_rope": ("LlamaConfig", {"rope_parameters": {"rope_type": "linear", "factor": 4.0,
                                                              "rope_theta": 10000.0}}),
     "mistral": ("MistralConfig", {"head_dim": 16, "sliding_window": 4096}),
+    # Sliding windows shorter than the prompts: every layer (Mistral), layers >= max_window_layers (Qwen2).
+    "mistral_window": ("MistralConfig", {"head_dim": 16, "sliding_window": 8}),
+    "qwen2_window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),  # head_dim != hidden_size / num_heads (16)
     "qwen3_tied": ("Qwen3Config", {"head_dim": 32, "tie_word_embeddings": True}),

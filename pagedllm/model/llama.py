@@ -8,7 +8,9 @@ Module names mirror HF's so checkpoint names map directly, except for the fused 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,12 +56,43 @@ class LlamaVariant:
         )
 
 
+def sliding_window_of_layer(hf: dict[str, Any], architecture: str, layer_index: int) -> int:
+    """The sliding window of layer ``layer_index`` as HF applies it (0 = global attention).
+
+    ``layer_types`` (written by transformers 5) says per layer; else Qwen models window only with
+    ``use_sliding_window``, and then only layers ``>= max_window_layers``; the others (Mistral, Mixtral, Phi-3)
+    window every layer when ``sliding_window`` is set."""
+    window = hf.get("sliding_window") or 0
+    if not window:
+        return 0
+    layer_types = hf.get("layer_types")
+    if layer_types:
+        return window if layer_types[layer_index] == "sliding_attention" else 0
+    if architecture.startswith("Qwen"):
+        use_window = hf.get("use_sliding_window", False)
+        return window if use_window and layer_index >= hf.get("max_window_layers", 0) else 0
+    return window
+
+
+def layer_index_of(prefix: str) -> int:
+    """The decoder layer's index in a checkpoint prefix such as ``model.layers.3.self_attn``."""
+    match = re.search(r"layers\.(\d+)(\.|$)", prefix)
+    if match is None:
+        raise ValueError(f"No layer index in module prefix {prefix!r}")
+    return int(match.group(1))
+
+
 class LlamaAttention(nn.Module):
     """Self-attention: fused qkv projection, optional per-head q/k norm, rotary, paged attention, output proj."""
 
     def __init__(self, config: ModelConfig, variant: LlamaVariant, attn_backend: AttentionBackend,
-                 quant_config: QuantizationConfig | None, prefix: str) -> None:
+                 quant_config: QuantizationConfig | None, prefix: str, sliding_window: int | None = None) -> None:
+        """``sliding_window``: the layer's window (0 = global); None reads it from the config for the layer index in
+        ``prefix``, as HF does (``sliding_window_of_layer``)."""
         super().__init__()
+        if sliding_window is None:
+            sliding_window = sliding_window_of_layer(config.hf_config, config.architecture, layer_index_of(prefix))
+        self.sliding_window = sliding_window
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -101,7 +134,8 @@ class LlamaAttention(nn.Module):
         else:
             q, k, v = rotate_qk_into_cache(q, k, v, rope, self.q_norm, self.k_norm, kv_cache,
                                            attn_metadata.slot_mapping, self.k_scale, self.v_scale)
-        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.k_scale, self.v_scale)
+        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.k_scale, self.v_scale,
+                                        sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
