@@ -43,9 +43,10 @@ def check_vocab(workload: Workload, model_config: ModelConfig) -> None:
                          f"{model_config.model} ({model_config.vocab_size} ids)")
 
 
-def model_bytes(model_config: ModelConfig, kv_cache_dtype: str = "auto") -> dict[str, int]:
-    """Bytes a step reads: the weights, and K/V per context token in the cache's dtype (half with FP8)."""
-    return {"weight_bytes_per_step": weight_bytes_per_step(model_config),
+def model_bytes(model_config: ModelConfig, kv_cache_dtype: str = "auto", tokens_per_step: int = 1) -> dict[str, int]:
+    """Bytes a step of ``tokens_per_step`` decode tokens reads: the weights (for MoE, the experts they route to),
+    and K/V per context token in the cache's dtype (half with FP8)."""
+    return {"weight_bytes_per_step": weight_bytes_per_step(model_config, tokens_per_step),
             "kv_bytes_per_token": model_config.kv_bytes_per_token_in(kv_cache_dtype)}
 
 

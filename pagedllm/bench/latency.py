@@ -33,7 +33,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     workload = random_workload(args.batch_size, args.input_len, args.output_len, args.seed, bound, args.temperature)
     check_vocab(workload, model_config)
     bandwidth = measure_bandwidth(device)
-    bytes_ = model_bytes(model_config, args.kv_cache_dtype)
+    bytes_ = model_bytes(model_config, args.kv_cache_dtype, args.batch_size)
     baselines = run_baselines(args.compare, model_dir, workload, model_config.dtype, device, args.seed,
                               iters=args.num_iters, warmup_iters=args.num_iters_warmup, batch_size=args.batch_size)
 

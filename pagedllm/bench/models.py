@@ -22,6 +22,7 @@ REFERENCE_MODELS: dict[str, str] = {
     "qwen3-0.6b": "Qwen/Qwen3-0.6B",
     "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
 }
 
 
@@ -69,13 +70,29 @@ def num_parameters(config: ModelConfig) -> int:
     return sum(param.numel() for param in _parameters_on_meta(config).values())
 
 
-def weight_bytes_per_step(config: ModelConfig) -> int:
-    """Weight bytes one forward step must read: every parameter at its stored size (quantized ones included)
-    except the input embedding table, of which a step reads only its tokens' rows (with tied embeddings the table
-    is read whole, as the LM head)."""
+def weight_bytes_per_step(config: ModelConfig, tokens_per_step: int = 1) -> int:
+    """Weight bytes one forward step of ``tokens_per_step`` tokens must read: every parameter at its stored size
+    (quantized ones included) except the input embedding table, of which a step reads only its tokens' rows (with
+    tied embeddings the table is read whole, as the LM head). Of a MoE layer's experts only those the step's tokens
+    route to are read: ``expert_fraction_read``."""
     params = _parameters_on_meta(config)
-    total = sum(param.numel() * param.element_size() for param in params.values())
-    if config.tie_word_embeddings:
-        return total
-    embedding = params["model.embed_tokens.weight"]
-    return total - embedding.numel() * embedding.element_size()
+    total = sum(_bytes(param) * expert_fraction_read(param, tokens_per_step) for param in params.values())
+    if not config.tie_word_embeddings:
+        total -= _bytes(params["model.embed_tokens.weight"])
+    return round(total)
+
+
+def _bytes(param: torch.Tensor) -> int:
+    return param.numel() * param.element_size()
+
+
+def expert_fraction_read(param: torch.Tensor, tokens_per_step: int) -> float:
+    """The share of an expert-stacked parameter (``moe_routing`` = (top_k, num_experts), see ``model/moe/layer.py``)
+    that a step reads: exactly top_k / E for one token; for n tokens routed independently and uniformly, the expected
+    share of experts hit, 1 - (1 - top_k / E)^n (real routing is skewed and hits fewer, so for n > 1 this may overcount). 1 for
+    any other parameter."""
+    routing = getattr(param, "moe_routing", None)
+    if routing is None:
+        return 1.0
+    top_k, num_experts = routing
+    return 1.0 - (1.0 - top_k / num_experts) ** max(1, tokens_per_step)

@@ -38,7 +38,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[bench] workload {workload.name}: {len(workload.requests)} requests, {workload.num_prompt_tokens} prompt "
           f"and {workload.num_output_tokens} output tokens", flush=True)
     bandwidth = measure_bandwidth(device)  # before any engine holds the device's memory
-    bytes_ = model_bytes(model_config, args.kv_cache_dtype)
+    bytes_ = model_bytes(model_config, args.kv_cache_dtype, args.max_num_seqs)  # MoE: full steps
     bound = roofline([len(r.prompt_token_ids) for r in workload.requests], [r.max_tokens for r in workload.requests],
                      args.max_num_seqs, bytes_["weight_bytes_per_step"], bytes_["kv_bytes_per_token"], bandwidth)
     baselines = run_baselines(args.compare, model_dir, workload, model_config.dtype, device, args.seed)

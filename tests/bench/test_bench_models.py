@@ -38,6 +38,9 @@ REFERENCES = {
                                      "intermediate_size": 8960, "tie_word_embeddings": True}),
     "llama-3.1-8b": (8_030_261_248, {"vocab_size": 128256, "num_hidden_layers": 32, "num_key_value_heads": 8,
                                      "intermediate_size": 14336, "tie_word_embeddings": False}),
+    "qwen3-30b-a3b": (30_532_122_624, {"vocab_size": 151936, "num_hidden_layers": 48, "num_key_value_heads": 4,
+                                       "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                                       "tie_word_embeddings": False}),
 }
 
 
@@ -77,3 +80,15 @@ def test_num_parameters_matches_hf_on_tiny_models(tmp_path, arch):
     assert num_parameters(config) - kv_scales == sum(p.numel() for p in hf_model.parameters())
     embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
     assert weight_bytes_per_step(config) == 4 * (num_parameters(config) - embedding)
+
+
+def test_moe_weight_bytes_count_the_experts_a_step_routes_to():
+    """Qwen3-30B-A3B: one token reads 8 of 128 experts per layer (~3.0B of 30.5B parameters with the LM head, the
+    input embedding excluded); a big batch reads nearly all of them."""
+    config = load_model_config(resolve_model("qwen3-30b-a3b"), "auto", "cuda")
+    expert_params = 48 * 128 * 3 * 2048 * 768
+    kv_scales = KV_SCALES * 48  # float32: 2 more bytes each
+    dense_read = num_parameters(config) - expert_params - 151936 * 2048  # input embedding not read whole
+    assert weight_bytes_per_step(config) == 2 * (dense_read + expert_params * 8 // 128) + 2 * kv_scales
+    many = weight_bytes_per_step(config, tokens_per_step=256)
+    assert 2 * (dense_read + 0.999 * expert_params) < many < 2 * (dense_read + expert_params)

@@ -64,7 +64,7 @@ class FusedMoE(nn.Module):
         self.w2_weight = add_param(self, "w2_weight", torch.empty(num_experts, hidden_size, intermediate_size),
                                    output_dim=None)
         for param in (self.w13_weight, self.w2_weight):
-            param.active_fraction = top_k / num_experts  # type: ignore[attr-defined]  # read by bench rooflines
+            param.moe_routing = (top_k, num_experts)  # type: ignore[attr-defined]  # bench rooflines: bytes read
             set_weight_loader(param, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
