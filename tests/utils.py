@@ -49,6 +49,16 @@ TINY_MODEL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Sliding windows shorter than the prompts: every layer (Mistral), layers >= max_window_layers (Qwen2).
     "mistral_window": ("MistralConfig", {"head_dim": 16, "sliding_window": 8}),
     "qwen2_window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    # Gemma: windowed layers (8 tokens, shorter than the prompts) alternating with global ones.
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8,
+                                "attn_logit_softcapping": 5.0, "final_logit_softcapping": 10.0,
+                                "tie_word_embeddings": True}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                                    "num_hidden_layers": 3, "sliding_window_pattern": 2, "tie_word_embeddings": True,
+                                    "rope_parameters": {
+                                        "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                           "rope_theta": 100000.0},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 32}),  # head_dim != hidden_size / num_heads (16)
     "qwen3_tied": ("Qwen3Config", {"head_dim": 32, "tie_word_embeddings": True}),

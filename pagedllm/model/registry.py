@@ -11,6 +11,8 @@ import importlib
 
 # architecture -> "module:class"
 _MODELS: dict[str, str] = {
+    "Gemma2ForCausalLM": "pagedllm.model.gemma:GemmaForCausalLM",
+    "Gemma3ForCausalLM": "pagedllm.model.gemma:GemmaForCausalLM",
     "LlamaForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
     "MistralForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
