@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, SamplingParams
@@ -91,3 +92,19 @@ def test_decoder_sparse_step_keeps_layers_off_the_grid_dense(tmp_path):
     model = build_model(ModelConfig.from_pretrained(model_dir, None), "meta")
     assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["LlamaMLP", "SparseMoeBlock", "LlamaMLP",
                                                                          "LlamaMLP"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", MOE_VARIANTS)
+def test_fused_moe_in_cuda_graphs_matches_hf_in_float32(tiny_model, arch):
+    """On CUDA the experts run the fused Triton kernels, decode steps inside CUDA graphs (padded batch sizes)."""
+    model_dir = tiny_model(arch)
+    llm = LLM(model_dir, device="cuda", dtype="float32", num_gpu_blocks_override=64, block_size=4,
+              max_num_batched_tokens=32, max_num_seqs=8, max_model_len=128)
+    assert llm.llm_engine.engine_core.model_runner.use_cuda_graphs
+    prompts = [[5 + i, 17, 42, 99, 7, 3, 250, 11, 64][: 3 + i] * (1 + i % 3) for i in range(12)]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(24), use_tqdm=False)
+    hf_model = load_hf_model(model_dir)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 24)[0]
