@@ -26,6 +26,8 @@ class LoRAStepContext:
     is_active: bool = False  # some token of the step has an adapter (kernels always run inside CUDA graphs)
     # Torch path: (slot, token indices) of each slot the step uses; None = mask over all slots (device-only data).
     groups: list[tuple[int, torch.Tensor]] | None = field(default_factory=list)
+    # A large step on CUDA: its tokens sorted by slot and the tiles over them (``punica.segment_tiles``), else None.
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class LoRALayerWeights:
@@ -65,6 +67,12 @@ class LoRALayerWeights:
 
             punica.add_lora(y, x, self.a, self.b, context.token_slots, self.shard_offsets_gpu, self.shard_sizes_gpu,
                             self.max_rank, max(self.shard_sizes))
+        elif context.segments is not None:
+            from pagedllm.lora import punica
+
+            perm, tiles = context.segments
+            punica.add_lora_segmented(y, x, self.a, self.b, perm, tiles, self.shard_offsets_gpu, self.shard_sizes_gpu,
+                                      self.max_rank, max(self.shard_sizes))
         elif context.groups is None:
             add_lora_masked(y, x, self.a, self.b, context.token_slots[: x.shape[0]], self.shard_offsets,
                             self.shard_sizes, self.max_rank)

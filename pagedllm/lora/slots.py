@@ -26,9 +26,10 @@ from pagedllm.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
-# Above this many tokens an eager step computes the delta as one GEMM pair per adapter (its tokens gathered) instead
-# of the per-token kernels, which read each token's A and B again: right for decode-sized steps (and the CUDA graphs,
-# which go up to 256 tokens), wasteful for a long prefill.
+# Above this many tokens an eager step computes the delta over tiles of tokens sorted by adapter (SGMV; with a rank
+# below the tensor cores' 16, one torch GEMM pair per adapter) instead of the per-token kernels, which read each
+# token's A and B again: right for decode-sized steps (and the CUDA graphs, which go up to 256 tokens), wasteful for a
+# long prefill.
 MAX_KERNEL_TOKENS = 256
 
 # HF module -> (the fused layer it lives in, under a decoder layer; its shard there).
@@ -148,9 +149,17 @@ class LoRASlotPool:
         request_slots = np.array([-1 if r is None else slot_of[r.lora_int_id] for r in lora_requests], np.int32)
         token_slots = self._slots_np[:num_tokens]
         token_slots[:] = np.repeat(request_slots, query_lens)
-        if not context.use_kernels:
-            context.groups = [(slot, torch.from_numpy(np.flatnonzero(token_slots == slot)).to(self.device))
-                              for slot in sorted(set(slot_of.values()))]
+        context.segments = None
+        if context.use_kernels:
+            return
+        if self.kernels_available and self.lora_config.max_lora_rank >= 16:
+            from pagedllm.lora.punica import segment_tiles
+
+            perm, tiles = segment_tiles(token_slots)
+            context.segments = (torch.from_numpy(perm).to(self.device), torch.from_numpy(tiles).to(self.device))
+            return
+        context.groups = [(slot, torch.from_numpy(np.flatnonzero(token_slots == slot)).to(self.device))
+                          for slot in sorted(set(slot_of.values()))]
 
     def upload(self, num_padded: int) -> None:
         """Copy the step's mapping to the device buffer, padding tokens (up to a graph's size) mapped to no adapter."""
@@ -162,6 +171,7 @@ class LoRASlotPool:
         """Before capturing CUDA graphs: every LoRA layer runs, reading only device data (the slot buffer)."""
         self.context.is_active = True
         self.context.groups = None
+        self.context.segments = None
         self.context.use_kernels = self.kernels_available
         self._num_staged = 0
 

@@ -198,3 +198,37 @@ def test_chat_with_an_adapter(llama_lora_llm, lora_adapter):
     prompt = {"prompt_token_ids": with_adapter.prompt_token_ids}
     assert with_adapter.outputs[0].token_ids == llama_lora_llm.generate(
         prompt, greedy(6), use_tqdm=False, lora_request=lora)[0].outputs[0].token_ids
+
+
+def test_kernel_paths_in_the_engine_match_the_torch_path(lora_base, lora_adapter, monkeypatch):
+    """The engine with the Triton kernels (Triton's interpreter on CPU): per-token (BGMV) for steps up to a few tokens,
+    sorted tiles (SGMV) above, give the torch path's tokens."""
+    from pagedllm.lora import slots
+
+    base_dir = lora_base("qwen3")
+    adapters = [LoRARequest(name, index + 1, lora_adapter("qwen3", name))
+                for index, name in enumerate(["all_r8", "mlp_r16_rslora"])]
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(6, seed=11)]
+    loras = [None, *adapters] * 2
+
+    def run(kernels: bool) -> list[list[int]]:
+        llm = LLM(base_dir, device="cpu", block_size=4, num_gpu_blocks_override=128, max_num_batched_tokens=48,
+                  max_num_seqs=8, enable_lora=True, max_loras=2, max_lora_rank=16)
+        pool = llm.llm_engine.engine_core.model_runner.lora
+        pool.kernels_available = kernels
+        outputs = llm.generate(prompts, greedy(6), use_tqdm=False, lora_request=loras)
+        return [o.outputs[0].token_ids for o in outputs]
+
+    from pagedllm.lora import punica
+
+    calls = {"add_lora": 0, "add_lora_segmented": 0}
+    for name in calls:
+        def counted(*args, _name=name, _function=getattr(punica, name)):
+            calls[_name] += 1
+            return _function(*args)
+
+        monkeypatch.setattr(punica, name, counted)
+    monkeypatch.setattr(slots, "MAX_KERNEL_TOKENS", 8)  # decode steps take the per-token kernels, prefills the tiles
+    with_kernels = run(kernels=True)
+    assert calls["add_lora"] > 0 and calls["add_lora_segmented"] > 0
+    assert with_kernels == run(kernels=False)

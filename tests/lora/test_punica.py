@@ -97,3 +97,39 @@ def test_kernels_replay_in_cuda_graph_with_new_slots() -> None:
         add_lora_grouped(expected, x.float(), layer.a.float(), layer.b.float(), groups_of(slots), layer.shard_offsets,
                          layer.shard_sizes, 16)
         torch.testing.assert_close(y.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_tokens", "input_size", "shard_sizes", "max_rank", "num_slots"), [
+    (70, 96, [64, 32, 32], 16, 3),  # segments longer than a tile, and ragged ones
+    (9, 80, [72, 72], 32, 4),
+])
+def test_segmented_kernels_match_reference(dtype: torch.dtype, num_tokens: int, input_size: int,
+                                           shard_sizes: list[int], max_rank: int, num_slots: int) -> None:
+    torch.manual_seed(num_tokens + 1)
+    layer = random_layer(num_slots, max_rank, input_size, shard_sizes, dtype, num_tokens)
+    slots = torch.randint(-1, num_slots, (num_tokens,), dtype=torch.int32)
+    perm, tiles = punica.segment_tiles(slots.numpy())
+    assert sorted(perm.tolist()) == torch.nonzero(slots >= 0).flatten().tolist()
+    x = torch.randn(num_tokens, input_size, device=DEVICE).to(dtype)
+    base = torch.randn(num_tokens, sum(shard_sizes), device=DEVICE).to(dtype)
+    expected = base.float().clone()
+    slots = slots.to(DEVICE)
+    add_lora_grouped(expected, x.float(), layer.a.float(), layer.b.float(), groups_of(slots), layer.shard_offsets,
+                     layer.shard_sizes, max_rank)
+    actual = base.clone()
+    punica.add_lora_segmented(actual, x, layer.a, layer.b, torch.from_numpy(perm).to(DEVICE),
+                              torch.from_numpy(tiles).to(DEVICE), layer.shard_offsets_gpu, layer.shard_sizes_gpu,
+                              max_rank, max(shard_sizes))
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.float(), expected, atol=tol, rtol=tol)
+    assert torch.equal(actual[slots < 0], base[slots < 0])
+
+
+def test_segment_tiles_cut_each_slot_into_tiles() -> None:
+    import numpy as np
+
+    slots = np.array([1, -1, 0, 1, 1, 0, -1, 2] + [0] * 40, dtype=np.int32)
+    perm, tiles = punica.segment_tiles(slots, block_m=32)
+    assert [slots[p] for p in perm] == sorted(int(s) for s in slots if s >= 0)
+    assert tiles.T.tolist() == [[0, 0, 32], [0, 32, 42], [1, 42, 45], [2, 45, 46]]
