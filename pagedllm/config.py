@@ -17,7 +17,7 @@ from pagedllm.model.registry import SUPPORTED_ARCHITECTURES  # torch-free, like 
 from pagedllm.platform import resolve_attention_backend, resolve_device, resolve_dtype
 from pagedllm.pooling.config import PoolerConfig, load_pooler_config  # torch-free
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")  # longrope: Phi-3 (model/phi3.py)
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 # What an engine runs for its model (vLLM's ``runner``): text generation, or pooling (embeddings). ``task`` is the
 # older name of the same choice: "generate" or "embed".
@@ -185,6 +185,7 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     theta = float(merged.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
     merged.pop("type", None)
+    rope_type = "longrope" if rope_type == "su" else rope_type  # Phi-3's older name
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"Unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":

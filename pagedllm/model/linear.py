@@ -135,6 +135,10 @@ class _FusedLinear(Linear):
         self._build(input_size, list(shard_sizes.values()), bias, quant_config, checkpoint_prefixes)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if shard_id is None and not getattr(param, "per_shard", False):
+            # A checkpoint that stores the projection fused already (Phi-3's qkv_proj, gate_up_proj): whole.
+            load_into(param, loaded, None)
+            return
         if shard_id not in self.shards:
             raise ValueError(f"Unknown shard id {shard_id!r}; expected one of {list(self.shards)}")
         load_into(param, loaded, self.shards[shard_id])

@@ -85,6 +85,9 @@ def layer_index_of(prefix: str) -> int:
 class LlamaAttention(nn.Module):
     """Self-attention: fused qkv projection, optional per-head q/k norm, rotary, paged attention, output proj."""
 
+    # Columns of the qkv output reordered before the split (None: as is): Phi-4-mini's partial rotary (phi3.py).
+    qkv_permutation: torch.Tensor | None = None
+
     def __init__(self, config: ModelConfig, variant: LlamaVariant, attn_backend: AttentionBackend,
                  quant_config: QuantizationConfig | None, prefix: str, sliding_window: int | None = None) -> None:
         """``sliding_window``: the layer's window (0 = global); None reads it from the config for the layer index in
@@ -123,6 +126,8 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention from the output of ``qkv_proj``, which the decoder layer runs (so its norm can fuse into it)."""
         num_tokens = qkv.shape[0]
+        if self.qkv_permutation is not None:  # partial rotary as full-width rotary (phi3.py)
+            qkv = qkv.index_select(-1, self.qkv_permutation)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)

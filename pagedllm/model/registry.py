@@ -15,6 +15,7 @@ _MODELS: dict[str, str] = {
     "Gemma3ForCausalLM": "pagedllm.model.gemma:GemmaForCausalLM",
     "LlamaForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
     "MistralForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
+    "Phi3ForCausalLM": "pagedllm.model.phi3:Phi3ForCausalLM",
     "Qwen2ForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "pagedllm.model.llama:LlamaForCausalLM",
     "Qwen3MoeForCausalLM": "pagedllm.model.qwen3_moe:Qwen3MoeForCausalLM",
