@@ -24,6 +24,12 @@ _MODELS: dict[str, str] = {
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
 
+# Architectures refused with a pointer to what does run.
+UNSUPPORTED_HINTS: dict[str, str] = {
+    "Gemma3ForConditionalGeneration": "Gemma 3's multimodal (image + text) checkpoints are not supported; the "
+                                      "text-only ones (Gemma3ForCausalLM, e.g. google/gemma-3-1b-it) are",
+}
+
 
 def model_class(architecture: str) -> type:
     """The model class implementing ``architecture``, its module imported on first use."""
