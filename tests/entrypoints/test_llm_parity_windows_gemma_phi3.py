@@ -60,3 +60,18 @@ def test_gemma3_multimodal_checkpoint_is_refused_clearly(tmp_path: Path):
         "text_config": {"hidden_size": 64}, "vision_config": {}}))
     with pytest.raises(ValueError, match="multimodal .* not supported"):
         ModelConfig.from_pretrained(str(tmp_path), None)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_triton_attention_backend_matches_hf(tiny_model, arch, monkeypatch):
+    """The model over the Triton kernels (Triton's interpreter on CPU): windows and soft caps in the prefill kernel
+    (chunks of 16 over 8-token windows) and in the decode kernel."""
+    monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "triton")
+    model_dir = tiny_model(arch)
+    llm = LLM(model_dir, device="cpu", block_size=4, num_gpu_blocks_override=64, max_num_batched_tokens=16,
+              max_num_seqs=4, max_model_len=96)
+    prompts = random_prompts(3, 320, seed=5)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(12), use_tqdm=False)
+    hf_model = load_hf_model(model_dir)
+    for prompt, output in zip(prompts, outputs):
+        assert_matches_hf(output, hf_greedy(hf_model, prompt, 12)[0])
