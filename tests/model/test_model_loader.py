@@ -129,7 +129,9 @@ def test_unsupported_architecture_lists_supported(tiny_model_dir: Callable[[str]
     config = dataclasses.replace(ModelConfig.from_pretrained(tiny_model_dir("llama"), None), architecture="Foo")
     with pytest.raises(ValueError, match="Unsupported model architecture 'Foo'.*LlamaForCausalLM"):
         get_model(config, "auto", "cpu")
-    assert all(get_model_class(name) is LlamaForCausalLM for name in SUPPORTED_ARCHITECTURES)
+    llama_family = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    assert all(get_model_class(name) is LlamaForCausalLM for name in llama_family)
+    assert all(isinstance(get_model_class(name), type) for name in SUPPORTED_ARCHITECTURES)  # every module imports
 
 
 def test_torch_dtype() -> None:
