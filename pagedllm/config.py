@@ -321,6 +321,42 @@ class LoRAConfig:
         return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
 
 
+DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split over devices: ``tensor_parallel_size`` ranks per stage, ``pipeline_parallel_size``
+    stages, driven by ``distributed_executor_backend`` ("uni": in the engine's process, one device only; "mp": a
+    process per rank on this host; "ray": Ray actors, across nodes)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be at least 1, got "
+                             f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}"
+                             f", got {self.distributed_executor_backend!r}")
+        if self.world_size > 1 and self.distributed_executor_backend == "uni":
+            raise ValueError("distributed_executor_backend 'uni' runs one device only; use 'mp' or 'ray' for "
+                             f"tensor_parallel_size x pipeline_parallel_size = {self.world_size}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @classmethod
+    def resolve(cls, tp: int, pp: int, backend: str | None) -> ParallelConfig:
+        """``backend`` None: in-process for one device, a process per rank ("mp") for more (one node)."""
+        if backend is None:
+            backend = "uni" if tp * pp == 1 else "mp"
+        return cls(tp, pp, backend)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine is built from."""
@@ -339,6 +375,7 @@ class EngineConfig:
     lora_config: LoRAConfig | None = None  # None: LoRA off (requests with an adapter are refused)
     runner: str = "generate"  # one of RUNNERS: an engine generates, or pools (embeddings), never both
     pooler_config: PoolerConfig | None = None  # the model's pooling (set when runner == "pooling")
+    parallel_config: ParallelConfig = ParallelConfig()  # tensor / pipeline parallel layout (one device by default)
 
     @property
     def is_pooling(self) -> bool:
@@ -402,6 +439,9 @@ class EngineArgs:
     runner: str = "generate"  # one of RUNNERS; "pooling" serves embeddings (LLM.embed, /v1/embeddings)
     task: str | None = None  # "generate" or "embed": the same choice under vLLM's older name
     pooler_config: PoolerConfig | None = None  # pooling to use instead of what the model directory says
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # "uni" | "mp" | "ray"; None: "mp" when more than one rank
 
     def create_engine_config(self) -> EngineConfig:
         if self.load_format not in LOAD_FORMATS:
@@ -436,6 +476,8 @@ class EngineArgs:
             lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
             runner=self._runner(),
             pooler_config=load_pooler_config(model_dir, self.pooler_config) if self._runner() == "pooling" else None,
+            parallel_config=ParallelConfig.resolve(self.tensor_parallel_size, self.pipeline_parallel_size,
+                                                   self.distributed_executor_backend),
             device=device,
             load_format=self.load_format,
             seed=self.seed,
