@@ -49,12 +49,12 @@ TINY_MODEL_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Sliding windows shorter than the prompts: every layer (Mistral), layers >= max_window_layers (Qwen2).
     "mistral_window": ("MistralConfig", {"head_dim": 16, "sliding_window": 8}),
     "qwen2_window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
-    # Phi-3: LongRoPE with an original length (24) that the tests' prompts + outputs pass; Phi-4-mini's partial
+    # Phi-3: LongRoPE with an original length (32) that prompts fit in and prompts + outputs pass; Phi-4-mini's partial
     # rotary (half of each head) and tied embeddings on top.
-    "phi3_longrope": ("Phi3Config", {"original_max_position_embeddings": 24, "rope_parameters": {
+    "phi3_longrope": ("Phi3Config", {"original_max_position_embeddings": 32, "rope_parameters": {
         "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
         "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 14.0, 20.0]}}),
-    "phi4_mini": ("Phi3Config", {"original_max_position_embeddings": 24, "tie_word_embeddings": True,
+    "phi4_mini": ("Phi3Config", {"original_max_position_embeddings": 32, "tie_word_embeddings": True,
                                  "partial_rotary_factor": 0.5, "rope_parameters": {
         "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
         "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.0, 3.0, 7.0, 15.0]}}),
