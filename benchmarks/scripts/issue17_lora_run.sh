@@ -6,13 +6,13 @@
 set -u
 source benchmarks/scripts/device_env.sh || exit 1
 OUT=${OUT:-/tmp/issue17}; mkdir -p "$OUT"
-timeout 85 python3 -m pytest tests/lora/test_punica.py tests/lora/test_lora_gpu.py -q -p no:cacheprovider 2>&1 \
+timeout 75 python3 -m pytest tests/lora/test_punica.py tests/lora/test_lora_gpu.py -q -p no:cacheprovider 2>&1 \
   | tail -n 25 | tee "$OUT/gpu_tests.txt"
 bench() {  # model limit num_loras
   timeout "$4" python3 -m pagedllm.bench throughput --model "$1" --limit "$2" --num-loras "$3" --max-loras 8 \
     --max-lora-rank 16 --max-cpu-loras 64 --disable-tqdm --output-json "$OUT/$1-loras$3.json" 2>&1 | grep -v "^\[bench\] " | tail -n 4
 }
-for n in 0 8 64; do bench qwen3-0.6b 128 "$n" 45; done
+for n in 0 8 64; do bench qwen3-0.6b 128 "$n" 40; done
 for n in 0 8; do bench llama-3.1-8b 64 "$n" 45; done
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
