@@ -31,7 +31,7 @@ from pagedllm.engine.processing import (
 )
 from pagedllm.lora.request import LoRARequest
 from pagedllm.params import RequestOutput, SamplingParams
-from pagedllm.worker.executor import Executor, InProcessExecutor
+from pagedllm.worker.executor import Executor, make_executor
 from pagedllm.worker.model_runner import ModelRunner
 from pagedllm.worker.step_output import StepOutput
 
@@ -57,7 +57,7 @@ class EngineCore:
         # Requests whose first schedule time the front end has not been told yet (its queue-time metric).
         self._awaiting_first_output: dict[str, Request] = {}
         self._in_flight: _LaunchedStep | None = None  # the launched step whose output the scheduler has not had
-        self.executor: Executor = InProcessExecutor(config)
+        self.executor: Executor = make_executor(config)
         num_blocks = self.executor.determine_num_blocks()
         self._check_capacity(num_blocks)
         self.executor.initialize_kv_cache(num_blocks)
@@ -78,7 +78,12 @@ class EngineCore:
         block_size = self.config.cache_config.block_size
         max_model_len = self.config.scheduler_config.max_model_len
         worker_info = self.executor.startup_info()
+        parallel = self.config.parallel_config
         return {
+            # tp x pp ranks; every rank holds num_gpu_blocks blocks (of its own KV heads and layers): the smallest
+            # budget over the ranks
+            "parallel_layout": f"tp{parallel.tensor_parallel_size} x pp{parallel.pipeline_parallel_size}",
+            "distributed_executor_backend": parallel.distributed_executor_backend,
             "num_gpu_blocks": self.num_blocks,
             "num_cpu_blocks": self.num_cpu_blocks,
             "kv_cache_dtype": self.config.kv_cache_dtype,
@@ -266,13 +271,26 @@ class EngineCore:
     def _recover(self, scheduler_output: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
         """One request's bad state must not fail the batch: the scheduler requeues the step's requests and retries
         them in groups until the culprit runs (and fails) alone."""
+        if self.executor.failure is not None:  # a worker died: no step can run, every request fails now
+            return self._fail_all_requests(self.executor.failure)
         logger.warning("Engine step failed; requests in it: %s", list(scheduler_output.num_scheduled_tokens),
                        exc_info=exc)
         return self.scheduler.recover_from_failed_step(scheduler_output, describe_error(exc))
 
+    def _fail_all_requests(self, reason: str) -> list[EngineCoreOutput]:
+        """End every request with the error (the executor cannot run steps any more)."""
+        self._in_flight = None
+        request_ids = list(self.scheduler.requests)
+        self.abort_requests(request_ids)
+        message = f"The engine's workers failed: {reason}"
+        return [EngineCoreOutput(request_id, [], finish_reason="abort", error=message) for request_id in request_ids]
+
     @property
     def engine_fault(self) -> str | None:
-        """Why steps keep failing with no request to blame; None while healthy (see ``core/quarantine.py``)."""
+        """Why steps keep failing with no request to blame, or why the workers cannot run any (a dead worker);
+        None while healthy (see ``core/quarantine.py``)."""
+        if self.executor.failure is not None:
+            return f"a worker process died: {self.executor.failure}"
         return self.scheduler.engine_fault
 
 

@@ -67,7 +67,12 @@ def add_engine_args(parser: argparse.ArgumentParser, serving: bool = False) -> N
         group.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
                            help="admit requests first come, first served, or by priority (default: fcfs)")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                       help="GPUs to shard the model over (only 1 is supported yet)")
+                       help="devices to shard each layer over (tensor parallelism, Llama family) (default: 1)")
+    group.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                       help="pipeline stages to split the layers into (default: 1)")
+    group.add_argument("--distributed-executor-backend", choices=("uni", "mp", "ray"), default=None,
+                       help="how the ranks run: mp (a process per rank on this host), ray (Ray actors, several "
+                            "nodes), uni (in-process, one device) (default: uni for one rank, else mp)")
     group.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                        help="KV cache element type: auto (the model's dtype), bfloat16, fp8 (= fp8_e4m3) or fp8_e5m2; "
                             "FP8 holds twice the tokens of a 16-bit cache in the same memory (default: auto)")
@@ -113,9 +118,13 @@ _OPTIONAL_FLAGS = ("enable_prefix_caching", "scheduling_policy")
 def engine_kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of ``EngineArgs`` / ``LLM`` (model aside) from parsed flags; flags the engine cannot honour
     yet fail here, before any loading."""
-    if args.tensor_parallel_size != 1:
-        raise ValueError("--tensor-parallel-size > 1 is not supported yet")
+    for flag in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     kwargs = {
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
+        "distributed_executor_backend": args.distributed_executor_backend,
         "tokenizer": args.tokenizer,
         "revision": args.revision,
         "dtype": args.dtype,

@@ -42,17 +42,17 @@ class LLM:
         ``kv_cache_dtype``: "auto" (the model's dtype), "bfloat16", "fp8" (= "fp8_e4m3") or "fp8_e5m2": an FP8 cache
         holds twice the tokens of a 16-bit one in the same memory. Every other engine argument (dtype, device,
         seed, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, enable_chunked_prefill,
-        enable_prefix_caching, kv_cache_memory_bytes, num_gpu_blocks_override, gpu_memory_utilization,
+        enable_prefix_caching, pipeline_parallel_size, distributed_executor_backend, kv_cache_memory_bytes, num_gpu_blocks_override, gpu_memory_utilization,
         swap_space, preemption_mode, scheduling_policy, load_format, quantization, calculate_kv_scales, tokenizer,
         skip_tokenizer_init, revision, enforce_eager, cpu_threads, runner, task, pooler_config)
         is a field of ``pagedllm.config.EngineArgs``; an unknown one raises TypeError. ``generation_config``: where
         ``generate`` without sampling_params takes its defaults (``get_default_sampling_params``): ``"auto"`` the
         model's generation_config.json, ``"vllm"`` none, or a directory holding one. ``task="embed"`` (or
-        ``runner="pooling"``) makes an embedding engine: ``embed`` works, ``generate`` is refused."""
-        if tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        ``runner="pooling"``) makes an embedding engine: ``embed`` works, ``generate`` is refused.
+        ``tensor_parallel_size`` / ``pipeline_parallel_size``: shard the model over tp x pp devices (Llama family),
+        driven by ``distributed_executor_backend`` ("mp": a process per rank, the default; "ray": Ray actors)."""
         config = EngineArgs(model=model_or_default(model), kv_cache_dtype=kv_cache_dtype,
-                            **engine_args).create_engine_config()
+                            tensor_parallel_size=tensor_parallel_size, **engine_args).create_engine_config()
         if config.device == "cpu":
             set_engine_cpu_threads(config.cpu_threads, beside_api_server=False)
         self.generation_defaults = load_generation_defaults(generation_config, config.model_config.model)

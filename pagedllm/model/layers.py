@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.distributed.parallel_state import get_parallel_state
 from pagedllm.model.gemm import linear, skinny_gemm_for
 from pagedllm.model.linear import Linear, default_weight_loader, set_weight_loader
 from pagedllm.platform import triton_ops_enabled
@@ -264,37 +265,72 @@ class SiluAndMul(nn.Module):
 def silu_mul_linear(layer: Linear, gate_up: torch.Tensor) -> torch.Tensor:
     """``layer(silu(gate) * up)`` for a fused ``[..., 2 * d]`` gate/up output; one skinny-GEMM launch that computes the
     activation as it loads its input, where ``fused_gemm_kernels`` says."""
-    kernels = fused_gemm_kernels(gate_up[..., : layer.input_size], layer.weight) if layer.is_dense and layer.lora is None \
-        else None
+    kernels = fused_gemm_kernels(gate_up[..., : layer.input_size], layer.weight) \
+        if layer.is_dense and layer.lora is None and layer.tp_comm is None else None
     if kernels is not None:
         return kernels.silu_mul_gemm(gate_up, layer.weight, layer.bias)
     return layer(silu_and_mul(gate_up))
 
 
 class VocabEmbedding(nn.Module):
-    """Token embedding table [vocab_size, hidden_size]."""
+    """Token embedding table [vocab_size, hidden_size]. Under tensor parallelism (vocab-parallel) each rank holds
+    ``ceil(vocab_size / tp)`` consecutive rows (the last rank's tail zero padding): a rank looks up the ids in its
+    range, zeros the others, and one all-reduce sums the ranks' lookups."""
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-        set_weight_loader(self.weight, default_weight_loader)
+        self.tp = get_parallel_state().tp
+        self.num_rows = -(-vocab_size // self.tp.size)  # this rank's rows
+        self.vocab_start = self.tp.rank * self.num_rows
+        self.vocab_end = min(self.vocab_start + self.num_rows, vocab_size)
+        self.tp_comm = self.tp.comm if self.tp.size > 1 else None
+        self.weight = nn.Parameter(torch.empty(self.num_rows, hidden_size), requires_grad=False)
+        set_weight_loader(self.weight, self.weight_loader if self.tp_comm is not None else default_weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """This rank's rows of the checkpoint table (padding rows zero)."""
+        if shard_id is not None:
+            raise ValueError(f"This parameter is not fused; got shard id {shard_id!r}")
+        rows = self.vocab_end - self.vocab_start
+        param.data.zero_()
+        param.data[:rows].copy_(loaded[self.vocab_start : self.vocab_end])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp_comm is None:
+            return F.embedding(input_ids, self.weight)
+        in_range = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        local_ids = torch.where(in_range, input_ids - self.vocab_start, 0)
+        embedded = F.embedding(local_ids, self.weight) * in_range.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp_comm.all_reduce(embedded)
 
 
 class LMHead(nn.Module):
-    """Projects hidden states to vocabulary logits; with ``tied_to`` it reuses the embedding table's weight."""
+    """Projects hidden states to vocabulary logits; with ``tied_to`` it reuses the embedding table's weight.
+
+    Under tensor parallelism each rank computes the logits of its vocabulary rows and an all-gather gives every rank
+    the whole row: every rank then samples the same tokens from the same logits with the same seeds, so every
+    runner keeps the same request state without a broadcast of the sampled ids (see ``worker/model_runner.py``)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None) -> None:
         super().__init__()
+        self.vocab_size = vocab_size
         self.is_tied = tied_to is not None
+        embedding = tied_to if tied_to is not None else VocabEmbedding(vocab_size, hidden_size)
+        self.tp_comm = embedding.tp_comm
         if tied_to is not None:
             self.weight = tied_to.weight  # the same Parameter: loaded once, listed once by named_parameters()
-        else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-            set_weight_loader(self.weight, default_weight_loader)
+        else:  # the same row layout as an embedding table (vocab-parallel under tensor parallelism)
+            self.weight = embedding.weight
+            del embedding
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab_size] in float32 (sampling and logprobs want the precision)."""
-        return linear(hidden_states, self.weight).float()
+        logits = linear(hidden_states, self.weight).float()
+        if self.tp_comm is None:
+            return logits
+        return self.tp_comm.all_gather(logits, dim=-1)[:, : self.vocab_size]
+
+
+class PPMissingLayer(nn.Module):
+    """A place holder for a module another pipeline stage holds: no parameters, never called; the loader skips
+    checkpoint tensors under it."""

@@ -17,8 +17,10 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.config import ModelConfig
+from pagedllm.distributed.parallel_state import get_parallel_state, layer_range
 from pagedllm.model.layers import (
     LMHead,
+    PPMissingLayer,
     RMSNorm,
     RotaryEmbedding,
     RotaryStep,
@@ -96,17 +98,18 @@ class LlamaAttention(nn.Module):
         if sliding_window is None:
             sliding_window = sliding_window_of_layer(config.hf_config, config.architecture, layer_index_of(prefix))
         self.sliding_window = sliding_window
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_kv_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({num_kv_heads})")
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads,
                                   bias=variant.qkv_bias, quant_config=quant_config, prefix=prefix)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=variant.o_bias,
-                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        # This rank's heads (all of them on one rank; see QKVLinear under tensor parallelism).
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = Linear(num_heads * self.head_dim, config.hidden_size, bias=variant.o_bias,
+                             quant_config=quant_config, prefix=f"{prefix}.o_proj", parallel="row")
         if variant.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -155,7 +158,7 @@ class LlamaMLP(nn.Module):
                                          quant_config=quant_config, prefix=prefix,
                                          part_names=["gate_proj", "up_proj"])
         self.down_proj = Linear(size, config.hidden_size, bias=variant.mlp_bias, quant_config=quant_config,
-                                prefix=f"{prefix}.down_proj")
+                                prefix=f"{prefix}.down_proj", parallel="row")
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """``down(silu(gate) * up)`` from the output of ``gate_up_proj``, which the decoder layer runs (so that its
@@ -192,12 +195,23 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embeddings, decoder layers and the final norm (HF's ``model.*``)."""
+    """Embeddings, decoder layers and the final norm (HF's ``model.*``).
+
+    Under pipeline parallelism this stage holds decoder layers ``[start_layer, end_layer)`` (the others are
+    ``PPMissingLayer``), the embedding on the first stage and the final norm on the last; a later stage starts
+    from the hidden states and residual the stage before sent, and a stage before the last sends its own on."""
 
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend,
                  quant_config: QuantizationConfig | None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.pp = get_parallel_state().pp
+        self.hidden_size = config.hidden_size
+        self.dtype = torch.get_default_dtype()  # the model's (the loader builds it under that default)
+        self.start_layer, self.end_layer = layer_range(config.num_hidden_layers, self.pp.rank, self.pp.size)
+        # A tied LM head on the last stage reads the embedding table too.
+        has_embedding = self.pp.is_first or (config.tie_word_embeddings and self.pp.is_last)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size) if has_embedding \
+            else PPMissingLayer()
         # One rotary table for all layers: cos/sin are gathered once per step, not once per layer.
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling
@@ -205,9 +219,10 @@ class LlamaModel(nn.Module):
         variant = LlamaVariant.of(config)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, variant, attn_backend, quant_config, f"model.layers.{i}")
+            if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.pp.is_last else PPMissingLayer()
 
     def forward(
         self,
@@ -216,6 +231,9 @@ class LlamaModel(nn.Module):
         kv_caches: list[torch.Tensor],
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
+        """``kv_caches``: one per layer of this stage."""
+        if self.pp.comm is not None:
+            return self._forward_stage(input_ids, positions, kv_caches, attn_metadata)
         hidden_states = self.embed_tokens(input_ids)
         rope = self.rotary_emb.step_inputs(positions, hidden_states.dtype)
         residual = None
@@ -224,9 +242,35 @@ class LlamaModel(nn.Module):
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
+    def _forward_stage(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                       attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """One pipeline stage: its layers between a receive from the stage before and a send to the one after
+        (the last stage returns the normed hidden states, the others what they sent)."""
+        pp, dtype = self.pp, self.dtype
+        if pp.is_first:
+            hidden_states = self.embed_tokens(input_ids)
+            residual = torch.zeros_like(hidden_states)  # the first layer adds it to the embeddings: exact
+        else:
+            shape = (input_ids.shape[0], self.hidden_size)
+            hidden_states = pp.comm.recv(torch.empty(shape, dtype=dtype, device=input_ids.device), pp.rank - 1)
+            residual = pp.comm.recv(torch.empty(shape, dtype=dtype, device=input_ids.device), pp.rank - 1)
+        rope = self.rotary_emb.step_inputs(positions, hidden_states.dtype)
+        layers = self.layers[self.start_layer : self.end_layer]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
+            hidden_states, residual = layer(hidden_states, residual, rope, kv_cache, attn_metadata)
+        if not pp.is_last:
+            pp.comm.send(hidden_states, pp.rank + 1)
+            pp.comm.send(residual, pp.rank + 1)
+            return hidden_states
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
 
 class LlamaForCausalLM(nn.Module):
     """A Llama-family causal LM over a paged KV cache (also serves Mistral, Qwen2 and Qwen3 checkpoints)."""
+
+    # Tensor and pipeline parallelism are implemented by this class (a subclass declares its own support).
+    supports_parallel = True
 
     # Fused module -> the HF modules stacked into it, in shard order.
     packed_modules_mapping = {
@@ -248,7 +292,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, attn_backend, quant_config)
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to) if self.model.pp.is_last \
+            else PPMissingLayer()
 
     def forward(
         self,

@@ -15,8 +15,10 @@ from torch import nn
 
 from pagedllm.attention.backend import get_attention_backend
 from pagedllm.config import LOAD_FORMATS, ModelConfig
+from pagedllm.distributed.parallel_state import get_parallel_state
 from pagedllm.model.gguf import is_gguf_model, iterate_gguf_weights
 from pagedllm.model.kv_scales import checkpoint_kv_scale_name
+from pagedllm.model.layers import PPMissingLayer
 from pagedllm.model.linear import default_weight_loader
 from pagedllm.model.quantization import get_quantization_config
 from pagedllm.model.registry import model_class as model_class_for
@@ -55,6 +57,11 @@ def build_model(model_config: ModelConfig, device: str, attn_backend_name: str =
     """The model's modules with uninitialized parameters on ``device`` (``"meta"``: shapes and dtypes only, e.g.
     to count weight bytes), created there directly in the config's dtype: no float32 copy of a big model in RAM."""
     model_class = model_class_for(model_config.architecture)
+    state = get_parallel_state()
+    if (state.tp.size > 1 or state.pp.size > 1) and not model_class.__dict__.get("supports_parallel", False):
+        raise ValueError(f"{model_config.architecture} does not support tensor or pipeline parallelism yet (the "
+                         "Llama family does: Llama, Mistral, Qwen2, Qwen3); run it with tensor_parallel_size=1 "
+                         "and pipeline_parallel_size=1")
     with torch.device(device), _default_dtype(torch_dtype(model_config.dtype)):
         return model_class(model_config, get_attention_backend(attn_backend_name),
                            get_quantization_config(model_config))
@@ -169,7 +176,8 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
                 break
         param = params.get(param_name)
         if param is None:
-            unexpected.append(name)
+            if not _on_other_stage(model, param_name):
+                unexpected.append(name)
             continue
         loader = getattr(param, "weight_loader", default_weight_loader)
         try:
@@ -182,6 +190,18 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     missing = _expected_checkpoint_names(model) - loaded
     if missing:
         raise ValueError(f"Checkpoint is missing {len(missing)} weights: {_few(missing)}")
+
+
+def _on_other_stage(model: nn.Module, param_name: str) -> bool:
+    """Whether the parameter sits under a module another pipeline stage holds (a ``PPMissingLayer`` here)."""
+    module = model
+    for part in param_name.split(".")[:-1]:
+        module = getattr(module, part, None)
+        if module is None:
+            return False
+        if isinstance(module, PPMissingLayer):
+            return True
+    return False
 
 
 def _few(names: list[str] | set[str]) -> str:

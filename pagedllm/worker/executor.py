@@ -18,8 +18,15 @@ from pagedllm.worker.step_output import ReadyOutput, StepOutput
 from pagedllm.worker.worker import Worker
 
 
+class WorkerDiedError(RuntimeError):
+    """A worker of a multi-process (or Ray) executor is gone: no step can run any more."""
+
+
 class Executor(ABC):
     """Drives the workers of one engine (see the module docstring)."""
+
+    # Why the executor cannot run steps any more (a worker died); None while healthy.
+    failure: str | None = None
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -52,6 +59,20 @@ class Executor(ABC):
 
     def shutdown(self) -> None:
         """Release the workers (nothing to do for in-process ones)."""
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    """The executor ``config.parallel_config.distributed_executor_backend`` names ("uni", "mp" or "ray")."""
+    backend = config.parallel_config.distributed_executor_backend
+    if backend == "mp":
+        from pagedllm.worker.mp_executor import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    if backend == "ray":
+        from pagedllm.worker.ray_executor import RayExecutor
+
+        return RayExecutor(config)
+    return InProcessExecutor(config)
 
 
 class InProcessExecutor(Executor):

@@ -21,6 +21,8 @@ from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.kv_quant import as_bytes, is_fp8, kv_cache_torch_dtype
 from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, NewRequestData, SchedulerOutput, TopLogprobs
+from pagedllm.distributed.parallel_state import get_parallel_state, layer_range
+from pagedllm.model.linear import tp_attention_heads
 from pagedllm.model.loader import get_model, torch_dtype
 from pagedllm.params import SamplingParams
 from pagedllm.pooling.params import PoolingParams
@@ -130,6 +132,14 @@ class _StepInputs:
         return self.num_tokens == self.num_reqs
 
 
+@dataclass(slots=True)
+class _ReceivedSamples:
+    """An earlier pipeline stage's stand-in for a sampler output: the ids the last stage sampled, no logprobs."""
+
+    sampled_token_ids: torch.Tensor
+    logprobs: Any = None
+
+
 class ModelRunner:
     """Owns the model, the KV cache tensors and the sampler of one device."""
 
@@ -142,7 +152,15 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype)  # the model's, or FP8
         # calculate_kv_scales: the first step runs eagerly and sets every layer's K/V scales from its own K/V.
         self._kv_scales_pending = config.cache_config.calculate_kv_scales and is_fp8(self.kv_cache_dtype)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same on every rank: tensor-parallel ranks sample the same tokens
+        # This rank's share of the model (everything on one device): its KV heads and its pipeline stage's layers.
+        state = get_parallel_state()
+        self.pp_comm = state.pp.comm  # None without pipeline parallelism
+        self.is_last_stage = state.pp.is_last
+        _, self.num_kv_heads, _ = tp_attention_heads(self.model_config.num_attention_heads,
+                                                     self.model_config.num_key_value_heads, state.tp)
+        start_layer, end_layer = layer_range(self.model_config.num_hidden_layers, state.pp.rank, state.pp.size)
+        self.num_layers = end_layer - start_layer
         start = time.perf_counter()
         self.model = get_model(self.model_config, config.load_format, config.device, config.attention_backend)
         self.startup_seconds = {"load": time.perf_counter() - start}
@@ -163,6 +181,7 @@ class ModelRunner:
         # Graphs replay fixed launch shapes: only the Triton backend's kernels are built for that.
         self.use_cuda_graphs = (
             self.device.type == "cuda" and not config.enforce_eager and config.attention_backend == "triton"
+            and self.pp_comm is None  # stages send and receive between graphs' kernels: eager under pp
         )
         self.decode_graphs = StepGraphs()  # keyed by padded number of requests, for any context up to max_model_len
         # Context bound -> decode graphs of the small batch sizes whose attention launches fewer splits under that
@@ -206,8 +225,12 @@ class ModelRunner:
 
     @property
     def kv_block_bytes(self) -> int:
-        """Bytes of one block over all layers, in the cache's dtype (an FP8 cache fits twice the blocks of bf16)."""
-        return self.config.kv_bytes_per_token * self.block_size
+        """Bytes of one block over this rank's layers and KV heads, in the cache's dtype (an FP8 cache fits twice the
+        blocks of bf16)."""
+        model_config = self.model_config
+        per_head_layer = self.config.kv_bytes_per_token // (model_config.num_hidden_layers
+                                                             * model_config.num_key_value_heads)
+        return per_head_layer * self.num_layers * self.num_kv_heads * self.block_size
 
     def determine_num_blocks(self) -> int:
         """How many KV blocks the budget allows: an explicit override, a byte budget, or the GPU's free memory."""
@@ -254,7 +277,8 @@ class ModelRunner:
         self._stage_positions_and_slots(inputs)
         input_ids, positions, metadata = self._upload(inputs, num_tokens, 1)
         hidden = self.model(input_ids, positions, kv_caches, metadata)
-        self.model.compute_logits(hidden[-sched.max_num_seqs :])
+        if self.is_last_stage:
+            self.model.compute_logits(hidden[-sched.max_num_seqs :])
         del kv_caches, hidden
         torch.cuda.synchronize(self.device)
         self.startup_seconds["profile"] = time.perf_counter() - start
@@ -338,7 +362,7 @@ class ModelRunner:
         from pagedllm.attention.triton_paged import num_decode_splits  # graphs run only the Triton backend
 
         max_model_len = self.config.scheduler_config.max_model_len
-        num_kv_heads = self.model_config.num_key_value_heads
+        num_kv_heads = self.num_kv_heads
 
         def splits(size: int, bound: int) -> int:
             return num_decode_splits(size, num_kv_heads, bound, self.device)
@@ -393,13 +417,13 @@ class ModelRunner:
         self, num_blocks: int, device: torch.device | None = None, pin_memory: bool = False
     ) -> list[torch.Tensor]:
         device = device or self.device
-        shape = (2, num_blocks, self.block_size, self.model_config.num_key_value_heads, self.model_config.head_dim)
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.model_config.head_dim)
         # On CPU, zero-filling gigabytes costs seconds and commits all the memory at start: leave it unwritten
         # (slots are always written before they are read). Device caches are zeroed: kernels may load masked slots.
         allocate = torch.empty if device.type == "cpu" and not pin_memory else torch.zeros
         return [
             allocate(shape, dtype=self.kv_cache_dtype, device=device, pin_memory=pin_memory)
-            for _ in range(self.model_config.num_hidden_layers)
+            for _ in range(self.num_layers)
         ]
 
     def _copy_blocks(self, scheduler_output: SchedulerOutput) -> None:
@@ -442,7 +466,7 @@ class ModelRunner:
         hidden = self._forward(inputs)
         output = self._sample(hidden, inputs)
         output.prompt_logprobs.update(self._prompt_logprobs(hidden, inputs))  # (waits for the step: rare)
-        if inputs.pooling_chunks:  # (waits for the step: the vectors go to the host)
+        if inputs.pooling_chunks and self.is_last_stage:  # (waits for the step: the vectors go to the host)
             output.pooled_outputs.update(self.pooler.pool(hidden, inputs.pooling_chunks))
         return ReadyOutput(output) if isinstance(output, ModelRunnerOutput) else output
 
@@ -626,6 +650,8 @@ class ModelRunner:
         whose draws are checked on the host (then the step is waited for here)."""
         if not inputs.sample_req_ids:
             return ModelRunnerOutput({})
+        if self.pp_comm is not None:
+            return self._sample_pipelined(hidden, inputs)
         logits = self.model.compute_logits(self._sampled_hidden(hidden, inputs))
         states = [self.requests[req_id] for req_id in inputs.sample_req_ids]
         rows = [
@@ -637,6 +663,24 @@ class ModelRunner:
         sampler_output = self.sampler(logits, metadata)
         if grammar_step is not None:
             return self._finish_grammar_step(inputs, states, logits, metadata, sampler_output, grammar_step)
+        return self._pending_output(inputs.sample_req_ids, states, sampler_output)
+
+    def _sample_pipelined(self, hidden: torch.Tensor, inputs: _StepInputs) -> PendingSampledOutput:
+        """Pipeline parallelism: the last stage samples and broadcasts the sampled ids to the earlier stages, whose
+        runners need them as the next step's inputs (structured outputs are not supported here)."""
+        states = [self.requests[req_id] for req_id in inputs.sample_req_ids]
+        if self.is_last_stage:
+            logits = self.model.compute_logits(self._sampled_hidden(hidden, inputs))
+            rows = [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.sampling_seed,
+                                s.num_pending) for s in states]
+            metadata = SamplingMetadata.build(rows, self.model_config.vocab_size, self.device,
+                                              self.model_config.eos_token_ids)
+            sampler_output = self.sampler(logits, metadata)
+            sampled = sampler_output.sampled_token_ids
+        else:
+            sampled = torch.empty(len(states), dtype=torch.int64, device=self.device)
+            sampler_output = _ReceivedSamples(sampled)
+        self.pp_comm.broadcast(sampled, src=self.pp_comm.world_size - 1)
         return self._pending_output(inputs.sample_req_ids, states, sampler_output)
 
     def _pending_output(self, req_ids: list[str], states: list[CachedRequestState], sampler_output) -> PendingSampledOutput:
@@ -704,6 +748,8 @@ class ModelRunner:
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: _StepInputs) -> dict[str, list[TopLogprobs]]:
         result = {}
+        if not self.is_last_stage:  # only the last pipeline stage has logits (and its output is the engine's)
+            return result
         for req_id, flat_start, first_position, count in inputs.prompt_logprob_spans:
             state = self.requests[req_id]
             logits = self.model.compute_logits(hidden[flat_start : flat_start + count])

@@ -1,7 +1,8 @@
 """One worker per device: it owns that device's ``ModelRunner`` and answers the executor's calls.
 
-Today there is one worker in the engine's own process; tensor and pipeline parallelism add one per rank (a process
-each, or a Ray actor), all reached through the same few calls, which take and return plain data.
+One worker in the engine's own process for one device; under tensor and pipeline parallelism one per rank (a
+process each, ``mp_executor.py``, or a Ray actor, ``ray_executor.py``), all reached through the same few calls, which
+take and return plain data. A worker of a multi-rank engine joins the process group before it builds its model.
 """
 
 from __future__ import annotations
@@ -15,8 +16,21 @@ from pagedllm.worker.step_output import StepOutput
 class Worker:
     """The model, KV cache and sampler of one device (``rank`` of the engine's workers)."""
 
-    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0, distributed_init_method: str | None = None,
+                 local_rank: int | None = None) -> None:
+        """``distributed_init_method`` (``tcp://host:port``): join the engine's process group as ``rank`` first
+        (every rank of a multi-rank engine); ``local_rank``: this rank's device on its node (default ``rank``)."""
         self.rank = rank
+        parallel = config.parallel_config
+        if distributed_init_method is not None:
+            from pagedllm.distributed.parallel_state import init_distributed
+
+            if config.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.set_device(rank if local_rank is None else local_rank)
+            init_distributed(rank, parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+                             distributed_init_method, config.device)
         self.model_runner = ModelRunner(config)
 
     def determine_num_blocks(self) -> int:
@@ -43,4 +57,8 @@ class Worker:
         of the model's weights as stored."""
         runner = self.model_runner
         return {"cuda_graphs": runner.use_cuda_graphs, "seconds": dict(runner.startup_seconds),
-                "weight_bytes": runner.weight_bytes}
+                "weight_bytes": runner.weight_bytes, "rank": self.rank}
+
+    def check_health(self) -> bool:
+        return True
+

@@ -9,6 +9,8 @@ generic loader (``linear.load_into``) can place a checkpoint tensor, or one shar
   None for a tensor every shard shares (GPTQ's ``g_idx``);
 - ``pack_factor``: values packed into one element along ``output_dim`` (8 for int4 in int32), so shard offsets
   and sizes divide by it;
+- ``input_dim``: the dimension that runs over input features, for a row-parallel layer's tensor-parallel slice
+  (None: every rank holds the whole tensor, e.g. a per-channel scale);
 - ``per_shard``: one value per shard (a per-tensor scale of each of q, k and v), the parameter holding one slot
   per shard.
 
@@ -28,6 +30,9 @@ DummyInit = Callable[[torch.Tensor, torch.Generator], None]
 
 class LinearMethod:
     """How a linear layer stores its weight and computes ``x W^T + b``; one instance may serve many layers."""
+
+    # Whether the parameters declare the layout a tensor-parallel slice needs (``input_dim`` on the weight).
+    supports_tensor_parallel = False
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int], dtype: torch.dtype) -> None:
         """Register the weight parameters of ``layer`` (``output_sizes``: one entry per fused shard)."""
@@ -61,6 +66,7 @@ def add_param(
     pack_factor: int = 1,
     per_shard: bool = False,
     dummy_init: DummyInit | None = None,
+    input_dim: int | None = None,
 ) -> nn.Parameter:
     """Register ``data`` as the frozen parameter ``name`` of ``layer``, with the layout the loader needs (see the
     module docstring) and, optionally, how ``load_format="dummy"`` fills it (default: N(0, 0.02^2) for floats)."""
@@ -68,6 +74,7 @@ def add_param(
     param.output_dim = output_dim  # type: ignore[attr-defined]
     param.pack_factor = pack_factor  # type: ignore[attr-defined]
     param.per_shard = per_shard  # type: ignore[attr-defined]
+    param.input_dim = input_dim  # type: ignore[attr-defined]
     if dummy_init is not None:
         param.dummy_init = dummy_init  # type: ignore[attr-defined]
     layer.register_parameter(name, param)

@@ -57,6 +57,8 @@ class Fp8Scheme:
 class Fp8LinearMethod(LinearMethod):
     """FP8 weight with float32 scales; see the module docstring for the parameters before and after loading."""
 
+    supports_tensor_parallel = True  # per-tensor and per-channel scales both slice with their weight
+
     def __init__(self, scheme: Fp8Scheme) -> None:
         self.scheme = scheme
 
@@ -64,10 +66,10 @@ class Fp8LinearMethod(LinearMethod):
         layer.fp8_shard_sizes = list(output_sizes)
         num_rows = sum(output_sizes)
         if not self.scheme.is_serialized:  # online: the dense checkpoint weight, quantized after loading
-            add_param(layer, "weight", torch.empty(num_rows, input_size, dtype=dtype), output_dim=0)
+            add_param(layer, "weight", torch.empty(num_rows, input_size, dtype=dtype), output_dim=0, input_dim=1)
             return
         add_param(layer, "weight", torch.empty(num_rows, input_size, dtype=FP8_DTYPE), output_dim=0,
-                  dummy_init=_dummy_fp8_weight)
+                  input_dim=1, dummy_init=_dummy_fp8_weight)
         if self.scheme.weight_strategy == "tensor":
             add_param(layer, "weight_scale", torch.empty(len(output_sizes), dtype=torch.float32), output_dim=None,
                       per_shard=True, dummy_init=_fill(_DUMMY_WEIGHT_SCALE))

@@ -83,7 +83,7 @@ def test_missing_default_model_names_the_pip_command(monkeypatch, capsys):
 
 
 def test_unsupported_flag_values_fail_before_loading(server_model_dir, capsys):
-    assert main(["serve", server_model_dir, "--tensor-parallel-size", "2"]) == 2
+    assert main(["serve", server_model_dir, "--tensor-parallel-size", "0"]) == 2
     assert "tensor-parallel-size" in capsys.readouterr().err
 
 
