@@ -333,8 +333,16 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str = "uni"
+    # Data parallelism (``serve --data-parallel-size``): this engine core is replica ``data_parallel_rank`` of
+    # ``data_parallel_size`` identical ones behind one API server; on CUDA it takes the devices
+    # [rank * world_size, (rank + 1) * world_size) of those visible (``replica_cuda_visible_devices``).
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(f"data_parallel_rank must be in [0, data_parallel_size = {self.data_parallel_size}), "
+                             f"got {self.data_parallel_rank}")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be at least 1, got "
                              f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
@@ -348,6 +356,11 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def layout(self) -> str:
+        """The layout as the start-up report names it, e.g. ``dp2 x tp1 x pp1``."""
+        return f"dp{self.data_parallel_size} x tp{self.tensor_parallel_size} x pp{self.pipeline_parallel_size}"
 
     @classmethod
     def resolve(cls, tp: int, pp: int, backend: str | None) -> ParallelConfig:
@@ -608,3 +621,23 @@ def cpu_threads_from_env() -> int | None:
         return int(value)
     value = os.environ.get("OMP_NUM_THREADS", "")
     return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def replica_cuda_visible_devices(parallel: ParallelConfig) -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` for a data-parallel replica's engine core process: its ``world_size`` devices out of
+    those visible now ($CUDA_VISIBLE_DEVICES, else 0..N-1 of ``device_count`` = the node's GPUs); None for a single
+    replica (nothing to narrow). ValueError when the node has too few devices for dp x tp x pp."""
+    if parallel.data_parallel_size == 1:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        import torch  # asked by the API server process (which runs no CUDA work) before it starts the cores
+
+        devices = [str(index) for index in range(torch.cuda.device_count())]
+    else:
+        devices = [device.strip() for device in visible.split(",") if device.strip()]
+    first = parallel.data_parallel_rank * parallel.world_size
+    needed = parallel.data_parallel_size * parallel.world_size
+    if len(devices) < needed:
+        raise ValueError(f"data-parallel layout {parallel.layout} needs {needed} GPUs, {len(devices)} visible")
+    return ",".join(devices[first:first + parallel.world_size])

@@ -33,6 +33,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                         help="model to serve: a local Hugging Face model directory, a .gguf file, or a hub id "
@@ -99,6 +106,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         metavar="SECONDS",
                         help="/health and /ready answer 503 when the engine loop has made no progress for this long "
                              f"(default: {DEFAULT_HEALTH_STALL_TIMEOUT_S:g})")
+    server.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="N",
+                        help="run N replicas of the engine (each its own engine core process; on CUDA replica i "
+                             "takes GPUs i*tp*pp..(i+1)*tp*pp-1) behind this server: each request goes to the "
+                             "replica with the fewest requests in flight, requests sharing a prompt prefix to the "
+                             "same one while its load allows (default: 1)")
     server.add_argument("--no-engine-core-process", dest="engine_core_process", action="store_false",
                         help="run the engine core (scheduler, model) in the server's process, in a thread, instead "
                              "of in its own process (default: its own process, so that HTTP, tokenization and "
@@ -133,6 +145,9 @@ def check_serve_args(args: argparse.Namespace) -> None:
     """Flags that only make sense together (ValueError: the command says why and exits)."""
     if getattr(args, "models_config", None) and (args.model_tag or args.model):
         raise ValueError("--models-config lists the models: give no MODEL (nor --model) beside it")
+    if getattr(args, "data_parallel_size", 1) > 1 and not getattr(args, "engine_core_process", True):
+        raise ValueError("--data-parallel-size > 1 runs each replica in its own engine core process: drop "
+                         "--no-engine-core-process")
     if getattr(args, "enable_auto_tool_choice", False) and getattr(args, "tool_call_parser", None) is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
                          f"{', '.join(TOOL_CALL_PARSERS)})")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from pagedllm.engine.async_engine import AsyncEngine
+from pagedllm.engine.data_parallel import DataParallelEngine, make_serving_engine, max_num_running
 from pagedllm.entrypoints.openai.errors import OpenAIError, quote_bounded
 from pagedllm.entrypoints.openai.model_router import AliasRouter
 from pagedllm.entrypoints.openai.models_config import ModelSpec
@@ -38,7 +39,7 @@ class ServedModel:
     spec: ModelSpec
     state: str = "loading"
     reason: str | None = None  # why it failed or died
-    engine: AsyncEngine | None = None
+    engine: AsyncEngine | DataParallelEngine | None = None
     ctx: ServingContext | None = None
     completions: OpenAIServingCompletion | None = None
     chat: OpenAIServingChat | None = None
@@ -142,7 +143,7 @@ class ModelPool:
                 if model.engine is not None and model.state in ("serving", "unloading")]
 
     def total_max_num_seqs(self) -> int:
-        return sum(model.engine.config.scheduler_config.max_num_seqs for model in self.serving()) or 1
+        return sum(max_num_running(model.engine) for model in self.serving()) or 1
 
     def begin_draining(self) -> None:
         """SIGTERM: every engine takes no new requests (the graceful shutdown of server.py calls this)."""
@@ -211,10 +212,10 @@ def _start_engine(model: ServedModel) -> None:
     check_serve_args(args)
     load_chat_template(args.chat_template)  # a wrong path fails before the model loads
     delay_ms = getattr(args, "max_queue_delay_ms", None)
-    model.engine = AsyncEngine.from_engine_args(
-        engine_args_from_cli(args, model.spec.model), health_stall_timeout_s=args.health_stall_timeout,
-        core_process=args.engine_core_process, warm_up_grammars=True,
-        max_queue_delay_s=None if delay_ms is None else delay_ms / 1000)
+    model.engine = make_serving_engine(
+        engine_args_from_cli(args, model.spec.model), getattr(args, "data_parallel_size", 1),
+        health_stall_timeout_s=args.health_stall_timeout, core_process=args.engine_core_process,
+        warm_up_grammars=True, max_queue_delay_s=None if delay_ms is None else delay_ms / 1000)
     name = model.name
     model.engine.on_core_death(lambda: logger.error(
         "Model %s: its engine core process died; its requests get 503, the other models keep serving", name))

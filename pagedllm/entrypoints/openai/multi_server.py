@@ -26,6 +26,7 @@ from pydantic_core import from_json
 from pagedllm import __version__
 from pagedllm.config import admin_api_key_from_env, log_stats_interval_from_env, server_api_key_from_env
 from pagedllm.engine.async_engine import EngineDeadError, RequestFailedError
+from pagedllm.engine.data_parallel import stats_sources
 from pagedllm.entrypoints.openai.admission import AdmissionConfig, AdmissionControl
 from pagedllm.entrypoints.openai.errors import OpenAIError, error_response
 from pagedllm.entrypoints.openai.http_guards import InFlightRequests, RequestGuard, server_draining
@@ -145,8 +146,8 @@ def _lifespan(pool: ModelPool, log_stats_interval_s: float | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         tasks = [] if log_stats_interval_s is None else [
-            asyncio.create_task(StatsLogger(model.engine.get_metrics, log_stats_interval_s, model.name).run())
-            for model in pool.serving()]
+            asyncio.create_task(StatsLogger(get_metrics, log_stats_interval_s, tag).run())
+            for model in pool.serving() for tag, get_metrics in stats_sources(model.engine, model.name)]
         yield
         for task in tasks:
             task.cancel()

@@ -32,6 +32,7 @@ from pagedllm.engine.async_engine import (
     RequestFailedError,
     RequestTimeoutError,
 )
+from pagedllm.engine.data_parallel import make_serving_engine, max_num_running, stats_sources
 from pagedllm.entrypoints.chat_utils import load_chat_template
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
 from pagedllm.entrypoints.engine_args import engine_args_from_cli
@@ -131,7 +132,7 @@ class ServerConfig:
             log_stats_interval_s=None if getattr(args, "disable_log_stats", True) else log_stats_interval_from_env(),
             lora_modules=tuple(getattr(args, "lora_modules", None) or ()),
             allow_runtime_lora_updating=runtime_lora_updating_allowed(),
-            admission=admission_config(args, engine.config.scheduler_config.max_num_seqs),
+            admission=admission_config(args, max_num_running(engine)),
         )
 
 
@@ -203,7 +204,7 @@ def serving_context(engine: AsyncEngine, config: ServerConfig) -> ServingContext
 
 def _admission_control(config: AdmissionConfig | None, engine: AsyncEngine) -> AdmissionControl:
     """The gate of the generation routes; without limits it only counts (its metrics read 0 rejections)."""
-    return AdmissionControl(config or AdmissionConfig(engine.config.scheduler_config.max_num_seqs))
+    return AdmissionControl(config or AdmissionConfig(max_num_running(engine)))
 
 
 def _served_loras(engine: AsyncEngine, config: ServerConfig) -> ServedLoRAs | None:
@@ -223,7 +224,12 @@ def _served_loras(engine: AsyncEngine, config: ServerConfig) -> ServedLoRAs | No
 def _start_stats_logger(engine: AsyncEngine, interval_s: float | None) -> asyncio.Task | None:
     if interval_s is None:
         return None
-    return asyncio.create_task(StatsLogger(engine.get_metrics, interval_s).run(), name="pagedllm-stats-logger")
+    loggers = [StatsLogger(get_metrics, interval_s, tag) for tag, get_metrics in stats_sources(engine)]
+
+    async def run_all() -> None:  # one line per data-parallel replica
+        await asyncio.gather(*(stats.run() for stats in loggers))
+
+    return asyncio.create_task(run_all(), name="pagedllm-stats-logger")
 
 
 def _is_draining(engine: AsyncEngine) -> bool:
@@ -255,7 +261,8 @@ def _probe_routes(ctx: ServingContext, admission: AdmissionControl) -> APIRouter
         if admission.is_overloaded():
             return error_response("The server is overloaded: its queue is full (--max-num-waiting)",
                                   HTTPStatus.SERVICE_UNAVAILABLE, code="server_overloaded")
-        return _health_response(ctx.engine)
+        # Data parallel: ready while one replica serves (/health names a dead one).
+        return _reason_response(getattr(ctx.engine, "serving_reason", ctx.engine.health_reason)())
 
     @router.get("/version")
     async def version() -> JSONResponse:
@@ -283,7 +290,10 @@ def _docs_routes() -> APIRouter:
 
 def _health_response(engine: AsyncEngine) -> Response:
     """200 while the engine loop runs and makes progress; else a 503 saying why (flags only: never waits)."""
-    reason = engine.health_reason()
+    return _reason_response(engine.health_reason())
+
+
+def _reason_response(reason: str | None) -> Response:
     if reason is None:
         return Response(status_code=HTTPStatus.OK)
     return error_response(f"The engine is unhealthy: {reason}", HTTPStatus.SERVICE_UNAVAILABLE,
@@ -485,10 +495,11 @@ def run_server(args: argparse.Namespace) -> int:
     _check_ssl_files(args.ssl_keyfile, args.ssl_certfile)  # likewise
     _exit_quietly_on_signals()
     delay_ms = getattr(args, "max_queue_delay_ms", None)
-    engine = AsyncEngine.from_engine_args(engine_args, health_stall_timeout_s=args.health_stall_timeout,
-                                          core_process=getattr(args, "engine_core_process", True),
-                                          warm_up_grammars=True,  # the first constrained request need not wait
-                                          max_queue_delay_s=None if delay_ms is None else delay_ms / 1000)
+    engine = make_serving_engine(engine_args, getattr(args, "data_parallel_size", 1),
+                                 health_stall_timeout_s=args.health_stall_timeout,
+                                 core_process=getattr(args, "engine_core_process", True),
+                                 warm_up_grammars=True,  # the first constrained request need not wait
+                                 max_queue_delay_s=None if delay_ms is None else delay_ms / 1000)
     try:
         app = build_app(engine, args)
         names = ", ".join(args.served_model_name or [args.model_name])
