@@ -73,38 +73,49 @@ def _replica_devices(config: EngineConfig):
 class DataParallelEngine:
     """N AsyncEngines of one model behind AsyncEngine's surface (see the module doc)."""
 
-    def __init__(self, config: EngineConfig, data_parallel_size: int,
-                 health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S, warm_up_grammars: bool = False,
-                 max_queue_delay_s: float | None = None, router: ReplicaRouter | None = None) -> None:
-        """Starts the replicas one after another (a GPU's memory profile must not see another replica's half-made
-        cache; on CPU they share the memory). Raises what a replica's start raises, after stopping those started."""
-        if data_parallel_size < 1:
-            raise ValueError(f"data_parallel_size must be at least 1, got {data_parallel_size}")
-        self.data_parallel_size = data_parallel_size
+    def __init__(self, replicas: list[AsyncEngine], router: ReplicaRouter | None = None) -> None:
+        """Serve through ``replicas`` (started; see ``start``), routed by ``router`` (default: ReplicaRouter)."""
+        if not replicas:
+            raise ValueError("a data-parallel engine needs at least one replica")
+        self.replicas = list(replicas)
+        self.data_parallel_size = len(self.replicas)
         self.core_process = True
-        self.replicas: list[AsyncEngine] = []
-        try:
-            for replica_config in replica_configs(config, data_parallel_size):
-                self.replicas.append(self._start_replica(replica_config, health_stall_timeout_s, warm_up_grammars,
-                                                         max_queue_delay_s))
-        except BaseException:
-            self.shutdown()
-            raise
         self.config = self.replicas[0].config
-        self.router = router or ReplicaRouter(data_parallel_size)
+        self.router = router or ReplicaRouter(self.data_parallel_size)
         self._owner: dict[str, int] = {}  # request id -> the replica running it
         self._draining = False
         self._death_callbacks: list[Callable[[], None]] = []
         for rank, replica in enumerate(self.replicas):
             replica.on_core_death(lambda rank=rank: self._on_replica_death(rank))
-        logger.info("Data parallel: %d engines (layout %s)", data_parallel_size, self.config.parallel_config.layout)
+
+    @classmethod
+    def start(cls, config: EngineConfig, data_parallel_size: int,
+              health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S, warm_up_grammars: bool = False,
+              max_queue_delay_s: float | None = None) -> DataParallelEngine:
+        """Start ``data_parallel_size`` replicas of ``config``, one after another (a GPU's memory profile must not
+        see another replica's half-made cache; on CPU they share the memory). Raises what a replica's start raises,
+        after stopping those started."""
+        if data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be at least 1, got {data_parallel_size}")
+        replicas: list[AsyncEngine] = []
+        try:
+            for replica_config in replica_configs(config, data_parallel_size):
+                replicas.append(cls._start_replica(replica_config, health_stall_timeout_s, warm_up_grammars,
+                                                   max_queue_delay_s))
+        except BaseException:
+            for replica in replicas:
+                replica.shutdown()
+            raise
+        engine = cls(replicas)
+        logger.info("Data parallel: %d engines (layout %s)", data_parallel_size, engine.config.parallel_config.layout)
+        return engine
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, data_parallel_size: int,
                          health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S, warm_up_grammars: bool = False,
                          max_queue_delay_s: float | None = None) -> DataParallelEngine:
-        return cls(args.create_engine_config(), data_parallel_size, health_stall_timeout_s, warm_up_grammars,
-                   max_queue_delay_s)
+        return cls.start(args.create_engine_config(), data_parallel_size, health_stall_timeout_s, warm_up_grammars,
+                         max_queue_delay_s)
 
     @staticmethod
     def _start_replica(config: EngineConfig, health_stall_timeout_s: float, warm_up_grammars: bool,
