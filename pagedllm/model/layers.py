@@ -285,7 +285,7 @@ class VocabEmbedding(nn.Module):
         self.vocab_end = min(self.vocab_start + self.num_rows, vocab_size)
         self.tp_comm = self.tp.comm if self.tp.size > 1 else None
         self.weight = nn.Parameter(torch.empty(self.num_rows, hidden_size), requires_grad=False)
-        set_weight_loader(self.weight, self.weight_loader if self.tp_comm is not None else default_weight_loader)
+        set_weight_loader(self.weight, self.weight_loader if self.tp.size > 1 else default_weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         """This rank's rows of the checkpoint table (padding rows zero)."""

@@ -1,0 +1,58 @@
+"""Greedy generations with tensor and pipeline parallelism (multiprocess executor, gloo on CPU) equal tp=1 token for
+token in float32. The tiny models have 4 query heads and 2 KV heads: tp=4 replicates each KV head on two ranks."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.conftest import greedy_tokens
+
+_reference: dict[str, list[list[int]]] = {}
+
+
+def _reference_tokens(model_dir: str) -> list[list[int]]:
+    if model_dir not in _reference:
+        _reference[model_dir] = greedy_tokens(model_dir)
+    return _reference[model_dir]
+
+
+@pytest.mark.parametrize(("arch", "tp", "pp"), [
+    ("llama", 2, 1),
+    ("qwen3", 1, 2),
+    pytest.param("llama", 4, 1, marks=pytest.mark.slow),  # tp > num_kv_heads: KV heads replicated
+    pytest.param("llama", 1, 2, marks=pytest.mark.slow),
+    pytest.param("llama", 2, 2, marks=pytest.mark.slow),
+    pytest.param("qwen3", 2, 1, marks=pytest.mark.slow),  # q/k norm, head_dim != hidden / heads
+    pytest.param("qwen3", 4, 1, marks=pytest.mark.slow),
+    pytest.param("qwen3_tied", 2, 2, marks=pytest.mark.slow),  # tied LM head: the last stage holds the table too
+    pytest.param("qwen2", 2, 1, marks=pytest.mark.slow),  # q/k/v bias: sliced with the heads
+    pytest.param("mistral", 2, 1, marks=pytest.mark.slow),
+    pytest.param("llama3_rope", 2, 2, marks=pytest.mark.slow),
+])
+def test_parallel_greedy_equals_single_device(parallel_model_dir, arch, tp, pp):
+    model_dir = parallel_model_dir(arch)
+    expected = _reference_tokens(model_dir)
+    got = greedy_tokens(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    assert got == expected
+
+
+def test_unsupported_family_is_refused_clearly(parallel_model_dir):
+    from pagedllm.worker.executor import WorkerDiedError
+
+    with pytest.raises(WorkerDiedError, match="does not support tensor or pipeline parallelism"):
+        greedy_tokens(parallel_model_dir("gemma2"), tensor_parallel_size=2)
+
+
+def test_startup_report_names_the_layout(parallel_model_dir):
+    from pagedllm import LLM
+
+    from tests.distributed.conftest import ENGINE_KWARGS
+
+    llm = LLM(parallel_model_dir("llama"), **ENGINE_KWARGS, tensor_parallel_size=2)
+    try:
+        report = llm.llm_engine.engine_core.startup_report
+        assert report["parallel_layout"] == "tp2 x pp1"
+        assert report["distributed_executor_backend"] == "mp"
+        assert report["num_gpu_blocks"] == 32
+    finally:
+        llm.llm_engine.engine_core.shutdown()
