@@ -192,8 +192,10 @@ class MultiprocExecutor(Executor):
                     conn.send_bytes(data)
                 except (BrokenPipeError, OSError):
                     pass
+        # After a failure the live workers may wait in a collective for the dead one: no grace period then.
+        grace_s = _SHUTDOWN_JOIN_S if self.failure is None else 0.1
         for process in self.processes:
-            process.join(_SHUTDOWN_JOIN_S)
+            process.join(grace_s)
             if process.is_alive():
                 process.terminate()
                 process.join(_SHUTDOWN_JOIN_S)
