@@ -22,6 +22,7 @@ REFERENCE_MODELS: dict[str, str] = {
     "qwen3-0.6b": "Qwen/Qwen3-0.6B",
     "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.1-70b": "meta-llama/Llama-3.1-70B",  # multi-GPU (tensor / pipeline parallel) runs
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
 }
 
