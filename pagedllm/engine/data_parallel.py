@@ -302,3 +302,11 @@ def stats_sources(engine, name: str | None = None) -> list[tuple[str | None, Cal
 def max_num_running(engine) -> int:
     """How many requests the engine runs at once: max_num_seqs of each replica together (admission control)."""
     return engine.config.scheduler_config.max_num_seqs * getattr(engine, "data_parallel_size", 1)
+
+
+def serving_reason(engine) -> str | None:
+    """Why ``engine`` cannot serve new requests (readiness), or None: its health for one engine core; for a
+    data-parallel engine, None while one replica serves (its ``health_reason`` names the dead ones)."""
+    if isinstance(engine, DataParallelEngine):
+        return engine.serving_reason()
+    return engine.health_reason()

@@ -78,8 +78,11 @@ class ServedModel:
         """What the admin API shows: names, state and reason (never paths)."""
         state = self.current_state
         reason = None if state == "serving" else self.unavailable_reason()
-        return {"id": self.name, "served_model_names": list(self.spec.names), "state": state, "reason": reason,
-                "core_pid": self.core_pid}
+        status = {"id": self.name, "served_model_names": list(self.spec.names), "state": state, "reason": reason,
+                  "core_pid": self.core_pid}
+        if isinstance(self.engine, DataParallelEngine):  # every replica's core process, in engine-label order
+            status["core_pids"] = [replica.engine.core_client.process.pid for replica in self.engine.replicas]
+        return status
 
     @property
     def core_pid(self) -> int | None:

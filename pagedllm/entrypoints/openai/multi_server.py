@@ -26,7 +26,7 @@ from pydantic_core import from_json
 from pagedllm import __version__
 from pagedllm.config import admin_api_key_from_env, log_stats_interval_from_env, server_api_key_from_env
 from pagedllm.engine.async_engine import EngineDeadError, RequestFailedError
-from pagedllm.engine.data_parallel import stats_sources
+from pagedllm.engine.data_parallel import serving_reason, stats_sources
 from pagedllm.entrypoints.openai.admission import AdmissionConfig, AdmissionControl
 from pagedllm.entrypoints.openai.errors import OpenAIError, error_response
 from pagedllm.entrypoints.openai.http_guards import InFlightRequests, RequestGuard, server_draining
@@ -253,7 +253,7 @@ def _probe_routes(pool: ModelPool, admission: AdmissionControl) -> APIRouter:
         if admission.is_overloaded():
             return error_response("The server is overloaded: its queue is full (--max-num-waiting)",
                                   HTTPStatus.SERVICE_UNAVAILABLE, code="server_overloaded")
-        if not any(model.engine.is_healthy() for model in pool.serving()):
+        if not any(serving_reason(model.engine) is None for model in pool.serving()):  # a replica is enough
             return error_response("No model is serving", HTTPStatus.SERVICE_UNAVAILABLE, code="engine_unavailable")
         return Response(status_code=HTTPStatus.OK)
 

@@ -32,7 +32,7 @@ from pagedllm.engine.async_engine import (
     RequestFailedError,
     RequestTimeoutError,
 )
-from pagedllm.engine.data_parallel import make_serving_engine, max_num_running, stats_sources
+from pagedllm.engine.data_parallel import make_serving_engine, max_num_running, serving_reason, stats_sources
 from pagedllm.entrypoints.chat_utils import load_chat_template
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
 from pagedllm.entrypoints.engine_args import engine_args_from_cli
@@ -262,7 +262,7 @@ def _probe_routes(ctx: ServingContext, admission: AdmissionControl) -> APIRouter
             return error_response("The server is overloaded: its queue is full (--max-num-waiting)",
                                   HTTPStatus.SERVICE_UNAVAILABLE, code="server_overloaded")
         # Data parallel: ready while one replica serves (/health names a dead one).
-        return _reason_response(getattr(ctx.engine, "serving_reason", ctx.engine.health_reason)())
+        return _reason_response(serving_reason(ctx.engine))
 
     @router.get("/version")
     async def version() -> JSONResponse:
