@@ -64,6 +64,9 @@ class Executor(ABC):
 def make_executor(config: EngineConfig) -> Executor:
     """The executor ``config.parallel_config.distributed_executor_backend`` names ("uni", "mp" or "ray")."""
     backend = config.parallel_config.distributed_executor_backend
+    if config.parallel_config.world_size > 1 and config.lora_config is not None:
+        raise ValueError("LoRA adapters are not supported with tensor_parallel_size x pipeline_parallel_size > 1 "
+                         "yet (the adapters' weights are not sharded); drop enable_lora or run on one device")
     if backend == "mp":
         from pagedllm.worker.mp_executor import MultiprocExecutor
 
