@@ -115,7 +115,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"),
               ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/v1/models"), ("GET", "/health"),
               ("GET", "/ready"), ("GET", "/ping"), ("GET", "/version"), ("GET", "/metrics"),
-              ("GET", "/v1/models/{model_id}")]
+              ("GET", "/v1/models/{model_id}"), ("POST", "/v1/embeddings")]
 MODES = ["positive", "negative"]
 
 
