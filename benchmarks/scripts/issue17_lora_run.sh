@@ -6,8 +6,8 @@
 set -u
 source benchmarks/scripts/device_env.sh || exit 1
 OUT=${OUT:-/tmp/issue17}; mkdir -p "$OUT"
-timeout 75 python3 -m pytest tests/lora/test_punica.py tests/lora/test_lora_gpu.py -q -p no:cacheprovider 2>&1 \
-  | tail -n 25 | tee "$OUT/gpu_tests.txt"
+timeout 75 python3 -m pytest tests/lora/test_punica.py tests/lora/test_lora_gpu.py -q -p no:cacheprovider \
+  --tb=short 2>&1 | tail -n 80 | tee "$OUT/gpu_tests.txt"
 bench() {  # model limit num_loras
   timeout "$4" python3 -m pagedllm.bench throughput --model "$1" --limit "$2" --num-loras "$3" --max-loras 8 \
     --max-lora-rank 16 --max-cpu-loras 64 --disable-tqdm --output-json "$OUT/$1-loras$3.json" 2>&1 | grep -v "^\[bench\] " | tail -n 4

@@ -167,6 +167,25 @@ class LoRASlotPool:
         if self.context.token_slots is not self._slots_host:
             self.context.token_slots[:num_padded].copy_(self._slots_host[:num_padded], non_blocking=True)
 
+    def warm_up_kernels(self) -> None:
+        """Compile the tiled (SGMV) kernels of every layer shape now: their first compile in the middle of a run
+        stalled that step for seconds (the per-token kernels compile when the CUDA graphs are captured). The slots
+        are still zeros: the delta added is 0."""
+        if not self.kernels_available or self.lora_config.max_lora_rank < 16:
+            return
+        from pagedllm.lora import punica
+
+        shapes = {}
+        for weights in self.layers.values():
+            shapes.setdefault((tuple(weights.a.shape), tuple(weights.shard_sizes)), weights)
+        perm = torch.zeros(1, dtype=torch.int32, device=self.device)
+        tiles = torch.tensor([[0], [0], [1]], dtype=torch.int32, device=self.device)  # slot 0, token 0
+        for weights in shapes.values():
+            x = torch.zeros(1, weights.a.shape[2], dtype=self.dtype, device=self.device)
+            y = torch.zeros(1, weights.b.shape[1], dtype=self.dtype, device=self.device)
+            punica.add_lora_segmented(y, x, weights.a, weights.b, perm, tiles, weights.shard_offsets_gpu,
+                                      weights.shard_sizes_gpu, weights.max_rank, max(weights.shard_sizes))
+
     def prepare_capture(self) -> None:
         """Before capturing CUDA graphs: every LoRA layer runs, reading only device data (the slot buffer)."""
         self.context.is_active = True

@@ -309,6 +309,8 @@ class ModelRunner:
             self._capture_cuda_graphs()
         if self.device.type == "cuda":
             self._warm_up_sampler()
+            if self.lora is not None:
+                self.lora.warm_up_kernels()
 
     @torch.inference_mode()
     def _warm_up_sampler(self) -> None:

@@ -53,5 +53,5 @@ def test_bf16_with_many_adapters_and_swapping(tmp_path):
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=[adapters[i % 12] for i in range(48)])
     assert all(len(o.outputs[0].token_ids) == 24 for o in outputs)
     engine = llm.llm_engine.engine_core
-    assert engine.model_runner.lora.num_slot_loads > 12
+    assert engine.model_runner.lora.num_slot_loads >= 12
     assert engine.scheduler.kv_cache_manager.num_free_blocks == engine.num_blocks

@@ -133,3 +133,19 @@ def test_segment_tiles_cut_each_slot_into_tiles() -> None:
     perm, tiles = punica.segment_tiles(slots, block_m=32)
     assert [slots[p] for p in perm] == sorted(int(s) for s in slots if s >= 0)
     assert tiles.T.tolist() == [[0, 0, 32], [0, 32, 42], [1, 42, 45], [2, 45, 46]]
+
+
+def test_slot_pool_warm_up_compiles_the_tiled_kernels_and_adds_nothing(tmp_path) -> None:
+    from pagedllm.config import LoRAConfig
+    from pagedllm.lora.slots import LoRASlotPool
+    from pagedllm.model.loader import get_model
+    from tests.utils import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path, "llama")
+    from pagedllm.config import ModelConfig
+
+    model_config = ModelConfig.from_pretrained(model_dir, None)
+    model = get_model(model_config, "dummy", "cpu", "torch")
+    pool = LoRASlotPool(model, model_config, LoRAConfig(2, 16), 64, torch.device("cpu"), torch.float32, True)
+    pool.warm_up_kernels()  # interpreted on CPU: it must run over every layer shape without error
+    assert all(w.a.abs().sum() == 0 for w in pool.layers.values())
