@@ -23,7 +23,7 @@ PROMPTS = [[5 + i, 17, 42, 99, 7, 3, 250, 11, 64][: 3 + i % 7] * (1 + i % 3) for
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_cuda_graphs_with_lora_kernels_match_the_cpu_path(tmp_path, arch):
-    model_dir = build_tiny_model(tmp_path, arch)
+    model_dir = build_tiny_model(tmp_path, arch, vocab_size=320)  # the prompts hold ids up to 250
     adapters = random_adapters(ModelConfig.from_pretrained(model_dir, None), 4, 8, root=str(tmp_path / "loras"),
                                scale=0.3)
     loras = [None, *adapters] * 3
