@@ -65,7 +65,7 @@ def test_mixed_batch_of_base_and_four_adapters_with_swapping_and_preemption(lora
     choice = [None, *adapters]
     lora_requests = [choice[index % 5] for index in range(20)]
     max_tokens = [random.Random(i).randint(1, 16) for i in range(20)]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], [greedy(m) for m in max_tokens],
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], [greedy(m, logprobs=0) for m in max_tokens],
                            use_tqdm=False, lora_request=lora_requests)
     assert metric(llm, "num_preemptions_total") > 0
     pool = llm.llm_engine.engine_core.model_runner.lora
@@ -74,7 +74,11 @@ def test_mixed_batch_of_base_and_four_adapters_with_swapping_and_preemption(lora
     references.update({a.lora_int_id: peft_merged_model(base_dir, a.lora_path) for a in adapters})
     for prompt, limit, lora, output in zip(prompts, max_tokens, lora_requests, outputs):
         hf_model = references[None if lora is None else lora.lora_int_id]
-        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, limit)[0], (lora, prompt)
+        hf_tokens, hf_logprobs = hf_greedy(hf_model, prompt, limit)
+        completion = output.outputs[0]
+        assert completion.token_ids == hf_tokens, (lora, prompt)
+        ours = [completion.logprobs[i][token].logprob for i, token in enumerate(hf_tokens)]
+        assert max(abs(a - b) for a, b in zip(ours, hf_logprobs)) < 1e-4
     assert_engine_idle(llm)
 
 

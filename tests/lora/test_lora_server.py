@@ -167,3 +167,19 @@ def test_requests_running_on_an_unloaded_adapter_finish_first(lora_server, offli
 
     tokens, status = asyncio.run(run())
     assert status == 200 and tokens == expected
+
+
+def test_chat_completion_picks_the_adapter(lora_server, offline, lora_adapter):
+    client = lora_server.client()
+    messages = [{"role": "user", "content": "Once upon a time"}]
+
+    def chat(model: str) -> str:
+        response = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0.0,
+                                                  extra_body={"ignore_eos": True})
+        assert response.model == model
+        return response.choices[0].message.content
+
+    lora = LoRARequest("all", 1, lora_adapter("llama", "all_r8"))
+    expected = offline.chat(messages, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False,
+                            lora_request=lora)[0].outputs[0].text
+    assert chat("all") == expected != chat("tiny")
