@@ -16,25 +16,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, slots_ptr, u_ptr, K, R, stride_xt, stride_as, stride_ar, stride_ut,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shrink_kernel(x_ptr, a_ptr, slots_ptr, u_ptr, K, R, k_per_split, stride_xt, stride_as, stride_ar, stride_us,
+                   stride_ut, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     token = tl.program_id(0)
+    split = tl.program_id(2)
     slot = tl.load(slots_ptr + token).to(tl.int64)
     if slot >= 0:
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k_start in range(0, K, BLOCK_K):
+        k_begin = split * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, K)
+        for k_start in range(k_begin, k_end, BLOCK_K):
             cols = k_start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + token * stride_xt + cols, mask=cols < K, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + token * stride_xt + cols, mask=cols < k_end, other=0.0).to(tl.float32)
             a = tl.load(a_ptr + slot * stride_as + rows[:, None] * stride_ar + cols[None, :],
-                        mask=(rows[:, None] < R) & (cols[None, :] < K), other=0.0).to(tl.float32)
+                        mask=(rows[:, None] < R) & (cols[None, :] < k_end), other=0.0).to(tl.float32)
             acc += tl.sum(a * x[None, :], axis=1)
-        tl.store(u_ptr + token * stride_ut + rows, acc, mask=rows < R)
+        tl.store(u_ptr + split * stride_us + token * stride_ut + rows, acc, mask=rows < R)
 
 
 @triton.jit
-def _expand_kernel(u_ptr, b_ptr, slots_ptr, y_ptr, offsets_ptr, sizes_ptr, stride_ut, stride_bs, stride_bn,
-                   stride_yt, R_MAX: tl.constexpr, BLOCK_N: tl.constexpr):
+def _expand_kernel(u_ptr, b_ptr, slots_ptr, y_ptr, offsets_ptr, sizes_ptr, num_splits, stride_us, stride_ut,
+                   stride_bs, stride_bn, stride_yt, R_MAX: tl.constexpr, BLOCK_N: tl.constexpr):
     token = tl.program_id(0)
     shard = tl.program_id(2)
     slot = tl.load(slots_ptr + token).to(tl.int64)
@@ -43,7 +46,9 @@ def _expand_kernel(u_ptr, b_ptr, slots_ptr, y_ptr, offsets_ptr, sizes_ptr, strid
         rows = tl.load(offsets_ptr + shard) + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N) < size
         ranks = tl.arange(0, R_MAX)
-        u = tl.load(u_ptr + token * stride_ut + shard * R_MAX + ranks)
+        u = tl.zeros((R_MAX,), dtype=tl.float32)
+        for split in range(0, num_splits):  # the shrink's partial sums over K, in a fixed order (deterministic)
+            u += tl.load(u_ptr + split * stride_us + token * stride_ut + shard * R_MAX + ranks)
         b = tl.load(b_ptr + slot * stride_bs + rows[:, None] * stride_bn + ranks[None, :], mask=mask[:, None],
                     other=0.0).to(tl.float32)
         delta = tl.sum(b * u[None, :], axis=1)
@@ -52,25 +57,37 @@ def _expand_kernel(u_ptr, b_ptr, slots_ptr, y_ptr, offsets_ptr, sizes_ptr, strid
         tl.store(y_rows, (y + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+_SHRINK_BLOCK_K = 128
+# A small batch gives the shrink few programs (one per token and rank block), each streaming a whole A slot: K is
+# split until about this many programs run, each writing a partial sum that the expand adds up.
+_SHRINK_TARGET_PROGRAMS = 256
+
+
 def shrink(x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """``u[t] = A[slot_t] x[t]`` for x [T, K], A [slots, R, K]: [T, R] float32 (rows of slot -1 unwritten)."""
+    """``u[s, t] = A[slot_t] x[t]`` over split s of K, for x [T, K], A [slots, R, K]: [splits, T, R] float32 partial
+    sums (rows of slot -1 unwritten)."""
     num_tokens, k = x.shape
     r = a.shape[1]
-    u = torch.empty(num_tokens, r, dtype=torch.float32, device=x.device)
     block_r = min(triton.next_power_of_2(r), 64)
-    grid = (num_tokens, triton.cdiv(r, block_r))
-    _shrink_kernel[grid](x, a, token_slots, u, k, r, x.stride(0), a.stride(0), a.stride(1), u.stride(0),
-                         BLOCK_R=block_r, BLOCK_K=128)
+    num_r_blocks = triton.cdiv(r, block_r)
+    wanted = max(1, min(_SHRINK_TARGET_PROGRAMS // (num_tokens * num_r_blocks), k // (2 * _SHRINK_BLOCK_K)))
+    k_per_split = triton.cdiv(triton.cdiv(k, wanted), _SHRINK_BLOCK_K) * _SHRINK_BLOCK_K
+    num_splits = triton.cdiv(k, k_per_split)
+    u = torch.empty(num_splits, num_tokens, r, dtype=torch.float32, device=x.device)
+    grid = (num_tokens, num_r_blocks, num_splits)
+    _shrink_kernel[grid](x, a, token_slots, u, k, r, k_per_split, x.stride(0), a.stride(0), a.stride(1), u.stride(0),
+                         u.stride(1), BLOCK_R=block_r, BLOCK_K=_SHRINK_BLOCK_K)
     return u
 
 
 def expand(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor,
            shard_offsets: torch.Tensor, shard_sizes: torch.Tensor, max_rank: int, max_shard_size: int) -> None:
-    """``y[t, shard] += B[slot_t, shard] u[t, shard's ranks]`` in place, for every shard in one launch."""
+    """``y[t, shard] += B[slot_t, shard] u[t, shard's ranks]`` in place (u: the shrink's [splits, T, R] partial
+    sums), for every shard in one launch."""
     block_n = 64
     grid = (y.shape[0], triton.cdiv(max_shard_size, block_n), shard_offsets.shape[0])
-    _expand_kernel[grid](u, b, token_slots, y, shard_offsets, shard_sizes, u.stride(0), b.stride(0), b.stride(1),
-                         y.stride(0), R_MAX=max_rank, BLOCK_N=block_n)
+    _expand_kernel[grid](u, b, token_slots, y, shard_offsets, shard_sizes, u.shape[0], u.stride(0), u.stride(1),
+                         b.stride(0), b.stride(1), y.stride(0), R_MAX=max_rank, BLOCK_N=block_n)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor,

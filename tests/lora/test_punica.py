@@ -149,3 +149,19 @@ def test_slot_pool_warm_up_compiles_the_tiled_kernels_and_adds_nothing(tmp_path)
     pool = LoRASlotPool(model, model_config, LoRAConfig(2, 16), 64, torch.device("cpu"), torch.float32, True)
     pool.warm_up_kernels()  # interpreted on CPU: it must run over every layer shape without error
     assert all(w.a.abs().sum() == 0 for w in pool.layers.values())
+
+
+@pytest.mark.parametrize(("num_tokens", "input_size"), [(1, 1024), (3, 700)])
+def test_split_k_shrink_of_small_batches(num_tokens: int, input_size: int) -> None:
+    """A small batch splits K (partial sums added by the expand): the same delta as the reference."""
+    torch.manual_seed(5)
+    layer = random_layer(2, 16, input_size, [48, 16, 16], torch.float32, num_tokens)
+    slots = torch.tensor([1, 0, -1][:num_tokens], dtype=torch.int32, device=DEVICE)
+    layer.context.token_slots[:num_tokens] = slots
+    x = torch.randn(num_tokens, input_size, device=DEVICE)
+    assert punica.shrink(x, layer.a, layer.context.token_slots).shape[0] > 1  # split
+    expected, actual = torch.zeros(num_tokens, 80, device=DEVICE), torch.zeros(num_tokens, 80, device=DEVICE)
+    add_lora_grouped(expected, x, layer.a, layer.b, groups_of(slots), layer.shard_offsets, layer.shard_sizes, 16)
+    punica.add_lora(actual, x, layer.a, layer.b, layer.context.token_slots, layer.shard_offsets_gpu,
+                    layer.shard_sizes_gpu, 16, 48)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
