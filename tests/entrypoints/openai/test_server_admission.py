@@ -17,6 +17,8 @@ import pytest
 
 from tests.entrypoints.openai.conftest import ENGINE_FLAGS, RemoteServer
 
+pytestmark = pytest.mark.slow  # a server (or several) per module: ~30 s on 2 cores; CI runs it with -m slow
+
 MAX_NUM_SEQS, MAX_NUM_WAITING, DELAY_S = 2, 2, 2.0
 CAPACITY = MAX_NUM_SEQS + MAX_NUM_WAITING  # requests the server holds at once
 SLACK_S = 5.0  # the engine checks deadlines once per step; a loaded test machine adds scheduling delays

@@ -58,7 +58,7 @@ CASES = [
     ("tools", "/v1/chat/completions", {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
     ("detokenize-out-of-vocab", "/detokenize", {"tokens": [1, 10**6]}, 400, "tokens"),
     ("tokenize-missing-prompt", "/tokenize", {"text": "hi"}, 400, "prompt"),
-    ("unknown-route", "/v1/embeddings", {"input": "hi"}, 404, None),
+    ("unknown-route", "/v1/audio/transcriptions", {"input": "hi"}, 404, None),
     ("priority-string", "/v1/completions", {"prompt": "hi", "priority": "high"}, 400, "priority"),
     ("priority-float", "/v1/completions", {"prompt": "hi", "priority": 1.5}, 400, "priority"),
     ("chat-priority-bool", "/v1/chat/completions", {"messages": USER, "priority": True}, 400, "priority"),

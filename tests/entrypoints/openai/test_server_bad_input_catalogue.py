@@ -277,7 +277,7 @@ REQUESTS = [
     Case("put-chat", "/v1/chat/completions", chat(), 405, check_param=False, method="PUT"),
     Case("delete-models", "/v1/models", None, 405, check_param=False, method="DELETE"),
     Case("get-tokenize", "/tokenize", None, 405, check_param=False, method="GET"),
-    Case("unknown-route", "/v1/embeddings", {"input": "hi"}, 404, check_param=False),
+    Case("unknown-route", "/v1/audio/transcriptions", {"input": "hi"}, 404, check_param=False),
     Case("missing-api-key", "/v1/completions", completion(), 401, check_param=False, authorized=False),
     Case("tokenize-without-api-key", "/tokenize", {"prompt": "hi"}, 401, check_param=False, authorized=False),
     Case("detokenize-without-api-key", "/detokenize", {"tokens": [5]}, 401, check_param=False, authorized=False),

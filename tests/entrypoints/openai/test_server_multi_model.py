@@ -18,6 +18,8 @@ from tests.entrypoints.conftest import save_bpe_tokenizer
 from tests.entrypoints.openai.conftest import ENGINE_FLAGS, ENGINE_KWARGS, MAX_MODEL_LEN, RemoteServer
 from tests.utils import build_tiny_model
 
+pytestmark = pytest.mark.slow  # a server (or several) per module: ~30 s on 2 cores; CI runs it with -m slow
+
 ADMIN_KEY = "admin-key-0123456789"
 PROMPTS = ["The quick brown fox", "Once upon a time", "In a hole in the ground", "It was the best of times"]
 
