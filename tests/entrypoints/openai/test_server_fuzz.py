@@ -34,6 +34,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 
 FUZZ_EXAMPLES = int(os.environ.get("PAGEDLLM_FUZZ_EXAMPLES", "40"))  # per operation and generation mode
+TINY_VOCAB_IDS = 256  # ids every test model's vocabulary has
 MAX_FUZZ_TOKENS = 8  # max_tokens the positive examples may ask for: accepted requests stay cheap on CPU
 
 STREAMING_ROUTES = {path for (path, _), doc in ROUTE_DOCS.items() if doc.streams}  # 200 may be an event stream
@@ -48,6 +49,16 @@ def bound_max_tokens(components: dict[str, Any]) -> None:
             if field in properties:
                 properties[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_FUZZ_TOKENS},
                                                {"type": "null"}]}
+
+
+def prompts_the_model_takes(components: dict[str, Any]) -> None:
+    """Positive completion prompts are non-empty text or ids in the tiny vocabulary (empty prompts and unknown ids
+    are 400s the schema cannot express: left to the negative examples and the catalogue). Without this most
+    positive examples were such 400s, and whether any reached the engine depended on the generated sequence."""
+    components["CompletionRequest"]["properties"]["prompt"] = {"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": TINY_VOCAB_IDS - 1}, "minItems": 1},
+    ]}
 
 
 def name_served_models(components: dict[str, Any], names: list[str]) -> None:
@@ -70,6 +81,7 @@ def narrowed_schema(served: dict[str, Any], model_names: list[str]) -> dict[str,
     spec = copy.deepcopy(served)
     components = spec["components"]["schemas"]
     bound_max_tokens(components)
+    prompts_the_model_takes(components)
     name_served_models(components, model_names)
     no_unknown_fields(components)
     name_served_model_ids(spec["paths"], model_names)
