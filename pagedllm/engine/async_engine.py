@@ -134,6 +134,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass(slots=True)
+class _TimedOut:
+    """A request the front end timed out itself (a beam search spans many engine requests): counted here, where
+    the engine counts the requests it drops at their own deadline."""
+
+
 class AsyncEngine:
     """Serves many concurrent requests from one continuously running engine loop."""
 
@@ -227,7 +233,12 @@ class AsyncEngine:
         """Stop a request and free its KV blocks at the next step boundary."""
         self._post(_Abort(request_id))
 
-    def _post(self, message: _Add | _Abort | None) -> None:
+    def record_request_timeout(self) -> None:
+        """Count a request that ran past its ``timeout`` under the front end's own timer (its engine requests were
+        aborted by their callers) in ``request_rejected_total{reason="request_timeout"}``."""
+        self._post(_TimedOut())
+
+    def _post(self, message: _Add | _Abort | _TimedOut | None) -> None:
         """Hand a message to the loop thread (waking it if it waits for the core's outputs)."""
         self._inbox.put(message)
         if self.core_process:
@@ -334,7 +345,7 @@ class AsyncEngine:
         except queue.Empty:
             pass
 
-    def _handle(self, message: _Add | _Abort | None) -> None:
+    def _handle(self, message: _Add | _Abort | _TimedOut | None) -> None:
         if isinstance(message, _Add):
             request_id = message.processed.request_id
             try:
@@ -349,6 +360,8 @@ class AsyncEngine:
             self._deadlines.discard(message.request_id)
             if self._streams.pop(message.request_id, None) is not None:
                 self.engine.abort_request(message.request_id)
+        elif isinstance(message, _TimedOut):
+            self._deadlines.record_expired("request_timeout")
 
     def _expire_deadlines(self) -> None:
         """Abort the requests past a deadline (freeing their KV blocks now) and end their streams with why."""

@@ -205,6 +205,10 @@ class DataParallelEngine:
         if rank is not None:
             self.replicas[rank].abort(request_id)
 
+    def record_request_timeout(self) -> None:
+        """AsyncEngine.record_request_timeout, counted by the first replica (the series are summed by reason)."""
+        self.replicas[0].record_request_timeout()
+
     def replica_of(self, request_id: str) -> int | None:
         """The replica running a request in flight (None once it ended)."""
         return self._owner.get(request_id)

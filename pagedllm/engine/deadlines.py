@@ -67,6 +67,10 @@ class RequestDeadlines:
             self.num_expired[_reason(error)] += 1
         return expired
 
+    def record_expired(self, reason: str) -> None:
+        """Count a request dropped at a deadline that a caller enforced itself (see ``AsyncEngine``)."""
+        self.num_expired[reason] += 1
+
     def _pop_due(self, heap: list[tuple[float, str]], now: float) -> list[str]:
         due = []
         while heap and heap[0][0] <= now:

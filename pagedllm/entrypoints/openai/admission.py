@@ -28,7 +28,7 @@ from pagedllm.entrypoints.openai.errors import OpenAIError
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 _DRAIN_WINDOW_S = 10.0  # the drain rate is that of the last few seconds: it follows load changes quickly
 _MAX_RETRY_AFTER_S = 60
-REJECTION_REASONS = ("max_num_waiting", "max_queue_delay")
+REJECTION_REASONS = ("max_num_waiting", "max_queue_delay", "draining")  # draining: 503 while shutting down
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,10 @@ class AdmissionControl:
             return self._rejection(reason, now)
         self.num_in_flight += 1
         return None
+
+    def record_rejection(self, reason: str) -> None:
+        """Count a request refused by another gate (``draining``: the server is shutting down)."""
+        self.num_rejected[reason] += 1
 
     def release(self) -> None:
         """An admitted request is over (finished, failed or abandoned): it no longer holds a place."""

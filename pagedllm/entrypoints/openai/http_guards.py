@@ -73,6 +73,8 @@ class RequestGuard:
             return
         refusal = self._refusal(scope)
         if refusal is not None:
+            if refusal.code == "server_draining" and self.admission is not None:
+                self.admission.record_rejection("draining")
             await send_error(refusal, scope, receive, send)
             return
         admission = self.admission if self.admission is not None and is_generation_request(scope) else None

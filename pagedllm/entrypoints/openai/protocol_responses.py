@@ -141,6 +141,9 @@ class ResponsesRequest(RequestModel):
     user: str | None = None
     store: bool = True  # keep the response for previous_response_id (--max-stored-responses, least recent goes)
     previous_response_id: str | None = None
+    # pagedllm's own (as on the other generation routes): a server-side deadline in seconds; past it the request is
+    # aborted (KV freed) with a 408, or an error event if it streams.
+    timeout: float | None = Field(None, gt=0)
     # Identifiers OpenAI uses for caching and abuse detection: accepted, no effect here.
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None

@@ -4,7 +4,9 @@ come back best first; ``length_penalty`` and ``ignore_eos`` as in ``BeamSearchPa
 The search is the one of ``entrypoints/beam_search.py`` (HF transformers' rules, shared with ``LLM.beam_search``),
 driven through the async engine: each step runs every live beam as a one-token request, all of them concurrently,
 so the engine batches them with everyone else's work. Cancelling the search (the client went away) aborts the
-step's requests in flight.
+step's requests in flight. The request's ``timeout`` bounds the whole search (not each step): past it the step in
+flight is cancelled (its engine requests aborted, their KV freed) and the request ends with RequestTimeoutError
+(a 408), counted once in ``request_rejected_total{reason="request_timeout"}``.
 
 What beam search cannot honour is refused (400) rather than silently dropped: streaming, logprobs, stop strings and
 ids, min_tokens, logit_bias and penalties. The sampling knobs (temperature, top_p, top_k, min_p, seed) do not apply to
@@ -20,6 +22,7 @@ from contextlib import aclosing
 from typing import Any
 
 from pagedllm.engine.async_engine import AsyncEngine
+from pagedllm.engine.deadlines import RequestTimeoutError
 from pagedllm.entrypoints.beam_search import BeamSearchOutput, BeamSearchState, BeamSearchStep, decode_sequences
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.offload import off_loop
@@ -75,9 +78,25 @@ async def beam_search(
     priority: int = 0,
     skip_special_tokens: bool = True,
     lora_request: LoRARequest | None = None,
+    timeout_s: float | None = None,
 ) -> list[BeamSearchOutput]:
     """The beam searches of several prompts at once (one step advances them all), with their texts (decoded on a
-    front-end thread: up to width x prompts long sequences)."""
+    front-end thread: up to width x prompts long sequences). Past ``timeout_s`` (the whole search), raises
+    RequestTimeoutError after aborting the step in flight."""
+    search = _search(engine, prompt_token_ids, params, request_id, priority, skip_special_tokens, lora_request)
+    if timeout_s is None:
+        return await search
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await search
+    except TimeoutError:
+        engine.record_request_timeout()
+        raise RequestTimeoutError("The request did not finish within its timeout and was aborted") from None
+
+
+async def _search(engine: AsyncEngine, prompt_token_ids: Sequence[list[int]], params: Sequence[BeamSearchParams],
+                  request_id: str, priority: int, skip_special_tokens: bool,
+                  lora_request: LoRARequest | None) -> list[BeamSearchOutput]:
     states = [BeamSearchState(list(token_ids), prompt_params, engine.eos_token_ids)
               for token_ids, prompt_params in zip(prompt_token_ids, params)]
     step_index = 0

@@ -190,7 +190,8 @@ class OpenAIServingChat:
         max_tokens, param = self._max_tokens(request, num_prompt_tokens)
         params = build_beam_search_params(request, max_tokens, num_prompt_tokens, self.ctx.max_model_len, param)
         search = beam_search(self.ctx.engine, [prompt["prompt_token_ids"]], [params], request_id, request.priority,
-                             request.skip_special_tokens, self.ctx.models.lora_request(request.model))
+                             request.skip_special_tokens, self.ctx.models.lora_request(request.model),
+                             request.timeout)
         try:
             (output,) = await run_unless_disconnected(raw_request, search)
         except ValueError as exc:

@@ -214,7 +214,8 @@ class OpenAIServingCompletion:
             for p in prompts
         ]
         search = beam_search(self.ctx.engine, [p.token_ids for p in prompts], params, request_id, request.priority,
-                             request.skip_special_tokens, self.ctx.models.lora_request(request.model))
+                             request.skip_special_tokens, self.ctx.models.lora_request(request.model),
+                             request.timeout)
         try:
             outputs = await run_unless_disconnected(raw_request, search)
         except ValueError as exc:

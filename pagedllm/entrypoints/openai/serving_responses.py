@@ -187,7 +187,7 @@ class OpenAIServingResponses:
         final = None
         lora = self.ctx.models.lora_request(run.request.model)
         async with aclosing(merge_generations(self.ctx.engine, [run.prompt], [run.params], run.response_id,
-                                              lora_request=lora)) as outs:
+                                              lora_request=lora, timeout_s=run.request.timeout)) as outs:
             async for _, output in outs:
                 final = output
         return final
@@ -209,8 +209,8 @@ class OpenAIServingResponses:
         num_generated, finish_reason = 0, None
         try:
             async with aclosing(merge_generations(self.ctx.engine, [run.prompt], [run.params], run.response_id,
-                                                  lora_request=self.ctx.models.lora_request(run.request.model))
-                                ) as outputs:
+                                                  lora_request=self.ctx.models.lora_request(run.request.model),
+                                                  timeout_s=run.request.timeout)) as outputs:
                 async for _, output in outputs:
                     (completion,) = output.outputs
                     num_generated += len(completion.token_ids)

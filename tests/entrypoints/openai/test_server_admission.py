@@ -123,3 +123,46 @@ def test_request_past_its_timeout_is_a_408(admission_server):
     assert response.status_code == 408, response.text
     assert response.json()["error"]["code"] == "request_timeout"
     assert admission_server.wait_idle(timeout=30)["pagedllm:kv_cache_usage_perc"] == 0
+
+
+def timed_out_count(server: RemoteServer) -> float:
+    return rejected(httpx.get(server.url_for("/metrics")).text, "request_timeout")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_request_past_its_timeout_is_aborted(admission_server, stream):
+    before = timed_out_count(admission_server)
+    body = {"input": "hi", "max_output_tokens": 900, "temperature": 0, "timeout": 0.2, "stream": stream}
+    response = httpx.post(admission_server.url_for("/v1/responses"), json=body, timeout=60)
+    if stream:  # the 200 went out before the deadline: the stream ends with an error event
+        assert response.status_code == 200
+        errors = [json.loads(line[6:]) for line in response.text.splitlines()
+                  if line.startswith("data: ") and '"type":"error"' in line.replace(" ", "")]
+        assert errors and errors[-1]["code"] == "request_timeout", response.text[-500:]
+    else:
+        assert response.status_code == 408, response.text
+        assert response.json()["error"]["code"] == "request_timeout"
+    assert admission_server.wait_idle(timeout=30)["pagedllm:kv_cache_usage_perc"] == 0
+    assert timed_out_count(admission_server) == before + 1
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_beam_search_past_its_timeout_is_a_408_counted_once(admission_server, route):
+    before = timed_out_count(admission_server)
+    body = {"max_tokens": 900, "n": 2, "use_beam_search": True, "ignore_eos": True, "timeout": 0.3}
+    body |= {"prompt": "hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    start = time.monotonic()
+    response = httpx.post(admission_server.url_for(route), json=body, timeout=60)
+    assert response.status_code == 408, response.text
+    assert response.json()["error"]["code"] == "request_timeout"
+    assert time.monotonic() - start < 0.3 + SLACK_S
+    metrics = admission_server.wait_idle(timeout=30)
+    assert metrics["pagedllm:num_requests_running"] == 0 and metrics["pagedllm:kv_cache_usage_perc"] == 0
+    assert timed_out_count(admission_server) == before + 1  # one request, however many engine requests it ran
+
+
+def test_beam_search_within_its_timeout_answers(admission_server):
+    body = {"prompt": "hi", "max_tokens": 4, "n": 2, "use_beam_search": True, "timeout": 60}
+    response = httpx.post(admission_server.url_for("/v1/completions"), json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 2

@@ -236,11 +236,20 @@ def test_sigterm_drains_new_requests_get_503_while_a_stream_finishes(strict_serv
                                 headers=strict_server.headers), 503)
     assert error["code"] == "server_draining"
     assert error_of(httpx.get(strict_server.url_for("/ready")), 503)["code"] == "server_draining"
+    metrics = httpx.get(strict_server.url_for("/metrics"), headers=strict_server.headers).text
+    assert _rejected(metrics, "draining") == 1  # the POST above (probes are never refused)
     assert httpx.get(strict_server.url_for("/health")).status_code == 200
     reader.join(60)
     assert strict_server.proc.wait(30) == 0
     assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
     assert '"finish_reason":"length"' in lines[-2].replace(" ", "")
+
+
+def _rejected(metrics_text: str, reason: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(metrics_text) for sample in family.samples
+               if sample.name == "pagedllm:request_rejected_total" and sample.labels.get("reason") == reason)
 
 
 # ---- errors say only what concerns the client (in process) -------------------------------------------------------
