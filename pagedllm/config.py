@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from pagedllm.model.gguf import find_gguf_file, gguf_to_hf_config  # torch-free at import, like this module
-from pagedllm.model.registry import SUPPORTED_ARCHITECTURES, UNSUPPORTED_HINTS  # torch-free, like gguf
+from pagedllm.model.registry import (  # torch-free, like gguf
+    BASE_MODEL_ARCHITECTURES,
+    SUPPORTED_ARCHITECTURES,
+    UNSUPPORTED_HINTS,
+)
 from pagedllm.platform import resolve_attention_backend, resolve_device, resolve_dtype
 from pagedllm.pooling.config import PoolerConfig, load_pooler_config  # torch-free
 
@@ -171,6 +175,8 @@ def _architecture(hf: dict[str, Any]) -> str:
     for name in architectures:
         if name in SUPPORTED_ARCHITECTURES:
             return name
+        if name in BASE_MODEL_ARCHITECTURES:
+            return BASE_MODEL_ARCHITECTURES[name]
     hints = [UNSUPPORTED_HINTS[name] for name in architectures if name in UNSUPPORTED_HINTS]
     raise ValueError(
         f"Unsupported model architecture {architectures or hf.get('model_type')!r}; "

@@ -37,14 +37,21 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def get_model(
-    model_config: ModelConfig, load_format: str, device: str, attn_backend_name: str = "torch"
+    model_config: ModelConfig, load_format: str, device: str, attn_backend_name: str = "torch", pooling: bool = False
 ) -> nn.Module:
-    """Build the model on ``device`` in the config's dtype, load its weights, and return it in eval mode."""
+    """Build the model on ``device`` in the config's dtype, load its weights, and return it in eval mode.
+
+    ``pooling``: for an embedding engine, which never computes logits: the model gets no LM head (a checkpoint's
+    ``lm_head`` is skipped, and a base-model checkpoint without one loads)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     weights = None if load_format == "dummy" else _iterate_checkpoint(model_config.model, load_format)
     _check_quantized_checkpoint(model_config, load_format)
     model = build_model(model_config, device, attn_backend_name)
+    if pooling:
+        # Built and dropped at once (each family builds its head in its constructor): a tied head holds no memory
+        # of its own, an untied one is freed before any weight is loaded.
+        model.lm_head = PPMissingLayer()
     if weights is None:
         init_dummy_weights(model)
     else:
@@ -147,6 +154,17 @@ def _expected_checkpoint_names(model: nn.Module) -> set[str]:
     return expected
 
 
+# The top-level modules of HF's base model (``AutoModel``), which a causal LM holds under ``model.``.
+_BASE_MODEL_ROOTS = ("embed_tokens.", "layers.", "norm.")
+
+
+def _model_name(name: str) -> str:
+    """The causal-LM name of a checkpoint tensor: a base-model checkpoint (saved from HF's ``AutoModel``, e.g. a
+    sentence-transformers export or the Qwen3-Embedding layout) names ``layers.0...`` what the model holds as
+    ``model.layers.0...``."""
+    return f"model.{name}" if name.startswith(_BASE_MODEL_ROOTS) else name
+
+
 def _skip(name: str, model: nn.Module) -> bool:
     # Old checkpoints store rotary inverse frequencies, which we compute; tied checkpoints may still carry lm_head.
     if "rotary_emb.inv_freq" in name:
@@ -164,6 +182,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     loaded: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in weights:
+        name = _model_name(name)
         if _skip(name, model):
             continue
         name = checkpoint_kv_scale_name(name)  # before the fused names: "k_proj.output_scale" is no k_proj shard
@@ -188,6 +207,10 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     if unexpected:
         raise ValueError(f"Checkpoint has {len(unexpected)} weights the model does not: {_few(unexpected)}")
     missing = _expected_checkpoint_names(model) - loaded
+    if missing == {"lm_head.weight"}:
+        raise ValueError("This checkpoint has no LM head (no lm_head.weight, and its embeddings are not tied): it is "
+                         "a base model, e.g. an embedding model, and cannot generate text; serve it with --runner "
+                         "pooling (LLM(..., task='embed'))")
     if missing:
         raise ValueError(f"Checkpoint is missing {len(missing)} weights: {_few(missing)}")
 

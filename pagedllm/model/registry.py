@@ -24,6 +24,21 @@ _MODELS: dict[str, str] = {
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
 
+# A checkpoint saved from HF's base model (``AutoModel``: sentence-transformers exports, some embedding models) names
+# the base class in config.json; it runs as the causal LM of its family (its weights lack the ``model.`` prefix and
+# the LM head: the loader maps the names, and only a pooling engine runs it without a head).
+BASE_MODEL_ARCHITECTURES: dict[str, str] = {
+    "Gemma2Model": "Gemma2ForCausalLM",
+    "Gemma3TextModel": "Gemma3ForCausalLM",
+    "LlamaModel": "LlamaForCausalLM",
+    "MistralModel": "MistralForCausalLM",
+    "Phi3Model": "Phi3ForCausalLM",
+    "Qwen2Model": "Qwen2ForCausalLM",
+    "Qwen3Model": "Qwen3ForCausalLM",
+    "Qwen3MoeModel": "Qwen3MoeForCausalLM",
+    "MixtralModel": "MixtralForCausalLM",
+}
+
 # Architectures refused with a pointer to what does run.
 UNSUPPORTED_HINTS: dict[str, str] = {
     "Gemma3ForConditionalGeneration": "Gemma 3's multimodal (image + text) checkpoints are not supported; the "

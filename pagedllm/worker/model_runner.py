@@ -99,7 +99,8 @@ class ModelRunner:
         start_layer, end_layer = layer_range(self.model_config.num_hidden_layers, state.pp.rank, state.pp.size)
         self.num_layers = end_layer - start_layer
         start = time.perf_counter()
-        self.model = get_model(self.model_config, config.load_format, config.device, config.attention_backend)
+        self.model = get_model(self.model_config, config.load_format, config.device, config.attention_backend,
+                               pooling=config.is_pooling)
         self.startup_seconds = {"load": time.perf_counter() - start}
         # Counted at their stored size (FP8 / packed int4 under quantization): the KV budget gets what they save.
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -214,7 +215,7 @@ class ModelRunner:
         self._stage_positions_and_slots(inputs)
         input_ids, positions, metadata = self._upload(inputs, num_tokens, 1)
         hidden = self.model(input_ids, positions, kv_caches, metadata)
-        if self.is_last_stage:
+        if self.is_last_stage and not self.config.is_pooling:  # (a pooling model has no LM head)
             self.model.compute_logits(hidden[-sched.max_num_seqs :])
         del kv_caches, hidden
         torch.cuda.synchronize(self.device)
