@@ -135,6 +135,11 @@ class _Abort:
 
 
 @dataclass(slots=True)
+class _RemoveLoRA:
+    lora_int_id: int
+
+
+@dataclass(slots=True)
 class _TimedOut:
     """A request the front end timed out itself (a beam search spans many engine requests): counted here, where
     the engine counts the requests it drops at their own deadline."""
@@ -233,12 +238,17 @@ class AsyncEngine:
         """Stop a request and free its KV blocks at the next step boundary."""
         self._post(_Abort(request_id))
 
+    def remove_lora(self, lora_int_id: int) -> None:
+        """An adapter was unloaded (no new request uses it): the engine drops its weights once the requests running
+        with it have finished. Safe from any thread."""
+        self._post(_RemoveLoRA(lora_int_id))
+
     def record_request_timeout(self) -> None:
         """Count a request that ran past its ``timeout`` under the front end's own timer (its engine requests were
         aborted by their callers) in ``request_rejected_total{reason="request_timeout"}``."""
         self._post(_TimedOut())
 
-    def _post(self, message: _Add | _Abort | _TimedOut | None) -> None:
+    def _post(self, message: _Add | _Abort | _RemoveLoRA | _TimedOut | None) -> None:
         """Hand a message to the loop thread (waking it if it waits for the core's outputs)."""
         self._inbox.put(message)
         if self.core_process:
@@ -345,7 +355,7 @@ class AsyncEngine:
         except queue.Empty:
             pass
 
-    def _handle(self, message: _Add | _Abort | _TimedOut | None) -> None:
+    def _handle(self, message: _Add | _Abort | _RemoveLoRA | _TimedOut | None) -> None:
         if isinstance(message, _Add):
             request_id = message.processed.request_id
             try:
@@ -360,6 +370,11 @@ class AsyncEngine:
             self._deadlines.discard(message.request_id)
             if self._streams.pop(message.request_id, None) is not None:
                 self.engine.abort_request(message.request_id)
+        elif isinstance(message, _RemoveLoRA):
+            try:
+                self.engine.remove_lora(message.lora_int_id)
+            except Exception:  # a core gone is noticed by the next step; the adapter only stays cached
+                logger.warning("Could not remove LoRA adapter %d", message.lora_int_id, exc_info=True)
         elif isinstance(message, _TimedOut):
             self._deadlines.record_expired("request_timeout")
 

@@ -2,7 +2,7 @@
 executor), which may run in another process. Plain data only: no ``Request``, grammar object, tokenizer or tensor.
 
 Front end -> core: ``AddRequests`` (the sequences of one request, as ``EngineCoreRequest``), ``AbortRequests``,
-``UtilityCall``, ``PrepareGrammar``, ``ShutdownCore``. Core -> front end: ``CoreReady`` or ``CoreStartupFailed`` once (the handshake),
+``RemoveLoRA``, ``UtilityCall``, ``PrepareGrammar``, ``ShutdownCore``. Core -> front end: ``CoreReady`` or ``CoreStartupFailed`` once (the handshake),
 then ``EngineCoreOutputs`` after every step that produced outputs, and as a heartbeat while idle.
 
 Serialization: msgspec msgpack, with the hot messages as ``msgspec.Struct`` (``array_like``: no field names on the
@@ -60,6 +60,13 @@ class AbortRequests(msgspec.Struct, tag=True, array_like=True):
     stopped: bool = False
 
 
+class RemoveLoRA(msgspec.Struct, tag=True, array_like=True):
+    """An adapter was unloaded (the server's ``/v1/unload_lora_adapter``): once no request of the core runs with
+    it, every worker drops its weights (GPU slot and CPU cache). Requests already running with it finish first."""
+
+    lora_int_id: int
+
+
 class UtilityCall(msgspec.Struct, tag=True, array_like=True):
     """Call one of the core's utility methods (``EngineCore.UTILITY_METHODS``); the answer is a ``UtilityResult``."""
 
@@ -82,7 +89,7 @@ class ShutdownCore(msgspec.Struct, tag=True, array_like=True):
     """Stop stepping and exit (requests still in flight are dropped: the front end has failed them)."""
 
 
-FrontToCore = Union[AddRequests, AbortRequests, UtilityCall, PrepareGrammar, ShutdownCore]
+FrontToCore = Union[AddRequests, AbortRequests, RemoveLoRA, UtilityCall, PrepareGrammar, ShutdownCore]
 
 
 # ---- core -> front end -------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.request import RequestStatus
 from pagedllm.engine.contracts import (
     AbortRequests,
+    RemoveLoRA,
     AddRequests,
     CoreReady,
     CoreStartupFailed,
@@ -64,6 +65,9 @@ class InProcessCoreClient:
     def abort_requests(self, request_ids: list[str], stopped: bool = False) -> None:
         status = RequestStatus.FINISHED_STOPPED if stopped else RequestStatus.FINISHED_ABORTED
         self.core.abort_requests(request_ids, status)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self.core.remove_lora(lora_int_id)
 
     def step(self) -> EngineCoreOutputs:
         return self.core.step_outputs()
@@ -181,6 +185,9 @@ class MultiprocessCoreClient:
 
     def abort_requests(self, request_ids: list[str], stopped: bool = False) -> None:
         self._send(self._codec.encode(AbortRequests(request_ids, stopped)))
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self._send(self._codec.encode(RemoveLoRA(lora_int_id)))
 
     def _send(self, data: bytes) -> None:
         """Send to the core, waiting while it is alive (a busy core takes its input every step); EngineDeadError

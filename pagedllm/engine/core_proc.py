@@ -27,6 +27,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.request import RequestStatus
 from pagedllm.engine.contracts import (
     AbortRequests,
+    RemoveLoRA,
     AddRequests,
     CoreReady,
     CoreStartupFailed,
@@ -188,6 +189,8 @@ class _CoreLoop:
         elif isinstance(message, AbortRequests):
             status = RequestStatus.FINISHED_STOPPED if message.stopped else RequestStatus.FINISHED_ABORTED
             self.core.abort_requests(message.request_ids, status)
+        elif isinstance(message, RemoveLoRA):
+            self.core.remove_lora(message.lora_int_id)
         elif isinstance(message, UtilityCall):
             self.utility_results.append(self._call_utility(message))
         elif isinstance(message, PrepareGrammar):

@@ -205,6 +205,11 @@ class DataParallelEngine:
         if rank is not None:
             self.replicas[rank].abort(request_id)
 
+    def remove_lora(self, lora_int_id: int) -> None:
+        """AsyncEngine.remove_lora on every replica (each may hold the adapter)."""
+        for replica in self.replicas:
+            replica.remove_lora(lora_int_id)
+
     def record_request_timeout(self) -> None:
         """AsyncEngine.record_request_timeout, counted by the first replica (the series are summed by reason)."""
         self.replicas[0].record_request_timeout()

@@ -56,6 +56,10 @@ class EngineCore:
         self._own_manager_lock = threading.Lock()  # the loop and the warm-up thread may both make it
         # Requests whose first schedule time the front end has not been told yet (its queue-time metric).
         self._awaiting_first_output: dict[str, Request] = {}
+        # Unloaded adapters (ids are never reused: a reload gets a new one) and those of them the workers still hold
+        # because a request runs with them; dropped after the step in which their last request ends.
+        self._unloaded_lora_ids: set[int] = set()
+        self._loras_to_remove: set[int] = set()
         self._in_flight: _LaunchedStep | None = None  # the launched step whose output the scheduler has not had
         self.executor: Executor = make_executor(config)
         num_blocks = self.executor.determine_num_blocks()
@@ -122,6 +126,11 @@ class EngineCore:
         grammars = self._grammars(core_requests)
         for core_request, grammar in zip(core_requests, grammars):
             self.add_request(self._make_request(core_request, grammar))
+            lora = core_request.lora_request
+            if lora is not None and lora.lora_int_id in self._unloaded_lora_ids:
+                # Admitted before the unload but arrived after it: it runs (and loads the adapter again), then the
+                # adapter goes once more.
+                self._loras_to_remove.add(lora.lora_int_id)
 
     def _make_request(self, core_request: EngineCoreRequest, grammar: object | None) -> Request:
         return Request(
@@ -171,12 +180,32 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, status)
         for request_id in request_ids:
             self._awaiting_first_output.pop(request_id, None)
+        if self._loras_to_remove:  # an idle core may not step again soon
+            self._remove_unused_loras()
+
+    # ---- adapters ----------------------------------------------------------------------------------------------
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """An adapter was unloaded: the workers drop its weights (GPU slot, CPU cache) as soon as no request of this
+        core runs with it (now, or after the step in which the last one ends)."""
+        self._unloaded_lora_ids.add(lora_int_id)
+        self._loras_to_remove.add(lora_int_id)
+        self._remove_unused_loras()
+
+    def _remove_unused_loras(self) -> None:
+        in_use = {request.lora_int_id for request in self.scheduler.requests.values()}
+        for lora_int_id in self._loras_to_remove - in_use:
+            self.executor.collective_rpc("remove_lora", lora_int_id)
+            logger.info("LoRA adapter %d (unloaded) removed from the workers", lora_int_id)
+        self._loras_to_remove &= in_use
 
     # ---- outputs: one step as a plain-data message ---------------------------------------------------------
 
     def step_outputs(self) -> EngineCoreOutputs:
         """``step()`` with what the front end needs besides the outputs: scheduler stats, fault, timestamps."""
         outputs = self.step()
+        if self._loras_to_remove:
+            self._remove_unused_loras()
         return EngineCoreOutputs(outputs, time.monotonic(), self.scheduler.stats(), self.engine_fault,
                                  self._first_scheduled_times(outputs))
 
@@ -391,6 +420,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.engine_core.has_unfinished_requests()
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Drop an unloaded adapter's weights once no request runs with it (``EngineCore.remove_lora``)."""
+        self.engine_core.remove_lora(lora_int_id)
 
     @property
     def engine_fault(self) -> str | None:

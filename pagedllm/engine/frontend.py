@@ -60,6 +60,10 @@ class MultiprocessLLMEngine:
         if child_ids:
             self.core_client.abort_requests(child_ids)
 
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Tell the core that an adapter was unloaded (it drops the weights once no request runs with it)."""
+        self.core_client.remove_lora(lora_int_id)
+
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.num_requests > 0
 

@@ -111,9 +111,11 @@ class LLM:
         return self._run_processed(processed, use_tqdm)
 
     def beam_search(
-        self, prompts: PromptInput | Sequence[PromptInput], params: BeamSearchParams, use_tqdm: bool = False
+        self, prompts: PromptInput | Sequence[PromptInput], params: BeamSearchParams, use_tqdm: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> list[BeamSearchOutput]:
-        """Beam search for each prompt (HF transformers' ``num_beams`` rules; see ``beam_search.py``).
+        """Beam search for each prompt (HF transformers' ``num_beams`` rules; see ``beam_search.py``), with the
+        adapter ``lora_request`` (one for every prompt; None = the base model).
 
         Every step runs each live beam as a one-token request; prefix caching keeps the beams' common prefixes
         in shared KV blocks, so only each beam's last partial block is recomputed.
@@ -130,8 +132,9 @@ class LLM:
             states.append(BeamSearchState(token_ids, params, engine.input_processor.eos_token_ids))
         with tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm) as progress:
             while (step := BeamSearchStep.of(states)) is not None:
-                step.advance(self._run(step.prompts, [step.params] * len(step.prompts), [0] * len(step.prompts),
-                                       use_tqdm=False))
+                num_prompts = len(step.prompts)
+                step.advance(self._run(step.prompts, [step.params] * num_prompts, [0] * num_prompts, use_tqdm=False,
+                                       lora_requests=[lora_request] * num_prompts))
                 progress.update(1)
         return [decode_sequences(state.output(), self.get_tokenizer()) for state in states]
 

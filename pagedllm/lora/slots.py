@@ -125,6 +125,10 @@ class LoRASlotPool:
             self._cpu_cache.popitem(last=False)
         return adapter
 
+    def holds(self, lora_id: int) -> bool:
+        """Whether the adapter's weights are here (in a slot or in the CPU cache)."""
+        return lora_id in self._slot_of or lora_id in self._cpu_cache
+
     def remove(self, lora_id: int) -> None:
         """Forget an adapter (unloaded by the server): its slot is free, its weights leave the CPU cache."""
         self._cpu_cache.pop(lora_id, None)

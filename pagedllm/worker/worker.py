@@ -52,6 +52,10 @@ class Worker:
         """Launch the step; its output is read with ``result()`` (async scheduling)."""
         return self.model_runner.execute_model_async(scheduler_output)
 
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Drop an unloaded adapter's weights (its GPU slot and CPU copy)."""
+        self.model_runner.remove_lora(lora_int_id)
+
     def startup_info(self) -> dict:
         """What start-up cost on this worker (seconds per phase), whether decode replays CUDA graphs, and the bytes
         of the model's weights as stored."""

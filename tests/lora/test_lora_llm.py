@@ -236,3 +236,26 @@ def test_kernel_paths_in_the_engine_match_the_torch_path(lora_base, lora_adapter
     with_kernels = run(kernels=True)
     assert calls["add_lora"] > 0 and calls["add_lora_segmented"] > 0
     assert with_kernels == run(kernels=False)
+
+
+def test_removed_adapter_is_dropped_once_its_running_request_finishes(llama_lora_llm, lora_adapter):
+    engine = llama_lora_llm.llm_engine
+    slots = engine.engine_core.model_runner.lora
+    lora = LoRARequest("leaving", 501, lora_adapter("llama", "all_r8"))
+    engine.add_request("unload-1", {"prompt_token_ids": [5, 17, 42]}, greedy(12), lora_request=lora)
+    engine.step()
+    assert slots.holds(501)
+    engine.remove_lora(501)  # the request still runs: its adapter stays until it ends
+    assert slots.holds(501)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert [o for o in outputs if o.finished][0].outputs[0].finish_reason == "length"
+    assert not slots.holds(501)
+    # Not running: dropped at once.
+    llama_lora_llm.generate({"prompt_token_ids": [5, 17]}, greedy(2), use_tqdm=False,
+                            lora_request=LoRARequest("idle", 502, lora_adapter("llama", "all_r8")))
+    assert slots.holds(502)
+    engine.remove_lora(502)
+    assert not slots.holds(502)
+    assert_engine_idle(llama_lora_llm)

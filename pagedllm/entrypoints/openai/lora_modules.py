@@ -4,8 +4,8 @@
 
 A request's ``model`` picks the adapter. Every adapter is validated against the base model when it is added (a bad
 one is a 400 and the server goes on serving) and gets a fresh integer id, so a name loaded again after an unload
-never meets the old weights in the engine's caches. Unloading only stops new requests: those already running keep
-their adapter to the end (the engine's slot and CPU caches drop it by LRU).
+never meets the old weights in the engine's caches. Unloading stops new requests at once: those already running keep
+their adapter to the end, then the engine's workers drop its weights (``EngineCore.remove_lora``).
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     app.include_router(_tokenizer_routes(ctx), dependencies=key_check)  # they do work: keyed like /v1
     app.include_router(_v1_routes(ctx), dependencies=key_check)
     if config.allow_runtime_lora_updating and ctx.models.loras is not None:
-        app.include_router(_lora_routes(ctx.models.loras), dependencies=key_check)
+        app.include_router(_lora_routes(ctx.models.loras, engine), dependencies=key_check)
     install_openapi(app)
     return app
 
@@ -329,8 +329,9 @@ def _tokenizer_routes(ctx: ServingContext) -> APIRouter:
     return router
 
 
-def _lora_routes(loras: ServedLoRAs) -> APIRouter:
-    """Adapters loaded and unloaded at run time (only with PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING, as vLLM's)."""
+def _lora_routes(loras: ServedLoRAs, engine: AsyncEngine) -> APIRouter:
+    """Adapters loaded and unloaded at run time (only with PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING, as vLLM's). An
+    unload stops new requests for the adapter now; the engine drops its weights once those running have finished."""
     router = APIRouter(prefix="/v1")
 
     @router.post("/load_lora_adapter")
@@ -342,7 +343,7 @@ def _lora_routes(loras: ServedLoRAs) -> APIRouter:
     @router.post("/unload_lora_adapter")
     async def unload_lora_adapter(raw_request: Request) -> Response:
         request = await parse_body(raw_request, UnloadLoRAAdapterRequest)
-        loras.remove(request.lora_name)
+        engine.remove_lora(loras.remove(request.lora_name).lora_int_id)
         return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
 
     return router
