@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from pagedllm import LLM, LoRARequest, SamplingParams
+from pagedllm.params import BeamSearchParams
 from tests.entrypoints.openai.conftest import RemoteServer
 
 pytest.importorskip("peft")
@@ -183,3 +186,54 @@ def test_chat_completion_picks_the_adapter(lora_server, offline, lora_adapter):
     expected = offline.chat(messages, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False,
                             lora_request=lora)[0].outputs[0].text
     assert chat("all") == expected != chat("tiny")
+
+
+def test_unload_drops_the_weights_and_a_reload_reads_the_files_again(lora_server, offline, lora_adapter, tmp_path):
+    first, second = lora_adapter("llama", "all_r8"), lora_adapter("llama", "all_r8", seed=123)
+    path = tmp_path / "swapped"
+    shutil.copytree(first, path)
+    assert post(lora_server, "/v1/load_lora_adapter", {"lora_name": "swap", "lora_path": str(path)}).status_code == 200
+    assert asyncio.run(burst(lora_server, ["swap"]))["swap"] == offline_tokens(offline, LoRARequest("a", 21, first))
+    assert post(lora_server, "/v1/unload_lora_adapter", {"lora_name": "swap"}).status_code == 200
+    shutil.rmtree(path)
+    shutil.copytree(second, path)  # other weights under the same path
+    assert post(lora_server, "/v1/load_lora_adapter", {"lora_name": "swap", "lora_path": str(path)}).status_code == 200
+    served = asyncio.run(burst(lora_server, ["swap"]))["swap"]
+    assert served == offline_tokens(offline, LoRARequest("b", 22, second)) != offline_tokens(
+        offline, LoRARequest("a", 21, first))
+    assert post(lora_server, "/v1/unload_lora_adapter", {"lora_name": "swap"}).status_code == 200
+    deadline = time.monotonic() + 10  # the core logs each adapter its workers dropped
+    while lora_server.log().count("(unloaded) removed from the workers") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert lora_server.log().count("(unloaded) removed from the workers") >= 2
+
+
+def test_responses_request_picks_the_adapter(lora_server, offline, lora_adapter):
+    lora = LoRARequest("all", 1, lora_adapter("llama", "all_r8"))
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+
+    def respond(model: str) -> str:
+        response = post(lora_server, "/v1/responses", {"model": model, "input": "Once upon a time",
+                                                        "max_output_tokens": 8, "temperature": 0.0})
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == model
+        return response.json()["output"][0]["content"][0]["text"]
+
+    expected = offline.chat(messages, params, use_tqdm=False, lora_request=lora)[0].outputs[0].text
+    base = offline.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+    assert respond("all") == expected
+    assert respond("tiny") == base
+
+
+@pytest.mark.parametrize("model", ["all", "tiny"])
+def test_beam_search_picks_the_adapter(lora_server, offline, lora_adapter, model):
+    lora = LoRARequest("all", 1, lora_adapter("llama", "all_r8")) if model == "all" else None
+    params = BeamSearchParams(beam_width=2, max_tokens=6, ignore_eos=True)
+    (expected,) = offline.beam_search([{"prompt_token_ids": PROMPTS[0]}], params, lora_request=lora)
+    response = post(lora_server, "/v1/completions", {"model": model, "prompt": PROMPTS[0], "max_tokens": 6, "n": 2,
+                                                      "use_beam_search": True, "ignore_eos": True,
+                                                      "return_token_ids": True})
+    assert response.status_code == 200, response.text
+    served = [choice["token_ids"] for choice in response.json()["choices"]]
+    assert served == [sequence.token_ids for sequence in expected.sequences]  # generated tokens, best first
