@@ -29,7 +29,16 @@ from torch import nn
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.config import ModelConfig
 from pagedllm.model.kv_scales import calibrate_kv_scales, kv_scale_parameter
-from pagedllm.model.layers import LMHead, RotaryEmbedding, RotaryStep, VocabEmbedding, rotate_qk, rotate_qk_into_cache
+from pagedllm.distributed.parallel_state import get_parallel_state, layer_range
+from pagedllm.model.layers import (
+    LMHead,
+    PPMissingLayer,
+    RotaryEmbedding,
+    RotaryStep,
+    VocabEmbedding,
+    rotate_qk,
+    rotate_qk_into_cache,
+)
 from pagedllm.model.linear import Linear, MergedLinear, QKVLinear, default_weight_loader, set_weight_loader
 from pagedllm.model.llama import LlamaForCausalLM
 from pagedllm.model.quantization.base import QuantizationConfig
@@ -123,13 +132,15 @@ class GemmaAttention(nn.Module):
     def __init__(self, config: ModelConfig, variant: GemmaVariant, layer_index: int, attn_backend: AttentionBackend,
                  quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = bool(config.hf_config.get("attention_bias", False))
-        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=bias,
+        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, bias=bias,
                                   quant_config=quant_config, prefix=prefix)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias,
-                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        # This rank's heads under tensor parallelism: the q/k norms and the soft cap act within each head.
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = Linear(num_heads * self.head_dim, config.hidden_size, bias=bias,
+                             quant_config=quant_config, prefix=f"{prefix}.o_proj", parallel="row")
         if variant.is_gemma3:
             self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
@@ -172,7 +183,8 @@ class GemmaMLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], quant_config=quant_config, prefix=prefix,
                                          part_names=["gate_proj", "up_proj"])
-        self.down_proj = Linear(size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.down_proj")
+        self.down_proj = Linear(size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.down_proj",
+                                parallel="row")
         self.approximate = variant.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,37 +218,62 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class GemmaModel(nn.Module):
-    """Scaled embeddings, the decoder layers and the final norm (HF's ``model.*``)."""
+    """Scaled embeddings, the decoder layers and the final norm (HF's ``model.*``).
+
+    Under pipeline parallelism this stage holds decoder layers ``[start_layer, end_layer)`` (the others are
+    ``PPMissingLayer``), the embedding on the first stage (and on the last, for the tied LM head) and the final
+    norm on the last; stages pass the hidden states on (Gemma's residual adds are not fused into its norms)."""
 
     def __init__(self, config: ModelConfig, variant: GemmaVariant, attn_backend: AttentionBackend,
-                 quant_config: QuantizationConfig | None) -> None:
+                 quant_config: QuantizationConfig | None, tie_word_embeddings: bool) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.pp = get_parallel_state().pp
+        self.hidden_size = config.hidden_size
+        self.dtype = torch.get_default_dtype()  # the model's (the loader builds it under that default)
+        self.start_layer, self.end_layer = layer_range(config.num_hidden_layers, self.pp.rank, self.pp.size)
+        has_embedding = self.pp.is_first or (tie_word_embeddings and self.pp.is_last)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size) if has_embedding \
+            else PPMissingLayer()
         self.embed_scale = math.sqrt(config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, *variant.global_rope)
         self.local_rotary_emb = (self.rotary_emb if variant.local_rope == variant.global_rope
                                  else RotaryEmbedding(config.head_dim, config.max_model_len, *variant.local_rope))
         self.layers = nn.ModuleList(
             GemmaDecoderLayer(config, variant, i, attn_backend, quant_config, f"model.layers.{i}")
+            if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps) if self.pp.is_last else PPMissingLayer()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
-        embeddings = self.embed_tokens(input_ids)
-        # HF multiplies by sqrt(hidden_size) held as a tensor of the weights' dtype (bf16 rounds it).
-        hidden_states = embeddings * torch.tensor(self.embed_scale, dtype=embeddings.dtype)
+        """``kv_caches``: one per layer of this stage (every layer without pipeline parallelism)."""
+        pp = self.pp
+        if pp.is_first:
+            embeddings = self.embed_tokens(input_ids)
+            # HF multiplies by sqrt(hidden_size) held as a tensor of the weights' dtype (bf16 rounds it).
+            hidden_states = embeddings * torch.tensor(self.embed_scale, dtype=embeddings.dtype)
+        else:  # a later pipeline stage: the hidden states the stage before sent
+            shape = (input_ids.shape[0], self.hidden_size)
+            hidden_states = pp.comm.recv(torch.empty(shape, dtype=self.dtype, device=input_ids.device), pp.rank - 1)
         global_rope = self.rotary_emb.step_inputs(positions, hidden_states.dtype)
         local_rope = (global_rope if self.local_rotary_emb is self.rotary_emb
                       else self.local_rotary_emb.step_inputs(positions, hidden_states.dtype))
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        layers = self.layers[self.start_layer : self.end_layer]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             hidden_states = layer(hidden_states, global_rope, local_rope, kv_cache, attn_metadata)
+        if not pp.is_last:
+            pp.comm.send(hidden_states, pp.rank + 1)
+            return hidden_states
         return self.norm(hidden_states)
 
 
 class GemmaForCausalLM(nn.Module):
     """Gemma 2 / Gemma 3 (text) causal LM over a paged KV cache."""
+
+    # Tensor parallelism: the Llama family's parallel layers over this rank's heads (norms and soft caps act within a
+    # head or after the gathered logits); pipeline parallelism: stages of layers (GemmaModel).
+    supports_parallel = True
 
     packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
     stacked_params_mapping = LlamaForCausalLM.stacked_params_mapping
@@ -246,10 +283,12 @@ class GemmaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.variant = GemmaVariant.of(config)
-        self.model = GemmaModel(config, self.variant, attn_backend, quant_config)
         # Gemma ties its embeddings unless config.json says otherwise (HF's default is True here).
-        tied_to = self.model.embed_tokens if config.hf_config.get("tie_word_embeddings", True) else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to)
+        is_tied = bool(config.hf_config.get("tie_word_embeddings", True))
+        self.model = GemmaModel(config, self.variant, attn_backend, quant_config, is_tied)
+        tied_to = self.model.embed_tokens if is_tied else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to) if self.model.pp.is_last \
+            else PPMissingLayer()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:

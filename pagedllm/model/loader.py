@@ -67,7 +67,7 @@ def build_model(model_config: ModelConfig, device: str, attn_backend_name: str =
     state = get_parallel_state()
     if (state.tp.size > 1 or state.pp.size > 1) and not model_class.__dict__.get("supports_parallel", False):
         raise ValueError(f"{model_config.architecture} does not support tensor or pipeline parallelism yet (the "
-                         "Llama family does: Llama, Mistral, Qwen2, Qwen3); run it with tensor_parallel_size=1 "
+                         "Llama family, Gemma 2 / 3 and Phi-3 do); run it with tensor_parallel_size=1 "
                          "and pipeline_parallel_size=1")
     with torch.device(device), _default_dtype(torch_dtype(model_config.dtype)):
         return model_class(model_config, get_attention_backend(attn_backend_name),

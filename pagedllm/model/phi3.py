@@ -32,7 +32,9 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend
 from pagedllm.config import ModelConfig
-from pagedllm.model.layers import LMHead, RotaryEmbedding
+from pagedllm.distributed.parallel_state import get_parallel_state
+from pagedllm.model.layers import LMHead, PPMissingLayer, RotaryEmbedding
+from pagedllm.model.linear import tp_attention_heads
 from pagedllm.model.llama import LlamaForCausalLM, LlamaModel
 from pagedllm.model.quantization.base import QuantizationConfig
 
@@ -89,8 +91,12 @@ def _attention_factor(settings: dict[str, Any], max_positions: int, original: in
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
-def qkv_permutation(config: ModelConfig) -> torch.Tensor | None:
-    """Column order of the qkv output that turns partial rotary into full-width rotary (None when rotary is full)."""
+def qkv_permutation(config: ModelConfig, num_heads: int | None = None,
+                    num_kv_heads: int | None = None) -> torch.Tensor | None:
+    """Column order of the qkv output that turns partial rotary into full-width rotary (None when rotary is full).
+
+    ``num_heads`` / ``num_kv_heads``: the heads of this rank's qkv output under tensor parallelism (default: the
+    model's); the permutation only moves columns inside each head, so each rank's slice permutes on its own."""
     head_dim, rot = config.head_dim, rotary_dim(config)
     if rot == head_dim:
         return None
@@ -99,9 +105,11 @@ def qkv_permutation(config: ModelConfig) -> torch.Tensor | None:
     half_rot, half_pass = rot // 2, (head_dim - rot) // 2
     head = torch.cat([torch.arange(0, half_rot), torch.arange(rot, rot + half_pass),
                       torch.arange(half_rot, rot), torch.arange(rot + half_pass, head_dim)])
-    num_rotated_heads = config.num_attention_heads + config.num_key_value_heads  # q and k; v stays as is
+    num_heads = config.num_attention_heads if num_heads is None else num_heads
+    num_kv_heads = config.num_key_value_heads if num_kv_heads is None else num_kv_heads
+    num_rotated_heads = num_heads + num_kv_heads  # q and k; v stays as is
     rotated = torch.cat([head + i * head_dim for i in range(num_rotated_heads)])
-    value = torch.arange(num_rotated_heads * head_dim, (num_rotated_heads + config.num_key_value_heads) * head_dim)
+    value = torch.arange(num_rotated_heads * head_dim, (num_rotated_heads + num_kv_heads) * head_dim)
     return torch.cat([rotated, value])
 
 
@@ -120,6 +128,10 @@ class Phi3RotaryEmbedding(RotaryEmbedding):
 class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3 / Phi-4-mini over a paged KV cache: the Llama model with Phi-3's rotary and fused checkpoint names."""
 
+    # Tensor parallelism: the fused checkpoint qkv / gate_up are cut into their parts and each part narrowed to this
+    # rank's heads / columns by the fused layers' loader; pipeline parallelism is the Llama model's.
+    supports_parallel = True
+
     packed_modules_mapping: dict[str, list[str]] = {}
     stacked_params_mapping: list[tuple[str, str, object]] = []  # qkv_proj / gate_up_proj load whole
 
@@ -133,10 +145,15 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         # The Llama model with a plain rotary table (it cannot build LongRoPE), replaced by Phi-3's below.
         self.model = LlamaModel(dataclasses.replace(config, rope_scaling=None), attn_backend, quant_config)
         self.model.rotary_emb = Phi3RotaryEmbedding(config)
-        permutation = qkv_permutation(config)
+        # Over this rank's heads (all of them without tensor parallelism); one tensor all layers share.
+        num_heads, num_kv_heads, _ = tp_attention_heads(config.num_attention_heads, config.num_key_value_heads,
+                                                        get_parallel_state().tp)
+        permutation = qkv_permutation(config, num_heads, num_kv_heads)
         if permutation is not None:
             permutation = permutation.to(torch.get_default_device())  # built on the model's device
             for layer in self.model.layers:
-                layer.self_attn.qkv_permutation = permutation
+                if not isinstance(layer, PPMissingLayer):  # (another pipeline stage's)
+                    layer.self_attn.qkv_permutation = permutation
         tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to) if self.model.pp.is_last \
+            else PPMissingLayer()

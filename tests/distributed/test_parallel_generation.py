@@ -1,5 +1,6 @@
 """Greedy generations with tensor and pipeline parallelism (multiprocess executor, gloo on CPU) equal tp=1 token for
-token in float32. The tiny models have 4 query heads and 2 KV heads: tp=4 replicates each KV head on two ranks."""
+token in float32, for the Llama family, Gemma 2 / 3 and Phi-3 / Phi-4-mini. The tiny models have 4 query heads and 2
+KV heads: tp=4 replicates each KV head on two ranks."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ def _reference_tokens(model_dir: str) -> list[list[int]]:
     pytest.param("qwen2", 2, 1, marks=pytest.mark.slow),  # q/k/v bias: sliced with the heads
     pytest.param("mistral", 2, 1, marks=pytest.mark.slow),
     pytest.param("llama3_rope", 2, 2, marks=pytest.mark.slow),
+    # Gemma: windowed and global layers, soft caps, (1 + w) norms within each rank's heads, tied vocab-parallel head
+    pytest.param("gemma2", 2, 1, marks=pytest.mark.slow),
+    pytest.param("gemma2", 4, 1, marks=pytest.mark.slow),
+    pytest.param("gemma2", 1, 2, marks=pytest.mark.slow),
+    pytest.param("gemma3", 2, 1, marks=pytest.mark.slow),  # per-head q/k norms, two rotary tables
+    pytest.param("gemma3", 2, 2, marks=pytest.mark.slow),  # 3 layers: stages of 2 and 1
+    # Phi-3: the checkpoint's fused qkv / gate_up cut per rank by the loader; LongRoPE
+    pytest.param("phi3_longrope", 2, 1, marks=pytest.mark.slow),
+    pytest.param("phi3_longrope", 1, 2, marks=pytest.mark.slow),
+    pytest.param("phi4_mini", 2, 1, marks=pytest.mark.slow),  # partial rotary: each rank's heads permuted
+    pytest.param("phi4_mini", 4, 1, marks=pytest.mark.slow),
+    pytest.param("phi4_mini", 2, 2, marks=pytest.mark.slow),  # tied LM head on the last stage
 ])
 def test_parallel_greedy_equals_single_device(parallel_model_dir, arch, tp, pp):
     model_dir = parallel_model_dir(arch)
@@ -40,7 +53,7 @@ def test_unsupported_family_is_refused_clearly(parallel_model_dir):
     from pagedllm.worker.executor import WorkerDiedError
 
     with pytest.raises(WorkerDiedError, match="does not support tensor or pipeline parallelism"):
-        greedy_tokens(parallel_model_dir("gemma2"), tensor_parallel_size=2)
+        greedy_tokens(parallel_model_dir("qwen3_moe"), tensor_parallel_size=2)
 
 
 def test_startup_report_names_the_layout(parallel_model_dir):
