@@ -31,13 +31,13 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.request import RequestStatus
 from pagedllm.engine.contracts import (
     AbortRequests,
-    RemoveLoRA,
     AddRequests,
     CoreReady,
     CoreStartupFailed,
     EngineCoreOutputs,
     EngineCoreRequest,
     MessageCodec,
+    RemoveLoRA,
     ShutdownCore,
     UtilityCall,
 )

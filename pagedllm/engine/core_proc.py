@@ -27,7 +27,6 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.request import RequestStatus
 from pagedllm.engine.contracts import (
     AbortRequests,
-    RemoveLoRA,
     AddRequests,
     CoreReady,
     CoreStartupFailed,
@@ -37,6 +36,7 @@ from pagedllm.engine.contracts import (
     GrammarPrepared,
     MessageCodec,
     PrepareGrammar,
+    RemoveLoRA,
     ShutdownCore,
     UtilityCall,
     UtilityResult,

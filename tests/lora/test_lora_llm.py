@@ -250,7 +250,7 @@ def test_removed_adapter_is_dropped_once_its_running_request_finishes(llama_lora
     outputs = []
     while engine.has_unfinished_requests():
         outputs += engine.step()
-    assert [o for o in outputs if o.finished][0].outputs[0].finish_reason == "length"
+    assert next(o for o in outputs if o.finished).outputs[0].finish_reason == "length"
     assert not slots.holds(501)
     # Not running: dropped at once.
     llama_lora_llm.generate({"prompt_token_ids": [5, 17]}, greedy(2), use_tqdm=False,
