@@ -28,8 +28,8 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.config import ModelConfig
-from pagedllm.model.kv_scales import calibrate_kv_scales, kv_scale_parameter
 from pagedllm.distributed.parallel_state import get_parallel_state, layer_range
+from pagedllm.model.kv_scales import calibrate_kv_scales, kv_scale_parameter
 from pagedllm.model.layers import (
     LMHead,
     PPMissingLayer,
