@@ -175,6 +175,7 @@ def test_health_answers_while_a_big_prompt_is_tokenized(server):
     result: dict[str, httpx.Response] = {}
     worker = threading.Thread(target=lambda: result.setdefault("tokenize", httpx.post(
         server.url_for("/tokenize"), json={"prompt": prompt}, headers=server.headers, timeout=120)))
+    began = time.monotonic()
     worker.start()
     slowest = 0.0
     while worker.is_alive():
@@ -183,8 +184,11 @@ def test_health_answers_while_a_big_prompt_is_tokenized(server):
         slowest = max(slowest, time.monotonic() - start)
         time.sleep(0.05)
     worker.join()
+    tokenize_s = time.monotonic() - began
     assert result["tokenize"].status_code == 200 and result["tokenize"].json()["count"] > 100_000
-    assert slowest < 1.0, f"/health took {slowest:.2f} s while tokenizing"
+    # A loop blocked by the tokenizer would answer once, after all of it; a loaded machine may still delay one
+    # answer by a second or two (reading and parsing the 3 MB body), so the bound is relative, not absolute.
+    assert slowest < max(2.0, tokenize_s / 4), f"/health took {slowest:.2f} s of a {tokenize_s:.2f} s tokenization"
 
 
 # ---- slow clients ------------------------------------------------------------------------------------------------
