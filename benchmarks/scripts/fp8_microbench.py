@@ -14,6 +14,8 @@ import json
 
 import torch
 
+from cuda_graph_timing import time_calls  # this folder is on sys.path when a script runs
+
 from pagedllm.model import gemm
 from pagedllm.model.quantization.fp8_gemm import fp8_linear, quantize_weight
 from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, choose_config, fp8_skinny_gemm, fp8_w8a8_gemm
@@ -23,27 +25,6 @@ ROWS = [1, 16, 64, 256, 1024]
 NUM_COPIES = 4
 SWEEP = [Fp8GemmConfig(64, 128, s, w, 4) for s in (1, 2, 4, 8) for w in (4, 8)] + \
         [Fp8GemmConfig(128, 128, s, 8, 4) for s in (2, 4)]
-
-
-def time_calls(fn, num_calls: int) -> float:
-    """Microseconds per call of ``fn(i)`` replayed from one CUDA graph of ``num_calls`` calls."""
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(num_calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / num_calls)
-    return best
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ import json
 import torch
 import torch.nn.functional as F
 
+from cuda_graph_timing import time_calls  # this folder is on sys.path when a script runs
+
 from pagedllm.model import gemm
 from pagedllm.model.quantization.int4 import Int4Checkpoint, to_canonical
 from pagedllm.model.w4a16_kernel import W4A16Config, choose_config, dequantize_int4, w4a16_linear
@@ -32,27 +34,6 @@ def random_weights(n: int, k: int, group_size: int = 128):
         zeros = torch.randint(0, 16, (n, k // group_size), device="cuda", generator=gen)
         out.append(to_canonical(Int4Checkpoint(q, scales, zeros, None, group_size), torch.float16, "bench"))
     return out
-
-
-def time_calls(fn, num_calls: int) -> float:
-    """Microseconds per call of ``fn(i)`` replayed from one CUDA graph of ``num_calls`` calls."""
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(num_calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / num_calls)
-    return best
 
 
 def int4_bytes(weight) -> int:
