@@ -1,29 +1,11 @@
-"""Tiny models shared by the parallelism tests (float32 on CPU; gloo between the rank processes)."""
+"""Prompts and engine settings shared by the parallelism tests (float32 on CPU; gloo between the rank processes);
+the tiny models come from the session-wide ``tiny_model_dir`` fixture (tests/conftest.py)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-
-import pytest
-
-from tests.utils import build_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
 ENGINE_KWARGS = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
                      num_gpu_blocks_override=32)
-
-
-@pytest.fixture(scope="session")
-def parallel_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
-    root = tmp_path_factory.mktemp("parallel_models")
-    built: dict[str, str] = {}
-
-    def get(arch: str) -> str:
-        if arch not in built:
-            built[arch] = build_tiny_model(root, arch)
-        return built[arch]
-
-    return get
 
 
 def greedy_tokens(model_dir: str, max_tokens: int = 8, **kwargs) -> list[list[int]]:

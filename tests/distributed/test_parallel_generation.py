@@ -42,26 +42,26 @@ def _reference_tokens(model_dir: str) -> list[list[int]]:
     pytest.param("phi4_mini", 4, 1, marks=pytest.mark.slow),
     pytest.param("phi4_mini", 2, 2, marks=pytest.mark.slow),  # tied LM head on the last stage
 ])
-def test_parallel_greedy_equals_single_device(parallel_model_dir, arch, tp, pp):
-    model_dir = parallel_model_dir(arch)
+def test_parallel_greedy_equals_single_device(tiny_model_dir, arch, tp, pp):
+    model_dir = tiny_model_dir(arch)
     expected = _reference_tokens(model_dir)
     got = greedy_tokens(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     assert got == expected
 
 
-def test_unsupported_family_is_refused_clearly(parallel_model_dir):
+def test_unsupported_family_is_refused_clearly(tiny_model_dir):
     from pagedllm.worker.executor import WorkerDiedError
 
     with pytest.raises(WorkerDiedError, match="does not support tensor or pipeline parallelism"):
-        greedy_tokens(parallel_model_dir("qwen3_moe"), tensor_parallel_size=2)
+        greedy_tokens(tiny_model_dir("qwen3_moe"), tensor_parallel_size=2)
 
 
-def test_startup_report_names_the_layout(parallel_model_dir):
+def test_startup_report_names_the_layout(tiny_model_dir):
     from pagedllm import LLM
 
     from tests.distributed.conftest import ENGINE_KWARGS
 
-    llm = LLM(parallel_model_dir("llama"), **ENGINE_KWARGS, tensor_parallel_size=2)
+    llm = LLM(tiny_model_dir("llama"), **ENGINE_KWARGS, tensor_parallel_size=2)
     try:
         report = llm.llm_engine.engine_core.startup_report
         assert report["parallel_layout"] == "tp2 x pp1"

@@ -10,8 +10,8 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.mark.slow
-def test_ray_tp2_equals_single_device(parallel_model_dir):
-    model_dir = parallel_model_dir("llama")
+def test_ray_tp2_equals_single_device(tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
     expected = greedy_tokens(model_dir)
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:

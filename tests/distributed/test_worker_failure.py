@@ -15,8 +15,8 @@ from tests.distributed.conftest import ENGINE_KWARGS, PROMPTS
 
 
 @pytest.mark.slow
-def test_killed_worker_fails_requests_and_marks_the_engine_faulty(parallel_model_dir):
-    llm = LLM(parallel_model_dir("llama"), **{**ENGINE_KWARGS, "max_model_len": 256}, tensor_parallel_size=2)
+def test_killed_worker_fails_requests_and_marks_the_engine_faulty(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), **{**ENGINE_KWARGS, "max_model_len": 256}, tensor_parallel_size=2)
     engine = llm.llm_engine
     executor = engine.engine_core.executor
     processes = list(executor.processes)
