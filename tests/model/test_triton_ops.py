@@ -122,6 +122,43 @@ def test_rotary_qk(torch_path: None, dtype: torch.dtype, with_norm: bool, shape:
     assert torch.equal(q, inputs_before[0]) and torch.equal(k, inputs_before[1])
 
 
+class RotaryStoreCase:
+    """Inputs of the fused rotary + K/V store kernel: q and k as strided views of one qkv output, v, optional
+    per-head norms, and a slot mapping whose last token is CUDA-graph padding (slot -1)."""
+
+    BLOCK_SIZE, NUM_BLOCKS = 4, 8
+
+    def __init__(self, rotary, positions, q, k, v, q_norm, k_norm, slots) -> None:
+        self.rotary, self.positions, self.q, self.k, self.v = rotary, positions, q, k, v
+        self.q_norm, self.k_norm, self.slots = q_norm, k_norm, slots
+
+    @classmethod
+    def random(cls, shape: tuple[int, int, int, int], dtype: torch.dtype, with_norm: bool) -> RotaryStoreCase:
+        num_tokens, num_heads, num_kv_heads, head_dim = shape
+        rotary = RotaryEmbedding(head_dim, 512, base=1e6).to(DEVICE)
+        positions = torch.randint(0, 512, (num_tokens,), device=DEVICE)
+        q, k = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype)
+        v = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+        norms = (random_norm(head_dim, dtype), random_norm(head_dim, dtype)) if with_norm else (None, None)
+        slots = torch.randperm(cls.NUM_BLOCKS * cls.BLOCK_SIZE, device=DEVICE)[:num_tokens]
+        slots[-1] = -1 if num_tokens > 1 else slots[-1]  # a CUDA-graph padding token
+        return cls(rotary, positions, q, k, v, *norms, slots)
+
+    @property
+    def cache_shape(self) -> tuple[int, ...]:
+        return (2, self.NUM_BLOCKS, self.BLOCK_SIZE, *self.v.shape[1:])
+
+    def expected_rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k rotated (and normed) by the torch path."""
+        gathered = RotaryStep(self.positions, *self.rotary(self.positions, self.q.dtype), is_gathered=True)
+        return rotate_qk(self.q, self.k, gathered, self.q_norm, self.k_norm)
+
+    def kernel_args(self) -> tuple:
+        """``rotary_qk_store_kv``'s arguments up to the cache."""
+        norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm else (None, None, 1e-6)
+        return (self.q, self.k, self.v, self.positions, self.rotary.cos_cache, self.rotary.sin_cache, *norm)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_norm", [False, True])
 @pytest.mark.parametrize("shape", ROTARY_SHAPES)
@@ -129,25 +166,14 @@ def test_rotary_qk_store_kv(torch_path: None, dtype: torch.dtype, with_norm: boo
                             shape: tuple[int, int, int, int]) -> None:
     """Rotary with the K/V store fused in, against rotate_qk + the torch backend's cache write: the same q, the
     same cache bytes, and padding tokens (slot -1) leave the cache alone."""
-    num_tokens, num_heads, num_kv_heads, head_dim = shape
-    block_size, num_blocks = 4, 8
-    rotary = RotaryEmbedding(head_dim, 512, base=1e6).to(DEVICE)
-    positions = torch.randint(0, 512, (num_tokens,), device=DEVICE)
-    q, k = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype)
-    v = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE).to(dtype)
-    q_norm, k_norm = (random_norm(head_dim, dtype), random_norm(head_dim, dtype)) if with_norm else (None, None)
-    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
-    slots[-1] = -1 if num_tokens > 1 else slots[-1]  # a CUDA-graph padding token
-    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    case = RotaryStoreCase.random(shape, dtype, with_norm)
+    cache = torch.randn(case.cache_shape, device=DEVICE).to(dtype)
     expected_cache = cache.clone()
 
-    gathered = RotaryStep(positions, *rotary(positions, dtype), is_gathered=True)
-    expected_q, expected_k = rotate_qk(q, k, gathered, q_norm, k_norm)
-    is_real = slots >= 0
-    write_kv_cache(expected_k[is_real], v[is_real], expected_cache, slots[is_real])
-    weights = (q_norm.weight, k_norm.weight, q_norm.eps) if with_norm else (None, None, 1e-6)
-    actual_q = triton_ops.rotary_qk_store_kv(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, *weights,
-                                             cache, slots)
+    expected_q, expected_k = case.expected_rotation()
+    is_real = case.slots >= 0
+    write_kv_cache(expected_k[is_real], case.v[is_real], expected_cache, case.slots[is_real])
+    actual_q = triton_ops.rotary_qk_store_kv(*case.kernel_args(), cache, case.slots)
 
     assert_close(actual_q, expected_q)
     assert_close(cache, expected_cache)

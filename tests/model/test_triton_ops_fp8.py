@@ -18,10 +18,15 @@ from pagedllm.attention.kv_quant import dequantize_kv
 from pagedllm.attention.torch_paged import write_kv_cache
 from pagedllm.config import ModelConfig
 from pagedllm.model import layers
-from pagedllm.model.layers import RotaryEmbedding, RotaryStep, rotate_qk
 from pagedllm.model.loader import get_model
 from tests.fp8 import FP8_DTYPES, exact_fp8_casts, power_of_two_scale  # noqa: F401 (fixture)
-from tests.model.test_triton_ops import DEVICE, DTYPES, ROTARY_SHAPES, qkv_views, random_norm, torch_path  # noqa: F401
+from tests.model.test_triton_ops import (  # noqa: F401 (torch_path: a fixture)
+    DEVICE,
+    DTYPES,
+    ROTARY_SHAPES,
+    RotaryStoreCase,
+    torch_path,
+)
 from tests.utils import PagedRunner
 
 
@@ -32,27 +37,16 @@ from tests.utils import PagedRunner
 def test_rotary_qk_store_kv_quantizes_like_the_backend_store(torch_path: None, exact_fp8_casts: None,
                                                              fp8_dtype: torch.dtype, dtype: torch.dtype,
                                                              with_norm: bool, shape: tuple[int, int, int, int]) -> None:
-    num_tokens, num_heads, num_kv_heads, head_dim = shape
-    block_size, num_blocks = 4, 8
-    rotary = RotaryEmbedding(head_dim, 512, base=1e6).to(DEVICE)
-    positions = torch.randint(0, 512, (num_tokens,), device=DEVICE)
-    q, k = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype)
-    v = torch.randn(num_tokens, num_kv_heads, head_dim, device=DEVICE).to(dtype)
-    q_norm, k_norm = (random_norm(head_dim, dtype), random_norm(head_dim, dtype)) if with_norm else (None, None)
-    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
-    slots[-1] = -1 if num_tokens > 1 else slots[-1]  # a CUDA-graph padding token
-    cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE, dtype=fp8_dtype)
+    case = RotaryStoreCase.random(shape, dtype, with_norm)
+    cache = torch.zeros(case.cache_shape, device=DEVICE, dtype=fp8_dtype)
     expected_cache = cache.clone()
-    k_scale = power_of_two_scale(3 * k.float(), fp8_dtype).to(DEVICE)  # rotation and norm may grow |k| a little
-    v_scale = power_of_two_scale(v.float(), fp8_dtype).to(DEVICE)
+    k_scale = power_of_two_scale(3 * case.k.float(), fp8_dtype).to(DEVICE)  # rotation and norm may grow |k| a little
+    v_scale = power_of_two_scale(case.v.float(), fp8_dtype).to(DEVICE)
 
-    gathered = RotaryStep(positions, *rotary(positions, dtype), is_gathered=True)
-    expected_q, expected_k = rotate_qk(q, k, gathered, q_norm, k_norm)
-    is_real = slots >= 0
-    write_kv_cache(expected_k[is_real], v[is_real], expected_cache, slots[is_real], k_scale, v_scale)
-    weights = (q_norm.weight, k_norm.weight, q_norm.eps) if with_norm else (None, None, 1e-6)
-    actual_q = triton_ops.rotary_qk_store_kv(q, k, v, positions, rotary.cos_cache, rotary.sin_cache, *weights,
-                                             cache, slots, k_scale, v_scale)
+    expected_q, expected_k = case.expected_rotation()
+    is_real = case.slots >= 0
+    write_kv_cache(expected_k[is_real], case.v[is_real], expected_cache, case.slots[is_real], k_scale, v_scale)
+    actual_q = triton_ops.rotary_qk_store_kv(*case.kernel_args(), cache, case.slots, k_scale, v_scale)
 
     torch.testing.assert_close(actual_q, expected_q, atol=2e-2, rtol=2e-2)
     # V is quantized from the same values: the same bytes. K is rotated in another order than torch's, so a value
