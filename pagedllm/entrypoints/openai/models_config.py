@@ -18,11 +18,15 @@ values, true/false for a switch); ``model`` is required. The command line's flag
 flag shared by all goes there. Flags that concern the whole server (host, port, keys, TLS, admission control, ...)
 are refused in a model's entry: they have one value per server. An alias maps its name to target served names and
 weights (see ``model_router.py``).
+
+``pagedllm serve --model A --model NAME=B`` is the short form: those models with the command line's flags and no
+aliases (``models_from_flags``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +83,27 @@ def load_models_config(path: str, base_args: argparse.Namespace) -> ModelsConfig
     return ModelsConfig(models, aliases)
 
 
+def models_from_flags(values: list[str], base_args: argparse.Namespace) -> ModelsConfig:
+    """Several ``--model [NAME=]MODEL`` flags as a models file listing them with the command line's flags. Each
+    engine sizes its KV cache from its own fraction of the GPU's memory, so the command line's
+    ``--gpu-memory-utilization`` is split evenly between them (at 0.9 each, the second would find no memory)."""
+    share = base_args.gpu_memory_utilization / len(values)
+    models = tuple(model_spec({**_model_flag_entry(value), "gpu_memory_utilization": share}, base_args,
+                              f"--model {value}") for value in values)
+    check_unique_names(models, (), "--model (NAME=MODEL gives a model a name of its own)")
+    return ModelsConfig(models, {})
+
+
+def _model_flag_entry(value: str) -> dict[str, str]:
+    """``NAME=MODEL``: that model under that served name; a value without '=' (or a path that exists) is the model."""
+    name, sep, model = value.partition("=")
+    if not sep or os.path.exists(value):
+        return {"model": value}
+    if not name or not model:
+        raise ValueError(f"--model {value}: expected MODEL or NAME=MODEL")
+    return {"model": model, "served_model_name": name}
+
+
 def model_spec(entry: Any, base_args: argparse.Namespace, where: str) -> ModelSpec:
     """One model's entry (of the file, or of a load request of the admin API) as a ModelSpec; ValueError naming
     ``where`` for a bad entry."""
@@ -104,7 +129,8 @@ def _model_parser(base_args: argparse.Namespace) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm serve (a model of --models-config)", add_help=False)
     add_serve_args(parser)
     parser.set_defaults(**{key: value for key, value in vars(base_args).items() if key not in ("model", "model_tag")})
-    parser.set_defaults(model=None, model_tag=None, served_model_name=None, config=None, models_config=None)
+    parser.set_defaults(model=None, model_tag=None, model_flags=None, served_model_name=None, config=None,
+                        models_config=None)
     return parser
 
 

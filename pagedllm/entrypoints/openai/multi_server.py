@@ -1,4 +1,5 @@
-"""A server of several models (``pagedllm serve --models-config models.yaml``): one AsyncEngine, with its own engine
+"""A server of several models (``pagedllm serve --models-config models.yaml``, or ``--model A --model B``): one
+AsyncEngine, with its own engine
 core process, per model; a request's ``model`` (a served name, a LoRA adapter of one, or a weighted alias) picks the
 engine. The per-model request handlers are those of the single-model server; this module routes to them, answers
 /v1/models for all of them, and adds the admin API that loads and unloads models at run time.
@@ -40,7 +41,13 @@ from pagedllm.entrypoints.openai.model_pool import (
     start_model,
 )
 from pagedllm.entrypoints.openai.model_router import AliasRouter
-from pagedllm.entrypoints.openai.models_config import check_unique_names, load_models_config, model_spec
+from pagedllm.entrypoints.openai.models_config import (
+    ModelsConfig,
+    check_unique_names,
+    load_models_config,
+    model_spec,
+    models_from_flags,
+)
 from pagedllm.entrypoints.openai.openapi import install_openapi
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -360,13 +367,22 @@ def _resize_admission(admission: AdmissionControl, pool: ModelPool) -> None:
 # ---- running -----------------------------------------------------------------------------------------------------
 
 
+def models_to_serve(args: argparse.Namespace) -> ModelsConfig:
+    """The models of the --models-config file, or of the repeated --model flags."""
+    from pagedllm.entrypoints.openai.cli_args import repeated_models
+
+    if args.models_config:
+        return load_models_config(args.models_config, args)
+    return models_from_flags(repeated_models(args), args)
+
+
 def run_multi_server(args: argparse.Namespace) -> int:
-    """Start every model of --models-config (one after another; one that fails is logged and left out), serve them
-    until SIGTERM/SIGINT, shut down gracefully."""
+    """Start every model (of --models-config, or of several --model; one after another; one that fails is logged
+    and left out), serve them until SIGTERM/SIGINT, shut down gracefully."""
     from pagedllm.entrypoints.openai.cli_args import check_serve_args
 
     check_serve_args(args)
-    models_config = load_models_config(args.models_config, args)
+    models_config = models_to_serve(args)
     _check_ssl_files(args.ssl_keyfile, args.ssl_certfile)
     _exit_quietly_on_signals()
     pool = ModelPool([ServedModel(spec) for spec in models_config.models],
@@ -375,7 +391,7 @@ def run_multi_server(args: argparse.Namespace) -> int:
         for model in pool.models:  # one after another: a GPU's memory profile must not see a half-made cache
             start_model(model)
         if not pool.serving():
-            raise ValueError("no model of --models-config started: "
+            raise ValueError("no model started: "
                              + "; ".join(f"{model.name}: {model.reason}" for model in pool.models))
         app = build_multi_app(pool, MultiServerConfig.from_args(args), args)
         logger.info("Serving %s on %s:%d", ", ".join(model.name for model in pool.serving()), args.host, args.port)

@@ -1,4 +1,5 @@
-"""Weighted aliases (model_router.py) and the --models-config file (models_config.py), without a server."""
+"""Weighted aliases (model_router.py), the --models-config file and repeated --model flags (models_config.py),
+without a server."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections import Counter
 
 import pytest
 
-from pagedllm.entrypoints.openai.cli_args import add_serve_args
+from pagedllm.entrypoints.cli import main
+from pagedllm.entrypoints.openai.cli_args import add_serve_args, repeated_models
 from pagedllm.entrypoints.openai.model_router import AliasRouter, sticky_point
-from pagedllm.entrypoints.openai.models_config import load_models_config, model_spec
+from pagedllm.entrypoints.openai.models_config import load_models_config, model_spec, models_from_flags
 
 WEIGHTS = {"a": 90, "b": 10}
 
@@ -113,3 +115,42 @@ def test_bad_files_are_refused_with_the_reason(tmp_path, text, message):
 def test_a_load_request_entry_is_parsed_like_a_file_entry():
     spec = model_spec({"model": "/m/c", "served_model_name": "c", "max_num_seqs": 4}, _base_args(), "load")
     assert spec.name == "c" and spec.args.max_num_seqs == 4 and spec.args.model_name == "/m/c"
+
+
+# ---- repeated --model --------------------------------------------------------------------------------------------
+
+
+def test_repeated_model_flags_are_a_models_file_with_the_command_line_flags():
+    args = _base_args("--model", "a=/m/a", "--model", "/m/b", "--max-model-len", "512",
+                      "--gpu-memory-utilization", "0.8")
+    assert repeated_models(args) == ["a=/m/a", "/m/b"]
+    config = models_from_flags(repeated_models(args), args)
+    assert [(spec.names, spec.model) for spec in config.models] == [(("a",), "/m/a"), (("/m/b",), "/m/b")]
+    assert all(spec.args.max_model_len == 512 for spec in config.models)
+    assert all(spec.args.gpu_memory_utilization == pytest.approx(0.4) for spec in config.models)  # an even split
+    assert config.aliases == {}
+
+
+def test_one_model_flag_is_one_model_as_before():
+    args = _base_args("--model", "/m/a")
+    assert args.model == "/m/a" and repeated_models(args) == []
+
+
+def test_an_existing_path_with_an_equals_sign_is_a_model_not_a_name(tmp_path):
+    model_dir = tmp_path / "run=3"
+    model_dir.mkdir()
+    config = models_from_flags([str(model_dir), "/m/b"], _base_args())
+    assert config.models[0].model == str(model_dir) and config.models[0].names == (str(model_dir),)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/m/a", "--model", "/m/a"], "'/m/a' is given twice"),
+    (["--model", "x=/m/a", "--model", "x=/m/b"], "'x' is given twice"),
+    (["--model", "=/m/a", "--model", "/m/b"], "expected MODEL or NAME=MODEL"),
+    (["--models-config", "models.yaml", "--model", "/m/a", "--model", "/m/b"], "--models-config lists the models"),
+    (["/m/c", "--model", "/m/a", "--model", "/m/b"], "no positional MODEL"),
+    (["--served-model-name", "x", "--model", "/m/a", "--model", "/m/b"], "--model NAME=MODEL"),
+])
+def test_serve_refuses_bad_repeated_model_flags_before_loading(argv, message, capsys):
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err

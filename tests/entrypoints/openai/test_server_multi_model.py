@@ -1,6 +1,6 @@
 """Several models in one server (--models-config): a tiny Llama and a tiny Qwen3, each in its own engine core process,
 plus a model that cannot start; routing, aliases, metrics, probes, the admin API, and one core killed. One server
-for the module (the kill comes last)."""
+for the module (the kill comes last), and a second one for the short form (--model A --model B)."""
 
 from __future__ import annotations
 
@@ -79,11 +79,15 @@ def test_two_models_answer_concurrently_with_their_offline_outputs(server, model
         return {model: texts[i::len(model_dirs)] for i, model in enumerate(model_dirs)}
 
     served = asyncio.run(run_all())
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     for model, model_dir in model_dirs.items():
-        offline = LLM(model_dir, **ENGINE_KWARGS).generate(PROMPTS, params, use_tqdm=False)
-        assert served[model] == [output.outputs[0].text for output in offline], model
+        assert served[model] == _offline_texts(model_dir, PROMPTS, max_tokens=12), model
     assert served["model-a"] != served["model-b"]  # two different models really answered
+
+
+def _offline_texts(model_dir: str, prompts: list[str], max_tokens: int) -> list[str]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [output.outputs[0].text for output in LLM(model_dir, **ENGINE_KWARGS).generate(prompts, params,
+                                                                                          use_tqdm=False)]
 
 
 def test_models_lists_the_serving_models_and_the_alias_not_the_failed_one(server):
@@ -199,3 +203,20 @@ def test_killing_one_models_core_process_leaves_the_other_serving(server):
               httpx.get(server.url_for("/v1/admin/models"), headers=_admin()).json()["data"]}
     assert states["model-b"] == "dead" and states["model-a"] == "serving"
     assert server.proc.poll() is None
+
+
+def test_repeated_model_flags_serve_both_models_each_in_its_own_core(model_dirs, tmp_path):
+    flags = ["--model", f"model-a={model_dirs['model-a']}", "--model", model_dirs["model-b"]]
+    server = RemoteServer(None, [*flags, "--admin-api-key", ADMIN_KEY, *ENGINE_FLAGS], tmp_path)
+    try:
+        ids = [card["id"] for card in httpx.get(server.url_for("/v1/models")).json()["data"]]
+        assert ids == ["model-a", model_dirs["model-b"]]  # NAME=MODEL names it; a bare MODEL is its own name
+        for name, model_dir in zip(ids, model_dirs.values(), strict=True):
+            body = _complete(server, name, max_tokens=12, ignore_eos=True).json()
+            assert body["model"] == name
+            assert body["choices"][0]["text"] == _offline_texts(model_dir, PROMPTS[:1], max_tokens=12)[0], name
+        status = httpx.get(server.url_for("/v1/admin/models"), headers=_admin()).json()["data"]
+        core_pids = {model["core_pid"] for model in status}
+        assert len(core_pids) == 2 and server.proc.pid not in core_pids
+    finally:
+        server.terminate()
