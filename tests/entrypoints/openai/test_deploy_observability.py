@@ -1,5 +1,6 @@
-"""The Grafana dashboard and the Prometheus alert rules in deploy/ parse, and every pagedllm metric they query, and
-every label they select or group by, is one a live server exports on /metrics (histograms through their
+"""The Grafana dashboard and the Prometheus alert rules in deploy/ parse (every query as PromQL, with promql-parser:
+`pip install -e '.[deploy-check]'`), the rules have what Prometheus reads, and every pagedllm metric they query,
+and every label they select or group by, is one a live server exports on /metrics (histograms through their
 _bucket / _sum / _count series)."""
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ _METRIC = re.compile(r"(pagedllm:[A-Za-z0-9_:]+)(\{[^}]*\})?")
 _MATCHER_LABEL = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
 TARGET_LABELS = {"instance", "job", "namespace", "pod"}  # added by Prometheus when it scrapes
+_GRAFANA_RANGE = re.compile(r"\$__(?:rate_interval|interval|range)\b")  # Grafana fills these in with a duration
+_LABEL_VALUES = re.compile(r"^label_values\((.+),\s*\w+\)$")  # a Grafana variable's query, around a selector
+RULE_KEYS = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}  # Prometheus refuses others
 
 
 def dashboard_exprs() -> list[str]:
@@ -26,9 +30,21 @@ def dashboard_exprs() -> list[str]:
     return exprs
 
 
-def alert_exprs() -> list[str]:
+def alert_rules() -> list[dict]:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    return [rule for group in rules["groups"] for rule in group["rules"]]
+
+
+def alert_exprs() -> list[str]:
+    return [rule["expr"] for rule in alert_rules()]
+
+
+def as_promql(expr: str) -> str:
+    """A dashboard or rule query as Prometheus receives it: Grafana's range variables filled in, the selector of a
+    ``label_values(...)`` variable query."""
+    expr = _GRAFANA_RANGE.sub("5m", expr.strip())
+    label_values = _LABEL_VALUES.match(expr)
+    return label_values.group(1) if label_values else expr
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +79,30 @@ def check_expr(expr: str, exported: dict[str, set[str]]) -> list[str]:
 def test_dashboard_and_alerts_parse_and_use_something():
     assert len(dashboard_exprs()) >= 12 and len(alert_exprs()) >= 4
     assert all(_METRIC.search(expr) for expr in alert_exprs() if "up{" not in expr)
+
+
+def test_every_query_is_valid_promql():
+    promql_parser = pytest.importorskip("promql_parser")
+    invalid = {}
+    for expr in dashboard_exprs() + alert_exprs():
+        try:
+            promql_parser.parse(as_promql(expr))
+        except ValueError as exc:
+            invalid[expr] = str(exc)
+    assert not invalid, json.dumps(invalid, indent=1)
+    with pytest.raises(ValueError):  # the parser does refuse a broken query
+        promql_parser.parse(as_promql("sum(rate(pagedllm:prompt_tokens_total[$__rate_interval])"))
+
+
+def test_alert_rules_have_what_prometheus_and_alertmanager_read():
+    rules = alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names)), names
+    for rule in rules:
+        assert set(rule) <= RULE_KEYS, f"{rule['alert']}: keys Prometheus does not know: {set(rule) - RULE_KEYS}"
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
 
 
 @pytest.mark.parametrize("source", ["dashboard", "alerts"])
