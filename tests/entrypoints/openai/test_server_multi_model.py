@@ -127,6 +127,22 @@ def test_alias_answers_with_the_real_model_and_is_sticky_per_user(server):
     assert unsticky.count("model-a") == 9  # the even sequence: 90/10 holds from the first requests
 
 
+def test_alias_splits_1000_requests_within_3_percent_of_its_weights(server):
+    async def served_by() -> list[str]:
+        limit = asyncio.Semaphore(32)  # bounded: the test loads the server, it does not flood it
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+            async def one() -> str:
+                async with limit:
+                    response = await http.post("/v1/completions", json={"model": "chat", "prompt": "hi",
+                                                                        "max_tokens": 1})
+                    return response.json()["model"]
+            return await asyncio.gather(*(one() for _ in range(1000)))
+
+    models = asyncio.run(served_by())
+    assert models.count("model-a") / 1000 == pytest.approx(0.9, abs=0.03)
+    assert models.count("model-b") / 1000 == pytest.approx(0.1, abs=0.03)
+
+
 def test_metrics_are_valid_prometheus_with_one_family_per_name_and_a_label_per_model(server):
     from prometheus_client.parser import text_string_to_metric_families
 
