@@ -5,9 +5,10 @@ A stacked over shards ``[slots, num_shards * r_max, in]`` (one shrink for q, k a
 ``[slots, out, r_max]`` whose rows are the shards' outputs; ranks below r_max and absent modules are zeros, so they
 add nothing. The delta is added after the layer's own product, whatever its quantization method.
 
-Which slot each token uses is the step's ``LoRAStepContext``, shared by all layers: a fixed device buffer of slot
-indices (-1 = the base model, no delta), which is what the Triton kernels read (so CUDA graphs replay with the
-step's mapping), and, for the torch path, the token indices of each slot in the step.
+Which slot each token uses is the step's ``LoRAStepContext``, shared by all layers: for the Triton kernels (CUDA),
+fixed device buffers of the step's tokens sorted by slot and the tiles over them (``punica.step_tiles``; CUDA
+graphs replay with each step's), else a device buffer of each token's slot (-1 = the base model, no delta) and, for
+the torch path, the token indices of each slot in the step.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ class LoRAStepContext:
     """This step's token -> adapter slot mapping, shared by every LoRA layer of the model."""
 
     token_slots: torch.Tensor  # [max_num_tokens] int32 on the device: the step's first T entries are read
-    use_kernels: bool  # Triton shrink / expand (CUDA); else the torch path below
+    use_kernels: bool  # Triton shrink / expand (CUDA) over ``tiles``; else the torch path below
     is_active: bool = False  # some token of the step has an adapter (kernels always run inside CUDA graphs)
     # Torch path: (slot, token indices) of each slot the step uses; None = mask over all slots (device-only data).
     groups: list[tuple[int, torch.Tensor]] | None = field(default_factory=list)
-    # A large step on CUDA: its tokens sorted by slot and the tiles over them (``punica.segment_tiles``), else None.
-    segments: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Kernels: the step's token indices sorted by slot and its tiles (rows slot, start, end), device buffers.
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class LoRALayerWeights:
@@ -38,6 +39,7 @@ class LoRALayerWeights:
         self.max_rank = max_rank
         self.shard_sizes = list(shard_sizes)
         self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes))]
+        self.max_shard_size = max(shard_sizes)
         self.context = context
         self.a = torch.zeros(num_slots, len(shard_sizes) * max_rank, input_size, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, sum(shard_sizes), max_rank, dtype=dtype, device=device)
@@ -65,14 +67,9 @@ class LoRALayerWeights:
         if context.use_kernels:
             from pagedllm.lora import punica
 
-            punica.add_lora(y, x, self.a, self.b, context.token_slots, self.shard_offsets_gpu, self.shard_sizes_gpu,
-                            self.max_rank, max(self.shard_sizes))
-        elif context.segments is not None:
-            from pagedllm.lora import punica
-
-            perm, tiles = context.segments
-            punica.add_lora_segmented(y, x, self.a, self.b, perm, tiles, self.shard_offsets_gpu, self.shard_sizes_gpu,
-                                      self.max_rank, max(self.shard_sizes))
+            sorted_tokens, tiles = context.tiles
+            punica.add_lora(y, x, self.a, self.b, sorted_tokens, tiles, self.shard_offsets_gpu, self.shard_sizes_gpu,
+                            self.max_rank, self.max_shard_size)
         elif context.groups is None:
             add_lora_masked(y, x, self.a, self.b, context.token_slots[: x.shape[0]], self.shard_offsets,
                             self.shard_sizes, self.max_rank)

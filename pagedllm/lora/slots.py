@@ -1,18 +1,22 @@
 """The device's adapter slots: a fixed pool of ``max_loras`` slots in every LoRA layer, filled from a CPU cache.
 
-Adapters are loaded from disk into an LRU cache of ``max_cpu_loras`` on the host, and copied into a slot when a step
-needs them and they are not in one; the slot reused is the least recently used one no request of the step needs
-(the scheduler never puts more distinct adapters in a step than there are slots, so there always is one). Copies
-are ordered on the device's stream after the steps that read the slot before.
+Adapters are loaded from disk into an LRU cache of ``max_cpu_loras`` on the host (in the model's dtype, converted
+once), and copied into a slot when a step needs them and they are not in one; the slot reused is the least recently
+used one no request of the step needs (the scheduler never puts more distinct adapters in a step than there are
+slots, so there always is one). Copies are ordered on the device's stream after the steps that read the slot before.
 
-Each step, ``stage_step`` maps every token to its request's slot (-1 = the base model) in a fixed device buffer (the
-Triton kernels and CUDA graphs read it), and for the torch path the token indices of each slot.
+Each step, ``stage_step`` maps every token to its request's slot (-1 = the base model) on the host, and ``upload``
+(given the step's token count, padded to a CUDA graph's size) writes the tokens sorted by slot and their tiles
+(``punica.step_tiles``) into fixed buffers and copies them to the device without waiting (the runner's staged-input
+discipline: host buffers are rewritten only after the previous step's copies ran); the Triton kernels and the CUDA
+graphs read them there. Without the kernels: each token's slot on the device, and for the torch path the token
+indices of each slot.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,14 +27,10 @@ from pagedllm.config import LoRAConfig, ModelConfig
 from pagedllm.lora.adapter import LoRAAdapter, load_adapter
 from pagedllm.lora.layers import LoRALayerWeights, LoRAStepContext
 from pagedllm.lora.request import LoRARequest
+from pagedllm.lora.tiles import SMALL_STEP_TOKENS, max_tiles, max_tiles_of_any_step, step_tiles
+from pagedllm.worker.step_buffers import StagedBuffer
 
 logger = logging.getLogger(__name__)
-
-# Above this many tokens an eager step computes the delta over tiles of tokens sorted by adapter (SGMV; with a rank
-# below the tensor cores' 16, one torch GEMM pair per adapter) instead of the per-token kernels, which read each
-# token's A and B again: right for decode-sized steps (and the CUDA graphs, which go up to 256 tokens), wasteful for a
-# long prefill.
-MAX_KERNEL_TOKENS = 256
 
 # HF module -> (the fused layer it lives in, under a decoder layer; its shard there).
 MODULE_PLACES = {
@@ -57,6 +57,10 @@ class LoRASlotPool:
             else self._slots_host
         self.context = LoRAStepContext(token_slots, use_kernels)
         self.kernels_available = use_kernels
+        self._sorted_tokens = StagedBuffer((max_num_tokens,), torch.int32, device)
+        self._tiles = StagedBuffer((max_tiles_of_any_step(max_num_tokens, lora_config.max_loras), 3), torch.int32,
+                                   device)
+        self.context.tiles = (self._sorted_tokens.device, self._tiles.device)
         self.layers: dict[tuple[int, str], LoRALayerWeights] = {}
         self._attach(model)
         self._cpu_cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
@@ -104,11 +108,16 @@ class LoRASlotPool:
 
     def _load_into_slot(self, request: LoRARequest, slot: int) -> None:
         adapter = self._cached_adapter(request)
-        for weights in self.layers.values():
-            weights.clear_slot(slot)
-        for (layer, module), (lora_a, lora_b) in adapter.weights.items():
+        shards_of_layer: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
+        for (layer, module), pair in adapter.weights.items():
             path, shard = MODULE_PLACES[module]
-            self.layers[(layer, path)].set_shard(slot, shard, lora_a.to(self.dtype), lora_b.to(self.dtype))
+            shards_of_layer[(layer, path)][shard] = pair
+        for key, weights in self.layers.items():
+            shards = shards_of_layer.get(key, {})
+            if adapter.rank < weights.max_rank or len(shards) < len(weights.shard_sizes):
+                weights.clear_slot(slot)  # what the adapter does not overwrite must add nothing
+            for shard, (lora_a, lora_b) in shards.items():
+                weights.set_shard(slot, shard, lora_a, lora_b)
         self._slot_of[request.lora_int_id] = slot
         self.num_slot_loads += 1
 
@@ -120,6 +129,9 @@ class LoRASlotPool:
             return adapter
         adapter = load_adapter(request.lora_path, request.lora_name, request.lora_int_id, self.model_config,
                                self.lora_config.max_lora_rank)
+        # In the slots' dtype once, here: converting ~20 MB (Qwen3-0.6B, rank 16) at every slot load cost more than
+        # the copy.
+        adapter.weights = {key: (a.to(self.dtype), b.to(self.dtype)) for key, (a, b) in adapter.weights.items()}
         self._cpu_cache[request.lora_int_id] = adapter
         while len(self._cpu_cache) > self.lora_config.num_cpu_loras:
             self._cpu_cache.popitem(last=False)
@@ -139,12 +151,13 @@ class LoRASlotPool:
     # ---- the step's token -> slot mapping --------------------------------------------------------------------
 
     def stage_step(self, lora_requests: list[LoRARequest | None], query_lens: list[int]) -> None:
-        """Map each token of the step (requests in batch order, ``query_lens`` tokens each) to its slot."""
+        """Map each token of the step (requests in batch order, ``query_lens`` tokens each) to its slot (on the
+        host; ``upload`` copies what the layers read)."""
         present = [request for request in lora_requests if request is not None]
         context = self.context
         context.is_active = bool(present)
+        context.use_kernels = self.kernels_available
         num_tokens = self._num_staged = sum(query_lens)
-        context.use_kernels = self.kernels_available and num_tokens <= MAX_KERNEL_TOKENS
         if not present:
             self._slots_np[:num_tokens] = -1
             context.groups = []
@@ -153,48 +166,48 @@ class LoRASlotPool:
         request_slots = np.array([-1 if r is None else slot_of[r.lora_int_id] for r in lora_requests], np.int32)
         token_slots = self._slots_np[:num_tokens]
         token_slots[:] = np.repeat(request_slots, query_lens)
-        context.segments = None
-        if context.use_kernels:
-            return
-        if self.kernels_available and self.lora_config.max_lora_rank >= 16:
-            from pagedllm.lora.punica import segment_tiles
-
-            perm, tiles = segment_tiles(token_slots)
-            context.segments = (torch.from_numpy(perm).to(self.device), torch.from_numpy(tiles).to(self.device))
-            return
-        context.groups = [(slot, torch.from_numpy(np.flatnonzero(token_slots == slot)).to(self.device))
-                          for slot in sorted(set(slot_of.values()))]
+        if not self.kernels_available:
+            context.groups = [(slot, torch.from_numpy(np.flatnonzero(token_slots == slot)).to(self.device))
+                              for slot in sorted(set(slot_of.values()))]
 
     def upload(self, num_padded: int) -> None:
-        """Copy the step's mapping to the device buffer, padding tokens (up to a graph's size) mapped to no adapter."""
+        """Copy the step's mapping to the device for ``num_padded`` tokens (padding, up to a graph's size, maps to no
+        adapter): the sorted tokens and tiles the kernels read, or each token's slot."""
         self._slots_np[self._num_staged:num_padded] = -1
-        if self.context.token_slots is not self._slots_host:
+        if self.kernels_available:
+            perm, tiles = step_tiles(self._slots_np[:num_padded], self.lora_config.max_loras)
+            self._sorted_tokens.np[: len(perm)] = perm
+            self._tiles.np[: len(tiles)] = tiles
+            self._sorted_tokens.upload(len(perm))
+            self._tiles.upload(len(tiles))
+        elif self.context.token_slots is not self._slots_host:
             self.context.token_slots[:num_padded].copy_(self._slots_host[:num_padded], non_blocking=True)
 
     def warm_up_kernels(self) -> None:
-        """Compile the tiled (SGMV) kernels of every layer shape now: their first compile in the middle of a run
-        stalled that step for seconds (the per-token kernels compile when the CUDA graphs are captured). The slots
-        are still zeros: the delta added is 0."""
-        if not self.kernels_available or self.lora_config.max_lora_rank < 16:
+        """Compile the kernels of every layer shape, for small steps (tiles of 16 tokens) and large ones (64), now:
+        a first compile in the middle of a run stalled that step for seconds. The tiles are empty: nothing is added."""
+        if not self.kernels_available:
             return
         from pagedllm.lora import punica
 
         shapes = {}
         for weights in self.layers.values():
             shapes.setdefault((tuple(weights.a.shape), tuple(weights.shard_sizes)), weights)
-        perm = torch.zeros(1, dtype=torch.int32, device=self.device)
-        tiles = torch.tensor([[0], [0], [1]], dtype=torch.int32, device=self.device)  # slot 0, token 0
-        for weights in shapes.values():
-            x = torch.zeros(1, weights.a.shape[2], dtype=self.dtype, device=self.device)
-            y = torch.zeros(1, weights.b.shape[1], dtype=self.dtype, device=self.device)
-            punica.add_lora_segmented(y, x, weights.a, weights.b, perm, tiles, weights.shard_offsets_gpu,
-                                      weights.shard_sizes_gpu, weights.max_rank, max(weights.shard_sizes))
+        for num_tokens in (1, SMALL_STEP_TOKENS + 1):
+            sorted_tokens = torch.zeros(num_tokens, dtype=torch.int32, device=self.device)
+            tiles = torch.zeros(max_tiles(num_tokens, self.lora_config.max_loras), 3, dtype=torch.int32,
+                                device=self.device)
+            for weights in shapes.values():
+                x = torch.zeros(num_tokens, weights.a.shape[2], dtype=self.dtype, device=self.device)
+                y = torch.zeros(num_tokens, weights.b.shape[1], dtype=self.dtype, device=self.device)
+                punica.add_lora(y, x, weights.a, weights.b, sorted_tokens, tiles, weights.shard_offsets_gpu,
+                                weights.shard_sizes_gpu, weights.max_rank, weights.max_shard_size)
 
     def prepare_capture(self) -> None:
-        """Before capturing CUDA graphs: every LoRA layer runs, reading only device data (the slot buffer)."""
+        """Before capturing CUDA graphs: every LoRA layer runs, reading only device data (the tile buffers, or the
+        slot buffer)."""
         self.context.is_active = True
         self.context.groups = None
-        self.context.segments = None
         self.context.use_kernels = self.kernels_available
         self._num_staged = 0
 

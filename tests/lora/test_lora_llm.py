@@ -205,10 +205,8 @@ def test_chat_with_an_adapter(llama_lora_llm, lora_adapter):
 
 
 def test_kernel_paths_in_the_engine_match_the_torch_path(lora_base, lora_adapter, monkeypatch):
-    """The engine with the Triton kernels (Triton's interpreter on CPU): per-token (BGMV) for steps up to a few tokens,
-    sorted tiles (SGMV) above, give the torch path's tokens."""
-    from pagedllm.lora import slots
-
+    """The engine with the Triton kernels (Triton's interpreter on CPU), over tiles of 16 tokens (decode steps) and of
+    64 (prefills), gives the torch path's tokens."""
     base_dir = lora_base("qwen3")
     adapters = [LoRARequest(name, index + 1, lora_adapter("qwen3", name))
                 for index, name in enumerate(["all_r8", "mlp_r16_rslora"])]
@@ -223,18 +221,18 @@ def test_kernel_paths_in_the_engine_match_the_torch_path(lora_base, lora_adapter
         outputs = llm.generate(prompts, greedy(6), use_tqdm=False, lora_request=loras)
         return [o.outputs[0].token_ids for o in outputs]
 
-    from pagedllm.lora import punica
+    from pagedllm.lora import punica, tiles
 
-    calls = {"add_lora": 0, "add_lora_segmented": 0}
-    for name in calls:
-        def counted(*args, _name=name, _function=getattr(punica, name)):
-            calls[_name] += 1
-            return _function(*args)
+    step_sizes = []
 
-        monkeypatch.setattr(punica, name, counted)
-    monkeypatch.setattr(slots, "MAX_KERNEL_TOKENS", 8)  # decode steps take the per-token kernels, prefills the tiles
+    def counted(y, x, *args, _add=punica.add_lora):
+        step_sizes.append(x.shape[0])
+        return _add(y, x, *args)
+
+    monkeypatch.setattr(punica, "add_lora", counted)
+    monkeypatch.setattr(tiles, "SMALL_STEP_TOKENS", 8)  # decode steps cut tiles of 16 tokens, prefills of 64
     with_kernels = run(kernels=True)
-    assert calls["add_lora"] > 0 and calls["add_lora_segmented"] > 0
+    assert min(step_sizes) <= 8 < max(step_sizes)
     assert with_kernels == run(kernels=False)
 
 
