@@ -598,6 +598,12 @@ def triton_ops_disabled_by_env() -> bool:
     return os.environ.get("PAGEDLLM_DISABLE_TRITON_OPS", "0") not in ("", "0")
 
 
+def lora_shrink_overlap_by_env() -> bool:
+    """Whether the LoRA shrink runs beside the base GEMM inside CUDA graphs (a side-stream branch; default on).
+    ``PAGEDLLM_LORA_OVERLAP_SHRINK=0`` runs it after the GEMM on the one stream, to measure or rule the overlap out."""
+    return os.environ.get("PAGEDLLM_LORA_OVERLAP_SHRINK", "1") not in ("", "0")
+
+
 MOE_BACKENDS = ("triton", "torch")
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedllm.config import LoRAConfig, ModelConfig
+from pagedllm.config import LoRAConfig, ModelConfig, lora_shrink_overlap_by_env
 from pagedllm.lora.adapter import LoRAAdapter, load_adapter
 from pagedllm.lora.layers import LoRALayerWeights, LoRAStepContext
 from pagedllm.lora.request import LoRARequest
@@ -61,6 +61,8 @@ class LoRASlotPool:
         self._tiles = StagedBuffer((max_tiles_of_any_step(max_num_tokens, lora_config.max_loras), 3), torch.int32,
                                    device)
         self.context.tiles = (self._sorted_tokens.device, self._tiles.device)
+        if use_kernels and is_cuda and lora_shrink_overlap_by_env():
+            self.context.side_stream = torch.cuda.Stream(device)
         self.layers: dict[tuple[int, str], LoRALayerWeights] = {}
         self._attach(model)
         self._cpu_cache: OrderedDict[int, LoRAAdapter] = OrderedDict()

@@ -157,10 +157,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_comm is not None:
             return self._forward_row_parallel(x)
-        y = self.quant_method.apply(self, x, self.bias)
         if self.lora is not None:
-            self.lora.add_delta(x, y)
-        return y
+            return self.lora.apply(x, lambda: self.quant_method.apply(self, x, self.bias))
+        return self.quant_method.apply(self, x, self.bias)
 
     def _forward_row_parallel(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial product, summed over the group; the bias is added once, after the sum."""

@@ -160,3 +160,30 @@ def test_slot_pool_warm_up_compiles_the_kernels_and_adds_nothing(tmp_path) -> No
     pool = LoRASlotPool(model, model_config, LoRAConfig(2, 16), 512, torch.device("cpu"), torch.float32, True)
     pool.warm_up_kernels()  # interpreted on CPU: it must run over every layer shape without error
     assert all(w.a.abs().sum() == 0 for w in pool.layers.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_shrink_beside_the_base_gemm_in_a_captured_graph() -> None:
+    """``LoRALayerWeights.apply`` captured with a side stream (the shrink a branch beside the base product): each
+    replay gives the base product plus the reference delta for that replay's tiles."""
+    torch.manual_seed(2)
+    layer = random_layer(4, 16, 256, [128, 64, 64], torch.bfloat16, 16)
+    num_tokens = 16
+    layer.context.use_kernels = layer.context.is_active = True
+    layer.context.side_stream = torch.cuda.Stream()
+    sorted_tokens = torch.zeros(num_tokens, dtype=torch.int32, device=DEVICE)
+    tiles = torch.zeros(max_tiles(num_tokens, 4), 3, dtype=torch.int32, device=DEVICE)
+    layer.context.tiles = (sorted_tokens, tiles)
+    x = torch.randn(num_tokens, 256, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(256, 256, device=DEVICE, dtype=torch.bfloat16) / 16
+    layer.apply(x, lambda: x @ weight.t())  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer.apply(x, lambda: x @ weight.t())
+    for _ in range(3):
+        slots = torch.randint(-1, 4, (num_tokens,), dtype=torch.int32, device=DEVICE)
+        perm, step = step_tiles(slots.cpu().numpy(), 4)
+        sorted_tokens[: len(perm)] = torch.from_numpy(perm).to(DEVICE)
+        tiles.copy_(torch.from_numpy(step))
+        graph.replay()
+        torch.testing.assert_close(y.float(), reference(layer, x @ weight.t(), x, slots), atol=5e-2, rtol=5e-2)
