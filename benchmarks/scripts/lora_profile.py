@@ -5,7 +5,9 @@
 Runs the nano workload's first ``--num-requests`` prompts (100-1024 random ids) with ``max_tokens`` capped at
 ``--max-tokens``, dummy weights, prefix caching off, on two engines, each in its own subprocess (a clean device):
 ``base`` (no LoRA) and ``loras`` (``--num-loras`` random rank-``--max-lora-rank`` adapters on all projections,
-requests spread evenly, ``max_loras`` slots). Each engine runs the batch twice:
+requests spread evenly, ``max_loras`` slots); ``--engines base,loras,loras-serial`` adds the LoRA engine with the
+shrink serial after the base GEMM in the CUDA graphs (``PAGEDLLM_LORA_OVERLAP_SHRINK=0``). Each engine runs the batch
+twice:
 
 1. timed: per kind of step (``prefill`` = the step holds a prefill chunk, ``decode`` = decode only) the number of
    steps and their mean batch (requests, tokens, distinct adapters), the device time of the forward (CUDA events
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +35,7 @@ from collections import defaultdict
 KINDS = ("prefill", "decode")
 LORA_KERNEL = re.compile(r"shrink|expand|sgmv|lora", re.IGNORECASE)
 TOP_KERNELS = 15
+ENGINES = ("base", "loras", "loras-serial")
 LAUNCH = "execute_model_async"  # the runner's host time of a step: the runner.* and lora.* phases are inside it
 
 
@@ -44,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-loras", type=int, default=8)
     parser.add_argument("--max-lora-rank", type=int, default=16)
     parser.add_argument("--output-json", default=None)
-    parser.add_argument("--engine", choices=("base", "loras"), default=None,
+    parser.add_argument("--engines", default="base,loras",
+                        help="engines to compare, comma-separated: base, loras, loras-serial (the LoRA shrink after "
+                             "the base GEMM in CUDA graphs, PAGEDLLM_LORA_OVERLAP_SHRINK=0); the gap is loras - base")
+    parser.add_argument("--engine", choices=ENGINES, default=None,
                         help="(internal) profile this one engine and print its JSON")
     return parser.parse_args(argv)
 
@@ -142,7 +149,7 @@ def build_engine(args: argparse.Namespace):
     from pagedllm import LLM
     from pagedllm.bench.models import resolve_model
 
-    lora = args.engine == "loras"
+    lora = args.engine != "base"
     lora_kwargs = {"enable_lora": True, "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
                    "max_cpu_loras": max(args.num_loras, args.max_loras)} if lora else {}
     return LLM(resolve_model(args.model), load_format="dummy", skip_tokenizer_init=True, max_model_len=2048,
@@ -156,7 +163,7 @@ def requests_of(args: argparse.Namespace, llm) -> list[tuple[list[int], int, obj
 
     workload = nano_workload().prefix(args.num_requests)
     adapters = []
-    if args.engine == "loras":
+    if args.engine != "base":
         adapters = random_adapters(llm.llm_engine.config.model_config, args.num_loras, args.max_lora_rank)
     loras = spread(adapters, len(workload.requests)) or [None] * len(workload.requests)
     return [(r.prompt_token_ids, min(r.max_tokens, args.max_tokens), lora) for r, lora in zip(workload.requests, loras)]
@@ -269,8 +276,9 @@ def profile_engine(args: argparse.Namespace) -> dict:
 
 
 def run_engine(engine: str, argv: list[str]) -> dict:
+    env = {**os.environ, "PAGEDLLM_LORA_OVERLAP_SHRINK": "0"} if engine == "loras-serial" else None
     completed = subprocess.run([sys.executable, __file__, *argv, "--engine", engine], check=False,
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, env=env)
     if completed.returncode != 0:
         return {"engine": engine, "error": completed.stderr[-3000:]}
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -305,10 +313,10 @@ def main() -> None:
     if args.engine is not None:
         print(json.dumps(profile_engine(args)))
         return
-    results = {engine: run_engine(engine, sys.argv[1:]) for engine in ("base", "loras")}
+    results = {engine: run_engine(engine, sys.argv[1:]) for engine in args.engines.split(",")}
     summary = {"model": args.model, "num_requests": args.num_requests, "max_tokens": args.max_tokens,
                "num_loras": args.num_loras, "max_loras": args.max_loras, "rank": args.max_lora_rank, **results}
-    if not any("error" in r for r in results.values()):
+    if {"base", "loras"} <= set(results) and not any("error" in r for r in results.values()):
         summary["gap"] = gap(results["base"], results["loras"])
     text = json.dumps(summary, indent=1)
     print(text)
