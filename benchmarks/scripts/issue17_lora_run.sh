@@ -21,7 +21,7 @@ bench() {  # model limit num_loras timeout
     --max-lora-rank 16 --max-cpu-loras 64 --disable-tqdm --output-json "$OUT/$1-loras$3.json" 2>&1 | grep -v "^\[bench\] " | tail -n 4
 }
 bench qwen3-0.6b 128 0 30; bench qwen3-0.6b 128 8 30; bench qwen3-0.6b 128 64 40
-bench llama-3.1-8b 32 0 30; bench llama-3.1-8b 32 8 30
+[ -n "${SKIP_LLAMA:-}" ] || { bench llama-3.1-8b 32 0 30; bench llama-3.1-8b 32 8 30; }  # SKIP_LLAMA=1: Qwen3 only
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
 records = {f.stem: json.loads(f.read_text()) for f in sorted(pathlib.Path(sys.argv[1]).glob("*-loras*.json"))}
