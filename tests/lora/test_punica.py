@@ -156,9 +156,9 @@ def test_slot_pool_warm_up_compiles_the_kernels_and_adds_nothing(tmp_path) -> No
 
     model_dir = build_tiny_model(tmp_path, "llama")
     model_config = ModelConfig.from_pretrained(model_dir, None)
-    model = get_model(model_config, "dummy", "cpu", "torch")
-    pool = LoRASlotPool(model, model_config, LoRAConfig(2, 16), 512, torch.device("cpu"), torch.float32, True)
-    pool.warm_up_kernels()  # interpreted on CPU: it must run over every layer shape without error
+    model = get_model(model_config, "dummy", DEVICE, "torch")
+    pool = LoRASlotPool(model, model_config, LoRAConfig(2, 16), 512, torch.device(DEVICE), torch.float32, True)
+    pool.warm_up_kernels()  # compiled on CUDA, interpreted on CPU: it must run over every layer shape
     assert all(w.a.abs().sum() == 0 for w in pool.layers.values())
 
 
