@@ -108,3 +108,106 @@ def test_fused_moe_replays_in_a_cuda_graph_with_new_routing() -> None:
         graph.replay()
         expected = torch_moe(x, w13, w2, *select_experts(logits, 2, True))
         torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+# ---- the decode path: per-pair GEMVs with the routing inside (decode_moe.py) ----------------------------------------
+
+decode = pytest.importorskip("pagedllm.model.moe.decode_moe")
+
+# Logits in half precision where the weights are rounded to them (Qwen3-MoE); the interpreter has no bfloat16.
+ROUNDED_LOGITS_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+def decode_case(num_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int, dtype: torch.dtype,
+                logits_dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Experts, input and router logits of one decode-sized step."""
+    w13, w2 = random_experts(num_experts, hidden, intermediate, dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(num_tokens, hidden, generator=generator).to(DEVICE, dtype)
+    logits = torch.randn(num_tokens, num_experts, generator=generator).to(DEVICE, logits_dtype)
+    return x, w13, w2, logits
+
+
+def reference_moe(x, w13, w2, logits, top_k: int, renormalize: bool, round_weights: bool):
+    weights, ids = select_experts(logits, top_k, renormalize, logits.dtype if round_weights else None)
+    return torch_moe(x, w13, w2, weights, ids), weights, ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_tokens", "num_experts", "top_k", "hidden", "intermediate", "renormalize", "rounded"),
+                         [(1, 8, 2, 64, 32, True, False), (1, 64, 8, 128, 48, True, True),
+                          (3, 16, 4, 72, 40, False, False), (2, 8, 1, 64, 24, True, False),
+                          (4, 16, 8, 96, 32, False, True)])
+def test_decode_moe_equals_torch_reference(dtype, num_tokens, num_experts, top_k, hidden, intermediate, renormalize,
+                                           rounded) -> None:
+    logits_dtype = ROUNDED_LOGITS_DTYPE if rounded else torch.float32
+    x, w13, w2, logits = decode_case(num_tokens, num_experts, top_k, hidden, intermediate, dtype, logits_dtype)
+    expected, weights, ids = reference_moe(x, w13, w2, logits, top_k, renormalize, rounded)
+    result = decode.fused_moe_decode_with_routing(x, w13, w2, logits, top_k, renormalize, rounded)
+    assert torch.equal(result.topk_ids.long(), ids)
+    torch.testing.assert_close(result.topk_weights, weights.float(), atol=1e-6, rtol=1e-6)
+    assert result.output.shape == expected.shape and result.output.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(result.output.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("config", [decode.DecodeConfig(8, 16, 32, num_stages=2),
+                                    decode.DecodeConfig(32, 64, 64, num_warps=8, num_stages=3)])
+def test_decode_moe_with_forced_launch_shapes(config) -> None:
+    """The narrowest and widest column blocks, and a K step shorter than K (several loop steps), on a small case."""
+    x, w13, w2, logits = decode_case(2, 8, 4, 128, 80, torch.float32)
+    expected, _, _ = reference_moe(x, w13, w2, logits, 4, True, False)
+    actual = decode.fused_moe_decode(x, w13, w2, logits, 4, True, False, config=config)
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_path_takes_only_decode_sized_steps() -> None:
+    assert decode.accepts(1, 8, 2048) and decode.accepts(4, 8, 2048) and decode.accepts(16, 2, 4096)
+    assert not decode.accepts(5, 8, 2048) and not decode.accepts(0, 8, 2048)
+    assert not decode.accepts(32, 1, 4096)  # more (token, column block) counters than the skinny GEMM keeps
+    with pytest.raises(ValueError, match="1 to 32"):
+        decode.fused_moe_decode(*decode_case(5, 8, 8, 64, 32, torch.float32), 8, True, False)
+
+
+def test_fused_moe_layer_picks_the_decode_path_for_few_tokens(monkeypatch) -> None:
+    """``FusedMoE`` on the fused path (forced on, as on CUDA): decode-sized steps through ``decode_moe``, larger
+    ones through the grouped GEMM; both equal the torch path."""
+    from pagedllm.model.moe import layer
+
+    moe = layer.FusedMoE(8, 2, 64, 32, renormalize=True, round_weights_to_dtype=False).to(DEVICE)
+    w13, w2 = random_experts(8, 64, 32, torch.float32)
+    moe.w13_weight.data.copy_(w13)
+    moe.w2_weight.data.copy_(w2)
+    calls = []
+    monkeypatch.setattr(decode, "fused_moe_decode", _recording(decode.fused_moe_decode, calls))
+    for num_tokens in (3, 20):
+        x, _, _, logits = decode_case(num_tokens, 8, 2, 64, 32, torch.float32)
+        monkeypatch.setattr(layer, "uses_fused_moe", lambda _: False)
+        expected = moe(x, logits)
+        monkeypatch.setattr(layer, "uses_fused_moe", lambda _: True)
+        torch.testing.assert_close(moe(x, logits), expected, atol=2e-5, rtol=2e-5)
+    assert calls == [3]  # 3 tokens x top-2 is decode-sized, 20 x 2 is not
+
+
+def _recording(fn, calls: list):
+    def wrapper(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return fn(x, *args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+def test_decode_moe_replays_in_a_cuda_graph_with_new_routing() -> None:
+    x, w13, w2, logits = decode_case(2, 64, 8, 256, 128, torch.bfloat16, torch.bfloat16)
+    decode.fused_moe_decode(x, w13, w2, logits, 8, True, True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode.fused_moe_decode(x, w13, w2, logits, 8, True, True)
+    for seed in range(3):
+        _, _, _, new_logits = decode_case(2, 64, 8, 256, 128, torch.bfloat16, torch.bfloat16, seed=seed + 10)
+        logits.copy_(new_logits)
+        x.copy_(torch.randn(2, 256, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16))
+        graph.replay()
+        expected, _, _ = reference_moe(x, w13, w2, logits, 8, True, True)
+        torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)

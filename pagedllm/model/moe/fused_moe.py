@@ -101,7 +101,7 @@ def choose_tiles(num_pairs: int, num_experts: int) -> TileConfig:
     return TileConfig(block_m, 64, 64, 64, num_warps=4, num_stages=3)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # float32 models get exact float32 products, not TF32
 
 
@@ -112,7 +112,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, blocks: E
         a, b, out, weights if weights is not None else out, blocks.sorted_ids, blocks.expert_ids, blocks.num_padded,
         blocks.num_pairs, n, a.shape[1], a.stride(0), b.stride(0), b.stride(1), out.stride(0), b.shape[1] // 2,
         A_ROWS_PER_PAIR=a_rows_per_pair, FUSE_SILU_MUL=fuse_silu_mul, MUL_ROUTED_WEIGHT=weights is not None,
-        BLOCK_M=blocks.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k, DOT_PRECISION=_dot_precision(a.dtype),
+        BLOCK_M=blocks.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k, DOT_PRECISION=dot_precision(a.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 

@@ -1,5 +1,6 @@
 """``FusedMoE``: all experts of one layer in two stacked weights, the checkpoint's per-expert tensors loaded into
-them, and the computation on the fused Triton path (CUDA) or the torch reference (CPU).
+them, and the computation on the fused Triton path (CUDA: ``decode_moe`` for steps of a few tokens, the grouped GEMM
+of ``fused_moe`` for larger ones) or the torch reference (CPU).
 
 ``w13_weight`` [E, 2 * I, H] holds each expert's gate rows then its up rows (one grouped GEMM computes both);
 ``w2_weight`` [E, H, I] its down projection. Checkpoints store one tensor per expert and projection
@@ -43,6 +44,13 @@ def _fused_kernels():  # imported on first CUDA use: CPU runs never import Trito
     return fused_moe
 
 
+@functools.cache
+def _decode_kernels():
+    from pagedllm.model.moe import decode_moe
+
+    return decode_moe
+
+
 class FusedMoE(nn.Module):
     """The experts of one MoE layer (see module doc): ``forward(x, router_logits)`` routes each token to its top-k
     experts and returns the weighted sum of their outputs [T, H]."""
@@ -80,9 +88,13 @@ class FusedMoE(nn.Module):
         target.copy_(loaded)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        fused = uses_fused_moe(x)
+        if fused and _decode_kernels().accepts(x.shape[0], self.top_k, x.shape[1]):  # routing inside its launches
+            return _decode_kernels().fused_moe_decode(x, self.w13_weight, self.w2_weight, router_logits, self.top_k,
+                                                      self.renormalize, self.round_weights_to_dtype)
         weights_dtype = router_logits.dtype if self.round_weights_to_dtype else None
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize, weights_dtype)
-        if uses_fused_moe(x):
+        if fused:
             return _fused_kernels().fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         return torch_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
 
