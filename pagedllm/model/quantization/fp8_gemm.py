@@ -1,10 +1,13 @@
 """The FP8-weight product ``y = x (W_fp8 * s_w)^T + b`` (weight [N, K] in float8_e4m3fn, one float32 scale per
 output channel), on the fastest path the device has:
 
-- decode-sized x on CUDA: a Triton GEMM that streams the FP8 weight, half the bytes of bf16 (at small batches a
-  layer is one pass over its weight, so bytes are time): on FP8 hardware, up to 64 rows, x quantized per row and an
-  FP8 x FP8 dot (``fp8_triton.fp8_w8a8_gemm``); otherwise, up to 16 rows, weight only, the FP8 tile widened in
-  registers and x left in 16 bits (``fp8_triton.fp8_skinny_gemm``); ``DECODE_KERNEL`` picks;
+- decode-sized x on a GPU with FP8 tensor cores (sm89+) with Triton: kernels that stream the FP8 weight, half the
+  bytes of bf16 (at small batches a layer is one pass over its weight, so bytes are time). Up to
+  ``GEMV_MAX_ROWS`` rows a dot-free GEMV, weight only: x stays in 16 bits, no quantization launch
+  (``fp8_gemv``); up to ``TRITON_MAX_ROWS`` a ``tl.dot`` GEMM in ``SMALL_BATCH_KERNEL``'s mode: ``w8a8`` (x
+  quantized per row by its own launch, FP8 x FP8 dot), ``w8a8_fused`` (x quantized inside the GEMM, per row and
+  K block) or ``weight_only`` (the FP8 tile widened to x's dtype; always so for weight-only checkpoints)
+  (``fp8_triton``). ``triton_path`` is the choice;
 - larger x on a device with FP8 tensor cores (sm89+): x is quantized to FP8 per token (or with the checkpoint's
   static scale) and ``torch._scaled_mm`` multiplies with row-wise scales (x's [M, 1], the weight's [1, N]);
 - anywhere else (CPU, older GPUs, shapes ``_scaled_mm`` refuses): dequantize and multiply in x's dtype. This is
@@ -30,18 +33,38 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # an all-zero row still gets a finite, non-zero scale
 _SCALED_MM_ALIGN = 16  # _scaled_mm wants K and N multiples of 16
-# Small batches on FP8 hardware: "w8a8" (x quantized per row, FP8 x FP8 Triton dot, up to 64 rows) or
-# "weight_only" (x kept in 16 bits, the FP8 weight widened in registers, up to 16 rows). A module constant so that a
-# benchmark can compare them in one process; see fp8_triton for the measurements behind the choice.
-DECODE_KERNEL: Literal["w8a8", "weight_only"] = "w8a8"
+# Which Triton kernel serves x of M rows (``triton_path``). Module constants so that a benchmark can compare the
+# alternatives in one process (benchmarks/scripts/fp8_microbench.py); the defaults are expectations, not yet
+# measured on a GPU (benchmarks/h200/issue16-fp8-weights has the measurements of the kernels before these).
+GEMV_MAX_ROWS = 4  # 1..this many rows: fp8_gemv (at most fp8_gemv.MAX_ROWS, 4; 0 turns it off)
+TRITON_MAX_ROWS = 128  # up to this many: the tl.dot GEMM (at most fp8_triton.MAX_ROWS, 128); above, _scaled_mm
+SMALL_BATCH_KERNEL: Literal["w8a8", "w8a8_fused", "weight_only"] = "w8a8"
+TritonPath = Literal["gemv", "w8a8", "w8a8_fused", "weight_only"]
 
 
 @functools.cache
 def _triton_kernels() -> ModuleType:
-    """The Triton module, imported on first CUDA use so that CPU-only runs never import Triton."""
+    """The Triton GEMM module, imported on first CUDA use so that CPU-only runs never import Triton."""
     from pagedllm.model.quantization import fp8_triton
 
     return fp8_triton
+
+
+@functools.cache
+def _gemv_kernel() -> ModuleType:
+    from pagedllm.model.quantization import fp8_gemv
+
+    return fp8_gemv
+
+
+def triton_path(num_rows: int, scheme: ActivationScheme) -> TritonPath | None:
+    """The Triton kernel for x of ``num_rows`` rows on an sm89+ GPU (module constants above), or None:
+    ``_scaled_mm`` or the dequantizing reference. Weight-only schemes never quantize x."""
+    if not 0 < num_rows <= max(GEMV_MAX_ROWS, TRITON_MAX_ROWS):
+        return None
+    if num_rows <= GEMV_MAX_ROWS:
+        return "gemv"
+    return "weight_only" if scheme == "none" else SMALL_BATCH_KERNEL
 
 
 @functools.cache
@@ -100,16 +123,29 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 def _cuda_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  scheme: ActivationScheme, input_scale: torch.Tensor | None) -> torch.Tensor:
-    if triton_ops_enabled():
-        kernels = _triton_kernels()
-        if (DECODE_KERNEL == "w8a8" and scheme != "none" and has_fp8_tensor_cores(x.device)
-                and kernels.w8a8_accepts(x, weight)):
-            return kernels.fp8_w8a8_gemm(x, weight, weight_scale, bias, scheme, input_scale)
-        if kernels.skinny_accepts(x, weight):
-            return kernels.fp8_skinny_gemm(x, weight, weight_scale, bias)
+    path = _triton_path_for(x, weight, scheme)
+    if path is not None:
+        return _triton_linear(path, x, weight, weight_scale, bias, scheme, input_scale)
     if scheme != "none" and _scaled_mm_accepts(x, weight):
         return _scaled_mm_linear(x, weight, weight_scale, bias, scheme, input_scale)
     return fp8_linear_reference(x, weight, weight_scale, bias)
+
+
+def _triton_path_for(x: torch.Tensor, weight: torch.Tensor, scheme: ActivationScheme) -> TritonPath | None:
+    if not (triton_ops_enabled() and has_fp8_tensor_cores(x.device)):  # Triton has no float8e4nv before sm89
+        return None
+    return triton_path(x.shape[0], scheme) if _triton_kernels().accepts(x, weight) else None
+
+
+def _triton_linear(path: TritonPath, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, scheme: ActivationScheme,
+                   input_scale: torch.Tensor | None) -> torch.Tensor:
+    if path == "gemv":
+        return _gemv_kernel().fp8_gemv(x, weight, weight_scale, bias)
+    if path == "weight_only":
+        return _triton_kernels().fp8_weight_only_gemm(x, weight, weight_scale, bias)
+    return _triton_kernels().fp8_w8a8_gemm(x, weight, weight_scale, bias, scheme, input_scale,
+                                           fuse_quantization=path == "w8a8_fused")
 
 
 def _scaled_mm_accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:

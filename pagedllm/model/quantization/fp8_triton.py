@@ -1,22 +1,31 @@
-"""Triton kernels of the FP8 linear layers (CUDA; the tests also run them in Triton's interpreter on CPU).
+"""Triton kernels of the FP8 linear layers for batches of up to ``MAX_ROWS`` rows (CUDA, sm89+; the tests also run
+them in Triton's interpreter on CPU), and the per-row activation quantizer. The dot-free GEMV that serves 1..4
+rows is ``fp8_gemv``; ``fp8_gemm`` picks between them.
 
-``fp8_skinny_gemm``: ``y[M, N] = x[M, K] @ (W_fp8[N, K] * s[N])^T (+ bias)`` for decode-sized x (M <= 16), weight
-only: at batch 1..16 a projection is one pass over its weight, so streaming 1 byte per weight instead of 2 is the
-whole gain; x stays in 16 bits. Same plan as the bf16 skinny GEMM (``model/skinny_gemm.py``): each program owns
-``BLOCK_N`` weight rows and one K slice and computes ``acc[BLOCK_N, 16] = W_tile @ x_tile^T`` with ``tl.dot``
-(x's rows padded to 16, free while memory is the bound), the FP8 tile widened to x's dtype in registers, the
-per-channel scale applied once to the float32 result. FP8 rows are half the bytes, so fewer rows give the SMs
-enough work: K is split whenever the row blocks alone would leave SMs idle; the last slice of a row block to arrive
-(an atomic counter, shared with the bf16 kernel) sums the float32 partials in split order: deterministic, one
-launch, no memset.
+``_fp8_gemm_kernel``: ``y[M, N] = x[M, K] @ (W_fp8[N, K] * s[N])^T (+ bias)``. Each program owns ``BLOCK_N`` weight
+rows and one K slice and computes the transposed product ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T`` with
+``tl.dot`` (x's rows padded to a power of two, at least 16, tl.dot's smallest side); the per-channel weight scale
+is applied once to the float32 result. How x meets the FP8 weight (``X_MODE``):
 
-``fp8_w8a8_gemm``: the same kernel fed an FP8 x (quantized per row first, ``quantize_activation``) for up to 64
-rows: the dot then multiplies FP8 by FP8 straight from shared memory, as the bf16 kernel does with bf16, with
-nothing widened in registers (on an H200 the widening kept the weight-only kernel at 1.4-2.2 TB/s,
-benchmarks/h200/issue16-fp8-weights), and both scales are applied in the epilogue.
+- ``"fp8"`` (``fp8_w8a8_gemm``): x quantized per row by ``quantize_activation`` (its own launch), an FP8 x FP8 dot
+  straight from shared memory, x's row scales in the epilogue;
+- ``"quantize_dynamic"`` / ``"quantize_static"`` (``fp8_w8a8_gemm(fuse_quantization=True)``): x read in its 16-bit
+  dtype and quantized inside the K loop, so no separate launch. A per-row scale needs the whole row, so the dynamic
+  scale is taken per row and ``BLOCK_K``-wide block of K instead (that block's max / 448, the same arithmetic as
+  the row quantizer on a shorter row): finer than per row, so at least as accurate; each block's FP8 product is
+  scaled as it is accumulated. A static (checkpoint) scale is used as given;
+- ``"widen"`` (``fp8_weight_only_gemm``): the FP8 tile widened to x's dtype in registers and a 16-bit dot; also
+  the path of weight-only FP8 checkpoints. On an H200 it streamed 1.4-2.2 TB/s at 1..16 rows
+  (benchmarks/h200/issue16-fp8-weights).
+
+Split K: when the row blocks alone leave SMs idle, each program writes its float32 partial and the last program of
+a row block to arrive (an atomic counter, shared with the bf16 skinny kernel) sums them in split order: one launch,
+deterministic, no memset. ``finish_tile`` and ``plan_launch`` are shared with ``fp8_gemv``.
 
 ``quantize_activation``: x [M, K] -> FP8 with a scale per row (dynamic: its max / 448) or one given scale, in one
-launch instead of torch's four (abs, amax, divide, cast), ahead of ``torch._scaled_mm``.
+launch instead of torch's four (abs, amax, divide, cast), ahead of the ``"fp8"`` mode and ``torch._scaled_mm``.
+
+Every launch allocates fixed-size buffers and reads nothing back to the host: CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -28,12 +37,15 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm import pdl
 from pagedllm.model.quantization.fp8_gemm import _MIN_SCALE, FP8_DTYPE, FP8_MAX, ActivationScheme
 from pagedllm.model.skinny_gemm import _MAX_ROW_BLOCKS_SPLIT, _arrival_counters, _num_sms
+from pagedllm.pdl import wait_for_earlier_kernels
 
-MAX_ROWS = 16  # decode batches up to this many rows take the weight-only skinny kernel
-MAX_ROWS_W8A8 = 64  # and up to this many the W8A8 one
-_BLOCK_M = 16  # tl.dot's smallest tile side: x's rows are padded to it
+MAX_ROWS = 128  # the largest x this module's GEMM serves
+_MIN_BLOCK_M = 16  # tl.dot's smallest tile side: x's rows are padded to it
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_MIN_SCALE_ = tl.constexpr(_MIN_SCALE)
 
 
 @dataclass(frozen=True)
@@ -47,17 +59,65 @@ class Fp8GemmConfig:
     num_stages: int = 4
 
 
+def block_m_for(num_rows: int) -> int:
+    """x's rows padded to the dot's tile: a power of two, at least 16."""
+    return max(_MIN_BLOCK_M, triton.next_power_of_2(num_rows))
+
+
 @functools.cache
-def choose_config(n: int, k: int, num_sms: int) -> Fp8GemmConfig:
-    """A launch shape for an FP8 weight [n, k]: 64-row blocks, 128-wide K steps; K split into equal whole-step
-    slices (each at least 4 steps long) until there are about four programs per SM (on an H200 the weight-only
-    kernel ran fastest with the most slices swept, 4, on all of Llama-3.1-8B's projections)."""
+def choose_config(n: int, k: int, num_sms: int, block_m: int = _MIN_BLOCK_M) -> Fp8GemmConfig:
+    """A launch shape for an FP8 weight [n, k] and x padded to ``block_m`` rows; 128-wide K steps, K split into
+    equal whole-step slices (each at least 4 steps long) until the programs fill the SMs.
+
+    Up to 16 rows: 64-row blocks, about four programs per SM (on an H200 the weight-only kernel ran fastest with the
+    most slices swept, 4, on all of Llama-3.1-8B's projections). From 32 rows (not measured yet; the microbenchmark's
+    sweep prints the best shapes): 128-row blocks and about one program per SM, since every row block re-reads all
+    of x and the partial sums of a split grow with the rows (at 64 rows, 64-row blocks split 8 ways wrote half as
+    many bytes of partials as the weight has, and ran at 0.8 TB/s)."""
     block_k = 128 if k >= 128 else max(32, triton.next_power_of_2(k))
-    row_blocks = triton.cdiv(n, 64)
-    k_steps = triton.cdiv(k, block_k)
-    wanted = max(1, min(triton.cdiv(4 * num_sms, row_blocks), k_steps // 4))
-    split_k = max(d for d in range(1, wanted + 1) if k_steps % d == 0)
-    return Fp8GemmConfig(64, block_k, split_k)
+    block_n, programs_per_sm = (64, 4) if block_m <= _MIN_BLOCK_M else (128, 1)
+    row_blocks = triton.cdiv(n, block_n)
+    split_k = _even_split(triton.cdiv(k, block_k), triton.cdiv(programs_per_sm * num_sms, row_blocks), 4)
+    num_warps = 8 if block_n * block_m >= 128 * 128 else 4  # float32 accumulators: 64 registers a thread at most
+    return Fp8GemmConfig(block_n, block_k, split_k, num_warps, num_stages=3 if block_m >= 128 else 4)
+
+
+def _even_split(k_steps: int, wanted: int, min_steps: int) -> int:
+    """The most K slices, up to ``wanted``, that divide ``k_steps`` evenly with at least ``min_steps`` each (even
+    slices need no K mask)."""
+    most = max(1, min(wanted, k_steps // min_steps))
+    return max(d for d in range(1, most + 1) if k_steps % d == 0)
+
+
+@dataclass
+class SplitLaunch:
+    """How a launch covers K: the grid, each program's K slice, and the partials and counters of a split."""
+
+    grid: tuple[int, int]
+    k_per_split: int
+    is_split: bool
+    even_k: bool
+    partials: torch.Tensor
+    arrivals: torch.Tensor
+
+
+def plan_launch(n: int, k: int, config: Fp8GemmConfig, block_m: int, out: torch.Tensor) -> SplitLaunch:
+    """Grid (row blocks, K slices) for ``config``; slices of whole K steps, trailing empty ones dropped. ``out``
+    stands in for the partials and counters when K is not split (never touched then)."""
+    row_blocks = triton.cdiv(n, config.block_n)
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    num_splits = triton.cdiv(k, k_per_split)
+    if num_splits == 1 or row_blocks > _MAX_ROW_BLOCKS_SPLIT:
+        k_per_split = triton.cdiv(k, config.block_k) * config.block_k
+        return SplitLaunch((row_blocks, 1), k_per_split, False, k == k_per_split, out, out)
+    partials = torch.empty((num_splits, row_blocks * config.block_n, block_m), dtype=torch.float32,
+                           device=out.device)
+    return SplitLaunch((row_blocks, num_splits), k_per_split, True, k == num_splits * k_per_split, partials,
+                       _arrival_counters(out.device))
+
+
+def num_sms_of(device: torch.device) -> int:
+    return _num_sms(device.index or 0) if device.type == "cuda" else 8
 
 
 @triton.jit
@@ -75,59 +135,24 @@ def _store_output(acc, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, offs_n, offs_m
 
 
 @triton.jit
-def _partial_product(x_ptr, w_ptr, offs_n, offs_m, k_start, num_rows, N, K, k_per_split, stride_xm, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    """``W[offs_n, k_start : k_start + k_per_split] @ x[:, same]^T`` as float32 [BLOCK_N, BLOCK_M], unscaled. The
-    weight tile is widened to x's dtype (a no-op when x is FP8 too)."""
-    offs_k = k_start + tl.arange(0, BLOCK_K)
-    # Rows past N re-read row N - 1: the weight stream needs no row mask, and those results are never stored.
-    w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
-    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
-    x_rows = offs_m[None, :] < num_rows
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(0, k_per_split, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs, mask=x_rows, other=0.0)
-        else:
-            in_k = (offs_k + k) < K
-            w = tl.load(w_ptrs, mask=in_k[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=x_rows & in_k[:, None], other=0.0)
-        acc = tl.dot(w.to(dtype), x, acc, input_precision=DOT_PRECISION)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    return acc
-
-
-@triton.jit(do_not_specialize=["num_rows"])
-def _fp8_skinny_gemm_kernel(
-    x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, num_rows, N, K,
-    k_per_split, stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Program (row block, K slice): one partial product; with IS_SPLIT the last slice to arrive sums them all."""
-    row_block = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    acc = _partial_product(x_ptr, w_ptr, offs_n, offs_m, split * k_per_split, num_rows, N, K, k_per_split,
-                           stride_xm, stride_wn, BLOCK_N, BLOCK_M, BLOCK_K, EVEN_K, DOT_PRECISION)
+def finish_tile(acc, offs_n, offs_m, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+                num_rows, N, stride_om, HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr, IS_SPLIT: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Write this program's float32 ``acc`` [BLOCK_N, BLOCK_M] (row block ``program_id(0)``, K slice
+    ``program_id(1)``) as output; in a split launch as a partial, and the row block's last slice to arrive sums
+    all partials in split order (the same sum whichever came last) and writes the output."""
     if IS_SPLIT:
+        row_block = tl.program_id(0)
         num_splits = tl.num_programs(1)
         # partials [num_splits, row blocks * BLOCK_N, BLOCK_M]: padded rows, so no masks.
         tile = offs_n[:, None] * BLOCK_M + offs_m[None, :]
         split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
-        tl.store(partial_ptr + split * split_stride + tile, acc)
+        tl.store(partial_ptr + tl.program_id(1) * split_stride + tile, acc)
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         arrived = tl.atomic_add(arrivals_ptr + row_block, 1, sem="acq_rel", scope="gpu")
         if arrived == num_splits - 1:
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(0, num_splits):  # fixed order: the same sum whichever slice came last
+            for s in range(num_splits):
                 total += tl.load(partial_ptr + s * split_stride + tile, cache_modifier=".cg")
             _store_output(total, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om,
                           HAS_BIAS, HAS_X_SCALE)
@@ -137,80 +162,145 @@ def _fp8_skinny_gemm_kernel(
                       HAS_BIAS, HAS_X_SCALE)
 
 
-def skinny_accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``fp8_skinny_gemm`` serves x [M, K]: 1 to MAX_ROWS rows with a unit inner stride, and a contiguous
-    FP8 weight [N, K]."""
-    return (0 < x.shape[0] <= MAX_ROWS and x.stride(-1) == 1 and weight.dtype == FP8_DTYPE
-            and weight.is_contiguous() and weight.shape[1] == x.shape[1]
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
+@triton.jit
+def _accumulate(acc, w, x, x_scale, X_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc`` plus weight tile ``w`` [BLOCK_N, BLOCK_K] (FP8) times x's tile ``x`` [BLOCK_K, BLOCK_M], as
+    ``X_MODE`` says (module docstring); ``x_scale`` is the static scale of ``quantize_static``."""
+    if X_MODE == "widen":
+        acc = tl.dot(w.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
+    elif X_MODE == "fp8":
+        acc = tl.dot(w, x, acc)
+    elif X_MODE == "quantize_static":
+        x_fp8 = tl.clamp(x.to(tl.float32) / x_scale, -_FP8_MAX, _FP8_MAX).to(w.dtype)
+        acc = tl.dot(w, x_fp8, acc)
+    else:  # quantize_dynamic: a scale per row of this K block (its max / 448, as the row quantizer computes it)
+        x32 = x.to(tl.float32)
+        block_scale = tl.maximum(tl.max(tl.abs(x32), axis=0) / _FP8_MAX, _MIN_SCALE_)
+        x_fp8 = tl.clamp(x32 / block_scale[None, :], -_FP8_MAX, _FP8_MAX).to(w.dtype)
+        acc += tl.dot(w, x_fp8) * block_scale[None, :]
+    return acc
 
 
-def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                    config: Fp8GemmConfig | None = None) -> torch.Tensor:
-    """``x (weight * scale[:, None])^T + bias`` for x [M <= 16, K], weight fp8 [N, K], scale float32 [N]; a new
-    tensor [M, N] in x's dtype. ``config`` overrides the launch shape (tests, tuning)."""
-    if not skinny_accepts(x, weight):
-        raise ValueError(f"fp8_skinny_gemm needs x [<= {MAX_ROWS} rows, K] and a contiguous FP8 weight [N, K]; got "
-                         f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-    _launch(x, None, weight, scale, bias, out, _BLOCK_M, config)
-    return out
+@triton.jit
+def _partial_product(x_ptr, w_ptr, x_scale, offs_n, offs_m, k_start, num_rows, N, K, k_per_split, stride_xm,
+                     stride_wn, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr, X_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``W[offs_n, k_start : k_start + k_per_split] @ x[:, same]^T`` as float32 [BLOCK_N, BLOCK_M], without the
+    weight scale."""
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    # Rows past N re-read row N - 1: the weight stream needs no row mask, and those results are never stored.
+    w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
+    x_rows = offs_m[None, :] < num_rows
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(0, k_per_split, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=x_rows, other=0.0)
+        else:
+            in_k = (offs_k + k) < K
+            w = tl.load(w_ptrs, mask=in_k[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=x_rows & in_k[:, None], other=0.0)
+        acc = _accumulate(acc, w, x, x_scale, X_MODE, DOT_PRECISION)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    return acc
 
 
-def w8a8_accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``fp8_w8a8_gemm`` serves x [M, K]: 1 to MAX_ROWS_W8A8 rows, a contiguous FP8 weight [N, K]."""
-    return (0 < x.shape[0] <= MAX_ROWS_W8A8 and weight.dtype == FP8_DTYPE and weight.is_contiguous()
-            and weight.shape[1] == x.shape[1] and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
+@triton.jit(do_not_specialize=["num_rows"])
+def _fp8_gemm_kernel(
+    x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, num_rows, N, K,
+    k_per_split, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, X_MODE: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Program (row block, K slice): one partial product, finished by ``finish_tile``. ``x_scale_ptr``: x's row
+    scales (``fp8``) or the static scale (``quantize_static``)."""
+    wait_for_earlier_kernels(USE_PDL)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    static_scale = 1.0
+    if X_MODE == "quantize_static":
+        static_scale = tl.load(x_scale_ptr).to(tl.float32)
+    acc = _partial_product(x_ptr, w_ptr, static_scale, offs_n, offs_m, tl.program_id(1) * k_per_split, num_rows,
+                           N, K, k_per_split, stride_xm, stride_wn, BLOCK_N, BLOCK_M, BLOCK_K, EVEN_K, X_MODE,
+                           DOT_PRECISION)
+    if X_MODE == "quantize_static":
+        acc = acc * static_scale
+    finish_tile(acc, offs_n, offs_m, scale_ptr, x_scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, num_rows,
+                N, stride_om, HAS_BIAS, X_MODE == "fp8", IS_SPLIT, BLOCK_N, BLOCK_M)
+
+
+def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernels here (and ``fp8_gemv``) can take x [M, K] and ``weight``: a unit inner stride, a float
+    dtype, and a contiguous FP8 weight [N, K]. Row limits are the dispatcher's (``fp8_gemm``)."""
+    return (x.dim() == 2 and x.stride(-1) == 1 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and weight.dtype == FP8_DTYPE and weight.is_contiguous() and weight.shape[1] == x.shape[1])
+
+
+def fp8_weight_only_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                         config: Fp8GemmConfig | None = None) -> torch.Tensor:
+    """``x (weight * scale[:, None])^T + bias`` for x [1..MAX_ROWS, K] in 16 or 32 bits, weight fp8 [N, K], scale
+    float32 [N]: the weight widened to x's dtype (x never quantized); a new tensor [M, N] in x's dtype. ``config``
+    overrides the launch shape (tests, tuning)."""
+    _check(x, weight)
+    return _gemm(x, None, weight, scale, bias, "widen", config)
 
 
 def fp8_w8a8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                   scheme: ActivationScheme, input_scale: torch.Tensor | None = None,
-                  config: Fp8GemmConfig | None = None) -> torch.Tensor:
-    """W8A8 for x [M <= 64, K]: x quantized per row (``scheme``), FP8 x FP8 dot, both scales in the epilogue; a
-    new tensor [M, N] in x's dtype."""
-    if not w8a8_accepts(x, weight):
-        raise ValueError(f"fp8_w8a8_gemm needs x [<= {MAX_ROWS_W8A8} rows, K] and a contiguous FP8 weight [N, K]; "
-                         f"got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+                  config: Fp8GemmConfig | None = None, fuse_quantization: bool = False) -> torch.Tensor:
+    """W8A8 for x [1..MAX_ROWS, K]: an FP8 x FP8 dot, both scales in the epilogue; a new tensor [M, N] in x's
+    dtype. x is quantized per row by a separate launch (``scheme``), or with ``fuse_quantization`` inside the GEMM
+    (dynamic schemes per row and K block, static with the given scale; module docstring)."""
+    if scheme == "none":
+        raise ValueError("Activation scheme 'none' does not quantize activations: use fp8_weight_only_gemm")
+    _check(x, weight)
+    if fuse_quantization:
+        static = scheme == "static"
+        return _gemm(x, input_scale if static else None, weight, scale, bias,
+                     "quantize_static" if static else "quantize_dynamic", config)
     x_fp8, x_scale = quantize_activation(x, scheme, input_scale)
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-    block_m = max(_BLOCK_M, triton.next_power_of_2(x.shape[0]))
-    _launch(x_fp8, x_scale, weight, scale, bias, out, block_m, config)
-    return out
+    return _gemm(x_fp8, x_scale, weight, scale, bias, "fp8", config, out_dtype=x.dtype)
 
 
-def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor,
-            bias: torch.Tensor | None, out: torch.Tensor, block_m: int, config: Fp8GemmConfig | None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if not accepts(x, weight) or not 0 < x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"The FP8 GEMM needs x [1..{MAX_ROWS} rows, K] with a unit inner stride and a contiguous "
+                         f"FP8 weight [N, K]; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}")
+
+
+def _gemm(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor,
+          bias: torch.Tensor | None, x_mode: str, config: Fp8GemmConfig | None,
+          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Launch ``_fp8_gemm_kernel`` in ``x_mode`` on a checked (possibly already quantized) x."""
     num_rows, (n, k) = x.shape[0], weight.shape
-    num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
-    config = config or choose_config(n, k, num_sms)
-    row_blocks = triton.cdiv(n, config.block_n)
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
-    num_splits = triton.cdiv(k, k_per_split)
-    is_split = num_splits > 1 and row_blocks <= _MAX_ROW_BLOCKS_SPLIT
-    if is_split:
-        partials = torch.empty((num_splits, row_blocks * config.block_n, block_m), dtype=torch.float32,
-                               device=x.device)
-        arrivals = _arrival_counters(x.device)
-    else:
-        num_splits, k_per_split = 1, triton.cdiv(k, config.block_k) * config.block_k
-        partials = arrivals = out  # placeholders, never touched
-    _fp8_skinny_gemm_kernel[(row_blocks, num_splits)](
+    out = torch.empty((num_rows, n), dtype=out_dtype or x.dtype, device=x.device)
+    block_m = block_m_for(num_rows)
+    config = config or choose_config(n, k, num_sms_of(x.device), block_m)
+    launch = plan_launch(n, k, config, block_m, out)
+    _fp8_gemm_kernel[launch.grid](
         x, weight, scale, x_scale if x_scale is not None else scale, bias if bias is not None else out, out,
-        partials, arrivals, num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, HAS_X_SCALE=x_scale is not None, IS_SPLIT=is_split,
-        EVEN_K=k == num_splits * k_per_split, BLOCK_N=config.block_n, BLOCK_M=block_m, BLOCK_K=config.block_k,
+        launch.partials, launch.arrivals, num_rows, n, k, launch.k_per_split, x.stride(0), weight.stride(0),
+        out.stride(0), HAS_BIAS=bias is not None, X_MODE=x_mode, IS_SPLIT=launch.is_split, EVEN_K=launch.even_k,
+        BLOCK_N=config.block_n, BLOCK_M=block_m, BLOCK_K=config.block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x.device),
     )
+    return out
 
 
 @triton.jit(do_not_specialize=["K"])
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, given_scale_ptr, K, stride_xm, stride_qm,
                           HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
-                          FP8_MAX_: tl.constexpr, MIN_SCALE: tl.constexpr):
+                          USE_PDL: tl.constexpr):
     """Row ``program_id``: its scale (given, or max |x| / 448) to scale_ptr, x / scale as FP8 to q. ONE_PASS
     (BLOCK_K covers the row): the row is loaded once and kept in registers, one memory round trip instead of two
     dependent loops: at decode a row is one program, so its latency is the kernel's."""
+    wait_for_earlier_kernels(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     if ONE_PASS:
@@ -219,9 +309,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, given_scale_ptr, K, stride_xm
         if HAS_SCALE:
             scale = tl.load(given_scale_ptr).to(tl.float32)
         else:
-            scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX_, MIN_SCALE)
+            scale = tl.maximum(tl.max(tl.abs(x), axis=0) / _FP8_MAX, _MIN_SCALE_)
         tl.store(scale_ptr + row, scale)
-        q = tl.clamp(x / scale, -FP8_MAX_, FP8_MAX_)
+        q = tl.clamp(x / scale, -_FP8_MAX, _FP8_MAX)
         tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
     else:
         if HAS_SCALE:
@@ -231,12 +321,12 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, given_scale_ptr, K, stride_xm
             for k in range(0, K, BLOCK_K):
                 offs = k + tl.arange(0, BLOCK_K)
                 amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
-            scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_, MIN_SCALE)
+            scale = tl.maximum(tl.max(amax, axis=0) / _FP8_MAX, _MIN_SCALE_)
         tl.store(scale_ptr + row, scale)
         for k in range(0, K, BLOCK_K):
             offs = k + tl.arange(0, BLOCK_K)
             x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            q = tl.clamp(x / scale, -FP8_MAX_, FP8_MAX_)
+            q = tl.clamp(x / scale, -_FP8_MAX, _FP8_MAX)
             tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
 
 
@@ -260,7 +350,7 @@ def quantize_activation(x: torch.Tensor, scheme: ActivationScheme,
         num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
         _quantize_rows_kernel[(num_rows,)](
             x, q, scale, given if given is not None else scale, k, x.stride(0), q.stride(0),
-            HAS_SCALE=given is not None, BLOCK_K=block_k, ONE_PASS=one_pass, FP8_MAX_=FP8_MAX,
-            MIN_SCALE=_MIN_SCALE, num_warps=num_warps,
+            HAS_SCALE=given is not None, BLOCK_K=block_k, ONE_PASS=one_pass, num_warps=num_warps,
+            **pdl.launch_options(x.device),
         )
     return q, scale

@@ -1,9 +1,9 @@
-"""The FP8 linear paths (``fp8_triton``'s skinny GEMM and activation quantizer, ``torch._scaled_mm``) against the
-torch oracle of ``fp8_gemm``.
+"""The FP8 linear paths of ``fp8_triton`` (the tl.dot GEMM in its three x modes: pre-quantized FP8, quantized inside
+the GEMM, weight only; the activation quantizer) and ``torch._scaled_mm`` against the torch oracle of ``fp8_gemm``.
 
-Without CUDA the Triton kernels run in Triton's interpreter on small float32 CPU tensors (tests/conftest.py sets
-TRITON_INTERPRET=1); with CUDA they also run compiled in bf16/fp16 on Llama-3.1-8B's shapes, and the W8A8
-``_scaled_mm`` path is checked where the GPU has FP8 tensor cores (sm89+).
+With CUDA, the W8A8 paths run where the GPU has FP8 tensor cores (sm89+). In Triton's interpreter the FP8 casts go
+through torch (``exact_fp8_casts``: the interpreter's own cast drops a rounding carry), so the W8A8 oracle is x
+rounded by torch's quantizer.
 """
 
 from __future__ import annotations
@@ -21,28 +21,21 @@ from pagedllm.model.quantization.fp8_gemm import (
     quantize_activation,
     quantize_weight,
 )
-from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, fp8_skinny_gemm, fp8_w8a8_gemm
+from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, fp8_w8a8_gemm, fp8_weight_only_gemm
+from tests.fp8 import exact_fp8_casts  # noqa: F401  (a fixture)
+from tests.model.quantization.fp8_problems import (
+    DEVICE,
+    DTYPES,
+    LLAMA_8B_SHAPES,
+    RELATIVE_ERROR,
+    fp8_rounded,
+    needs_fp8_gpu,
+    random_problem,
+    relative_error,
+)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float32]
-# ||out - ref|| / ||ref||: the reference rounds x W in x's dtype; float32 differs by summation order.
-RELATIVE_ERROR = {torch.bfloat16: 8e-3, torch.float16: 2e-3, torch.float32: 1e-5}
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-needs_fp8_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
-                                   reason="needs a GPU with FP8 tensor cores (sm89+)")
-LLAMA_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # qkv, o, gate_up, down
-
-
-def random_problem(num_rows: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_rows, k, generator=generator).to(DEVICE, dtype)
-    weight, scale = quantize_weight(torch.randn(n, k, generator=generator) / k**0.5)
-    bias = torch.randn(n, generator=generator).to(DEVICE, dtype) if has_bias else None
-    return x, weight.to(DEVICE), scale.to(DEVICE), bias
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+SPLIT_CASES = [(64, 128, None), (72, 301, Fp8GemmConfig(32, 32, split_k=3)),
+               (130, 300, Fp8GemmConfig(64, 64, split_k=2))]
 
 
 def test_quantize_weight_round_trip() -> None:
@@ -58,55 +51,68 @@ def test_quantize_weight_round_trip() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_rows", [1, 3, 16])
-@pytest.mark.parametrize(("n", "k"), [(64, 128), (40, 97), (130, 300), (96, 1000)])
-@pytest.mark.parametrize("has_bias", [False, True])
-def test_skinny_gemm_matches_oracle(dtype: torch.dtype, num_rows: int, n: int, k: int, has_bias: bool) -> None:
-    x, weight, scale, bias = random_problem(num_rows, n, k, dtype, has_bias, seed=n + k + num_rows)
-    out = fp8_skinny_gemm(x, weight, scale, bias)
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 33, 128])
+@pytest.mark.parametrize(("n", "k", "config"), SPLIT_CASES)
+def test_weight_only_gemm_matches_oracle(dtype: torch.dtype, num_rows: int, n: int, k: int,
+                                         config: Fp8GemmConfig | None) -> None:
+    x, weight, scale, bias = random_problem(num_rows, n, k, dtype, True, seed=n + k + num_rows, per_tensor=n == 72)
+    out = fp8_weight_only_gemm(x, weight, scale, bias, config)
     assert out.dtype == dtype and out.shape == (num_rows, n)
     assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < RELATIVE_ERROR[dtype]
 
 
-@pytest.mark.parametrize("config", [Fp8GemmConfig(32, 32, split_k=3), Fp8GemmConfig(64, 64, split_k=4),
-                                    Fp8GemmConfig(16, 32, split_k=2)])
-def test_split_k_is_exact_and_repeatable(config: Fp8GemmConfig) -> None:
-    """Split launches (odd K, a ragged last slice) agree with the oracle and leave the counters ready: twice the
-    same result, bit for bit."""
-    dtype = DTYPES[0]
-    x, weight, scale, bias = random_problem(5, 72, 301, dtype, True, seed=7)
-    first = fp8_skinny_gemm(x, weight, scale, bias, config)
-    assert relative_error(first, fp8_linear_reference(x, weight, scale, bias)) < RELATIVE_ERROR[dtype]
-    assert torch.equal(first, fp8_skinny_gemm(x, weight, scale, bias, config))
+def test_split_k_is_repeatable() -> None:
+    """Split launches leave the counters ready: twice the same result, bit for bit."""
+    x, weight, scale, bias = random_problem(5, 72, 301, DTYPES[0], True, seed=7)
+    config = Fp8GemmConfig(16, 32, split_k=4)
+    assert torch.equal(fp8_weight_only_gemm(x, weight, scale, bias, config),
+                       fp8_weight_only_gemm(x, weight, scale, bias, config))
 
 
 def test_choose_config_splits_k_when_rows_are_few() -> None:
     assert fp8_triton.choose_config(28672, 4096, 132).split_k <= 2  # 448 row blocks: most SMs busy already
     o_proj = fp8_triton.choose_config(4096, 4096, 132)
     assert o_proj.split_k > 1 and 32 % o_proj.split_k == 0  # whole K steps per slice
+    for n, k in LLAMA_8B_SHAPES:  # 64 rows: about one program per SM, partials at most a few slices
+        config = fp8_triton.choose_config(n, k, 132, 64)
+        assert config.split_k <= 4 and (n // config.block_n) * config.split_k >= 132 // 2
 
 
-def w8a8_reference(x, weight, scale, bias, scheme, input_scale):
-    """The oracle run on x rounded to FP8 by the kernel's own quantizer (checked against torch's above; in the
-    interpreter it rounds some values differently, see test_quantize_activation_matches_torch)."""
-    x_fp8, x_scale = fp8_triton.quantize_activation(x, scheme, input_scale)
-    return fp8_linear_reference((x_fp8.float() * x_scale).to(x.dtype), weight, scale, bias)
-
-
+@pytest.mark.usefixtures("exact_fp8_casts")
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("scheme", ["dynamic_token", "static"])
-@pytest.mark.parametrize("num_rows", [1, 5, 16, 33, 64])
-@pytest.mark.parametrize(("n", "k", "config"), [(64, 128, None), (72, 301, Fp8GemmConfig(32, 32, split_k=3)),
-                                                (130, 300, Fp8GemmConfig(64, 64, split_k=2))])
-def test_w8a8_gemm_matches_oracle_on_fp8_rounded_x(scheme: str, num_rows: int, n: int, k: int,
+@pytest.mark.parametrize("num_rows", [1, 5, 17, 64, 128])
+@pytest.mark.parametrize(("n", "k", "config"), SPLIT_CASES)
+def test_w8a8_gemm_matches_oracle_on_fp8_rounded_x(fused: bool, scheme: str, num_rows: int, n: int, k: int,
                                                    config: Fp8GemmConfig | None) -> None:
+    """Both quantizations (a launch per row; inside the GEMM per row and K block) equal the oracle run on x rounded
+    the same way, and stay close to the unrounded product."""
     dtype = DTYPES[0]
     x, weight, scale, bias = random_problem(num_rows, n, k, dtype, True, seed=num_rows + n)
     input_scale = (x.abs().amax().float() / FP8_MAX).reshape(1) if scheme == "static" else None
-    out = fp8_w8a8_gemm(x, weight, scale, bias, scheme, input_scale, config)
+    out = fp8_w8a8_gemm(x, weight, scale, bias, scheme, input_scale, config, fuse_quantization=fused)
     assert out.dtype == dtype and out.shape == (num_rows, n)
-    expected = w8a8_reference(x, weight, scale, bias, scheme, input_scale)
+    block_k = (config or fp8_triton.choose_config(n, k, 8, fp8_triton.block_m_for(num_rows))).block_k
+    x_rounded = fp8_rounded(x, scheme, input_scale, block_k if fused else None)
+    expected = fp8_linear_reference(x_rounded, weight, scale, bias.float())
     assert relative_error(out, expected) < RELATIVE_ERROR[dtype]
-    assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < (5e-2 if DEVICE == "cuda" else 0.1)
+    assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < 5e-2
+
+
+@pytest.mark.usefixtures("exact_fp8_casts")
+def test_fused_quantization_takes_dynamic_tensor_per_block() -> None:
+    """One scale per call is the coarsest dynamic scheme: fused, it gets the per-block scales (at least as fine)."""
+    x, weight, scale, _ = random_problem(6, 40, 200, DTYPES[0], False, seed=3)
+    config = Fp8GemmConfig(32, 64)
+    out = fp8_w8a8_gemm(x, weight, scale, None, "dynamic_tensor", None, config, fuse_quantization=True)
+    expected = fp8_linear_reference(fp8_rounded(x, "dynamic_token", None, 64), weight, scale, None)
+    assert relative_error(out, expected) < RELATIVE_ERROR[DTYPES[0]]
+
+
+def test_weight_only_scheme_is_refused_by_w8a8() -> None:
+    x, weight, scale, _ = random_problem(2, 16, 32, DTYPES[0], False, seed=1)
+    with pytest.raises(ValueError, match="does not quantize"):
+        fp8_w8a8_gemm(x, weight, scale, None, "none")
 
 
 @pytest.mark.parametrize("scheme", ["dynamic_token", "dynamic_tensor", "static"])
@@ -144,75 +150,58 @@ def test_cpu_path_is_the_oracle() -> None:
                                atol=1e-5, rtol=1e-5)
 
 
-@needs_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("num_rows", [1, 4, 16])
-@pytest.mark.parametrize(("n", "k"), LLAMA_8B_SHAPES)
-def test_skinny_gemm_real_shapes(num_rows: int, n: int, k: int) -> None:
-    x, weight, scale, bias = random_problem(num_rows, n, k, torch.bfloat16, False, seed=n)
-    out = fp8_skinny_gemm(x, weight, scale)
-    assert relative_error(out, fp8_linear_reference(x, weight, scale, None)) < RELATIVE_ERROR[torch.bfloat16]
-
-
 @needs_fp8_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_rows", [1, 16, 64])
+@pytest.mark.parametrize("mode", ["w8a8", "w8a8_fused", "weight_only"])
+@pytest.mark.parametrize("num_rows", [16, 64, 128])
 @pytest.mark.parametrize(("n", "k"), LLAMA_8B_SHAPES)
-def test_w8a8_gemm_real_shapes(num_rows: int, n: int, k: int) -> None:
-    x, weight, scale, bias = random_problem(num_rows, n, k, torch.bfloat16, False, seed=n)
-    out = fp8_w8a8_gemm(x, weight, scale, None, "dynamic_token")
-    expected = w8a8_reference(x, weight, scale, None, "dynamic_token", None)
+def test_gemm_real_shapes(mode: str, num_rows: int, n: int, k: int) -> None:
+    x, weight, scale, _ = random_problem(num_rows, n, k, torch.bfloat16, False, seed=n)
+    if mode == "weight_only":
+        out, x_rounded = fp8_weight_only_gemm(x, weight, scale), x
+    else:
+        fused = mode == "w8a8_fused"
+        out = fp8_w8a8_gemm(x, weight, scale, None, "dynamic_token", fuse_quantization=fused)
+        block_k = fp8_triton.choose_config(n, k, 132, fp8_triton.block_m_for(num_rows)).block_k
+        x_rounded = fp8_rounded(x, "dynamic_token", None, block_k if fused else None)
+    expected = fp8_linear_reference(x_rounded, weight, scale, None)
     assert relative_error(out, expected) < RELATIVE_ERROR[torch.bfloat16]
 
 
 @needs_fp8_gpu
 @pytest.mark.gpu
-def test_w8a8_gemm_in_a_cuda_graph() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_w8a8_gemm_in_a_cuda_graph(fused: bool) -> None:
     x, weight, scale, bias = random_problem(40, 4096, 4096, torch.bfloat16, True, seed=4)
-    fp8_w8a8_gemm(x, weight, scale, bias, "dynamic_token")  # compile outside the capture
+    fp8_w8a8_gemm(x, weight, scale, bias, "dynamic_token", fuse_quantization=fused)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fp8_w8a8_gemm(x, weight, scale, bias, "dynamic_token")
+        out = fp8_w8a8_gemm(x, weight, scale, bias, "dynamic_token", fuse_quantization=fused)
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, fp8_w8a8_gemm(x, weight, scale, bias, "dynamic_token"))
-
-
-@needs_cuda
-@pytest.mark.gpu
-def test_skinny_gemm_in_a_cuda_graph() -> None:
-    x, weight, scale, bias = random_problem(2, 4096, 4096, torch.bfloat16, True, seed=3)
-    fp8_skinny_gemm(x, weight, scale, bias)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fp8_skinny_gemm(x, weight, scale, bias)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, fp8_skinny_gemm(x, weight, scale, bias))
+    assert torch.equal(out, fp8_w8a8_gemm(x, weight, scale, bias, "dynamic_token", fuse_quantization=fused))
 
 
 @needs_fp8_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["dynamic_token", "dynamic_tensor", "static"])
-@pytest.mark.parametrize("num_rows", [17, 64, 100, 512])
+@pytest.mark.parametrize("num_rows", [129, 512])
 @pytest.mark.parametrize(("n", "k"), [(4096, 4096), (1024, 3072)])
 def test_scaled_mm_path_is_w8a8(scheme: str, num_rows: int, n: int, k: int) -> None:
-    """Above 16 rows on FP8 hardware: x quantized, _scaled_mm with row-wise scales; equal to the oracle run on the
-    FP8-rounded x (up to bf16 output rounding), and close to the unrounded product."""
+    """Above the Triton kernels on FP8 hardware: x quantized, _scaled_mm with row-wise scales; equal to the oracle
+    run on the FP8-rounded x (up to bf16 output rounding), and close to the unrounded product."""
     x, weight, scale, bias = random_problem(num_rows, n, k, torch.bfloat16, True, seed=num_rows)
     input_scale = (x.abs().amax().float() / FP8_MAX).reshape(1) if scheme == "static" else None
     out = fp8_linear(x, weight, scale, bias, scheme, input_scale)
-    x_fp8, x_scale = quantize_activation(x, scheme, input_scale)
-    x_rounded = (x_fp8.float() * x_scale).to(torch.bfloat16)
+    x_rounded = fp8_rounded(x, scheme, input_scale).to(torch.bfloat16)
     assert relative_error(out, fp8_linear_reference(x_rounded, weight, scale, bias)) < 8e-3
     assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < 4e-2
 
 
-@needs_cuda
+@needs_fp8_gpu
 @pytest.mark.gpu
 def test_weight_only_scheme_never_quantizes_activations() -> None:
-    x, weight, scale, bias = random_problem(64, 256, 512, torch.bfloat16, False, seed=2)
+    x, weight, scale, _ = random_problem(64, 256, 512, torch.bfloat16, False, seed=2)
     out = fp8_gemm.fp8_linear(x, weight, scale, None, "none")
     assert relative_error(out, fp8_linear_reference(x, weight, scale, None)) < 1e-3

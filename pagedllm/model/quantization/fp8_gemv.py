@@ -1,0 +1,143 @@
+"""Dot-free FP8 GEMV for the smallest batches: ``y[M, N] = x[M, K] @ (W_fp8[N, K] * s[N])^T (+ bias)``, M = 1..4.
+
+At batch 1 a projection is one pass over its weight, so bytes are time: 1 byte per weight instead of bf16's 2
+halves it, if the kernel streams at the memory's bandwidth. The ``tl.dot`` kernels did not (on an H200 at M = 1,
+benchmarks/h200/issue16-fp8-weights): the W8A8 one paid a separate activation-quantization launch and a split-K
+reduction per projection (1.4-2.0 TB/s on qkv, o and down), the weight-only one a conversion of the widened tile
+into the dot's operand layout (1.4-2.3 TB/s).
+
+Here nothing is padded to a dot tile and x is never quantized (weight only; x is ~0.1% of the bytes at this size).
+Each program owns ``BLOCK_N`` weight rows and one K slice. Per step it loads a [BLOCK_N, BLOCK_K] FP8 tile (16-byte
+vectors along K), widens it to float32 in registers, and for each x row adds ``tile * x_row`` elementwise into
+that row's float32 accumulator [BLOCK_N, BLOCK_K]; the sum over K happens once, after the loop, then the
+per-channel weight scale and the bias. Each x row is a separate accumulator, unrolled at compile time
+(``NUM_ROWS``): one 2D layout for the weight tile and all of them, so nothing but x's row is ever re-laid out.
+
+The loop is a ``tl.range`` with ``num_stages``: Triton software-pipelines a loop's loads (``NUM_STAGES - 1``
+tiles in flight through shared memory) only when they feed a ``tl.dot`` or when the loop itself carries
+``num_stages``. ``NUM_STAGES = 1`` leaves the latency to occupancy alone.
+
+K is split only when the row blocks alone would leave SMs idle (``choose_config``; never for Llama-3.1-8B's
+projections), finished as in ``fp8_triton`` (the last slice to arrive sums in split order: deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedllm import pdl
+from pagedllm.model.quantization.fp8_triton import (
+    Fp8GemmConfig,
+    _even_split,
+    accepts,
+    finish_tile,
+    num_sms_of,
+    plan_launch,
+)
+from pagedllm.pdl import wait_for_earlier_kernels
+
+MAX_ROWS = 4  # one accumulator per x row, unrolled: the registers grow with the rows
+
+
+@functools.cache
+def choose_config(n: int, k: int, num_rows: int, num_sms: int) -> Fp8GemmConfig:
+    """A launch shape (not yet tuned on a GPU; the microbenchmark's sweep prints the best per shape): 512-wide K
+    steps where K allows (a warp's 32 lanes each load 16 bytes of one row), a 4 KB weight tile per step for one x
+    row and 2 KB for more (each row's float32 accumulator holds a tile: 32 registers a thread at 4 warps), a
+    3-deep pipeline; K split only below two row blocks per SM."""
+    block_k = min(512, max(16, triton.next_power_of_2(k)))
+    tile = 4096 if num_rows == 1 else 2048
+    block_n = min(64, max(1, tile // block_k))
+    row_blocks = triton.cdiv(n, block_n)
+    split_k = _even_split(triton.cdiv(k, block_k), triton.cdiv(2 * num_sms, row_blocks), 2)
+    return Fp8GemmConfig(block_n, block_k, split_k, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def _add_row_product(acc, w, x_ptr, row: tl.constexpr, cols, K, stride_xm, EVEN_K: tl.constexpr):
+    """``acc + w * x[row, cols]`` (x broadcast over the tile's weight rows), in float32."""
+    x_ptrs = x_ptr + row * stride_xm + cols
+    if EVEN_K:
+        x = tl.load(x_ptrs, eviction_policy="evict_last")
+    else:
+        x = tl.load(x_ptrs, mask=cols < K, other=0.0, eviction_policy="evict_last")
+    return acc + w * x.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _row_sums(acc0, acc1, acc2, acc3, NUM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The accumulators' sums over K side by side, [BLOCK_N, BLOCK_M] (BLOCK_M: NUM_ROWS rounded up to 1, 2 or 4;
+    unused accumulators are zero)."""
+    if NUM_ROWS == 1:
+        sums = tl.sum(acc0, axis=1)[:, None]
+    elif NUM_ROWS == 2:
+        sums = tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))
+    else:  # join(join(r0, r2), join(r1, r3))[n, j, p] is row 2j + p
+        even = tl.join(tl.sum(acc0, axis=1), tl.sum(acc2, axis=1))
+        odd = tl.join(tl.sum(acc1, axis=1), tl.sum(acc3, axis=1))
+        sums = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_M))
+    return sums
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, N, K, k_per_split, stride_xm, stride_wn,
+    stride_om, NUM_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Program (row block, K slice): rows ``offs_n`` of W times every x row over its slice, then ``finish_tile``."""
+    wait_for_earlier_kernels(USE_PDL)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * k_per_split + tl.arange(0, BLOCK_K)
+    # Rows past N re-read row N - 1: the weight stream needs no row mask, and those results are never stored.
+    w_ptrs = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn + cols[None, :]
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for _ in tl.range(0, k_per_split, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first").to(tl.float32)
+        else:
+            w = tl.load(w_ptrs, mask=cols[None, :] < K, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        acc0 = _add_row_product(acc0, w, x_ptr, 0, cols, K, stride_xm, EVEN_K)
+        if NUM_ROWS > 1:
+            acc1 = _add_row_product(acc1, w, x_ptr, 1, cols, K, stride_xm, EVEN_K)
+        if NUM_ROWS > 2:
+            acc2 = _add_row_product(acc2, w, x_ptr, 2, cols, K, stride_xm, EVEN_K)
+        if NUM_ROWS > 3:
+            acc3 = _add_row_product(acc3, w, x_ptr, 3, cols, K, stride_xm, EVEN_K)
+        w_ptrs += BLOCK_K
+        cols += BLOCK_K
+    sums = _row_sums(acc0, acc1, acc2, acc3, NUM_ROWS, BLOCK_N, BLOCK_M)
+    finish_tile(sums, offs_n, tl.arange(0, BLOCK_M), scale_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                arrivals_ptr, NUM_ROWS, N, stride_om, HAS_BIAS, False, IS_SPLIT, BLOCK_N, BLOCK_M)
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+             config: Fp8GemmConfig | None = None) -> torch.Tensor:
+    """``x (weight * scale[:, None])^T + bias`` for x [1..MAX_ROWS, K] (16 or 32 bits, never quantized), weight fp8
+    [N, K], scale float32 [N] (a per-tensor scale expanded to [N]); a new tensor [M, N] in x's dtype. ``config``
+    overrides the launch shape (tests, tuning)."""
+    num_rows, (n, k) = x.shape[0], weight.shape
+    if not accepts(x, weight) or not 0 < num_rows <= MAX_ROWS:
+        raise ValueError(f"fp8_gemv needs x [1..{MAX_ROWS} rows, K] with a unit inner stride and a contiguous FP8 "
+                         f"weight [N, K]; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}")
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    config = config or choose_config(n, k, num_rows, num_sms_of(x.device))
+    block_m = triton.next_power_of_2(num_rows)
+    launch = plan_launch(n, k, config, block_m, out)
+    _fp8_gemv_kernel[launch.grid](
+        x, weight, scale, bias if bias is not None else out, out, launch.partials, launch.arrivals, n, k,
+        launch.k_per_split, x.stride(0), weight.stride(0), out.stride(0), NUM_ROWS=num_rows,
+        HAS_BIAS=bias is not None, IS_SPLIT=launch.is_split, EVEN_K=launch.even_k, BLOCK_N=config.block_n,
+        BLOCK_M=block_m, BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+        **pdl.launch_options(x.device),
+    )
+    return out

@@ -1,0 +1,123 @@
+"""The dot-free FP8 GEMV (1..4 rows, weight only) against the torch oracle of ``fp8_gemm``, and ``fp8_gemm``'s
+choice of kernel around its switches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+fp8_gemv_module = pytest.importorskip("pagedllm.model.quantization.fp8_gemv")
+
+from pagedllm.model.quantization import fp8_gemm
+from pagedllm.model.quantization.fp8_gemm import fp8_linear, fp8_linear_reference, triton_path
+from pagedllm.model.quantization.fp8_gemv import fp8_gemv
+from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, fp8_w8a8_gemm, fp8_weight_only_gemm
+from tests.model.quantization.fp8_problems import (
+    DTYPES,
+    LLAMA_8B_SHAPES,
+    RELATIVE_ERROR,
+    needs_fp8_gpu,
+    random_problem,
+    relative_error,
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4])
+@pytest.mark.parametrize(("n", "k"), [(40, 97), (130, 300), (64, 1000)])
+@pytest.mark.parametrize(("has_bias", "per_tensor"), [(False, False), (True, True)])
+def test_gemv_matches_oracle(dtype: torch.dtype, num_rows: int, n: int, k: int, has_bias: bool,
+                             per_tensor: bool) -> None:
+    x, weight, scale, bias = random_problem(num_rows, n, k, dtype, has_bias, seed=n + k + num_rows,
+                                            per_tensor=per_tensor)
+    out = fp8_gemv(x, weight, scale, bias)
+    assert out.dtype == dtype and out.shape == (num_rows, n)
+    assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < RELATIVE_ERROR[dtype]
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 4])
+@pytest.mark.parametrize("config", [Fp8GemmConfig(8, 32, split_k=3), Fp8GemmConfig(16, 64, split_k=2, num_stages=1),
+                                    Fp8GemmConfig(4, 128, split_k=2)])
+def test_gemv_split_k_is_exact_and_repeatable(num_rows: int, config: Fp8GemmConfig) -> None:
+    """Split launches (odd K, a ragged last slice) agree with the oracle and leave the counters ready: twice the
+    same result, bit for bit."""
+    dtype = DTYPES[0]
+    x, weight, scale, bias = random_problem(num_rows, 72, 301, dtype, True, seed=7)
+    first = fp8_gemv(x, weight, scale, bias, config)
+    assert relative_error(first, fp8_linear_reference(x, weight, scale, bias)) < RELATIVE_ERROR[dtype]
+    assert torch.equal(first, fp8_gemv(x, weight, scale, bias, config))
+
+
+def test_gemv_refuses_more_rows_than_it_unrolls() -> None:
+    x, weight, scale, _ = random_problem(5, 16, 32, DTYPES[0], False, seed=1)
+    with pytest.raises(ValueError, match="fp8_gemv needs x"):
+        fp8_gemv(x, weight, scale)
+
+
+def test_gemv_config_fills_the_gpu_without_splitting_llama_shapes() -> None:
+    for n, k in LLAMA_8B_SHAPES:
+        config = fp8_gemv_module.choose_config(n, k, 1, 132)
+        assert config.split_k == 1 and n // config.block_n >= 2 * 132
+    small = fp8_gemv_module.choose_config(1024, 3072, 1, 132)  # 128 row blocks: K split to fill the SMs
+    assert small.split_k > 1 and (3072 // small.block_k) % small.split_k == 0
+
+
+def test_triton_path_follows_the_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fp8_gemm, "GEMV_MAX_ROWS", 4)
+    monkeypatch.setattr(fp8_gemm, "TRITON_MAX_ROWS", 128)
+    monkeypatch.setattr(fp8_gemm, "SMALL_BATCH_KERNEL", "w8a8")
+    paths = [triton_path(m, "dynamic_token") for m in (0, 1, 4, 5, 128, 129)]
+    assert paths == [None, "gemv", "gemv", "w8a8", "w8a8", None]
+    assert triton_path(3, "none") == "gemv" and triton_path(64, "none") == "weight_only"
+    monkeypatch.setattr(fp8_gemm, "SMALL_BATCH_KERNEL", "w8a8_fused")
+    monkeypatch.setattr(fp8_gemm, "GEMV_MAX_ROWS", 0)
+    assert triton_path(1, "static") == "w8a8_fused"
+
+
+@needs_fp8_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4])
+@pytest.mark.parametrize(("n", "k"), LLAMA_8B_SHAPES)
+def test_gemv_real_shapes(num_rows: int, n: int, k: int) -> None:
+    x, weight, scale, _ = random_problem(num_rows, n, k, torch.bfloat16, False, seed=n)
+    out = fp8_gemv(x, weight, scale)
+    assert relative_error(out, fp8_linear_reference(x, weight, scale, None)) < RELATIVE_ERROR[torch.bfloat16]
+
+
+@needs_fp8_gpu
+@pytest.mark.gpu
+def test_gemv_in_a_cuda_graph() -> None:
+    x, weight, scale, bias = random_problem(2, 4096, 4096, torch.bfloat16, True, seed=3)
+    fp8_gemv(x, weight, scale, bias)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_gemv(x, weight, scale, bias)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fp8_gemv(x, weight, scale, bias))
+
+
+@needs_fp8_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_rows", [4, 5, 128, 129])
+def test_fp8_linear_dispatches_by_rows(monkeypatch: pytest.MonkeyPatch, num_rows: int) -> None:
+    """On either side of each switch fp8_linear gives exactly the kernel triton_path names (deterministic
+    kernels), and _scaled_mm above them."""
+    monkeypatch.setattr(fp8_gemm, "GEMV_MAX_ROWS", 4)
+    monkeypatch.setattr(fp8_gemm, "TRITON_MAX_ROWS", 128)
+    x, weight, scale, bias = random_problem(num_rows, 1024, 1024, torch.bfloat16, True, seed=num_rows)
+    for kernel in ("w8a8", "w8a8_fused", "weight_only"):
+        monkeypatch.setattr(fp8_gemm, "SMALL_BATCH_KERNEL", kernel)
+        path = triton_path(num_rows, "dynamic_token")
+        expected = {
+            "gemv": lambda: fp8_gemv(x, weight, scale, bias),
+            "w8a8": lambda: fp8_w8a8_gemm(x, weight, scale, bias, "dynamic_token"),
+            "w8a8_fused": lambda: fp8_w8a8_gemm(x, weight, scale, bias, "dynamic_token", fuse_quantization=True),
+            "weight_only": lambda: fp8_weight_only_gemm(x, weight, scale, bias),
+        }.get(path)
+        out = fp8_linear(x, weight, scale, bias, "dynamic_token")
+        if expected is None:
+            assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < 4e-2
+        else:
+            assert torch.equal(out, expected())
