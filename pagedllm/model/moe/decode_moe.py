@@ -69,8 +69,9 @@ def _widest_block(num_pairs: int, columns: int, wanted_programs: int, widths: tu
 
 
 def accepts(num_tokens: int, top_k: int, hidden: int) -> bool:
-    """Whether a step of ``num_tokens`` tokens takes the decode path: a few pairs, and few enough arrival counters
-    for the down launch at its narrowest blocks."""
+    """Whether a step of ``num_tokens`` tokens takes the decode path in the model: at most ``MAX_PAIRS`` pairs, and
+    few enough arrival counters for the down launch at its narrowest blocks. (``fused_moe_decode`` itself takes
+    more pairs, for the benchmarks that place the limit.)"""
     num_pairs = num_tokens * top_k
     return 0 < num_pairs <= MAX_PAIRS and num_tokens * triton.cdiv(hidden, 16) <= _MAX_ROW_BLOCKS_SPLIT
 
@@ -214,7 +215,8 @@ class DecodeMoEResult:
 def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor, top_k: int,
                      renormalize: bool, round_weights: bool, config: DecodeConfig | None = None) -> torch.Tensor:
     """``torch_moe(x, w13, w2, *select_experts(router_logits, top_k, renormalize, dtype))`` (dtype: the logits'
-    when ``round_weights``, else None) for a decode-sized ``x`` [T, H] (``accepts``): [T, H]."""
+    when ``round_weights``, else None) for ``x`` [T, H]: [T, H]. Meant for decode-sized steps (``accepts``): each
+    pair reads its expert's weights, however many pairs share it."""
     return fused_moe_decode_with_routing(x, w13, w2, router_logits, top_k, renormalize, round_weights,
                                          config).output
 
@@ -233,10 +235,14 @@ def fused_moe_decode_with_routing(
     num_tokens, hidden = x.shape
     intermediate = w13.shape[1] // 2
     num_pairs = num_tokens * top_k
-    if not accepts(num_tokens, top_k, hidden):
-        raise ValueError(f"fused_moe_decode takes 1 to {MAX_PAIRS} (token, expert) pairs; got {num_pairs}")
+    if num_pairs == 0:
+        raise ValueError("fused_moe_decode needs at least one token")
     x, router_logits = x.contiguous(), router_logits.contiguous()
     config = config or choose_decode_config(num_pairs, hidden, intermediate, _device_sms(x.device), x.element_size())
+    counters_needed = num_tokens * triton.cdiv(hidden, config.block_n_down)
+    if counters_needed > _MAX_ROW_BLOCKS_SPLIT:
+        raise ValueError(f"the down launch needs {counters_needed} arrival counters (one per token and column "
+                         f"block); there are {_MAX_ROW_BLOCKS_SPLIT}")
     act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)
     ids = torch.empty(num_pairs, dtype=torch.int32, device=x.device)
     weights = torch.empty(num_pairs, dtype=torch.float32, device=x.device)
@@ -279,16 +285,9 @@ def _launch_down(act: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor, weights
     column_blocks = triton.cdiv(hidden, config.block_n_down)
     partials = torch.empty(act.shape[0], column_blocks * config.block_n_down, dtype=torch.float32, device=out.device)
     _down_kernel[(num_tokens, column_blocks, top_k)](
-        act, w2, ids, weights, partials, _counters(out.device, num_tokens * column_blocks), out,
+        act, w2, ids, weights, partials, _arrival_counters(out.device), out,
         hidden, intermediate, w2.stride(0), w2.stride(1), out.stride(0),
         TOP_K=top_k, BLOCK_N=config.block_n_down, BLOCK_K=block_k, EVEN_K=intermediate % block_k == 0,
         DOT_PRECISION=dot_precision(act.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl.launch_options(out.device),
     )
-
-
-def _counters(device: torch.device, needed: int) -> torch.Tensor:
-    """The skinny GEMM's zeroed arrival counters (each launch leaves those it used at zero again)."""
-    if needed > _MAX_ROW_BLOCKS_SPLIT:
-        raise ValueError(f"the down launch needs {needed} arrival counters; there are {_MAX_ROW_BLOCKS_SPLIT}")
-    return _arrival_counters(device)
