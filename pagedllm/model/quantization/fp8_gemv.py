@@ -32,8 +32,8 @@ import triton.language as tl
 from pagedllm import pdl
 from pagedllm.model.quantization.fp8_triton import (
     Fp8GemmConfig,
-    _even_split,
     accepts,
+    even_split,
     finish_tile,
     num_sms_of,
     plan_launch,
@@ -53,7 +53,7 @@ def choose_config(n: int, k: int, num_rows: int, num_sms: int) -> Fp8GemmConfig:
     tile = 4096 if num_rows == 1 else 2048
     block_n = min(64, max(1, tile // block_k))
     row_blocks = triton.cdiv(n, block_n)
-    split_k = _even_split(triton.cdiv(k, block_k), triton.cdiv(2 * num_sms, row_blocks), 2)
+    split_k = even_split(triton.cdiv(k, block_k), triton.cdiv(2 * num_sms, row_blocks), 2)
     return Fp8GemmConfig(block_n, block_k, split_k, num_warps=4, num_stages=3)
 
 
@@ -69,17 +69,17 @@ def _add_row_product(acc, w, x_ptr, row: tl.constexpr, cols, K, stride_xm, EVEN_
 
 
 @triton.jit
-def _row_sums(acc0, acc1, acc2, acc3, NUM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The accumulators' sums over K side by side, [BLOCK_N, BLOCK_M] (BLOCK_M: NUM_ROWS rounded up to 1, 2 or 4;
-    unused accumulators are zero)."""
-    if NUM_ROWS == 1:
-        sums = tl.sum(acc0, axis=1)[:, None]
-    elif NUM_ROWS == 2:
-        sums = tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1))
-    else:  # join(join(r0, r2), join(r1, r3))[n, j, p] is row 2j + p
-        even = tl.join(tl.sum(acc0, axis=1), tl.sum(acc2, axis=1))
-        odd = tl.join(tl.sum(acc1, axis=1), tl.sum(acc3, axis=1))
-        sums = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_M))
+def _row_sums(acc0, acc1, acc2, acc3, NUM_ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The accumulators' sums over K side by side: column ``r`` of the [BLOCK_N, BLOCK_M] result is x row ``r``'s
+    (BLOCK_M: NUM_ROWS rounded up to 1, 2 or 4; columns past NUM_ROWS are zero)."""
+    column = tl.arange(0, BLOCK_M)[None, :]
+    sums = tl.where(column == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
+    if NUM_ROWS > 1:
+        sums = tl.where(column == 1, tl.sum(acc1, axis=1)[:, None], sums)
+    if NUM_ROWS > 2:
+        sums = tl.where(column == 2, tl.sum(acc2, axis=1)[:, None], sums)
+    if NUM_ROWS > 3:
+        sums = tl.where(column == 3, tl.sum(acc3, axis=1)[:, None], sums)
     return sums
 
 
@@ -114,7 +114,7 @@ def _fp8_gemv_kernel(
             acc3 = _add_row_product(acc3, w, x_ptr, 3, cols, K, stride_xm, EVEN_K)
         w_ptrs += BLOCK_K
         cols += BLOCK_K
-    sums = _row_sums(acc0, acc1, acc2, acc3, NUM_ROWS, BLOCK_N, BLOCK_M)
+    sums = _row_sums(acc0, acc1, acc2, acc3, NUM_ROWS, BLOCK_M)
     finish_tile(sums, offs_n, tl.arange(0, BLOCK_M), scale_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
                 arrivals_ptr, NUM_ROWS, N, stride_om, HAS_BIAS, False, IS_SPLIT, BLOCK_N, BLOCK_M)
 

@@ -77,12 +77,12 @@ def choose_config(n: int, k: int, num_sms: int, block_m: int = _MIN_BLOCK_M) -> 
     block_k = 128 if k >= 128 else max(32, triton.next_power_of_2(k))
     block_n, programs_per_sm = (64, 4) if block_m <= _MIN_BLOCK_M else (128, 1)
     row_blocks = triton.cdiv(n, block_n)
-    split_k = _even_split(triton.cdiv(k, block_k), triton.cdiv(programs_per_sm * num_sms, row_blocks), 4)
+    split_k = even_split(triton.cdiv(k, block_k), triton.cdiv(programs_per_sm * num_sms, row_blocks), 4)
     num_warps = 8 if block_n * block_m >= 128 * 128 else 4  # float32 accumulators: 64 registers a thread at most
     return Fp8GemmConfig(block_n, block_k, split_k, num_warps, num_stages=3 if block_m >= 128 else 4)
 
 
-def _even_split(k_steps: int, wanted: int, min_steps: int) -> int:
+def even_split(k_steps: int, wanted: int, min_steps: int) -> int:
     """The most K slices, up to ``wanted``, that divide ``k_steps`` evenly with at least ``min_steps`` each (even
     slices need no K mask)."""
     most = max(1, min(wanted, k_steps // min_steps))
