@@ -33,9 +33,10 @@ TOKENS = [1, 2, 4, 8, 16, 64, 256, 1024]
 NUM_COPIES = 4
 SEPARATE_SILU_MAX_TOKENS = 64  # the separate SiLU kernel's variant lost everywhere it was measured; kept for small steps
 Config = decode_moe.DecodeConfig
+# Column blocks, K step, warps and pipeline depth around the default (16, 32) / (32, 64) at 1 / 4 tokens.
 SWEEP = [Config(8, 16), Config(16, 32), Config(32, 64), Config(16, 64), Config(16, 32, 256, num_stages=3),
-         Config(16, 32, num_stages=6), Config(16, 32, 64, num_stages=6), Config(16, 32, num_warps=8),
-         Config(32, 64, num_stages=6)]
+         Config(8, 16, 256, num_stages=3), Config(8, 16, 512, num_stages=2), Config(16, 32, num_stages=6),
+         Config(16, 32, 64, num_stages=6), Config(16, 32, num_warps=8), Config(32, 64, num_stages=6)]
 
 
 def time_graph(fn, num_calls: int) -> float:

@@ -37,7 +37,7 @@ from pagedllm.model.skinny_gemm import _MAX_ROW_BLOCKS_SPLIT, _arrival_counters,
 from pagedllm.pdl import wait_for_earlier_kernels
 
 MAX_PAIRS = 32  # steps of at most this many (token, slot) pairs take this path (the grouped GEMM wins above)
-_MMA_COLUMNS = 16  # tl.dot's narrowest tile: the vector is its first column
+_MMA_COLUMNS = tl.constexpr(16)  # tl.dot's narrowest tile: the vector is its first column
 
 
 @dataclass(frozen=True)
