@@ -12,6 +12,8 @@
 #              70%-of-roofline target reads), then fused eager, 1 iteration (SKIP_EAGER=1 skips it); torch eager
 #              (PAGEDLLM_MOE_BACKEND=torch; it syncs per expert, so it cannot be graphed) only with TORCH_EAGER=1:
 #              same call, same engine flags otherwise
+#   profile    qwen3-30b-a3b's batch-1 decode graph replay at context 100, kernel by kernel (profile_decode_kernels.py):
+#              calls and us per replay per kernel name, so kernels per layer and the time outside the experts read off
 #   throughput nano workload (256 prompts): fused with graphs; then NANO_SMALL prompts (default 32) fused eager vs
 #              torch eager, the torch loop being too slow for the full workload in the time limit
 source benchmarks/scripts/device_env.sh || exit 1
@@ -44,6 +46,9 @@ for section in "$@"; do
         PAGEDLLM_MOE_BACKEND=torch bench latency $COMMON $LATENCY --enforce-eager --num-iters 2 \
           --output-json "$OUT/latency-$MODEL-bs1-torch-eager.json"
       fi ;;
+    profile)
+      timeout ${PROFILE_TIMEOUT:-180} python3 benchmarks/scripts/profile_decode_kernels.py --model $MODEL --context 100 \
+        2>&1 | grep -v "^\[" | tee "$OUT/profile-decode-kernels-$MODEL.log" | tail -70 ;;
     throughput)
       echo "--- throughput nano, fused, CUDA graphs"
       bench throughput --disable-tqdm $COMMON --workload nano --output-json "$OUT/throughput-$MODEL-nano-fused.json"

@@ -67,7 +67,7 @@ def main() -> None:
         engine.step()
     runner = engine.engine_core.model_runner
     torch.cuda.synchronize()
-    replay = lambda: runner.decode_graphs.replay(1)  # noqa: E731
+    replay = lambda: runner.decode_graphs.replay(1)
     summary = {"model": args.model, "context": args.context, "max_model_len": runner.config.scheduler_config.max_model_len}
     summary["replay_bs1_ms"] = time_replays(replay)
     rows = kernel_table(replay)
@@ -95,8 +95,13 @@ def main() -> None:
             print(f"{n_calls:6.1f} {us:9.1f} {us / n_calls:8.2f}  {name[:110]}")
     hidden = runner.model_config.hidden_size
     layer = runner.model.model.layers[0]
-    for name, module in (("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj),
-                         ("gate_up", layer.mlp.gate_up_proj), ("down", layer.mlp.down_proj)):
+    mlp = getattr(layer, "mlp", None)
+    projections = [("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj)]
+    if hasattr(mlp, "gate_up_proj"):  # a dense MLP (an MoE block's experts are one stacked weight: see moe_microbench)
+        projections += [("gate_up", mlp.gate_up_proj), ("down", mlp.down_proj)]
+    if hasattr(mlp, "gate"):
+        projections.append(("router", mlp.gate))
+    for name, module in projections:
         w = module.weight
         print(f"weight {name}: {tuple(w.shape)} {w.numel() * w.element_size() / 1e6:.1f} MB (hidden {hidden})")
 
