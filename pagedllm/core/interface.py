@@ -43,6 +43,9 @@ class CachedRequestData:
     num_computed_tokens: int
     # Set when copy-on-write replaced a block: the whole table (already including new_block_ids).
     block_ids_reset: list[int] | None = None
+    # Pipeline parallelism: the request's output tokens among this step's positions, from output index
+    # max(0, num_computed_tokens - num_prompt_tokens): the earlier stages learn the last stage's samples from them.
+    new_token_ids: list[int] | None = None
 
 
 @dataclass

@@ -24,6 +24,14 @@ whose placeholder may be its last token (``max_tokens``, the context limit) wait
 with a placeholder is re-admitted only once the token is known. Synchronously, every placeholder is resolved before
 the next schedule and the two ways give the same tokens.
 
+Under pipeline parallelism (``pipeline_parallel_size`` stages) the engine keeps one step in flight per stage. A
+request whose sampled token has not reached the host is not scheduled again (the first stage needs that token as
+its input, and only the last stage has it), while a prefill chunk that samples nothing may follow its previous chunk
+in the next step (each stage runs the steps in order, so the chunk's KV is there). A step takes at most
+1/``pipeline_parallel_size`` of the running requests, so the decode batch splits into one group per stage and the
+steps in flight hold disjoint requests; each scheduled request carries the sampled tokens it feeds this step
+(``CachedRequestData.new_token_ids``), by which the earlier stages learn what the last one sampled.
+
 Queue order is arrival order under the "fcfs" policy, and (priority, arrival) under "priority" (lower priority
 values first). Under "priority", a waiting request that does not fit also preempts running requests of a
 strictly lower priority (higher value), latest first, until it fits.
@@ -40,8 +48,8 @@ from dataclasses import dataclass
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.interface import (
     CachedRequestData,
-    ModelRunnerOutput,
     EngineCoreOutput,
+    ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
     SchedulerStats,
@@ -56,8 +64,10 @@ SWAP_MIN_TOKENS = 256
 class Scheduler:
     """Owns the waiting queue, the running batch and the KV cache manager."""
 
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
+                 pipeline_parallel_size: int = 1) -> None:
         self.config = config
+        self.num_stages = pipeline_parallel_size  # > 1: steps in flight hold disjoint requests (module docstring)
         self.kv_cache_manager = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self._key = _priority_then_arrival if config.policy == "priority" else _arrival
@@ -154,8 +164,20 @@ class Scheduler:
         # Includes this step's preemptions: the runner drops them before adding this step's new requests.
         output.finished_req_ids, self._finished_since_last_step = self._finished_since_last_step, set()
         if output.num_scheduled_tokens:
+            if self.num_stages > 1:
+                self._carry_sampled_tokens(output)
             self._advance_scheduled(output)
         return output
+
+    def _carry_sampled_tokens(self, output: SchedulerOutput) -> None:
+        """Pipeline parallelism: only the last stage samples, so each scheduled request carries the sampled tokens
+        this step feeds in (its outputs among the scheduled positions; all on the host by now) to the earlier stages."""
+        for data in output.cached_reqs:
+            request = self.requests[data.req_id]
+            first_output = data.num_computed_tokens - request.num_prompt_tokens
+            end_output = first_output + output.num_scheduled_tokens[data.req_id]
+            if end_output > 0:
+                data.new_token_ids = request.output_token_ids[max(first_output, 0) : end_output]
 
     def _advance_scheduled(self, output: SchedulerOutput) -> None:
         """Count the step's tokens as computed, and give each request that samples in it a placeholder."""
@@ -185,10 +207,12 @@ class Scheduler:
     def _schedule_running(self, budget: _Budget, output: SchedulerOutput) -> bool:
         preempted = False
         index = 0
-        while index < len(self.running) and budget.tokens_left > 0:
+        # Pipeline parallelism: one group of the running requests per stage (module docstring).
+        max_requests = -(-len(self.running) // self.num_stages)
+        while index < len(self.running) and budget.tokens_left > 0 and len(output.cached_reqs) < max_requests:
             request = self.running[index]
-            if self._may_have_finished(request):
-                index += 1  # its last token may be in flight: wait for it rather than compute past the end
+            if self._waits_for_sample(request):
+                index += 1
                 continue
             num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget.tokens_left)
             new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new)
@@ -214,14 +238,16 @@ class Scheduler:
             index += 1
         return preempted
 
-    def _may_have_finished(self, request: Request) -> bool:
-        """Whether the token a step in flight samples for the request can be its last (by length); for an embedding
-        request, whether its whole prompt is computed (its vector is in flight)."""
+    def _waits_for_sample(self, request: Request) -> bool:
+        """Whether a running request sits this step out for what a step in flight samples for it: a token that can
+        be its last (by length: computing past the end would waste a step), or any token under pipeline parallelism
+        (the first stage needs it as input); for an embedding request, its vector (its whole prompt is computed)."""
         if request.is_pooling:
             return request.num_computed_tokens >= request.num_prompt_tokens
         if not request.num_output_placeholders:
             return False
-        return (request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
+        return (self.num_stages > 1
+                or request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
                 or request.num_tokens_with_placeholders >= self.config.max_model_len)
 
     def _make_room_for_higher_priority(self) -> None:

@@ -11,13 +11,14 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from pagedllm.config import EngineConfig
+from pagedllm.core.interface import EngineCoreOutput, SchedulerOutput
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
-from pagedllm.core.interface import EngineCoreOutput, SchedulerOutput
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.contracts import EngineCoreOutputs, EngineCoreRequest
 from pagedllm.engine.metrics import EngineMetrics, Metric
@@ -60,7 +61,9 @@ class EngineCore:
         # because a request runs with them; dropped after the step in which their last request ends.
         self._unloaded_lora_ids: set[int] = set()
         self._loras_to_remove: set[int] = set()
-        self._in_flight: _LaunchedStep | None = None  # the launched step whose output the scheduler has not had
+        # The launched steps whose outputs the scheduler has not had (oldest first), at most max_steps_in_flight.
+        self._in_flight: deque[_LaunchedStep] = deque()
+        self.max_steps_in_flight = max_steps_in_flight(config)
         self.executor: Executor = make_executor(config)
         num_blocks = self.executor.determine_num_blocks()
         self._check_capacity(num_blocks)
@@ -73,7 +76,8 @@ class EngineCore:
             config.cache_config.enable_prefix_caching,
             num_cpu_blocks=self.num_cpu_blocks,
         )
-        self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager)
+        self.scheduler = Scheduler(config.scheduler_config, kv_cache_manager,
+                                   config.parallel_config.pipeline_parallel_size)
         self.startup_report = self._startup_report(time.perf_counter() - start)
         logger.info("Engine ready: %s", self.startup_report)
 
@@ -233,34 +237,60 @@ class EngineCore:
         self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule and launch a step, and hand out the outputs of the step before it (async scheduling: the host
-        plans and prepares this step while the device runs the last one) or of this one (synchronous). While the
-        quarantine looks for a failing request, steps run one at a time."""
-        if self.config.scheduler_config.async_scheduling and not self.scheduler.is_isolating_failure:
-            return self._step_overlapped()
-        outputs = self._finish_in_flight()
-        scheduler_output = self.scheduler.schedule()
-        if not scheduler_output.has_work:
-            return outputs + self._idle()
-        self._in_flight = self._launch(scheduler_output)
-        return outputs + self._finish_in_flight()
+        """Launch a step while fewer than ``max_steps_in_flight`` are, and hand out the outputs of the oldest one once
+        that many are (or nothing new could be launched): synchronously (1), this step's outputs; with async
+        scheduling (2), the step before's, the host planning this one while the device runs that; under pipeline
+        parallelism (pp), one step per stage. While the quarantine looks for a failing request, steps run one at a
+        time."""
+        depth = 1 if self.scheduler.is_isolating_failure else self.max_steps_in_flight
+        if len(self._in_flight) < depth:
+            scheduler_output = self.scheduler.schedule()
+            if scheduler_output.has_work:
+                return self._launch(scheduler_output, depth)
+        if self._in_flight:
+            return self._finish_in_flight()
+        return self._idle()
 
-    def _step_overlapped(self) -> list[EngineCoreOutput]:
-        scheduler_output = self.scheduler.schedule()
-        launched = self._launch(scheduler_output) if scheduler_output.has_work else None
-        outputs = self._finish_in_flight()
-        if launched is not None and self.scheduler.is_isolating_failure:
-            # The step before failed, and this one ran on its tokens: wait for it and give its output up.
-            outputs += self._discard(launched)
-        elif launched is not None and launched.error is not None:
-            outputs += self._recover(scheduler_output, launched.error)  # now: the next schedule must not count on it
-        elif launched is not None:
-            self._in_flight = launched
-        elif not outputs:
-            outputs = self._idle()
+    def _launch(self, scheduler_output: SchedulerOutput, depth: int) -> list[EngineCoreOutput]:
+        """Hand the step to the executor; then wait for the oldest step only when ``depth`` are in flight."""
+        try:
+            launched = _LaunchedStep(scheduler_output, self.executor.execute_model_async(scheduler_output))
+        except Exception as exc:
+            # Recover now (after the steps before it): the next schedule must not count on this step.
+            self._in_flight.append(_LaunchedStep(scheduler_output, None, exc))
+            return self._finish_all_in_flight()
+        self._in_flight.append(launched)
+        return self._finish_in_flight() if len(self._in_flight) >= depth else []
+
+    def _idle(self) -> list[EngineCoreOutput]:
+        if self.scheduler.has_unfinished_requests():
+            # Everything left waits for a grammar to compile: let the compiling threads have the GIL rather than
+            # spin on empty steps.
+            time.sleep(_IDLE_STEP_SLEEP_S)
+        return self.scheduler.take_pending_outputs()
+
+    def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        """Read the oldest launched step's output (waiting for the device) and update the scheduler with it. When it
+        failed, the steps launched after it are given up too (they ran on its tokens or on the KV it was to write)."""
+        launched = self._in_flight.popleft()
+        try:
+            if launched.error is not None:
+                raise launched.error
+            runner_output = launched.output.result()
+        except Exception as exc:
+            outputs = self._recover(launched.scheduler_output, exc)
+            while self._in_flight:
+                outputs += self._discard(self._in_flight.popleft())
+            return outputs
+        return self.scheduler.update_from_output(launched.scheduler_output, runner_output)
+
+    def _finish_all_in_flight(self) -> list[EngineCoreOutput]:
+        outputs = []
+        while self._in_flight:
+            outputs += self._finish_in_flight()
         return outputs
 
     def _discard(self, launched: _LaunchedStep) -> list[EngineCoreOutput]:
@@ -270,32 +300,6 @@ class EngineCore:
             except Exception:
                 logger.debug("A step launched after a failed one failed too", exc_info=True)
         return self.scheduler.discard_step(launched.scheduler_output)
-
-    def _idle(self) -> list[EngineCoreOutput]:
-        if self.scheduler.has_unfinished_requests():
-            # Everything left waits for a grammar to compile: let the compiling threads have the GIL rather than
-            # spin on empty steps.
-            time.sleep(_IDLE_STEP_SLEEP_S)
-        return self.scheduler.take_pending_outputs()
-
-    def _launch(self, scheduler_output: SchedulerOutput) -> _LaunchedStep:
-        try:
-            return _LaunchedStep(scheduler_output, self.executor.execute_model_async(scheduler_output))
-        except Exception as exc:
-            return _LaunchedStep(scheduler_output, None, exc)
-
-    def _finish_in_flight(self) -> list[EngineCoreOutput]:
-        """Read the launched step's output (waiting for the device) and update the scheduler with it."""
-        launched, self._in_flight = self._in_flight, None
-        if launched is None:
-            return []
-        try:
-            if launched.error is not None:
-                raise launched.error
-            runner_output = launched.output.result()
-        except Exception as exc:
-            return self._recover(launched.scheduler_output, exc)
-        return self.scheduler.update_from_output(launched.scheduler_output, runner_output)
 
     def _recover(self, scheduler_output: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
         """One request's bad state must not fail the batch: the scheduler requeues the step's requests and retries
@@ -308,7 +312,7 @@ class EngineCore:
 
     def _fail_all_requests(self, reason: str) -> list[EngineCoreOutput]:
         """End every request with the error (the executor cannot run steps any more)."""
-        self._in_flight = None
+        self._in_flight.clear()
         request_ids = list(self.scheduler.requests)
         self.abort_requests(request_ids)
         message = f"The engine's workers failed: {reason}"
@@ -330,6 +334,16 @@ class _LaunchedStep:
     scheduler_output: SchedulerOutput
     output: StepOutput | None
     error: Exception | None = None
+
+
+def max_steps_in_flight(config: EngineConfig) -> int:
+    """How many launched steps the engine keeps unanswered. Under pipeline parallelism one per stage: each stage works
+    on its own step (disjoint requests: see core/scheduler.py) instead of waiting for the whole pipeline, which
+    would leave each of the pp stages idle (pp - 1) / pp of the time. Otherwise two with async scheduling, else one."""
+    num_stages = config.parallel_config.pipeline_parallel_size
+    if num_stages > 1:
+        return num_stages
+    return 2 if config.scheduler_config.async_scheduling else 1
 
 
 _MAX_ERROR_CHARS = 300  # what of an exception's text a client may see

@@ -69,14 +69,6 @@ class _StepInputs:
         return self.num_tokens == self.num_reqs
 
 
-@dataclass(slots=True)
-class _ReceivedSamples:
-    """An earlier pipeline stage's stand-in for a sampler output: the ids the last stage sampled, no logprobs."""
-
-    sampled_token_ids: torch.Tensor
-    logprobs: Any = None
-
-
 class ModelRunner:
     """Owns the model, the KV cache tensors and the sampler of one device."""
 
@@ -490,6 +482,10 @@ class ModelRunner:
             else:
                 state.block_ids.extend(data.new_block_ids)
             state.num_computed_tokens = data.num_computed_tokens
+        if not self.is_last_stage:  # the last stage has these tokens: it sampled them
+            for data in scheduler_output.cached_reqs:
+                if data.new_token_ids:
+                    self.requests[data.req_id].add_carried_outputs(data.num_computed_tokens, data.new_token_ids)
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput) -> _StepInputs:
         """Stage the step's inputs in the host buffers (one pass over the batch, then numpy)."""
@@ -588,10 +584,9 @@ class ModelRunner:
     def _sample(self, hidden: torch.Tensor, inputs: _StepInputs) -> ModelRunnerOutput | PendingSampledOutput:
         """Launch the step's sampling: the output is read later (``PendingSampledOutput``), except under a grammar
         whose draws are checked on the host (then the step is waited for here)."""
-        if not inputs.sample_req_ids:
+        if not inputs.sample_req_ids or not self.is_last_stage:
+            # (An earlier pipeline stage has no logits: it learns the sampled tokens from the next steps' inputs.)
             return ModelRunnerOutput({})
-        if self.pp_comm is not None:
-            return self._sample_pipelined(hidden, inputs)
         logits = self.model.compute_logits(self._sampled_hidden(hidden, inputs))
         states = [self.requests[req_id] for req_id in inputs.sample_req_ids]
         rows = [
@@ -603,24 +598,6 @@ class ModelRunner:
         sampler_output = self.sampler(logits, metadata)
         if grammar_step is not None:
             return self._finish_grammar_step(inputs, states, logits, metadata, sampler_output, grammar_step)
-        return self._pending_output(inputs.sample_req_ids, states, sampler_output)
-
-    def _sample_pipelined(self, hidden: torch.Tensor, inputs: _StepInputs) -> PendingSampledOutput:
-        """Pipeline parallelism: the last stage samples and broadcasts the sampled ids to the earlier stages, whose
-        runners need them as the next step's inputs (structured outputs are not supported here)."""
-        states = [self.requests[req_id] for req_id in inputs.sample_req_ids]
-        if self.is_last_stage:
-            logits = self.model.compute_logits(self._sampled_hidden(hidden, inputs))
-            rows = [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.sampling_seed,
-                                s.num_pending) for s in states]
-            metadata = SamplingMetadata.build(rows, self.model_config.vocab_size, self.device,
-                                              self.model_config.eos_token_ids)
-            sampler_output = self.sampler(logits, metadata)
-            sampled = sampler_output.sampled_token_ids
-        else:
-            sampled = torch.empty(len(states), dtype=torch.int64, device=self.device)
-            sampler_output = _ReceivedSamples(sampled)
-        self.pp_comm.broadcast(sampled, src=self.pp_comm.world_size - 1)
         return self._pending_output(inputs.sample_req_ids, states, sampler_output)
 
     def _pending_output(self, req_ids: list[str], states: list[CachedRequestState], sampler_output) -> PendingSampledOutput:

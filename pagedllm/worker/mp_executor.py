@@ -7,7 +7,9 @@ which has the logits; with every rank sampling the same tokens the others' answe
 
 A step does not wait at launch: ``execute_model_async`` sends the step and returns a handle whose ``result()`` reads
 the answers, so the engine schedules the next step while the workers run this one (async scheduling for free; the
-workers themselves run each step synchronously). Every wait is bounded by polling with a timeout and the workers'
+workers themselves run each step synchronously). Several steps may be unanswered (one per stage under pipeline
+parallelism): each worker runs them in launch order, so an earlier stage starts the next step as soon as it has sent
+this one's hidden states on. Every wait is bounded by polling with a timeout and the workers'
 process sentinels: a worker that dies (or raises at start-up) makes the executor fail with one clear error
 (``WorkerDiedError``) at once, never a hang; from then on every call fails the same way and ``failure`` says why.
 """
@@ -215,8 +217,8 @@ class _PendingStep:
     def result(self) -> ModelRunnerOutput:
         executor = self.executor
         if self._output is None and self._error is None:
-            if executor._unanswered and executor._unanswered[0] is not self:
-                executor._unanswered[0].result()  # an older step's answers come first
+            while executor._unanswered and executor._unanswered[0] is not self:
+                executor._unanswered[0].result()  # older steps' answers come first
             try:
                 self._output = executor._gather("a step")[executor.output_rank]
             except BaseException as exc:

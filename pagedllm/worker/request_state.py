@@ -64,6 +64,14 @@ class CachedRequestState:
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
 
+    def add_carried_outputs(self, num_computed_tokens: int, token_ids: list[int]) -> None:
+        """An earlier pipeline stage: output tokens the last stage sampled, from output index
+        max(0, num_computed_tokens - num_prompt_tokens) (``CachedRequestData.new_token_ids``); appends those not
+        known yet (a request recomputed after preemption came back with its outputs)."""
+        first_output = max(num_computed_tokens - self.num_prompt_tokens, 0)
+        for token_id in token_ids[len(self.output_token_ids) - first_output :]:
+            self.append_output(token_id)
+
     def resolve_pending(self, token_id: int) -> None:
         """The token the step in flight sampled has reached the host."""
         self.append_output(token_id)
