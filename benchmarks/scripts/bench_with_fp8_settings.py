@@ -1,6 +1,6 @@
 """``python -m pagedllm.bench`` with ``fp8_gemm``'s kernel switches set first, in the same process:
 ``bench_with_fp8_settings.py NAME=VALUE[,NAME=VALUE...] BENCH_ARGS...``, e.g.
-``SMALL_BATCH_KERNEL=w8a8_fused`` or ``GEMV_MAX_ROWS=0,TRITON_MAX_ROWS=64`` (whole numbers become ints)."""
+``FUSED_QUANT_MAX_ROWS=0`` or ``GEMV_MAX_ROWS=0,TRITON_MAX_ROWS=64`` (whole numbers become ints)."""
 
 from __future__ import annotations
 

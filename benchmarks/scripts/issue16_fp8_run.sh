@@ -5,7 +5,7 @@
 # shapes at M = 1, 4, 16, 64, 128; MICRO_FLAGS, e.g. --sweep gemv,w8a8 --skip-main), latency (bs1 32/128 decode;
 # LATENCY_MODES), throughput (64 x 512/128; THROUGHPUT_MODES).
 # A mode is bf16, fp8, or fp8:NAME=VALUE[,NAME=VALUE] with fp8_gemm's kernel switches set in-process, e.g.
-# fp8:SMALL_BATCH_KERNEL=w8a8_fused or fp8:GEMV_MAX_ROWS=0 (bench_with_fp8_settings.py).
+# fp8:FUSED_QUANT_MAX_ROWS=0 or fp8:GEMV_MAX_ROWS=0 (bench_with_fp8_settings.py).
 source benchmarks/scripts/device_env.sh || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git log --oneline -1 2>/dev/null || echo "(no git)"

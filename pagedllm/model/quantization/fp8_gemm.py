@@ -4,10 +4,10 @@ output channel), on the fastest path the device has:
 - decode-sized x on a GPU with FP8 tensor cores (sm89+) with Triton: kernels that stream the FP8 weight, half the
   bytes of bf16 (at small batches a layer is one pass over its weight, so bytes are time). Up to
   ``GEMV_MAX_ROWS`` rows a dot-free GEMV, weight only: x stays in 16 bits, no quantization launch
-  (``fp8_gemv``); up to ``TRITON_MAX_ROWS`` a ``tl.dot`` GEMM in ``SMALL_BATCH_KERNEL``'s mode: ``w8a8`` (x
-  quantized per row by its own launch, FP8 x FP8 dot), ``w8a8_fused`` (x quantized inside the GEMM, per row and
-  K block) or ``weight_only`` (the FP8 tile widened to x's dtype; always so for weight-only checkpoints)
-  (``fp8_triton``). ``triton_path`` is the choice;
+  (``fp8_gemv``); up to ``TRITON_MAX_ROWS`` a ``tl.dot`` GEMM (``fp8_triton``): up to ``FUSED_QUANT_MAX_ROWS``
+  rows with x quantized inside the GEMM (per row and K block: ``w8a8_fused``), above with x quantized per row by
+  its own launch (``w8a8``), and for weight-only checkpoints with the FP8 tile widened to x's dtype
+  (``weight_only``). ``triton_path`` is the choice;
 - larger x on a device with FP8 tensor cores (sm89+): x is quantized to FP8 per token (or with the checkpoint's
   static scale) and ``torch._scaled_mm`` multiplies with row-wise scales (x's [M, 1], the weight's [1, N]);
 - anywhere else (CPU, older GPUs, shapes ``_scaled_mm`` refuses): dequantize and multiply in x's dtype. This is
@@ -34,11 +34,13 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # an all-zero row still gets a finite, non-zero scale
 _SCALED_MM_ALIGN = 16  # _scaled_mm wants K and N multiples of 16
 # Which Triton kernel serves x of M rows (``triton_path``). Module constants so that a benchmark can compare the
-# alternatives in one process (benchmarks/scripts/fp8_microbench.py); the defaults are expectations, not yet
-# measured on a GPU (benchmarks/h200/issue16-fp8-weights has the measurements of the kernels before these).
-GEMV_MAX_ROWS = 4  # 1..this many rows: fp8_gemv (at most fp8_gemv.MAX_ROWS, 4; 0 turns it off)
-TRITON_MAX_ROWS = 128  # up to this many: the tl.dot GEMM (at most fp8_triton.MAX_ROWS, 128); above, _scaled_mm
-SMALL_BATCH_KERNEL: Literal["w8a8", "w8a8_fused", "weight_only"] = "w8a8"
+# alternatives in one process (benchmarks/scripts/fp8_microbench.py). Set from the H200 microbenchmark of one
+# Llama-3.1-8B layer's four projections (benchmarks/h200/issue16-fp8-weights/call3): M = 1 gemv 65 us (w8a8_fused
+# 84, bf16 115); M = 4 and 16 w8a8_fused 84 (gemv 203 at M = 4, w8a8 92-95); M = 64 w8a8 104 (fused 151, bf16 127);
+# M = 128 _scaled_mm 132 (w8a8 137, bf16 136).
+GEMV_MAX_ROWS = 1  # 1..this many rows: fp8_gemv (at most fp8_gemv.MAX_ROWS, 4; 0 turns it off)
+FUSED_QUANT_MAX_ROWS = 16  # up to this many rows (past the GEMV) x is quantized inside the GEMM; 0 turns it off
+TRITON_MAX_ROWS = 64  # up to this many: the tl.dot GEMM (at most fp8_triton.MAX_ROWS, 128); above, _scaled_mm
 TritonPath = Literal["gemv", "w8a8", "w8a8_fused", "weight_only"]
 
 
@@ -64,7 +66,9 @@ def triton_path(num_rows: int, scheme: ActivationScheme) -> TritonPath | None:
         return None
     if num_rows <= GEMV_MAX_ROWS:
         return "gemv"
-    return "weight_only" if scheme == "none" else SMALL_BATCH_KERNEL
+    if scheme == "none":
+        return "weight_only"
+    return "w8a8_fused" if num_rows <= FUSED_QUANT_MAX_ROWS else "w8a8"
 
 
 @functools.cache

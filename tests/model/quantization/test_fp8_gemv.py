@@ -65,13 +65,13 @@ def test_gemv_config_fills_the_gpu_without_splitting_llama_shapes() -> None:
 def test_triton_path_follows_the_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fp8_gemm, "GEMV_MAX_ROWS", 4)
     monkeypatch.setattr(fp8_gemm, "TRITON_MAX_ROWS", 128)
-    monkeypatch.setattr(fp8_gemm, "SMALL_BATCH_KERNEL", "w8a8")
-    paths = [triton_path(m, "dynamic_token") for m in (0, 1, 4, 5, 128, 129)]
-    assert paths == [None, "gemv", "gemv", "w8a8", "w8a8", None]
-    assert triton_path(3, "none") == "gemv" and triton_path(64, "none") == "weight_only"
-    monkeypatch.setattr(fp8_gemm, "SMALL_BATCH_KERNEL", "w8a8_fused")
+    monkeypatch.setattr(fp8_gemm, "FUSED_QUANT_MAX_ROWS", 16)
+    paths = [triton_path(m, "dynamic_token") for m in (0, 1, 4, 5, 16, 17, 128, 129)]
+    assert paths == [None, "gemv", "gemv", "w8a8_fused", "w8a8_fused", "w8a8", "w8a8", None]
+    assert triton_path(3, "none") == "gemv" and triton_path(8, "none") == "weight_only"
+    monkeypatch.setattr(fp8_gemm, "FUSED_QUANT_MAX_ROWS", 0)
     monkeypatch.setattr(fp8_gemm, "GEMV_MAX_ROWS", 0)
-    assert triton_path(1, "static") == "w8a8_fused"
+    assert triton_path(1, "static") == "w8a8"
 
 
 @needs_fp8_gpu
@@ -107,16 +107,16 @@ def test_fp8_linear_dispatches_by_rows(monkeypatch: pytest.MonkeyPatch, num_rows
     monkeypatch.setattr(fp8_gemm, "GEMV_MAX_ROWS", 4)
     monkeypatch.setattr(fp8_gemm, "TRITON_MAX_ROWS", 128)
     x, weight, scale, bias = random_problem(num_rows, 1024, 1024, torch.bfloat16, True, seed=num_rows)
-    for kernel in ("w8a8", "w8a8_fused", "weight_only"):
-        monkeypatch.setattr(fp8_gemm, "SMALL_BATCH_KERNEL", kernel)
-        path = triton_path(num_rows, "dynamic_token")
+    for fused_max_rows, scheme in ((0, "dynamic_token"), (128, "dynamic_token"), (0, "none")):
+        monkeypatch.setattr(fp8_gemm, "FUSED_QUANT_MAX_ROWS", fused_max_rows)
+        path = triton_path(num_rows, scheme)
         expected = {
             "gemv": lambda: fp8_gemv(x, weight, scale, bias),
             "w8a8": lambda: fp8_w8a8_gemm(x, weight, scale, bias, "dynamic_token"),
             "w8a8_fused": lambda: fp8_w8a8_gemm(x, weight, scale, bias, "dynamic_token", fuse_quantization=True),
             "weight_only": lambda: fp8_weight_only_gemm(x, weight, scale, bias),
         }.get(path)
-        out = fp8_linear(x, weight, scale, bias, "dynamic_token")
+        out = fp8_linear(x, weight, scale, bias, scheme)
         if expected is None:
             assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < 4e-2
         else:
