@@ -61,7 +61,7 @@ def generate(model_dir: str, preemption_mode: str, **parallel) -> tuple[list[lis
 ])
 def test_many_requests_with_chunking_and_preemption_equal_one_device(tiny_model_dir, tp, pp, preemption_mode):
     model_dir = tiny_model_dir("gemma3" if pp == 3 else "llama")
-    expected, reference_llm, _ = generate(model_dir, preemption_mode)
+    expected, _, _ = generate(model_dir, preemption_mode)
     got, llm, counter = generate(model_dir, preemption_mode, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     assert got == expected
     assert counter.most == pp  # one step per stage in flight

@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
 def test_ray_parallel_equals_single_device(tiny_model_dir, parallel):
     model_dir = tiny_model_dir("llama")
     expected = greedy_tokens(model_dir)

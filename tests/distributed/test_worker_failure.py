@@ -15,8 +15,8 @@ from tests.distributed.conftest import ENGINE_KWARGS, PROMPTS
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2),
-                                      dict(pipeline_parallel_size=2)])  # the last stage dies, two steps in flight
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2},
+                                      {"pipeline_parallel_size": 2}])  # the last stage dies, two steps in flight
 def test_killed_worker_fails_requests_and_marks_the_engine_faulty(tiny_model_dir, parallel):
     llm = LLM(tiny_model_dir("llama"), **{**ENGINE_KWARGS, "max_model_len": 256}, **parallel)
     engine = llm.llm_engine

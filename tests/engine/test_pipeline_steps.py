@@ -19,6 +19,7 @@ from pagedllm.params import SamplingParams
 from pagedllm.worker.executor import Executor
 from pagedllm.worker.request_state import CachedRequestState
 
+
 class FakeStages(Executor):
     """The stages of a pipeline without a model. The first stage's view of each request (its token ids) is built from
     the SchedulerOutputs as a real earlier stage's is (new requests' tokens, then the carried sampled ids); the last
@@ -95,8 +96,8 @@ class FakeStep:
 
 def make_core(monkeypatch, model_dir: str, pipeline_parallel_size: int, **kwargs) -> EngineCore:
     monkeypatch.setattr(engine_module, "make_executor", FakeStages)
-    settings = dict(device="cpu", skip_tokenizer_init=True, block_size=4, max_model_len=64, max_num_seqs=8,
-                    num_gpu_blocks_override=40, async_scheduling=False)
+    settings = {"device": "cpu", "skip_tokenizer_init": True, "block_size": 4, "max_model_len": 64, "max_num_seqs": 8,
+                "num_gpu_blocks_override": 40, "async_scheduling": False}
     args = EngineArgs(model=model_dir, pipeline_parallel_size=pipeline_parallel_size, **{**settings, **kwargs})
     return EngineCore(args.create_engine_config())
 
@@ -147,7 +148,7 @@ def test_pp_prefill_chunks_follow_each_other(monkeypatch, tiny_model_dir):
 def test_pp_preemption_keeps_the_outputs(monkeypatch, tiny_model_dir):
     """Few KV blocks: requests in flight are preempted (their token still coming) and recomputed later."""
     prompts = prompts_of([10, 12, 9, 11, 10, 12])
-    kwargs = dict(max_num_batched_tokens=16, num_gpu_blocks_override=24)
+    kwargs = {"max_num_batched_tokens": 16, "num_gpu_blocks_override": 24}
     reference_core = make_core(monkeypatch, tiny_model_dir("llama"), 1, **kwargs)
     reference = generate(reference_core, prompts, max_tokens=20)
     core = make_core(monkeypatch, tiny_model_dir("llama"), 2, **kwargs)
