@@ -1,24 +1,27 @@
 """W4A16 GEMM: ``y[M, N] = x[M, K] @ W[N, K]^T (+ bias)`` with W in the canonical int4 layout of
 ``quantization/int4.py`` (int32 [N, K / 8] packed along K, scales / zeros [N, G], an optional act-order ``perm``),
-dequantized in registers.
+dequantized in registers. ``w4a16_linear`` picks one of three paths by the rows of x (``choose_config``):
 
-One kernel serves decode and prefill shapes. Each program owns ``BLOCK_N`` rows of W, ``BLOCK_M`` rows of x and a
-slice of K, and computes the transposed tile ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T`` with ``tl.dot`` (as the
-dense skinny GEMM does, ``model/skinny_gemm.py``): the dequantized weight is the dot's first operand, which Hopper's
-MMA can take straight from registers, and x's rows, padded to 16, are the second. Each K step loads one canonical
-tile, [BLOCK_N, 16] int32 words (64 contiguous bytes per row); nibble i of those words is the 16 contiguous columns
-``16 i ...`` of the tile, so eight shifts give eight [BLOCK_N, 16] operands with no data moved between threads,
-each dequantized as ``(q - zero) * scale`` in float32 with its group's scale (a 16-column slice never straddles
-groups) and fed to its own dot. With act-order the kernel reads x's column ``perm[k]`` for its column k, so the
-sorted groups stay contiguous at no extra launch.
+- Up to ``GEMV_MAX_ROWS`` rows (decode), the GEMV kernel, no ``tl.dot``. At M = 1 the layer is one pass over its
+  4-bit weight, so the kernel must stream at memory bandwidth while spending only a few instructions per weight
+  (an H200 SM issues ~128 instructions a clock against ~37 int4 weights a clock of its share of HBM). Per weight:
+  one and-or puts the nibble, in place, into the mantissa of the float 2^23 (``2^23 + q 16^j``: no shift, no
+  int-to-float conversion), one subtract leaves ``q 16^j`` exactly, and one FMA per row of x adds its product with
+  ``x 16^-j`` (the shifts are moved to x, row-independent). The zero and the scale are factored out of each group
+  segment, ``scale * (sum q x - zero * sum x)``, two FMAs per word. Products accumulate elementwise per word and
+  are summed over the words once, after the K loop; loads are pipelined through ``tl.range(num_stages)``.
+- Up to ``DEQUANT_MIN_ROWS`` rows, the tl.dot GEMM: each program computes the transposed tile ``acc[BLOCK_N,
+  BLOCK_M] = W_tile @ x_tile^T`` (as the dense skinny GEMM does, ``model/skinny_gemm.py``): the dequantized
+  weight is the dot's first operand, which Hopper's MMA takes straight from registers, x's rows, padded to 16,
+  the second. Nibble i of a tile's [BLOCK_N, 16] words is its 16 contiguous columns ``16 i ...``, so eight
+  shifts give eight operands with no data moved between threads, each dequantized as ``(q - zero) * scale``.
+- From ``DEQUANT_MIN_ROWS`` rows (a prefill chunk) the GEMM is compute-bound and cuBLAS's bf16 tiles beat a
+  dequantizing kernel: W is dequantized into a bf16 scratch by ``dequantize_int4`` and multiplied by ``F.linear``
+  (the dequantization reads 0.5 and writes 2 bytes per weight, small next to a GEMM of that many rows).
 
-At batch 1..16 the layer is one pass over its 4-bit weight, a quarter of the bf16 bytes, so the grid needs many
-programs in flight: when W has too few row blocks for the SMs, K is split, and the last program of a row block to
-arrive sums the float32 partials in split order (deterministic, one launch, no memset; same scheme as the skinny
-GEMM). For many rows (a prefill chunk) the GEMM is compute-bound and cuBLAS's bf16 tiles beat a dequantizing
-kernel, so above ``DEQUANT_MIN_ROWS`` rows W is dequantized into a bf16 scratch by ``dequantize_int4`` and
-multiplied by ``F.linear``: the dequantization reads 0.5 and writes 2 bytes per weight, small next to a GEMM of
-that many rows.
+Both kernels read x's column ``perm[k]`` for their column k with act-order, so the sorted groups stay contiguous
+at no extra launch. When W has too few row blocks to fill the SMs, K is split over programs, and the last program
+of a row block to arrive sums the float32 partials in split order (deterministic, one launch, no memset).
 
 Nothing is read back to the host and the allocations are fixed-size, so calls can be captured in a CUDA graph.
 """
@@ -33,24 +36,34 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from pagedllm.model.quantization.fp8_triton import even_split
 from pagedllm.model.quantization.int4 import TILE_K, Int4Weight
 
 # From this many rows of x on, dequantize + cuBLAS (module docstring): on an H200 the two tie at 64 rows on
 # Llama-3.1-8B's projections and the dequantizing path wins 1.3-2.6x at 128 (benchmarks/h200/issue16-w4a16).
 DEQUANT_MIN_ROWS = 64
+# Up to this many rows of x, the GEMV kernel (UNMEASURED: from instruction counts, its cost per weight grows ~2.5x
+# from 1 to 4 rows and ~6x to 8; to be set from the microbench's GEMV vs tl.dot columns).
+GEMV_MAX_ROWS = 4
 _MAX_ROW_BLOCKS_SPLIT = 4096  # counters per device for split launches
+_FLOAT_2POW23_BITS = 0x4B000000  # float32 2^23, mantissa all zero: OR-ing an integer q < 2^23 in gives 2^23 + q
 
 
 @dataclass(frozen=True)
 class W4A16Config:
     """Launch shape: rows of W and of x per program, K slices, warps and pipeline depth (K advances one canonical
-    tile of 128 columns per loop step)."""
+    tile of 128 columns per loop step), and the kernel: ``gemv`` (no tl.dot, at most ``block_m`` rows of x) or
+    the tl.dot one."""
 
     block_n: int
     block_m: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    gemv: bool = False
+
+
+# -- the tl.dot GEMM -------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -86,6 +99,9 @@ def _input_slice(x_ptr, perm_ptr, x_rows, num_rows, col_start, K, stride_xm, HAS
     return tl.load(x_ptr + x_rows * stride_xm + cols[:, None], mask=mask, other=0.0)
 
 
+# -- output, shared by both kernels ---------------------------------------------------------------------------------
+
+
 @triton.jit
 def _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS: tl.constexpr):
     """Add the bias and write ``acc`` [BLOCK_N, BLOCK_M] (transposed) into ``out`` [num_rows, N]."""
@@ -96,6 +112,31 @@ def _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _finish(acc, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, num_splits, offs_n, offs_m,
+            num_rows, N, stride_om, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr):
+    """Write a program's ``acc`` [BLOCK_N, BLOCK_M]. With IS_SPLIT (K split over ``num_splits`` programs, x in one
+    row block) store it as a partial instead, and the last K slice of the row block to arrive sums all the
+    partials in split order (deterministic: the same sum whichever came last) and writes the output."""
+    if IS_SPLIT:
+        block_n: tl.constexpr = acc.shape[0]
+        block_m: tl.constexpr = acc.shape[1]
+        # partials [num_splits, row blocks * BLOCK_N, BLOCK_M]: padded rows, so no masks.
+        tile = offs_n[:, None] * block_m + tl.arange(0, block_m)[None, :]
+        split_stride = tl.num_programs(0) * block_n * block_m
+        tl.store(partial_ptr + split * split_stride + tile, acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(arrivals_ptr + row_block, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            total = tl.zeros((block_n, block_m), dtype=tl.float32)
+            for s in range(num_splits):  # fixed order
+                total += tl.load(partial_ptr + s * split_stride + tile, cache_modifier=".cg")
+            _store_output(total, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
+            tl.store(arrivals_ptr + row_block, 0)  # ready for the next launch (or graph replay)
+    else:
+        _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _w4a16_gemm_kernel(
     x_ptr, perm_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
@@ -103,8 +144,8 @@ def _w4a16_gemm_kernel(
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Program (row block of W, row block of x, K slice): one partial product; with IS_SPLIT (a single row block
-    of x) the last K slice to arrive sums them all in split order."""
+    """Program (row block of W, row block of x, K slice): one partial product with ``tl.dot``; split over K
+    (IS_SPLIT) only with a single row block of x."""
     row_block = tl.program_id(0)
     split = tl.program_id(2)
     offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,21 +167,144 @@ def _w4a16_gemm_kernel(
             x = _input_slice(x_ptr, perm_ptr, x_rows, num_rows, col_start, K, stride_xm, HAS_PERM, EVEN_K)
             acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
         w_ptrs += 16
-    if IS_SPLIT:
-        num_splits = tl.num_programs(2)
-        tile = offs_n[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-        split_stride = tl.num_programs(0) * BLOCK_N * BLOCK_M
-        tl.store(partial_ptr + split * split_stride + tile, acc)
-        tl.debug_barrier()  # every thread's partial is written before the counter says so
-        arrived = tl.atomic_add(arrivals_ptr + row_block, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(0, num_splits):  # fixed order: the same sum whichever slice came last
-                total += tl.load(partial_ptr + s * split_stride + tile, cache_modifier=".cg")
-            _store_output(total, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
-            tl.store(arrivals_ptr + row_block, 0)  # ready for the next launch (or graph replay)
+    _finish(acc, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, tl.num_programs(2), offs_n, offs_m,
+            num_rows, N, stride_om, HAS_BIAS, IS_SPLIT)
+
+
+# -- the GEMV kernel (module docstring) -----------------------------------------------------------------------------
+
+_FLOAT_2POW23 = tl.constexpr(8388608.0)
+_TILE_K = tl.constexpr(TILE_K)
+
+
+@triton.jit
+def _word_offsets():
+    """Offsets 0..15 of a tile's words as [1, 4, 1, 4]: the GEMV kernel's tensors are [rows of x, 4, rows of W,
+    4], words ``4 a + b`` on dims 1 and 3. (With the group of four words ahead of W's rows, Triton gives a load of
+    words and a load of one value per row, copied on dim 1, the same thread for each row: no layout conversion.)"""
+    return 4 * tl.arange(0, 4)[None, :, None, None] + tl.arange(0, 4)[None, None, None, :]
+
+
+@triton.jit
+def _nibbles(packed, I: tl.constexpr, float_2pow23_bits):
+    """Nibble I of each word times ``16^j``, as float32 (j: its position in the word as read, see
+    ``_gemv_segment``), exactly: the and-or puts it in the mantissa of 2^23 (0x4B000000 passed at run time, so
+    that in a register the and and the or compile to one LOP3), subtracting 2^23 leaves it."""
+    if I < 4:
+        bits = (packed & (0xF << (4 * I))) | float_2pow23_bits
+    else:  # nibbles 4..7 at positions 1..4: position 0 of a shifted word compiles to a bit-field extract
+        bits = ((packed >> 12) & (0xF << (4 * (I - 3)))) | float_2pow23_bits
+    return bits.to(tl.float32, bitcast=True) - _FLOAT_2POW23
+
+
+@triton.jit
+def _gemv_input(x_ptr, perm_ptr, offs_m, cols, num_rows, K, stride_xm, HAS_PERM: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """x's columns ``cols`` [1, 4, 1, 4] (through ``perm`` with act-order) of rows ``offs_m`` [BLOCK_M, 1, 1, 1],
+    as float32 [BLOCK_M, 4, 1, 4]; zero past K and past ``num_rows``."""
+    mask = offs_m < num_rows
+    if not EVEN_K:
+        mask = mask & (cols < K)
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + cols, mask=cols < K, other=0)
+    return tl.load(x_ptr + offs_m * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_segment(packed, x_ptr, perm_ptr, offs_m, seg_start, num_rows, K, stride_xm, float_2pow23_bits,
+                  SEG: tl.constexpr, SLICES: tl.constexpr, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """``sum q x`` per word [BLOCK_M, 4, BLOCK_N, 4] and ``sum x`` [BLOCK_M, 4, 1, 4] over one scale segment of
+    a tile: nibbles ``SEG * SLICES ...``, all in one group.
+
+    Nibble i of a word is the tile's column ``16 i + w``. It is read in place, times 16^j (j = i for i < 4, from
+    the word shifted by 12 for the others), so x is scaled by 16^-j instead (exact, and row-independent): per
+    weight an and-or, a subtract and one FMA per row of x."""
+    for s in tl.static_range(SLICES):
+        i = SEG * SLICES + s
+        cols = seg_start + 16 * s + _word_offsets()
+        x = _gemv_input(x_ptr, perm_ptr, offs_m, cols, num_rows, K, stride_xm, HAS_PERM, EVEN_K)
+        x_scaled = x * (1.0 / (1 << (4 * i))) if i < 4 else x * (1.0 / (1 << (4 * (i - 3))))
+        if s == 0:
+            qx = _nibbles(packed, i, float_2pow23_bits) * x_scaled
+            x_sum = x
+        else:
+            qx += _nibbles(packed, i, float_2pow23_bits) * x_scaled
+            x_sum += x
+    return qx, x_sum
+
+
+@triton.jit
+def _segment_scale_zero(scales_ptr, zeros_ptr, rows, seg_start, num_groups, stride_sn, stride_zn,
+                        GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """The scale and zero (float32 [1, 4, BLOCK_N, 1], copied on dim 1) of the group holding ``seg_start``."""
+    if GROUP_SIZE == 0:  # one group
+        group = 0
+    else:  # clamped: past K (in a padded tile) the scale read must stay finite
+        group = tl.minimum(seg_start // GROUP_SIZE, num_groups - 1)
+    copies = tl.zeros((1, 4, 1, 1), tl.int32)
+    scale = tl.load(scales_ptr + rows * stride_sn + group + copies).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + rows * stride_zn + group + copies).to(tl.float32)
     else:
-        _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
+        zero = 8.0
+    return scale, zero
+
+
+@triton.jit
+def _gemv_tile(
+    acc, qw_ptr, x_ptr, perm_ptr, scales_ptr, zeros_ptr, rows, offs_m, tile, num_rows, K, num_groups, stride_xm,
+    stride_qn, stride_sn, stride_zn, float_2pow23_bits, GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """``acc`` plus one canonical tile's ``scale * (sum q x - zero * sum x)`` per group segment, elementwise per
+    word (two FMAs per word and segment; the words are summed after the K loop)."""
+    tile_start = tile * _TILE_K
+    slices: tl.constexpr = 8 if GROUP_SIZE == 0 or GROUP_SIZE >= _TILE_K else GROUP_SIZE // 16
+    scale, zero = _segment_scale_zero(scales_ptr, zeros_ptr, rows, tile_start, num_groups, stride_sn, stride_zn,
+                                      GROUP_SIZE, HAS_ZEROS)
+    # One canonical tile: 16 words per row (K's padding to whole tiles makes it always whole).
+    packed = tl.load(qw_ptr + rows * stride_qn + tile * 16 + _word_offsets(), eviction_policy="evict_first")
+    for seg in tl.static_range(8 // slices):
+        seg_start = tile_start + 16 * slices * seg
+        if seg > 0:
+            scale, zero = _segment_scale_zero(scales_ptr, zeros_ptr, rows, seg_start, num_groups, stride_sn,
+                                              stride_zn, GROUP_SIZE, HAS_ZEROS)
+        qx, x_sum = _gemv_segment(packed, x_ptr, perm_ptr, offs_m, seg_start, num_rows, K, stride_xm,
+                                  float_2pow23_bits, seg, slices, HAS_PERM, EVEN_K)
+        acc += scale * (qx - zero * x_sum)
+    return acc
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _w4a16_gemv_kernel(
+    x_ptr, perm_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+    num_rows, N, K, padded_k, k_per_split, num_groups, stride_xm, stride_qn, stride_sn, stride_zn, stride_om,
+    float_2pow23_bits, HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Program (row block of W, K slice): ``x W^T`` for x's few rows without ``tl.dot``, one canonical tile
+    ([BLOCK_N, 16] words) per K step, its loads pipelined STAGES deep; products accumulate per word, and the
+    words are summed after the K loop."""
+    row_block = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past N re-read row N - 1: no row mask on the weight stream; those results are never stored.
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)[None, None, :, None]
+    offs_m = tl.arange(0, BLOCK_M)[:, None, None, None]
+    acc = tl.zeros((BLOCK_M, 4, BLOCK_N, 4), tl.float32)
+    first_tile = split * (k_per_split // _TILE_K)
+    last_tile = tl.minimum(first_tile + k_per_split // _TILE_K, padded_k // _TILE_K)
+    for tile in tl.range(first_tile, last_tile, num_stages=STAGES):
+        acc = _gemv_tile(acc, qw_ptr, x_ptr, perm_ptr, scales_ptr, zeros_ptr, rows, offs_m, tile, num_rows, K,
+                         num_groups, stride_xm, stride_qn, stride_sn, stride_zn, float_2pow23_bits, GROUP_SIZE,
+                         HAS_PERM, HAS_ZEROS, EVEN_K)
+    total = tl.trans(tl.sum(tl.sum(acc, axis=3), axis=1))  # [BLOCK_N, BLOCK_M]
+    _finish(total, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, tl.num_programs(1), offs_n,
+            tl.arange(0, BLOCK_M), num_rows, N, stride_om, HAS_BIAS, IS_SPLIT)
+
+
+# -- dequantize + cuBLAS --------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -162,6 +326,9 @@ def _dequantize_kernel(
         tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w, mask=mask)
 
 
+# -- dispatch and launches -----------------------------------------------------------------------------------------
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -175,25 +342,28 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def choose_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
-    """A launch shape for x [num_rows, k] times W [n, k] on a device of ``num_sms`` SMs.
+    """A launch shape (and so the kernel) for x [num_rows, k] times W [n, k] on a device of ``num_sms`` SMs.
 
-    From the M = 1 sweep on an H200 (benchmarks/h200/issue16-w4a16): up to 16 rows, 128-row blocks of W with 8
-    warps and a 3-deep pipeline, K split in up to 8 slices while the grid stays within ~8 programs per SM, won on
-    each of Llama-3.1-8B's projections (down_proj 67.6 -> 48.0 us against 64-row blocks). 17..63 rows: x padded
-    to 32 / 64 rows, 64-row blocks of W (the shape measured at 64 rows). More rows: 128 x 64/128 tiles (those
-    sizes normally take the dequantize + cuBLAS path, ``DEQUANT_MIN_ROWS``).
+    Up to ``GEMV_MAX_ROWS`` rows, the GEMV kernel: 128-row blocks of W (4 rows a thread, the x work shared by
+    them), 4 warps, a 3-deep pipeline, K split to ~4 programs per SM (UNMEASURED, from instruction counts; the
+    microbench's sweep prints the best per shape). Up to 16 rows, from the tl.dot kernel's M = 1 sweep on an H200
+    (benchmarks/h200/issue16-w4a16): 128-row blocks of W with 8 warps and a 3-deep pipeline, K split in up to 8
+    slices while the grid stays within ~8 programs per SM. 17..63 rows: x padded to 32 / 64 rows, 64-row blocks
+    of W (the shape measured at 64 rows). More rows: 128 x 64/128 tiles (those sizes normally take the
+    dequantize + cuBLAS path, ``DEQUANT_MIN_ROWS``).
     """
     if num_rows > 64:
         return W4A16Config(block_n=128, block_m=64 if num_rows <= 128 else 128, num_warps=8, num_stages=3)
     tiles = triton.cdiv(k, TILE_K)
-    if num_rows <= 16:
-        block_n, block_m, max_split, warps, stages = 128, 16, 8, 8, 3
+    if num_rows <= GEMV_MAX_ROWS:
+        block_n, block_m, max_split, warps, stages, programs_per_sm = 128, num_rows, 16, 4, 3, 4
+    elif num_rows <= 16:
+        block_n, block_m, max_split, warps, stages, programs_per_sm = 128, 16, 8, 8, 3, 8
     else:
-        block_n, block_m, max_split, warps, stages = 64, triton.next_power_of_2(num_rows), 8, 4, 3
-    row_blocks = triton.cdiv(n, block_n)
-    wanted = max(1, min(max_split, triton.cdiv(8 * num_sms, row_blocks), tiles // 2))
-    split_k = max(d for d in range(1, wanted + 1) if tiles % d == 0)  # equal slices where possible
-    return W4A16Config(block_n=block_n, block_m=block_m, split_k=split_k, num_warps=warps, num_stages=stages)
+        block_n, block_m, max_split, warps, stages, programs_per_sm = 64, num_rows, 8, 4, 3, 8
+    wanted = min(max_split, triton.cdiv(programs_per_sm * num_sms, triton.cdiv(n, block_n)))
+    return W4A16Config(block_n, triton.next_power_of_2(block_m), even_split(tiles, wanted, 2), warps, stages,
+                       gemv=num_rows <= GEMV_MAX_ROWS)
 
 
 def w4a16_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None,
@@ -237,6 +407,8 @@ def _launch_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None,
     n, padded_k = out.shape[1], weight.qweight.shape[1] * 8
     row_blocks = triton.cdiv(n, config.block_n)
     m_blocks = triton.cdiv(num_rows, config.block_m)
+    if config.gemv and m_blocks > 1:
+        raise ValueError(f"the GEMV kernel takes at most block_m = {config.block_m} rows of x, got {num_rows}")
     k_per_split = triton.cdiv(triton.cdiv(padded_k, config.split_k), TILE_K) * TILE_K
     num_splits = triton.cdiv(padded_k, k_per_split)
     is_split = num_splits > 1 and m_blocks == 1 and row_blocks <= _MAX_ROW_BLOCKS_SPLIT
@@ -248,13 +420,30 @@ def _launch_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None,
         num_splits, k_per_split = 1, padded_k
         partials = arrivals = out  # placeholders, never touched
     zeros = weight.zeros if weight.zeros is not None else weight.scales  # placeholder when symmetric
-    _w4a16_gemm_kernel[(row_blocks, m_blocks, num_splits)](
-        x, weight.perm if weight.perm is not None else x, weight.qweight, weight.scales, zeros,
-        bias if bias is not None else out, out, partials, arrivals,
-        num_rows, n, k, padded_k, k_per_split, weight.group_size, weight.scales.shape[1], x.stride(0),
-        weight.qweight.stride(0), weight.scales.stride(0), zeros.stride(0), out.stride(0),
-        HAS_PERM=weight.perm is not None, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=bias is not None,
-        IS_SPLIT=is_split, EVEN_K=k == padded_k, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    operands = (x, weight.perm if weight.perm is not None else x, weight.qweight, weight.scales, zeros,
+                bias if bias is not None else out, out, partials, arrivals)
+    flags = {"HAS_PERM": weight.perm is not None, "HAS_ZEROS": weight.zeros is not None, "HAS_BIAS": bias is not None,
+             "IS_SPLIT": is_split, "EVEN_K": k == padded_k, "BLOCK_N": config.block_n, "BLOCK_M": config.block_m,
+             "num_warps": config.num_warps}
+    strides = (x.stride(0), weight.qweight.stride(0), weight.scales.stride(0), zeros.stride(0), out.stride(0))
+    if config.gemv:
+        _w4a16_gemv_kernel[(row_blocks, num_splits)](
+            *operands, num_rows, n, k, padded_k, k_per_split, weight.scales.shape[1], *strides, _FLOAT_2POW23_BITS,
+            **flags, GROUP_SIZE=_gemv_group_size(weight), STAGES=config.num_stages,
+        )
+    else:
+        _w4a16_gemm_kernel[(row_blocks, m_blocks, num_splits)](
+            *operands, num_rows, n, k, padded_k, k_per_split, weight.group_size, weight.scales.shape[1], *strides,
+            **flags, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=config.num_stages,
+        )
+
+
+def _gemv_group_size(weight: Int4Weight) -> int:
+    """The GEMV kernel's GROUP_SIZE: 0 for one group, else the group size, which must be a multiple of 16 that
+    divides a tile or is a multiple of one (a scale segment of the kernel then never straddles two groups)."""
+    if weight.scales.shape[1] == 1:
+        return 0
+    size = weight.group_size
+    if size % 16 or (TILE_K % size and size % TILE_K):
+        raise ValueError(f"the W4A16 GEMV kernel needs groups of 16 * 2^i columns, got {size}")
+    return size

@@ -1,5 +1,6 @@
-"""The W4A16 Triton GEMM (``model/w4a16_kernel.py``) and its dequantize kernel against the torch oracle of
-``quantization/int4.py`` (dequantize to x's dtype, then ``F.linear``).
+"""The W4A16 Triton kernels (``model/w4a16_kernel.py``: the GEMV kernel for a few rows of x, the tl.dot GEMM and
+the dequantize kernel) against the torch oracle of ``quantization/int4.py`` (dequantize to x's dtype, then
+``F.linear``).
 
 Without CUDA the kernels run in Triton's interpreter on small float32 CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1); with CUDA they also run compiled in bf16/fp16 on Llama-3.1-8B's shapes, decode (split-K) and
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 
 w4a16 = pytest.importorskip("pagedllm.model.w4a16_kernel")
 
+import triton
+
 from pagedllm.model.quantization.int4 import Int4Checkpoint, Int4Weight, dequantize, to_canonical, torch_linear
-from pagedllm.model.w4a16_kernel import W4A16Config, dequantize_int4, w4a16_linear
+from pagedllm.model.w4a16_kernel import GEMV_MAX_ROWS, W4A16Config, choose_config, dequantize_int4, w4a16_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float32]
@@ -27,20 +30,18 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def random_weight(n: int, k: int, group_size: int, has_zeros: bool, act_order: bool, seed: int,
                   scale_dtype: torch.dtype = torch.float16) -> Int4Weight:
-    """A random checkpoint in canonical form (act-order: a shuffled g_idx with full groups)."""
-    generator = torch.Generator().manual_seed(seed)
+    """A random checkpoint in canonical form on DEVICE (act-order: a shuffled g_idx with full groups); drawn and
+    repacked there, so the GPU tests' Llama-sized weights take no CPU time."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
     groups = 1 if group_size == -1 else k // group_size
-    q = torch.randint(0, 16, (n, k), generator=generator)
-    scales = (0.5 + torch.rand(n, groups, generator=generator)) / (4 * k**0.5)
-    zeros = torch.randint(0, 16, (n, groups), generator=generator) if has_zeros else None
+    q = torch.randint(0, 16, (n, k), generator=generator, device=DEVICE)
+    scales = (0.5 + torch.rand(n, groups, generator=generator, device=DEVICE)) / (4 * k**0.5)
+    zeros = torch.randint(0, 16, (n, groups), generator=generator, device=DEVICE) if has_zeros else None
     g_idx = None
     if act_order:
         width = k if group_size == -1 else group_size
-        g_idx = (torch.arange(k) // width)[torch.randperm(k, generator=generator)]
-    ckpt = Int4Checkpoint(q, scales, zeros, g_idx, group_size)
-    weight = to_canonical(ckpt, scale_dtype, "test")
-    return Int4Weight(*(t.to(DEVICE) if t is not None else None for t in
-                        (weight.qweight, weight.scales, weight.zeros, weight.perm)), weight.group_size, k)
+        g_idx = (torch.arange(k, device=DEVICE) // width)[torch.randperm(k, generator=generator, device=DEVICE)]
+    return to_canonical(Int4Checkpoint(q, scales, zeros, g_idx, group_size), scale_dtype, "test")
 
 
 def assert_close(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -90,6 +91,69 @@ def test_configs_split_k_and_tiles(config: W4A16Config) -> None:
     assert_close(w4a16_linear(x, weight, None, config=config), oracle(x, weight, None), dtype)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [W4A16Config(64, 4, split_k=3, gemv=True), W4A16Config(32, 4, split_k=2, num_stages=3, gemv=True),
+     W4A16Config(128, 4, num_warps=8, num_stages=2, gemv=True)],
+)
+def test_gemv_configs(config: W4A16Config) -> None:
+    dtype = DTYPES[0]
+    weight = random_weight(100, 416, 32, True, True, seed=1)  # 3.25 tiles: the last slice is short and padded
+    x = torch.randn(3, 416, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    bias = torch.randn(100, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    assert_close(w4a16_linear(x, weight, bias, config=config), oracle(x, weight, bias), dtype)
+    assert_close(w4a16_linear(x, weight, bias, config=config), oracle(x, weight, bias), dtype)  # counters reset
+
+
+def random_gemv_cases(count: int, seed: int) -> list[tuple]:
+    """(n, k, group_size, has_zeros, act_order, has_bias, num_rows, block_n, split_k) drawn at random: K any
+    multiple of 8 that the group size divides (one group: K odd in tiles, or shorter than one), N not a multiple of
+    the row block, x's rows 1..GEMV_MAX_ROWS."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    cases = []
+    for _ in range(count):
+        group_size = pick([32, 64, 128, -1])
+        unit = 8 if group_size == -1 else group_size
+        k = unit * int(torch.randint(1, 512 // unit + 1, (1,), generator=rng))
+        n = int(torch.randint(1, 100, (1,), generator=rng))
+        cases.append((n, k, group_size, bool(pick([0, 1])), bool(pick([0, 1])), bool(pick([0, 1])),
+                      int(torch.randint(1, GEMV_MAX_ROWS + 1, (1,), generator=rng)), pick([16, 32, 64]),
+                      pick([1, 2, 3])))
+    return cases
+
+
+@pytest.mark.parametrize(("n", "k", "group_size", "has_zeros", "act_order", "has_bias", "num_rows", "block_n",
+                          "split_k"), random_gemv_cases(12, seed=16))
+def test_gemv_random_shapes(n, k, group_size, has_zeros, act_order, has_bias, num_rows, block_n, split_k) -> None:
+    dtype = DTYPES[0]
+    weight = random_weight(n, k, group_size, has_zeros, act_order, seed=n * k)
+    generator = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, k, generator=generator).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=generator).to(DEVICE, dtype) if has_bias else None
+    config = W4A16Config(block_n, triton.next_power_of_2(num_rows), split_k, gemv=True)
+    assert_close(w4a16_linear(x, weight, bias, config=config), oracle(x, weight, bias), dtype)
+
+
+@pytest.mark.parametrize("num_rows", [GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1])
+def test_default_dispatch_around_the_gemv_switch(num_rows: int) -> None:
+    config = choose_config(num_rows, 4096, 4096, 132)
+    assert config.gemv == (num_rows <= GEMV_MAX_ROWS) and config.block_m >= num_rows
+    dtype = DTYPES[0]
+    weight = random_weight(40, 256, 64, True, True, seed=7)
+    x = torch.randn(num_rows, 256, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
+    assert_close(w4a16_linear(x, weight), oracle(x, weight, None), dtype)
+
+
+def test_gemv_rejects_more_rows_than_its_block() -> None:
+    weight = random_weight(16, 128, 128, False, False, seed=9)
+    with pytest.raises(ValueError, match="at most block_m"):
+        w4a16_linear(torch.randn(3, 128).to(DEVICE, DTYPES[0]), weight, config=W4A16Config(16, 2, gemv=True))
+
+
 def test_dequantize_kernel_is_exact() -> None:
     for group_size, has_zeros in ((32, True), (128, False), (-1, True)):
         weight = random_weight(70, 256, group_size, has_zeros, False, seed=3)
@@ -109,10 +173,10 @@ LLAMA_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 
 
 @needs_cuda
-@pytest.mark.parametrize("num_rows", [1, 4, 16, 64, 200, 512])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 16, 64, 200, 512])
 @pytest.mark.parametrize(("n", "k"), LLAMA_8B_SHAPES)
 def test_llama_shapes_on_gpu(num_rows: int, n: int, k: int) -> None:
-    weight = random_weight(n, k, 128, True, num_rows == 4, seed=num_rows)
+    weight = random_weight(n, k, 128, num_rows != 2, num_rows in (3, 4), seed=num_rows)
     x = torch.randn(num_rows, k, device=DEVICE, dtype=torch.bfloat16)
     assert_close(w4a16_linear(x, weight), oracle(x, weight, None), torch.bfloat16)
     assert torch.allclose(torch_linear(x, weight, None).float(), oracle(x, weight, None).float(), rtol=0.05,
