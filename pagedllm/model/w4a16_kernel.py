@@ -179,9 +179,10 @@ _TILE_K = tl.constexpr(TILE_K)
 
 @triton.jit
 def _word_offsets():
-    """Offsets 0..15 of a tile's words as [1, 4, 1, 4]: the GEMV kernel's tensors are [rows of x, 4, rows of W,
-    4], words ``4 a + b`` on dims 1 and 3. (With the group of four words ahead of W's rows, Triton gives a load of
-    words and a load of one value per row, copied on dim 1, the same thread for each row: no layout conversion.)"""
+    """Offsets 0..15 of a tile's words as [1, 4, 1, 4]. The GEMV kernel's tensors are [rows of x, 4, rows of W,
+    4], a row's words ``4 a + b`` on dims 1 and 3: Triton 3.6 then gives the weight load 4 threads a row of W, 4
+    words (16 bytes) each, and the scale and zero loads (a value per row, copied on dim 1) the same threads, so
+    nothing is re-laid out through shared memory (``benchmarks/scripts/w4a16_gemv_sass.py`` checks it)."""
     return 4 * tl.arange(0, 4)[None, :, None, None] + tl.arange(0, 4)[None, None, None, :]
 
 
@@ -260,6 +261,8 @@ def _gemv_tile(
     word (two FMAs per word and segment; the words are summed after the K loop)."""
     tile_start = tile * _TILE_K
     slices: tl.constexpr = 8 if GROUP_SIZE == 0 or GROUP_SIZE >= _TILE_K else GROUP_SIZE // 16
+    # The first segment's scale and zero ahead of the weights: in this order Triton keeps the products in the
+    # weights' layout (the other way round, it loads x a second time in the scales' layout).
     scale, zero = _segment_scale_zero(scales_ptr, zeros_ptr, rows, tile_start, num_groups, stride_sn, stride_zn,
                                       GROUP_SIZE, HAS_ZEROS)
     # One canonical tile: 16 words per row (K's padding to whole tiles makes it always whole).
