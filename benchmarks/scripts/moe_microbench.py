@@ -5,7 +5,7 @@ intermediate 768, bf16; run on a GPU), per token count:
   epilogue), routing (``select_experts``) and the sort included: the path of steps past the decode limit;
 - ``grouped_separate_silu``: the same with the separate SiLU-and-mul kernel (up to 64 tokens);
 - ``decode``: the per-pair GEMVs with the routing inside (``decode_moe.py``), at the counts up to
-  ``--decode-max-tokens`` (the model takes it up to ``decode_moe.MAX_PAIRS`` pairs: 4 tokens at top-8);
+  ``--decode-max-tokens`` (the model takes it up to ``decode_moe.MAX_PAIRS`` pairs: 8 tokens at top-8);
 - ``torch_eager``: the reference loop (it syncs per expert).
 
 Fused times are per call from a CUDA graph of ``--calls`` calls over rotating weight copies (more bytes than L2

@@ -140,7 +140,8 @@ def _finish(acc, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split,
 @triton.jit(do_not_specialize=["num_rows"])
 def _w4a16_gemm_kernel(
     x_ptr, perm_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
-    num_rows, N, K, padded_k, k_per_split, group_size, num_groups, stride_xm, stride_qn, stride_sn, stride_zn, stride_om,
+    num_rows, N, K, padded_k, k_per_split, group_size, num_groups, stride_xm, stride_qn, stride_sn, stride_zn,
+    stride_om,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -348,9 +349,10 @@ def choose_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
     """A launch shape (and so the kernel) for x [num_rows, k] times W [n, k] on a device of ``num_sms`` SMs.
 
     Up to ``GEMV_MAX_ROWS`` rows, the GEMV kernel: 128-row blocks of W (4 rows a thread, the x work shared by
-    them), 4 warps, a 3-deep pipeline, K split to ~4 programs per SM (UNMEASURED, from instruction counts; the
-    microbench's sweep prints the best per shape). Up to 16 rows, from the tl.dot kernel's M = 1 sweep on an H200
-    (benchmarks/h200/issue16-w4a16): 128-row blocks of W with 8 warps and a 3-deep pipeline, K split in up to 8
+    them), 4 warps, K split to ~4 programs per SM; no software pipeline at one row, a 3-deep one above (the H200
+    sweep of session 26, benchmarks/h200/issue16-w4a16/session26: at M = 1 one stage beat three on all four
+    Llama-3.1-8B shapes, 71 against 92 us a layer; at M = 4 three stages won). Up to 16 rows, from the tl.dot
+    kernel's M = 1 sweep on an H200 (benchmarks/h200/issue16-w4a16): 128-row blocks of W with 8 warps and a 3-deep pipeline, K split in up to 8
     slices while the grid stays within ~8 programs per SM. 17..63 rows: x padded to 32 / 64 rows, 64-row blocks
     of W (the shape measured at 64 rows). More rows: 128 x 64/128 tiles (those sizes normally take the
     dequantize + cuBLAS path, ``DEQUANT_MIN_ROWS``).
@@ -359,7 +361,8 @@ def choose_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
         return W4A16Config(block_n=128, block_m=64 if num_rows <= 128 else 128, num_warps=8, num_stages=3)
     tiles = triton.cdiv(k, TILE_K)
     if num_rows <= GEMV_MAX_ROWS:
-        block_n, block_m, max_split, warps, stages, programs_per_sm = 128, num_rows, 16, 4, 3, 4
+        stages = 1 if num_rows == 1 else 3
+        block_n, block_m, max_split, warps, programs_per_sm = 128, num_rows, 16, 4, 4
     elif num_rows <= 16:
         block_n, block_m, max_split, warps, stages, programs_per_sm = 128, 16, 8, 8, 3, 8
     else:

@@ -169,8 +169,9 @@ def test_decode_moe_with_forced_launch_shapes(config) -> None:
 
 
 def test_decode_path_takes_only_decode_sized_steps() -> None:
-    assert decode.accepts(1, 8, 2048) and decode.accepts(4, 8, 2048) and decode.accepts(16, 2, 4096)
-    assert not decode.accepts(5, 8, 2048) and not decode.accepts(0, 8, 2048)
+    top8_tokens = decode.MAX_PAIRS // 8
+    assert decode.accepts(1, 8, 2048) and decode.accepts(top8_tokens, 8, 2048) and decode.accepts(16, 2, 4096)
+    assert not decode.accepts(top8_tokens + 1, 8, 2048) and not decode.accepts(0, 8, 2048)
     assert not decode.accepts(32, 1, 4096)  # more (token, column block) counters than the skinny GEMM keeps
     x, w13, w2, logits = decode_case(5, 2, 2, 16384, 16, torch.float32)
     with pytest.raises(ValueError, match="5120 arrival counters"):  # one per token and 16-column block
@@ -188,13 +189,14 @@ def test_fused_moe_layer_picks_the_decode_path_for_few_tokens(monkeypatch) -> No
     moe.w2_weight.data.copy_(w2)
     calls = []
     monkeypatch.setattr(decode, "fused_moe_decode", _recording(decode.fused_moe_decode, calls))
-    for num_tokens in (3, 20):
+    too_many = decode.MAX_PAIRS // 2 + 1  # top-2
+    for num_tokens in (3, too_many):
         x, _, _, logits = decode_case(num_tokens, 8, 2, 64, 32, torch.float32)
         monkeypatch.setattr(layer, "uses_fused_moe", lambda _: False)
         expected = moe(x, logits)
         monkeypatch.setattr(layer, "uses_fused_moe", lambda _: True)
         torch.testing.assert_close(moe(x, logits), expected, atol=2e-5, rtol=2e-5)
-    assert calls == [3]  # 3 tokens x top-2 is decode-sized, 20 x 2 is not
+    assert calls == [3]  # 3 tokens x top-2 is decode-sized, one pair past MAX_PAIRS is not
 
 
 def _recording(fn, calls: list):

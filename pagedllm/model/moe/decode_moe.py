@@ -36,7 +36,10 @@ from pagedllm.model.moe.fused_moe import dot_precision
 from pagedllm.model.skinny_gemm import _MAX_ROW_BLOCKS_SPLIT, _arrival_counters, _num_sms
 from pagedllm.pdl import wait_for_earlier_kernels
 
-MAX_PAIRS = 32  # steps of at most this many (token, slot) pairs take this path (the grouped GEMM wins above)
+# Steps of at most this many (token, slot) pairs take this path. H200, one Qwen3-30B-A3B layer's experts
+# (benchmarks/h200/issue19-moe/session26): 1 token 27 us against the grouped GEMM's 85, 4 tokens 83 against 151,
+# 8 tokens (64 pairs) 138 against 190; 16 tokens not measured.
+MAX_PAIRS = 64
 _MMA_COLUMNS = tl.constexpr(16)  # tl.dot's narrowest tile: the vector is its first column
 
 
