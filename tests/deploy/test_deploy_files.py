@@ -1,7 +1,9 @@
 """The deploy kit, checked offline: the Dockerfiles, compose file and Kubernetes manifests parse, every
 ``pagedllm serve`` flag they pass is accepted by the CLI's own parser, the compose file wires Prometheus and Grafana
 to the kit's files, the manifests are valid Kubernetes objects (the OpenAPI schemas bundled with
-kubernetes-validate), grace periods outlast the shutdown timeout, and the Dockerfiles pass hadolint. The two
+kubernetes-validate), grace periods outlast the shutdown timeout, the Dockerfiles pass hadolint, and the KubeRay example
+(deploy/kubernetes/ray/: its RayCluster has no schema offline, so its structure is checked here and each pod
+template is validated as a Pod) runs a serve command the CLI accepts on as many GPUs as its ranks. The two
 checkers are large (108 MB, 55 MB), so not in the test extra: `pip install -e '.[deploy-check]'` (CI does)."""
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "Dockerfile.cpu"]
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+RAY_DIR = DEPLOY / "kubernetes" / "ray"  # apart: `kubectl apply -f deploy/kubernetes/` must not start a RayCluster
+RAY_MANIFEST = RAY_DIR / "ray-cluster.yaml"
 _ENV_DEFAULT = re.compile(r"\$\{(\w+):-([^}]*)\}")  # compose's ${VAR:-default}
 
 
@@ -68,6 +73,42 @@ def deployment() -> dict:
 
 def container_args() -> list[str]:
     return deployment()["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def ray_docs() -> dict[str, dict]:
+    """The Ray example's objects by kind."""
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(RAY_MANIFEST.read_text()) if doc}
+
+
+def ray_pod_templates() -> dict[str, dict]:
+    """The RayCluster's pod templates: "head" and each worker group's name."""
+    spec = ray_docs()["RayCluster"]["spec"]
+    return {"head": spec["headGroupSpec"]["template"],
+            **{group["groupName"]: group["template"] for group in spec["workerGroupSpecs"]}}
+
+
+def ray_head_container() -> dict:
+    return ray_pod_templates()["head"]["spec"]["containers"][0]
+
+
+def ray_head_serve_args() -> list[str]:
+    """The arguments after ``pagedllm serve`` in the head's start script (its ``exec pagedllm serve`` line)."""
+    script = ray_head_container()["args"][0].replace("\\\n", " ")  # join the shell's continued lines
+    [line] = [line.strip() for line in script.splitlines() if line.strip().startswith("exec pagedllm serve")]
+    return shlex.split(line)[3:]
+
+
+def gpus(container: dict) -> int:
+    return int(container["resources"]["limits"]["nvidia.com/gpu"])
+
+
+def assert_valid_kubernetes_object(doc: dict, where: str) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    version = kubernetes_validate.latest_version()
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)  # strict: unknown fields are errors too
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{where}: {doc['kind']} is not a valid Kubernetes {version} object: {exc}")
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
@@ -122,13 +163,8 @@ def test_kubernetes_flags_are_accepted_and_grace_outlasts_shutdown():
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda path: path.name)
 def test_manifests_are_valid_kubernetes_objects(path):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    version = kubernetes_validate.latest_version()
     for doc in yaml.safe_load_all(path.read_text()):
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)  # strict: unknown fields are errors too
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{path.name}: {doc['kind']} is not a valid Kubernetes {version} object: {exc}")
+        assert_valid_kubernetes_object(doc, path.name)
 
 
 def test_hpa_scales_on_the_metric_the_adapter_serves():
@@ -140,7 +176,7 @@ def test_hpa_scales_on_the_metric_the_adapter_serves():
     assert metric["pods"]["metric"]["name"] == served == "pagedllm_num_requests_waiting"
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, RAY_DIR / "Dockerfile"], ids=lambda path: path.parent.name + "/" + path.name)
 def test_dockerfile_passes_hadolint(dockerfile):
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")  # the venv's, unactivated
     if not Path(hadolint).exists():
@@ -148,3 +184,75 @@ def test_dockerfile_passes_hadolint(dockerfile):
     result = subprocess.run([hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(dockerfile)],
                             check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ray_head_serves_on_the_ray_executor_with_grace_to_drain():
+    args = parse_serve_flags(ray_head_serve_args())
+    assert args.distributed_executor_backend == "ray"
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (8, 2)
+    assert args.host == "0.0.0.0"  # the pod's command replaces the image's entrypoint and its --host
+    head = ray_pod_templates()["head"]["spec"]
+    assert head["terminationGracePeriodSeconds"] > args.graceful_shutdown_timeout
+    ports = {port["name"]: port["containerPort"] for port in ray_head_container()["ports"]}
+    [service_port] = ray_docs()["Service"]["spec"]["ports"]
+    assert ports[service_port["targetPort"]] == args.port == service_port["port"] == 8000
+
+
+def test_ray_cluster_has_one_gpu_per_rank():
+    args = parse_serve_flags(ray_head_serve_args())
+    ranks = args.tensor_parallel_size * args.pipeline_parallel_size
+    spec = ray_docs()["RayCluster"]["spec"]
+    workers = sum(group["replicas"] * gpus(group["template"]["spec"]["containers"][0])
+                  for group in spec["workerGroupSpecs"])
+    assert gpus(ray_head_container()) + workers == ranks
+    env = {var["name"]: var.get("value") for var in ray_head_container()["env"]}
+    assert int(env["WAIT_FOR_GPUS"]) == ranks  # the head starts the server once the workers joined
+
+
+def test_ray_cluster_has_the_structure_kuberay_requires():
+    """What the RayCluster CRD (ray.io/v1) requires, checked by hand: its schema is not available offline."""
+    cluster = ray_docs()["RayCluster"]
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    # The containers run their own command; KubeRay then starts no Ray unless they run its generated `ray start`.
+    assert cluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    spec = cluster["spec"]
+    pinned = re.search(r'"ray\[default\]==([\d.]+)"', (RAY_DIR / "Dockerfile").read_text()).group(1)
+    assert spec["rayVersion"] == pinned  # KubeRay reads it; it must be the image's Ray
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        params = group["rayStartParams"]  # a map of strings: a bare number or boolean is refused by the CRD
+        assert all(isinstance(value, str) for value in params.values()), params
+        [container] = group["template"]["spec"]["containers"]
+        assert "$KUBERAY_GEN_RAY_START_CMD" in container["args"][0], container["name"]
+        assert {mount["mountPath"] for mount in container["volumeMounts"]} >= {"/dev/shm", "/models"}
+    names = [group["groupName"] for group in spec["workerGroupSpecs"]]
+    assert names and len(set(names)) == len(names)
+    for group in spec["workerGroupSpecs"]:
+        assert isinstance(group["replicas"], int) and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert gpus(group["template"]["spec"]["containers"][0]) > 0
+
+
+def test_ray_head_probes_the_server_and_the_service_selects_the_head():
+    head = ray_head_container()
+    assert head["startupProbe"]["httpGet"]["path"] == "/health"
+    assert head["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert head["readinessProbe"]["httpGet"]["path"] == "/ready"
+    selector = ray_docs()["Service"]["spec"]["selector"]
+    # The labels KubeRay puts on the head pod.
+    assert selector == {"ray.io/cluster": ray_docs()["RayCluster"]["metadata"]["name"], "ray.io/node-type": "head"}
+    claims = {volume["persistentVolumeClaim"]["claimName"] for template in ray_pod_templates().values()
+              for volume in template["spec"]["volumes"] if "persistentVolumeClaim" in volume}
+    assert claims == {ray_docs()["PersistentVolumeClaim"]["metadata"]["name"]}
+
+
+@pytest.mark.parametrize("group", ["head", "gpu-8x"])
+def test_ray_pod_templates_are_valid_pods(group):
+    template = ray_pod_templates()[group]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {**template.get("metadata", {}), "name": group},
+           "spec": template["spec"]}
+    assert_valid_kubernetes_object(pod, f"ray-cluster.yaml {group} pod template")
+
+
+@pytest.mark.parametrize("kind", ["Service", "PersistentVolumeClaim"])
+def test_ray_example_kubernetes_objects_are_valid(kind):
+    assert_valid_kubernetes_object(ray_docs()[kind], f"ray-cluster.yaml {kind}")
