@@ -20,8 +20,8 @@ import triton
 from cuda_graph_timing import time_calls  # this folder is on sys.path when a script runs
 
 from pagedllm.model import gemm
-from pagedllm.model.quantization.fp8_triton import even_split
 from pagedllm.model.quantization.int4 import TILE_K, Int4Checkpoint, to_canonical
+from pagedllm.model.split_k import even_split
 from pagedllm.model.w4a16_kernel import GEMV_MAX_ROWS, W4A16Config, choose_config, dequantize_int4, w4a16_linear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}

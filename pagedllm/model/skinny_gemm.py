@@ -26,8 +26,8 @@ dot's x operand to wgmma from shared memory, so a computed x is stored there eve
 waits for its own MMA and an unpipelined norm-weight load: the weight stream stops being pipelined.
 
 Allocation per call is a fixed-size output (and partials buffer when split) and nothing is read back to the host,
-so calls can be captured in a CUDA graph. The counters are one zeroed buffer per device, made on first use; every
-launch leaves them at zero again.
+so calls can be captured in a CUDA graph. The counters and the launch planning are ``split_k``'s, shared with the
+other decode GEMMs.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
+from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.pdl import wait_for_earlier_kernels
 
 MAX_ROWS = 16  # decode batches up to this many rows take this kernel
 _BLOCK_M = 16  # tl.dot's smallest tile side: x's rows are padded to it
-_MAX_ROW_BLOCKS_SPLIT = 4096  # counters per device: a split launch may have at most this many row blocks
 
 
 @dataclass(frozen=True)
@@ -184,17 +184,6 @@ def _skinny_gemm_kernel(
 
 
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
-def _arrival_counters(device: torch.device) -> torch.Tensor:
-    """The split launches' counters on ``device``: zero between launches (each launch resets those it used)."""
-    return torch.zeros(_MAX_ROW_BLOCKS_SPLIT, dtype=torch.int32, device=device)
-
-
-@functools.cache
 def choose_config(n: int, k: int, num_sms: int, element_size: int = 2) -> SkinnyGemmConfig:
     """A launch shape for W [n, k] (elements of ``element_size`` bytes) on a device of ``num_sms`` SMs.
 
@@ -209,9 +198,7 @@ def choose_config(n: int, k: int, num_sms: int, element_size: int = 2) -> Skinny
     if 4 * row_blocks >= num_sms:
         return SkinnyGemmConfig(64, block_k, 1, num_stages=min(max_stages, 6 if row_blocks <= 2 * num_sms else 4))
     k_steps = triton.cdiv(k, block_k)
-    wanted = max(1, min(triton.cdiv(num_sms, triton.cdiv(n, 32)), k_steps // 4))
-    # Slices of equal whole K steps where possible: the kernel then needs no K mask.
-    split_k = max(d for d in range(1, wanted + 1) if k_steps % d == 0)
+    split_k = even_split(k_steps, triton.cdiv(num_sms, triton.cdiv(n, 32)), 4)
     return SkinnyGemmConfig(32, block_k, split_k, num_stages=min(max_stages, 4))
 
 
@@ -299,8 +286,8 @@ def _run(
     num_rows, (n, k) = x.shape[0], weight.shape
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows:
-        num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
-        _launch(x, weight, bias, out, config or choose_config(n, k, num_sms, x.element_size()), prologue)
+        config = config or choose_config(n, k, sm_count(x.device), x.element_size())
+        _launch(x, weight, bias, out, config, prologue)
     return out
 
 
@@ -309,26 +296,16 @@ def _launch(
     prologue: _Prologue,
 ) -> None:
     num_rows, (n, k) = x.shape[0], weight.shape
-    row_blocks = triton.cdiv(n, config.block_n)
-    # Whole K steps per slice; trailing slices that would be empty are dropped. The norm needs whole rows: no split.
-    split_k = 1 if prologue.is_norm else config.split_k
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
-    num_splits = triton.cdiv(k, k_per_split)
-    is_split = num_splits > 1 and row_blocks <= _MAX_ROW_BLOCKS_SPLIT
-    if is_split:
-        partials = torch.empty((num_splits, row_blocks * config.block_n, _BLOCK_M), dtype=torch.float32,
-                               device=x.device)
-        arrivals = _arrival_counters(x.device)
-    else:
-        num_splits, k_per_split = 1, triton.cdiv(k, config.block_k) * config.block_k
-        partials = arrivals = out  # placeholders, never touched
+    # The norm needs whole rows: K is not split then.
+    launch = plan_launch(n, k, out, block_n=config.block_n, block_k=config.block_k, block_m=_BLOCK_M,
+                         split_k=config.split_k, can_split=not prologue.is_norm)
     residual = prologue.residual if prologue.residual is not None else x  # placeholders when unused
-    _skinny_gemm_kernel[(row_blocks, num_splits)](
-        x, weight, bias if bias is not None else out, out, partials, arrivals, residual,
+    _skinny_gemm_kernel[launch.grid](
+        x, weight, bias if bias is not None else out, out, launch.partials, launch.arrivals, residual,
         prologue.norm_weight if prologue.is_norm else x,
         prologue.residual_out if prologue.residual_out is not None else x,
-        num_rows, n, k, k_per_split, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0), prologue.eps,
-        HAS_BIAS=bias is not None, IS_SPLIT=is_split, EVEN_K=k == num_splits * k_per_split,
+        num_rows, n, k, launch.k_per_split, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0),
+        prologue.eps, HAS_BIAS=bias is not None, IS_SPLIT=launch.is_split, EVEN_K=launch.even_k,
         BLOCK_N=config.block_n, BLOCK_M=_BLOCK_M, BLOCK_K=config.block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         NORM_INPUT=prologue.is_norm, HAS_RESIDUAL=prologue.residual is not None, SILU_MUL_INPUT=prologue.is_silu_mul,

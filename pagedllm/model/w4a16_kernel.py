@@ -21,7 +21,8 @@ dequantized in registers. ``w4a16_linear`` picks one of three paths by the rows 
 
 Both kernels read x's column ``perm[k]`` for their column k with act-order, so the sorted groups stay contiguous
 at no extra launch. When W has too few row blocks to fill the SMs, K is split over programs, and the last program
-of a row block to arrive sums the float32 partials in split order (deterministic, one launch, no memset).
+of a row block to arrive sums the float32 partials in split order (deterministic, one launch, no memset;
+``model/split_k.py``).
 
 Nothing is read back to the host and the allocations are fixed-size, so calls can be captured in a CUDA graph.
 """
@@ -36,8 +37,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pagedllm.model.quantization.fp8_triton import even_split
 from pagedllm.model.quantization.int4 import TILE_K, Int4Weight
+from pagedllm.model.split_k import even_split, plan_launch, sm_count
 
 # From this many rows of x on, dequantize + cuBLAS (module docstring): on an H200 the two tie at 64 rows on
 # Llama-3.1-8B's projections and the dequantizing path wins 1.3-2.6x at 128 (benchmarks/h200/issue16-w4a16).
@@ -45,7 +46,6 @@ DEQUANT_MIN_ROWS = 64
 # Up to this many rows of x, the GEMV kernel (UNMEASURED: from instruction counts, its cost per weight grows ~2.5x
 # from 1 to 4 rows and ~6x to 8; to be set from the microbench's GEMV vs tl.dot columns).
 GEMV_MAX_ROWS = 4
-_MAX_ROW_BLOCKS_SPLIT = 4096  # counters per device for split launches
 _FLOAT_2POW23_BITS = 0x4B000000  # float32 2^23, mantissa all zero: OR-ing an integer q < 2^23 in gives 2^23 + q
 
 
@@ -334,17 +334,6 @@ def _dequantize_kernel(
 
 
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
-def _arrival_counters(device: torch.device) -> torch.Tensor:
-    """The split launches' counters on ``device``: zero between launches (each launch resets those it used)."""
-    return torch.zeros(_MAX_ROW_BLOCKS_SPLIT, dtype=torch.int32, device=device)
-
-
-@functools.cache
 def choose_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
     """A launch shape (and so the kernel) for x [num_rows, k] times W [n, k] on a device of ``num_sms`` SMs.
 
@@ -388,8 +377,7 @@ def w4a16_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None 
         return out.view(*x.shape[:-1], n)
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows:
-        num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
-        _launch_gemm(x2d, weight, bias, out, config or choose_config(num_rows, n, k, num_sms))
+        _launch_gemm(x2d, weight, bias, out, config or choose_config(num_rows, n, k, sm_count(x.device)))
     return out.view(*x.shape[:-1], n)
 
 
@@ -411,34 +399,27 @@ def _launch_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None,
                  config: W4A16Config) -> None:
     num_rows, k = x.shape
     n, padded_k = out.shape[1], weight.qweight.shape[1] * 8
-    row_blocks = triton.cdiv(n, config.block_n)
     m_blocks = triton.cdiv(num_rows, config.block_m)
     if config.gemv and m_blocks > 1:
         raise ValueError(f"the GEMV kernel takes at most block_m = {config.block_m} rows of x, got {num_rows}")
-    k_per_split = triton.cdiv(triton.cdiv(padded_k, config.split_k), TILE_K) * TILE_K
-    num_splits = triton.cdiv(padded_k, k_per_split)
-    is_split = num_splits > 1 and m_blocks == 1 and row_blocks <= _MAX_ROW_BLOCKS_SPLIT
-    if is_split:
-        partials = torch.empty((num_splits, row_blocks * config.block_n, config.block_m), dtype=torch.float32,
-                               device=x.device)
-        arrivals = _arrival_counters(x.device)
-    else:
-        num_splits, k_per_split = 1, padded_k
-        partials = arrivals = out  # placeholders, never touched
+    # K in whole canonical tiles (padded_k is a multiple of TILE_K); split only with x in one row block.
+    launch = plan_launch(n, padded_k, out, block_n=config.block_n, block_k=TILE_K, block_m=config.block_m,
+                         split_k=config.split_k, can_split=m_blocks == 1)
     zeros = weight.zeros if weight.zeros is not None else weight.scales  # placeholder when symmetric
     operands = (x, weight.perm if weight.perm is not None else x, weight.qweight, weight.scales, zeros,
-                bias if bias is not None else out, out, partials, arrivals)
+                bias if bias is not None else out, out, launch.partials, launch.arrivals)
     flags = {"HAS_PERM": weight.perm is not None, "HAS_ZEROS": weight.zeros is not None, "HAS_BIAS": bias is not None,
-             "IS_SPLIT": is_split, "EVEN_K": k == padded_k, "BLOCK_N": config.block_n, "BLOCK_M": config.block_m,
-             "num_warps": config.num_warps}
+             "IS_SPLIT": launch.is_split, "EVEN_K": k == padded_k, "BLOCK_N": config.block_n,
+             "BLOCK_M": config.block_m, "num_warps": config.num_warps}
     strides = (x.stride(0), weight.qweight.stride(0), weight.scales.stride(0), zeros.stride(0), out.stride(0))
+    k_per_split = launch.k_per_split
     if config.gemv:
-        _w4a16_gemv_kernel[(row_blocks, num_splits)](
+        _w4a16_gemv_kernel[launch.grid](
             *operands, num_rows, n, k, padded_k, k_per_split, weight.scales.shape[1], *strides, _FLOAT_2POW23_BITS,
             **flags, GROUP_SIZE=_gemv_group_size(weight), STAGES=config.num_stages,
         )
     else:
-        _w4a16_gemm_kernel[(row_blocks, m_blocks, num_splits)](
+        _w4a16_gemm_kernel[(launch.row_blocks, m_blocks, launch.num_splits)](
             *operands, num_rows, n, k, padded_k, k_per_split, weight.group_size, weight.scales.shape[1], *strides,
             **flags, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=config.num_stages,
         )

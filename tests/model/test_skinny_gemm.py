@@ -17,6 +17,7 @@ skinny = pytest.importorskip("pagedllm.model.skinny_gemm")
 from pagedllm import pdl
 from pagedllm.model.linear import Linear
 from pagedllm.model.skinny_gemm import SkinnyGemmConfig, rms_norm_gemm, silu_mul_gemm, skinny_gemm
+from pagedllm.model.split_k import arrival_counters
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if DEVICE == "cuda" else [torch.float32]
@@ -68,7 +69,7 @@ def test_split_k_matches_and_resets_counters(num_rows: int, n: int, k: int, conf
     x, weight, bias = random_problem(num_rows, n, k, dtype, True, seed=n + k + num_rows)
     for _ in range(2):  # the second launch relies on the first having reset its counters
         assert_matches_linear(skinny_gemm(x, weight, bias, config), x, weight, bias)
-    assert not skinny._arrival_counters(x.device).any()
+    assert not arrival_counters(x.device).any()
 
 
 def test_strided_rows_and_leading_dims() -> None:
@@ -202,7 +203,7 @@ def test_rms_norm_gemm_never_splits_k(num_rows: int) -> None:
     """A config that would split K still gives whole rows to each program: the norm needs the full row."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     check_rms_norm_gemm(num_rows, 70, 200, dtype, True, True, seed=5, config=SkinnyGemmConfig(16, 32, split_k=3))
-    assert not skinny._arrival_counters(torch.device(DEVICE)).any()
+    assert not arrival_counters(torch.device(DEVICE)).any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -216,7 +217,7 @@ def test_silu_mul_gemm_matches_silu_and_mul_then_linear(dtype, num_rows: int, n:
 def test_silu_mul_gemm_splits_k(num_rows: int) -> None:
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     check_silu_mul_gemm(num_rows, 130, 512, dtype, True, seed=2, config=SkinnyGemmConfig(32, 64, split_k=4))
-    assert not skinny._arrival_counters(torch.device(DEVICE)).any()
+    assert not arrival_counters(torch.device(DEVICE)).any()
 
 
 def test_fused_variants_reject_bad_shapes() -> None:

@@ -13,7 +13,7 @@ top-k sum is one more launch. Here each (token, slot) pair is its own GEMV and n
    I]; the column block 0 program of each pair also stores the pair's expert id and weight for launch 2.
 2. down, grid (token, column block, slot): each program multiplies its pair's activation by its expert's down rows
    and scales it by the routing weight; the last of a token's k slots to arrive (an atomic counter per (token,
-   column block), as in ``skinny_gemm.py``) sums the k partials in slot order and writes the output [T, H]: the
+   column block), ``model/split_k.py``) sums the k partials in slot order and writes the output [T, H]: the
    top-k sum is fused and deterministic.
 
 Both multiply with ``tl.dot``, the vector as the first of 16 columns (the narrowest MMA tile; the others are zeros,
@@ -33,7 +33,7 @@ import triton.language as tl
 
 from pagedllm import pdl
 from pagedllm.model.moe.fused_moe import dot_precision
-from pagedllm.model.skinny_gemm import _MAX_ROW_BLOCKS_SPLIT, _arrival_counters, _num_sms
+from pagedllm.model.split_k import COUNTERS_PER_DEVICE, arrival_counters, sm_count
 from pagedllm.pdl import wait_for_earlier_kernels
 
 # Steps of at most this many (token, slot) pairs take this path. H200, one Qwen3-30B-A3B layer's experts
@@ -76,7 +76,7 @@ def accepts(num_tokens: int, top_k: int, hidden: int) -> bool:
     few enough arrival counters for the down launch at its narrowest blocks. (``fused_moe_decode`` itself takes
     more pairs, for the benchmarks that place the limit.)"""
     num_pairs = num_tokens * top_k
-    return 0 < num_pairs <= MAX_PAIRS and num_tokens * triton.cdiv(hidden, 16) <= _MAX_ROW_BLOCKS_SPLIT
+    return 0 < num_pairs <= MAX_PAIRS and num_tokens * triton.cdiv(hidden, 16) <= COUNTERS_PER_DEVICE
 
 
 @triton.jit
@@ -241,11 +241,11 @@ def fused_moe_decode_with_routing(
     if num_pairs == 0:
         raise ValueError("fused_moe_decode needs at least one token")
     x, router_logits = x.contiguous(), router_logits.contiguous()
-    config = config or choose_decode_config(num_pairs, hidden, intermediate, _device_sms(x.device), x.element_size())
+    config = config or choose_decode_config(num_pairs, hidden, intermediate, sm_count(x.device), x.element_size())
     counters_needed = num_tokens * triton.cdiv(hidden, config.block_n_down)
-    if counters_needed > _MAX_ROW_BLOCKS_SPLIT:
+    if counters_needed > COUNTERS_PER_DEVICE:
         raise ValueError(f"the down launch needs {counters_needed} arrival counters (one per token and column "
-                         f"block); there are {_MAX_ROW_BLOCKS_SPLIT}")
+                         f"block); there are {COUNTERS_PER_DEVICE}")
     act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)
     ids = torch.empty(num_pairs, dtype=torch.int32, device=x.device)
     weights = torch.empty(num_pairs, dtype=torch.float32, device=x.device)
@@ -253,10 +253,6 @@ def fused_moe_decode_with_routing(
     out = torch.empty_like(x)
     _launch_down(act, w2, ids, weights, out, top_k, config)
     return DecodeMoEResult(out, ids.view(num_tokens, top_k), weights.view(num_tokens, top_k))
-
-
-def _device_sms(device: torch.device) -> int:
-    return _num_sms(device.index or 0) if device.type == "cuda" else 8
 
 
 def _block_k(config: DecodeConfig, k: int) -> int:
@@ -288,7 +284,7 @@ def _launch_down(act: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor, weights
     column_blocks = triton.cdiv(hidden, config.block_n_down)
     partials = torch.empty(act.shape[0], column_blocks * config.block_n_down, dtype=torch.float32, device=out.device)
     _down_kernel[(num_tokens, column_blocks, top_k)](
-        act, w2, ids, weights, partials, _arrival_counters(out.device), out,
+        act, w2, ids, weights, partials, arrival_counters(out.device), out,
         hidden, intermediate, w2.stride(0), w2.stride(1), out.stride(0),
         TOP_K=top_k, BLOCK_N=config.block_n_down, BLOCK_K=block_k, EVEN_K=intermediate % block_k == 0,
         DOT_PRECISION=dot_precision(act.dtype), num_warps=config.num_warps, num_stages=config.num_stages,

@@ -30,14 +30,8 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
-from pagedllm.model.quantization.fp8_triton import (
-    Fp8GemmConfig,
-    accepts,
-    even_split,
-    finish_tile,
-    num_sms_of,
-    plan_launch,
-)
+from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, accepts, finish_tile
+from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.pdl import wait_for_earlier_kernels
 
 MAX_ROWS = 4  # one accumulator per x row, unrolled: the registers grow with the rows
@@ -130,9 +124,10 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
                          f"weight [N, K]; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
                          f"{weight.dtype}")
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
-    config = config or choose_config(n, k, num_rows, num_sms_of(x.device))
+    config = config or choose_config(n, k, num_rows, sm_count(x.device))
     block_m = triton.next_power_of_2(num_rows)
-    launch = plan_launch(n, k, config, block_m, out)
+    launch = plan_launch(n, k, out, block_n=config.block_n, block_k=config.block_k, block_m=block_m,
+                         split_k=config.split_k)
     _fp8_gemv_kernel[launch.grid](
         x, weight, scale, bias if bias is not None else out, out, launch.partials, launch.arrivals, n, k,
         launch.k_per_split, x.stride(0), weight.stride(0), out.stride(0), NUM_ROWS=num_rows,

@@ -19,8 +19,8 @@ is applied once to the float32 result. How x meets the FP8 weight (``X_MODE``):
   (benchmarks/h200/issue16-fp8-weights).
 
 Split K: when the row blocks alone leave SMs idle, each program writes its float32 partial and the last program of
-a row block to arrive (an atomic counter, shared with the bf16 skinny kernel) sums them in split order: one launch,
-deterministic, no memset. ``finish_tile`` and ``plan_launch`` are shared with ``fp8_gemv``.
+a row block to arrive (an atomic counter, ``model/split_k.py``) sums them in split order: one launch, deterministic,
+no memset. ``finish_tile`` is shared with ``fp8_gemv``.
 
 ``quantize_activation``: x [M, K] -> FP8 with a scale per row (dynamic: its max / 448) or one given scale, in one
 launch instead of torch's four (abs, amax, divide, cast), ahead of the ``"fp8"`` mode and ``torch._scaled_mm``.
@@ -39,7 +39,7 @@ import triton.language as tl
 
 from pagedllm import pdl
 from pagedllm.model.quantization.fp8_gemm import _MIN_SCALE, FP8_DTYPE, FP8_MAX, ActivationScheme
-from pagedllm.model.skinny_gemm import _MAX_ROW_BLOCKS_SPLIT, _arrival_counters, _num_sms
+from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.pdl import wait_for_earlier_kernels
 
 MAX_ROWS = 128  # the largest x this module's GEMM serves
@@ -80,44 +80,6 @@ def choose_config(n: int, k: int, num_sms: int, block_m: int = _MIN_BLOCK_M) -> 
     split_k = even_split(triton.cdiv(k, block_k), triton.cdiv(programs_per_sm * num_sms, row_blocks), 4)
     num_warps = 8 if block_n * block_m >= 128 * 128 else 4  # float32 accumulators: 64 registers a thread at most
     return Fp8GemmConfig(block_n, block_k, split_k, num_warps, num_stages=3 if block_m >= 128 else 4)
-
-
-def even_split(k_steps: int, wanted: int, min_steps: int) -> int:
-    """The most K slices, up to ``wanted``, that divide ``k_steps`` evenly with at least ``min_steps`` each (even
-    slices need no K mask)."""
-    most = max(1, min(wanted, k_steps // min_steps))
-    return max(d for d in range(1, most + 1) if k_steps % d == 0)
-
-
-@dataclass
-class SplitLaunch:
-    """How a launch covers K: the grid, each program's K slice, and the partials and counters of a split."""
-
-    grid: tuple[int, int]
-    k_per_split: int
-    is_split: bool
-    even_k: bool
-    partials: torch.Tensor
-    arrivals: torch.Tensor
-
-
-def plan_launch(n: int, k: int, config: Fp8GemmConfig, block_m: int, out: torch.Tensor) -> SplitLaunch:
-    """Grid (row blocks, K slices) for ``config``; slices of whole K steps, trailing empty ones dropped. ``out``
-    stands in for the partials and counters when K is not split (never touched then)."""
-    row_blocks = triton.cdiv(n, config.block_n)
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
-    num_splits = triton.cdiv(k, k_per_split)
-    if num_splits == 1 or row_blocks > _MAX_ROW_BLOCKS_SPLIT:
-        k_per_split = triton.cdiv(k, config.block_k) * config.block_k
-        return SplitLaunch((row_blocks, 1), k_per_split, False, k == k_per_split, out, out)
-    partials = torch.empty((num_splits, row_blocks * config.block_n, block_m), dtype=torch.float32,
-                           device=out.device)
-    return SplitLaunch((row_blocks, num_splits), k_per_split, True, k == num_splits * k_per_split, partials,
-                       _arrival_counters(out.device))
-
-
-def num_sms_of(device: torch.device) -> int:
-    return _num_sms(device.index or 0) if device.type == "cuda" else 8
 
 
 @triton.jit
@@ -280,8 +242,9 @@ def _gemm(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, s
     num_rows, (n, k) = x.shape[0], weight.shape
     out = torch.empty((num_rows, n), dtype=out_dtype or x.dtype, device=x.device)
     block_m = block_m_for(num_rows)
-    config = config or choose_config(n, k, num_sms_of(x.device), block_m)
-    launch = plan_launch(n, k, config, block_m, out)
+    config = config or choose_config(n, k, sm_count(x.device), block_m)
+    launch = plan_launch(n, k, out, block_n=config.block_n, block_k=config.block_k, block_m=block_m,
+                         split_k=config.split_k)
     _fp8_gemm_kernel[launch.grid](
         x, weight, scale, x_scale if x_scale is not None else scale, bias if bias is not None else out, out,
         launch.partials, launch.arrivals, num_rows, n, k, launch.k_per_split, x.stride(0), weight.stride(0),
