@@ -28,7 +28,7 @@ from pagedllm.lora.adapter import LoRAAdapter, load_adapter
 from pagedllm.lora.layers import LoRALayerWeights, LoRAStepContext
 from pagedllm.lora.request import LoRARequest
 from pagedllm.lora.tiles import SMALL_STEP_TOKENS, max_tiles, max_tiles_of_any_step, step_tiles
-from pagedllm.worker.step_buffers import StagedBuffer
+from pagedllm.staged_buffer import StagedBuffer
 
 logger = logging.getLogger(__name__)
 

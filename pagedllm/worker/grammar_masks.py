@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pagedllm.staged_buffer import StagedBuffer
 from pagedllm.structured_output.backend import bitmask_width
 from pagedllm.structured_output.manager import StructuredOutputRequest, fill_bitmasks
-from pagedllm.worker.step_buffers import StagedBuffer
 
 # Words of a row read to estimate the share of tokens it allows: 8,192 token ids spread over the vocabulary.
 _SAMPLED_WORDS = 256

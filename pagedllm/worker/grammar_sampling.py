@@ -40,10 +40,10 @@ from typing import Any
 import torch
 
 from pagedllm.params import SamplingParams
+from pagedllm.staged_buffer import StagedBuffer
 from pagedllm.structured_output.manager import accept_deferred_tokens, accept_tokens, try_accept_tokens
 from pagedllm.worker.grammar_masks import MaskStaging
 from pagedllm.worker.sampler import GrammarMask, SamplerOutput, SamplingMetadata
-from pagedllm.worker.step_buffers import StagedBuffer
 
 # A row whose mask allows less than this share of the vocabulary is masked first at its next step.
 MIN_ALLOWED_FRACTION_TO_CHECK = 1 / 64
