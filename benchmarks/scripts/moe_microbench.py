@@ -22,6 +22,7 @@ import json
 import time
 
 import torch
+from cuda_graph_timing import time_calls  # this folder is on sys.path when a script runs
 
 from pagedllm.model.moe import decode_moe
 from pagedllm.model.moe.fused_moe import fused_moe
@@ -37,17 +38,6 @@ Config = decode_moe.DecodeConfig
 SWEEP = [Config(8, 16), Config(16, 32), Config(32, 64), Config(16, 64), Config(16, 32, 256, num_stages=3),
          Config(8, 16, 256, num_stages=3), Config(8, 16, 512, num_stages=2), Config(16, 32, num_stages=6),
          Config(16, 32, 64, num_stages=6), Config(16, 32, num_warps=8), Config(32, 64, num_stages=6)]
-
-
-def time_graph(fn, num_calls: int) -> float:
-    """Microseconds per call of ``fn(i)`` replayed from one CUDA graph of ``num_calls`` calls (best of 5)."""
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(num_calls):
-            fn(i)
-    return _best_of(graph.replay, 5) / num_calls
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -105,15 +95,15 @@ def make_case(num_tokens: int, weights) -> Case:
 def bench(case: Case, calls: int, decode_max_tokens: int) -> dict:
     num_tokens = case.x.shape[0]
     expert_bytes = distinct_expert_bytes(select_experts(case.logits, TOP_K, True)[1])
-    row = {"tokens": num_tokens, "expert_bytes": expert_bytes, "grouped_us": time_graph(case.grouped, calls)}
+    row = {"tokens": num_tokens, "expert_bytes": expert_bytes, "grouped_us": time_calls(case.grouped, calls)}
     if num_tokens <= SEPARATE_SILU_MAX_TOKENS:
-        row["grouped_separate_silu_us"] = time_graph(lambda i: case.grouped(i, fuse_silu_mul=False), calls)
+        row["grouped_separate_silu_us"] = time_calls(lambda i: case.grouped(i, fuse_silu_mul=False), calls)
     expected = case.reference().float()
     row["torch_eager_us"] = _best_of(case.reference, 3)
     row["grouped_max_abs_diff"] = float((case.grouped(0).float() - expected).abs().max())
     row["grouped_GBps"] = expert_bytes / row["grouped_us"] / 1e3
     if num_tokens <= decode_max_tokens:
-        row["decode_us"] = time_graph(case.decode, calls)
+        row["decode_us"] = time_calls(case.decode, calls)
         row["decode_max_abs_diff"] = float((case.decode(0).float() - expected).abs().max())
         row["decode_GBps"] = expert_bytes / row["decode_us"] / 1e3
         row["decode_speedup"] = row["grouped_us"] / row["decode_us"]
@@ -125,7 +115,7 @@ def sweep(case: Case, calls: int) -> list[dict]:
     expert_bytes = distinct_expert_bytes(select_experts(case.logits, TOP_K, True)[1])
     rows = []
     for config in [None, *SWEEP]:
-        us = time_graph(lambda i, config=config: case.decode(i, config), calls)
+        us = time_calls(lambda i, config=config: case.decode(i, config), calls)
         rows.append({"tokens": case.x.shape[0], "config": dataclasses.asdict(config) if config else "default",
                      "decode_us": us, "decode_GBps": expert_bytes / us / 1e3})
     return rows

@@ -34,8 +34,6 @@ are tested against.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +41,7 @@ import triton.language as tl
 from pagedllm import pdl
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.triton_fp8 import fp8_kernel_args, load_scale, quantize_fp8
+from pagedllm.model.split_k import sm_count
 from pagedllm.pdl import wait_for_earlier_kernels
 
 _LOG2_E = 1.4426950408889634
@@ -282,16 +281,10 @@ def _prefill_kernel(
 # ---- decode (every request has one query) ----------------------------------------------------------------------
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_decode_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Splits per (request, kv head) so that the decode launch has a few programs per SM: 1 for big batches,
     many for a single long sequence; never more than the longest context has key tiles."""
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
-    wanted = triton.cdiv(4 * num_sms, num_reqs * num_kv_heads)
+    wanted = triton.cdiv(4 * sm_count(device), num_reqs * num_kv_heads)
     return max(1, min(wanted, _MAX_SPLITS, triton.cdiv(max_seq_len, _BLOCK_N)))
 
 
