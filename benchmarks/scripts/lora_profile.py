@@ -32,6 +32,8 @@ import sys
 import time
 from collections import defaultdict
 
+from host_timing import wrap_timed  # this folder is on sys.path when a script runs
+
 KINDS = ("prefill", "decode")
 LORA_KERNEL = re.compile(r"shrink|expand|sgmv|lora", re.IGNORECASE)
 TOP_KERNELS = 15
@@ -71,17 +73,10 @@ class StepTimes:
         self.events: dict[str, list] = {kind: [] for kind in KINDS}
 
     def wrap(self, owner, attribute: str, name: str, shared: bool = False) -> None:
-        original = getattr(owner, attribute)
+        wrap_timed(owner, attribute, lambda seconds: self._add(name, seconds, shared))
 
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                bucket = self.shared_host_s if shared else self.host_s[self.kind]
-                bucket[name] += time.perf_counter() - start
-
-        setattr(owner, attribute, timed)
+    def _add(self, name: str, seconds: float, shared: bool) -> None:
+        (self.shared_host_s if shared else self.host_s[self.kind])[name] += seconds
 
     def wrap_step(self, runner) -> None:
         """``execute_model_async``: sets the step's kind (and counts it) before its phases run."""

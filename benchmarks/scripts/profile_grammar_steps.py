@@ -17,7 +17,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import sys
-import time
+
+from host_timing import wrap_timed  # this folder is on sys.path when a script runs
 
 from pagedllm.bench.cli import main
 from pagedllm.core.scheduler import Scheduler
@@ -31,17 +32,12 @@ CALLS: collections.Counter = collections.Counter()
 
 
 def timed(owner: type, name: str, label: str) -> None:
-    function = getattr(owner, name)
+    wrap_timed(owner, name, lambda seconds: _add(label, seconds))
 
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            TOTALS[label] += time.perf_counter() - start
-            CALLS[label] += 1
 
-    setattr(owner, name, wrapper)
+def _add(label: str, seconds: float) -> None:
+    TOTALS[label] += seconds
+    CALLS[label] += 1
 
 
 timed(ModelRunner, "execute_model", "runner.execute_model (whole step but scheduling)")

@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 
 import torch
+from host_timing import wrap_timed  # this folder is on sys.path when a script runs
 from torch.profiler import ProfilerActivity, profile
 
 from pagedllm import LLM, SamplingParams
@@ -33,17 +34,11 @@ class PhaseTimers:
         self.calls: dict[str, int] = defaultdict(int)
 
     def wrap(self, owner, attribute: str, name: str) -> None:
-        original = getattr(owner, attribute)
+        wrap_timed(owner, attribute, lambda seconds: self._add(name, seconds))
 
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds[name] += time.perf_counter() - start
-                self.calls[name] += 1
-
-        setattr(owner, attribute, staticmethod(timed) if isinstance(owner, type) else timed)
+    def _add(self, name: str, seconds: float) -> None:
+        self.seconds[name] += seconds
+        self.calls[name] += 1
 
     def reset(self) -> None:
         self.seconds.clear()
