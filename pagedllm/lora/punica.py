@@ -7,16 +7,21 @@ slot's run into tiles of ``tile_rows(T)`` sorted positions: rows (slot, start, e
 ``max_tiles(T, num_slots)``. The launches depend only on the step's token count T and read the tiles from device
 buffers, so a CUDA graph captured once replays with each step's tiles; an empty tile's programs do nothing.
 
-``shrink``: ``u = A[slot] x`` over slices of K, [splits, T, num_shards * r_max] float32 partial sums, all shards
-of a fused layer (q, k and v) in one launch; a decode step has few tiles, so K is split until about
-``_SHRINK_TARGET_PROGRAMS`` programs run. ``expand``: ``y[:, shard] += B[slot, shard] u[:, shard's ranks]`` in
-place, the partial sums added in a fixed order (deterministic, no atomics), every shard in one launch (the grid's
+``shrink``: ``u = A[slot] x``, [T, num_shards * r_max] float32, all shards of a fused layer (q, k and v) in one
+launch. A decode step has few tiles, so K is split until about ``_SHRINK_TARGET_PROGRAMS`` programs run; the K
+slices of a tile's rank block are then summed inside the launch, by the slice that arrives last (an atomic counter
+per (tile, rank block); the partials added in split order: deterministic, and the counter left at zero for the next
+launch or graph replay, as in ``model/split_k.py``). The expand then reads each u once: summing the slices there
+made every one of its programs (a Llama-3.1-8B gate_up has 224 column blocks per tile) read all of them again.
+``expand``: ``y[:, shard] += B[slot, shard] u[:, shard's ranks]`` in place, every shard in one launch (the grid's
 third axis). Ranks are padded to tl.dot's smallest side (16) by masks, so any ``max_lora_rank`` works.
 
 CUDA only (or Triton's interpreter on CPU, for the tests); imported lazily by ``layers.py`` and ``slots.py``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -26,6 +31,7 @@ from pagedllm.lora.tiles import max_tiles, tile_rows
 
 _SHRINK_BLOCK_K = 64
 _SHRINK_TARGET_PROGRAMS = 256
+_SHRINK_COUNTERS = 4096  # (tile, rank block) pairs a split shrink can count arrivals for
 _EXPAND_BLOCK_N = 128
 _MIN_DOT = 16  # tl.dot's smallest side: ranks below it are padded (masked)
 
@@ -43,32 +49,61 @@ def _tile(tiles_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
     return slot, tokens, row_mask, start < end
 
 
-@triton.jit(do_not_specialize=["k_per_split", "stride_us"])  # both vary with the step's token count
-def _shrink_kernel(x_ptr, a_ptr, sorted_ptr, tiles_ptr, u_ptr, K, R, k_per_split, stride_xt, stride_as, stride_ar,
-                   stride_us, stride_ut, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+@triton.jit
+def _shrink_slice(x_ptr, a_ptr, slot, tokens, row_mask, ranks, R, k_begin, k_end, stride_xt, stride_as, stride_ar,
+                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``x[tokens, k_begin:k_end] @ A[slot, ranks, k_begin:k_end]^T``: [BLOCK_M, BLOCK_R] float32."""
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k_start in range(k_begin, k_end, BLOCK_K):
+        cols = k_start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + tokens[:, None] * stride_xt + cols[None, :],
+                    mask=row_mask[:, None] & (cols[None, :] < k_end), other=0.0)
+        a = tl.load(a_ptr + slot * stride_as + ranks[None, :] * stride_ar + cols[:, None],
+                    mask=(ranks[None, :] < R) & (cols[:, None] < k_end), other=0.0)
+        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_summed(acc, partial_ptrs, split_stride, mask, counter_ptr, u_ptrs):
+    """Store this K slice's ``acc`` as a partial; the slice of the (tile, rank block) that arrives last sums all
+    the partials in split order (the same sum whichever came last), writes u and resets the counter."""
+    num_splits = tl.num_programs(2)
+    tl.store(partial_ptrs + tl.program_id(2) * split_stride, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the counter says so
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:
+        total = tl.zeros_like(acc)
+        for split in range(0, num_splits):
+            total += tl.load(partial_ptrs + split * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(u_ptrs, total, mask=mask)
+        tl.store(counter_ptr, 0)  # ready for the next launch (or graph replay)
+
+
+@triton.jit(do_not_specialize=["k_per_split", "split_stride"])  # both vary with the step's token count
+def _shrink_kernel(x_ptr, a_ptr, sorted_ptr, tiles_ptr, partial_ptr, arrivals_ptr, u_ptr, K, R, k_per_split,
+                   split_stride, stride_xt, stride_as, stride_ar, stride_ut, BLOCK_M: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     slot, tokens, row_mask, has_rows = _tile(tiles_ptr, sorted_ptr, BLOCK_M)
     if has_rows:
         ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        split = tl.program_id(2)
-        k_begin = split * k_per_split
-        k_end = tl.minimum(k_begin + k_per_split, K)
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k_start in range(k_begin, k_end, BLOCK_K):
-            cols = k_start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + tokens[:, None] * stride_xt + cols[None, :],
-                        mask=row_mask[:, None] & (cols[None, :] < k_end), other=0.0)
-            a = tl.load(a_ptr + slot * stride_as + ranks[None, :] * stride_ar + cols[:, None],
-                        mask=(ranks[None, :] < R) & (cols[:, None] < k_end), other=0.0)
-            acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
-        tl.store(u_ptr + split * stride_us + tokens[:, None] * stride_ut + ranks[None, :], acc,
-                 mask=row_mask[:, None] & (ranks[None, :] < R))
+        k_begin = tl.program_id(2) * k_per_split
+        acc = _shrink_slice(x_ptr, a_ptr, slot, tokens, row_mask, ranks, R, k_begin,
+                            tl.minimum(k_begin + k_per_split, K), stride_xt, stride_as, stride_ar, BLOCK_M, BLOCK_R,
+                            BLOCK_K, DOT_PRECISION)
+        offsets = tokens[:, None] * stride_ut + ranks[None, :]
+        mask = row_mask[:, None] & (ranks[None, :] < R)
+        if tl.num_programs(2) > 1:  # K split (a branch, not a constexpr: one compiled variant for every step size)
+            counter = arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            _store_summed(acc, partial_ptr + offsets, split_stride, mask, counter, u_ptr + offsets)
+        else:
+            tl.store(u_ptr + offsets, acc, mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_us"])
-def _expand_kernel(u_ptr, b_ptr, sorted_ptr, tiles_ptr, y_ptr, offsets_ptr, sizes_ptr, num_splits, stride_us,
-                   stride_ut, stride_bs, stride_bn, stride_yt, R_MAX: tl.constexpr, BLOCK_RANK: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+@triton.jit
+def _expand_kernel(u_ptr, b_ptr, sorted_ptr, tiles_ptr, y_ptr, offsets_ptr, sizes_ptr, stride_ut, stride_bs,
+                   stride_bn, stride_yt, R_MAX: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     slot, tokens, row_mask, has_rows = _tile(tiles_ptr, sorted_ptr, BLOCK_M)
     shard = tl.program_id(2)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,11 +114,8 @@ def _expand_kernel(u_ptr, b_ptr, sorted_ptr, tiles_ptr, y_ptr, offsets_ptr, size
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for rank_start in tl.static_range(0, R_MAX, BLOCK_RANK):
             ranks = rank_start + tl.arange(0, BLOCK_RANK)
-            u_mask = row_mask[:, None] & (ranks[None, :] < R_MAX)
-            u_ptrs = u_ptr + tokens[:, None] * stride_ut + shard * R_MAX + ranks[None, :]
-            u = tl.zeros((BLOCK_M, BLOCK_RANK), dtype=tl.float32)
-            for split in range(num_splits):  # the shrink's partial sums over K, in a fixed order
-                u += tl.load(u_ptrs + split * stride_us, mask=u_mask, other=0.0)
+            u = tl.load(u_ptr + tokens[:, None] * stride_ut + shard * R_MAX + ranks[None, :],
+                        mask=row_mask[:, None] & (ranks[None, :] < R_MAX), other=0.0)
             b = tl.load(b_ptr + slot * stride_bs + cols[None, :] * stride_bn + ranks[:, None],
                         mask=(ranks[:, None] < R_MAX) & n_mask[None, :], other=0.0).to(tl.float32)
             delta = tl.dot(u, b, delta, input_precision=DOT_PRECISION)
@@ -99,37 +131,51 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _shrink_split(num_tokens: int, num_slots: int, num_r_blocks: int, k: int) -> tuple[int, int]:
-    """(columns of K per split, number of splits) for the shrink of a step of ``num_tokens`` tokens."""
+    """(columns of K per split, number of splits) for the shrink of a step of ``num_tokens`` tokens: one split
+    when the counters cannot cover the launch's (tile, rank block) pairs."""
     programs = max_tiles(num_tokens, num_slots) * num_r_blocks
     wanted = max(1, min(_SHRINK_TARGET_PROGRAMS // programs, k // (2 * _SHRINK_BLOCK_K)))
+    if programs > _SHRINK_COUNTERS:
+        wanted = 1
     k_per_split = triton.cdiv(triton.cdiv(k, wanted), _SHRINK_BLOCK_K) * _SHRINK_BLOCK_K
     return k_per_split, triton.cdiv(k, k_per_split)
 
 
+@functools.cache
+def _shrink_arrivals(device: torch.device) -> torch.Tensor:
+    """The split shrinks' counters on ``device`` (zero between launches). Not ``split_k.arrival_counters``: in a
+    CUDA graph the shrink runs on a side stream beside the base GEMM, which may be using those at the same time;
+    the shrinks themselves run one after another (all on one stream)."""
+    return torch.zeros(_SHRINK_COUNTERS, dtype=torch.int32, device=device)
+
+
 def shrink(x: torch.Tensor, a: torch.Tensor, sorted_tokens: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
-    """``u[s, t] = A[slot_t] x[t]`` over split s of K, for x [T, K], A [slots, R, K]: [splits, T, R] float32 partial
-    sums (rows of tokens in no tile are left unwritten)."""
+    """``u[t] = A[slot_t] x[t]`` for x [T, K], A [slots, R, K]: [T, R] float32 (rows of tokens in no tile are left
+    unwritten)."""
     num_tokens, k = x.shape
     num_slots, r = a.shape[0], a.shape[1]
     block_r = min(max(triton.next_power_of_2(r), _MIN_DOT), 64)
     num_r_blocks = triton.cdiv(r, block_r)
     k_per_split, num_splits = _shrink_split(num_tokens, num_slots, num_r_blocks, k)
-    u = torch.empty(num_splits, num_tokens, r, dtype=torch.float32, device=x.device)
+    u = torch.empty(num_tokens, r, dtype=torch.float32, device=x.device)
+    is_split = num_splits > 1
+    partials = torch.empty(num_splits, num_tokens, r, dtype=torch.float32, device=x.device) if is_split else u
+    arrivals = _shrink_arrivals(x.device) if is_split else u
     grid = (max_tiles(num_tokens, num_slots), num_r_blocks, num_splits)
-    _shrink_kernel[grid](x, a, sorted_tokens, tiles, u, k, r, k_per_split, x.stride(0), a.stride(0), a.stride(1),
-                         u.stride(0), u.stride(1), BLOCK_M=tile_rows(num_tokens), BLOCK_R=block_r,
-                         BLOCK_K=_SHRINK_BLOCK_K, DOT_PRECISION=_dot_precision(x.dtype))
+    _shrink_kernel[grid](x, a, sorted_tokens, tiles, partials, arrivals, u, k, r, k_per_split, partials.stride(0),
+                         x.stride(0), a.stride(0), a.stride(1), u.stride(0), BLOCK_M=tile_rows(num_tokens),
+                         BLOCK_R=block_r, BLOCK_K=_SHRINK_BLOCK_K, DOT_PRECISION=_dot_precision(x.dtype))
     return u
 
 
 def expand(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, sorted_tokens: torch.Tensor, tiles: torch.Tensor,
            shard_offsets: torch.Tensor, shard_sizes: torch.Tensor, max_rank: int, max_shard_size: int) -> None:
-    """``y[t, shard] += B[slot_t, shard] u[t, shard's ranks]`` in place (u: the shrink's [splits, T, R] partial
-    sums), for every shard in one launch."""
+    """``y[t, shard] += B[slot_t, shard] u[t, shard's ranks]`` in place (u: the shrink's [T, R]), for every shard in
+    one launch."""
     num_tokens = y.shape[0]
     grid = (max_tiles(num_tokens, b.shape[0]), triton.cdiv(max_shard_size, _EXPAND_BLOCK_N), shard_offsets.shape[0])
-    _expand_kernel[grid](u, b, sorted_tokens, tiles, y, shard_offsets, shard_sizes, u.shape[0], u.stride(0),
-                         u.stride(1), b.stride(0), b.stride(1), y.stride(0), R_MAX=max_rank,
+    _expand_kernel[grid](u, b, sorted_tokens, tiles, y, shard_offsets, shard_sizes, u.stride(0), b.stride(0),
+                         b.stride(1), y.stride(0), R_MAX=max_rank,
                          BLOCK_RANK=min(max(triton.next_power_of_2(max_rank), _MIN_DOT), 64),
                          BLOCK_M=tile_rows(num_tokens), BLOCK_N=_EXPAND_BLOCK_N,
                          DOT_PRECISION=_dot_precision(y.dtype))

@@ -78,16 +78,21 @@ def test_kernels_match_reference(dtype: torch.dtype, num_tokens: int, input_size
 
 @pytest.mark.parametrize(("num_tokens", "input_size"), [(1, 1024), (3, 700)])
 def test_split_k_shrink_of_small_steps(num_tokens: int, input_size: int) -> None:
-    """A small step splits K (partial sums added by the expand): the same delta as the reference."""
+    """A small step splits K (the slices summed by the last to arrive): the same delta as the reference, and the
+    counters are left at zero for the next launch."""
     torch.manual_seed(5)
     layer = random_layer(2, 16, input_size, [48, 16, 16], torch.float32, num_tokens)
     slots = torch.tensor([1, 0, -1][:num_tokens], dtype=torch.int32, device=DEVICE)
     x = torch.randn(num_tokens, input_size, device=DEVICE)
     perm, tiles = (torch.from_numpy(t).to(DEVICE) for t in step_tiles(slots.cpu().numpy(), 2))
-    assert punica.shrink(x, layer.a, perm, tiles).shape[0] > 1  # split
+    assert punica._shrink_split(num_tokens, 2, 1, input_size)[1] > 1  # split
     actual = torch.zeros(num_tokens, 80, device=DEVICE)
     add_with_kernels(layer, actual, x, slots)
     torch.testing.assert_close(actual, reference(layer, torch.zeros(num_tokens, 80), x, slots), atol=1e-4, rtol=1e-4)
+    assert not punica._shrink_arrivals(x.device).any()
+    add_with_kernels(layer, actual, x, slots)  # a second launch counts from zero again: twice the delta
+    torch.testing.assert_close(actual, 2 * reference(layer, torch.zeros(num_tokens, 80), x, slots), atol=2e-4,
+                               rtol=2e-4)
 
 
 def test_step_tiles_sort_tokens_by_slot_and_pad_with_empty_tiles() -> None:
