@@ -125,12 +125,16 @@ def _tpot_s(output) -> float | None:
 
 def warm_up(llm, workload: Workload, num_requests: int = 2, num_tokens: int = 8, lora_requests: list | None = None
             ) -> float:
-    """A short untimed generate of 16-token prompts: loads kernels and allocator pools (and, with adapters, puts
-    the first ones in their slots). Its prompts start with a token no workload prompt starts with, so the blocks it
-    leaves in the prefix cache can never be hit later."""
-    tiny = Workload("warmup", [BenchRequest(warmup_prompt(workload), num_tokens)] * num_requests,
-                    workload.temperature, True)
-    return run_workload(llm, tiny, lora_requests=lora_requests[:num_requests] if lora_requests else None).elapsed_s
+    """A short untimed generate of 16-token prompts: loads kernels and allocator pools, and with adapters, one
+    request per distinct adapter, so that every adapter is read from disk into the CPU cache before the timed run
+    (as a server that has served each once; the timed run still pays for moving them into the device's slots).
+    Its prompts start with a token no workload prompt starts with, so the blocks it leaves in the prefix cache can
+    never be hit later."""
+    adapters = list({request.lora_int_id: request for request in lora_requests or []}.values())
+    count = max(num_requests, len(adapters))
+    tiny = Workload("warmup", [BenchRequest(warmup_prompt(workload), num_tokens)] * count, workload.temperature, True)
+    warm_loras = [adapters[index % len(adapters)] for index in range(count)] if adapters else None
+    return run_workload(llm, tiny, lora_requests=warm_loras).elapsed_s
 
 
 def warmup_prompt(workload: Workload, length: int = 16) -> list[int]:

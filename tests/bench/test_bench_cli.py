@@ -176,3 +176,23 @@ def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "pagedllm.bench", "serve", "--help"], capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0 and "--request-rate" in done.stdout and "--goodput" in done.stdout
+
+
+def test_warm_up_reads_every_adapter_once_before_the_timed_run(monkeypatch):
+    """With adapters, the warm-up sends one request per distinct adapter (so each is read from disk into the CPU
+    cache untimed), at least ``num_requests`` in all."""
+    from pagedllm.bench import engine_runner
+    from pagedllm.bench.workloads import BenchRequest, Workload
+    from pagedllm.lora.request import LoRARequest
+
+    seen = []
+    monkeypatch.setattr(engine_runner, "run_workload",
+                        lambda llm, workload, lora_requests=None: seen.append((workload, lora_requests))
+                        or argparse.Namespace(elapsed_s=0.0))
+    workload = Workload("random", [BenchRequest([5, 6, 7], 4)] * 6, 0.0, True)
+    adapters = [LoRARequest(f"a{i}", i + 1, f"/adapters/{i}") for i in range(3)]
+    engine_runner.warm_up(None, workload, lora_requests=adapters * 2)
+    engine_runner.warm_up(None, workload)
+    (with_loras, loras), (plain, no_loras) = seen
+    assert [r.lora_int_id for r in loras] == [1, 2, 3] and len(with_loras.requests) == 3
+    assert no_loras is None and len(plain.requests) == 2
