@@ -18,6 +18,8 @@ serve() {  # serve TAG RATES LAUNCHER...: one server, bench serve at each rate, 
   grep -m1 -i "uvloop\|asyncio\|httptools\|h11" "/tmp/server-$tag.log"
   for rate in $rates; do
     echo "--- serve $tag rate $rate"
+    # CPU per process while the run is loaded (API server, engine core, bench client): is one of them saturated?
+    (sleep 3; top -b -n 3 -d 1.5 -w 250 | grep -E "python|COMMAND") > "$OUT/top-$tag-rate$rate.txt" 2>&1 &
     timeout 120 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
       --request-rate $rate --output-json "$OUT/serve-qwen3-0.6b-rate$rate-$tag.json" 2>&1 | grep -v "^\[bench\]" | tail -4
   done
@@ -25,7 +27,7 @@ serve() {  # serve TAG RATES LAUNCHER...: one server, bench serve at each rate, 
 }
 for round in $(seq ${ROUNDS:-2}); do  # alternating (ROUNDS, default 2): runs differ from call to call and within one
   serve "uvloop-httptools-$round" "inf" python3 -m pagedllm.entrypoints.cli
-  serve "asyncio-h11-$round" "inf" python3 -c "$HIDE_FAST"
+  [ -n "$SKIP_H11" ] || serve "asyncio-h11-$round" "inf" python3 -c "$HIDE_FAST"  # SKIP_H11=1: uvloop only
 done
 [ -n "$SKIP_RATE16" ] || serve uvloop-httptools-16 16 python3 -m pagedllm.entrypoints.cli
 timeout 150 python3 -m pagedllm.bench throughput --disable-tqdm --model qwen3-0.6b "${RANDOM512[@]}" \
