@@ -31,27 +31,41 @@ from pagedllm.model import w4a16_kernel
 _POINTERS = {"x_ptr": "*bf16", "perm_ptr": "*i64", "qw_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8",
              "bias_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32", "arrivals_ptr": "*i32"}
 _UNALIGNED = ("num_rows", "N", "num_groups")  # the launch's other integers are multiples of 16 on real layers
-# (label, constexprs over the default, warps, stages): choose_config's shapes at 1, 2 and 4 rows, then variants.
+_COMMON = {"HAS_PERM": False, "HAS_ZEROS": True, "HAS_BIAS": False, "IS_SPLIT": True, "EVEN_K": True,
+           "GROUP_SIZE": 128, "BLOCK_N": 128, "BLOCK_M": 1}
+_GEMV = "_w4a16_gemv_kernel"
+_DOT = "_w4a16_gemm_kernel"
+_DOT_DEFAULTS = {"BLOCK_M": 16, "ASM": True, "DOT_PRECISION": "tf32"}
+# (label, kernel, constexprs over the defaults, warps, stages): choose_config's GEMV shapes at 1, 2 and 4 rows and
+# variants, then the tl.dot kernel (x padded to BLOCK_M rows) with and without the inline-asm dequantization.
 SHAPES = [
-    ("M=1 default", {}, 4, 3),
-    ("M=2 default", {"BLOCK_M": 2}, 4, 3),
-    ("M=4 default", {"BLOCK_M": 4}, 4, 3),
-    ("M=1 no pipeline", {}, 4, 1),
-    ("M=1 256 rows", {"BLOCK_N": 256}, 4, 3),
-    ("M=1 256 rows, 8 warps", {"BLOCK_N": 256}, 8, 3),
-    ("M=1 groups of 32, act-order", {"GROUP_SIZE": 32, "HAS_PERM": True}, 4, 3),
+    ("GEMV M=1 default", _GEMV, {}, 4, 1),
+    ("GEMV M=2 default", _GEMV, {"BLOCK_M": 2}, 4, 3),
+    ("GEMV M=4 default", _GEMV, {"BLOCK_M": 4}, 4, 3),
+    ("GEMV M=1 256 rows", _GEMV, {"BLOCK_N": 256}, 4, 1),
+    ("GEMV M=1 groups of 32, act-order", _GEMV, {"GROUP_SIZE": 32, "HAS_PERM": True}, 4, 1),
+    ("dot M<=16 asm 128x16 w4 s3", _DOT, {}, 4, 3),
+    ("dot M<=16 plain 128x16 w4 s3", _DOT, {"ASM": False}, 4, 3),
+    ("dot M<=16 asm 128x16 w8 s3", _DOT, {}, 8, 3),
+    ("dot M<=16 asm 64x16 w4 s3", _DOT, {"BLOCK_N": 64}, 4, 3),
+    ("dot M<=16 asm 128x16 w4 s1", _DOT, {}, 4, 1),
+    ("dot M<=64 asm 128x64 w4 s3", _DOT, {"BLOCK_M": 64}, 4, 3),
+    ("dot M<=128 asm 128x128 w8 s3", _DOT, {"BLOCK_M": 128, "IS_SPLIT": False}, 8, 3),
+    ("dot M<=16 asm groups of 32, act-order", _DOT, {"GROUP_SIZE": 32, "HAS_PERM": True}, 4, 3),
 ]
 
 
-def compile_cubin(overrides: dict, num_warps: int, num_stages: int) -> bytes:
-    kernel = w4a16_kernel._w4a16_gemv_kernel
-    constexprs = {"HAS_PERM": False, "HAS_ZEROS": True, "HAS_BIAS": False, "IS_SPLIT": True, "EVEN_K": True,
-                  "GROUP_SIZE": 128, "BLOCK_N": 128, "BLOCK_M": 1, "STAGES": num_stages, **overrides}
+def compile_cubin(kernel_name: str, overrides: dict, num_warps: int, num_stages: int):
+    """The compiled kernel (``.asm["cubin"]``, ``["ttgir"]``) for sm_90."""
+    kernel = getattr(w4a16_kernel, kernel_name)
+    extra = {"STAGES": num_stages} if kernel_name == _GEMV else _DOT_DEFAULTS
+    constexprs = {**_COMMON, **extra, **overrides}
     signature = {name: "constexpr" if name in constexprs else _POINTERS.get(name, "i32") for name in kernel.arg_names}
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                  if name not in constexprs and name not in _UNALIGNED}
     source = ASTSource(kernel, signature, constexprs, divisible)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["cubin"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def disassemble(cubin: bytes, *flags: str) -> str:
@@ -72,15 +86,30 @@ def loop_opcodes(sass: str) -> collections.Counter:
                                for address, text in lines if start <= address <= end)
 
 
+def loop_relayouts(ttgir: str) -> int:
+    """``convert_layout`` ops inside the K loop (the first ``scf.for``) of the TTGIR: tensors re-laid out every
+    step (through shared memory or shuffles)."""
+    body = ttgir.split("scf.for", 1)[1] if "scf.for" in ttgir else ""
+    depth, end = 0, len(body)
+    for match in re.finditer(r"[{}]", body):
+        depth += 1 if match[0] == "{" else -1
+        if depth == 0:
+            end = match.end()
+            break
+    return body[:end].count("ttg.convert_layout")
+
+
 def main() -> None:
-    print(f"Triton {triton.__version__}, sm_90")
-    for label, overrides, num_warps, num_stages in SHAPES:
-        cubin = compile_cubin(overrides, num_warps, num_stages)
+    print(f"Triton {triton.__version__}, sm_90; per K step (one 128-column tile), per thread")
+    for label, kernel_name, overrides, num_warps, num_stages in SHAPES:
+        compiled = compile_cubin(kernel_name, overrides, num_warps, num_stages)
+        cubin = compiled.asm["cubin"]
         registers = re.search(r"REG:(\d+)", disassemble(cubin, "-res-usage"))[1]
         opcodes = loop_opcodes(disassemble(cubin, "-sass"))
         weights = overrides.get("BLOCK_N", 128) * w4a16_kernel.TILE_K / (32 * num_warps)  # a thread's, per step
-        print(f"{label:30s} regs {registers:>3}  {sum(opcodes.values()) / weights:5.2f} instructions/weight  "
-              f"STS {opcodes['STS']}  BAR {opcodes['BAR']}  {dict(opcodes.most_common(6))}")
+        print(f"{label:38s} regs {registers:>3}  {sum(opcodes.values()) / weights:5.2f} instr/weight  "
+              f"cvt {loop_relayouts(compiled.asm['ttgir'])}  STS {opcodes['STS']}  BAR {opcodes['BAR']}  "
+              f"{dict(opcodes.most_common(7))}")
 
 
 if __name__ == "__main__":

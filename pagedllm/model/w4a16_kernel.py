@@ -39,6 +39,7 @@ import triton.language as tl
 
 from pagedllm.model.quantization.int4 import TILE_K, Int4Weight
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
+from pagedllm.model.w4a16_dequant import biased_zero, subtract_zero, tile_slices
 
 # From this many rows of x on, dequantize + cuBLAS (module docstring): on an H200 the two tie at 64 rows on
 # Llama-3.1-8B's projections and the dequantizing path wins 1.3-2.6x at 128 (benchmarks/h200/issue16-w4a16).
@@ -47,13 +48,15 @@ DEQUANT_MIN_ROWS = 64
 # from 1 to 4 rows and ~6x to 8; to be set from the microbench's GEMV vs tl.dot columns).
 GEMV_MAX_ROWS = 4
 _FLOAT_2POW23_BITS = 0x4B000000  # float32 2^23, mantissa all zero: OR-ing an integer q < 2^23 in gives 2^23 + q
+_TILE_K = tl.constexpr(TILE_K)
 
 
 @dataclass(frozen=True)
 class W4A16Config:
     """Launch shape: rows of W and of x per program, K slices, warps and pipeline depth (K advances one canonical
     tile of 128 columns per loop step), and the kernel: ``gemv`` (no tl.dot, at most ``block_m`` rows of x) or
-    the tl.dot one."""
+    the tl.dot one, whose weights ``asm_dequant`` turns into dot operands by inline assembly (``w4a16_dequant``;
+    False: the same values by plain Triton, to measure what the assembly buys)."""
 
     block_n: int
     block_m: int
@@ -61,6 +64,7 @@ class W4A16Config:
     num_warps: int = 4
     num_stages: int = 4
     gemv: bool = False
+    asm_dequant: bool = True
 
 
 # -- the tl.dot GEMM -------------------------------------------------------------------------------------------------
@@ -85,18 +89,20 @@ def _dequantize_slice(
 
 
 @triton.jit
-def _input_slice(x_ptr, perm_ptr, x_rows, num_rows, col_start, K, stride_xm, HAS_PERM: tl.constexpr,
-                 EVEN_K: tl.constexpr):
-    """x's columns ``col_start .. + 16`` (through ``perm`` with act-order), transposed: [16, BLOCK_M]."""
-    offs_k = col_start + tl.arange(0, 16)
-    mask = x_rows < num_rows
+def _input_slice(x_tile, x_row_ptrs, perm_ptr, row_mask, tile_start, K, OFFSET: tl.constexpr,
+                 HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """x's columns ``tile_start + OFFSET .. + 16`` (through ``perm`` with act-order), transposed: [16, BLOCK_M].
+    ``x_tile`` points at the tile's first 16 columns, so that without act-order the slice's address is a constant
+    offset from it (no address arithmetic per slice); ``x_row_ptrs`` [1, BLOCK_M] at the rows' column 0."""
+    offs_k = tile_start + OFFSET + tl.arange(0, 16)[:, None]
+    mask = row_mask
     if not EVEN_K:
-        mask = mask & (offs_k[:, None] < K)
+        mask = mask & (offs_k < K)
     if HAS_PERM:
         cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
+        return tl.load(x_row_ptrs + cols, mask=mask, other=0.0)
     else:
-        cols = offs_k
-    return tl.load(x_ptr + x_rows * stride_xm + cols[:, None], mask=mask, other=0.0)
+        return tl.load(x_tile + OFFSET, mask=mask, other=0.0)
 
 
 # -- output, shared by both kernels ---------------------------------------------------------------------------------
@@ -137,37 +143,77 @@ def _finish(acc, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split,
         _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
 
 
+@triton.jit
+def _group_of(col_start, num_groups, GROUP_SIZE: tl.constexpr):
+    """The group holding column ``col_start`` (GROUP_SIZE 0: one group), clamped: past K (in a padded tile) the
+    scale read must stay finite."""
+    if GROUP_SIZE == 0:
+        return 0
+    else:
+        return tl.minimum(col_start // GROUP_SIZE, num_groups - 1)
+
+
+@triton.jit
+def _dot_tile(
+    acc, packed, x_tile, x_row_ptrs, perm_ptr, scales_ptr, zeros_ptr, rows, row_mask, tile_start, K, num_groups,
+    stride_sn, stride_zn, GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    EVEN_K: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``acc`` plus one canonical tile's product. Per group segment the MMA sums ``(q - zero) x`` exactly in
+    float32 (integer weights, ``w4a16_dequant``), and the segment's sum is scaled once: the per-weight work is the
+    packed unpack and subtract only."""
+    dtype = x_tile.dtype.element_ty
+    slices = tile_slices(packed, dtype, ASM)
+    # 16-column slices sharing one scale: a group's, at most the tile's 8
+    per_segment: tl.constexpr = 8 if GROUP_SIZE == 0 or GROUP_SIZE >= _TILE_K else GROUP_SIZE // 16
+    for seg in tl.static_range(8 // per_segment):
+        seg_start = tile_start + 16 * per_segment * seg
+        group = _group_of(seg_start, num_groups, GROUP_SIZE)
+        scale = tl.load(scales_ptr + rows * stride_sn + group).to(tl.float32)
+        if HAS_ZEROS:
+            zero = biased_zero(tl.load(zeros_ptr + rows * stride_zn + group), dtype)[:, None]
+        else:
+            zero = biased_zero(tl.full((1, 1), 8, tl.int32), dtype)
+        partial = tl.zeros(acc.shape, tl.float32)
+        for s in tl.static_range(per_segment):
+            w = subtract_zero(slices[seg * per_segment + s], zero, ASM)
+            x = _input_slice(x_tile, x_row_ptrs, perm_ptr, row_mask, tile_start, K, 16 * (seg * per_segment + s),
+                             HAS_PERM, EVEN_K)
+            partial = tl.dot(w, x, partial, input_precision=DOT_PRECISION)
+        acc += partial * scale[:, None]
+    return acc
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _w4a16_gemm_kernel(
     x_ptr, perm_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
-    num_rows, N, K, padded_k, k_per_split, group_size, num_groups, stride_xm, stride_qn, stride_sn, stride_zn,
-    stride_om,
+    num_rows, N, K, padded_k, k_per_split, num_groups, stride_xm, stride_qn, stride_sn, stride_zn, stride_om,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Program (row block of W, row block of x, K slice): one partial product with ``tl.dot``; split over K
-    (IS_SPLIT) only with a single row block of x."""
+    """Program (row block of W, row block of x, K slice): one partial product with ``tl.dot``, one canonical tile
+    per K step; split over K (IS_SPLIT) only with a single row block of x."""
     row_block = tl.program_id(0)
     split = tl.program_id(2)
     offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     # Rows past N re-read row N - 1: no row mask on the weight stream; those results are never stored.
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    x_rows = offs_m[None, :].to(tl.int64)
-    dtype = x_ptr.dtype.element_ty
+    x_row_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
+    row_mask = offs_m[None, :] < num_rows
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_start = split * k_per_split
     k_stop = tl.minimum(k_per_split, padded_k - k_start)  # the last slice may be shorter
     w_ptrs = qw_ptr + rows[:, None] * stride_qn + (k_start // 8 + tl.arange(0, 16))[None, :]
-    for k in range(0, k_stop, 128):
+    x_tile = x_row_ptrs + k_start + tl.arange(0, 16)[:, None]
+    for k in range(0, k_stop, _TILE_K):
         packed = tl.load(w_ptrs)  # one canonical tile: 16 words per row (the K padding makes it always whole)
-        for i in tl.static_range(8):
-            col_start = k_start + k + 16 * i
-            w = _dequantize_slice(packed, scales_ptr, zeros_ptr, rows, col_start, group_size, num_groups, stride_sn,
-                                  stride_zn, i, BLOCK_N, HAS_ZEROS, dtype)
-            x = _input_slice(x_ptr, perm_ptr, x_rows, num_rows, col_start, K, stride_xm, HAS_PERM, EVEN_K)
-            acc = tl.dot(w, x, acc, input_precision=DOT_PRECISION)
+        acc = _dot_tile(acc, packed, x_tile, x_row_ptrs, perm_ptr, scales_ptr, zeros_ptr, rows, row_mask,
+                        k_start + k, K, num_groups, stride_sn, stride_zn, GROUP_SIZE, HAS_PERM, HAS_ZEROS, EVEN_K,
+                        ASM, DOT_PRECISION)
         w_ptrs += 16
+        x_tile += _TILE_K
     _finish(acc, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, tl.num_programs(2), offs_n, offs_m,
             num_rows, N, stride_om, HAS_BIAS, IS_SPLIT)
 
@@ -175,7 +221,6 @@ def _w4a16_gemm_kernel(
 # -- the GEMV kernel (module docstring) -----------------------------------------------------------------------------
 
 _FLOAT_2POW23 = tl.constexpr(8388608.0)
-_TILE_K = tl.constexpr(TILE_K)
 
 
 @triton.jit
@@ -239,10 +284,7 @@ def _gemv_segment(packed, x_ptr, perm_ptr, offs_m, seg_start, num_rows, K, strid
 def _segment_scale_zero(scales_ptr, zeros_ptr, rows, seg_start, num_groups, stride_sn, stride_zn,
                         GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """The scale and zero (float32 [1, 4, BLOCK_N, 1], copied on dim 1) of the group holding ``seg_start``."""
-    if GROUP_SIZE == 0:  # one group
-        group = 0
-    else:  # clamped: past K (in a padded tile) the scale read must stay finite
-        group = tl.minimum(seg_start // GROUP_SIZE, num_groups - 1)
+    group = _group_of(seg_start, num_groups, GROUP_SIZE)
     copies = tl.zeros((1, 4, 1, 1), tl.int32)
     scale = tl.load(scales_ptr + rows * stride_sn + group + copies).to(tl.float32)
     if HAS_ZEROS:
@@ -416,18 +458,24 @@ def _launch_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None,
     if config.gemv:
         _w4a16_gemv_kernel[launch.grid](
             *operands, num_rows, n, k, padded_k, k_per_split, weight.scales.shape[1], *strides, _FLOAT_2POW23_BITS,
-            **flags, GROUP_SIZE=_gemv_group_size(weight), STAGES=config.num_stages,
+            **flags, GROUP_SIZE=_kernel_group_size(weight), STAGES=config.num_stages,
         )
     else:
         _w4a16_gemm_kernel[(launch.row_blocks, m_blocks, launch.num_splits)](
-            *operands, num_rows, n, k, padded_k, k_per_split, weight.group_size, weight.scales.shape[1], *strides,
-            **flags, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=config.num_stages,
+            *operands, num_rows, n, k, padded_k, k_per_split, weight.scales.shape[1], *strides, **flags,
+            GROUP_SIZE=_kernel_group_size(weight), ASM=config.asm_dequant and _has_asm_dequant(x),
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=config.num_stages,
         )
 
 
-def _gemv_group_size(weight: Int4Weight) -> int:
-    """The GEMV kernel's GROUP_SIZE: 0 for one group, else the group size, which must be a multiple of 16 that
-    divides a tile or is a multiple of one (a scale segment of the kernel then never straddles two groups)."""
+def _has_asm_dequant(x: torch.Tensor) -> bool:
+    """The inline-asm dequantization (``w4a16_dequant``) runs compiled (not in the interpreter) on 16-bit x."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _kernel_group_size(weight: Int4Weight) -> int:
+    """The kernels' GROUP_SIZE: 0 for one group, else the group size, which must be a multiple of 16 that divides
+    a tile or is a multiple of one (a scale segment of the kernels then never straddles two groups)."""
     if weight.scales.shape[1] == 1:
         return 0
     size = weight.group_size
