@@ -7,7 +7,10 @@ output channel), on the fastest path the device has:
   (``fp8_gemv``); up to ``TRITON_MAX_ROWS`` a ``tl.dot`` GEMM (``fp8_triton``): up to ``FUSED_QUANT_MAX_ROWS``
   rows with x quantized inside the GEMM (per row and K block: ``w8a8_fused``), above with x quantized per row by
   its own launch (``w8a8``), and for weight-only checkpoints with the FP8 tile widened to x's dtype
-  (``weight_only``). ``triton_path`` is the choice;
+  (``weight_only``). On Hopper (sm90), from ``FUSED_QUANT_MAX_ROWS`` to ``TMA_MAX_ROWS`` rows and K a multiple
+  of 16, x quantized per row by its own launch and a GEMM streaming both FP8 operands by TMA into wgmma
+  (``fp8_tma``, ``w8a8_tma``): it takes precedence over ``w8a8`` and ``_scaled_mm`` in that range.
+  ``triton_path`` is the choice;
 - larger x on a device with FP8 tensor cores (sm89+): x is quantized to FP8 per token (or with the checkpoint's
   static scale) and ``torch._scaled_mm`` multiplies with row-wise scales (x's [M, 1], the weight's [1, N]);
 - anywhere else (CPU, older GPUs, shapes ``_scaled_mm`` refuses): dequantize and multiply in x's dtype. This is
@@ -41,7 +44,11 @@ _SCALED_MM_ALIGN = 16  # _scaled_mm wants K and N multiples of 16
 GEMV_MAX_ROWS = 1  # 1..this many rows: fp8_gemv (at most fp8_gemv.MAX_ROWS, 4; 0 turns it off)
 FUSED_QUANT_MAX_ROWS = 16  # up to this many rows (past the GEMV) x is quantized inside the GEMM; 0 turns it off
 TRITON_MAX_ROWS = 64  # up to this many: the tl.dot GEMM (at most fp8_triton.MAX_ROWS, 128); above, _scaled_mm
-TritonPath = Literal["gemv", "w8a8", "w8a8_fused", "weight_only"]
+# Past FUSED_QUANT_MAX_ROWS up to this many rows, on sm90 with K % 16 == 0: the TMA + wgmma GEMM (fp8_tma, at most
+# its MAX_ROWS, 256), before w8a8 and _scaled_mm; 0 turns it off. Not yet measured end to end: set it from the
+# microbenchmark's rows (benchmarks/scripts/fp8_microbench.py: the largest M where w8a8_tma beats both).
+TMA_MAX_ROWS = 256
+TritonPath = Literal["gemv", "w8a8", "w8a8_fused", "w8a8_tma", "weight_only"]
 
 
 @functools.cache
@@ -59,13 +66,25 @@ def _gemv_kernel() -> ModuleType:
     return fp8_gemv
 
 
-def triton_path(num_rows: int, scheme: ActivationScheme) -> TritonPath | None:
+@functools.cache
+def _tma_kernel() -> ModuleType:
+    from pagedllm.model.quantization import fp8_tma
+
+    return fp8_tma
+
+
+def triton_path(num_rows: int, scheme: ActivationScheme, tma: bool = False) -> TritonPath | None:
     """The Triton kernel for x of ``num_rows`` rows on an sm89+ GPU (module constants above), or None:
-    ``_scaled_mm`` or the dequantizing reference. Weight-only schemes never quantize x."""
-    if not 0 < num_rows <= max(GEMV_MAX_ROWS, TRITON_MAX_ROWS):
+    ``_scaled_mm`` or the dequantizing reference. Weight-only schemes never quantize x. ``tma``: the TMA GEMM can
+    take the call (sm90, K a multiple of 16)."""
+    if num_rows <= 0:
         return None
     if num_rows <= GEMV_MAX_ROWS:
         return "gemv"
+    if scheme != "none" and num_rows > FUSED_QUANT_MAX_ROWS and tma and num_rows <= TMA_MAX_ROWS:
+        return "w8a8_tma"
+    if num_rows > TRITON_MAX_ROWS:
+        return None
     if scheme == "none":
         return "weight_only"
     return "w8a8_fused" if num_rows <= FUSED_QUANT_MAX_ROWS else "w8a8"
@@ -138,7 +157,8 @@ def _cuda_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def _triton_path_for(x: torch.Tensor, weight: torch.Tensor, scheme: ActivationScheme) -> TritonPath | None:
     if not (triton_ops_enabled() and has_fp8_tensor_cores(x.device)):  # Triton has no float8e4nv before sm89
         return None
-    return triton_path(x.shape[0], scheme) if _triton_kernels().accepts(x, weight) else None
+    tma = TMA_MAX_ROWS > 0 and _tma_kernel().has_tma(x.device) and _tma_kernel().accepts(x, weight)
+    return triton_path(x.shape[0], scheme, tma) if _triton_kernels().accepts(x, weight) else None
 
 
 def _triton_linear(path: TritonPath, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -148,6 +168,8 @@ def _triton_linear(path: TritonPath, x: torch.Tensor, weight: torch.Tensor, weig
         return _gemv_kernel().fp8_gemv(x, weight, weight_scale, bias)
     if path == "weight_only":
         return _triton_kernels().fp8_weight_only_gemm(x, weight, weight_scale, bias)
+    if path == "w8a8_tma":
+        return _tma_kernel().fp8_w8a8_tma_gemm(x, weight, weight_scale, bias, scheme, input_scale)
     return _triton_kernels().fp8_w8a8_gemm(x, weight, weight_scale, bias, scheme, input_scale,
                                            fuse_quantization=path == "w8a8_fused")
 

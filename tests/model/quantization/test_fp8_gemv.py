@@ -106,6 +106,7 @@ def test_fp8_linear_dispatches_by_rows(monkeypatch: pytest.MonkeyPatch, num_rows
     kernels), and _scaled_mm above them."""
     monkeypatch.setattr(fp8_gemm, "GEMV_MAX_ROWS", 4)
     monkeypatch.setattr(fp8_gemm, "TRITON_MAX_ROWS", 128)
+    monkeypatch.setattr(fp8_gemm, "TMA_MAX_ROWS", 0)  # its own dispatch test: test_fp8_tma.py
     x, weight, scale, bias = random_problem(num_rows, 1024, 1024, torch.bfloat16, True, seed=num_rows)
     for fused_max_rows, scheme in ((0, "dynamic_token"), (128, "dynamic_token"), (0, "none")):
         monkeypatch.setattr(fp8_gemm, "FUSED_QUANT_MAX_ROWS", fused_max_rows)
