@@ -1,38 +1,52 @@
 """W4A16 GEMM microbenchmark on Llama-3.1-8B's projection shapes (run on a GPU), per projection and row count M:
-bf16 (cuBLAS ``F.linear``, and pagedllm's ``gemm.linear``: the skinny kernel up to 16 rows), the W4A16 GEMV kernel
-(no tl.dot; M <= 8, forced past ``GEMV_MAX_ROWS``), the tl.dot W4A16 kernel (forced below ``DEQUANT_MIN_ROWS``
-too) and dequantize + cuBLAS; each W4A16 kernel also as GB/s of int4 weight + scales + zeros streamed.
+bf16 cuBLAS (``F.linear``), the W4A16 GEMV kernel (no tl.dot; M <= 4), the tl.dot W4A16 kernel with the
+inline-asm dequantization (``dot``, forced below ``DEQUANT_MIN_ROWS`` too) and without it (``plain``, the same
+values by plain Triton: what the assembly buys; at a few M), dequantize + cuBLAS (M >= 8), and what
+``w4a16_linear`` picks by default; the W4A16 kernels also as GB/s of int4 weight + scales + zeros streamed.
 
 Times are per call, from CUDA graphs of ``--calls`` calls over rotating weight copies (more bytes than L2 holds),
-so launch overhead is out and the weight comes from HBM as in a decode step. ``--sweep`` adds a sweep of the GEMV
-kernel's launch shapes (row block, warps, pipeline depth, K split) at M = 1 and 4, printing the best per shape
-against ``choose_config``'s. ``--output-json`` keeps every number.
+so launch overhead is out and the weight comes from HBM as in a decode step (``cuda_graph_timing``). After the
+table, per M the four projections summed (a layer), the fastest W4A16 path against bf16, and the dispatch
+constants that the measurement implies (``GEMV_MAX_ROWS``, ``DEQUANT_MIN_ROWS``). ``--sweep`` adds launch shapes of
+the tl.dot kernel (row block, warps, pipeline depth, K split) at a few M, printing the best per shape against
+``dot_config``'s. ``--output-json`` keeps every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 
 import torch
 import torch.nn.functional as F
 import triton
 from cuda_graph_timing import time_calls  # this folder is on sys.path when a script runs
 
-from pagedllm.model import gemm
-from pagedllm.model.quantization.int4 import TILE_K, Int4Checkpoint, to_canonical
-from pagedllm.model.split_k import even_split
-from pagedllm.model.w4a16_kernel import GEMV_MAX_ROWS, W4A16Config, choose_config, dequantize_int4, w4a16_linear
+from pagedllm.model.quantization.int4 import Int4Checkpoint, to_canonical
+from pagedllm.model.w4a16_kernel import (
+    DEQUANT_MIN_ROWS,
+    GEMV_MAX_ROWS,
+    W4A16Config,
+    choose_config,
+    dequantize_int4,
+    dot_config,
+    gemv_config,
+    w4a16_linear,
+)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-ROWS = [1, 2, 4, 8, 16, 64]
-GEMV_ROWS_MAX_TIMED = 8  # the GEMV kernel's registers grow with the rows: past this it is not a candidate
+ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+GEMV_ROWS_TIMED = 4  # the GEMV kernel's instructions per weight grow ~2.5x from 1 to 4 rows: not a candidate past
+PLAIN_ROWS = (1, 16, 64)
 NUM_COPIES = 4
 NO_DEQUANT = 1 << 30
-# (block_n, num_warps, num_stages) tried per shape, each with a few K splits; fewer at M = 4.
-SWEEP_SHAPES = {1: [(64, 4, 3), (128, 4, 1), (128, 4, 2), (128, 4, 3), (128, 4, 4), (256, 4, 3), (256, 8, 1),
-                    (256, 8, 3), (128, 2, 3)],
-                4: [(32, 4, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3)]}
+PATHS = ("gemv", "dot", "dequant")  # the W4A16 paths w4a16_linear chooses between
+# tl.dot launch shapes (block_n, num_warps, num_stages) tried at SWEEP_ROWS, each at dot_config's K split and half
+# and twice it; 256-row blocks only up to 16 rows of x (registers).
+SWEEP_ROWS = (1, 16, 64, 128)
+SWEEP_SHAPES = [(128, 4, 3), (128, 4, 2), (256, 4, 2), (64, 4, 3), (128, 8, 3)]
 
 
 def random_weights(n: int, k: int, group_size: int = 128):
@@ -50,27 +64,90 @@ def int4_bytes(weight) -> int:
     return sum(t.numel() * t.element_size() for t in (weight.qweight, weight.scales, weight.zeros))
 
 
-def gemv_config(m: int, n: int, k: int, num_sms: int) -> W4A16Config:
-    """``choose_config``'s GEMV shape for ``m`` rows; past GEMV_MAX_ROWS (where the default is tl.dot) 8 warps, so
-    that x's rows stay fewer elements than threads (else Triton re-lays the products out through shared memory)."""
-    if m <= GEMV_MAX_ROWS:
-        return choose_config(m, n, k, num_sms)
-    return W4A16Config(128, triton.next_power_of_2(m), split_for(n, k, 128, 4 * num_sms), 8, 3, gemv=True)
-
-
-def split_for(n: int, k: int, block_n: int, programs: int) -> int:
-    """The K split giving about ``programs`` programs (``choose_config``'s rule, up to 32 slices)."""
-    return even_split(triton.cdiv(k, TILE_K), min(32, triton.cdiv(programs, triton.cdiv(n, block_n))), 2)
-
-
-def dot_config(m: int, n: int, k: int, num_sms: int) -> W4A16Config:
-    """``choose_config``'s tl.dot shape for ``m`` rows, also at or below GEMV_MAX_ROWS (where the default is GEMV)."""
-    return choose_config(max(m, GEMV_MAX_ROWS + 1), n, k, num_sms)
-
-
 def time_w4a16(x, weights, num_calls: int, **kwargs) -> float:
-    return time_calls(lambda i: w4a16_linear(x, weights[i % NUM_COPIES], dequant_min_rows=NO_DEQUANT, **kwargs),
-                      num_calls)
+    return time_calls(lambda i: w4a16_linear(x, weights[i % NUM_COPIES], **kwargs), num_calls)
+
+
+def time_kernel(x, weights, num_calls: int, config: W4A16Config) -> float:
+    """One kernel forced (``config``), never the dequantize + cuBLAS path; NaN when it cannot launch."""
+    try:
+        return time_w4a16(x, weights, num_calls, config=config, dequant_min_rows=NO_DEQUANT)
+    except Exception as exc:  # noqa: BLE001 - out of registers or shared memory: not a candidate
+        print(f"  {config}: {type(exc).__name__}: {str(exc)[:120]}")
+        return float("nan")
+
+
+def measure(m: int, dense: list[torch.Tensor], weights, num_calls: int, num_sms: int) -> dict:
+    """Microseconds per call of each path at ``m`` rows (NaN where a path is not timed), and the W4A16 GB/s."""
+    (n, k), nan = dense[0].shape, float("nan")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    dot = dot_config(m, n, k, num_sms)
+    row = {"bf16_us": time_calls(lambda i: F.linear(x, dense[i % 2]), num_calls),
+           "gemv_us": time_kernel(x, weights, num_calls, gemv_config(m, n, k, num_sms)) if m <= GEMV_ROWS_TIMED
+           else nan,
+           "dot_us": time_kernel(x, weights, num_calls, dot),
+           "plain_us": (time_kernel(x, weights, num_calls, dataclasses.replace(dot, asm_dequant=False))
+                        if m in PLAIN_ROWS else nan),
+           "dequant_us": (time_calls(lambda i: F.linear(x, dequantize_int4(weights[i % NUM_COPIES], x.dtype)),
+                                     max(4, num_calls // 4)) if m >= 8 else nan),
+           "default_us": time_w4a16(x, weights, num_calls)}
+    gigabytes = int4_bytes(weights[0]) / 1e3  # per microsecond: GB/s
+    return {**row, "gemv_gbps": gigabytes / row["gemv_us"], "dot_gbps": gigabytes / row["dot_us"]}
+
+
+def print_row(row: dict) -> None:
+    print(f"{row['shape']:8} {row['rows']:3d} {row['bf16_us']:7.1f} {row['gemv_us']:7.1f} {row['dot_us']:7.1f} "
+          f"{row['plain_us']:7.1f} {row['dequant_us']:8.1f} {row['default_us']:8.1f} {row['gemv_gbps']:6.0f} "
+          f"{row['dot_gbps']:6.0f}  {row['dot_config']}")
+
+
+def summarize(records: list[dict]) -> None:
+    """Per M, a layer (the four projections summed) by path, the best W4A16 path against bf16, and the dispatch
+    constants the measurement implies."""
+    print(f"\nlayer (4 projections), us:\n{'M':>4} {'bf16':>7} {'gemv':>7} {'dot':>7} {'dequant':>8} {'default':>8}"
+          f"  best    best/bf16")
+    best_path = {}
+    for m in ROWS:
+        rows = [r for r in records if r["rows"] == m and not r.get("sweep")]
+        layer = {key: sum(r[f"{key}_us"] for r in rows) for key in ("bf16", *PATHS, "default")}
+        timed = {path: layer[path] for path in PATHS if not math.isnan(layer[path])} or {"none": math.nan}
+        best_path[m] = min(timed, key=timed.get)
+        print(f"{m:4d} {layer['bf16']:7.1f} {layer['gemv']:7.1f} {layer['dot']:7.1f} {layer['dequant']:8.1f} "
+              f"{layer['default']:8.1f}  {best_path[m]:7} {timed[best_path[m]] / layer['bf16']:5.2f}")
+    gemv_max = max([0, *(m for m in ROWS if all(best_path[r] == "gemv" for r in ROWS if r <= m))])
+    dequant_from = min([NO_DEQUANT, *(m for m in ROWS if all(best_path[r] == "dequant" for r in ROWS if r >= m))])
+    print(f"implied: GEMV_MAX_ROWS = {gemv_max} (now {GEMV_MAX_ROWS}), DEQUANT_MIN_ROWS = "
+          f"{dequant_from if dequant_from < NO_DEQUANT else f'> {ROWS[-1]}'} (now {DEQUANT_MIN_ROWS}; measured rows "
+          f"{ROWS}: the switch lies between the last row count the kernel wins and this one)")
+
+
+def k_splits(default: int, k: int) -> list[int]:
+    """dot_config's K split, half and twice it, where they divide K's tiles (at least two tiles a slice)."""
+    tiles = triton.cdiv(k, 128)
+    return sorted({s for s in (max(1, default // 2), default, default * 2) if tiles % s == 0 and tiles // s >= 2})
+
+
+def sweep(name: str, n: int, k: int, weights, num_calls: int, num_sms: int) -> list[dict]:
+    gigabytes, out = int4_bytes(weights[0]) / 1e3, []
+    for m in SWEEP_ROWS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        default = dot_config(m, n, k, num_sms)
+        for block_n, warps, stages in SWEEP_SHAPES:
+            if block_n > 128 and m > 16:
+                continue
+            for split in k_splits(default.split_k, k) if m <= 64 else [default.split_k]:  # > 64: x in 2+ blocks
+                config = dataclasses.replace(default, block_n=block_n, num_warps=warps, num_stages=stages,
+                                             split_k=split)
+                us = time_kernel(x, weights, num_calls, config)
+                out.append({"shape": name, "rows": m, "sweep": True, "block_n": block_n, "block_m": config.block_m,
+                            "warps": warps, "stages": stages, "split_k": split, "us": us, "gbps": gigabytes / us})
+        best = sorted((r for r in out if r["rows"] == m and not math.isnan(r["us"])), key=lambda r: r["us"])[:3]
+        for r in best:
+            print(f"  sweep {name:7} M={m:3d}: {r['us']:6.1f} us {r['gbps']:5.0f} GB/s  block_n={r['block_n']} "
+                  f"warps={r['warps']} stages={r['stages']} split_k={r['split_k']}")
+        print(f"  sweep {name:7} M={m:3d}: dot_config block_n={default.block_n} warps={default.num_warps} "
+              f"stages={default.num_stages} split_k={default.split_k}")
+    return out
 
 
 def main() -> None:
@@ -81,67 +158,23 @@ def main() -> None:
     args = parser.parse_args()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     records = []
-    print(f"{'shape':8} {'M':>3} {'cuBLAS':>7} {'pagedllm':>8} {'GEMV':>7} {'tl.dot':>7} {'deq+cuBLAS':>10} "
-          f"{'GEMV GB/s':>9} {'dot GB/s':>8}  default (us: per call)")
+    print(f"{'shape':8} {'M':>3} {'bf16':>7} {'gemv':>7} {'dot':>7} {'plain':>7} {'dequant':>8} {'default':>8} "
+          f"{'GEMV':>6} {'dot':>6}  dot_config (us per call; GB/s of int4)")
     for name, (n, k) in SHAPES.items():
         weights = random_weights(n, k)
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2)]
         for m in ROWS:
             row = {"shape": name, "n": n, "k": k, "rows": m, "default": str(choose_config(m, n, k, num_sms)),
-                   **measure(m, dense, weights, args.calls, num_sms)}
-            print(f"{name:8} {m:3d} {row['bf16_cublas_us']:7.1f} {row['bf16_pagedllm_us']:8.1f} {row['gemv_us']:7.1f} "
-                  f"{row['dot_us']:7.1f} {row['dequant_cublas_us']:10.1f} {row['gemv_gbps']:9.0f} "
-                  f"{row['dot_gbps']:8.0f}  {row['default']}")
+                   "dot_config": str(dot_config(m, n, k, num_sms)), **measure(m, dense, weights, args.calls, num_sms)}
+            print_row(row)
             records.append(row)
         if args.sweep:
             records += sweep(name, n, k, weights, args.calls, num_sms)
+        del weights, dense
+    summarize(records)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(0), "records": records}, f, indent=1)
-
-
-def measure(m: int, dense: list[torch.Tensor], weights, num_calls: int, num_sms: int) -> dict:
-    """Microseconds per call of each path at ``m`` rows (NaN where a path does not apply), and the W4A16 GB/s."""
-    (n, k), nan = dense[0].shape, float("nan")
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    row = {"bf16_cublas_us": time_calls(lambda i: F.linear(x, dense[i % 2]), num_calls),
-           "bf16_pagedllm_us": time_calls(lambda i: gemm.linear(x, dense[i % 2]), num_calls),
-           "gemv_us": (time_w4a16(x, weights, num_calls, config=gemv_config(m, n, k, num_sms))
-                       if m <= GEMV_ROWS_MAX_TIMED else nan),
-           "dot_us": time_w4a16(x, weights, num_calls, config=dot_config(m, n, k, num_sms)),
-           "dequant_cublas_us": (time_calls(lambda i: F.linear(x, dequantize_int4(weights[i % NUM_COPIES], x.dtype)),
-                                            max(4, num_calls // 4)) if m >= 8 else nan)}
-    gigabytes = int4_bytes(weights[0]) / 1e3  # per microsecond: GB/s
-    return {**row, "gemv_gbps": gigabytes / row["gemv_us"], "dot_gbps": gigabytes / row["dot_us"]}
-
-
-def split_candidates(n: int, k: int, block_n: int, num_sms: int) -> list[int]:
-    """K splits giving ~1, 2, 4 and 8 programs per SM."""
-    return sorted({split_for(n, k, block_n, per_sm * num_sms) for per_sm in (1, 2, 4, 8)})
-
-
-def sweep(name: str, n: int, k: int, weights, num_calls: int, num_sms: int) -> list[dict]:
-    gigabytes, out = int4_bytes(weights[0]) / 1e3, []
-    for m, shapes in SWEEP_SHAPES.items():
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        for block_n, warps, stages in shapes:
-            for split in split_candidates(n, k, block_n, num_sms):
-                config = W4A16Config(block_n, triton.next_power_of_2(m), split, warps, stages, gemv=True)
-                try:
-                    us = time_w4a16(x, weights, num_calls, config=config)
-                except Exception as exc:  # noqa: BLE001 - out of registers or shared memory: skip the shape
-                    print(f"  sweep {name} M={m} {config}: {type(exc).__name__}")
-                    continue
-                out.append({"shape": name, "rows": m, "sweep": True, "block_n": block_n, "warps": warps,
-                            "stages": stages, "split_k": split, "us": us, "gbps": gigabytes / us})
-        default = gemv_config(m, n, k, num_sms)
-        best = sorted((r for r in out if r["rows"] == m), key=lambda r: r["us"])[:3]
-        for r in best:
-            print(f"  sweep {name:7} M={m}: {r['us']:6.1f} us {r['gbps']:5.0f} GB/s  block_n={r['block_n']} "
-                  f"warps={r['warps']} stages={r['stages']} split_k={r['split_k']}")
-        print(f"  sweep {name:7} M={m}: default block_n={default.block_n} warps={default.num_warps} "
-              f"stages={default.num_stages} split_k={default.split_k}")
-    return out
 
 
 if __name__ == "__main__":

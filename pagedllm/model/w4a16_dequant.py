@@ -26,6 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 def _slices_asm(magic: str) -> str:
     """PTX for one asm instance: words a ($8), b ($9) -> 8 registers ($0..$7), register i holding (bias + nibble i
     of a, bias + nibble i of b) as two halves."""

@@ -13,8 +13,11 @@ dequantized in registers. ``w4a16_linear`` picks one of three paths by the rows 
 - Up to ``DEQUANT_MIN_ROWS`` rows, the tl.dot GEMM: each program computes the transposed tile ``acc[BLOCK_N,
   BLOCK_M] = W_tile @ x_tile^T`` (as the dense skinny GEMM does, ``model/skinny_gemm.py``): the dequantized
   weight is the dot's first operand, which Hopper's MMA takes straight from registers, x's rows, padded to 16,
-  the second. Nibble i of a tile's [BLOCK_N, 16] words is its 16 contiguous columns ``16 i ...``, so eight
-  shifts give eight operands with no data moved between threads, each dequantized as ``(q - zero) * scale``.
+  the second. Nibble i of a tile's [BLOCK_N, 16] words is its 16 contiguous columns ``16 i ...``, so a tile is
+  eight [BLOCK_N, 16] operands with no data moved between threads. They are the exact integers ``q - zero``,
+  made two per instruction by inline assembly (``w4a16_dequant.py``: ~1.5 instructions a weight): the MMA sums
+  exact products in float32 over a group segment, and the group's scale multiplies that sum once, on the
+  accumulator.
 - From ``DEQUANT_MIN_ROWS`` rows (a prefill chunk) the GEMM is compute-bound and cuBLAS's bf16 tiles beat a
   dequantizing kernel: W is dequantized into a bf16 scratch by ``dequantize_int4`` and multiplied by ``F.linear``
   (the dequantization reads 0.5 and writes 2 bytes per weight, small next to a GEMM of that many rows).
@@ -159,9 +162,9 @@ def _dot_tile(
     stride_sn, stride_zn, GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr,
     EVEN_K: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """``acc`` plus one canonical tile's product. Per group segment the MMA sums ``(q - zero) x`` exactly in
-    float32 (integer weights, ``w4a16_dequant``), and the segment's sum is scaled once: the per-weight work is the
-    packed unpack and subtract only."""
+    """``acc`` plus one canonical tile's product. Per group segment the MMA sums the exact products ``(q - zero)
+    x`` in float32 (integer weights, ``w4a16_dequant``), and the segment's sum is scaled once: the per-weight work
+    is the packed unpack and subtract only."""
     dtype = x_tile.dtype.element_ty
     slices = tile_slices(packed, dtype, ASM)
     # 16-column slices sharing one scale: a group's, at most the tile's 8
@@ -375,32 +378,43 @@ def _dequantize_kernel(
 # -- dispatch and launches -----------------------------------------------------------------------------------------
 
 
-@functools.cache
 def choose_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
-    """A launch shape (and so the kernel) for x [num_rows, k] times W [n, k] on a device of ``num_sms`` SMs.
+    """A launch shape (and so the kernel) for x [num_rows, k] times W [n, k] on a device of ``num_sms`` SMs: up to
+    ``GEMV_MAX_ROWS`` rows the GEMV kernel, else the tl.dot one (from ``DEQUANT_MIN_ROWS`` rows ``w4a16_linear``
+    takes dequantize + cuBLAS instead)."""
+    if num_rows <= GEMV_MAX_ROWS:
+        return gemv_config(num_rows, n, k, num_sms)
+    return dot_config(num_rows, n, k, num_sms)
 
-    Up to ``GEMV_MAX_ROWS`` rows, the GEMV kernel: 128-row blocks of W (4 rows a thread, the x work shared by
-    them), 4 warps, K split to ~4 programs per SM; no software pipeline at one row, a 3-deep one above (the H200
-    sweep of session 26, benchmarks/h200/issue16-w4a16/session26: at M = 1 one stage beat three on all four
-    Llama-3.1-8B shapes, 71 against 92 us a layer; at M = 4 three stages won). Up to 16 rows, from the tl.dot
-    kernel's M = 1 sweep on an H200 (benchmarks/h200/issue16-w4a16): 128-row blocks of W with 8 warps and a 3-deep pipeline, K split in up to 8
-    slices while the grid stays within ~8 programs per SM. 17..63 rows: x padded to 32 / 64 rows, 64-row blocks
-    of W (the shape measured at 64 rows). More rows: 128 x 64/128 tiles (those sizes normally take the
-    dequantize + cuBLAS path, ``DEQUANT_MIN_ROWS``).
-    """
+
+@functools.cache
+def gemv_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
+    """The GEMV kernel's shape: 128-row blocks of W (4 rows a thread, the x work shared by them), 4 warps, K split
+    to ~4 programs per SM; no software pipeline at one row, a 3-deep one above (the H200 sweep of session 26,
+    benchmarks/h200/issue16-w4a16/session26: at M = 1 one stage beat three on all four Llama-3.1-8B shapes, 71
+    against 92 us a layer; at M = 4 three stages won)."""
+    stages = 1 if num_rows == 1 else 3
+    return W4A16Config(128, triton.next_power_of_2(num_rows), _k_split(n, k, 128, 16, 4 * num_sms), 4, stages,
+                       gemv=True)
+
+
+@functools.cache
+def dot_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
+    """The tl.dot kernel's shape. Up to 64 rows: 128-row blocks of W over x padded to 16, 32 or 64 rows, one
+    warpgroup (8 warps re-lay the weights out through shared memory every tile, by the offline SASS of
+    ``w4a16_gemv_sass.py``), a 3-deep pipeline, K split in up to 8 slices while the grid stays within ~8 programs
+    per SM (UNMEASURED for the inline-asm kernel: to be set from ``w4a16_microbench.py --sweep``). More rows:
+    128 x 64/128 tiles, 8 warps."""
     if num_rows > 64:
         return W4A16Config(block_n=128, block_m=64 if num_rows <= 128 else 128, num_warps=8, num_stages=3)
-    tiles = triton.cdiv(k, TILE_K)
-    if num_rows <= GEMV_MAX_ROWS:
-        stages = 1 if num_rows == 1 else 3
-        block_n, block_m, max_split, warps, programs_per_sm = 128, num_rows, 16, 4, 4
-    elif num_rows <= 16:
-        block_n, block_m, max_split, warps, stages, programs_per_sm = 128, 16, 8, 8, 3, 8
-    else:
-        block_n, block_m, max_split, warps, stages, programs_per_sm = 64, num_rows, 8, 4, 3, 8
-    wanted = min(max_split, triton.cdiv(programs_per_sm * num_sms, triton.cdiv(n, block_n)))
-    return W4A16Config(block_n, triton.next_power_of_2(block_m), even_split(tiles, wanted, 2), warps, stages,
-                       gemv=num_rows <= GEMV_MAX_ROWS)
+    block_m = max(16, triton.next_power_of_2(num_rows))
+    return W4A16Config(128, block_m, _k_split(n, k, 128, 8, 8 * num_sms), 4, 3)
+
+
+def _k_split(n: int, k: int, block_n: int, max_split: int, programs: int) -> int:
+    """K slices (at most ``max_split``, whole tiles, at least two a slice) so that the grid has ~``programs``."""
+    wanted = min(max_split, triton.cdiv(programs, triton.cdiv(n, block_n)))
+    return even_split(triton.cdiv(k, TILE_K), wanted, 2)
 
 
 def w4a16_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None,

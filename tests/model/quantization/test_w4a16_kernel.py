@@ -9,6 +9,8 @@ prefill sizes, eagerly and replayed from a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,6 +138,60 @@ def test_gemv_random_shapes(n, k, group_size, has_zeros, act_order, has_bias, nu
     bias = torch.randn(n, generator=generator).to(DEVICE, dtype) if has_bias else None
     config = W4A16Config(block_n, triton.next_power_of_2(num_rows), split_k, gemv=True)
     assert_close(w4a16_linear(x, weight, bias, config=config), oracle(x, weight, bias), dtype)
+
+
+def random_dot_cases(count: int, seed: int, max_rows: int) -> list[tuple]:
+    """(n, k, group_size, has_zeros, act_order, has_bias, num_rows, config) for the tl.dot kernel, drawn at
+    random: K any multiple of 8 that the group size divides, N not a multiple of the row block, 1..max_rows rows of
+    x, row blocks of 64 / 128 with 4 or 8 warps, K split or not."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    cases = []
+    for _ in range(count):
+        group_size = pick([32, 64, 128, -1])
+        unit = 8 if group_size == -1 else group_size
+        k = unit * int(torch.randint(1, 640 // unit + 1, (1,), generator=rng))
+        num_rows = int(torch.randint(1, max_rows + 1, (1,), generator=rng))
+        block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
+        config = W4A16Config(pick([64, 128]), block_m, pick([1, 2, 3]), num_warps=pick([4, 8]), num_stages=pick([2, 3]))
+        cases.append((int(torch.randint(1, 300, (1,), generator=rng)), k, group_size, bool(pick([0, 1])),
+                      bool(pick([0, 1])), bool(pick([0, 1])), num_rows, config))
+    return cases
+
+
+DOT_CASES = random_dot_cases(10, seed=17, max_rows=256) if DEVICE == "cuda" else random_dot_cases(6, 17, 20)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k", "group_size", "has_zeros", "act_order", "has_bias", "num_rows", "config"),
+                         DOT_CASES)
+def test_dot_random_shapes(dtype, n, k, group_size, has_zeros, act_order, has_bias, num_rows, config) -> None:
+    """The tl.dot kernel (inline-asm dequantization on CUDA, its plain-Triton stand-in in the interpreter)."""
+    weight = random_weight(n, k, group_size, has_zeros, act_order, seed=n * k + num_rows)
+    generator = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, k, generator=generator).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=generator).to(DEVICE, dtype) if has_bias else None
+    expected = oracle(x, weight, bias)
+    assert_close(w4a16_linear(x, weight, bias, config=config, dequant_min_rows=1 << 30), expected, dtype)
+    assert_close(torch_linear(x, weight, bias), expected, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 16, 64, 200])
+def test_asm_dequantization_equals_plain_triton(dtype, num_rows: int) -> None:
+    """The inline assembly computes the operands of its plain-Triton stand-in (the exact integers q - zero), so
+    the outputs agree to the last bits of the float32 sums."""
+    weight = random_weight(1000, 1024, 64, True, True, seed=num_rows)
+    x = torch.randn(num_rows, 1024, device=DEVICE, dtype=dtype)
+    config = choose_config(max(num_rows, GEMV_MAX_ROWS + 1), 1000, 1024, 132)
+    plain = w4a16_linear(x, weight, config=dataclasses.replace(config, asm_dequant=False), dequant_min_rows=1 << 30)
+    asm = w4a16_linear(x, weight, config=config, dequant_min_rows=1 << 30)
+    error = (asm.double() - plain.double()).norm() / plain.double().norm()
+    assert error < 1e-3, f"relative difference {error:.2e}"
 
 
 @pytest.mark.parametrize("num_rows", [GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1])
