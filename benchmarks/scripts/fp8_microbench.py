@@ -10,6 +10,13 @@ over the four shapes (one layer's projections) of each, and the best alternative
 ``--sweep gemv,w8a8,w8a8_fused`` also times launch shapes of those kernels (gemv at M = 1 and 4, the others at 64)
 and prints the best per shape.
 
+``--tma`` times the TMA + wgmma W8A8 GEMM (``fp8_tma``: its ``choose_config`` shape and the candidates of
+``tma_candidates``) against bf16 (``F.linear``, i.e. cuBLAS, and ``gemm.linear``: the skinny kernel at 16 rows),
+``_scaled_mm``, and the cp.async ``w8a8`` at M = 16, 32, 64, 128, 256 (``TMA_ROWS``), prints one table line per
+shape and M (us; TB/s of the weight for the best TMA shape) and the layer sums, then ``TUNED_CONFIGS`` and
+``TMA_MAX_ROWS`` as measured, ready to paste into ``fp8_tma`` / ``fp8_gemm``. With ``--skip-main`` about 90 s
+on an H200, most of it compiling the ~35 launch shapes.
+
 Times are per call, from CUDA graphs of ``--calls`` calls over rotating weight copies (more bytes than L2 holds),
 so launch overhead is out and the weight comes from HBM as in a decode step.
 """
@@ -20,15 +27,17 @@ import argparse
 import json
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from cuda_graph_timing import time_calls  # this folder is on sys.path when a script runs
 
 from pagedllm.model import gemm
-from pagedllm.model.quantization import fp8_gemm
+from pagedllm.model.quantization import fp8_gemm, fp8_tma
 from pagedllm.model.quantization.fp8_gemm import fp8_linear, quantize_weight, triton_path
 from pagedllm.model.quantization.fp8_gemv import fp8_gemv
 from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, fp8_w8a8_gemm, fp8_weight_only_gemm
+from pagedllm.model.split_k import sm_count
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 ROWS = [1, 4, 16, 64, 128]
@@ -42,6 +51,10 @@ GEMV_SWEEP = [Fp8GemmConfig(bn, bk, 1, 4, 3) for bn, bk in ((4, 512), (8, 512), 
 GEMM_SWEEP = [Fp8GemmConfig(64, 128, 1, 4, 4), Fp8GemmConfig(64, 128, 2, 4, 4), Fp8GemmConfig(128, 128, 1, 4, 4),
               Fp8GemmConfig(128, 128, 2, 4, 4), Fp8GemmConfig(128, 128, 4, 8, 4), Fp8GemmConfig(128, 64, 2, 4, 5),
               Fp8GemmConfig(64, 256, 1, 4, 3), Fp8GemmConfig(256, 128, 1, 8, 3)]
+
+TMA_ROWS = [16, 32, 64, 128, 256]
+# (BLOCK_N, BLOCK_K, stages) tried besides choose_config's shape at each M; K split by fp8_tma.balanced_split.
+TMA_SHAPES = [(128, 128, 4), (64, 128, 6), (128, 256, 3), (256, 128, 3)]
 
 Fp8Call = Callable[[torch.Tensor, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
@@ -77,7 +90,8 @@ def measure_shape(name: str, n: int, k: int, calls: int) -> list[dict]:
     rows = []
     for m in ROWS:
         x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
-        row = {"shape": name, "n": n, "k": k, "m": m, "path": triton_path(m, SCHEME) or "scaled_mm"}
+        row = {"shape": name, "n": n, "k": k, "m": m,
+               "path": triton_path(m, SCHEME, tma=fp8_gemm.TMA_MAX_ROWS > 0) or "scaled_mm"}
         row["bf16_us"] = timed(lambda i, x=x: gemm.linear(x, dense[i % NUM_COPIES]), calls)
         row["bf16_tb_s"] = tb_s(2 * n * k, row["bf16_us"])
         for kernel, fn in alternatives(m).items():
@@ -139,24 +153,106 @@ def print_summaries(rows: list[dict], sweep: list[dict]) -> None:
               f"{result['config']}")
 
 
+def tma_candidates(n: int, k: int, block_m: int, num_sms: int) -> list[Fp8GemmConfig]:
+    """choose_config's shape, that shape unsplit and split twice as much, and ``TMA_SHAPES`` (those whose ring
+    fits in shared memory and whose accumulator fits in 128 registers a thread at 8 warps)."""
+    default = fp8_tma.choose_config(n, k, num_sms, block_m)
+    configs = [default, replace(default, split_k=1), replace(default, split_k=2 * default.split_k)]
+    for block_n, block_k, stages in TMA_SHAPES:
+        stages = min(stages, fp8_tma._SHARED_BYTES // fp8_tma.stage_bytes(block_n, block_m, block_k))
+        if stages >= 2 and block_n * block_m <= 128 * 256:
+            split = fp8_tma.balanced_split(-(-n // block_n), -(-k // block_k), num_sms)
+            configs.append(Fp8GemmConfig(block_n, block_k, split, 8 if block_n * block_m > 128 * 64 else 4, stages))
+    return list(dict.fromkeys(configs))
+
+
+def tma_shape(name: str, n: int, k: int, calls: int) -> list[dict]:
+    """Per M of ``TMA_ROWS``: us per call of bf16, _scaled_mm, w8a8 (up to its 128 rows) and each TMA candidate."""
+    dense = [torch.randn(n, k, device=DEVICE, dtype=DTYPE) / k**0.5 for _ in range(NUM_COPIES)]
+    fp8 = [quantize_weight(w) for w in dense]
+    rows = []
+    for m in TMA_ROWS:
+        x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
+        row = {"shape": name, "n": n, "k": k, "m": m, "tma": {}}
+        row["bf16_cublas_us"] = timed(lambda i, x=x: torch.nn.functional.linear(x, dense[i % NUM_COPIES]), calls)
+        row["bf16_us"] = timed(lambda i, x=x: gemm.linear(x, dense[i % NUM_COPIES]), calls)
+        row["scaled_mm_us"] = timed(lambda i, x=x: fp8_gemm._scaled_mm_linear(x, *fp8[i % NUM_COPIES], None, SCHEME,
+                                                                                None), calls)
+        if m <= 128:
+            row["w8a8_us"] = timed(lambda i, x=x: fp8_w8a8_gemm(x, *fp8[i % NUM_COPIES], None, SCHEME), calls)
+        for config in tma_candidates(n, k, fp8_tma.block_m_for(m), sm_count(x.device)):
+            row["tma"][str(config)] = timed(lambda i, x=x, c=config: fp8_tma.fp8_w8a8_tma_gemm(
+                x, *fp8[i % NUM_COPIES], None, SCHEME, None, c), calls)
+        rows.append(row)
+        print(_tma_line(row), flush=True)
+    return rows
+
+
+def _best_tma(row: dict) -> tuple[str, float] | None:
+    times = {config: us for config, us in row["tma"].items() if isinstance(us, float)}
+    return min(times.items(), key=lambda item: item[1]) if times else None
+
+
+def _tma_line(row: dict) -> str:
+    cells = "  ".join(f"{key[:-3]} {row[key]}" for key in ("bf16_cublas_us", "bf16_us", "scaled_mm_us", "w8a8_us")
+                      if key in row)
+    default = next(iter(row["tma"].values()), None)
+    best = _best_tma(row)
+    best_text = f"{best[1]:.2f} us {tb_s(row['n'] * row['k'], best[1])} TB/s {best[0]}" if best else "none"
+    return (f"tma m={row['m']:<4} {row['shape']:<8} {cells}  tma_default {default}  tma_best {best_text}")
+
+
+def print_tma_summary(rows: list[dict]) -> None:
+    """Per M the layer sums (bf16, _scaled_mm, w8a8, TMA best), then the constants to paste: TUNED_CONFIGS
+    (each shape's best TMA launch, where it differs from choose_config's) and TMA_MAX_ROWS (the largest M up to
+    which the TMA layer sum beat _scaled_mm's and w8a8's at every measured M)."""
+    tma_max_rows, winning = 0, True
+    for m in TMA_ROWS:
+        at_m = [row for row in rows if row["m"] == m]
+        sums = {key[:-3]: sum(row[key] for row in at_m) for key in ("bf16_cublas_us", "bf16_us", "scaled_mm_us",
+                                                                     "w8a8_us")
+                if all(isinstance(row.get(key), float) for row in at_m)}
+        if all(_best_tma(row) for row in at_m):
+            sums["tma_best"] = sum(_best_tma(row)[1] for row in at_m)
+            rivals = [value for key, value in sums.items() if key in ("scaled_mm", "w8a8")]
+            if m > fp8_gemm.FUSED_QUANT_MAX_ROWS:
+                winning = winning and sums["tma_best"] < min(rivals, default=float("inf"))
+                tma_max_rows = m if winning else tma_max_rows
+        print(f"tma layer sum m={m:<4} " + "  ".join(f"{k} {v:.1f}" for k, v in sorted(sums.items(),
+                                                                                     key=lambda kv: kv[1])))
+    tuned = []
+    for row in rows:
+        best, block_m = _best_tma(row), fp8_tma.block_m_for(row["m"])
+        if best and best[0] != next(iter(row["tma"])):
+            tuned.append(f"    ({row['n']}, {row['k']}, {block_m}): {best[0]},")
+    print("TUNED_CONFIGS = {  # fp8_tma\n" + "\n".join(tuned) + "\n}")
+    print(f"TMA_MAX_ROWS = {tma_max_rows}  # fp8_gemm (the TMA GEMM beat _scaled_mm and w8a8 at every M up to here)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=16)
     parser.add_argument("--sweep", default="", help="comma-separated kernels to sweep: gemv, w8a8, w8a8_fused, "
                                                     "weight_only")
-    parser.add_argument("--skip-main", action="store_true", help="only the sweep")
+    parser.add_argument("--skip-main", action="store_true", help="only the sweep / TMA table")
+    parser.add_argument("--tma", action="store_true", help="the TMA GEMM's table (module docstring)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     kernels = [kernel for kernel in args.sweep.split(",") if kernel]
-    rows, sweep = [], []
+    rows, sweep, tma_rows = [], [], []
     for name, (n, k) in SHAPES.items():
         if not args.skip_main:
             rows += measure_shape(name, n, k, args.calls)
         sweep += sweep_shape(name, n, k, kernels, args.calls)
+        if args.tma:
+            tma_rows += tma_shape(name, n, k, args.calls)
     print_summaries(rows, sweep)
+    if args.tma:
+        print_tma_summary(tma_rows)
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(0), "rows": rows, "sweep": sweep}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(0), "rows": rows, "sweep": sweep, "tma": tma_rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

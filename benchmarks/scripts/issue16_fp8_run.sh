@@ -2,7 +2,8 @@
 # Issue 16, FP8 weights on the GPU machine: `bash benchmarks/scripts/issue16_fp8_run.sh SECTION...` from the repo root
 # with .whl and .assets carried (see device_env.sh). Records and logs go to $OUT (default: /tmp/out).
 # Sections: tests (FP8 kernel tests vs the torch oracle), micro (each FP8 kernel vs bf16 per call on Llama-3.1-8B's
-# shapes at M = 1, 4, 16, 64, 128; MICRO_FLAGS, e.g. --sweep gemv,w8a8 --skip-main), latency (bs1 32/128 decode;
+# shapes at M = 1, 4, 16, 64, 128; MICRO_FLAGS, e.g. --sweep gemv,w8a8 --skip-main, or --tma --skip-main: the TMA
+# GEMM's launch shapes vs bf16, _scaled_mm and w8a8 at M = 16..256), latency (bs1 32/128 decode;
 # LATENCY_MODES), throughput (64 x 512/128; THROUGHPUT_MODES).
 # A mode is bf16, fp8, or fp8:NAME=VALUE[,NAME=VALUE] with fp8_gemm's kernel switches set in-process, e.g.
 # fp8:FUSED_QUANT_MAX_ROWS=0 or fp8:GEMV_MAX_ROWS=0 (bench_with_fp8_settings.py).
@@ -26,7 +27,7 @@ for section in "$@"; do
   case $section in
     tests)
       timeout ${TESTS_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/model/quantization/test_fp8_kernels.py \
-        tests/model/quantization/test_fp8_gemv.py 2>&1 | tail -15 ;;
+        tests/model/quantization/test_fp8_gemv.py tests/model/quantization/test_fp8_tma.py 2>&1 | tail -15 ;;
     micro)
       timeout ${MICRO_TIMEOUT:-120} python3 benchmarks/scripts/fp8_microbench.py $MICRO_FLAGS \
         --output-json "$OUT/fp8-microbench${MICRO_TAG}.json" 2>&1 | tail -${MICRO_TAIL:-140} ;;
