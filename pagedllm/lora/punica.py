@@ -8,7 +8,10 @@ slot's run into tiles of ``tile_rows(T)`` sorted positions: rows (slot, start, e
 buffers, so a CUDA graph captured once replays with each step's tiles; an empty tile's programs do nothing.
 
 ``shrink``: ``u = A[slot] x``, [T, num_shards * r_max] float32, all shards of a fused layer (q, k and v) in one
-launch. A decode step has few tiles, so K is split until about ``_SHRINK_TARGET_PROGRAMS`` programs run; the K
+launch. A step has too few tiles to keep the SMs busy (a decode step ~12, a prefill chunk of 8192 tokens 136, each a
+long loop over K), so K is split until about ``_SHRINK_PROGRAMS_PER_SM`` programs per SM run, in at most
+``_SHRINK_MAX_SPLITS`` slices (H200, Llama-3.1-8B, 8 adapters: 21 slices made a decode shrink 17 us, its summing
+loop one L2 round trip per slice; one slice made a prefill shrink ~126 us, 136 programs each reading all of K). The K
 slices of a tile's rank block are then summed inside the launch, by the slice that arrives last (an atomic counter
 per (tile, rank block); the partials added in split order: deterministic, and the counter left at zero for the next
 launch or graph replay, as in ``model/split_k.py``). The expand then reads each u once: summing the slices there
@@ -28,9 +31,12 @@ import triton
 import triton.language as tl
 
 from pagedllm.lora.tiles import max_tiles, tile_rows
+from pagedllm.model.split_k import sm_count
 
 _SHRINK_BLOCK_K = 64
-_SHRINK_TARGET_PROGRAMS = 256
+_SHRINK_PROGRAMS_PER_SM = 4
+_SHRINK_MAX_SPLITS = 8
+_SUM_LOADS_IN_FLIGHT = tl.constexpr(4)  # partials the summing program loads at once (independent loads: one round trip for 4)
 _SHRINK_COUNTERS = 4096  # (tile, rank block) pairs a split shrink can count arrivals for
 _EXPAND_BLOCK_N = 128
 _MIN_DOT = 16  # tl.dot's smallest side: ranks below it are padded (masked)
@@ -65,7 +71,7 @@ def _shrink_slice(x_ptr, a_ptr, slot, tokens, row_mask, ranks, R, k_begin, k_end
 
 
 @triton.jit
-def _store_summed(acc, partial_ptrs, split_stride, mask, counter_ptr, u_ptrs):
+def _store_summed(acc, partial_ptrs, split_stride, mask, counter_ptr, u_ptrs, SUM_LOADS: tl.constexpr):
     """Store this K slice's ``acc`` as a partial; the slice of the (tile, rank block) that arrives last sums all
     the partials in split order (the same sum whichever came last), writes u and resets the counter."""
     num_splits = tl.num_programs(2)
@@ -74,8 +80,12 @@ def _store_summed(acc, partial_ptrs, split_stride, mask, counter_ptr, u_ptrs):
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == num_splits - 1:
         total = tl.zeros_like(acc)
-        for split in range(0, num_splits):
-            total += tl.load(partial_ptrs + split * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        for first in range(0, num_splits, SUM_LOADS):
+            for offset in tl.static_range(SUM_LOADS):  # unrolled: the loads are issued together; added in order
+                split = first + offset  # past the last split: re-read the last one and add zero
+                partial = tl.load(partial_ptrs + tl.minimum(split, num_splits - 1) * split_stride, mask=mask,
+                                  other=0.0, cache_modifier=".cg")
+                total += tl.where(split < num_splits, partial, 0.0)
         tl.store(u_ptrs, total, mask=mask)
         tl.store(counter_ptr, 0)  # ready for the next launch (or graph replay)
 
@@ -95,7 +105,8 @@ def _shrink_kernel(x_ptr, a_ptr, sorted_ptr, tiles_ptr, partial_ptr, arrivals_pt
         mask = row_mask[:, None] & (ranks[None, :] < R)
         if tl.num_programs(2) > 1:  # K split (a branch, not a constexpr: one compiled variant for every step size)
             counter = arrivals_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-            _store_summed(acc, partial_ptr + offsets, split_stride, mask, counter, u_ptr + offsets)
+            _store_summed(acc, partial_ptr + offsets, split_stride, mask, counter, u_ptr + offsets,
+                          _SUM_LOADS_IN_FLIGHT)
         else:
             tl.store(u_ptr + offsets, acc, mask=mask)
 
@@ -130,11 +141,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _shrink_split(num_tokens: int, num_slots: int, num_r_blocks: int, k: int) -> tuple[int, int]:
+def _shrink_split(num_tokens: int, num_slots: int, num_r_blocks: int, k: int, num_sms: int) -> tuple[int, int]:
     """(columns of K per split, number of splits) for the shrink of a step of ``num_tokens`` tokens: one split
     when the counters cannot cover the launch's (tile, rank block) pairs."""
     programs = max_tiles(num_tokens, num_slots) * num_r_blocks
-    wanted = max(1, min(_SHRINK_TARGET_PROGRAMS // programs, k // (2 * _SHRINK_BLOCK_K)))
+    wanted = _SHRINK_PROGRAMS_PER_SM * num_sms // programs
+    wanted = max(1, min(wanted, _SHRINK_MAX_SPLITS, k // (2 * _SHRINK_BLOCK_K)))
     if programs > _SHRINK_COUNTERS:
         wanted = 1
     k_per_split = triton.cdiv(triton.cdiv(k, wanted), _SHRINK_BLOCK_K) * _SHRINK_BLOCK_K
@@ -156,7 +168,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, sorted_tokens: torch.Tensor, tiles:
     num_slots, r = a.shape[0], a.shape[1]
     block_r = min(max(triton.next_power_of_2(r), _MIN_DOT), 64)
     num_r_blocks = triton.cdiv(r, block_r)
-    k_per_split, num_splits = _shrink_split(num_tokens, num_slots, num_r_blocks, k)
+    k_per_split, num_splits = _shrink_split(num_tokens, num_slots, num_r_blocks, k, sm_count(x.device))
     u = torch.empty(num_tokens, r, dtype=torch.float32, device=x.device)
     is_split = num_splits > 1
     partials = torch.empty(num_splits, num_tokens, r, dtype=torch.float32, device=x.device) if is_split else u

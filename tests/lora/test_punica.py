@@ -16,6 +16,7 @@ import numpy as np
 
 from pagedllm.lora.layers import LoRALayerWeights, LoRAStepContext, add_lora_grouped, add_lora_masked
 from pagedllm.lora.tiles import SMALL_STEP_TOKENS, max_tiles, step_tiles
+from pagedllm.model.split_k import sm_count
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
@@ -84,8 +85,7 @@ def test_split_k_shrink_of_small_steps(num_tokens: int, input_size: int) -> None
     layer = random_layer(2, 16, input_size, [48, 16, 16], torch.float32, num_tokens)
     slots = torch.tensor([1, 0, -1][:num_tokens], dtype=torch.int32, device=DEVICE)
     x = torch.randn(num_tokens, input_size, device=DEVICE)
-    perm, tiles = (torch.from_numpy(t).to(DEVICE) for t in step_tiles(slots.cpu().numpy(), 2))
-    assert punica._shrink_split(num_tokens, 2, 1, input_size)[1] > 1  # split
+    assert punica._shrink_split(num_tokens, 2, 1, input_size, sm_count(x.device))[1] > 1  # split
     actual = torch.zeros(num_tokens, 80, device=DEVICE)
     add_with_kernels(layer, actual, x, slots)
     torch.testing.assert_close(actual, reference(layer, torch.zeros(num_tokens, 80), x, slots), atol=1e-4, rtol=1e-4)
