@@ -122,6 +122,9 @@ def _expand_kernel(u_ptr, b_ptr, sorted_ptr, tiles_ptr, y_ptr, offsets_ptr, size
     if has_rows & (tl.program_id(1) * BLOCK_N < size):  # (a smaller shard of a fused layer needs fewer blocks)
         n_mask = n < size
         cols = tl.load(offsets_ptr + shard) + n
+        y_ptrs = y_ptr + tokens[:, None] * stride_yt + cols[None, :]
+        mask = row_mask[:, None] & n_mask[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0)  # first: the widest load's latency overlaps the small product
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for rank_start in tl.static_range(0, R_MAX, BLOCK_RANK):
             ranks = rank_start + tl.arange(0, BLOCK_RANK)
@@ -130,10 +133,7 @@ def _expand_kernel(u_ptr, b_ptr, sorted_ptr, tiles_ptr, y_ptr, offsets_ptr, size
             b = tl.load(b_ptr + slot * stride_bs + cols[None, :] * stride_bn + ranks[:, None],
                         mask=(ranks[:, None] < R_MAX) & n_mask[None, :], other=0.0).to(tl.float32)
             delta = tl.dot(u, b, delta, input_precision=DOT_PRECISION)
-        y_ptrs = y_ptr + tokens[:, None] * stride_yt + cols[None, :]
-        mask = row_mask[:, None] & n_mask[None, :]
-        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
