@@ -55,7 +55,7 @@ for section in "$@"; do
       for backend in triton torch; do
         echo "--- throughput nano x ${NANO_SMALL:-32} prompts, $backend, eager"
         PAGEDLLM_MOE_BACKEND=$backend bench throughput --disable-tqdm $COMMON --enforce-eager --workload nano \
-          --num-prompts ${NANO_SMALL:-32} --output-json "$OUT/throughput-$MODEL-nano${NANO_SMALL:-32}-$backend-eager.json"
+          --limit ${NANO_SMALL:-32} --output-json "$OUT/throughput-$MODEL-nano${NANO_SMALL:-32}-$backend-eager.json"
       done ;;
   esac
 done
