@@ -47,11 +47,13 @@ SHAPES = [
     ("dot M<=16 asm 128x16 w4 s3", _DOT, {}, 4, 3),
     ("dot M<=16 plain 128x16 w4 s3", _DOT, {"ASM": False}, 4, 3),
     ("dot M<=16 asm 128x16 w8 s3", _DOT, {}, 8, 3),
-    ("dot M<=16 asm 64x16 w4 s3", _DOT, {"BLOCK_N": 64}, 4, 3),
-    ("dot M<=16 asm 128x16 w4 s1", _DOT, {}, 4, 1),
-    ("dot M<=64 asm 128x64 w4 s3", _DOT, {"BLOCK_M": 64}, 4, 3),
-    ("dot M<=128 asm 128x128 w8 s3", _DOT, {"BLOCK_M": 128, "IS_SPLIT": False}, 8, 3),
+    ("dot M<=16 asm 256x16 w4 s2", _DOT, {"BLOCK_N": 256}, 4, 2),
+    ("dot M<=16 asm 256x16 w8 s2", _DOT, {"BLOCK_N": 256}, 8, 2),
+    ("dot M<=32 asm 128x32 w4 s3", _DOT, {"BLOCK_M": 32}, 4, 3),
+    ("dot M<=64 asm 128x64 w8 s3", _DOT, {"BLOCK_M": 64}, 8, 3),
+    ("dot M<=128 asm 128x64 w8 s3 unsplit", _DOT, {"BLOCK_M": 64, "IS_SPLIT": False}, 8, 3),
     ("dot M<=16 asm groups of 32, act-order", _DOT, {"GROUP_SIZE": 32, "HAS_PERM": True}, 4, 3),
+    ("dot M<=16 asm one group, odd K", _DOT, {"GROUP_SIZE": 0, "EVEN_K": False}, 4, 3),
 ]
 
 

@@ -92,12 +92,14 @@ def _dequantize_slice(
 
 
 @triton.jit
-def _input_slice(x_tile, x_row_ptrs, perm_ptr, row_mask, tile_start, K, OFFSET: tl.constexpr,
-                 HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
-    """x's columns ``tile_start + OFFSET .. + 16`` (through ``perm`` with act-order), transposed: [16, BLOCK_M].
-    ``x_tile`` points at the tile's first 16 columns, so that without act-order the slice's address is a constant
-    offset from it (no address arithmetic per slice); ``x_row_ptrs`` [1, BLOCK_M] at the rows' column 0."""
-    offs_k = tile_start + OFFSET + tl.arange(0, 16)[:, None]
+def _input_segment(x_seg, x_row_ptrs, perm_ptr, row_mask, tile_start, K, OFFSET: tl.constexpr,
+                   HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """x's columns ``tile_start + OFFSET ...`` of one scale segment (through ``perm`` with act-order), transposed:
+    [width, BLOCK_M]. ``x_seg`` points at the tile's first ``width`` columns, so that without act-order the
+    segment's address is a constant offset from it (no address arithmetic per segment); ``x_row_ptrs`` [1,
+    BLOCK_M] at the rows' column 0."""
+    width: tl.constexpr = x_seg.shape[0]
+    offs_k = tile_start + OFFSET + tl.arange(0, width)[:, None]
     mask = row_mask
     if not EVEN_K:
         mask = mask & (offs_k < K)
@@ -105,7 +107,7 @@ def _input_slice(x_tile, x_row_ptrs, perm_ptr, row_mask, tile_start, K, OFFSET: 
         cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
         return tl.load(x_row_ptrs + cols, mask=mask, other=0.0)
     else:
-        return tl.load(x_tile + OFFSET, mask=mask, other=0.0)
+        return tl.load(x_seg + OFFSET, mask=mask, other=0.0)
 
 
 # -- output, shared by both kernels ---------------------------------------------------------------------------------
@@ -158,17 +160,16 @@ def _group_of(col_start, num_groups, GROUP_SIZE: tl.constexpr):
 
 @triton.jit
 def _dot_tile(
-    acc, packed, x_tile, x_row_ptrs, perm_ptr, scales_ptr, zeros_ptr, rows, row_mask, tile_start, K, num_groups,
+    acc, packed, x_seg, x_row_ptrs, perm_ptr, scales_ptr, zeros_ptr, rows, row_mask, tile_start, K, num_groups,
     stride_sn, stride_zn, GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr,
     EVEN_K: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """``acc`` plus one canonical tile's product. Per group segment the MMA sums the exact products ``(q - zero)
-    x`` in float32 (integer weights, ``w4a16_dequant``), and the segment's sum is scaled once: the per-weight work
-    is the packed unpack and subtract only."""
-    dtype = x_tile.dtype.element_ty
+    """``acc`` plus one canonical tile's product: per group segment one dot of the exact integers ``q - zero``
+    (``w4a16_dequant``) with x, whose float32 sum of exact products is scaled once: the per-weight work is the
+    packed unpack and subtract only. ``x_seg`` [16 x slices per segment, BLOCK_M]: ``_input_segment``."""
+    dtype = x_seg.dtype.element_ty
     slices = tile_slices(packed, dtype, ASM)
-    # 16-column slices sharing one scale: a group's, at most the tile's 8
-    per_segment: tl.constexpr = 8 if GROUP_SIZE == 0 or GROUP_SIZE >= _TILE_K else GROUP_SIZE // 16
+    per_segment: tl.constexpr = x_seg.shape[0] // 16
     for seg in tl.static_range(8 // per_segment):
         seg_start = tile_start + 16 * per_segment * seg
         group = _group_of(seg_start, num_groups, GROUP_SIZE)
@@ -177,14 +178,31 @@ def _dot_tile(
             zero = biased_zero(tl.load(zeros_ptr + rows * stride_zn + group), dtype)[:, None]
         else:
             zero = biased_zero(tl.full((1, 1), 8, tl.int32), dtype)
-        partial = tl.zeros(acc.shape, tl.float32)
-        for s in tl.static_range(per_segment):
-            w = subtract_zero(slices[seg * per_segment + s], zero, ASM)
-            x = _input_slice(x_tile, x_row_ptrs, perm_ptr, row_mask, tile_start, K, 16 * (seg * per_segment + s),
-                             HAS_PERM, EVEN_K)
-            partial = tl.dot(w, x, partial, input_precision=DOT_PRECISION)
-        acc += partial * scale[:, None]
+        w = subtract_zero(_side_by_side(slices, seg * per_segment, per_segment), zero, ASM)
+        x = _input_segment(x_seg, x_row_ptrs, perm_ptr, row_mask, tile_start, K, 16 * per_segment * seg,
+                           HAS_PERM, EVEN_K)
+        acc += tl.dot(w, x, input_precision=DOT_PRECISION) * scale[:, None]
     return acc
+
+
+@triton.jit
+def _side_by_side(slices, FIRST: tl.constexpr, COUNT: tl.constexpr):
+    """``slices[FIRST : FIRST + COUNT]`` ([rows, 16] each) as one [rows, 16 COUNT] dot operand. In the dot
+    operand's layout a thread holds the same columns of each 16-wide block, so the concatenation moves no data
+    (the offline SASS shows no re-layout): one dot per segment instead of one per slice, over one load of x."""
+    if COUNT == 2:
+        joined = tl.permute(tl.join(slices[FIRST], slices[FIRST + 1]), (0, 2, 1))
+    elif COUNT == 4:
+        joined = tl.permute(_join4(slices, FIRST), (0, 3, 2, 1))
+    else:
+        joined = tl.permute(tl.join(_join4(slices, FIRST), _join4(slices, FIRST + 4)), (0, 4, 3, 2, 1))
+    return tl.reshape(joined, (joined.shape[0], 16 * COUNT))
+
+
+@triton.jit
+def _join4(slices, FIRST: tl.constexpr):
+    """[rows, 16, 2, 2]: ``slices[FIRST + 2 b + a]`` at [:, :, a, b]."""
+    return tl.join(tl.join(slices[FIRST], slices[FIRST + 1]), tl.join(slices[FIRST + 2], slices[FIRST + 3]))
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -208,15 +226,19 @@ def _w4a16_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_start = split * k_per_split
     k_stop = tl.minimum(k_per_split, padded_k - k_start)  # the last slice may be shorter
-    w_ptrs = qw_ptr + rows[:, None] * stride_qn + (k_start // 8 + tl.arange(0, 16))[None, :]
-    x_tile = x_row_ptrs + k_start + tl.arange(0, 16)[:, None]
+    # K slices are whole tiles (16 words): saying so lets the tile's loads take 16 bytes at a time.
+    first_word = tl.multiple_of(k_start // 8, 16)
+    w_ptrs = qw_ptr + rows[:, None] * stride_qn + (first_word + tl.arange(0, 16))[None, :]
+    # x is read a scale segment at a time: a group's columns, at most a tile's
+    segment: tl.constexpr = _TILE_K if GROUP_SIZE == 0 or GROUP_SIZE >= _TILE_K else GROUP_SIZE
+    x_seg = x_row_ptrs + k_start + tl.arange(0, segment)[:, None]
     for k in range(0, k_stop, _TILE_K):
         packed = tl.load(w_ptrs)  # one canonical tile: 16 words per row (the K padding makes it always whole)
-        acc = _dot_tile(acc, packed, x_tile, x_row_ptrs, perm_ptr, scales_ptr, zeros_ptr, rows, row_mask,
+        acc = _dot_tile(acc, packed, x_seg, x_row_ptrs, perm_ptr, scales_ptr, zeros_ptr, rows, row_mask,
                         k_start + k, K, num_groups, stride_sn, stride_zn, GROUP_SIZE, HAS_PERM, HAS_ZEROS, EVEN_K,
                         ASM, DOT_PRECISION)
         w_ptrs += 16
-        x_tile += _TILE_K
+        x_seg += _TILE_K
     _finish(acc, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, tl.num_programs(2), offs_n, offs_m,
             num_rows, N, stride_om, HAS_BIAS, IS_SPLIT)
 
@@ -400,15 +422,15 @@ def gemv_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
 
 @functools.cache
 def dot_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
-    """The tl.dot kernel's shape. Up to 64 rows: 128-row blocks of W over x padded to 16, 32 or 64 rows, one
-    warpgroup (8 warps re-lay the weights out through shared memory every tile, by the offline SASS of
-    ``w4a16_gemv_sass.py``), a 3-deep pipeline, K split in up to 8 slices while the grid stays within ~8 programs
-    per SM (UNMEASURED for the inline-asm kernel: to be set from ``w4a16_microbench.py --sweep``). More rows:
-    128 x 64/128 tiles, 8 warps."""
+    """The tl.dot kernel's shape. Up to 64 rows: 128-row blocks of W over x padded to 16, 32 or 64 rows, a 3-deep
+    pipeline, K split in up to 8 slices while the grid stays within ~8 programs per SM; one warpgroup (4 warps)
+    up to 32 rows, two at 64 (one would hold 255 registers a thread). By the offline SASS of
+    ``w4a16_gemv_sass.py`` (2.7, 3.0 and 3.8 instructions a weight), UNMEASURED on a GPU: to be set from
+    ``w4a16_microbench.py --sweep``. More rows: 128 x 64/128 tiles, 8 warps."""
     if num_rows > 64:
         return W4A16Config(block_n=128, block_m=64 if num_rows <= 128 else 128, num_warps=8, num_stages=3)
     block_m = max(16, triton.next_power_of_2(num_rows))
-    return W4A16Config(128, block_m, _k_split(n, k, 128, 8, 8 * num_sms), 4, 3)
+    return W4A16Config(128, block_m, _k_split(n, k, 128, 8, 8 * num_sms), 4 if block_m <= 32 else 8, 3)
 
 
 def _k_split(n: int, k: int, block_n: int, max_split: int, programs: int) -> int:
