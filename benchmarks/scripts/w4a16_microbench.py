@@ -43,10 +43,13 @@ PLAIN_ROWS = (1, 16, 64)
 NUM_COPIES = 4
 NO_DEQUANT = 1 << 30
 PATHS = ("gemv", "dot", "dequant")  # the W4A16 paths w4a16_linear chooses between
-# tl.dot launch shapes (block_n, num_warps, num_stages) tried at SWEEP_ROWS, each at dot_config's K split and half
-# and twice it; 256-row blocks only up to 16 rows of x (registers).
+# tl.dot launch shapes (block_n, num_warps, num_stages) tried at SWEEP_ROWS, by dot_config's block_m (x's rows
+# padded), each at dot_config's K split and half and twice it. One warpgroup holds 255 registers a thread from 64
+# rows of x, 256-row blocks spill at 128.
 SWEEP_ROWS = (1, 16, 64, 128)
-SWEEP_SHAPES = [(128, 4, 3), (128, 4, 2), (256, 4, 2), (64, 4, 3), (128, 8, 3)]
+SWEEP_SHAPES = {16: [(128, 4, 3), (128, 4, 2), (256, 4, 2), (256, 8, 2), (64, 4, 3), (128, 8, 3)],
+                64: [(128, 8, 3), (128, 8, 2), (256, 8, 2), (64, 4, 3), (64, 8, 3)],
+                128: [(128, 8, 3), (128, 8, 2), (64, 4, 3), (64, 8, 3)]}
 
 
 def random_weights(n: int, k: int, group_size: int = 128):
@@ -132,10 +135,8 @@ def sweep(name: str, n: int, k: int, weights, num_calls: int, num_sms: int) -> l
     for m in SWEEP_ROWS:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         default = dot_config(m, n, k, num_sms)
-        for block_n, warps, stages in SWEEP_SHAPES:
-            if block_n > 128 and m > 16:
-                continue
-            for split in k_splits(default.split_k, k) if m <= 64 else [default.split_k]:  # > 64: x in 2+ blocks
+        for block_n, warps, stages in SWEEP_SHAPES[default.block_m]:
+            for split in k_splits(default.split_k, k):
                 config = dataclasses.replace(default, block_n=block_n, num_warps=warps, num_stages=stages,
                                              split_k=split)
                 us = time_kernel(x, weights, num_calls, config)

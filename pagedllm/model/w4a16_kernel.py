@@ -44,12 +44,15 @@ from pagedllm.model.quantization.int4 import TILE_K, Int4Weight
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.model.w4a16_dequant import biased_zero, subtract_zero, tile_slices
 
-# From this many rows of x on, dequantize + cuBLAS (module docstring): on an H200 the two tie at 64 rows on
-# Llama-3.1-8B's projections and the dequantizing path wins 1.3-2.6x at 128 (benchmarks/h200/issue16-w4a16).
-DEQUANT_MIN_ROWS = 64
-# Up to this many rows of x, the GEMV kernel (UNMEASURED: from instruction counts, its cost per weight grows ~2.5x
-# from 1 to 4 rows and ~6x to 8; to be set from the microbench's GEMV vs tl.dot columns).
-GEMV_MAX_ROWS = 4
+# From this many rows of x on, dequantize + cuBLAS (module docstring). The tl.dot kernel of session 26 (~12 SASS
+# instructions a weight) tied with it at 64 rows on an H200 (benchmarks/h200/issue16-w4a16); the inline-asm kernel
+# runs 3.8 at 64 rows (offline SASS, w4a16_gemv_sass.py), so 64 rows now take the kernel. UNMEASURED on a GPU:
+# w4a16_microbench.py prints the value its measurement implies.
+DEQUANT_MIN_ROWS = 128
+# Up to this many rows of x, the GEMV kernel. Its instructions per weight grow from 4.7 at one row to 7.3 at two
+# and 11.9 at four (it tied the old tl.dot kernel, ~12, at four rows on an H200), the tl.dot kernel's stay ~2.7 up
+# to 16 rows: one row only, UNMEASURED (w4a16_microbench.py's GEMV and tl.dot columns at M = 1 decide).
+GEMV_MAX_ROWS = 1
 _FLOAT_2POW23_BITS = 0x4B000000  # float32 2^23, mantissa all zero: OR-ing an integer q < 2^23 in gives 2^23 + q
 _TILE_K = tl.constexpr(TILE_K)
 
@@ -426,9 +429,10 @@ def dot_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
     pipeline, K split in up to 8 slices while the grid stays within ~8 programs per SM; one warpgroup (4 warps)
     up to 32 rows, two at 64 (one would hold 255 registers a thread). By the offline SASS of
     ``w4a16_gemv_sass.py`` (2.7, 3.0 and 3.8 instructions a weight), UNMEASURED on a GPU: to be set from
-    ``w4a16_microbench.py --sweep``. More rows: 128 x 64/128 tiles, 8 warps."""
-    if num_rows > 64:
-        return W4A16Config(block_n=128, block_m=64 if num_rows <= 128 else 128, num_warps=8, num_stages=3)
+    ``w4a16_microbench.py --sweep``. More rows: 128 x 128 tiles, 8 warps (4.9), one pass over W up to 128 rows
+    (the old kernel's 64-row blocks read W twice at 128 rows and could not split K: 32 programs for down_proj)."""
+    if num_rows > 64:  # x in one block of 128 rows (K split while W's row blocks leave SMs idle), or several
+        return W4A16Config(128, 128, _k_split(n, k, 128, 8, 2 * num_sms), num_warps=8, num_stages=3)
     block_m = max(16, triton.next_power_of_2(num_rows))
     return W4A16Config(128, block_m, _k_split(n, k, 128, 8, 8 * num_sms), 4 if block_m <= 32 else 8, 3)
 

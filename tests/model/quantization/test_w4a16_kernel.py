@@ -20,7 +20,14 @@ w4a16 = pytest.importorskip("pagedllm.model.w4a16_kernel")
 import triton
 
 from pagedllm.model.quantization.int4 import Int4Checkpoint, Int4Weight, dequantize, to_canonical, torch_linear
-from pagedllm.model.w4a16_kernel import GEMV_MAX_ROWS, W4A16Config, choose_config, dequantize_int4, w4a16_linear
+from pagedllm.model.w4a16_kernel import (
+    GEMV_MAX_ROWS,
+    W4A16Config,
+    choose_config,
+    dequantize_int4,
+    dot_config,
+    w4a16_linear,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float32]
@@ -110,7 +117,7 @@ def test_gemv_configs(config: W4A16Config) -> None:
 def random_gemv_cases(count: int, seed: int) -> list[tuple]:
     """(n, k, group_size, has_zeros, act_order, has_bias, num_rows, block_n, split_k) drawn at random: K any
     multiple of 8 that the group size divides (one group: K odd in tiles, or shorter than one), N not a multiple of
-    the row block, x's rows 1..GEMV_MAX_ROWS."""
+    the row block, x's rows 1..4 (the kernel's tested range, whatever GEMV_MAX_ROWS is)."""
     rng = torch.Generator().manual_seed(seed)
 
     def pick(options):
@@ -123,7 +130,7 @@ def random_gemv_cases(count: int, seed: int) -> list[tuple]:
         k = unit * int(torch.randint(1, 512 // unit + 1, (1,), generator=rng))
         n = int(torch.randint(1, 100, (1,), generator=rng))
         cases.append((n, k, group_size, bool(pick([0, 1])), bool(pick([0, 1])), bool(pick([0, 1])),
-                      int(torch.randint(1, GEMV_MAX_ROWS + 1, (1,), generator=rng)), pick([16, 32, 64]),
+                      int(torch.randint(1, 5, (1,), generator=rng)), pick([16, 32, 64]),
                       pick([1, 2, 3])))
     return cases
 
@@ -187,7 +194,7 @@ def test_asm_dequantization_equals_plain_triton(dtype, num_rows: int) -> None:
     the outputs agree to the last bits of the float32 sums."""
     weight = random_weight(1000, 1024, 64, True, True, seed=num_rows)
     x = torch.randn(num_rows, 1024, device=DEVICE, dtype=dtype)
-    config = choose_config(max(num_rows, GEMV_MAX_ROWS + 1), 1000, 1024, 132)
+    config = dot_config(num_rows, 1000, 1024, 132)
     plain = w4a16_linear(x, weight, config=dataclasses.replace(config, asm_dequant=False), dequant_min_rows=1 << 30)
     asm = w4a16_linear(x, weight, config=config, dequant_min_rows=1 << 30)
     error = (asm.double() - plain.double()).norm() / plain.double().norm()
