@@ -42,8 +42,27 @@ _MIN_BLOCK_M = 16  # tl.dot's smallest side
 _TMA_ALIGN = 16  # bytes: TMA's row-stride and base alignment
 _SHARED_BYTES = 220 * 1024  # of an H100/H200 SM's 227 KB a block may use, less room for barriers and scratch
 _PIPELINE_FILL_STEPS = 2  # a program's fixed cost in K steps (ring fill, epilogue), for choose_config's estimate
-# (N, K, BLOCK_M) -> launch shape, from the GPU sweep; empty until measured (choose_config's estimate serves).
-TUNED_CONFIGS: dict[tuple[int, int, int], Fp8GemmConfig] = {}
+# (N, K, BLOCK_M) -> launch shape, the best of the H200 sweep on Llama-3.1-8B's projections
+# (benchmarks/h200/session27/call3/fp8/run.log); other shapes take choose_config's estimate.
+TUNED_CONFIGS: dict[tuple[int, int, int], Fp8GemmConfig] = {
+    (6144, 4096, 16): Fp8GemmConfig(block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=6),
+    (6144, 4096, 32): Fp8GemmConfig(block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=6),
+    (6144, 4096, 64): Fp8GemmConfig(block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=6),
+    (6144, 4096, 128): Fp8GemmConfig(block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=6),
+    (4096, 4096, 16): Fp8GemmConfig(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=6),
+    (4096, 4096, 32): Fp8GemmConfig(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=6),
+    (4096, 4096, 64): Fp8GemmConfig(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=6),
+    (4096, 4096, 128): Fp8GemmConfig(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=6),
+    (4096, 4096, 256): Fp8GemmConfig(block_n=64, block_k=128, split_k=2, num_warps=8, num_stages=5),
+    (28672, 4096, 16): Fp8GemmConfig(block_n=128, block_k=256, split_k=1, num_warps=4, num_stages=3),
+    (28672, 4096, 32): Fp8GemmConfig(block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=4),
+    (28672, 4096, 64): Fp8GemmConfig(block_n=128, block_k=128, split_k=1, num_warps=4, num_stages=4),
+    (4096, 14336, 16): Fp8GemmConfig(block_n=128, block_k=256, split_k=4, num_warps=4, num_stages=3),
+    (4096, 14336, 32): Fp8GemmConfig(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=6),
+    (4096, 14336, 64): Fp8GemmConfig(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=6),
+    (4096, 14336, 128): Fp8GemmConfig(block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=6),
+    (4096, 14336, 256): Fp8GemmConfig(block_n=64, block_k=128, split_k=2, num_warps=8, num_stages=5),
+}
 
 
 def block_m_for(num_rows: int) -> int:
