@@ -17,7 +17,7 @@ for section in "$@"; do
     tests)
       timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model/quantization/test_w4a16_kernel.py 2>&1 | tail -8 ;;
     sass)
-      TRITON_INTERPRET= timeout 100 python3 benchmarks/scripts/w4a16_gemv_sass.py 2>&1 | tail -17 ;;
+      TRITON_INTERPRET= timeout 100 python3 benchmarks/scripts/w4a16_gemv_sass.py 2>&1 | tail -16 ;;
     micro)
       timeout 240 python3 benchmarks/scripts/w4a16_microbench.py $MICRO_FLAGS --output-json "$OUT/w4a16-microbench.json" 2>&1 | tail -120 ;;
     latency)

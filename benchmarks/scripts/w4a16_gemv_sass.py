@@ -1,17 +1,18 @@
-"""The W4A16 GEMV kernel's K loop as ptxas emits it for sm_90, per launch shape: no GPU needed (Triton compiles to
-PTX and runs its bundled ptxas for ``cuda:90`` on any machine), so a kernel or Triton change can be checked before
-a device call:
+"""The W4A16 kernels' K loops (the GEMV and the tl.dot kernel) as ptxas emits them for sm_90, per launch shape: no
+GPU needed (Triton compiles to PTX and runs its bundled ptxas for ``cuda:90`` on any machine), so a kernel or
+Triton change can be checked before a device call. With the device's Triton (3.6) unpacked at /tmp/tr36site:
 
-    TRITON_INTERPRET= python benchmarks/scripts/w4a16_gemv_sass.py
+    PYTHONPATH=/tmp/tr36site:. TRITON_INTERPRET= python benchmarks/scripts/w4a16_gemv_sass.py
 
-Per shape it prints the registers a thread, the loop's SASS instructions per weight a thread handles (the kernel
-is meant to be bound by instruction issue near ~4 at one row of x: an and-or, a subtract and an FMA per weight,
-plus the x, scale and zero work shared by a thread's rows), the most frequent opcodes, and the loop's shared-memory
-traffic: with ``stages`` > 1 the pipelined weight tiles (LDGSTS in, LDS out, two barriers) and nothing else. STS
-in the loop means Triton re-lays a tensor out through shared memory every step, and a count far above ~5 at one
-row that x is loaded and converted per weight row instead of once per thread: either way the layouts of
-``_word_offsets``'s docstring no longer line up (Triton 3.9 does the latter, ~10 a weight; 3.6, the device's,
-compiles the loop as intended).
+Per shape it prints the registers a thread, the loop's SASS instructions per weight a thread handles per K step
+(the number to drive down: an H200 SM issues ~128 instructions a clock against ~37 int4 weights a clock of its
+share of HBM, so ~3.5 is the most a kernel streaming at full bandwidth can afford; the GEMV spends ~4.7 at one row
+of x, an and-or, a subtract and an FMA per weight plus the x, scale and zero work; the tl.dot kernel's inline-asm
+dequantization 1.5, plus loads and MMA), ``cvt``: ``convert_layout`` ops in the TTGIR's K loop (tensors re-laid out
+every step; the tl.dot kernel's two are the per-group scale and zero, 128 values each), and the loop's
+shared-memory stores and barriers: with ``stages`` > 1 the pipelined tiles (LDGSTS in, LDS out, two barriers), more
+STS means a re-layout through shared memory. (Triton 3.9 compiles the GEMV to ~10 a weight, loading x per weight
+row; 3.6 compiles it as intended.)
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ _COMMON = {"HAS_PERM": False, "HAS_ZEROS": True, "HAS_BIAS": False, "IS_SPLIT": 
 _GEMV = "_w4a16_gemv_kernel"
 _DOT = "_w4a16_gemm_kernel"
 _DOT_DEFAULTS = {"BLOCK_M": 16, "ASM": True, "DOT_PRECISION": "tf32"}
-# (label, kernel, constexprs over the defaults, warps, stages): choose_config's GEMV shapes at 1, 2 and 4 rows and
-# variants, then the tl.dot kernel (x padded to BLOCK_M rows) with and without the inline-asm dequantization.
+# (label, kernel, constexprs over the defaults, warps, stages): gemv_config's shapes at 1, 2 and 4 rows and a
+# variant, then the tl.dot kernel (x padded to BLOCK_M rows): dot_config's shapes and alternatives, with and
+# without the inline-asm dequantization.
 SHAPES = [
     ("GEMV M=1 default", _GEMV, {}, 4, 1),
     ("GEMV M=2 default", _GEMV, {"BLOCK_M": 2}, 4, 3),
     ("GEMV M=4 default", _GEMV, {"BLOCK_M": 4}, 4, 3),
-    ("GEMV M=1 256 rows", _GEMV, {"BLOCK_N": 256}, 4, 1),
     ("GEMV M=1 groups of 32, act-order", _GEMV, {"GROUP_SIZE": 32, "HAS_PERM": True}, 4, 1),
     ("dot M<=16 asm 128x16 w4 s3", _DOT, {}, 4, 3),
     ("dot M<=16 plain 128x16 w4 s3", _DOT, {"ASM": False}, 4, 3),
@@ -51,7 +52,8 @@ SHAPES = [
     ("dot M<=16 asm 256x16 w8 s2", _DOT, {"BLOCK_N": 256}, 8, 2),
     ("dot M<=32 asm 128x32 w4 s3", _DOT, {"BLOCK_M": 32}, 4, 3),
     ("dot M<=64 asm 128x64 w8 s3", _DOT, {"BLOCK_M": 64}, 8, 3),
-    ("dot M<=128 asm 128x64 w8 s3 unsplit", _DOT, {"BLOCK_M": 64, "IS_SPLIT": False}, 8, 3),
+    ("dot M<=64 asm 256x64 w8 s2", _DOT, {"BLOCK_N": 256, "BLOCK_M": 64}, 8, 2),
+    ("dot M<=128 asm 128x128 w8 s3", _DOT, {"BLOCK_M": 128}, 8, 3),
     ("dot M<=16 asm groups of 32, act-order", _DOT, {"GROUP_SIZE": 32, "HAS_PERM": True}, 4, 3),
     ("dot M<=16 asm one group, odd K", _DOT, {"GROUP_SIZE": 0, "EVEN_K": False}, 4, 3),
 ]
@@ -89,16 +91,20 @@ def loop_opcodes(sass: str) -> collections.Counter:
 
 
 def loop_relayouts(ttgir: str) -> int:
-    """``convert_layout`` ops inside the K loop (the first ``scf.for``) of the TTGIR: tensors re-laid out every
-    step (through shared memory or shuffles)."""
-    body = ttgir.split("scf.for", 1)[1] if "scf.for" in ttgir else ""
-    depth, end = 0, len(body)
-    for match in re.finditer(r"[{}]", body):
-        depth += 1 if match[0] == "{" else -1
-        if depth == 0:
-            end = match.end()
+    """``convert_layout`` ops inside the K loop (the first ``scf.for``: the lines indented deeper than it, up to
+    the next line indented as it) of the TTGIR: tensors re-laid out every step (through shared memory or
+    shuffles)."""
+    lines = ttgir.splitlines()
+    start = next((i for i, line in enumerate(lines) if " scf.for " in line), None)
+    if start is None:
+        return 0
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = []
+    for line in lines[start + 1:]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
             break
-    return body[:end].count("ttg.convert_layout")
+        body.append(line)
+    return sum("ttg.convert_layout" in line for line in body)
 
 
 def main() -> None:

@@ -169,7 +169,7 @@ def random_dot_cases(count: int, seed: int, max_rows: int) -> list[tuple]:
     return cases
 
 
-DOT_CASES = random_dot_cases(10, seed=17, max_rows=256) if DEVICE == "cuda" else random_dot_cases(6, 17, 20)
+DOT_CASES = random_dot_cases(8, seed=17, max_rows=256) if DEVICE == "cuda" else random_dot_cases(6, 17, 20)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
