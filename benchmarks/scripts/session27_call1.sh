@@ -8,27 +8,15 @@
 #    FP8 kernel tests (issue 16, -x: name the one failure of session 26) running beside them in the background.
 source benchmarks/scripts/device_env.sh || exit 1
 ROOT=${OUT:-/tmp/out}; mkdir -p "$ROOT/lora" "$ROOT/moe"
-lora() {  # model tag timeout num_loras workload-args...
-  local model=$1 tag=$2 limit=$3 n=$4; shift 4
-  timeout "$limit" python3 -m pagedllm.bench throughput --model "$model" --num-loras "$n" --max-loras 8 \
-    --max-lora-rank 16 --max-cpu-loras 64 --disable-tqdm "$@" --output-json "$ROOT/lora/$model-$tag-loras$n.json" \
-    2>&1 | grep -v "^\[bench\] " | tail -n 3
-}
+source benchmarks/scripts/lora_throughput.sh; LORA_OUT=$ROOT/lora
 echo "=== lora $(date +%T)"
-lora qwen3-0.6b nano128 45 0 --workload nano --limit 128
-lora qwen3-0.6b nano128 45 8 --workload nano --limit 128
-lora qwen3-0.6b random1024 60 0 --workload random --num-prompts 1024 --input-len 128 --output-len 128
-lora qwen3-0.6b random1024 120 64 --workload random --num-prompts 1024 --input-len 128 --output-len 128
-lora llama-3.1-8b nano64 75 0 --workload nano --limit 64
-lora llama-3.1-8b nano64 90 8 --workload nano --limit 64
-python3 - "$ROOT/lora" <<'PY'
-import json, pathlib, sys
-records = {f.stem: json.loads(f.read_text()) for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}
-for name, r in records.items():
-    base = records.get(name.rsplit("-loras", 1)[0] + "-loras0")
-    share = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.1%} of base" if base else ""
-    print(name, round(r["output_tokens_per_s"]), "out tok/s", share)
-PY
+lora_run qwen3-0.6b nano128 45 0 --workload nano --limit 128
+lora_run qwen3-0.6b nano128 45 8 --workload nano --limit 128
+lora_run qwen3-0.6b random1024 60 0 --workload random --num-prompts 1024 --input-len 128 --output-len 128
+lora_run qwen3-0.6b random1024 120 64 --workload random --num-prompts 1024 --input-len 128 --output-len 128
+lora_run llama-3.1-8b nano64 75 0 --workload nano --limit 64
+lora_run llama-3.1-8b nano64 90 8 --workload nano --limit 64
+python3 benchmarks/scripts/lora_shares.py "$ROOT/lora"
 echo "=== moe $(date +%T)"
 (timeout 300 python3 -m pytest -x -q -p no:cacheprovider -rf tests/model/quantization/test_fp8_kernels.py \
   tests/model/quantization/test_fp8_gemv.py > "$ROOT/fp8-tests.log" 2>&1) &

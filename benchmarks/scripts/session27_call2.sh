@@ -9,25 +9,13 @@
 #    processes' CPU while loaded.
 source benchmarks/scripts/device_env.sh || exit 1
 ROOT=${OUT:-/tmp/out}; mkdir -p "$ROOT/lora" "$ROOT/moe" "$ROOT/serve"
-lora() {  # model tag timeout num_loras workload-args...
-  local model=$1 tag=$2 limit=$3 n=$4; shift 4
-  timeout "$limit" python3 -m pagedllm.bench throughput --model "$model" --num-loras "$n" --max-loras 8 \
-    --max-lora-rank 16 --max-cpu-loras 64 --disable-tqdm "$@" --output-json "$ROOT/lora/$model-$tag-loras$n.json" \
-    2>&1 | grep -v "^\[bench\] " | tail -n 2
-}
+source benchmarks/scripts/lora_throughput.sh; LORA_OUT=$ROOT/lora
 echo "=== lora $(date +%T)"
-lora llama-3.1-8b nano64 60 0 --workload nano --limit 64
-lora llama-3.1-8b nano64 75 8 --workload nano --limit 64
-lora qwen3-0.6b random2048 50 0 --workload random --num-prompts 2048 --input-len 128 --output-len 128
-lora qwen3-0.6b random2048 90 64 --workload random --num-prompts 2048 --input-len 128 --output-len 128
-python3 - "$ROOT/lora" <<'PY'
-import json, pathlib, sys
-records = {f.stem: json.loads(f.read_text()) for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}
-for name, r in records.items():
-    base = records.get(name.rsplit("-loras", 1)[0] + "-loras0")
-    share = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.1%} of base" if base else ""
-    print(name, round(r["output_tokens_per_s"]), "out tok/s", share, "ttft mean", round(r["ttft"]["mean_s"] * 1000), "ms")
-PY
+lora_run llama-3.1-8b nano64 60 0 --workload nano --limit 64
+lora_run llama-3.1-8b nano64 75 8 --workload nano --limit 64
+lora_run qwen3-0.6b random2048 50 0 --workload random --num-prompts 2048 --input-len 128 --output-len 128
+lora_run qwen3-0.6b random2048 90 64 --workload random --num-prompts 2048 --input-len 128 --output-len 128
+python3 benchmarks/scripts/lora_shares.py "$ROOT/lora"
 timeout 100 python3 benchmarks/scripts/lora_profile.py --model llama-3.1-8b --num-requests 64 --max-tokens 32 \
   --num-loras 8 --output-json "$ROOT/lora/lora-profile-llama.json" > "$ROOT/lora/lora-profile-llama.txt" 2>&1
 python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['gap'], indent=1))" \

@@ -7,25 +7,13 @@
 #    Llama-3.1-8B 64 x 512/128 bf16 vs fp8 throughput.
 source benchmarks/scripts/device_env.sh || exit 1
 ROOT=${OUT:-/tmp/out}; mkdir -p "$ROOT/lora" "$ROOT/fp8" "$ROOT/w4a16"
-lora() {  # model tag timeout num_loras workload-args...
-  local model=$1 tag=$2 limit=$3 n=$4; shift 4
-  timeout "$limit" python3 -m pagedllm.bench throughput --model "$model" --num-loras "$n" --max-loras 8 \
-    --max-lora-rank 16 --max-cpu-loras 64 --disable-tqdm "$@" --output-json "$ROOT/lora/$model-$tag-loras$n.json" \
-    2>&1 | grep -v "^\[bench\] " | tail -n 1
-}
+source benchmarks/scripts/lora_throughput.sh; LORA_OUT=$ROOT/lora
 echo "=== lora $(date +%T)"
-lora llama-3.1-8b nano64 50 0 --workload nano --limit 64
-lora llama-3.1-8b nano64 60 8 --workload nano --limit 64
-lora qwen3-0.6b random2048 40 0 --workload random --num-prompts 2048 --input-len 128 --output-len 128
-lora qwen3-0.6b random2048 60 64 --workload random --num-prompts 2048 --input-len 128 --output-len 128
-python3 - "$ROOT/lora" <<'PY'
-import json, pathlib, sys
-records = {f.stem: json.loads(f.read_text()) for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}
-for name, r in records.items():
-    base = records.get(name.rsplit("-loras", 1)[0] + "-loras0")
-    share = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.1%} of base" if base else ""
-    print(name, round(r["output_tokens_per_s"]), "out tok/s", share)
-PY
+lora_run llama-3.1-8b nano64 50 0 --workload nano --limit 64
+lora_run llama-3.1-8b nano64 60 8 --workload nano --limit 64
+lora_run qwen3-0.6b random2048 40 0 --workload random --num-prompts 2048 --input-len 128 --output-len 128
+lora_run qwen3-0.6b random2048 60 64 --workload random --num-prompts 2048 --input-len 128 --output-len 128
+python3 benchmarks/scripts/lora_shares.py "$ROOT/lora"
 echo "=== w4a16 tests $(date +%T)"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -rf tests/model/quantization/test_w4a16_kernel.py 2>&1 \
   | tee "$ROOT/w4a16/tests.log" | tail -8
