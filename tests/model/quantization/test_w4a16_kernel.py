@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 w4a16 = pytest.importorskip("pagedllm.model.w4a16_kernel")
+w4a16_dequant = pytest.importorskip("pagedllm.model.w4a16_dequant")
 
 import triton
 
@@ -209,6 +210,43 @@ def test_default_dispatch_around_the_gemv_switch(num_rows: int) -> None:
     weight = random_weight(40, 256, 64, True, True, seed=7)
     x = torch.randn(num_rows, 256, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
     assert_close(w4a16_linear(x, weight), oracle(x, weight, None), dtype)
+
+
+def run_ptx(text: str, registers: dict[str, int]) -> dict[str, int]:
+    """A few 32-bit PTX instructions (prmt.b32, shr.u32, lop3.b32), enough for ``w4a16_dequant``'s unpacking."""
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        opcode, operands = line.split(None, 1)
+        destination, *sources = (operand.strip() for operand in operands.split(","))
+        a, b, *rest = (registers[s] if s in registers else int(s, 0) for s in sources)
+        if opcode == "prmt.b32":  # byte j of the result: byte (rest[0] >> 4 j) & 7 of b:a
+            pool = (a | b << 32).to_bytes(8, "little")
+            registers[destination] = int.from_bytes(bytes(pool[(rest[0] >> 4 * j) & 7] for j in range(4)), "little")
+        elif opcode == "shr.u32":
+            registers[destination] = a >> b
+        elif opcode == "lop3.b32":  # bit i: bit (a_i b_i c_i) of the lookup table
+            c, table = rest
+            registers[destination] = sum(
+                (table >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1)) & 1) << i for i in range(32))
+        else:
+            raise AssertionError(f"unexpected PTX: {line}")
+    return registers
+
+
+@pytest.mark.parametrize(("asm", "dtype", "bias"), [(w4a16_dequant._SLICES_BF16, torch.bfloat16, 128),
+                                                    (w4a16_dequant._SLICES_FP16, torch.float16, 1024)])
+def test_inline_asm_unpacking_by_emulation(asm, dtype, bias) -> None:
+    """The PTX of ``tile_slices`` (which only runs on a GPU), emulated: register i holds ``bias + nibble i`` of
+    word a in its low half and of word b in its high half, as halves of ``dtype``."""
+    generator = torch.Generator().manual_seed(0)
+    for a, b in torch.randint(0, 1 << 32, (20, 2), generator=generator, dtype=torch.int64).tolist():
+        registers = run_ptx(asm.value, {"$8": a, "$9": b})
+        for i in range(8):
+            halves = torch.tensor([registers[f"${i}"]], dtype=torch.int64).to(torch.int32).view(dtype)
+            expected = [bias + (a >> 4 * i & 0xF), bias + (b >> 4 * i & 0xF)]
+            assert halves.tolist() == expected
 
 
 def test_gemv_rejects_more_rows_than_its_block() -> None:
