@@ -135,16 +135,21 @@ def _finish(acc, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split,
     if IS_SPLIT:
         block_n: tl.constexpr = acc.shape[0]
         block_m: tl.constexpr = acc.shape[1]
-        # partials [num_splits, row blocks * BLOCK_N, BLOCK_M]: padded rows, so no masks.
-        tile = offs_n[:, None] * block_m + tl.arange(0, block_m)[None, :]
-        split_stride = tl.num_programs(0) * block_n * block_m
-        tl.store(partial_ptr + split * split_stride + tile, acc)
+        # partials [num_splits, BLOCK_M, row blocks * BLOCK_N], x's rows outermost and only those < num_rows
+        # written and read: at one row of x (padded to 16 for the MMA) a program's partial is BLOCK_N contiguous
+        # floats, not BLOCK_N x BLOCK_M.
+        width = tl.num_programs(0) * block_n
+        tile = tl.arange(0, block_m)[None, :] * width + offs_n[:, None]
+        rows_of_x = tl.arange(0, block_m)[None, :] < num_rows
+        split_stride = width * block_m
+        tl.store(partial_ptr + split * split_stride + tile, acc, mask=rows_of_x)
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         arrived = tl.atomic_add(arrivals_ptr + row_block, 1, sem="acq_rel", scope="gpu")
         if arrived == num_splits - 1:
             total = tl.zeros((block_n, block_m), dtype=tl.float32)
             for s in range(num_splits):  # fixed order
-                total += tl.load(partial_ptr + s * split_stride + tile, cache_modifier=".cg")
+                total += tl.load(partial_ptr + s * split_stride + tile, mask=rows_of_x, other=0.0,
+                                 cache_modifier=".cg")
             _store_output(total, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
             tl.store(arrivals_ptr + row_block, 0)  # ready for the next launch (or graph replay)
     else:
