@@ -33,6 +33,7 @@ Nothing is read back to the host and the allocations are fixed-size, so calls ca
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,47 +74,7 @@ class W4A16Config:
     asm_dequant: bool = True
 
 
-# -- the tl.dot GEMM -------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dequantize_slice(
-    packed, scales_ptr, zeros_ptr, rows, col_start, group_size, num_groups, stride_sn, stride_zn, SLICE: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr,
-):
-    """Columns ``col_start .. + 16`` of W's rows from a [BLOCK_N, 16] block of canonical words (their nibble
-    SLICE), as [BLOCK_N, 16] in DTYPE. A slice never straddles two groups (groups are multiples of 16 wide, or
-    one); past K (a padded tile) the group is clamped so that the scale read is finite."""
-    q = ((packed >> (4 * SLICE)) & 0xF).to(tl.float32)
-    group = tl.minimum(col_start // group_size, num_groups - 1)
-    scale = tl.load(scales_ptr + rows * stride_sn + group).to(tl.float32)
-    if HAS_ZEROS:
-        zero = tl.load(zeros_ptr + rows * stride_zn + group).to(tl.float32)
-    else:
-        zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-    return ((q - zero[:, None]) * scale[:, None]).to(DTYPE)
-
-
-@triton.jit
-def _input_segment(x_seg, x_row_ptrs, perm_ptr, row_mask, tile_start, K, OFFSET: tl.constexpr,
-                   HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
-    """x's columns ``tile_start + OFFSET ...`` of one scale segment (through ``perm`` with act-order), transposed:
-    [width, BLOCK_M]. ``x_seg`` points at the tile's first ``width`` columns, so that without act-order the
-    segment's address is a constant offset from it (no address arithmetic per segment); ``x_row_ptrs`` [1,
-    BLOCK_M] at the rows' column 0."""
-    width: tl.constexpr = x_seg.shape[0]
-    offs_k = tile_start + OFFSET + tl.arange(0, width)[:, None]
-    mask = row_mask
-    if not EVEN_K:
-        mask = mask & (offs_k < K)
-    if HAS_PERM:
-        cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
-        return tl.load(x_row_ptrs + cols, mask=mask, other=0.0)
-    else:
-        return tl.load(x_seg + OFFSET, mask=mask, other=0.0)
-
-
-# -- output, shared by both kernels ---------------------------------------------------------------------------------
+# -- shared by both kernels --------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -164,6 +125,28 @@ def _group_of(col_start, num_groups, GROUP_SIZE: tl.constexpr):
         return 0
     else:
         return tl.minimum(col_start // GROUP_SIZE, num_groups - 1)
+
+
+# -- the tl.dot GEMM -------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _input_segment(x_seg, x_row_ptrs, perm_ptr, row_mask, tile_start, K, OFFSET: tl.constexpr,
+                   HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """x's columns ``tile_start + OFFSET ...`` of one scale segment (through ``perm`` with act-order), transposed:
+    [width, BLOCK_M]. ``x_seg`` points at the tile's first ``width`` columns, so that without act-order the
+    segment's address is a constant offset from it (no address arithmetic per segment); ``x_row_ptrs`` [1,
+    BLOCK_M] at the rows' column 0."""
+    width: tl.constexpr = x_seg.shape[0]
+    offs_k = tile_start + OFFSET + tl.arange(0, width)[:, None]
+    mask = row_mask
+    if not EVEN_K:
+        mask = mask & (offs_k < K)
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
+        return tl.load(x_row_ptrs + cols, mask=mask, other=0.0)
+    else:
+        return tl.load(x_seg + OFFSET, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -387,6 +370,24 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
+def _dequantize_slice(
+    packed, scales_ptr, zeros_ptr, rows, col_start, group_size, num_groups, stride_sn, stride_zn, SLICE: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """Columns ``col_start .. + 16`` of W's rows from a [BLOCK_N, 16] block of canonical words (their nibble
+    SLICE), as [BLOCK_N, 16] in DTYPE. A slice never straddles two groups (groups are multiples of 16 wide, or
+    one); past K (a padded tile) the group is clamped so that the scale read is finite."""
+    q = ((packed >> (4 * SLICE)) & 0xF).to(tl.float32)
+    group = tl.minimum(col_start // group_size, num_groups - 1)
+    scale = tl.load(scales_ptr + rows * stride_sn + group).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + rows * stride_zn + group).to(tl.float32)
+    else:
+        zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+    return ((q - zero[:, None]) * scale[:, None]).to(DTYPE)
+
+
+@triton.jit
 def _dequantize_kernel(
     qw_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, group_size, num_groups, stride_qn, stride_sn, stride_zn,
     BLOCK_N: tl.constexpr, HAS_ZEROS: tl.constexpr,
@@ -514,8 +515,9 @@ def _launch_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None,
 
 
 def _has_asm_dequant(x: torch.Tensor) -> bool:
-    """The inline-asm dequantization (``w4a16_dequant``) runs compiled (not in the interpreter) on 16-bit x."""
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    """The inline-asm dequantization (``w4a16_dequant``) runs compiled (not in Triton's interpreter) on 16-bit x."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not interpreted
 
 
 def _kernel_group_size(weight: Int4Weight) -> int:
