@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pagedllm.config import EngineArgs, EngineConfig
-from pagedllm.engine.core_client import EngineDeadError, EngineStartupError  # noqa: F401 - re-exported
+from pagedllm.engine.core_client import CoreAttachment, EngineDeadError, EngineStartupError  # noqa: F401
 from pagedllm.engine.deadlines import QueueTimeoutError, RequestDeadlines, RequestTimeoutError  # noqa: F401
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.metrics import Metric
@@ -150,19 +150,20 @@ class AsyncEngine:
 
     def __init__(self, config: EngineConfig, health_stall_timeout_s: float = DEFAULT_HEALTH_STALL_TIMEOUT_S,
                  core_process: bool = False, warm_up_grammars: bool = False,
-                 max_queue_delay_s: float | None = None) -> None:
+                 max_queue_delay_s: float | None = None, attachment: CoreAttachment | None = None) -> None:
         """``health_stall_timeout_s``: how long the loop may go without finishing a step (or an idle wait; with a
         core process: without hearing from it) before the engine reports itself unhealthy. ``core_process``: run
         the engine core in its own process (raises EngineStartupError, with the core's reason, if it cannot start).
         ``warm_up_grammars`` (a server): start the grammar compile workers in the background now, so that the first
         constrained request does not wait for them (they take ~5 s of CPU each; readiness does not wait).
         ``max_queue_delay_s``: a request still without its first token this long after it was added is aborted and
-        its stream ends with QueueTimeoutError (see ``deadlines.py``)."""
+        its stream ends with QueueTimeoutError (see ``deadlines.py``). ``attachment``: one of several API server
+        processes, attached to a core the ``serve`` parent started (implies ``core_process``)."""
         if not health_stall_timeout_s > 0:
             raise ValueError(f"health_stall_timeout_s must be positive, got {health_stall_timeout_s}")
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
-        self.core_process = core_process
-        self.engine = _make_engine(config, core_process, warm_up_grammars)
+        self.core_process = core_process or attachment is not None
+        self.engine = _make_engine(config, self.core_process, warm_up_grammars, attachment)
         self._dead_reason: str | None = None  # the core process died: why (health stays bad)
         self._death_callbacks: list = []
         self.config = self.engine.config  # with the end-of-sequence ids resolved
@@ -456,11 +457,12 @@ class AsyncEngine:
                 message.stream.put(error)
 
 
-def _make_engine(config: EngineConfig, core_process: bool, warm_up_grammars: bool):
+def _make_engine(config: EngineConfig, core_process: bool, warm_up_grammars: bool,
+                 attachment: CoreAttachment | None = None):
     if core_process:
         from pagedllm.engine.frontend import MultiprocessLLMEngine
 
-        return MultiprocessLLMEngine(config, warm_up_grammars)
+        return MultiprocessLLMEngine(config, warm_up_grammars, attachment)
     if config.device == "cpu":  # the engine thread shares this process with the API server: leave it a core
         set_engine_cpu_threads(config.cpu_threads, beside_api_server=True)
     engine = LLMEngine(config)

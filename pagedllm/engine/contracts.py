@@ -1,6 +1,10 @@
 """The messages between the front end (API server: tokenize, detokenize, stream) and the engine core (scheduler +
 executor), which may run in another process. Plain data only: no ``Request``, grammar object, tokenizer or tensor.
 
+Several front ends (``serve --api-server-count N``: N API server processes) may share one core: each message that
+asks for an answer carries its sender's ``front_end`` index (0 when there is one), and the core sends each request's
+outputs, and each answer, to the front end it came from (``core_routing.FrontEndRoutes``).
+
 Front end -> core: ``AddRequests`` (the sequences of one request, as ``EngineCoreRequest``), ``AbortRequests``,
 ``RemoveLoRA``, ``UtilityCall``, ``PrepareGrammar``, ``ShutdownCore``. Core -> front end: ``CoreReady`` or ``CoreStartupFailed`` once (the handshake),
 then ``EngineCoreOutputs`` after every step that produced outputs, and as a heartbeat while idle.
@@ -51,6 +55,7 @@ class AddRequests(msgspec.Struct, tag=True, array_like=True):
     """The sequences of one request (one per ``n``), added together so that they share one grammar compile."""
 
     requests: list[EngineCoreRequest]
+    front_end: int = 0  # who sent them: their outputs go back there
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):
@@ -73,6 +78,7 @@ class UtilityCall(msgspec.Struct, tag=True, array_like=True):
     call_id: int
     method: str
     args: list[Any] = []
+    front_end: int = 0  # who asks: the answer goes back there (call ids are each front end's own)
 
 
 class PrepareGrammar(msgspec.Struct, tag=True, array_like=True):
@@ -83,6 +89,7 @@ class PrepareGrammar(msgspec.Struct, tag=True, array_like=True):
     call_id: int
     spec: StructuredOutputsParams
     client_id: str | None = None  # whose per-client pending limit the compile counts against
+    front_end: int = 0  # the API server process that asks: the answer goes back there
 
 
 class ShutdownCore(msgspec.Struct, tag=True, array_like=True):
@@ -99,6 +106,7 @@ class UtilityResult(msgspec.Struct, array_like=True, omit_defaults=True):
     call_id: int
     result: Any = None
     error: str | None = None
+    front_end: int = 0  # the caller's (see ``UtilityCall``)
 
 
 class GrammarPrepared(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -109,6 +117,7 @@ class GrammarPrepared(msgspec.Struct, array_like=True, omit_defaults=True):
     call_id: int
     error_kind: str | None = None
     error: str | None = None
+    front_end: int = 0  # the caller's (see ``PrepareGrammar``)
 
 
 # GrammarPrepared.error_kind: "invalid" (ValueError: a bad spec, a compile past its deadline), "queue_full"

@@ -2,6 +2,11 @@
 (``MultiprocessCoreClient``: spawned, ZeroMQ PUSH/PULL over ipc:// sockets in a private temporary directory,
 ``contracts`` messages encoded with msgspec).
 
+With several API server processes (``serve --api-server-count N``) the ``serve`` parent spawns the core with
+``MultiprocessCoreClient(..., num_front_ends=N)`` (it only starts, watches and stops it) and each API server talks
+to it through an ``AttachedCoreClient``: its own socket pair in the parent's directory, its index stamped on what it
+sends, the core's death seen through a pidfd (the core is not its child).
+
 The multiprocess client is owned by one thread (the front end's loop): ZeroMQ sockets are not thread-safe. Another
 thread wakes that loop with ``wake()`` (a pipe in the same poll as the output socket and the child's sentinel), so a
 new request never waits for the next output, and the child's death is seen at once. A message from another thread
@@ -19,11 +24,13 @@ import multiprocessing
 import os
 import queue
 import re
+import select
 import shutil
 import stat
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import zmq
 
@@ -112,18 +119,59 @@ def _is_process_alive(pid: int) -> bool:
 _SEND_TIMEOUT_MS = 1000  # how long one send waits before checking that the core is still alive
 
 
-class MultiprocessCoreClient:
-    """The core in a spawned child. Construction returns once the child is ready (``self.ready``), or raises
-    ``EngineStartupError`` with the child's reason."""
+@dataclass(frozen=True)
+class FrontEndAddresses:
+    """The sockets of one front end (an API server process) sharing a core that another process started: the
+    front end binds them (``AttachedCoreClient``), the core connects to them."""
 
-    def __init__(self, config: EngineConfig, warm_up_grammars: bool = False) -> None:
-        """``warm_up_grammars``: the core starts its grammar compile workers in the background once ready."""
-        remove_stale_socket_dirs()
-        self._dir = tempfile.mkdtemp(prefix=f"{_SOCKET_DIR_PREFIX}{os.getpid()}-")
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class CoreAttachment:
+    """What an API server process needs to attach to a core that the ``serve`` parent started (picklable)."""
+
+    addresses: FrontEndAddresses
+    front_end: int  # this API server's index: the core routes its outputs by it
+    core_pid: int
+    ready: CoreReady  # the core's handshake, which the parent received
+
+
+class _CoreWatch:
+    """A core process that is not our child (the ``serve`` parent started it): its exit is seen through a pidfd,
+    which polls readable once the process has exited. No exit code: only its parent can reap it."""
+
+    exitcode = None
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.sentinel = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise EngineDeadError(f"The engine core process (pid {pid}) is gone") from None
+
+    def is_alive(self) -> bool:
+        return not select.select([self.sentinel], [], [], 0)[0]
+
+    def join(self, timeout: float | None = None) -> None:
+        select.select([self.sentinel], [], [], timeout)
+
+    def close(self) -> None:
+        os.close(self.sentinel)
+
+
+class _CoreChannel:
+    """The sockets to a core process and the messages over them, shared by both clients: they open the sockets
+    (``_open``), then watch the core's process (``_watch``: a child, or a ``_CoreWatch``)."""
+
+    front_end = 0  # stamped on the messages whose answers must come back here (several front ends share a core)
+
+    def _open(self, input_address: str, output_address: str) -> None:
         self._context = zmq.Context()
         self._codec = MessageCodec()
-        self._input = self._bind(zmq.PUSH, "input")
-        self._output = self._bind(zmq.PULL, "output")
+        self._input = self._bind(zmq.PUSH, input_address)
+        self._output = self._bind(zmq.PULL, output_address)
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
@@ -131,57 +179,24 @@ class MultiprocessCoreClient:
         self._outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()  # encoded messages from other threads
         self._shutdown_lock = threading.Lock()  # the server may call shutdown from several threads at once
         self._is_shut_down = False
-        self.process = self._spawn(config, warm_up_grammars)
+
+    def _watch(self, process: multiprocessing.process.BaseProcess | _CoreWatch) -> None:
+        self.process = process
         self._poller = zmq.Poller()
         for source in (self._output, self._wake_read, self.process.sentinel):
             self._poller.register(source, zmq.POLLIN)
-        # Reaped at interpreter exit even if nobody called shutdown() (else multiprocessing's own exit hook would
-        # wait forever for a child that waits for orders).
-        atexit.register(self.shutdown, 2.0)
-        try:
-            self.ready: CoreReady = self._handshake()
-        except BaseException:
-            self.shutdown(timeout=5.0)
-            raise
 
-    def _bind(self, kind: int, name: str) -> zmq.Socket:
+    def _bind(self, kind: int, address: str) -> zmq.Socket:
         socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)  # a send to a dead core must not block forever
-        socket.bind(f"ipc://{self._dir}/{name}")
+        socket.bind(address)
         return socket
-
-    def _spawn(self, config: EngineConfig, warm_up_grammars: bool) -> multiprocessing.process.BaseProcess:
-        from pagedllm.engine.core_proc import run_engine_core
-
-        # Not a daemon: the core starts processes of its own (grammar compile workers). Reaped by shutdown();
-        # if this process dies first, the core notices its new parent and exits.
-        process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, name="pagedllm-engine-core",
-            args=(config, f"ipc://{self._dir}/input", f"ipc://{self._dir}/output", os.getpid(), warm_up_grammars),
-        )
-        process.start()
-        return process
-
-    def _handshake(self) -> CoreReady:
-        """Wait for ``CoreReady`` (loading may take minutes: no timeout, but a dead child is seen at once)."""
-        while True:
-            events = dict(self._poller.poll(1000))
-            if self._output in events:
-                message = self._codec.decode_core_to_front(self._output.recv())
-                if isinstance(message, CoreReady):
-                    return message
-                if isinstance(message, CoreStartupFailed):
-                    raise EngineStartupError(f"The engine core failed to start: {message.error}")
-            if self.process.sentinel in events:
-                self.process.join(1.0)
-                raise EngineStartupError(f"The engine core process exited during start-up (exit code "
-                                         f"{self.process.exitcode}); its log above says why")
 
     # ---- requests in -------------------------------------------------------------------------------------------
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
-        self._send(self._codec.encode(AddRequests(requests)))
+        self._send(self._codec.encode(AddRequests(requests, self.front_end)))
 
     def abort_requests(self, request_ids: list[str], stopped: bool = False) -> None:
         self._send(self._codec.encode(AbortRequests(request_ids, stopped)))
@@ -203,7 +218,7 @@ class MultiprocessCoreClient:
     def call_utility(self, method: str, *args) -> int:
         """Send a utility call; its ``UtilityResult`` (same call id) comes back in the outputs."""
         self._next_call_id += 1
-        self._send(self._codec.encode(UtilityCall(self._next_call_id, method, list(args))))
+        self._send(self._codec.encode(UtilityCall(self._next_call_id, method, list(args), self.front_end)))
         return self._next_call_id
 
     def send_from_any_thread(self, data: bytes) -> None:
@@ -259,11 +274,81 @@ class MultiprocessCoreClient:
 
     def death_reason(self) -> str:
         self.process.join(0.5)
-        return f"The engine core process died unexpectedly (exit code {self.process.exitcode})"
+        code = self.process.exitcode
+        return "The engine core process died unexpectedly" + ("" if code is None else f" (exit code {code})")
 
     @property
     def is_alive(self) -> bool:
         return self.process.is_alive()
+
+    def _close_channel(self) -> None:
+        for socket in (self._input, self._output):
+            socket.close()
+        self._context.term()
+        for fd in (self._wake_read, self._wake_write):
+            os.close(fd)
+
+
+class MultiprocessCoreClient(_CoreChannel):
+    """The core in a spawned child. Construction returns once the child is ready (``self.ready``), or raises
+    ``EngineStartupError`` with the child's reason."""
+
+    def __init__(self, config: EngineConfig, warm_up_grammars: bool = False, num_front_ends: int = 0) -> None:
+        """``warm_up_grammars``: the core starts its grammar compile workers in the background once ready.
+        ``num_front_ends`` > 0: the core serves that many other front ends (``AttachedCoreClient``s, at the
+        addresses ``self.front_ends``); this client only starts, watches and stops it (the handshake, no outputs)."""
+        remove_stale_socket_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{_SOCKET_DIR_PREFIX}{os.getpid()}-")
+        self._own = FrontEndAddresses(f"ipc://{self._dir}/input", f"ipc://{self._dir}/output")
+        self._open(self._own.input, self._own.output)
+        self.front_ends = [FrontEndAddresses(f"ipc://{self._dir}/input-{index}", f"ipc://{self._dir}/output-{index}")
+                           for index in range(num_front_ends)]
+        self._watch(self._spawn(config, warm_up_grammars))
+        # Reaped at interpreter exit even if nobody called shutdown() (else multiprocessing's own exit hook would
+        # wait forever for a child that waits for orders).
+        atexit.register(self.shutdown, 2.0)
+        try:
+            self.ready: CoreReady = self._handshake()
+        except BaseException:
+            self.shutdown(timeout=5.0)
+            raise
+
+    def attachments(self) -> list[CoreAttachment]:
+        """What each front end needs to attach to this core (``num_front_ends`` of them)."""
+        return [CoreAttachment(addresses, index, self.process.pid, self.ready)
+                for index, addresses in enumerate(self.front_ends)]
+
+    def _spawn(self, config: EngineConfig, warm_up_grammars: bool) -> multiprocessing.process.BaseProcess:
+        from pagedllm.engine.core_proc import run_engine_core
+
+        if self.front_ends:  # the core takes input from everyone and sends outputs to the front ends only
+            inputs = [self._own.input, *(front_end.input for front_end in self.front_ends)]
+            outputs, handshake = [front_end.output for front_end in self.front_ends], self._own.output
+        else:
+            inputs, outputs, handshake = [self._own.input], [self._own.output], None
+        # Not a daemon: the core starts processes of its own (grammar compile workers). Reaped by shutdown();
+        # if this process dies first, the core notices its new parent and exits.
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, name="pagedllm-engine-core",
+            args=(config, inputs, outputs, os.getpid(), warm_up_grammars, handshake),
+        )
+        process.start()
+        return process
+
+    def _handshake(self) -> CoreReady:
+        """Wait for ``CoreReady`` (loading may take minutes: no timeout, but a dead child is seen at once)."""
+        while True:
+            events = dict(self._poller.poll(1000))
+            if self._output in events:
+                message = self._codec.decode_core_to_front(self._output.recv())
+                if isinstance(message, CoreReady):
+                    return message
+                if isinstance(message, CoreStartupFailed):
+                    raise EngineStartupError(f"The engine core failed to start: {message.error}")
+            if self.process.sentinel in events:
+                self.process.join(1.0)
+                raise EngineStartupError(f"The engine core process exited during start-up (exit code "
+                                         f"{self.process.exitcode}); its log above says why")
 
     # ---- the end -----------------------------------------------------------------------------------------------
 
@@ -289,11 +374,7 @@ class MultiprocessCoreClient:
         self.process.join(0.1)
 
     def _release_resources(self) -> None:
-        for socket in (self._input, self._output):
-            socket.close()
-        self._context.term()
-        for fd in (self._wake_read, self._wake_write):
-            os.close(fd)
+        self._close_channel()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _reap(self, timeout: float) -> None:
@@ -305,3 +386,24 @@ class MultiprocessCoreClient:
             logger.warning("The engine core process did not stop within %.1f s; %s", timeout, stop.__name__)
             stop()
             self.process.join(max(1.0, deadline - time.monotonic()))
+
+
+class AttachedCoreClient(_CoreChannel):
+    """One of several front ends (API server processes) of a core that another process started and stops (the
+    ``serve`` parent: ``MultiprocessCoreClient(..., num_front_ends=N)``). Binds the sockets the core connects to;
+    the core's death is seen at once through a pidfd."""
+
+    def __init__(self, attachment: CoreAttachment) -> None:
+        self.front_end = attachment.front_end
+        self.ready = attachment.ready
+        self._open(attachment.addresses.input, attachment.addresses.output)
+        self._watch(_CoreWatch(attachment.core_pid))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Close this front end's sockets (the parent stops the core). Idempotent."""
+        with self._shutdown_lock:
+            if self._is_shut_down:
+                return
+            self._is_shut_down = True
+            self._close_channel()
+            self.process.close()

@@ -1,9 +1,11 @@
 """The engine core's own process: the scheduler and the executor step here, away from the API server's GIL.
 
 ``run_engine_core`` is the child's main (started with the 'spawn' context by ``core_client.MultiprocessCoreClient``).
-It connects two ZeroMQ sockets to the parent's: PULL for ``contracts.FrontToCore`` messages, PUSH for
-``contracts.CoreToFront``. Start-up ends with the handshake: ``CoreReady`` (what the front end needs), or
-``CoreStartupFailed`` with the error for the user, then exit. The loop: while there is work, take whatever input
+It connects its ZeroMQ sockets to the front ends': one PULL for ``contracts.FrontToCore`` messages (connected to
+every front end's input), one PUSH per front end for ``contracts.CoreToFront`` (``core_routing.FrontEndRoutes``).
+Start-up ends with the handshake, sent to whoever spawned the core (the only front end, or with several API server
+processes the ``serve`` parent): ``CoreReady`` (what the front end needs), or ``CoreStartupFailed`` with the error
+for the user, then exit. The loop: while there is work, take whatever input
 is waiting without blocking, step, send the step's ``EngineCoreOutputs``; idle, block on input (sending a heartbeat
 each ``HEARTBEAT_INTERVAL_S``, by which the front end knows the core is alive and not stuck).
 
@@ -41,6 +43,7 @@ from pagedllm.engine.contracts import (
     UtilityCall,
     UtilityResult,
 )
+from pagedllm.engine.core_routing import FrontEndRoutes
 from pagedllm.engine.grammar_calls import LazyStructuredOutputManager, PendingGrammarCalls
 from pagedllm.logger import configure_logging
 from pagedllm.platform import set_engine_cpu_threads, tune_gc_for_serving
@@ -51,42 +54,48 @@ HEARTBEAT_INTERVAL_S = 1.0  # longest silence of a live core (idle, or waiting o
 _SEND_LINGER_MS = 5000  # at exit, how long queued messages (the start-up error, last outputs) may take to go out
 
 
-def run_engine_core(config: EngineConfig, input_address: str, output_address: str, parent_pid: int,
-                    warm_up_grammars: bool = False) -> None:
-    """The child's main: build the core, shake hands, serve the parent until told to stop or the parent is gone.
-    ``warm_up_grammars``: start the grammar compile workers in the background now (serving): they start while the
-    model loads, so that the first constrained request does not wait for them; readiness does not wait either."""
+def run_engine_core(config: EngineConfig, input_addresses: list[str], output_addresses: list[str], parent_pid: int,
+                    warm_up_grammars: bool = False, handshake_address: str | None = None) -> None:
+    """The child's main: build the core, shake hands, serve the front ends until told to stop or the parent is gone.
+    ``output_addresses``: one per front end, by index. ``handshake_address``: where the handshake goes (None: the
+    first output, the spawner being the only front end). ``warm_up_grammars``: start the grammar compile workers in
+    the background now (serving): they start while the model loads, so that the first constrained request does not
+    wait for them; readiness does not wait either."""
     # Ctrl-C reaches the whole process group: the parent decides (it drains, then tells this process to stop).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging("info", process_tag="engine core")
     if config.device == "cpu":  # after the logging set-up: the thread count it picks is logged
         set_engine_cpu_threads(config.cpu_threads, beside_api_server=True)
     context = zmq.Context()
-    input_socket = _connect(context, zmq.PULL, input_address)
-    output_socket = _connect(context, zmq.PUSH, output_address)
+    input_socket = _connect(context, zmq.PULL, *input_addresses)  # fair-queued over the front ends
+    output_sockets = [_connect(context, zmq.PUSH, address) for address in output_addresses]
+    handshake_socket = output_sockets[0] if handshake_address is None else _connect(context, zmq.PUSH,
+                                                                                     handshake_address)
+    sockets = {input_socket, handshake_socket, *output_sockets}
     codec = MessageCodec()
     grammars = LazyStructuredOutputManager(config)  # the only grammar compile pool of the server
     if warm_up_grammars:
         grammars.warm_up()
-    core = _build_core(config, output_socket, codec, grammars.get)
+    core = _build_core(config, handshake_socket, codec, grammars.get)
     if core is None:
         grammars.shutdown()
-        _close(context, _SEND_LINGER_MS, input_socket, output_socket)  # the error must reach the parent
+        _close(context, _SEND_LINGER_MS, *sockets)  # the error must reach the parent
         sys.exit(1)
     tune_gc_for_serving()
-    loop = _CoreLoop(core, input_socket, output_socket, codec, parent_pid)
+    loop = _CoreLoop(core, input_socket, FrontEndRoutes(output_sockets, codec, HEARTBEAT_INTERVAL_S), codec, parent_pid)
     try:
         loop.run()
     finally:
         grammars.shutdown()  # kills the grammar compile workers at once
         core.shutdown()
         loop.close()
-        _close(context, 0, input_socket, output_socket)  # the parent reads no more: drop what is unsent
+        _close(context, 0, *sockets)  # the parent reads no more: drop what is unsent
 
 
-def _connect(context: zmq.Context, kind: int, address: str) -> zmq.Socket:
+def _connect(context: zmq.Context, kind: int, *addresses: str) -> zmq.Socket:
     socket = context.socket(kind)
-    socket.connect(address)
+    for address in addresses:
+        socket.connect(address)
     return socket
 
 
@@ -114,15 +123,14 @@ def _build_core(config: EngineConfig, output_socket: zmq.Socket, codec: MessageC
 class _CoreLoop:
     """Inputs in, steps, outputs out: one thread, no locks."""
 
-    def __init__(self, core, input_socket: zmq.Socket, output_socket: zmq.Socket, codec: MessageCodec,
+    def __init__(self, core, input_socket: zmq.Socket, routes: FrontEndRoutes, codec: MessageCodec,
                  parent_pid: int) -> None:
         self.core = core
         self.input_socket = input_socket
-        self.output_socket = output_socket
+        self.routes = routes
         self.codec = codec
         self.parent_pid = parent_pid
         self.stopping = False
-        self.last_sent = time.monotonic()
         self.pending: list[EngineCoreOutput] = []  # outputs made outside a step (failed adds)
         self.utility_results: list[UtilityResult] = []
         self.grammar_results: list[GrammarPrepared] = []
@@ -189,6 +197,7 @@ class _CoreLoop:
         elif isinstance(message, AbortRequests):
             status = RequestStatus.FINISHED_STOPPED if message.stopped else RequestStatus.FINISHED_ABORTED
             self.core.abort_requests(message.request_ids, status)
+            self.routes.forget(message.request_ids)
         elif isinstance(message, RemoveLoRA):
             self.core.remove_lora(message.lora_int_id)
         elif isinstance(message, UtilityCall):
@@ -202,6 +211,7 @@ class _CoreLoop:
         """Queue a request's sequences; a request the core refuses (bad spec, id in use) fails alone."""
         from pagedllm.engine.engine import describe_error
 
+        self.routes.added(message)
         try:
             self.core.add_requests(message.requests)
         except Exception as exc:
@@ -211,11 +221,11 @@ class _CoreLoop:
 
     def _call_utility(self, call: UtilityCall) -> UtilityResult:
         if call.method not in self.core.UTILITY_METHODS:
-            return UtilityResult(call.call_id, error=f"no utility method {call.method!r}")
+            return UtilityResult(call.call_id, error=f"no utility method {call.method!r}", front_end=call.front_end)
         try:
-            return UtilityResult(call.call_id, getattr(self.core, call.method)(*call.args))
+            return UtilityResult(call.call_id, getattr(self.core, call.method)(*call.args), front_end=call.front_end)
         except Exception as exc:
-            return UtilityResult(call.call_id, error=f"{type(exc).__name__}: {exc}")
+            return UtilityResult(call.call_id, error=f"{type(exc).__name__}: {exc}", front_end=call.front_end)
 
     def _step(self) -> None:
         try:
@@ -244,11 +254,10 @@ class _CoreLoop:
             outputs.utility_results, self.utility_results = self.utility_results, []
         if self.grammar_results:
             outputs.grammar_results, self.grammar_results = self.grammar_results, []
-        self.output_socket.send(self.codec.encode(outputs), copy=False)
-        self.last_sent = time.monotonic()
+        self.routes.send(outputs)
 
     def _heartbeat_due(self) -> bool:
-        return time.monotonic() - self.last_sent >= HEARTBEAT_INTERVAL_S
+        return self.routes.heartbeat_due()
 
     def _check_liveness(self) -> None:
         """Heartbeat when silent for long; stop when the parent is gone (no one would read the outputs)."""

@@ -15,7 +15,7 @@ import time
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.contracts import EngineCoreOutputs
-from pagedllm.engine.core_client import EngineDeadError, MultiprocessCoreClient
+from pagedllm.engine.core_client import AttachedCoreClient, CoreAttachment, EngineDeadError, MultiprocessCoreClient
 from pagedllm.engine.engine import with_resolved_eos_token_ids
 from pagedllm.engine.grammar_calls import CoreGrammarPreparer
 from pagedllm.engine.metrics import EngineMetrics, Metric
@@ -28,16 +28,21 @@ from pagedllm.params import RequestOutput, SamplingParams
 class MultiprocessLLMEngine:
     """Tokenize and validate here, send plain requests to the core process, process its outputs here."""
 
-    def __init__(self, config: EngineConfig, warm_up_grammars: bool = False) -> None:
-        """``warm_up_grammars``: the core starts its grammar compile workers in the background once ready."""
+    def __init__(self, config: EngineConfig, warm_up_grammars: bool = False,
+                 attachment: CoreAttachment | None = None) -> None:
+        """``warm_up_grammars``: the core starts its grammar compile workers in the background once ready.
+        ``attachment``: attach to a core another process started (one of several API server processes) instead
+        of spawning one; its request ids are prefixed with this front end's index."""
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_config)
         self.config = with_resolved_eos_token_ids(config, self.tokenizer)
-        self.core_client = MultiprocessCoreClient(self.config, warm_up_grammars)  # returns once the core is ready
+        self.core_client = _core_client(self.config, warm_up_grammars, attachment)  # returns once the core is ready
         self.startup_report = self.core_client.ready.startup_report
         self.num_blocks = self.core_client.ready.num_blocks
         self.metrics = EngineMetrics.for_engine(self.config, self.startup_report)
-        self.grammar_preparer = CoreGrammarPreparer(self.config, self.core_client.send_from_any_thread)
-        self.input_processor = InputProcessor(self.config, self.tokenizer, self.grammar_preparer)
+        front_end = self.core_client.front_end
+        self.grammar_preparer = CoreGrammarPreparer(self.config, self.core_client.send_from_any_thread, front_end)
+        self.input_processor = InputProcessor(self.config, self.tokenizer, self.grammar_preparer,
+                                              core_id_prefix="" if attachment is None else f"a{front_end}-")
         self.output_processor = OutputProcessor(self.tokenizer, self.metrics)
         self.engine_fault: str | None = None
         self.last_heard_from_core = time.monotonic()
@@ -111,3 +116,20 @@ class MultiprocessLLMEngine:
         """Stop the core (it kills its grammar compile workers); pending early checks fail with a 503."""
         self.grammar_preparer.shutdown()
         self.core_client.shutdown(timeout)
+
+
+def _core_client(config: EngineConfig, warm_up_grammars: bool,
+                 attachment: CoreAttachment | None) -> MultiprocessCoreClient | AttachedCoreClient:
+    if attachment is None:
+        return MultiprocessCoreClient(config, warm_up_grammars)
+    return AttachedCoreClient(attachment)  # the parent started the core (and warms its grammars up)
+
+
+def start_shared_core(config: EngineConfig, num_front_ends: int,
+                      warm_up_grammars: bool = False) -> tuple[MultiprocessCoreClient, EngineConfig]:
+    """Start a core for ``num_front_ends`` API server processes (``serve --api-server-count N``'s parent): the
+    client that starts, watches and stops it, and the config as the core got it (the end-of-sequence ids resolved
+    with the tokenizer, as ``MultiprocessLLMEngine`` resolves them), which every front end must use."""
+    tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model_config)
+    config = with_resolved_eos_token_ids(config, tokenizer)
+    return MultiprocessCoreClient(config, warm_up_grammars, num_front_ends), config

@@ -34,11 +34,11 @@ _MAX_ERROR_CHARS = 1000  # an error message goes back to one client: bounded, li
 # ---- errors across the process boundary --------------------------------------------------------------------------
 
 
-def grammar_answer(call_id: int, exc: BaseException | None) -> GrammarPrepared:
+def grammar_answer(call_id: int, exc: BaseException | None, front_end: int = 0) -> GrammarPrepared:
     """The ``GrammarPrepared`` for a compile that succeeded (``exc`` None) or failed with ``exc``."""
     if exc is None:
-        return GrammarPrepared(call_id)
-    return GrammarPrepared(call_id, _error_kind(exc), str(exc)[:_MAX_ERROR_CHARS])
+        return GrammarPrepared(call_id, front_end=front_end)
+    return GrammarPrepared(call_id, _error_kind(exc), str(exc)[:_MAX_ERROR_CHARS], front_end)
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -70,7 +70,8 @@ class PendingGrammarCalls:
 
     def __init__(self, wake: Callable[[], None]) -> None:
         self._wake = wake
-        self._pending: dict[int, concurrent.futures.Future] = {}
+        # (front end, call id) -> the compile: each front end (API server process) numbers its calls itself.
+        self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}
         self._answered: list[GrammarPrepared] = []  # failed before a compile started (queue full, no tokenizer)
 
     def start(self, call: PrepareGrammar, manager_provider: Callable[[], Any]) -> None:
@@ -78,16 +79,17 @@ class PendingGrammarCalls:
         try:
             future = manager_provider().prepare(call.spec, call.client_id)
         except Exception as exc:
-            self._answered.append(grammar_answer(call.call_id, exc))
+            self._answered.append(grammar_answer(call.call_id, exc, call.front_end))
             return
-        self._pending[call.call_id] = future
+        self._pending[call.front_end, call.call_id] = future
         future.add_done_callback(lambda _: self._wake())
 
     def take_answers(self) -> list[GrammarPrepared]:
         """The answers of the calls finished since the last take."""
         answers, self._answered = self._answered, []
-        for call_id in [call_id for call_id, future in self._pending.items() if future.done()]:
-            answers.append(grammar_answer(call_id, self._pending.pop(call_id).exception()))
+        for key in [key for key, future in self._pending.items() if future.done()]:
+            front_end, call_id = key
+            answers.append(grammar_answer(call_id, self._pending.pop(key).exception(), front_end))
         return answers
 
     @property
@@ -135,10 +137,12 @@ class CoreGrammarPreparer:
     ``prepare`` asks the core and returns a future that resolves when the core answers. Thread-safe: ``prepare``
     runs on the server's event loop, ``resolve`` and ``abandon_all`` on the engine loop thread."""
 
-    def __init__(self, config: EngineConfig, send: Callable[[bytes], None]) -> None:
-        """``send``: hands an encoded message to the core, from any thread."""
+    def __init__(self, config: EngineConfig, send: Callable[[bytes], None], front_end: int = 0) -> None:
+        """``send``: hands an encoded message to the core, from any thread. ``front_end``: this API server
+        process's index, when several share the core (its answers come back here)."""
         self.compile_timeout_s = config.structured_outputs_config.compile_timeout_s
         self._send = send
+        self._front_end = front_end
         self._lock = threading.Lock()
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._call_ids = itertools.count(1)
@@ -153,7 +157,7 @@ class CoreGrammarPreparer:
         """Ask the core to compile ``spec``: the future resolves (to None) once it compiled, or fails with the
         exception the core's manager raised. Never blocks."""
         call_id = next(self._call_ids)
-        data = _encode(PrepareGrammar(call_id, spec, client_id), spec.kind)
+        data = _encode(PrepareGrammar(call_id, spec, client_id, self._front_end), spec.kind)
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._closed_reason is not None:

@@ -210,6 +210,13 @@ class EngineMetrics:
     def record_aborted(self, num_sequences: int) -> None:
         self.finished_by_reason["abort"] += num_sequences
 
+    @staticmethod
+    def core_metric_names() -> frozenset[str]:
+        """The metrics read from the engine core (its scheduler's stats, its configuration): every front end of one
+        core reports the same values, so a view of several front ends takes them once instead of summing them."""
+        names = {metric.name for metric in EngineMetrics()._scheduler_metrics()}
+        return frozenset({*names, PREFIX + "cache_config_info", PREFIX + "lora_requests_info"})
+
     def snapshot(self) -> list[Metric]:
         return [*self._scheduler_metrics(), *self._token_counters(), *self._histograms(), *self._info(),
                 *self._lora_info()]

@@ -65,10 +65,13 @@ class ProcessedRequest:
 class InputProcessor:
     """Tokenizes and validates prompts and sampling parameters before anything is queued."""
 
-    def __init__(self, config: EngineConfig, tokenizer, structured_output_manager=None) -> None:
+    def __init__(self, config: EngineConfig, tokenizer, structured_output_manager=None, core_id_prefix: str = "") -> None:
         """``structured_output_manager``: what ``structured_output_manager`` returns (the engine core process's
-        stand-in, ``grammar_calls.CoreGrammarPreparer``); None: a ``StructuredOutputManager`` made here on first use."""
+        stand-in, ``grammar_calls.CoreGrammarPreparer``); None: a ``StructuredOutputManager`` made here on first use.
+        ``core_id_prefix``: put before the request id in the core's request ids, so that those of several API
+        server processes sharing one core never collide (the output processor maps them back)."""
         self.config = config
+        self.core_id_prefix = core_id_prefix
         self.model_config = config.model_config
         self.max_model_len = config.scheduler_config.max_model_len
         self.tokenizer = tokenizer
@@ -128,7 +131,7 @@ class InputProcessor:
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
         requests = [
             EngineCoreRequest(
-                request_id=_child_id(request_id, index, params.n),
+                request_id=_child_id(self.core_id_prefix + request_id, index, params.n),
                 prompt_token_ids=prompt_token_ids,
                 sampling_params=_child_params(params, index),
                 sampling_seed=self._sampling_seed(params, index),
@@ -136,7 +139,7 @@ class InputProcessor:
                 arrival_time=arrival_time,
                 priority=priority,
                 # Later sequences start from the first one's prompt blocks, shared with copy-on-write.
-                fork_source=_child_id(request_id, 0, params.n) if index > 0 else None,
+                fork_source=_child_id(self.core_id_prefix + request_id, 0, params.n) if index > 0 else None,
                 lora_request=lora_request,
             )
             for index in range(params.n)
@@ -158,7 +161,8 @@ class InputProcessor:
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         # Never sampled (the request finishes when its prompt is computed); max_tokens 1 bounds it even so.
         stand_in = _pooling_stand_in()
-        core_request = EngineCoreRequest(request_id, prompt_token_ids, stand_in, 0, 1, arrival_time, priority,
+        core_request = EngineCoreRequest(self.core_id_prefix + request_id, prompt_token_ids, stand_in, 0, 1,
+                                         arrival_time, priority,
                                          pooling_params=pooling_params)
         return ProcessedRequest(request_id, prompt_text, prompt_token_ids, stand_in, [core_request], arrival_time,
                                 pooling_params=pooling_params)

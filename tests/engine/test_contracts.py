@@ -44,13 +44,16 @@ FRONT_TO_CORE = [
         structured_outputs=StructuredOutputsParams(choice=["yes", "no"])))]),
     AddRequests([core_request(sampling_params=SamplingParams(
         structured_outputs=StructuredOutputsParams(regex="[a-z]+")))]),
+    AddRequests([core_request("a2-r1")], front_end=2),  # from the third of several API server processes
     AbortRequests(["a", "b"]),
     AbortRequests(["a"], stopped=True),
     RemoveLoRA(7),
     UtilityCall(7, "num_unfinished_requests"),
     UtilityCall(8, "echo", [1, "two", [3.0]]),
+    UtilityCall(8, "echo", [1], front_end=3),
     PrepareGrammar(9, StructuredOutputsParams(json={"type": "object", "properties": {"b": {}, "a": {}}}), "10.0.0.1"),
     PrepareGrammar(10, StructuredOutputsParams(regex="[a-z]+")),
+    PrepareGrammar(10, StructuredOutputsParams(regex="[a-z]+"), front_end=1),
     ShutdownCore(),
 ]
 
@@ -68,8 +71,10 @@ CORE_TO_FRONT = [
         scheduler_stats=SchedulerStats(num_running=3, kv_cache_usage=0.5, prefix_cache_hits=9),
         engine_fault="steps keep failing",
         first_scheduled_times={"r1": 99.5},
-        utility_results=[UtilityResult(7, 3), UtilityResult(8, error="no utility method 'echo'")],
-        grammar_results=[GrammarPrepared(9), GrammarPrepared(10, "queue_full", "too many grammars")],
+        utility_results=[UtilityResult(7, 3), UtilityResult(8, error="no utility method 'echo'"),
+                         UtilityResult(8, 4, front_end=2)],
+        grammar_results=[GrammarPrepared(9), GrammarPrepared(10, "queue_full", "too many grammars"),
+                         GrammarPrepared(10, front_end=1)],
     ),
     EngineCoreOutputs([], timestamp=1.0),
     CoreReady(num_blocks=2048, max_model_len=1024, startup_report={"num_gpu_blocks": 2048, "seconds": {"load": 0.2}}),
