@@ -103,6 +103,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         from pagedllm.entrypoints.openai.multi_server import run_multi_server
 
         return run_multi_server(args)
+    if args.api_server_count > 1:
+        from pagedllm.entrypoints.openai.api_servers import run_api_servers
+
+        return run_api_servers(args)
     from pagedllm.entrypoints.openai.server import run_server
 
     return run_server(args)

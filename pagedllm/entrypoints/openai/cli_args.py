@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pagedllm.config import runtime_lora_updating_allowed
 from pagedllm.engine.async_engine import DEFAULT_HEALTH_STALL_TIMEOUT_S
 from pagedllm.entrypoints.default_model import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME
 from pagedllm.entrypoints.engine_args import add_engine_args
@@ -131,6 +132,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "takes GPUs i*tp*pp..(i+1)*tp*pp-1) behind this server: each request goes to the "
                              "replica with the fewest requests in flight, requests sharing a prompt prefix to the "
                              "same one while its load allows (default: 1)")
+    server.add_argument("--api-server-count", "-asc", type=_positive_int, default=1, metavar="N",
+                        help="serve HTTP from N API server processes (tokenization, detokenization, streaming) in "
+                             "front of the one engine core process, on one listening socket: for when one API "
+                             "server process's CPU is the limit (many concurrent streams of a small model). See the "
+                             "README (Several API server processes) for what it does not support (default: 1)")
     server.add_argument("--no-engine-core-process", dest="engine_core_process", action="store_false",
                         help="run the engine core (scheduler, model) in the server's process, in a thread, instead "
                              "of in its own process (default: its own process, so that HTTP, tokenization and "
@@ -170,6 +176,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
     if getattr(args, "data_parallel_size", 1) > 1 and not getattr(args, "engine_core_process", True):
         raise ValueError("--data-parallel-size > 1 runs each replica in its own engine core process: drop "
                          "--no-engine-core-process")
+    if getattr(args, "api_server_count", 1) > 1:
+        _check_api_server_count(args)
     if getattr(args, "enable_auto_tool_choice", False) and getattr(args, "tool_call_parser", None) is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
                          f"{', '.join(TOOL_CALL_PARSERS)})")
@@ -182,3 +190,20 @@ def _check_repeated_models(args: argparse.Namespace) -> None:
     if args.served_model_name:
         raise ValueError("--served-model-name names one model: with several --model flags give each model its "
                          "served name as --model NAME=MODEL")
+
+
+def _check_api_server_count(args: argparse.Namespace) -> None:
+    """Features whose state lives in one API server process, refused beside several (each would see its share)."""
+    count = args.api_server_count
+    refused = [
+        ("--models-config", getattr(args, "models_config", None)),
+        ("several --model", bool(repeated_models(args))),
+        ("--data-parallel-size > 1", getattr(args, "data_parallel_size", 1) > 1),
+        ("--no-engine-core-process", not getattr(args, "engine_core_process", True)),
+        ("--max-num-waiting", getattr(args, "max_num_waiting", None) is not None),
+        ("PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING", runtime_lora_updating_allowed()),
+    ]
+    for flag, is_set in refused:
+        if is_set:
+            raise ValueError(f"--api-server-count {count} does not work with {flag}: each API server process would "
+                             "keep its own share of its state; use --api-server-count 1 with it")

@@ -24,7 +24,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pagedllm import __version__
-from pagedllm.config import log_stats_interval_from_env, runtime_lora_updating_allowed, server_api_key_from_env
+from pagedllm.config import (
+    EngineArgs,
+    log_stats_interval_from_env,
+    runtime_lora_updating_allowed,
+    server_api_key_from_env,
+)
 from pagedllm.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -86,6 +91,7 @@ from pagedllm.entrypoints.openai.serving_embeddings import OpenAIServingEmbeddin
 from pagedllm.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagedllm.entrypoints.openai.shared_metrics import SharedMetrics
 from pagedllm.entrypoints.openai.slow_clients import request_read_deadline_protocol
 from pagedllm.platform import tune_gc_for_serving
 
@@ -113,6 +119,9 @@ class ServerConfig:
     lora_modules: tuple[LoRAModulePath, ...] = ()  # --lora-modules: adapters served by name from the start
     allow_runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
     admission: AdmissionConfig | None = None  # --max-num-waiting / --max-queue-delay-ms (None: admit everything)
+    # One of several API server processes (--api-server-count): its index, and where they share their metrics.
+    api_server_index: int | None = None
+    metrics_dir: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, engine: AsyncEngine) -> ServerConfig:
@@ -133,6 +142,8 @@ class ServerConfig:
             lora_modules=tuple(getattr(args, "lora_modules", None) or ()),
             allow_runtime_lora_updating=runtime_lora_updating_allowed(),
             admission=admission_config(args, max_num_running(engine)),
+            api_server_index=getattr(args, "api_server_index", None),
+            metrics_dir=getattr(args, "metrics_dir", None),
         )
 
 
@@ -146,16 +157,23 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     """The FastAPI app serving ``engine``; shutting the app down (lifespan end) shuts the engine down."""
     config = args if isinstance(args, ServerConfig) else ServerConfig.from_args(args, engine)
     ctx = serving_context(engine, config)
+    admission = _admission_control(config.admission, engine)
+    get_metrics, shared_metrics = _metrics_source(config, engine, admission)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stats_task = _start_stats_logger(engine, config.log_stats_interval_s)
+        tasks = [_start_stats_logger(engine, config.log_stats_interval_s)]
+        if shared_metrics is not None:
+            tasks.append(asyncio.create_task(shared_metrics.write_periodically(), name="pagedllm-shared-metrics"))
         yield
-        if stats_task is not None:
-            stats_task.cancel()
+        for task in tasks:
+            if task is not None:
+                task.cancel()
         # uvicorn has stopped accepting and finished (or cancelled) the in-flight requests by now.
         logger.info("Shutting the engine down")
         await asyncio.to_thread(engine.shutdown)
+        if shared_metrics is not None:
+            shared_metrics.write()  # the last requests count in the whole server's totals
 
     app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)  # the docs pages: see _docs_routes
@@ -163,7 +181,6 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
     # FastAPI deprecates the constructor argument in favour of uvicorn's, which answers only stripped paths.
     app.root_path = config.root_path
     app.state.in_flight = InFlightRequests()  # read by the graceful shutdown (run_server)
-    admission = _admission_control(config.admission, engine)
     _add_exception_handlers(app, engine, admission)
     # Added before CORS, so it runs inside it: its 413, 429 and 503 answers carry CORS headers too.
     app.add_middleware(RequestGuard, max_body_bytes=config.limits.max_request_body_bytes,
@@ -173,7 +190,7 @@ def build_app(engine: AsyncEngine, args: argparse.Namespace | ServerConfig) -> F
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_credentials=False,
                            allow_methods=["*"], allow_headers=["*"])
     key_check = [Depends(_api_key_check(config.api_key))]
-    registry = build_registry(lambda: [*engine.get_metrics(), *admission.metrics()], ctx.models.default_name)
+    registry = build_registry(get_metrics, ctx.models.default_name)
     app.include_router(_probe_routes(ctx, admission))
     app.include_router(_docs_routes())
     app.include_router(_metrics_routes(registry), dependencies=key_check if config.metrics_require_api_key else [])
@@ -200,6 +217,19 @@ def serving_context(engine: AsyncEngine, config: ServerConfig) -> ServingContext
         reasoning_parser=config.reasoning_parser,
         auto_tool_parser=config.auto_tool_parser,
     )
+
+
+def _metrics_source(config: ServerConfig, engine: AsyncEngine,
+                    admission: AdmissionControl) -> tuple[Callable[[], list], SharedMetrics | None]:
+    """What /metrics reports: this process's metrics, or with several API server processes everyone's (and the
+    ``SharedMetrics`` that writes this one's share for the others)."""
+    def own_metrics() -> list:
+        return [*engine.get_metrics(), *admission.metrics()]
+
+    if config.metrics_dir is None:
+        return own_metrics, None
+    shared = SharedMetrics(config.metrics_dir, config.api_server_index or 0, own_metrics)
+    return shared.collect, shared
 
 
 def _admission_control(config: AdmissionConfig | None, engine: AsyncEngine) -> AdmissionControl:
@@ -484,6 +514,25 @@ def _add_server_error_handlers(app: FastAPI, engine: AsyncEngine) -> None:
 
 def run_server(args: argparse.Namespace) -> int:
     """Load the model, serve it until SIGTERM/SIGINT, shut down gracefully; the exit code (0 after a signal)."""
+    model, engine_args = prepare_serving(args)
+    _exit_quietly_on_signals()
+    delay_ms = getattr(args, "max_queue_delay_ms", None)
+    engine = make_serving_engine(engine_args, getattr(args, "data_parallel_size", 1),
+                                 health_stall_timeout_s=args.health_stall_timeout,
+                                 core_process=getattr(args, "engine_core_process", True),
+                                 warm_up_grammars=True,  # the first constrained request need not wait
+                                 max_queue_delay_s=None if delay_ms is None else delay_ms / 1000)
+    try:
+        app = build_app(engine, args)
+        log_serving(model, args)
+        return serve_app(app, engine, args)
+    finally:
+        engine.shutdown()
+
+
+def prepare_serving(args: argparse.Namespace) -> tuple[str, EngineArgs]:
+    """The model to serve and its engine arguments, after the checks that must fail before the model loads (flags,
+    chat template, TLS files: ValueError)."""
     model = args.model_tag or args.model
     if is_default_model(model):
         model = default_model_path()
@@ -494,25 +543,23 @@ def run_server(args: argparse.Namespace) -> int:
     load_chat_template(args.chat_template)  # a wrong path fails now, not after the model has loaded
     check_serve_args(args)  # likewise
     _check_ssl_files(args.ssl_keyfile, args.ssl_certfile)  # likewise
-    _exit_quietly_on_signals()
-    delay_ms = getattr(args, "max_queue_delay_ms", None)
-    engine = make_serving_engine(engine_args, getattr(args, "data_parallel_size", 1),
-                                 health_stall_timeout_s=args.health_stall_timeout,
-                                 core_process=getattr(args, "engine_core_process", True),
-                                 warm_up_grammars=True,  # the first constrained request need not wait
-                                 max_queue_delay_s=None if delay_ms is None else delay_ms / 1000)
-    try:
-        app = build_app(engine, args)
-        names = ", ".join(args.served_model_name or [args.model_name])
-        scheme = "https" if args.ssl_certfile else "http"
-        logger.info("Serving %s as %s on %s://%s:%d%s", model, names, scheme, args.host, args.port, args.root_path)
-        grace = args.graceful_shutdown_timeout
-        server = _make_graceful_server(uvicorn_config(app, args), engine, grace, app.state.in_flight)
-        engine.on_core_death(lambda: setattr(server, "should_exit", True))  # the streams have failed: stop serving
-        tune_gc_for_serving()
-        server.run()
-    finally:
-        engine.shutdown()
+    return model, engine_args
+
+
+def log_serving(model: str, args: argparse.Namespace, how: str = "") -> None:
+    names = ", ".join(args.served_model_name or [args.model_name])
+    scheme = "https" if args.ssl_certfile else "http"
+    logger.info("Serving %s as %s on %s://%s:%d%s%s", model, names, scheme, args.host, args.port, args.root_path, how)
+
+
+def serve_app(app: FastAPI, engine: AsyncEngine, args: argparse.Namespace, sockets: list | None = None) -> int:
+    """Serve ``app`` (on ``sockets``, already listening, else on --host/--port) until SIGTERM/SIGINT or the engine
+    core's death, draining gracefully; the exit code (1: the core died)."""
+    grace = args.graceful_shutdown_timeout
+    server = _make_graceful_server(uvicorn_config(app, args), engine, grace, app.state.in_flight)
+    engine.on_core_death(lambda: setattr(server, "should_exit", True))  # the streams have failed: stop serving
+    tune_gc_for_serving()
+    server.run(sockets=sockets)
     return 1 if engine.core_died else 0
 
 
@@ -529,7 +576,15 @@ def uvicorn_config(app: FastAPI, args: argparse.Namespace):
                           timeout_keep_alive=args.timeout_keep_alive,
                           http=request_read_deadline_protocol(args.timeout_request_read),
                           # A backstop only: _GracefulServer ends the streams itself after the grace period.
-                          timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)
+                          timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
+                          headers=_api_server_header(args))
+
+
+def _api_server_header(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """With several API server processes, each response names the one that answered (uvicorn adds it as it adds
+    ``server``: no per-request work), which shows how the kernel spreads the connections."""
+    index = getattr(args, "api_server_index", None)
+    return [] if index is None else [("x-pagedllm-api-server", str(index))]
 
 
 def _check_ssl_files(keyfile: str | None, certfile: str | None) -> None:
