@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 14, several API server processes: `bench serve` at unlimited rate against `pagedllm serve --api-server-count N`
+# (N = 1, 2, 4; engine core process, async scheduling, Qwen3-0.6B dummy weights, 500 requests 512 in / 128 out), then
+# offline `bench throughput` on the same 500 requests, in one device call (~3-4 min):
+#   bash benchmarks/scripts/serve_api_servers_run.sh        (carry .whl and .assets; records and logs go to $OUT)
+# Prints each run's output tok/s and its ratio to offline; writes the bench records, each server's log and a
+# `top -b -c` sample per run (10 s from the start of bench serve) with the pid of each process (top-N.txt, pids-N.txt:
+# which of the API servers, the engine core and the bench client saturates a core).
+source benchmarks/scripts/device_env.sh || exit 1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+RANDOM512=(--workload random --input-len 512 --output-len 128 --num-prompts 500)
+COUNTS=${COUNTS:-1 2 4}
+
+serve() {  # serve N: one server with N API server processes, bench serve at unlimited rate, then SIGTERM
+  local count=$1 log="$OUT/server-api$1.log"
+  python3 -m pagedllm.entrypoints.cli serve pagedllm/bench/configs/qwen3-0.6b --load-format dummy \
+    --tokenizer .assets/tokenizers/qwen3 --port 8011 --async-scheduling --disable-log-stats \
+    --api-server-count "$count" > "$log" 2>&1 &
+  local server=$!
+  for _ in $(seq 150); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
+  sleep 2  # every API server attached (the first one up answers /health)
+  { echo "parent $server"; grep -oE "Engine core process [0-9]+|API server process [0-9]+: pid [0-9]+" "$log"
+    pgrep -P "$server" -a; } > "$OUT/pids-api$count.txt"
+  echo "--- serve --api-server-count $count"
+  top -b -c -n 10 -d 1 -w 400 > "$OUT/top-api$count.txt" 2>&1 &
+  local top=$!
+  timeout 120 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
+    --request-rate inf --output-json "$OUT/serve-qwen3-0.6b-api$count.json" 2>&1 | grep -v "^\[bench\]" | tail -4
+  wait $top
+  kill -TERM $server; wait $server; echo "server exit code $? (Tracebacks: $(grep -c Traceback "$log"))"
+  # The busiest python processes of the sample's last 5 seconds (see pids-api$count.txt for who is who).
+  grep -E "^ *[0-9]+ .*python" "$OUT/top-api$count.txt" | tail -n 60 | sort -k9 -nr | head -8 | cut -c1-160
+}
+for count in $COUNTS; do serve "$count"; done
+timeout 150 python3 -m pagedllm.bench throughput --disable-tqdm --model qwen3-0.6b "${RANDOM512[@]}" \
+  --async-scheduling --output-json "$OUT/throughput-random512-128-qwen3-0.6b-async.json" 2>&1 \
+  | grep -v "^\[bench\]" | tail -3
+python3 - "$OUT" $COUNTS <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+offline = json.loads((out / "throughput-random512-128-qwen3-0.6b-async.json").read_text())["output_tokens_per_s"]
+print(f"offline: {offline:.0f} output tok/s")
+for count in sys.argv[2:]:
+    path = out / f"serve-qwen3-0.6b-api{count}.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+        tps, metrics = record["output_tokens_per_s"], record["metrics"]
+        print(f"--api-server-count {count}: {tps:.0f} output tok/s = {tps / offline:.1%} of offline; TTFT mean "
+              f"{metrics['ttft_ms']['mean']:.0f} ms, ITL mean {metrics['itl_ms']['mean']:.1f} ms, "
+              f"failed {metrics['failed']}")
+EOF
+python3 benchmarks/scripts/summarize_records.py "$OUT"
