@@ -104,6 +104,13 @@ def print_row(row: dict) -> None:
           f"{row['dot_gbps']:6.0f}  {row['dot_config']}")
 
 
+def brief(config: W4A16Config) -> str:
+    """block_n x block_m / split_k, warps, stages (and which kernel)."""
+    kernel = "gemv" if config.gemv else "dot"
+    return (f"{kernel} {config.block_n}x{config.block_m}/{config.split_k} w{config.num_warps} "
+            f"s{config.num_stages}")
+
+
 def summarize(records: list[dict]) -> None:
     """Per M, a layer (the four projections summed) by path, the best W4A16 path against bf16, and the dispatch
     constants the measurement implies."""
@@ -130,6 +137,30 @@ def k_splits(default: int, k: int) -> list[int]:
     return sorted({s for s in (max(1, default // 2), default, default * 2) if tiles % s == 0 and tiles // s >= 2})
 
 
+def shape_of(record) -> tuple[int, int, int]:
+    """(block_n, warps, stages) of a sweep record or a W4A16Config."""
+    if isinstance(record, W4A16Config):
+        return record.block_n, record.num_warps, record.num_stages
+    return record["block_n"], record["warps"], record["stages"]
+
+
+def summarize_sweep(records: list[dict], num_sms: int) -> None:
+    """Per swept M, the launch shape whose layer (the four projections, each at its best K split) is fastest,
+    against dot_config's shape."""
+    print("\nsweep, layer (4 projections, each at its best K split), us:")
+    for m in SWEEP_ROWS:
+        layer = {}
+        for shape in {shape_of(r) for r in records if r.get("sweep") and r["rows"] == m}:
+            per_projection = [min((r["us"] for r in records if r.get("sweep") and r["rows"] == m
+                                   and r["shape"] == name and shape_of(r) == shape), default=math.nan)
+                              for name in SHAPES]
+            layer[shape] = sum(per_projection)
+        ranked = sorted((us, shape) for shape, us in layer.items() if not math.isnan(us))
+        default = shape_of(dot_config(m, *SHAPES["qkv"], num_sms))
+        print(f"  M={m:3d}: " + ", ".join(f"{shape} {us:.1f}" for us, shape in ranked[:3])
+              + f"; dot_config {default} {layer.get(default, math.nan):.1f}  (block_n, warps, stages)")
+
+
 def sweep(name: str, n: int, k: int, weights, num_calls: int, num_sms: int) -> list[dict]:
     gigabytes, out = int4_bytes(weights[0]) / 1e3, []
     for m in SWEEP_ROWS:
@@ -142,12 +173,12 @@ def sweep(name: str, n: int, k: int, weights, num_calls: int, num_sms: int) -> l
                 us = time_kernel(x, weights, num_calls, config)
                 out.append({"shape": name, "rows": m, "sweep": True, "block_n": block_n, "block_m": config.block_m,
                             "warps": warps, "stages": stages, "split_k": split, "us": us, "gbps": gigabytes / us})
-        best = sorted((r for r in out if r["rows"] == m and not math.isnan(r["us"])), key=lambda r: r["us"])[:3]
-        for r in best:
-            print(f"  sweep {name:7} M={m:3d}: {r['us']:6.1f} us {r['gbps']:5.0f} GB/s  block_n={r['block_n']} "
-                  f"warps={r['warps']} stages={r['stages']} split_k={r['split_k']}")
-        print(f"  sweep {name:7} M={m:3d}: dot_config block_n={default.block_n} warps={default.num_warps} "
-              f"stages={default.num_stages} split_k={default.split_k}")
+        timed = [r for r in out if r["rows"] == m and not math.isnan(r["us"])]
+        best = min(timed, key=lambda r: r["us"])
+        mine = [r["us"] for r in timed if shape_of(r) == shape_of(default) and r["split_k"] == default.split_k]
+        print(f"  sweep {name:7} M={m:3d}: best {best['us']:6.1f} us {best['gbps']:5.0f} GB/s {shape_of(best)} "
+              f"split_k={best['split_k']}; dot_config {mine[0] if mine else math.nan:6.1f} us {shape_of(default)} "
+              f"split_k={default.split_k}")
     return out
 
 
@@ -160,19 +191,21 @@ def main() -> None:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     records = []
     print(f"{'shape':8} {'M':>3} {'bf16':>7} {'gemv':>7} {'dot':>7} {'plain':>7} {'dequant':>8} {'default':>8} "
-          f"{'GEMV':>6} {'dot':>6}  dot_config (us per call; GB/s of int4)")
+          f"{'GEMV':>6} {'dot':>6}  dot_config: block_n x block_m / split_k (us per call; GB/s of int4)")
     for name, (n, k) in SHAPES.items():
         weights = random_weights(n, k)
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2)]
         for m in ROWS:
-            row = {"shape": name, "n": n, "k": k, "rows": m, "default": str(choose_config(m, n, k, num_sms)),
-                   "dot_config": str(dot_config(m, n, k, num_sms)), **measure(m, dense, weights, args.calls, num_sms)}
+            row = {"shape": name, "n": n, "k": k, "rows": m, "default": brief(choose_config(m, n, k, num_sms)),
+                   "dot_config": brief(dot_config(m, n, k, num_sms)), **measure(m, dense, weights, args.calls, num_sms)}
             print_row(row)
             records.append(row)
         if args.sweep:
             records += sweep(name, n, k, weights, args.calls, num_sms)
         del weights, dense
     summarize(records)
+    if args.sweep:
+        summarize_sweep(records, num_sms)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(0), "records": records}, f, indent=1)
