@@ -15,7 +15,7 @@ for section in "$@"; do
   echo "=== $section"
   case $section in
     tests)
-      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/model/quantization/test_w4a16_kernel.py 2>&1 | tail -8 ;;
+      timeout 320 python3 -m pytest -q -p no:cacheprovider tests/model/quantization/test_w4a16_kernel.py 2>&1 | tail -8 ;;
     sass)
       TRITON_INTERPRET= timeout 100 python3 benchmarks/scripts/w4a16_gemv_sass.py 2>&1 | tail -16 ;;
     micro)

@@ -12,13 +12,14 @@ once per group segment, by the kernel), in two steps:
   both (nibbles 0..3 of each) into one register, another the high 16 bits, and shifting those by 4, 8, 12 reaches
   every nibble. Per 16 weights: 2 prmt, 6 shifts, 8 lop3.
 - ``subtract_zero``: ``(bias + q) - (bias + zero)`` by one ``sub.rn.bf16x2`` per two weights, exact (both are
-  small integers).
+  small integers). (Adding a second dot of ``-(bias + zero)`` with x instead costs as much: ptxas copies that
+  operand into fresh registers for every MMA instruction.)
 
 The inline assembly is elementwise (each output element depends on its own input element only), so it is right
 whichever two elements Triton hands one asm instance; it is fast when they are the two consecutive columns a
 thread holds in the dot operand's layout, which Triton 3.6 does (``benchmarks/scripts/w4a16_gemv_sass.py`` checks
 for re-layouts). Under Triton's interpreter inline assembly does not run: ``ASM=False`` computes the same values in
-plain Triton (the CPU tests run that, with float32 x).
+plain Triton (the CPU tests run that, with float32 x, and run the unpacking's PTX through a small emulator).
 """
 
 from __future__ import annotations
