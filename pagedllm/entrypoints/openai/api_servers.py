@@ -84,7 +84,8 @@ def run_api_servers(args: argparse.Namespace) -> int:
         servers = [_start_api_server(args, config, attachment, listener, metrics_dir)
                    for attachment, listener in zip(spawner.attachments(), listeners)]
         _wait_until_serving(servers, spawner, stop)
-        log_serving(model, args, f" with {len(servers)} API server processes")
+        if not stop.requested:
+            log_serving(model, args, f" with {len(servers)} API server processes")
         return _watch(servers, spawner, stop, args.graceful_shutdown_timeout)
     except EngineStartupError as exc:
         logger.error("%s", exc)
