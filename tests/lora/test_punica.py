@@ -88,10 +88,10 @@ def test_split_k_shrink_of_small_steps(num_tokens: int, input_size: int) -> None
     assert punica._shrink_split(num_tokens, 2, 1, input_size, sm_count(x.device))[1] > 1  # split
     actual = torch.zeros(num_tokens, 80, device=DEVICE)
     add_with_kernels(layer, actual, x, slots)
-    torch.testing.assert_close(actual, reference(layer, torch.zeros(num_tokens, 80), x, slots), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(actual, reference(layer, torch.zeros(num_tokens, 80, device=DEVICE), x, slots), atol=1e-4, rtol=1e-4)
     assert not punica._shrink_arrivals(x.device).any()
     add_with_kernels(layer, actual, x, slots)  # a second launch counts from zero again: twice the delta
-    torch.testing.assert_close(actual, 2 * reference(layer, torch.zeros(num_tokens, 80), x, slots), atol=2e-4,
+    torch.testing.assert_close(actual, 2 * reference(layer, torch.zeros(num_tokens, 80, device=DEVICE), x, slots), atol=2e-4,
                                rtol=2e-4)
 
 
