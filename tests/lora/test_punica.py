@@ -87,12 +87,12 @@ def test_split_k_shrink_of_small_steps(num_tokens: int, input_size: int) -> None
     x = torch.randn(num_tokens, input_size, device=DEVICE)
     assert punica._shrink_split(num_tokens, 2, 1, input_size, sm_count(x.device))[1] > 1  # split
     actual = torch.zeros(num_tokens, 80, device=DEVICE)
+    expected = reference(layer, torch.zeros_like(actual), x, slots)
     add_with_kernels(layer, actual, x, slots)
-    torch.testing.assert_close(actual, reference(layer, torch.zeros(num_tokens, 80, device=DEVICE), x, slots), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
     assert not punica._shrink_arrivals(x.device).any()
     add_with_kernels(layer, actual, x, slots)  # a second launch counts from zero again: twice the delta
-    torch.testing.assert_close(actual, 2 * reference(layer, torch.zeros(num_tokens, 80, device=DEVICE), x, slots), atol=2e-4,
-                               rtol=2e-4)
+    torch.testing.assert_close(actual, 2 * expected, atol=2e-4, rtol=2e-4)
 
 
 def test_step_tiles_sort_tokens_by_slot_and_pad_with_empty_tiles() -> None:
