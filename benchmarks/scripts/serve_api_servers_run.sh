@@ -10,6 +10,7 @@ source benchmarks/scripts/device_env.sh || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RANDOM512=(--workload random --input-len 512 --output-len 128 --num-prompts 500)
 COUNTS=${COUNTS:-1 2 4}
+CLIENTS=${CLIENTS:-4}  # bench serve client processes: one saturated a core in session 27's run (set 1 to compare)
 
 serve() {  # serve N: one server with N API server processes, bench serve at unlimited rate, then SIGTERM
   local count=$1 log="$OUT/server-api$1.log"
@@ -25,7 +26,7 @@ serve() {  # serve N: one server with N API server processes, bench serve at unl
   top -b -c -n 10 -d 1 -w 400 > "$OUT/top-api$count.txt" 2>&1 &
   local top=$!
   timeout 120 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
-    --request-rate inf --output-json "$OUT/serve-qwen3-0.6b-api$count.json" 2>&1 | grep -v "^\[bench\]" | tail -4
+    --request-rate inf --num-clients "$CLIENTS" --output-json "$OUT/serve-qwen3-0.6b-api$count.json" 2>&1 | grep -v "^\[bench\]" | tail -4
   wait $top
   kill -TERM $server; wait $server; echo "server exit code $? (Tracebacks: $(grep -c Traceback "$log"))"
   # The busiest python processes of the sample's last 5 seconds (see pids-api$count.txt for who is who).

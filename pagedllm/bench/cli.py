@@ -152,6 +152,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="requests per second, arrivals a Poisson process; inf sends all at once (default: inf)")
     parser.add_argument("--max-concurrency", type=int, default=None,
                         help="most requests in flight at once (default: no limit)")
+    parser.add_argument("--num-clients", type=int, default=1,
+                        help="client processes sending the requests (request i from client i mod N, at the same "
+                             "arrival times): one Python client streams at most ~10-20k chunks a second, so a fast "
+                             "server needs several to be measured (default: 1)")
     parser.add_argument("--prompt-format", choices=("token-ids", "text"), default="token-ids",
                         help="send prompts as token-id lists, or as text (decoded with --tokenizer, else one common "
                              "word per token) (default: token-ids)")

@@ -9,7 +9,7 @@ import json
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from pagedllm.bench.common import workload_from_args
@@ -41,13 +41,46 @@ def prompts_for(workload: Workload, prompt_format: str, tokenizer: str | None) -
     return [" ".join(_WORDS[i % len(_WORDS)] for i in r.prompt_token_ids) for r in workload.requests]
 
 
-async def request_arrivals(num_requests: int, request_rate: float, seed: int) -> AsyncIterator[int]:
-    """Request indices, spaced by exponential gaps (a Poisson process) at ``request_rate``; all at once for inf."""
+@dataclass
+class PlannedRequest:
+    """One request of the replay, ready to send: its place in the workload, when it arrives (seconds after the
+    start) and its body."""
+
+    index: int
+    arrival_s: float
+    payload: dict[str, Any]
+    prompt_len: int
+
+
+def check_num_clients(num_clients: int, max_concurrency: int | None) -> None:
+    """``--num-clients`` must be positive, and split ``--max-concurrency`` evenly (each client keeps its share)."""
+    if num_clients < 1:
+        raise ValueError(f"--num-clients must be at least 1, got {num_clients}")
+    if max_concurrency and max_concurrency % num_clients:
+        raise ValueError(f"--max-concurrency {max_concurrency} is not a multiple of --num-clients {num_clients}: "
+                         "each client keeps its share of the limit")
+
+
+def arrival_offsets(num_requests: int, request_rate: float, seed: int) -> list[float]:
+    """When each request arrives, in seconds after the first: exponential gaps (a Poisson process) at
+    ``request_rate``; all at 0 for inf."""
     rng = random.Random(seed)
-    for index in range(num_requests):
-        yield index
-        if math.isfinite(request_rate) and index + 1 < num_requests:
-            await asyncio.sleep(rng.expovariate(request_rate))
+    offsets, now = [], 0.0
+    for _ in range(num_requests):
+        offsets.append(now)
+        if math.isfinite(request_rate):
+            now += rng.expovariate(request_rate)
+    return offsets
+
+
+def plan_requests(args: argparse.Namespace, workload: Workload, model: str,
+                  prompts: list[list[int] | str]) -> list[PlannedRequest]:
+    offsets = arrival_offsets(len(prompts), args.request_rate, args.seed)
+    return [PlannedRequest(index, offsets[index], {
+        "model": model, "prompt": prompts[index], "max_tokens": request.max_tokens,
+        "temperature": workload.temperature, "stream": True, "stream_options": {"include_usage": True},
+        "ignore_eos": workload.ignore_eos}, len(request.prompt_token_ids))
+        for index, request in enumerate(workload.requests)]
 
 
 async def stream_completion(client, url: str, payload: dict[str, Any], headers: dict[str, str],
@@ -96,39 +129,50 @@ async def stream_completion(client, url: str, payload: dict[str, Any], headers: 
     return result
 
 
-async def run_requests(args: argparse.Namespace, workload: Workload, model: str,
-                       prompts: list[list[int] | str]) -> tuple[list[RequestResult], float]:
+async def replay(args: argparse.Namespace, planned: list[PlannedRequest], start_at: float,
+                 max_concurrency: int | None, show_progress: bool) -> tuple[list[RequestResult], float]:
+    """Send each planned request at ``start_at`` (``time.monotonic()``) plus its arrival; the results in
+    ``planned``'s order and when the last one ended."""
     import httpx
     from tqdm.auto import tqdm
 
     url = args.base_url.rstrip("/") + args.endpoint
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    progress = tqdm(total=len(prompts), desc="Requests", disable=args.disable_tqdm, dynamic_ncols=True)
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    progress = tqdm(total=len(planned), desc="Requests", disable=not show_progress, dynamic_ncols=True)
     timeout = httpx.Timeout(args.timeout, connect=30.0)
-    connections = httpx.Limits(max_connections=args.max_concurrency or None, max_keepalive_connections=None)
+    connections = httpx.Limits(max_connections=max_concurrency or None, max_keepalive_connections=None)
 
-    async def one(client, index: int) -> RequestResult:
-        request = workload.requests[index]
-        payload = {"model": model, "prompt": prompts[index], "max_tokens": request.max_tokens,
-                   "temperature": workload.temperature, "stream": True, "stream_options": {"include_usage": True},
-                   "ignore_eos": workload.ignore_eos}
+    async def one(client, request: PlannedRequest) -> RequestResult:
         if limit is None:
-            result = await stream_completion(client, url, payload, headers, len(request.prompt_token_ids))
+            result = await stream_completion(client, url, request.payload, headers, request.prompt_len)
         else:
             async with limit:
-                result = await stream_completion(client, url, payload, headers, len(request.prompt_token_ids))
+                result = await stream_completion(client, url, request.payload, headers, request.prompt_len)
         progress.update(1)
         return result
 
     async with httpx.AsyncClient(timeout=timeout, limits=connections) as client:
-        start = time.perf_counter()
-        tasks = [asyncio.create_task(one(client, index))
-                 async for index in request_arrivals(len(prompts), args.request_rate, args.seed)]
+        tasks = []
+        for request in planned:
+            await asyncio.sleep(max(0.0, start_at + request.arrival_s - time.monotonic()))
+            tasks.append(asyncio.create_task(one(client, request)))
         results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+        end = time.monotonic()
     progress.close()
-    return list(results), duration
+    return list(results), end
+
+
+def run_requests(args: argparse.Namespace, planned: list[PlannedRequest]) -> tuple[list[RequestResult], float]:
+    """Replay ``planned`` from this process, or from ``--num-clients`` processes; the results in order and the
+    duration from the start to the last request's end."""
+    if args.num_clients > 1:
+        from pagedllm.bench.serve_clients import replay_in_processes
+
+        return replay_in_processes(args, planned)
+    start = time.monotonic()
+    results, end = asyncio.run(replay(args, planned, start, args.max_concurrency, not args.disable_tqdm))
+    return results, end - start
 
 
 def served_model_name(base_url: str, api_key: str | None) -> str:
@@ -146,16 +190,19 @@ def served_model_name(base_url: str, api_key: str | None) -> str:
 
 def run_serve(args: argparse.Namespace) -> dict[str, Any]:
     slos = parse_goodput(args.goodput)
+    check_num_clients(args.num_clients, args.max_concurrency)
     workload = workload_from_args(args)
     model = args.model or served_model_name(args.base_url, args.api_key)
     prompts = prompts_for(workload, args.prompt_format, args.tokenizer)
     print(f"[bench] {len(prompts)} requests to {args.base_url}{args.endpoint} (model {model}), request rate "
-          f"{args.request_rate}, max concurrency {args.max_concurrency or 'unbounded'}", flush=True)
-    results, duration = asyncio.run(run_requests(args, workload, model, prompts))
+          f"{args.request_rate}, max concurrency {args.max_concurrency or 'unbounded'}, {args.num_clients} client "
+          f"process(es)", flush=True)
+    results, duration = run_requests(args, plan_requests(args, workload, model, prompts))
     metrics = compute_metrics(results, duration, slos, args.metric_percentiles)
     record = base_record("serve", args.label, model, workload.summary(), args.device_label, {
         "base_url": args.base_url, "endpoint": args.endpoint, "request_rate": args.request_rate,
-        "max_concurrency": args.max_concurrency, "prompt_format": args.prompt_format, "seed": args.seed,
+        "max_concurrency": args.max_concurrency, "num_clients": args.num_clients, "prompt_format": args.prompt_format,
+        "seed": args.seed,
         "goodput": slos, "limit": args.limit})
     record.update(throughput_figures(metrics["completed"], metrics["total_input_tokens"],
                                      metrics["total_output_tokens"], duration))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 
@@ -122,6 +123,33 @@ def test_serve_token_ids_poisson_concurrency_goodput(fake_server, tmp_path):
     sent = fake_server.requests
     assert len(sent) == 12 and all(isinstance(r["prompt"], list) and len(r["prompt"]) == 6 for r in sent)
     assert all(r["stream"] and r["ignore_eos"] and r["max_tokens"] == 5 and r["model"] == MODEL_NAME for r in sent)
+
+
+def test_serve_from_several_client_processes(fake_server, tmp_path, capsys):
+    """--num-clients 3: every request sent once, by the client processes, all answered, same totals as one client;
+    --max-concurrency is split between them."""
+    argv = ["serve", "--base-url", fake_server.base_url, "--workload", "random", "--num-prompts", "10",
+            "--input-len", "6", "--output-len", "5", "--disable-tqdm"]
+    record = _run([*argv, "--num-clients", "3", "--max-concurrency", "6"], tmp_path / "three.json")
+    assert record["config"]["num_clients"] == 3
+    assert (record["num_requests"], record["prompt_tokens"], record["output_tokens"]) == (10, 60, 50)
+    assert record["metrics"]["completed"] == 10 and record["metrics"]["failed"] == 0
+    single = _run([*argv, "--num-clients", "1"], tmp_path / "one.json")
+    assert single["output_tokens"] == record["output_tokens"]
+    sent = [r["prompt"] for r in fake_server.requests]
+    assert len(sent) == 20 and sorted(sent[:10]) == sorted(sent[10:])  # the same requests, each sent once
+    assert main([*argv, "--num-clients", "4", "--max-concurrency", "6"]) == 2
+    assert "--max-concurrency 6 is not a multiple of --num-clients 4" in capsys.readouterr().err
+
+
+def test_arrival_offsets_are_a_poisson_schedule_or_all_at_once():
+    from pagedllm.bench.serve import arrival_offsets
+
+    assert arrival_offsets(4, math.inf, 0) == [0.0] * 4
+    offsets = arrival_offsets(2000, 100.0, 1)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets)
+    assert offsets[-1] / 1999 == pytest.approx(0.01, rel=0.1)  # mean gap 1 / rate
+    assert offsets == arrival_offsets(2000, 100.0, 1)  # seeded
 
 
 def test_serve_text_prompts_and_failed_requests(fake_server, tmp_path):
