@@ -115,20 +115,28 @@ def test_gemv_configs(config: W4A16Config) -> None:
     assert_close(w4a16_linear(x, weight, bias, config=config), oracle(x, weight, bias), dtype)  # counters reset
 
 
+def _picker(rng: torch.Generator):
+    """A function drawing one of its options with ``rng``."""
+    return lambda options: options[int(torch.randint(len(options), (1,), generator=rng))]
+
+
+def _random_group_and_k(rng: torch.Generator, pick, max_k: int) -> tuple[int, int]:
+    """A group size (32, 64, 128, or -1: one group) and a K up to ``max_k`` that it divides (any multiple of 8 for
+    one group)."""
+    group_size = pick([32, 64, 128, -1])
+    unit = 8 if group_size == -1 else group_size
+    return group_size, unit * int(torch.randint(1, max_k // unit + 1, (1,), generator=rng))
+
+
 def random_gemv_cases(count: int, seed: int) -> list[tuple]:
     """(n, k, group_size, has_zeros, act_order, has_bias, num_rows, block_n, split_k) drawn at random: K any
     multiple of 8 that the group size divides (one group: K odd in tiles, or shorter than one), N not a multiple of
     the row block, x's rows 1..4 (the kernel's tested range, whatever GEMV_MAX_ROWS is)."""
     rng = torch.Generator().manual_seed(seed)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=rng))]
-
+    pick = _picker(rng)
     cases = []
     for _ in range(count):
-        group_size = pick([32, 64, 128, -1])
-        unit = 8 if group_size == -1 else group_size
-        k = unit * int(torch.randint(1, 512 // unit + 1, (1,), generator=rng))
+        group_size, k = _random_group_and_k(rng, pick, 512)
         n = int(torch.randint(1, 100, (1,), generator=rng))
         cases.append((n, k, group_size, bool(pick([0, 1])), bool(pick([0, 1])), bool(pick([0, 1])),
                       int(torch.randint(1, 5, (1,), generator=rng)), pick([16, 32, 64]),
@@ -153,15 +161,10 @@ def random_dot_cases(count: int, seed: int, max_rows: int) -> list[tuple]:
     random: K any multiple of 8 that the group size divides, N not a multiple of the row block, 1..max_rows rows of
     x, row blocks of 64 / 128 with 4 or 8 warps, K split or not."""
     rng = torch.Generator().manual_seed(seed)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=rng))]
-
+    pick = _picker(rng)
     cases = []
     for _ in range(count):
-        group_size = pick([32, 64, 128, -1])
-        unit = 8 if group_size == -1 else group_size
-        k = unit * int(torch.randint(1, 640 // unit + 1, (1,), generator=rng))
+        group_size, k = _random_group_and_k(rng, pick, 640)
         num_rows = int(torch.randint(1, max_rows + 1, (1,), generator=rng))
         block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
         config = W4A16Config(pick([64, 128]), block_m, pick([1, 2, 3]), num_warps=pick([4, 8]), num_stages=pick([2, 3]))
