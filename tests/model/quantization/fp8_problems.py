@@ -10,7 +10,14 @@ import pytest
 import torch
 import triton
 
-from pagedllm.model.quantization.fp8_gemm import FP8_DTYPE, FP8_MAX, quantize_activation, quantize_weight
+from pagedllm.model.quantization.fp8_gemm import (
+    FP8_DTYPE,
+    FP8_MAX,
+    fp8_linear,
+    fp8_linear_reference,
+    quantize_activation,
+    quantize_weight,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float32]
@@ -54,3 +61,20 @@ def fp8_rounded(x: torch.Tensor, scheme: str, input_scale: torch.Tensor | None,
     padded[:, :k] = x
     q, scale = quantize_activation(padded.reshape(-1, block_k), "dynamic_token", None)
     return (q.float() * scale).reshape(num_rows, width)[:, :k]
+
+
+def static_input_scale(x: torch.Tensor, scheme: str) -> torch.Tensor | None:
+    """The per-tensor input scale a checkpoint would hold for x under ``scheme`` "static" (else None)."""
+    return (x.abs().amax().float() / FP8_MAX).reshape(1) if scheme == "static" else None
+
+
+def assert_w8a8_linear_matches_oracle(num_rows: int, n: int, k: int, scheme: str, per_tensor: bool = False) -> None:
+    """``fp8_linear`` on bf16 x, whichever W8A8 path serves these rows: the oracle run on the FP8-rounded x up to
+    bf16 output rounding, and close to the unrounded product."""
+    x, weight, scale, bias = random_problem(num_rows, n, k, torch.bfloat16, True, seed=num_rows,
+                                            per_tensor=per_tensor)
+    input_scale = static_input_scale(x, scheme)
+    out = fp8_linear(x, weight, scale, bias, scheme, input_scale)
+    x_rounded = fp8_rounded(x, scheme, input_scale).to(torch.bfloat16)
+    assert relative_error(out, fp8_linear_reference(x_rounded, weight, scale, bias)) < 8e-3
+    assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < 4e-2

@@ -28,6 +28,7 @@ from tests.model.quantization.fp8_problems import (
     DTYPES,
     LLAMA_8B_SHAPES,
     RELATIVE_ERROR,
+    assert_w8a8_linear_matches_oracle,
     fp8_rounded,
     needs_fp8_gpu,
     random_problem,
@@ -191,12 +192,7 @@ def test_w8a8_gemm_in_a_cuda_graph(fused: bool) -> None:
 def test_scaled_mm_path_is_w8a8(scheme: str, num_rows: int, n: int, k: int) -> None:
     """Above the Triton kernels on FP8 hardware: x quantized, _scaled_mm with row-wise scales; equal to the oracle
     run on the FP8-rounded x (up to bf16 output rounding), and close to the unrounded product."""
-    x, weight, scale, bias = random_problem(num_rows, n, k, torch.bfloat16, True, seed=num_rows)
-    input_scale = (x.abs().amax().float() / FP8_MAX).reshape(1) if scheme == "static" else None
-    out = fp8_linear(x, weight, scale, bias, scheme, input_scale)
-    x_rounded = fp8_rounded(x, scheme, input_scale).to(torch.bfloat16)
-    assert relative_error(out, fp8_linear_reference(x_rounded, weight, scale, bias)) < 8e-3
-    assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < 4e-2
+    assert_w8a8_linear_matches_oracle(num_rows, n, k, scheme)
 
 
 @needs_fp8_gpu

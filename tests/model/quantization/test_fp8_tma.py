@@ -13,17 +13,19 @@ import torch
 fp8_tma = pytest.importorskip("pagedllm.model.quantization.fp8_tma")
 
 from pagedllm.model.quantization import fp8_gemm
-from pagedllm.model.quantization.fp8_gemm import FP8_MAX, fp8_linear, fp8_linear_reference, triton_path
+from pagedllm.model.quantization.fp8_gemm import fp8_linear, fp8_linear_reference, triton_path
 from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig
 from tests.fp8 import exact_fp8_casts  # noqa: F401  (a fixture)
 from tests.model.quantization.fp8_problems import (
     DTYPES,
     LLAMA_8B_SHAPES,
     RELATIVE_ERROR,
+    assert_w8a8_linear_matches_oracle,
     fp8_rounded,
     needs_fp8_gpu,
     random_problem,
     relative_error,
+    static_input_scale,
 )
 
 needs_hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
@@ -35,10 +37,6 @@ CASES = [(17, 72, 304, None), (40, 130, 256, Fp8GemmConfig(64, 64, split_k=3, nu
          (256, 96, 160, Fp8GemmConfig(64, 64, split_k=2, num_warps=8, num_stages=2))]
 
 
-def _input_scale(x: torch.Tensor, scheme: str) -> torch.Tensor | None:
-    return (x.abs().amax().float() / FP8_MAX).reshape(1) if scheme == "static" else None
-
-
 @pytest.mark.usefixtures("exact_fp8_casts")
 @pytest.mark.parametrize("per_tensor", [False, True])
 @pytest.mark.parametrize("scheme", ["dynamic_token", "dynamic_tensor", "static"])
@@ -47,7 +45,7 @@ def test_tma_gemm_matches_oracle_on_fp8_rounded_x(per_tensor: bool, scheme: str,
                                                   config: Fp8GemmConfig | None) -> None:
     dtype = DTYPES[0]
     x, weight, scale, bias = random_problem(num_rows, n, k, dtype, True, seed=num_rows + n, per_tensor=per_tensor)
-    input_scale = _input_scale(x, scheme)
+    input_scale = static_input_scale(x, scheme)
     out = fp8_tma.fp8_w8a8_tma_gemm(x, weight, scale, bias, scheme, input_scale, config)
     assert out.dtype == dtype and out.shape == (num_rows, n)
     expected = fp8_linear_reference(fp8_rounded(x, scheme, input_scale), weight, scale, bias.float())
@@ -145,13 +143,7 @@ def test_tma_gemm_in_a_cuda_graph() -> None:
 def test_fp8_linear_w8a8_range_matches_oracle(scheme: str, num_rows: int, n: int, k: int) -> None:
     """fp8_linear from 17 to 512 rows, whichever kernel serves (TMA on sm90 where K allows, fp8_triton for K = 301,
     _scaled_mm or the reference above): the oracle on FP8-rounded x, up to bf16 output rounding."""
-    x, weight, scale, bias = random_problem(num_rows, n, k, torch.bfloat16, True, seed=num_rows,
-                                            per_tensor=num_rows % 2 == 1)
-    input_scale = _input_scale(x, scheme)
-    out = fp8_linear(x, weight, scale, bias, scheme, input_scale)
-    x_rounded = fp8_rounded(x, scheme, input_scale).to(torch.bfloat16)
-    assert relative_error(out, fp8_linear_reference(x_rounded, weight, scale, bias)) < 8e-3
-    assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < 4e-2
+    assert_w8a8_linear_matches_oracle(num_rows, n, k, scheme, per_tensor=num_rows % 2 == 1)
 
 
 @needs_hopper

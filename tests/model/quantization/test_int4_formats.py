@@ -18,10 +18,10 @@ import torch
 
 from pagedllm.model.linear import Linear, MergedLinear, QKVLinear
 from pagedllm.model.quantization.awq import AWQConfig, unpack_awq_cols
+from pagedllm.model.quantization.base import QuantizationConfig
 from pagedllm.model.quantization.compressed_tensors_w4a16 import CompressedTensorsW4A16Method
 from pagedllm.model.quantization.gptq import GPTQConfig
 from pagedllm.model.quantization.int4 import Int4Checkpoint, dequantize_checkpoint, unpack_cols, unpack_rows
-from pagedllm.model.quantization.base import QuantizationConfig
 from tests.model.quantization.int4_checkpoints import act_order_g_idx, pack, quantize
 
 
