@@ -191,14 +191,7 @@ def test_server_exits_non_zero_when_the_core_is_killed(model_dir, tmp_path):
     try:
         (core_pid,) = [pid for pid in _child_pids(remote.proc.pid) if _is_engine_core(pid)]
         os.kill(core_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        status = None
-        while time.monotonic() < deadline and remote.proc.poll() is None:
-            try:
-                status = httpx.get(remote.url_for("/health"), timeout=2).status_code
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        status = remote.health_until_exit(timeout=10)
         assert remote.proc.wait(timeout=10) == 1, remote.log()
         assert status in (None, 503)
         assert "died unexpectedly" in remote.log()

@@ -119,6 +119,18 @@ class RemoteServer:
                 return metrics
             time.sleep(0.1)
 
+    def health_until_exit(self, timeout: float = 20.0) -> int | None:
+        """The last /health status seen before the server exited (None: it stopped listening first)."""
+        status = None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                status = httpx.get(self.url_for("/health"), timeout=2).status_code
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        return status
+
     def terminate(self, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -119,7 +119,7 @@ def test_killing_the_core_fails_the_streams_and_the_server_exits_1(server_model_
         children = _spawned_children(remote.proc.pid)
         results = _stream_in_threads(remote, 4, lambda: os.kill(core_pid, signal.SIGKILL))
         assert len(results) == 4 and all("died unexpectedly" in text for text in results), results
-        health = _health_until_exit(remote)
+        health = remote.health_until_exit()
         assert remote.proc.wait(timeout=30) == 1, remote.log()
         assert health in (None, 503)
         assert all(_state(pid) == "gone" for pid in children)
@@ -187,14 +187,3 @@ def _stream_in_threads(remote: RemoteServer, count: int, once_streaming, max_tok
     return results
 
 
-def _health_until_exit(remote: RemoteServer) -> int | None:
-    """The last /health status seen before the server exited (None: it stopped listening first)."""
-    status = None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and remote.proc.poll() is None:
-        try:
-            status = httpx.get(remote.url_for("/health"), timeout=2).status_code
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    return status
