@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.model.quantization.base import QuantizationConfig, add_param
+from pagedllm.model.quantization.base import DummyInit, QuantizationConfig, add_param
 from pagedllm.model.quantization.int4 import (
     PACK_FACTOR,
+    SYMMETRIC_ZERO,
     Int4Checkpoint,
     Int4LinearMethod,
     check_scheme,
+    constant_nibbles,
     contiguous_groups,
     num_groups,
     random_packed,
@@ -83,12 +85,19 @@ class GPTQLinearMethod(Int4LinearMethod):
         add_param(layer, "qweight", torch.empty(input_size // PACK_FACTOR, n, dtype=torch.int32), output_dim=1,
                   dummy_init=random_packed)
         add_param(layer, "qzeros", torch.empty(groups, n // PACK_FACTOR, dtype=torch.int32), output_dim=1,
-                  pack_factor=PACK_FACTOR, dummy_init=random_packed)
+                  pack_factor=PACK_FACTOR, dummy_init=self._dummy_zeros())
         # float32 while loading: any checkpoint dtype lands exactly; the canonical copy is float16.
         add_param(layer, "scales", torch.empty(groups, n, dtype=torch.float32), output_dim=1,
                   dummy_init=small_scales)
         add_param(layer, "g_idx", torch.empty(len(output_sizes), input_size, dtype=torch.int32), output_dim=None,
                   per_shard=True, dummy_init=contiguous_groups(self.config.group_size))
+
+    def _dummy_zeros(self) -> DummyInit:
+        """Dummy weights' zeros as real checkpoints hold them: random when asymmetric; when symmetric all the
+        midpoint 8 (stored as 7 by ``checkpoint_format: gptq``), which the loader then drops (``int4.to_canonical``)."""
+        if not self.config.sym:
+            return random_packed
+        return constant_nibbles(SYMMETRIC_ZERO - 1 if self.config.checkpoint_format == "gptq" else SYMMETRIC_ZERO)
 
     def unpack(self, layer: nn.Module) -> Int4Checkpoint:
         zeros = unpack_cols(layer.qzeros).t()

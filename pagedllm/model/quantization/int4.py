@@ -36,6 +36,7 @@ _WORDS_PER_TILE = TILE_K // PACK_FACTOR
 SUPPORTED_BITS = (4,)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 _SHIFTS = tuple(range(0, 32, 4))
+SYMMETRIC_ZERO = 8  # the zero of a symmetric 4-bit scheme: (q - 8) * scale
 # Canonical parameter names on a layer after loading (checkpoint names are replaced by these).
 CANONICAL_PARAMS = ("qweight", "scales", "zeros", "perm")
 
@@ -143,8 +144,17 @@ def to_canonical(ckpt: Int4Checkpoint, scale_dtype: torch.dtype, where: str) -> 
                              f"a weight [{n}, {k}] in groups of {group_size}")
     perm = _act_order_perm(ckpt.g_idx, group_size, groups, where)
     q = ckpt.q if perm is None else ckpt.q[:, perm]
-    zeros = None if ckpt.zeros is None else ckpt.zeros.to(torch.uint8)
-    return Int4Weight(pack_tiled(q), ckpt.scales.to(scale_dtype).contiguous(), zeros, perm, group_size, k)
+    return Int4Weight(pack_tiled(q), ckpt.scales.to(scale_dtype).contiguous(), _stored_zeros(ckpt.zeros), perm,
+                      group_size, k)
+
+
+def _stored_zeros(zeros: torch.Tensor | None) -> torch.Tensor | None:
+    """The zeros to keep, as uint8; None when there are none or all are the symmetric midpoint (GPTQ's symmetric
+    checkpoints store them all): the kernels then use the constant, with no zero loads (fewer instructions a
+    weight, one re-layout less per tile in the tl.dot kernel)."""
+    if zeros is None or (not zeros.is_meta and bool((zeros == SYMMETRIC_ZERO).all())):
+        return None
+    return zeros.to(torch.uint8)  # (meta: a model sized, not loaded, counts the bytes the zeros could take)
 
 
 def _act_order_perm(g_idx: torch.Tensor | None, group_size: int, groups: int, where: str) -> torch.Tensor | None:
@@ -170,17 +180,17 @@ def dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in ``dtype``, columns in the kernel's (sorted) order: ``(q - zero) * scale`` in float32."""
     q = unpack_tiled(weight.qweight, weight.input_size).float()
     n, k = q.shape
-    zeros = 8.0 if weight.zeros is None else weight.zeros.float().repeat_interleave(weight.group_size, dim=1)
+    zeros = float(SYMMETRIC_ZERO) if weight.zeros is None else weight.zeros.float().repeat_interleave(weight.group_size, dim=1)
     scales = weight.scales.float().repeat_interleave(weight.group_size, dim=1)
     return ((q - zeros) * scales).to(dtype).reshape(n, k)
 
 
 def dequantize_checkpoint(ckpt: Int4Checkpoint, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense W [N, K] a checkpoint stands for, in its own column order (the tests' reference)."""
-    n, k = ckpt.q.shape
+    k = ckpt.q.shape[1]
     group_size = k if ckpt.group_size == -1 else ckpt.group_size
     groups = ckpt.g_idx.long() if ckpt.g_idx is not None else torch.arange(k, device=ckpt.q.device) // group_size
-    zeros = 8.0 if ckpt.zeros is None else ckpt.zeros.float()[:, groups]
+    zeros = float(SYMMETRIC_ZERO) if ckpt.zeros is None else ckpt.zeros.float()[:, groups]
     return ((ckpt.q.float() - zeros) * ckpt.scales.float()[:, groups]).to(dtype)
 
 
@@ -264,6 +274,17 @@ def random_packed(tensor: torch.Tensor, generator: torch.Generator) -> None:
     """Fill an int32 tensor with random bits: every 4-bit value uniform in 0..15."""
     tensor.copy_(torch.randint(-2**31, 2**31, tensor.shape, generator=generator, device=tensor.device,
                                dtype=torch.int64).to(torch.int32))
+
+
+def constant_nibbles(value: int) -> DummyInit:
+    """A dummy packed tensor whose every 4-bit value is ``value`` (a symmetric checkpoint's zeros)."""
+    word = value * 0x11111111
+    word = word - (1 << 32) if word >= 1 << 31 else word  # as int32 stores it
+
+    def fill(tensor: torch.Tensor, generator: torch.Generator) -> None:
+        tensor.fill_(word)
+
+    return fill
 
 
 def small_scales(tensor: torch.Tensor, generator: torch.Generator) -> None:

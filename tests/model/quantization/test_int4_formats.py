@@ -143,6 +143,7 @@ def test_fused_qkv_layer_equals_dequantized_reference(fmt: str, group_size: int,
     expected = x @ torch.cat(dense).t() + dense_bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     assert layer.qweight.shape == (layer.output_size, hidden // 8)  # the canonical layout replaced the checkpoint's
+    assert (layer.zeros is None) == sym  # symmetric: every zero is the midpoint, kept as the kernels' constant
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -211,3 +212,16 @@ def test_compressed_tensors_weight_shape_must_match() -> None:
     load_layer(layer, tensors)
     with pytest.raises(ValueError, match="weight_shape"):
         layer.quant_method.process_weights_after_loading(layer)
+
+
+@pytest.mark.parametrize(("checkpoint_format", "sym"), [("gptq", True), ("gptq_v2", True), ("gptq", False)])
+def test_gptq_dummy_zeros_are_a_symmetric_checkpoints(checkpoint_format: str, sym: bool) -> None:
+    """Dummy weights of a symmetric GPTQ scheme hold what real ones do (every zero 8, stored as 7 by v1), so the
+    loader drops them as it would a checkpoint's; an asymmetric scheme keeps random zeros."""
+    config = GPTQConfig(group_size=64, sym=sym, checkpoint_format=checkpoint_format)
+    layer = Linear(128, 64, quant_config=config)
+    generator = torch.Generator().manual_seed(0)
+    for param in layer.parameters():
+        param.dummy_init(param.data, generator)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert (layer.zeros is None) == sym
