@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import signal
 import sys
 import threading
 import time
@@ -88,6 +89,9 @@ class Terminal:
     def __init__(self, argv: list[str]) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: its stdin, stdout and controlling terminal are the pty
+            # Ctrl-C as at a terminal: a test run started as a background job inherits SIGINT ignored, and Python
+            # then installs no KeyboardInterrupt handler (the chat's Ctrl-C tests would see nothing happen).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execv(argv[0], argv)
         self.seen = ""
 
