@@ -26,12 +26,11 @@ _READY_TIMEOUT_S = 120.0  # a client's start-up (imports)
 
 def replay_in_processes(args: argparse.Namespace, planned: list[PlannedRequest]) -> tuple[list[RequestResult], float]:
     """The results in ``planned``'s order and the duration from the shared start to the last request's end."""
-    num_clients = min(args.num_clients, len(planned)) or 1
-    check_num_clients(num_clients, args.max_concurrency)
+    check_num_clients(args.num_clients, args.max_concurrency)
+    per_client = args.max_concurrency // args.num_clients if args.max_concurrency else None
+    shares = [share for client in range(args.num_clients) if (share := planned[client::args.num_clients])]
     context = multiprocessing.get_context("spawn")
-    barrier, start_at, answers = context.Barrier(num_clients + 1), context.Value("d", 0.0), context.Queue()
-    shares = [planned[client::num_clients] for client in range(num_clients)]
-    per_client = args.max_concurrency // num_clients if args.max_concurrency else None
+    barrier, start_at, answers = context.Barrier(len(shares) + 1), context.Value("d", 0.0), context.Queue()
     # What replay reads of the arguments (the namespace itself holds the CLI's handler, which does not pickle).
     client_args = argparse.Namespace(base_url=args.base_url, endpoint=args.endpoint, api_key=args.api_key,
                                      timeout=args.timeout)

@@ -139,6 +139,9 @@ def test_serve_from_several_client_processes(fake_server, tmp_path, capsys):
     sent = [r["prompt"] for r in fake_server.requests]
     assert len(sent) == 20 and sorted(sent[:10]) == sorted(sent[10:])  # the same requests, each sent once
     assert main([*argv, "--num-clients", "4", "--max-concurrency", "6"]) == 2
+    few = _run([*argv[:argv.index("--num-prompts") + 1], "2", *argv[argv.index("--num-prompts") + 2:],
+                "--num-clients", "3"], tmp_path / "few.json")  # more clients than requests: none starts empty-handed
+    assert few["metrics"]["completed"] == 2
     assert "--max-concurrency 6 is not a multiple of --num-clients 4" in capsys.readouterr().err
 
 
