@@ -36,7 +36,8 @@ from pagedllm.model.split_k import sm_count
 _SHRINK_BLOCK_K = 64
 _SHRINK_PROGRAMS_PER_SM = 4
 _SHRINK_MAX_SPLITS = 8
-_SUM_LOADS_IN_FLIGHT = tl.constexpr(4)  # partials the summing program loads at once (independent loads: one round trip for 4)
+# Partials the summing program loads at once: independent loads, one L2 round trip for the four.
+_SUM_LOADS_IN_FLIGHT = tl.constexpr(4)
 _SHRINK_COUNTERS = 4096  # (tile, rank block) pairs a split shrink can count arrivals for
 _EXPAND_BLOCK_N = 128
 _MIN_DOT = 16  # tl.dot's smallest side: ranks below it are padded (masked)
