@@ -1,5 +1,6 @@
 """Multi-LoRA on a CUDA device (skipped without one): the Triton kernels inside the decode and mixed CUDA graphs give
-the tokens of the CPU torch path (the oracle) for a float32 batch mixing the base model and 4 adapters with 2 slots;
+the tokens of the CPU torch path (the oracle) for a float32 batch mixing the base model and 4 adapters with 2 slots
+(hidden sizes 64, and 256, where the shrink splits K and sums the slices in the launch);
 a bf16 run of 12 adapters over 4 slots finishes every request and leaks no block."""
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ PROMPTS = [[5 + i, 17, 42, 99, 7, 3, 250, 11, 64][: 3 + i % 7] * (1 + i % 3) for
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_cuda_graphs_with_lora_kernels_match_the_cpu_path(tmp_path, arch):
-    model_dir = build_tiny_model(tmp_path, arch, vocab_size=320)  # the prompts hold ids up to 250
+@pytest.mark.parametrize("hidden_size", [64, 256])  # 256: the shrink splits K (at least 128 columns a slice)
+def test_cuda_graphs_with_lora_kernels_match_the_cpu_path(tmp_path, arch, hidden_size):
+    model_dir = build_tiny_model(tmp_path, arch, vocab_size=320,  # the prompts hold ids up to 250
+                                 hidden_size=hidden_size, intermediate_size=3 * hidden_size // 2)
     adapters = random_adapters(ModelConfig.from_pretrained(model_dir, None), 4, 8, root=str(tmp_path / "loras"),
                                scale=0.3)
     loras = [None, *adapters] * 3
