@@ -125,6 +125,7 @@ def test_serve_token_ids_poisson_concurrency_goodput(fake_server, tmp_path):
     assert all(r["stream"] and r["ignore_eos"] and r["max_tokens"] == 5 and r["model"] == MODEL_NAME for r in sent)
 
 
+@pytest.mark.slow  # spawns client processes (~10 s on 2 cores)
 def test_serve_from_several_client_processes(fake_server, tmp_path, capsys):
     """--num-clients 3: every request sent once, by the client processes, all answered, same totals as one client;
     --max-concurrency is split between them."""

@@ -143,6 +143,7 @@ def test_sigterm_drains_every_api_server_and_reaps_all_children(server_model_dir
         remote.terminate()
 
 
+@pytest.mark.slow  # a whole serve process start (~10 s on 2 cores)
 def test_a_flag_the_layout_cannot_support_is_refused_at_start_up(server_model_dir):
     command = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", server_model_dir, "--device", "cpu",
                "--api-server-count", "2", "--max-num-waiting", "8"]
