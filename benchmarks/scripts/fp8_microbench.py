@@ -84,9 +84,15 @@ def tb_s(num_bytes: int, us: float | str) -> float | None:
     return round(num_bytes / us / 1e6, 2) if isinstance(us, float) else None
 
 
-def measure_shape(name: str, n: int, k: int, calls: int) -> list[dict]:
+def weight_copies(n: int, k: int) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``NUM_COPIES`` random dense weights [n, k] and their FP8 quantizations (weight, scale): calls rotate over
+    them so that each reads its weight from HBM."""
     dense = [torch.randn(n, k, device=DEVICE, dtype=DTYPE) / k**0.5 for _ in range(NUM_COPIES)]
-    fp8 = [quantize_weight(w) for w in dense]
+    return dense, [quantize_weight(w) for w in dense]
+
+
+def measure_shape(name: str, n: int, k: int, calls: int) -> list[dict]:
+    dense, fp8 = weight_copies(n, k)
     rows = []
     for m in ROWS:
         x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
@@ -159,17 +165,15 @@ def tma_candidates(n: int, k: int, block_m: int, num_sms: int) -> list[Fp8GemmCo
     default = fp8_tma.choose_config(n, k, num_sms, block_m)
     configs = [default, replace(default, split_k=1), replace(default, split_k=2 * default.split_k)]
     for block_n, block_k, stages in TMA_SHAPES:
-        stages = min(stages, fp8_tma._SHARED_BYTES // fp8_tma.stage_bytes(block_n, block_m, block_k))
+        stages = fp8_tma.ring_depth(block_n, block_m, block_k, stages)
         if stages >= 2 and block_n * block_m <= 128 * 256:
-            split = fp8_tma.balanced_split(-(-n // block_n), -(-k // block_k), num_sms)
-            configs.append(Fp8GemmConfig(block_n, block_k, split, 8 if block_n * block_m > 128 * 64 else 4, stages))
+            configs.append(fp8_tma.launch_shape(n, k, num_sms, block_m, block_n, block_k, stages))
     return list(dict.fromkeys(configs))
 
 
 def tma_shape(name: str, n: int, k: int, calls: int) -> list[dict]:
     """Per M of ``TMA_ROWS``: us per call of bf16, _scaled_mm, w8a8 (up to its 128 rows) and each TMA candidate."""
-    dense = [torch.randn(n, k, device=DEVICE, dtype=DTYPE) / k**0.5 for _ in range(NUM_COPIES)]
-    fp8 = [quantize_weight(w) for w in dense]
+    dense, fp8 = weight_copies(n, k)
     rows = []
     for m in TMA_ROWS:
         x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)

@@ -96,7 +96,19 @@ def choose_config(n: int, k: int, num_sms: int, block_m: int) -> Fp8GemmConfig:
     if (n, k, block_m) in TUNED_CONFIGS:
         return TUNED_CONFIGS[(n, k, block_m)]
     block_n, block_k = 128, 128 if k >= 128 else max(32, triton.next_power_of_2(k))
-    num_stages = max(2, min(6, _SHARED_BYTES // stage_bytes(block_n, block_m, block_k)))
+    num_stages = max(2, ring_depth(block_n, block_m, block_k, 6))
+    return launch_shape(n, k, num_sms, block_m, block_n, block_k, num_stages)
+
+
+def ring_depth(block_n: int, block_m: int, block_k: int, most: int) -> int:
+    """The most ring slots, up to ``most``, that one program's shared memory holds for these tiles."""
+    return min(most, _SHARED_BYTES // stage_bytes(block_n, block_m, block_k))
+
+
+def launch_shape(n: int, k: int, num_sms: int, block_m: int, block_n: int, block_k: int,
+                 num_stages: int) -> Fp8GemmConfig:
+    """The launch of these tiles over W [n, k]: 8 warps once the float32 accumulator passes 64 registers a thread,
+    K split by ``balanced_split``."""
     num_warps = 8 if block_n * block_m > 128 * 64 else 4
     split_k = balanced_split(triton.cdiv(n, block_n), triton.cdiv(k, block_k), num_sms)
     return Fp8GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
