@@ -129,9 +129,10 @@ class InputProcessor:
         lora_request = self.lora_validator.check(lora_request)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_token_ids)
+        core_id = self.core_id_prefix + request_id
         requests = [
             EngineCoreRequest(
-                request_id=_child_id(self.core_id_prefix + request_id, index, params.n),
+                request_id=_child_id(core_id, index, params.n),
                 prompt_token_ids=prompt_token_ids,
                 sampling_params=_child_params(params, index),
                 sampling_seed=self._sampling_seed(params, index),
@@ -139,7 +140,7 @@ class InputProcessor:
                 arrival_time=arrival_time,
                 priority=priority,
                 # Later sequences start from the first one's prompt blocks, shared with copy-on-write.
-                fork_source=_child_id(self.core_id_prefix + request_id, 0, params.n) if index > 0 else None,
+                fork_source=_child_id(core_id, 0, params.n) if index > 0 else None,
                 lora_request=lora_request,
             )
             for index in range(params.n)

@@ -45,8 +45,8 @@ GEMV_MAX_ROWS = 1  # 1..this many rows: fp8_gemv (at most fp8_gemv.MAX_ROWS, 4; 
 FUSED_QUANT_MAX_ROWS = 16  # up to this many rows (past the GEMV) x is quantized inside the GEMM; 0 turns it off
 TRITON_MAX_ROWS = 64  # up to this many: the tl.dot GEMM (at most fp8_triton.MAX_ROWS, 128); above, _scaled_mm
 # Past FUSED_QUANT_MAX_ROWS up to this many rows, on sm90 with K % 16 == 0: the TMA + wgmma GEMM (fp8_tma, at most
-# its MAX_ROWS, 256), before w8a8 and _scaled_mm; 0 turns it off. Not yet measured end to end: set it from the
-# microbenchmark's rows (benchmarks/scripts/fp8_microbench.py: the largest M where w8a8_tma beats both).
+# its MAX_ROWS, 256), before w8a8 and _scaled_mm; 0 turns it off. From the H200 microbenchmark
+# (benchmarks/h200/session27/call3, fp8_microbench.py --tma): its Llama-3.1-8B layer beat both at every M to 256.
 TMA_MAX_ROWS = 256
 TritonPath = Literal["gemv", "w8a8", "w8a8_fused", "w8a8_tma", "weight_only"]
 
