@@ -124,6 +124,7 @@ def evaluate(name: str, model_dir: str, ids: list[int], num_tokens: int) -> dict
     start = time.perf_counter()
     dense = get_model(ModelConfig.from_pretrained(model_dir, None, dtype="float32"), "auto", "cpu")
     fp8 = get_model(ModelConfig.from_pretrained(model_dir, None, dtype="float32", quantization="fp8"), "auto", "cpu")
+    num_tokens = min(num_tokens, ModelConfig.from_pretrained(model_dir, None).max_model_len - len(ids))
     sequence = greedy_hf(model_dir, ids, num_tokens)
     generated = slice(len(ids) - 1, len(sequence) - 1)  # logits predicting each generated token
     dense_logits = teacher_forced_logits(dense, sequence)[generated]
