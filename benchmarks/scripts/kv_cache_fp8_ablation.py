@@ -24,8 +24,6 @@ checked against the engine itself (``engine_fp8_cache``).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -148,12 +146,7 @@ def main() -> None:
     engine_fp8 = LLM(model, **common, kv_cache_dtype="fp8", calculate_kv_scales=True)
     record["engine_fp8_cache"] = accuracy.agreement(reference, accuracy.teacher_forced(engine_fp8, sequences),
                                                     first_generated)
-    record.update(command=" ".join([Path(sys.executable).name, *sys.argv]), commit=accuracy.git_commit(),
-                  machine=f"{platform.machine()} CPU, {platform.system()}", seconds=round(time.perf_counter() - start))
-    if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    accuracy.write_record(record, start, args.output_json)
 
 
 if __name__ == "__main__":

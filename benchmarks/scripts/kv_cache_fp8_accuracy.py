@@ -88,6 +88,16 @@ def git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
+def write_record(record: dict, start: float, output_json: str | None) -> None:
+    """Add the command, commit, machine and duration to the record; write it (when asked) and print it."""
+    record.update(command=" ".join([Path(sys.executable).name, *sys.argv]), commit=git_commit(),
+                  machine=f"{platform.machine()} CPU, {platform.system()}", seconds=round(time.perf_counter() - start))
+    if output_json:
+        Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_json).write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
@@ -122,12 +132,7 @@ def main() -> None:
               + (f", with the bf16 cache {result['vs_bfloat16_cache']['top1_agreement']:.4f}"
                  if "vs_bfloat16_cache" in result else ""), flush=True)
         del llm
-    record.update(command=" ".join([Path(sys.executable).name, *sys.argv]), commit=git_commit(),
-                  machine=f"{platform.machine()} CPU, {platform.system()}", seconds=round(time.perf_counter() - start))
-    if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    write_record(record, start, args.output_json)
 
 
 if __name__ == "__main__":
