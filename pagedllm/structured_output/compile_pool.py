@@ -242,6 +242,7 @@ class CompilePool:
         self._wake_reader, self._wake_writer = multiprocessing.connection.Pipe(duplex=False)
         self._is_closed = False
         self._num_failed_starts = 0
+        self._started_at, self._announced_ready = time.monotonic(), False
         self._workers = [self._start_worker(in_background=False) for _ in range(num_workers)]
         self._thread = threading.Thread(target=self._supervise, name="pagedllm-grammar-pool", daemon=True)
         self._thread.start()
@@ -382,11 +383,20 @@ class CompilePool:
         if tag == "ready":
             worker.is_ready, worker.idle_since = True, time.monotonic()
             self._num_failed_starts = 0
+            self._announce_ready()
         elif tag == "parsed" and job is not None:
             _settle(job.parsed)
         elif job is not None:
             worker.job, worker.idle_since = None, time.monotonic()
             self._finish(job, message)
+
+    def _announce_ready(self) -> None:
+        """Log once when the first workers are all ready: until then their start-up takes CPU (and a benchmark
+        started earlier measures some of it)."""
+        if not self._announced_ready and all(worker.is_ready for worker in self._workers):
+            self._announced_ready = True
+            logger.info("Grammar compile workers ready (%d, %.1f s after the pool started)", len(self._workers),
+                        time.monotonic() - self._started_at)
 
     def _on_worker_died(self, worker: _Worker) -> None:
         if not worker.is_ready:
