@@ -6,7 +6,8 @@
 #    and 1024, the engine CUDA-vs-CPU test at hidden 256) and the W4A16 kernels with symmetric zeros dropped at load
 #    (7615d42), side by side with the FP8 TMA tests.
 # 2. Issue 14: bench serve at unlimited rate, --api-server-count 1, 2 and 4, four client processes, against offline
-#    on the same 500 requests (session 27 had one client process, which saturated a core).
+#    on the same 500 requests (session 27 had one client process, which saturated a core); one API server at 16 req/s
+#    (the TTFT / TPOT targets, last measured before the engine core process).
 # 3. Issue 16: W4A16 micro with the tl.dot launch-shape sweep (sets dot_config and the dispatch constants), then
 #    Llama-3.1-8B bs1 latency bf16 vs GPTQ (sym zeros dropped: unmeasured) and 64 x 512/128 throughput.
 # 4. Issue 19 (if time allows): Qwen3-30B-A3B nano, fused graphs, then 16 prompts fused eager vs torch eager.
@@ -27,7 +28,7 @@ t quant-load tests/model/quantization -k "gptq or awq or compressed" --ignore=$W
 wait
 for f in $WORK/tests/*.log; do echo "$(basename $f .log): $(tail -n 1 $f)"; grep -h "^FAILED" "$f" | head -5; done
 pack; echo "=== api servers $(date +%T)"
-OUT=$WORK/api COUNTS="1 2 4" CLIENTS=4 bash benchmarks/scripts/serve_api_servers_run.sh 2>&1 | grep -v "^NVIDIA" | tail -n 30
+OUT=$WORK/api COUNTS="1 2 4" CLIENTS=4 RATE16=1 bash benchmarks/scripts/serve_api_servers_run.sh 2>&1 | grep -v "^NVIDIA" | tail -n 30
 pack; echo "=== w4a16 micro sweep, latency, throughput $(date +%T)"
 OUT=$WORK/w4a16 MICRO_FLAGS=--sweep LATENCY_MODES="bf16 gptq" LATENCY_ITERS=3 THROUGHPUT_MODES="bf16 gptq" BENCH_TAIL=2 \
   bash benchmarks/scripts/issue16_w4a16_run.sh micro latency throughput 2>&1 | grep -v "^NVIDIA\|^bffb" | tail -n 60

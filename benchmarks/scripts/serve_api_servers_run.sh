@@ -11,6 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RANDOM512=(--workload random --input-len 512 --output-len 128 --num-prompts 500)
 COUNTS=${COUNTS:-1 2 4}
 CLIENTS=${CLIENTS:-4}  # bench serve client processes: one saturated a core in session 27's run (set 1 to compare)
+RATE16=${RATE16:-0}    # 1: after the unlimited run of the first count, the same requests at 16 req/s (TTFT, TPOT)
 
 serve() {  # serve N: one server with N API server processes, bench serve at unlimited rate, then SIGTERM
   local count=$1 log="$OUT/server-api$1.log"
@@ -28,6 +29,12 @@ serve() {  # serve N: one server with N API server processes, bench serve at unl
   timeout 120 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
     --request-rate inf --num-clients "$CLIENTS" --output-json "$OUT/serve-qwen3-0.6b-api$count.json" 2>&1 | grep -v "^\[bench\]" | tail -4
   wait $top
+  if [ "$RATE16" = 1 ] && [ "$count" = "${COUNTS%% *}" ]; then
+    echo "--- 16 req/s, --api-server-count $count"
+    timeout 90 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
+      --request-rate 16 --num-clients "$CLIENTS" --output-json "$OUT/serve-qwen3-0.6b-api$count-rate16.json" 2>&1 \
+      | grep -v "^\[bench\]" | tail -6
+  fi
   kill -TERM $server; wait $server; echo "server exit code $? (Tracebacks: $(grep -c Traceback "$log"))"
   # The busiest python processes of the sample's last 5 seconds (see pids-api$count.txt for who is who).
   grep -E "^ *[0-9]+ .*python" "$OUT/top-api$count.txt" | tail -n 60 | sort -k9 -nr | head -8 | cut -c1-160
