@@ -386,7 +386,10 @@ def _v1_routes(ctx: ServingContext) -> APIRouter:
     responses = OpenAIServingResponses(ctx)
     embeddings = OpenAIServingEmbedding(ctx)
     # A server generates or embeds (--runner pooling): the generation routes refuse at once on an embedding one.
-    generates = [Depends(lambda: check_serves_generation(ctx))]
+    async def serves_generation() -> None:  # async: FastAPI runs a plain def dependency in a thread, per request
+        check_serves_generation(ctx)
+
+    generates = [Depends(serves_generation)]
 
     @router.get("/models")
     async def models() -> Response:

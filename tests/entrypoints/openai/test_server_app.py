@@ -1,13 +1,15 @@
 """The app's options, in process (no lifespan, so the shared engine outlives each app): CORS, the API key from
-PAGEDLLM_API_KEY, and --chat-template."""
+PAGEDLLM_API_KEY, --chat-template; and its routes' dependencies (none runs in a thread)."""
 
 from __future__ import annotations
 
+import fastapi.dependencies.utils
 from fastapi.testclient import TestClient
 
 from pagedllm.entrypoints.openai.server import build_app
 from tests.entrypoints.openai.conftest import serve_args
 
+AUTH = {"Authorization": "Bearer k"}
 PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
 
 
@@ -51,3 +53,21 @@ def test_template_errors_are_a_400(engine, tmp_path):
     response = client.post("/v1/chat/completions", json={"messages": [{"role": "assistant", "content": "hi"}]})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "messages" and "user first" in response.json()["error"]["message"]
+
+
+def test_no_dependency_runs_in_a_thread(engine, monkeypatch):
+    """FastAPI runs a plain ``def`` dependency in its thread pool: a thread hop (and GIL hand-over) per request.
+    The generation routes' dependencies (API key, generation served) are coroutine functions."""
+    hops = []
+
+    async def counting_run_in_threadpool(call, *args, **kwargs):
+        hops.append(call)
+        return call(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.dependencies.utils, "run_in_threadpool", counting_run_in_threadpool)
+    client = TestClient(build_app(engine, serve_args("--api-key", "k")))
+    body = {"model": client.get("/v1/models", headers=AUTH).json()["data"][0]["id"], "max_tokens": 2}
+    for path, extra in (("/v1/completions", {"prompt": "hello"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        assert client.post(path, json={**body, **extra}, headers=AUTH).status_code == 200
+    assert hops == []
