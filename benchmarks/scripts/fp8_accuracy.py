@@ -76,6 +76,14 @@ def greedy_hf(model_dir: str, ids: list[int], num_tokens: int) -> list[int]:
     return out[0].tolist()
 
 
+def dense_generation(model_dir: str, ids: list[int], num_tokens: int) -> tuple[list[int], slice]:
+    """The prompt and its greedy continuation of ``num_tokens`` tokens (fewer where the model's context is shorter),
+    and the slice of teacher-forced logits that predict each generated token."""
+    num_tokens = min(num_tokens, ModelConfig.from_pretrained(model_dir, None).max_model_len - len(ids))
+    sequence = greedy_hf(model_dir, ids, num_tokens)
+    return sequence, slice(len(ids) - 1, len(sequence) - 1)
+
+
 @torch.no_grad()
 def teacher_forced_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     return PagedRunner(model, block_size=16, num_blocks=len(ids) // 16 + 2).step([("a", ids)])
@@ -124,14 +132,12 @@ def evaluate(name: str, model_dir: str, ids: list[int], num_tokens: int) -> dict
     start = time.perf_counter()
     dense = get_model(ModelConfig.from_pretrained(model_dir, None, dtype="float32"), "auto", "cpu")
     fp8 = get_model(ModelConfig.from_pretrained(model_dir, None, dtype="float32", quantization="fp8"), "auto", "cpu")
-    num_tokens = min(num_tokens, ModelConfig.from_pretrained(model_dir, None).max_model_len - len(ids))
-    sequence = greedy_hf(model_dir, ids, num_tokens)
-    generated = slice(len(ids) - 1, len(sequence) - 1)  # logits predicting each generated token
+    sequence, generated = dense_generation(model_dir, ids, num_tokens)
     dense_logits = teacher_forced_logits(dense, sequence)[generated]
     results = {"fp8-weights": compare(dense_logits, teacher_forced_logits(fp8, sequence)[generated])}
     with simulated_w8a8():
         results["fp8-w8a8"] = compare(dense_logits, teacher_forced_logits(fp8, sequence)[generated])
-    return {"model": name, "prompt_tokens": len(ids), "generated_tokens": num_tokens, **results,
+    return {"model": name, "prompt_tokens": len(ids), "generated_tokens": len(sequence) - len(ids), **results,
             "seconds": round(time.perf_counter() - start, 1)}
 
 

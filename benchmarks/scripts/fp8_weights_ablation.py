@@ -50,9 +50,11 @@ def variants(group_size: int) -> dict[str, tuple[tuple[str, ...], int | None]]:
 
 
 @torch.no_grad()
-def ablate(model: torch.nn.Module, sequence: list[int], generated: slice, group_size: int) -> dict:
+def ablate(model: torch.nn.Module, reference: torch.Tensor, sequence: list[int], generated: slice,
+           group_size: int) -> dict:
+    """Each variant's agreement with ``reference`` (the dense model's logits), the dense ``model``'s projection
+    weights rounded in place per variant."""
     dense_weights = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("proj.weight")}
-    reference = accuracy.teacher_forced_logits(model, sequence)[generated]
     results = {}
     for name, (kinds, groups) in variants(group_size).items():
         for param_name, param in model.named_parameters():
@@ -71,17 +73,15 @@ def summarize(comparison: dict) -> dict:
 def evaluate(name: str, model_dir: str, ids: list[int], num_tokens: int, group_size: int) -> dict:
     """The engine's FP8 model and the ablation variants against the dense model, over ``num_tokens`` generated
     tokens (fewer where the model's context is shorter)."""
-    num_tokens = min(num_tokens, ModelConfig.from_pretrained(model_dir, None).max_model_len - len(ids))
-    sequence = accuracy.greedy_hf(model_dir, ids, num_tokens)
-    generated = slice(len(ids) - 1, len(sequence) - 1)
+    sequence, generated = accuracy.dense_generation(model_dir, ids, num_tokens)
     engine_fp8 = get_model(ModelConfig.from_pretrained(model_dir, None, dtype="float32", quantization="fp8"),
                            "auto", "cpu")
     dense = get_model(ModelConfig.from_pretrained(model_dir, None, dtype="float32"), "auto", "cpu")
     reference = accuracy.teacher_forced_logits(dense, sequence)[generated]
     engine = summarize(accuracy.compare(reference, accuracy.teacher_forced_logits(engine_fp8, sequence)[generated]))
     print(f"{name}: engine fp8 {engine['top1_agreement']:.4f}", flush=True)
-    return {"model": name, "prompt_tokens": len(ids), "generated_tokens": num_tokens, "engine_fp8": engine,
-            "variants": ablate(dense, sequence, generated, group_size)}
+    return {"model": name, "prompt_tokens": len(ids), "generated_tokens": len(sequence) - len(ids),
+            "engine_fp8": engine, "variants": ablate(dense, reference, sequence, generated, group_size)}
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ checked against the engine itself (``engine_fp8_cache``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -105,35 +104,25 @@ VARIANTS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+ENGINE_STORE = torch_paged.write_kv_cache  # the torch backend's own store, which the variants wrap
+
+
 def install(key_rounding: Callable, value_rounding: Callable) -> None:
     """Make the torch backend store rounded keys and values (in the float32 cache)."""
-    store = install.original
-
     def rounded_store(key, value, kv_cache, slot_mapping, k_scale=None, v_scale=None):
         n, layer = slot_mapping.shape[0], kv_cache.data_ptr()
         key = key_rounding(key[:n].float(), layer).to(key.dtype)
         value = value_rounding(value[:n].float(), layer).to(value.dtype)
-        store(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+        ENGINE_STORE(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
     torch_paged.write_kv_cache = rounded_store
 
 
-install.original = torch_paged.write_kv_cache
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--max-tokens", type=int, default=320, help="generated tokens per prompt (default: 320)")
-    parser.add_argument("--output-json", default=None)
-    args = parser.parse_args()
+    args = accuracy.parse_args(__doc__)
     model = model_or_default(args.model)
-    common = dict(max_model_len=512, enable_prefix_caching=False, seed=0)
     start = time.perf_counter()
-    llm = LLM(model, **common)
-    sequences, prompt_lens = accuracy.generate_sequences(llm, args.max_tokens)
-    first_generated = [n - 1 for n in prompt_lens]
-    reference = accuracy.teacher_forced(llm, sequences)
+    llm, sequences, first_generated, reference = accuracy.reference_run(model, args.max_tokens)
     record = {"model": str(args.model or "SmolLM2-135M-Instruct (default)"), "prompts": len(accuracy.PROMPTS),
               "max_tokens": args.max_tokens, "variants": {}}
     for name, (key_rounding, value_rounding) in VARIANTS.items():
@@ -141,9 +130,9 @@ def main() -> None:
         result = accuracy.agreement(reference, accuracy.teacher_forced(llm, sequences), first_generated)
         record["variants"][name] = result
         print(f"{name}: {result['top1_agreement']:.4f}", flush=True)
-    torch_paged.write_kv_cache = install.original
+    torch_paged.write_kv_cache = ENGINE_STORE
     del llm
-    engine_fp8 = LLM(model, **common, kv_cache_dtype="fp8", calculate_kv_scales=True)
+    engine_fp8 = LLM(model, **accuracy.ENGINE_KWARGS, kv_cache_dtype="fp8", calculate_kv_scales=True)
     record["engine_fp8_cache"] = accuracy.agreement(reference, accuracy.teacher_forced(engine_fp8, sequences),
                                                     first_generated)
     accuracy.write_record(record, start, args.output_json)

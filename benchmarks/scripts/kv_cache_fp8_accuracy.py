@@ -43,6 +43,7 @@ VARIANTS = {
     "fp8_e5m2, scales 1.0": dict(kv_cache_dtype="fp8_e5m2"),
 }
 MARGIN = 0.5  # nats
+ENGINE_KWARGS = dict(max_model_len=512, enable_prefix_caching=False, seed=0)  # every engine compared
 
 
 def generate_sequences(llm: LLM, max_tokens: int) -> tuple[list[list[int]], list[int]]:
@@ -98,19 +99,28 @@ def write_record(record: dict, start: float, output_json: str | None) -> None:
     print(json.dumps(record, indent=2))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--max-tokens", type=int, default=320, help="generated tokens per prompt (default: 320)")
     parser.add_argument("--output-json", default=None)
-    args = parser.parse_args()
-    model = model_or_default(args.model)
-    common = dict(max_model_len=512, enable_prefix_caching=False, seed=0)
-    start = time.perf_counter()
-    reference_llm = LLM(model, **common)
-    sequences, prompt_lens = generate_sequences(reference_llm, args.max_tokens)
+    return parser.parse_args()
+
+
+def reference_run(model: str, max_tokens: int) -> tuple[LLM, list[list[int]], list[int], list]:
+    """The float32-cache engine, the sequences it generates from PROMPTS, where each one's generated part starts
+    and its teacher-forced top-1s over them (the reference)."""
+    llm = LLM(model, **ENGINE_KWARGS)
+    sequences, prompt_lens = generate_sequences(llm, max_tokens)
     first_generated = [n - 1 for n in prompt_lens]  # position i predicts token i + 1: the first generated is n - 1
-    reference = teacher_forced(reference_llm, sequences)
+    return llm, sequences, first_generated, teacher_forced(llm, sequences)
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    model = model_or_default(args.model)
+    start = time.perf_counter()
+    reference_llm, sequences, first_generated, reference = reference_run(model, args.max_tokens)
     record = {"model": str(args.model or "SmolLM2-135M-Instruct (default)"),
               "dtype": reference_llm.llm_engine.config.model_config.dtype,
               "reference_cache": reference_llm.llm_engine.config.kv_cache_dtype,
@@ -121,7 +131,7 @@ def main() -> None:
     del reference_llm
     choices = {}
     for name, kwargs in VARIANTS.items():
-        llm = LLM(model, **common, **kwargs)
+        llm = LLM(model, **ENGINE_KWARGS, **kwargs)
         choices[name] = teacher_forced(llm, sequences)
         result = {"kv_cache_dtype": llm.llm_engine.config.kv_cache_dtype,
                   "vs_float32_cache": agreement(reference, choices[name], first_generated)}
