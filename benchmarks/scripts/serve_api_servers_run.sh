@@ -13,6 +13,11 @@ COUNTS=${COUNTS:-1 2 4}
 CLIENTS=${CLIENTS:-4}  # bench serve client processes: one saturated a core in session 27's run (set 1 to compare)
 RATE16=${RATE16:-0}    # 1: after the unlimited run of the first count, the same requests at 16 req/s (TTFT, TPOT)
 
+bench_serve() {  # bench_serve RATE RECORD LINES: the 500 requests at RATE req/s against the running server
+  timeout 120 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
+    --request-rate "$1" --num-clients "$CLIENTS" --output-json "$2" 2>&1 | grep -v "^\[bench\]" | tail -"$3"
+}
+
 serve() {  # serve N: one server with N API server processes, bench serve at unlimited rate, then SIGTERM
   local count=$1 log="$OUT/server-api$1.log"
   python3 -m pagedllm.entrypoints.cli serve pagedllm/bench/configs/qwen3-0.6b --load-format dummy \
@@ -26,14 +31,11 @@ serve() {  # serve N: one server with N API server processes, bench serve at unl
   echo "--- serve --api-server-count $count"
   top -b -c -n 10 -d 1 -w 400 > "$OUT/top-api$count.txt" 2>&1 &
   local top=$!
-  timeout 120 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
-    --request-rate inf --num-clients "$CLIENTS" --output-json "$OUT/serve-qwen3-0.6b-api$count.json" 2>&1 | grep -v "^\[bench\]" | tail -4
+  bench_serve inf "$OUT/serve-qwen3-0.6b-api$count.json" 4
   wait $top
   if [ "$RATE16" = 1 ] && [ "$count" = "${COUNTS%% *}" ]; then
     echo "--- 16 req/s, --api-server-count $count"
-    timeout 90 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
-      --request-rate 16 --num-clients "$CLIENTS" --output-json "$OUT/serve-qwen3-0.6b-api$count-rate16.json" 2>&1 \
-      | grep -v "^\[bench\]" | tail -6
+    bench_serve 16 "$OUT/serve-qwen3-0.6b-api$count-rate16.json" 6
   fi
   kill -TERM $server; wait $server; echo "server exit code $? (Tracebacks: $(grep -c Traceback "$log"))"
   # The busiest python processes of the sample's last 5 seconds (see pids-api$count.txt for who is who).
