@@ -61,7 +61,8 @@ def ablate(model: torch.nn.Module, reference: torch.Tensor, sequence: list[int],
             if param_name in dense_weights:
                 rounded = any(f".{kind}." in param_name for kind in kinds)
                 param.copy_(round_weight(dense_weights[param_name], groups) if rounded else dense_weights[param_name])
-        results[name] = summarize(accuracy.compare(reference, accuracy.teacher_forced_logits(model, sequence)[generated]))
+        logits = accuracy.teacher_forced_logits(model, sequence)[generated]
+        results[name] = summarize(accuracy.compare(reference, logits))
         print(f"  {name}: {results[name]['top1_agreement']:.4f}", flush=True)
     return results
 

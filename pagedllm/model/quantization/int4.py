@@ -180,7 +180,8 @@ def dequantize(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in ``dtype``, columns in the kernel's (sorted) order: ``(q - zero) * scale`` in float32."""
     q = unpack_tiled(weight.qweight, weight.input_size).float()
     n, k = q.shape
-    zeros = float(SYMMETRIC_ZERO) if weight.zeros is None else weight.zeros.float().repeat_interleave(weight.group_size, dim=1)
+    zeros = (float(SYMMETRIC_ZERO) if weight.zeros is None
+             else weight.zeros.float().repeat_interleave(weight.group_size, dim=1))
     scales = weight.scales.float().repeat_interleave(weight.group_size, dim=1)
     return ((q - zeros) * scales).to(dtype).reshape(n, k)
 
