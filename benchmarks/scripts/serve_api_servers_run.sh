@@ -50,15 +50,17 @@ import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-offline = json.loads((out / "throughput-random512-128-qwen3-0.6b-async.json").read_text())["output_tokens_per_s"]
-print(f"offline: {offline:.0f} output tok/s")
+offline_record = json.loads((out / "throughput-random512-128-qwen3-0.6b-async.json").read_text())
+offline, offline_tpot_ms = offline_record["output_tokens_per_s"], 1000 * offline_record["tpot"]["p50_s"]
+print(f"offline: {offline:.0f} output tok/s, median TPOT {offline_tpot_ms:.2f} ms")
 for count in sys.argv[2:]:
     path = out / f"serve-qwen3-0.6b-api{count}.json"
     if path.exists():
         record = json.loads(path.read_text())
         tps, metrics = record["output_tokens_per_s"], record["metrics"]
         print(f"--api-server-count {count}: {tps:.0f} output tok/s = {tps / offline:.1%} of offline; TTFT mean "
-              f"{metrics['ttft_ms']['mean']:.0f} ms, ITL mean {metrics['itl_ms']['mean']:.1f} ms, "
-              f"failed {metrics['failed']}")
+              f"{metrics['ttft_ms']['mean']:.0f} ms, ITL mean {metrics['itl_ms']['mean']:.1f} ms, median TPOT "
+              f"{metrics['tpot_ms']['median']:.2f} ms = {metrics['tpot_ms']['median'] / offline_tpot_ms:.2f}x "
+              f"offline's, failed {metrics['failed']}")
 EOF
 python3 benchmarks/scripts/summarize_records.py "$OUT"

@@ -68,7 +68,8 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "peak_kv_cache_usage": result.peak_kv_cache_usage,
         "num_preemptions": result.num_preemptions,
         **prefix_cache_figures(result),
-        "ttft": ttft_stats(result.ttfts_s),
+        "ttft": latency_stats(result.ttfts_s),
+        "tpot": latency_stats(result.tpots_s),
         "load_s": load_s,
         "startup": llm.llm_engine.engine_core.startup_report,
         "warmup_s": warmup_s,
@@ -109,12 +110,13 @@ def prefix_cache_figures(result: EngineRun) -> dict[str, Any]:
     }
 
 
-def ttft_stats(ttfts_s: tuple[float, ...]) -> dict[str, float | None]:
-    """Mean, p50 and p99 time to first token (first token time - arrival time) in seconds. Offline, every request
-    arrives when ``generate`` starts, so a request's TTFT is mostly the time it queued behind earlier prefills."""
-    if not ttfts_s:
+def latency_stats(values_s: tuple[float, ...]) -> dict[str, float | None]:
+    """Mean, p50 and p99 of per-request times in seconds: the time to first token (first token time - arrival
+    time; offline every request arrives when ``generate`` starts, so it is mostly the time a request queued behind
+    earlier prefills) or the time per output token after the first (what ``bench serve``'s TPOT compares with)."""
+    if not values_s:
         return {"mean_s": None, "p50_s": None, "p99_s": None}
-    values = np.asarray(ttfts_s)
+    values = np.asarray(values_s)
     return {"mean_s": float(values.mean()), "p50_s": float(np.percentile(values, 50)),
             "p99_s": float(np.percentile(values, 99))}
 
@@ -138,7 +140,8 @@ def print_summary(record: dict[str, Any]) -> None:
           f"({'on' if record['config']['enable_prefix_caching'] else 'off'}), prompt tokens computed "
           f"{record['prompt_tokens_computed']:,} of {record['prompt_tokens']:,}; TTFT mean "
           f"{_ms(ttft['mean_s'])} p50 {_ms(ttft['p50_s'])} p99 {_ms(ttft['p99_s'])} ms (offline: all requests "
-          "arrive at once, so TTFT is mostly queueing)")
+          f"arrive at once, so TTFT is mostly queueing); TPOT mean {_ms(record['tpot']['mean_s'])} p50 "
+          f"{_ms(record['tpot']['p50_s'])} ms")
     if "structured_outputs" in record:
         print("\n".join(summary_lines(record["structured_outputs"])))
 

@@ -2,9 +2,10 @@
 ``quantization/int4.py`` (int32 [N, K / 8] packed along K, scales / zeros [N, G], an optional act-order ``perm``),
 dequantized in registers. ``w4a16_linear`` picks one of three paths by the rows of x (``choose_config``):
 
-- Up to ``GEMV_MAX_ROWS`` rows (decode), the GEMV kernel, no ``tl.dot``. At M = 1 the layer is one pass over its
-  4-bit weight, so the kernel must stream at memory bandwidth while spending only a few instructions per weight
-  (an H200 SM issues ~128 instructions a clock against ~37 int4 weights a clock of its share of HBM). Per weight:
+- Up to ``GEMV_MAX_ROWS`` rows (none now: measured slower than the tl.dot kernel), the GEMV kernel, no
+  ``tl.dot``. At M = 1 the layer is one pass over its 4-bit weight, so the kernel must stream at memory
+  bandwidth while spending only a few instructions per weight (an H200 SM issues ~128 instructions a clock
+  against ~37 int4 weights a clock of its share of HBM). Per weight:
   one and-or puts the nibble, in place, into the mantissa of the float 2^23 (``2^23 + q 16^j``: no shift, no
   int-to-float conversion), one subtract leaves ``q 16^j`` exactly, and one FMA per row of x adds its product with
   ``x 16^-j`` (the shifts are moved to x, row-independent). The zero and the scale are factored out of each group
@@ -45,15 +46,16 @@ from pagedllm.model.quantization.int4 import TILE_K, Int4Weight
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.model.w4a16_dequant import biased_zero, subtract_zero, tile_slices
 
-# From this many rows of x on, dequantize + cuBLAS (module docstring). The tl.dot kernel of session 26 (~12 SASS
-# instructions a weight) tied with it at 64 rows on an H200 (benchmarks/h200/issue16-w4a16); the inline-asm kernel
-# runs 3.8 at 64 rows (offline SASS, w4a16_gemv_sass.py), so 64 rows now take the kernel. UNMEASURED on a GPU:
-# w4a16_microbench.py prints the value its measurement implies.
-DEQUANT_MIN_ROWS = 128
-# Up to this many rows of x, the GEMV kernel. Its instructions per weight grow from 4.7 at one row to 7.3 at two
-# and 11.9 at four (it tied the old tl.dot kernel, ~12, at four rows on an H200), the tl.dot kernel's stay ~2.7 up
-# to 16 rows: one row only, UNMEASURED (w4a16_microbench.py's GEMV and tl.dot columns at M = 1 decide).
-GEMV_MAX_ROWS = 1
+# From this many rows of x on, dequantize + cuBLAS (module docstring). On the H200 (benchmarks/h200/session29) the
+# tl.dot kernel ran a Llama-3.1-8B layer at 128 rows in 241 us with the old 128-row blocks (167 us with the
+# sweep's best shape, now dot_config's) against 382 us for dequantize + cuBLAS, and tied it at 256 rows (431 vs
+# 418 us, old blocks): the switch is at 256.
+DEQUANT_MIN_ROWS = 256
+# Up to this many rows of x, the GEMV kernel (0: never). On the H200 sweep the tl.dot kernel in dot_config's shape
+# ran the four projections of a Llama-3.1-8B layer at one row in 64.7 us against the GEMV's 71.9
+# (benchmarks/h200/session29), so decode takes the tl.dot kernel; the GEMV stays for measurement
+# (w4a16_microbench.py times it at 1, 2 and 4 rows).
+GEMV_MAX_ROWS = 0
 _FLOAT_2POW23_BITS = 0x4B000000  # float32 2^23, mantissa all zero: OR-ing an integer q < 2^23 in gives 2^23 + q
 _TILE_K = tl.constexpr(TILE_K)
 
@@ -431,16 +433,23 @@ def gemv_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
 
 @functools.cache
 def dot_config(num_rows: int, n: int, k: int, num_sms: int) -> W4A16Config:
-    """The tl.dot kernel's shape. Up to 64 rows: 128-row blocks of W over x padded to 16, 32 or 64 rows, a 3-deep
-    pipeline, K split in up to 8 slices while the grid stays within ~8 programs per SM; one warpgroup (4 warps)
-    up to 32 rows, two at 64 (one would hold 255 registers a thread). By the offline SASS of
-    ``w4a16_gemv_sass.py`` (2.7, 3.0 and 3.8 instructions a weight), UNMEASURED on a GPU: to be set from
-    ``w4a16_microbench.py --sweep``. More rows: 128 x 128 tiles, 8 warps (4.9), one pass over W up to 128 rows
-    (the old kernel's 64-row blocks read W twice at 128 rows and could not split K: 32 programs for down_proj)."""
-    if num_rows > 64:  # x in one block of 128 rows (K split while W's row blocks leave SMs idle), or several
-        return W4A16Config(128, 128, _k_split(n, k, 128, 8, 2 * num_sms), num_warps=8, num_stages=3)
-    block_m = max(16, triton.next_power_of_2(num_rows))
-    return W4A16Config(128, block_m, _k_split(n, k, 128, 8, 8 * num_sms), 4 if block_m <= 32 else 8, 3)
+    """The tl.dot kernel's shape, from the H200 sweep of session 29 (``w4a16_microbench.py --sweep``,
+    benchmarks/h200/session29): 64-row blocks of W, one warpgroup, a 3-deep pipeline were the best or within 6% of
+    it at every Llama-3.1-8B shape and 1, 16, 64 and 128 rows of x (the earlier 128-row blocks cost 10-45%).
+    x is padded to 16, 32, 64 or 128 rows; K is split as ``_dot_split`` says."""
+    block_m = max(16, triton.next_power_of_2(min(num_rows, 128)))
+    return W4A16Config(64, block_m, _dot_split(n, k, block_m, num_sms), num_warps=4, num_stages=3)
+
+
+def _dot_split(n: int, k: int, block_m: int, num_sms: int) -> int:
+    """K slices of the tl.dot kernel. Up to 32 rows the weight stream is the cost and long slices pipeline best:
+    about 8 tiles a slice, at most 8 slices, whatever the grid (gate_up: 4 slices over 1,792 programs beat 2 and
+    8), more only where the layer has too few row blocks for ~2 programs an SM. From 64 rows the MMA work per
+    weight grows, and fewer, longer programs win: ~4 programs an SM at 64 rows, ~2 at 128, at most 4 slices."""
+    row_blocks, tiles = triton.cdiv(n, 64), triton.cdiv(k, TILE_K)
+    if block_m <= 32:
+        return even_split(tiles, min(8, max(tiles // 8, triton.cdiv(2 * num_sms, row_blocks))), 2)
+    return even_split(tiles, min(4, triton.cdiv(num_sms * 256 // block_m, row_blocks)), 2)
 
 
 def _k_split(n: int, k: int, block_n: int, max_split: int, programs: int) -> int:

@@ -205,7 +205,7 @@ def test_asm_dequantization_equals_plain_triton(dtype, num_rows: int) -> None:
     assert error < 1e-3, f"relative difference {error:.2e}"
 
 
-@pytest.mark.parametrize("num_rows", [GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1])
+@pytest.mark.parametrize("num_rows", sorted({1, max(1, GEMV_MAX_ROWS), GEMV_MAX_ROWS + 1}))
 def test_default_dispatch_around_the_gemv_switch(num_rows: int) -> None:
     config = choose_config(num_rows, 4096, 4096, 132)
     assert config.gemv == (num_rows <= GEMV_MAX_ROWS) and config.block_m >= num_rows
