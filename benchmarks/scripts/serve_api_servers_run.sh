@@ -12,11 +12,14 @@ RANDOM512=(--workload random --input-len 512 --output-len 128 --num-prompts 500)
 COUNTS=${COUNTS:-1 2 4}
 CLIENTS=${CLIENTS:-4}  # bench serve client processes: one saturated a core in session 27's run (set 1 to compare)
 RATE16=${RATE16:-0}    # 1: after the unlimited run of the first count, the same requests at 16 req/s (TTFT, TPOT)
+REPEATS=${REPEATS:-1}  # unlimited-rate runs per server, and offline runs (one run lasts ~3 s: single runs spread)
 
 bench_serve() {  # bench_serve RATE RECORD LINES: the 500 requests at RATE req/s against the running server
   timeout 120 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
     --request-rate "$1" --num-clients "$CLIENTS" --output-json "$2" 2>&1 | grep -v "^\[bench\]" | tail -"$3"
 }
+
+suffix() { [ "$1" = 1 ] || echo "-run$1"; }  # a record's name suffix for run N (none for the first)
 
 serve() {  # serve N: one server with N API server processes, bench serve at unlimited rate, then SIGTERM
   local count=$1 log="$OUT/server-api$1.log"
@@ -31,7 +34,7 @@ serve() {  # serve N: one server with N API server processes, bench serve at unl
   echo "--- serve --api-server-count $count"
   top -b -c -n 10 -d 1 -w 400 > "$OUT/top-api$count.txt" 2>&1 &
   local top=$!
-  bench_serve inf "$OUT/serve-qwen3-0.6b-api$count.json" 4
+  for run in $(seq "$REPEATS"); do bench_serve inf "$OUT/serve-qwen3-0.6b-api$count$(suffix "$run").json" 4; done
   wait $top
   if [ "$RATE16" = 1 ] && [ "$count" = "${COUNTS%% *}" ]; then
     echo "--- 16 req/s, --api-server-count $count"
@@ -42,23 +45,26 @@ serve() {  # serve N: one server with N API server processes, bench serve at unl
   grep -E "^ *[0-9]+ .*python" "$OUT/top-api$count.txt" | tail -n 60 | sort -k9 -nr | head -8 | cut -c1-160
 }
 for count in $COUNTS; do serve "$count"; done
-timeout 150 python3 -m pagedllm.bench throughput --disable-tqdm --model qwen3-0.6b "${RANDOM512[@]}" \
-  --async-scheduling --output-json "$OUT/throughput-random512-128-qwen3-0.6b-async.json" 2>&1 \
-  | grep -v "^\[bench\]" | tail -3
+for run in $(seq "$REPEATS"); do
+  timeout 150 python3 -m pagedllm.bench throughput --disable-tqdm --model qwen3-0.6b "${RANDOM512[@]}" \
+    --async-scheduling --output-json "$OUT/throughput-random512-128-qwen3-0.6b-async$(suffix "$run").json" 2>&1 \
+    | grep -v "^\[bench\]" | tail -3
+done
 python3 - "$OUT" $COUNTS <<'EOF'
-import json, sys
+import json, statistics, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-offline_record = json.loads((out / "throughput-random512-128-qwen3-0.6b-async.json").read_text())
-offline, offline_tpot_ms = offline_record["output_tokens_per_s"], 1000 * offline_record["tpot"]["p50_s"]
-print(f"offline: {offline:.0f} output tok/s, median TPOT {offline_tpot_ms:.2f} ms")
+offline_runs = [json.loads(p.read_text()) for p in sorted(out.glob("throughput-random512-128-qwen3-0.6b-async*.json"))]
+offline = statistics.median(run["output_tokens_per_s"] for run in offline_runs)
+offline_tpot_ms = 1000 * statistics.median(run["tpot"]["p50_s"] for run in offline_runs)
+print(f"offline, median of {len(offline_runs)}: {offline:.0f} output tok/s, median TPOT {offline_tpot_ms:.2f} ms")
 for count in sys.argv[2:]:
-    path = out / f"serve-qwen3-0.6b-api{count}.json"
-    if path.exists():
+    first = out / f"serve-qwen3-0.6b-api{count}.json"
+    for path in [first] * first.exists() + sorted(out.glob(f"serve-qwen3-0.6b-api{count}-run*.json")):
         record = json.loads(path.read_text())
         tps, metrics = record["output_tokens_per_s"], record["metrics"]
-        print(f"--api-server-count {count}: {tps:.0f} output tok/s = {tps / offline:.1%} of offline; TTFT mean "
+        print(f"{path.stem}: {tps:.0f} output tok/s = {tps / offline:.1%} of offline; TTFT mean "
               f"{metrics['ttft_ms']['mean']:.0f} ms, ITL mean {metrics['itl_ms']['mean']:.1f} ms, median TPOT "
               f"{metrics['tpot_ms']['median']:.2f} ms = {metrics['tpot_ms']['median'] / offline_tpot_ms:.2f}x "
               f"offline's, failed {metrics['failed']}")
