@@ -37,7 +37,7 @@ from pagedllm.model.w4a16_kernel import (
 )
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512]
 GEMV_ROWS_TIMED = 4  # the GEMV kernel's instructions per weight grow ~2.5x from 1 to 4 rows: not a candidate past
 PLAIN_ROWS = (1, 16, 64)
 NUM_COPIES = 4

@@ -51,7 +51,7 @@ def model_bytes(model_config: ModelConfig, kv_cache_dtype: str = "auto", tokens_
 
 
 def resolved_model_config(model_dir: str, args: argparse.Namespace, device: str) -> ModelConfig:
-    return load_model_config(model_dir, args.dtype, device)
+    return load_model_config(model_dir, args.dtype, device, args.quantization)
 
 
 def run_baselines(compare: list[str] | None, model_dir: str, workload: Workload, dtype: str, device: str,

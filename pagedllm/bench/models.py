@@ -53,8 +53,10 @@ def model_label(model: str) -> str:
     return model
 
 
-def load_model_config(model_dir: str, dtype: str, device: str) -> ModelConfig:
-    return ModelConfig.from_pretrained(model_dir, None, dtype, device)
+def load_model_config(model_dir: str, dtype: str, device: str, quantization: str | None = None) -> ModelConfig:
+    """The model's config as the engine resolves it, with ``quantization`` (``--quantization``) applied: a dense
+    checkpoint run as GPTQ or FP8 reads its weights at their quantized size, and the roofline must say so."""
+    return ModelConfig.from_pretrained(model_dir, None, dtype, device, quantization=quantization)
 
 
 def _parameters_on_meta(config: ModelConfig) -> dict[str, torch.Tensor]:

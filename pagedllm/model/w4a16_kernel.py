@@ -46,11 +46,12 @@ from pagedllm.model.quantization.int4 import TILE_K, Int4Weight
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.model.w4a16_dequant import biased_zero, subtract_zero, tile_slices
 
-# From this many rows of x on, dequantize + cuBLAS (module docstring). On the H200 (benchmarks/h200/session29) the
-# tl.dot kernel ran a Llama-3.1-8B layer at 128 rows in 241 us with the old 128-row blocks (167 us with the
-# sweep's best shape, now dot_config's) against 382 us for dequantize + cuBLAS, and tied it at 256 rows (431 vs
-# 418 us, old blocks): the switch is at 256.
-DEQUANT_MIN_ROWS = 256
+# From this many rows of x on, dequantize + cuBLAS (module docstring). On the H200 (benchmarks/h200/session29, a
+# Llama-3.1-8B layer) the tl.dot kernel in dot_config's shape took 164 us at 128 rows and 335 us at 256, against
+# 380 and 416 us for dequantize + cuBLAS (bf16: 133 and 176 us). Dequantizing costs a fixed ~240 us a layer, the
+# kernel ~0.9x bf16's time more than cuBLAS: they cross near 390 rows (an extrapolation; w4a16_microbench.py
+# now measures 384 and 512 rows).
+DEQUANT_MIN_ROWS = 384
 # Up to this many rows of x, the GEMV kernel (0: never). On the H200 sweep the tl.dot kernel in dot_config's shape
 # ran the four projections of a Llama-3.1-8B layer at one row in 64.7 us against the GEMV's 71.9
 # (benchmarks/h200/session29), so decode takes the tl.dot kernel; the GEMV stays for measurement

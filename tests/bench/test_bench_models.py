@@ -92,3 +92,16 @@ def test_moe_weight_bytes_count_the_experts_a_step_routes_to():
     assert weight_bytes_per_step(config) == 2 * (dense_read + expert_params * 8 // 128) + 2 * kv_scales
     many = weight_bytes_per_step(config, tokens_per_step=256)
     assert 2 * (dense_read + 0.999 * expert_params) < many < 2 * (dense_read + expert_params)
+
+
+@pytest.mark.parametrize(("quantization", "bytes_per_weight"), [("gptq", (0.5, 0.53)), ("awq", (0.5, 0.53)),
+                                                                  ("fp8", (1.0, 1.001))])
+def test_quantized_runs_read_their_weights_at_the_stored_size(quantization, bytes_per_weight):
+    """``--quantization`` on a dense config (dummy weights) is in the roofline: Llama-3.1-8B's projections are read
+    at 4 bits plus group scales (GPTQ, AWQ) or 8 bits plus channel scales (FP8); the LM head and norms stay 16-bit."""
+    model_dir = resolve_model("llama-3.1-8b")
+    projections = 32 * (4096 * 6144 + 4096 * 4096 + 2 * 4096 * 14336 + 14336 * 4096)
+    dense = weight_bytes_per_step(load_model_config(model_dir, "auto", "cuda"))
+    quantized = weight_bytes_per_step(load_model_config(model_dir, "auto", "cuda", quantization))
+    low, high = bytes_per_weight
+    assert low * projections <= quantized - (dense - 2 * projections) <= high * projections
