@@ -26,6 +26,7 @@ from pagedllm.model.linear import tp_attention_heads
 from pagedllm.model.loader import get_model, torch_dtype
 from pagedllm.params import SamplingParams
 from pagedllm.pooling.pooler import Pooler, PoolingChunk
+from pagedllm.worker import late_compiles
 from pagedllm.worker.cuda_graphs import (
     StepGraphs,
     capture_sizes,
@@ -241,6 +242,7 @@ class ModelRunner:
             self._warm_up_sampler()
             if self.lora is not None:
                 self.lora.warm_up_kernels()
+            late_compiles.install()  # from here on, a kernel compile stalls a step: say so
 
     @torch.inference_mode()
     def _warm_up_sampler(self) -> None:
