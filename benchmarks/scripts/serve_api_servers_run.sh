@@ -13,6 +13,7 @@ COUNTS=${COUNTS:-1 2 4}
 CLIENTS=${CLIENTS:-4}  # bench serve client processes: one saturated a core in session 27's run (set 1 to compare)
 RATE16=${RATE16:-0}    # 1: after the unlimited run of the first count, the same requests at 16 req/s (TTFT, TPOT)
 REPEATS=${REPEATS:-1}  # unlimited-rate runs per server, and offline runs (one run lasts ~3 s: single runs spread)
+PYSPY=${PYSPY:-0}      # 1: py-spy records the engine core during each unlimited-rate run (pyspy-core-*.raw)
 
 bench_serve() {  # bench_serve RATE RECORD LINES: the 500 requests at RATE req/s against the running server
   timeout 120 python3 -m pagedllm.bench serve --disable-tqdm --base-url http://127.0.0.1:8011 "${RANDOM512[@]}" \
@@ -34,7 +35,16 @@ serve() {  # serve N: one server with N API server processes, bench serve at unl
   echo "--- serve --api-server-count $count"
   top -b -c -n 10 -d 1 -w 400 > "$OUT/top-api$count.txt" 2>&1 &
   local top=$!
-  for run in $(seq "$REPEATS"); do bench_serve inf "$OUT/serve-qwen3-0.6b-api$count$(suffix "$run").json" 4; done
+  local core; core=$(grep -oE "Engine core process [0-9]+" "$log" | grep -oE "[0-9]+$")
+  for run in $(seq "$REPEATS"); do
+    local name="api$count$(suffix "$run")" spy=""
+    if [ "$PYSPY" = 1 ]; then
+      py-spy record -p "$core" -r 100 -f raw --threads --nonblocking -o "$OUT/pyspy-core-$name.raw" > /dev/null 2>&1 &
+      spy=$!
+    fi
+    bench_serve inf "$OUT/serve-qwen3-0.6b-$name.json" 4
+    if [ -n "$spy" ]; then kill -INT "$spy"; wait "$spy"; fi
+  done
   wait $top
   if [ "$RATE16" = 1 ] && [ "$count" = "${COUNTS%% *}" ]; then
     echo "--- 16 req/s, --api-server-count $count"
