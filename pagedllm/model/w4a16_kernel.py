@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pagedllm.model.quantization.int4 import TILE_K, Int4Weight
+from pagedllm.model.quantization.int4 import SYMMETRIC_ZERO, TILE_K, Int4Weight
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.model.w4a16_dequant import biased_zero, subtract_zero, tile_slices
 
@@ -59,6 +59,7 @@ DEQUANT_MIN_ROWS = 384
 GEMV_MAX_ROWS = 0
 _FLOAT_2POW23_BITS = 0x4B000000  # float32 2^23, mantissa all zero: OR-ing an integer q < 2^23 in gives 2^23 + q
 _TILE_K = tl.constexpr(TILE_K)
+_SYMMETRIC_ZERO = tl.constexpr(float(SYMMETRIC_ZERO))  # the zero of a weight whose checkpoint has none
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,7 @@ def _segment_scale_zero(scales_ptr, zeros_ptr, rows, seg_start, num_groups, stri
     if HAS_ZEROS:
         zero = tl.load(zeros_ptr + rows * stride_zn + group + copies).to(tl.float32)
     else:
-        zero = 8.0
+        zero = _SYMMETRIC_ZERO
     return scale, zero
 
 
@@ -386,7 +387,7 @@ def _dequantize_slice(
     if HAS_ZEROS:
         zero = tl.load(zeros_ptr + rows * stride_zn + group).to(tl.float32)
     else:
-        zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+        zero = tl.full((BLOCK_N,), _SYMMETRIC_ZERO, tl.float32)
     return ((q - zero[:, None]) * scale[:, None]).to(DTYPE)
 
 
