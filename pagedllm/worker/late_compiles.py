@@ -22,10 +22,13 @@ class LateCompileLog:
         self.previous = previous
         self.count = 0
 
-    def __call__(self, *, repr: str, **kwargs: Any) -> bool | None:  # noqa: A002 (Triton's keyword)
+    def __call__(self, *args: Any, **kwargs: Any) -> bool | None:
+        # Triton passes keywords (``repr``: the kernel and its specialization); take what there is, never raise
+        # inside its JIT.
         self.count += 1
-        logger.info("Triton kernel first used after start-up, compiled or loaded inside a step: %s", repr)
-        return self.previous(repr=repr, **kwargs) if self.previous is not None else None
+        logger.info("Triton kernel first used after start-up, compiled or loaded inside a step: %s",
+                    kwargs.get("repr") or kwargs.get("key") or args)
+        return self.previous(*args, **kwargs) if self.previous is not None else None
 
 
 def install() -> LateCompileLog | None:
