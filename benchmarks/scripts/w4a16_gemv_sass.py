@@ -38,13 +38,17 @@ _GEMV = "_w4a16_gemv_kernel"
 _DOT = "_w4a16_gemm_kernel"
 _DOT_DEFAULTS = {"BLOCK_M": 16, "ASM": True, "DOT_PRECISION": "tf32"}
 # (label, kernel, constexprs over the defaults, warps, stages): gemv_config's shapes at 1, 2 and 4 rows and a
-# variant, then the tl.dot kernel (x padded to BLOCK_M rows): dot_config's shapes and alternatives, with and
-# without the inline-asm dequantization.
+# variant, then the tl.dot kernel (x padded to BLOCK_M rows): dot_config's shapes (64-row blocks, session 29's
+# sweep), then the 128-row shapes it used before and other alternatives, with and without the inline-asm
+# dequantization.
 SHAPES = [
     ("GEMV M=1 default", _GEMV, {}, 4, 1),
     ("GEMV M=2 default", _GEMV, {"BLOCK_M": 2}, 4, 3),
     ("GEMV M=4 default", _GEMV, {"BLOCK_M": 4}, 4, 3),
     ("GEMV M=1 groups of 32, act-order", _GEMV, {"GROUP_SIZE": 32, "HAS_PERM": True}, 4, 1),
+    ("dot_config M<=16 asm 64x16 w4 s3", _DOT, {"BLOCK_N": 64}, 4, 3),
+    ("dot_config M<=64 asm 64x64 w4 s3", _DOT, {"BLOCK_N": 64, "BLOCK_M": 64}, 4, 3),
+    ("dot_config M<=128 asm 64x128 w4 s3", _DOT, {"BLOCK_N": 64, "BLOCK_M": 128}, 4, 3),
     ("dot M<=16 asm 128x16 w4 s3", _DOT, {}, 4, 3),
     ("dot M<=16 plain 128x16 w4 s3", _DOT, {"ASM": False}, 4, 3),
     ("dot M<=16 asm 128x16 w8 s3", _DOT, {}, 8, 3),

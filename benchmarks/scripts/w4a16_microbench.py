@@ -44,12 +44,14 @@ NUM_COPIES = 4
 NO_DEQUANT = 1 << 30
 PATHS = ("gemv", "dot", "dequant")  # the W4A16 paths w4a16_linear chooses between
 # tl.dot launch shapes (block_n, num_warps, num_stages) tried at SWEEP_ROWS, by dot_config's block_m (x's rows
-# padded), each at dot_config's K split and half and twice it. One warpgroup holds 255 registers a thread from 64
-# rows of x, 256-row blocks spill at 128.
+# padded), each at dot_config's K split and half and twice it: around dot_config's (64, 4, 3), the best of session
+# 29's sweep, its pipeline one stage deeper and shallower, and the 128-row blocks it replaced. (32-row blocks leave
+# wgmma for mma.sync and re-lay the weights out through shared memory: 6.9 SASS instructions a weight against 3.6,
+# w4a16_gemv_sass.py; not swept.)
 SWEEP_ROWS = (1, 16, 64, 128)
-SWEEP_SHAPES = {16: [(128, 4, 3), (128, 4, 2), (256, 4, 2), (256, 8, 2), (64, 4, 3), (128, 8, 3)],
-                64: [(128, 8, 3), (128, 8, 2), (256, 8, 2), (64, 4, 3), (64, 8, 3)],
-                128: [(128, 8, 3), (128, 8, 2), (64, 4, 3), (64, 8, 3)]}
+SWEEP_SHAPES = {16: [(64, 4, 3), (64, 4, 4), (64, 4, 2), (64, 8, 3), (128, 4, 3), (128, 8, 3)],
+                64: [(64, 4, 3), (64, 4, 4), (64, 4, 2), (64, 8, 3), (128, 8, 3)],
+                128: [(64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 8, 3)]}
 
 
 def random_weights(n: int, k: int, group_size: int = 128):
