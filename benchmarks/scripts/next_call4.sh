@@ -7,8 +7,8 @@
 #    (benchmarks/h200/session29/call3); on the CPU harness the first burst is not slower, so the cost is on the GPU
 #    side. The engine logs each Triton kernel first used after start-up (worker/late_compiles.py), and py-spy samples
 #    the engine core during each burst: the first against the second.
-# 2. Issue 16: the W4A16 sweep around dot_config's (64, 4, 3) and the dispatch at 384 and 512 rows, then
-#    Llama-3.1-8B bs1 latency bf16 vs gptq.
+# 2. Issue 16: the W4A16 sweep around dot_config's (64, 4, 3), the dispatch at 384 and 512 rows, act-order x gathered
+#    in the kernel vs permuted first (PERMUTE_X_FIRST), then Llama-3.1-8B bs1 latency bf16 vs gptq.
 # 3. Issue 19: Qwen3-30B-A3B bs1 latency with graphs (the 70%-of-roofline target; last at 46.6%),
 #    then nano throughput fused with graphs and 4 nano prompts fused eager vs torch eager, same call.
 # Results are packed into $OUT/results.tgz after every section.
@@ -28,7 +28,7 @@ for run in api2 api2-run2; do
   python3 benchmarks/cpu/serve-frontend/pyspy_summary.py "$WORK/api/pyspy-core-$run.raw" 0.04 2>&1 | head -30
 done
 pack; echo "=== w4a16 $(date +%T)"
-OUT=$WORK/w4a16 MICRO_FLAGS=--sweep LATENCY_MODES="bf16 gptq" LATENCY_ITERS=3 BENCH_TAIL=2 \
+OUT=$WORK/w4a16 MICRO_FLAGS="--sweep --act-order" LATENCY_MODES="bf16 gptq" LATENCY_ITERS=3 BENCH_TAIL=2 \
   bash benchmarks/scripts/issue16_w4a16_run.sh micro latency 2>&1 | grep -v "^NVIDIA" | tail -n 40
 pack
 if [ $SECONDS -lt $LIMIT ]; then

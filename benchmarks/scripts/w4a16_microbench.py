@@ -9,7 +9,8 @@ so launch overhead is out and the weight comes from HBM as in a decode step (``c
 table, per M the four projections summed (a layer), the fastest W4A16 path against bf16, and the dispatch
 constants that the measurement implies (``GEMV_MAX_ROWS``, ``DEQUANT_MIN_ROWS``). ``--sweep`` adds launch shapes of
 the tl.dot kernel (row block, warps, pipeline depth, K split) at a few M, printing the best per shape against
-``dot_config``'s. ``--output-json`` keeps every number.
+``dot_config``'s. ``--act-order`` times act-order weights with x gathered inside the kernel and with x permuted
+first (``PERMUTE_X_FIRST``). ``--output-json`` keeps every number.
 """
 
 from __future__ import annotations
@@ -54,14 +55,16 @@ SWEEP_SHAPES = {16: [(64, 4, 3), (64, 4, 4), (64, 4, 2), (64, 8, 3), (128, 4, 3)
                 128: [(64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 8, 3)]}
 
 
-def random_weights(n: int, k: int, group_size: int = 128):
+def random_weights(n: int, k: int, group_size: int = 128, act_order: bool = False):
+    """NUM_COPIES random weights (act-order: a shuffled g_idx of full groups, as GPTQ's desc_act writes)."""
     out = []
     for seed in range(NUM_COPIES):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         q = torch.randint(0, 16, (n, k), device="cuda", generator=gen, dtype=torch.int32)
         scales = torch.rand(n, k // group_size, device="cuda", generator=gen) * 0.01
         zeros = torch.randint(0, 16, (n, k // group_size), device="cuda", generator=gen)
-        out.append(to_canonical(Int4Checkpoint(q, scales, zeros, None, group_size), torch.float16, "bench"))
+        g_idx = (torch.randperm(k, device="cuda", generator=gen) // group_size).int() if act_order else None
+        out.append(to_canonical(Int4Checkpoint(q, scales, zeros, g_idx, group_size), torch.float16, "bench"))
     return out
 
 
@@ -120,7 +123,7 @@ def summarize(records: list[dict]) -> None:
           f"  best    best/bf16")
     best_path = {}
     for m in ROWS:
-        rows = [r for r in records if r["rows"] == m and not r.get("sweep")]
+        rows = [r for r in records if r["rows"] == m and not r.get("sweep") and not r.get("act_order")]
         layer = {key: sum(r[f"{key}_us"] for r in rows) for key in ("bf16", *PATHS, "default")}
         timed = {path: layer[path] for path in PATHS if not math.isnan(layer[path])} or {"none": math.nan}
         best_path[m] = min(timed, key=timed.get)
@@ -184,11 +187,32 @@ def sweep(name: str, n: int, k: int, weights, num_calls: int, num_sms: int) -> l
     return out
 
 
+ACT_ORDER_ROWS = (1, 16, 64, 128)
+
+
+def act_order(name: str, n: int, k: int, plain_weights, num_calls: int) -> list[dict]:
+    """Act-order weights (desc_act), the default kernel at ACT_ORDER_ROWS: x gathered through ``perm`` inside the
+    kernel against x permuted by torch first (``PERMUTE_X_FIRST``), next to the same shape without act-order."""
+    weights, out = random_weights(n, k, act_order=True), []
+    for m in ACT_ORDER_ROWS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        row = {"shape": name, "rows": m, "act_order": True,
+               "gather_us": time_w4a16(x, weights, num_calls, dequant_min_rows=NO_DEQUANT, permute_x_first=False),
+               "permute_first_us": time_w4a16(x, weights, num_calls, dequant_min_rows=NO_DEQUANT,
+                                              permute_x_first=True),
+               "no_act_order_us": time_w4a16(x, plain_weights, num_calls, dequant_min_rows=NO_DEQUANT)}
+        print(f"  act-order {name:7} M={m:3d}: gather in the kernel {row['gather_us']:6.1f} us, x permuted first "
+              f"{row['permute_first_us']:6.1f} us, without act-order {row['no_act_order_us']:6.1f} us")
+        out.append(row)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--act-order", action="store_true", help="also time act-order weights both ways")
     args = parser.parse_args()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     records = []
@@ -204,6 +228,8 @@ def main() -> None:
             records.append(row)
         if args.sweep:
             records += sweep(name, n, k, weights, args.calls, num_sms)
+        if args.act_order:
+            records += act_order(name, n, k, weights, args.calls)
         del weights, dense
     summarize(records)
     if args.sweep:

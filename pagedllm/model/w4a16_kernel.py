@@ -57,6 +57,11 @@ DEQUANT_MIN_ROWS = 384
 # (benchmarks/h200/session29), so decode takes the tl.dot kernel; the GEMV stays for measurement
 # (w4a16_microbench.py times it at 1, 2 and 4 rows).
 GEMV_MAX_ROWS = 0
+# With act-order, the kernels read x's column perm[k] for their column k: a gather the software pipeline does not
+# cover (21 global loads a K step instead of 4, and a re-layout through shared memory, by the offline SASS of
+# w4a16_gemv_sass.py). True: x is permuted once by torch before the kernel instead (one more launch, the kernel's
+# loop then that of a weight without act-order). UNMEASURED on a GPU: ``w4a16_microbench.py --act-order`` times both.
+PERMUTE_X_FIRST = False
 _FLOAT_2POW23_BITS = 0x4B000000  # float32 2^23, mantissa all zero: OR-ing an integer q < 2^23 in gives 2^23 + q
 _TILE_K = tl.constexpr(TILE_K)
 _SYMMETRIC_ZERO = tl.constexpr(float(SYMMETRIC_ZERO))  # the zero of a weight whose checkpoint has none
@@ -461,22 +466,24 @@ def _k_split(n: int, k: int, block_n: int, max_split: int, programs: int) -> int
 
 
 def w4a16_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None,
-                 config: W4A16Config | None = None, dequant_min_rows: int | None = None) -> torch.Tensor:
+                 config: W4A16Config | None = None, dequant_min_rows: int | None = None,
+                 permute_x_first: bool | None = None) -> torch.Tensor:
     """``x W^T + bias`` for x [..., K] (half precision on CUDA; float32 in the interpreter) and W in the canonical
-    int4 layout; a new tensor [..., N] in x's dtype. ``config`` / ``dequant_min_rows`` override the choices
-    (tests, tuning)."""
+    int4 layout; a new tensor [..., N] in x's dtype. ``config`` / ``dequant_min_rows`` / ``permute_x_first``
+    override the choices (tests, tuning)."""
     n, k = weight.qweight.shape[0], weight.input_size
     x2d = x.reshape(-1, k)
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     num_rows = x2d.shape[0]
-    threshold = DEQUANT_MIN_ROWS if dequant_min_rows is None else dequant_min_rows
-    if num_rows >= threshold:
-        x_in = x2d if weight.perm is None else x2d.index_select(1, weight.perm)
-        out = F.linear(x_in, dequantize_int4(weight, x.dtype), bias)
-        return out.view(*x.shape[:-1], n)
+    dequantize = num_rows >= (DEQUANT_MIN_ROWS if dequant_min_rows is None else dequant_min_rows)
+    perm = weight.perm
+    if perm is not None and (dequantize or (PERMUTE_X_FIRST if permute_x_first is None else permute_x_first)):
+        x2d, perm = x2d.index_select(1, perm), None
+    if dequantize:
+        return F.linear(x2d, dequantize_int4(weight, x.dtype), bias).view(*x.shape[:-1], n)
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows:
-        _launch_gemm(x2d, weight, bias, out, config or choose_config(num_rows, n, k, sm_count(x.device)))
+        _launch_gemm(x2d, weight, perm, bias, out, config or choose_config(num_rows, n, k, sm_count(x.device)))
     return out.view(*x.shape[:-1], n)
 
 
@@ -494,8 +501,10 @@ def dequantize_int4(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _launch_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
-                 config: W4A16Config) -> None:
+def _launch_gemm(x: torch.Tensor, weight: Int4Weight, perm: torch.Tensor | None, bias: torch.Tensor | None,
+                 out: torch.Tensor, config: W4A16Config) -> None:
+    """Launch the kernel ``config`` names; ``perm``: the act-order permutation the kernel applies to x's columns
+    (None: x is in the weight's column order already)."""
     num_rows, k = x.shape
     n, padded_k = out.shape[1], weight.qweight.shape[1] * 8
     m_blocks = triton.cdiv(num_rows, config.block_m)
@@ -505,9 +514,9 @@ def _launch_gemm(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None,
     launch = plan_launch(n, padded_k, out, block_n=config.block_n, block_k=TILE_K, block_m=config.block_m,
                          split_k=config.split_k, can_split=m_blocks == 1)
     zeros = weight.zeros if weight.zeros is not None else weight.scales  # placeholder when symmetric
-    operands = (x, weight.perm if weight.perm is not None else x, weight.qweight, weight.scales, zeros,
+    operands = (x, perm if perm is not None else x, weight.qweight, weight.scales, zeros,
                 bias if bias is not None else out, out, launch.partials, launch.arrivals)
-    flags = {"HAS_PERM": weight.perm is not None, "HAS_ZEROS": weight.zeros is not None, "HAS_BIAS": bias is not None,
+    flags = {"HAS_PERM": perm is not None, "HAS_ZEROS": weight.zeros is not None, "HAS_BIAS": bias is not None,
              "IS_SPLIT": launch.is_split, "EVEN_K": k == padded_k, "BLOCK_N": config.block_n,
              "BLOCK_M": config.block_m, "num_warps": config.num_warps}
     strides = (x.stride(0), weight.qweight.stride(0), weight.scales.stride(0), zeros.stride(0), out.stride(0))

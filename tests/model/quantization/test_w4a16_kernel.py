@@ -299,3 +299,20 @@ def test_cuda_graph_replay() -> None:
         x.copy_(torch.randn(3, 4096, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16))
         graph.replay()
         assert_close(out, oracle(x, weight, None), torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 70])
+@pytest.mark.parametrize("config", [None, W4A16Config(64, 4, split_k=2, num_stages=3, gemv=True)],
+                         ids=["dot_config", "gemv"])
+def test_act_order_x_permuted_first_or_in_the_kernel(num_rows: int, config: W4A16Config | None) -> None:
+    """With act-order, x permuted by torch before the kernel gives the sums the kernel's own gather gives: the same
+    products in the same order, so the outputs are equal, and equal the oracle."""
+    if config is not None and config.gemv and num_rows > config.block_m:
+        pytest.skip("the GEMV takes at most block_m rows")
+    dtype = DTYPES[0]
+    weight = random_weight(96, 384, 64, True, True, seed=num_rows)
+    x = torch.randn(num_rows, 384, generator=torch.Generator().manual_seed(num_rows)).to(DEVICE, dtype)
+    in_kernel = w4a16_linear(x, weight, config=config, dequant_min_rows=1 << 30, permute_x_first=False)
+    first = w4a16_linear(x, weight, config=config, dequant_min_rows=1 << 30, permute_x_first=True)
+    assert torch.equal(in_kernel, first)
+    assert_close(first, oracle(x, weight, None), dtype)
