@@ -48,8 +48,8 @@ from pagedllm.entrypoints.openai.serving_common import (
     resolve_max_tokens,
     run_unless_disconnected,
     sse,
-    sse_json,
     sse_error,
+    sse_plain_chunk,
     stream_failure,
 )
 from pagedllm.entrypoints.openai.tool_calls import ToolPlan, plan_tools
@@ -226,8 +226,8 @@ class OpenAIServingChat:
             return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model_name,
                                                     choices=choices, usage=usage, prompt_token_ids=prompt_token_ids))
 
-        def plain_chunk(choices: list[dict[str, Any]]) -> bytes:
-            return _plain_chunk(request_id, created, model_name, choices)
+        def plain_chunk(choices: list[dict[str, Any]]) -> bytes:  # a plain stream's, from dicts (_plain_choice)
+            return sse_plain_chunk("chat.completion.chunk", request_id, created, model_name, choices)
 
         for index in range(request.n):  # with return_token_ids, the first chunk carries the prompt's ids
             first_ids = prompt["prompt_token_ids"] if request.return_token_ids and index == 0 else None
@@ -295,13 +295,6 @@ def _plain_choice(completion: CompletionOutput) -> dict[str, Any] | None:
         return None
     return {"index": completion.index, "delta": {"content": completion.text} if completion.text else {},
             "logprobs": None, "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
-
-
-def _plain_chunk(request_id: str, created: int, model_name: str, choices: list[dict[str, Any]]) -> bytes:
-    """One SSE chunk of a plain chat stream, serialized without building the models: the same bytes as
-    ``ChatCompletionStreamResponse`` (prompt_token_ids left out), a tenth of the CPU, once per stream and step."""
-    return sse_json({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                     "choices": choices, "usage": None})
 
 
 def _plan_tools(request: ChatCompletionRequest, auto_tool_parser: str | None) -> ToolPlan:

@@ -348,10 +348,14 @@ def sse(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
 
 
-def sse_json(chunk: dict[str, Any]) -> bytes:
-    """``sse`` of a chunk given as plain dicts, lists and scalars, skipping the model's validation (a stream's
-    hottest path: one chunk per stream and step). pydantic-core serializes both, so the bytes are those of ``sse``
-    of the equivalent model (non-finite floats null, as the models send them)."""
+def sse_plain_chunk(object_name: str, request_id: str, created: int, model_name: str,
+                    choices: list[dict[str, Any]]) -> bytes:
+    """``sse`` of a stream chunk (``object_name``: "text_completion", "chat.completion.chunk") whose choices are
+    given as plain dicts, lists and scalars, skipping the models' validation (a stream's hottest path: one chunk per
+    stream and step). pydantic-core serializes both, so the bytes are those of ``sse`` of the equivalent model
+    (usage null mid-stream, non-finite floats null, as the models send them)."""
+    chunk = {"id": request_id, "object": object_name, "created": created, "model": model_name, "choices": choices,
+             "usage": None}
     return b"data: " + pydantic_core.to_json(chunk, inf_nan_mode="null") + b"\n\n"
 
 

@@ -44,7 +44,7 @@ from pagedllm.entrypoints.openai.serving_common import (
     run_unless_disconnected,
     sse,
     sse_error,
-    sse_json,
+    sse_plain_chunk,
     stream_failure,
 )
 from pagedllm.lora.request import LoRARequest
@@ -315,8 +315,7 @@ def _stream_chunk(request_id: str, created: int, model_name: str,
     """One SSE chunk of a completion stream. A plain stream's chunk is serialized without building the models (same
     bytes, a tenth of the CPU: it is made once per stream and engine step)."""
     if isinstance(choices[0], dict):
-        return sse_json({"id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                         "choices": choices, "usage": None})
+        return sse_plain_chunk("text_completion", request_id, created, model_name, choices)
     return sse(CompletionStreamResponse(id=request_id, created=created, model=model_name, choices=choices))
 
 

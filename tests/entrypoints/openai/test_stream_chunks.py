@@ -13,8 +13,7 @@ from pagedllm.entrypoints.openai.protocol import (
     DeltaMessage,
 )
 from pagedllm.entrypoints.openai.serving_chat import _plain_choice as _plain_chat_choice
-from pagedllm.entrypoints.openai.serving_chat import _plain_chunk as _plain_chat_chunk
-from pagedllm.entrypoints.openai.serving_common import sse
+from pagedllm.entrypoints.openai.serving_common import sse, sse_plain_chunk
 from pagedllm.entrypoints.openai.serving_completions import _plain_choice, _stream_chunk
 from pagedllm.params import CompletionOutput
 
@@ -71,12 +70,13 @@ def test_a_plain_chat_chunk_has_the_models_bytes(text: str, finish: str | None, 
     if choice is None:  # nothing to send: no text, not finished
         assert not text and finish is None
         return
-    fast = _plain_chat_chunk("chatcmpl-1", 1700000000, 'Qwen/Qwen3-0.6B"é', [choice])
+    fast = sse_plain_chunk("chat.completion.chunk", "chatcmpl-1", 1700000000, 'Qwen/Qwen3-0.6B"é', [choice])
     assert fast == chat_model_chunk([completion], 'Qwen/Qwen3-0.6B"é').encode()
 
 
 def test_several_plain_chat_choices_in_one_chunk() -> None:
     completions = [CompletionOutput(i, text, [], finish_reason="length" if i == 2 else None)
                    for i, text in enumerate(TEXTS[1:4])]
-    fast = _plain_chat_chunk("chatcmpl-1", 1700000000, "m", [_plain_chat_choice(c) for c in completions])
+    fast = sse_plain_chunk("chat.completion.chunk", "chatcmpl-1", 1700000000, "m",
+                           [_plain_chat_choice(c) for c in completions])
     assert fast == chat_model_chunk(completions, "m").encode()
