@@ -14,9 +14,9 @@
 # Results are packed into $OUT/results.tgz after every section.
 source benchmarks/scripts/device_env.sh || exit 1
 export PATH=/tmp/site/bin:$PATH
-WORK=/tmp/next4; mkdir -p $WORK/api $WORK/w4a16 $WORK/moe
+WORK=/tmp/next4; mkdir -p $WORK/api $WORK/w4a16 $WORK/moe $WORK/prof
 LIMIT=${LIMIT:-420}
-pack() { tar czf "${OUT:-/tmp/out}/results.tgz" -C $WORK api w4a16 moe; }
+pack() { tar czf "${OUT:-/tmp/out}/results.tgz" -C $WORK api w4a16 moe prof; }
 echo "=== api servers $(date +%T)"
 OUT=$WORK/api COUNTS="2" CLIENTS=4 REPEATS=2 PYSPY=1 bash benchmarks/scripts/serve_api_servers_run.sh 2>&1 \
   | grep -v "^NVIDIA\|spawn_main\|resource_tracker\|^TPOT\|^ITL\|^E2EL" | tail -n 10
@@ -38,6 +38,12 @@ if [ $SECONDS -lt $LIMIT ]; then
   pack
   OUT=$WORK/moe NANO_SMALL=4 BENCH_TIMEOUT=150 bash benchmarks/scripts/issue19_moe_run.sh throughput 2>&1 \
     | grep -v "^NVIDIA" | tail -n 20
+  pack
+fi
+if [ $SECONDS -lt $((LIMIT + 60)) ]; then  # 4. Llama-3.1-8B bs1 decode graph, kernel by kernel (issue 14's 4.2 ms)
+  echo "=== profile llama $(date +%T)"
+  timeout 100 python3 benchmarks/scripts/profile_decode_kernels.py --model llama-3.1-8b --context 100 2>&1 \
+    | grep -v "^\[" > $WORK/prof/profile-decode-kernels-llama-3.1-8b.log; tail -n 45 $WORK/prof/profile-decode-kernels-llama-3.1-8b.log
   pack
 fi
 echo "=== done $(date +%T) ($SECONDS s)"
