@@ -27,8 +27,25 @@ class LateCompileLog:
         # inside its JIT.
         self.count += 1
         logger.info("Triton kernel first used after start-up, compiled or loaded inside a step: %s",
-                    kwargs.get("repr") or kwargs.get("key") or args)
+                    describe(kwargs) or args)
         return self.previous(*args, **kwargs) if self.previous is not None else None
+
+
+def describe(kwargs: dict[str, Any]) -> str:
+    """The kernel and its specialization: each argument's type, ``/16`` where Triton assumed it divisible by 16
+    (a pointer's alignment, an integer's value), and the constexprs' values. Triton's own ``repr`` names the kernel
+    and its launch options; its argument list is garbled in some versions (3.6 prints ``(x_ptr: (``)."""
+    text = str(kwargs.get("repr") or kwargs.get("key") or "")
+    try:
+        spec = kwargs["compile"]
+        signature, constants, attrs = spec["signature"], spec["constants"], spec["configs"][0]
+        divisible = {path[0] for path, values in attrs.items() if any(v[0] == "tt.divisibility" for v in values)}
+        args = [f"{name}={constants.get((i,))}" if kind == "constexpr"
+                else f"{name}: {kind}{'/16' if i in divisible else ''}"
+                for i, (name, kind) in enumerate(signature.items())]
+    except (KeyError, IndexError, TypeError, AttributeError):  # a Triton that passes less: its repr alone
+        return text
+    return f"{text.split('(')[0]}({', '.join(args)})"
 
 
 def install() -> LateCompileLog | None:

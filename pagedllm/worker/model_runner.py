@@ -47,6 +47,10 @@ from pagedllm.worker.step_output import PendingSampledOutput, ReadyOutput, StepO
 
 logger = logging.getLogger(__name__)
 
+# The sampler warm-up's row temperatures, cycled over the rows: 1.0 divides by nothing, 0.5 by a temperature; with a
+# greedy row (0.0) each again. Each is its own specialization of the sampling kernels.
+_WARM_UP_TEMPERATURES = ((1.0,), (0.5,), (0.0, 1.0), (0.0, 0.5))
+
 
 @dataclass(slots=True)
 class _StepInputs:
@@ -239,22 +243,34 @@ class ModelRunner:
         if self.use_cuda_graphs:
             self._capture_cuda_graphs()
         if self.device.type == "cuda":
-            self._warm_up_sampler()
+            self._warm_up_sampling()
             if self.lora is not None:
                 self.lora.warm_up_kernels()
             late_compiles.install()  # from here on, a kernel compile stalls a step: say so
 
     @torch.inference_mode()
-    def _warm_up_sampler(self) -> None:
-        """Compile the sampling kernels of small and large batches (two different Triton kernels) before any
-        request: a first compile in the middle of a run stalls that step for about a second."""
-        vocab_size = self.model_config.vocab_size
-        for num_rows in sorted({1, self.config.scheduler_config.max_num_seqs}):
-            for temperature in (1.0, 0.5):  # without and with a temperature to divide by (two specializations)
-                rows = [SamplingRow(SamplingParams(temperature=temperature), [0], [], 0)] * num_rows
-                metadata = SamplingMetadata.build(rows, vocab_size, self.device, ())
-                self.sampler(torch.zeros(num_rows, vocab_size, device=self.device), metadata)
+    def _warm_up_sampling(self) -> None:
+        """Compile the LM head's and the sampler's kernels before any request: a first compile in the middle of a
+        run stalls that step, and every request in it, for up to a second (``late_compiles`` logs any left). The LM
+        head runs outside the CUDA graphs, on the skinny GEMM up to its row limit and on cuBLAS above; the sampler
+        has one kernel for small batches and one for large, each specialized on whether the rows divide by a
+        temperature and whether some rows are greedy (``_WARM_UP_TEMPERATURES``)."""
+        max_rows = self.config.scheduler_config.max_num_seqs
+        for num_rows in sorted({1, min(2, max_rows), max_rows}):
+            logits = self._warm_up_logits(num_rows)
+            for temperatures in _WARM_UP_TEMPERATURES:
+                params = [SamplingParams(temperature=temperatures[i % len(temperatures)]) for i in range(num_rows)]
+                rows = [SamplingRow(p, [0], [], 0) for p in params]
+                metadata = SamplingMetadata.build(rows, self.model_config.vocab_size, self.device, ())
+                self.sampler(logits, metadata)
         torch.cuda.synchronize(self.device)
+
+    def _warm_up_logits(self, num_rows: int) -> torch.Tensor:
+        """Logits of ``num_rows`` rows as a step makes them: through the LM head where this worker has one."""
+        if not self.is_last_stage or self.config.is_pooling:
+            return torch.zeros(num_rows, self.model_config.vocab_size, device=self.device)
+        hidden = torch.zeros(num_rows, self.model_config.hidden_size, dtype=self.dtype, device=self.device)
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def _capture_cuda_graphs(self) -> None:

@@ -96,6 +96,28 @@ def test_async_scheduling_matches_the_synchronous_loop_on_cuda(tiny_model):
     assert_same_tokens_and_logprobs(overlapped, LLM(tiny_model("qwen3"), **common), prompts, params)
 
 
+def test_no_kernel_compiles_inside_a_step_after_start_up(tiny_model):
+    """The warm-up compiles every specialization of the LM head and the sampling kernels that steps use: batches of
+    each parity below and above the split-vocabulary limit, with and without a temperature and greedy rows
+    (a compile inside a step stalls it for up to a second; session 30 found two that did)."""
+    from pagedllm.worker import late_compiles
+    from pagedllm.worker.triton_sampling import MAX_ROWS_FOR_SPLIT_VOCAB
+
+    many = MAX_ROWS_FOR_SPLIT_VOCAB + 3
+    llm = LLM(tiny_model("qwen3"), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=128,
+              max_num_seqs=many)
+    hook = late_compiles.install()  # the engine's, or this process's earlier one
+    if hook is None:
+        pytest.skip("this Triton has no jit_cache_hook")
+    before = hook.count
+    mixes = [[0.6], [1.0], [0.0, 0.6], [0.0, 1.0], [0.8]]
+    for num_prompts, temperatures in zip([1, 2, 3, 5, many], mixes):
+        params = [SamplingParams(temperature=temperatures[i % len(temperatures)], max_tokens=4 + i % 3,
+                                 ignore_eos=True) for i in range(num_prompts)]
+        llm.generate([{"prompt_token_ids": [3 + i, 4, 5]} for i in range(num_prompts)], params, use_tqdm=False)
+    assert hook.count == before
+
+
 def assert_same_tokens_and_logprobs(ours_llm: LLM, reference_llm: LLM, prompts, params) -> None:
     for ours, reference in zip(ours_llm.generate(prompts, params, use_tqdm=False),
                                reference_llm.generate(prompts, params, use_tqdm=False)):

@@ -55,3 +55,14 @@ def test_a_kernel_compiled_after_install_is_logged(monkeypatch, caplog) -> None:
         _fill_kernel[(1,)](out, 3.0, BLOCK=16)
         _fill_kernel[(1,)](out, 4.0, BLOCK=16)  # the same specialization: cached, no second miss
     assert hook.count == 1 and "_fill_kernel" in caplog.text and torch.all(out == 4.0)
+
+
+def test_the_log_names_each_argument_its_alignment_and_the_constexprs(monkeypatch, caplog) -> None:
+    spec = {"signature": {"x_ptr": "*bf16", "seeds_ptr": "*i64", "n": "i32", "HAS_GREEDY": "constexpr"},
+            "constants": {(3,): False}, "configs": [{(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}]}
+    monkeypatch.setattr(runtime, "jit_cache_hook", None)
+    hook = late_compiles.install()
+    with caplog.at_level(logging.INFO, logger=late_compiles.__name__):
+        hook(key=(), repr="_sample_kernel[num_warps=8](x_ptr: (", fn=None, compile=spec, is_manual_warmup=False,
+             already_compiled=False)
+    assert "_sample_kernel[num_warps=8](x_ptr: *bf16/16, seeds_ptr: *i64, n: i32/16, HAS_GREEDY=False)" in caplog.text

@@ -388,3 +388,15 @@ def test_metadata_skips_unused_features() -> None:
     md = SamplingMetadata.build([make_row(SamplingParams(top_k=3, logprobs=2))], 10, CPU, ())
     assert md.all_random and md.max_top_k == 3 and md.no_top_p and md.temperature is None
     assert md.max_num_logprobs == 2 and md.greedy_mask is None
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 5])
+def test_every_packed_row_array_is_16_byte_aligned_whatever_the_batch_size(num_rows: int) -> None:
+    # Triton specializes its kernels on each pointer's 16-byte alignment: with arrays packed at 8-byte offsets the
+    # sampling kernels compiled anew, inside a step, whenever the batch size changed parity.
+    rows = [SamplingRow(SamplingParams(temperature=0.5, seed=i, presence_penalty=0.1), [0, 1], [2], i)
+            for i in range(num_rows)]
+    metadata = SamplingMetadata.build(rows, 32, "cpu", ())
+    arrays = [metadata.temperature, metadata.seeds]
+    assert all(a is not None for a in arrays)
+    assert [a.data_ptr() % 16 for a in arrays] == [0] * len(arrays)
