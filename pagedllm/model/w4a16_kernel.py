@@ -46,12 +46,10 @@ from pagedllm.model.quantization.int4 import SYMMETRIC_ZERO, TILE_K, Int4Weight
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.model.w4a16_dequant import biased_zero, subtract_zero, tile_slices
 
-# From this many rows of x on, dequantize + cuBLAS (module docstring). On the H200 (benchmarks/h200/session29, a
-# Llama-3.1-8B layer) the tl.dot kernel in dot_config's shape took 164 us at 128 rows and 335 us at 256, against
-# 380 and 416 us for dequantize + cuBLAS (bf16: 133 and 176 us). Dequantizing costs a fixed ~240 us a layer, the
-# kernel ~0.9x bf16's time more than cuBLAS: they cross near 390 rows (an extrapolation; w4a16_microbench.py
-# now measures 384 and 512 rows).
-DEQUANT_MIN_ROWS = 384
+# From this many rows of x on, dequantize + cuBLAS (module docstring). On the H200 (benchmarks/h200/session30, a
+# Llama-3.1-8B layer's four projections) the tl.dot kernel in dot_config's shape took 336 us at 256 rows and 473 at
+# 384, against 417 and 479 us for dequantize + cuBLAS; at 512 rows dequantize + cuBLAS won, 536 against 563 us.
+DEQUANT_MIN_ROWS = 512
 # Up to this many rows of x, the GEMV kernel (0: never). On the H200 sweep the tl.dot kernel in dot_config's shape
 # ran the four projections of a Llama-3.1-8B layer at one row in 64.7 us against the GEMV's 71.9
 # (benchmarks/h200/session29), so decode takes the tl.dot kernel; the GEMV stays for measurement
@@ -60,8 +58,10 @@ GEMV_MAX_ROWS = 0
 # With act-order, the kernels read x's column perm[k] for their column k: a gather the software pipeline does not
 # cover (21 global loads a K step instead of 4, and a re-layout through shared memory, by the offline SASS of
 # w4a16_gemv_sass.py). True: x is permuted once by torch before the kernel instead (one more launch, the kernel's
-# loop then that of a weight without act-order). UNMEASURED on a GPU: ``w4a16_microbench.py --act-order`` times both.
-PERMUTE_X_FIRST = False
+# loop then that of a weight without act-order). On the H200 (benchmarks/h200/session30, w4a16_microbench.py
+# --act-order, a Llama-3.1-8B layer's four projections) permuting first took 89.6 us against the gather's 91.8 at
+# one row, 93.0 against 200.2 at 16 rows and 197.2 against 2,011 at 128; without act-order 64.8, 69.0 and 166.9.
+PERMUTE_X_FIRST = True
 _FLOAT_2POW23_BITS = 0x4B000000  # float32 2^23, mantissa all zero: OR-ing an integer q < 2^23 in gives 2^23 + q
 _TILE_K = tl.constexpr(TILE_K)
 _SYMMETRIC_ZERO = tl.constexpr(float(SYMMETRIC_ZERO))  # the zero of a weight whose checkpoint has none
