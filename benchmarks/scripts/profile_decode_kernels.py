@@ -56,8 +56,10 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--context", type=int, default=100)
     parser.add_argument("--short-bound", type=int, default=256)
+    parser.add_argument("--quantization", default=None, help="e.g. fp8 (online) or gptq (dummy packed weights)")
     args = parser.parse_args()
-    llm = LLM(resolve_model(args.model), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=4)
+    llm = LLM(resolve_model(args.model), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=4,
+              quantization=args.quantization)
     engine = llm.llm_engine
     rng = random.Random(0)
     prompt = [rng.randint(0, 10000) for _ in range(32)]
@@ -68,7 +70,7 @@ def main() -> None:
     runner = engine.engine_core.model_runner
     torch.cuda.synchronize()
     replay = lambda: runner.decode_graphs.replay(1)
-    summary = {"model": args.model, "context": args.context, "max_model_len": runner.config.scheduler_config.max_model_len}
+    summary = {"model": args.model, "quantization": args.quantization, "context": args.context, "max_model_len": runner.config.scheduler_config.max_model_len}
     summary["replay_bs1_ms"] = time_replays(replay)
     rows = kernel_table(replay)
     summary["kernel_sum_bs1_ms"] = sum(r[2] for r in rows) / 1000
