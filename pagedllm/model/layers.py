@@ -8,8 +8,9 @@ On CUDA, RMSNorm (with its residual add), rotary (with Qwen3's q/k norm) and SiL
 Triton kernel (``triton_ops.py``, same numerics up to rounding) unless ``PAGEDLLM_DISABLE_TRITON_OPS=1``; on CPU
 they are the plain torch code here, which is also the reference the kernels are tested against. On CUDA,
 ``rotate_qk_into_cache`` also stores K/V into the paged cache in rotary's launch; ``rms_norm_linear`` and
-``silu_mul_linear`` can run the norm or the activation inside the following projection's skinny GEMM, which is
-switched off (``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``: measured slower).
+``silu_mul_linear`` run the norm or the activation inside the following projection's kernel where its method
+offers that (``fused_input_linear``): FP8's one-row GEMV does; the dense skinny GEMM can but is switched off
+(``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``: measured slower).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from pagedllm.distributed.parallel_state import get_parallel_state
 from pagedllm.model.gemm import linear, skinny_gemm_for
 from pagedllm.model.linear import Linear, default_weight_loader, set_weight_loader
+from pagedllm.model.quantization.base import FusedInputLinear
 from pagedllm.platform import triton_ops_enabled
 
 
@@ -89,7 +91,7 @@ def fused_gemm_kernels(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | No
     """The skinny-GEMM module when a norm or an activation before ``linear(x, weight)`` runs inside the GEMM's
     prologue (switched on, and a decode-sized x on CUDA with the fused ops on), else None: the ops then run one by
     one."""
-    if not (FUSE_NORM_AND_ACTIVATION_INTO_GEMM and use_triton_ops(x)):
+    if not FUSE_NORM_AND_ACTIVATION_INTO_GEMM:
         return None
     return skinny_gemm_for(x, weight)
 
@@ -98,14 +100,41 @@ def rms_norm_linear(
     norm: RMSNorm, layer: Linear, x: torch.Tensor, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``layer(norm(x + residual))`` and the new residual stream ``x + residual`` (``x`` when ``residual`` is None,
-    as in the first layer); one skinny-GEMM launch, the norm in its prologue, where ``fused_gemm_kernels`` says."""
-    kernels = fused_gemm_kernels(x, layer.weight) if layer.is_dense and layer.lora is None else None
-    if kernels is not None:
-        return kernels.rms_norm_gemm(x, residual, norm.weight, norm.eps, layer.weight, layer.bias)
+    as in the first layer); one launch, the norm in the GEMM's prologue, where ``fused_input_linear`` says."""
+    fused = fused_input_linear(layer, x)
+    if fused is not None:
+        return fused.rms_norm_linear(x, residual, norm.weight, norm.eps)
     if residual is None:
         return layer(norm(x)), x
     normed, residual = norm(x, residual)
     return layer(normed), residual
+
+
+def fused_input_linear(layer: Linear, x: torch.Tensor) -> FusedInputLinear | None:
+    """``layer`` with the op before it inside its kernel, for an input like ``x``, or None: a dense layer on the
+    skinny GEMM (``fused_gemm_kernels``), or what the layer's quantization method offers (FP8's one-row GEMV). Not
+    with LoRA (its delta needs the computed input) or a row-parallel layer (its all-reduce)."""
+    if layer.lora is not None or layer.tp_comm is not None or not use_triton_ops(x):
+        return None
+    if layer.is_dense:
+        kernels = fused_gemm_kernels(x, layer.weight)
+        return SkinnyFusedInput(kernels, layer) if kernels is not None else None
+    return layer.quant_method.fused_input(layer, x)
+
+
+@dataclass(frozen=True)
+class SkinnyFusedInput:
+    """``FusedInputLinear`` of a dense layer on the skinny GEMM's fused variants."""
+
+    kernels: ModuleType
+    layer: Linear
+
+    def rms_norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kernels.rms_norm_gemm(x, residual, norm_weight, eps, self.layer.weight, self.layer.bias)
+
+    def silu_mul_linear(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.kernels.silu_mul_gemm(gate_up, self.layer.weight, self.layer.bias)
 
 
 def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -263,12 +292,11 @@ class SiluAndMul(nn.Module):
 
 
 def silu_mul_linear(layer: Linear, gate_up: torch.Tensor) -> torch.Tensor:
-    """``layer(silu(gate) * up)`` for a fused ``[..., 2 * d]`` gate/up output; one skinny-GEMM launch that computes the
-    activation as it loads its input, where ``fused_gemm_kernels`` says."""
-    kernels = fused_gemm_kernels(gate_up[..., : layer.input_size], layer.weight) \
-        if layer.is_dense and layer.lora is None and layer.tp_comm is None else None
-    if kernels is not None:
-        return kernels.silu_mul_gemm(gate_up, layer.weight, layer.bias)
+    """``layer(silu(gate) * up)`` for a fused ``[..., 2 * d]`` gate/up output; one launch that computes the
+    activation as the GEMM loads its input, where ``fused_input_linear`` says."""
+    fused = fused_input_linear(layer, gate_up[..., : layer.input_size])
+    if fused is not None:
+        return fused.silu_mul_linear(gate_up)
     return layer(silu_and_mul(gate_up))
 
 

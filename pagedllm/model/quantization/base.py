@@ -21,6 +21,7 @@ method's kernel wants (or quantize a dense weight, for online FP8).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -44,6 +45,22 @@ class LinearMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x W^T + bias`` for ``x`` [..., input_size], in ``x``'s dtype."""
         raise NotImplementedError
+
+    def fused_input(self, layer: nn.Module, x: torch.Tensor) -> FusedInputLinear | None:
+        """The layer's product with the op before it (RMSNorm, SiLU-and-mul) inside its kernel, for an input like
+        ``x`` [..., input_size] on this device; None (the default): the ops run one by one."""
+        return None
+
+
+class FusedInputLinear(Protocol):
+    """A linear layer whose kernel computes its own input as it loads it: one launch instead of two."""
+
+    def rms_norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer(rms_norm(x + residual) * norm_weight)`` and ``x + residual`` (``x`` without a residual)."""
+
+    def silu_mul_linear(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``layer(silu(gate) * up)`` for ``gate_up`` [..., 2 * input_size]."""
 
 
 class QuantizationConfig:

@@ -23,11 +23,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pagedllm.model.quantization.base import LinearMethod, QuantizationConfig, add_param, replace_param
+from pagedllm.model.quantization.base import (
+    FusedInputLinear,
+    LinearMethod,
+    QuantizationConfig,
+    add_param,
+    replace_param,
+)
 from pagedllm.model.quantization.fp8_gemm import (
     FP8_DTYPE,
     ActivationScheme,
     fp8_linear,
+    fused_input_kernels,
+    gemv_fuses_input,
     quantize_weight,
 )
 from pagedllm.model.quantization.unquantized import UnquantizedLinearMethod
@@ -95,6 +103,32 @@ class Fp8LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return fp8_linear(x, layer.weight, layer.weight_scale, bias, self.scheme.activations, layer.input_scale)
+
+    def fused_input(self, layer: nn.Module, x: torch.Tensor) -> FusedInputLinear | None:
+        """The GEMV with the op before it in its prologue, for a one-row x on the GEMV path (``fp8_gemm``)."""
+        return Fp8FusedInputGemv(layer) if gemv_fuses_input(x, layer.weight, self.scheme.activations) else None
+
+
+@dataclass(frozen=True)
+class Fp8FusedInputGemv:
+    """``FusedInputLinear`` of one FP8 layer on the one-row GEMV (weight only, as ``fp8_linear`` runs it there)."""
+
+    layer: nn.Module
+
+    def rms_norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layer
+        x2d = x.reshape(1, -1).contiguous()
+        residual2d = residual.reshape(1, -1).contiguous() if residual is not None else None
+        out, new_residual = fused_input_kernels().fp8_rms_norm_gemv(x2d, residual2d, norm_weight, eps, layer.weight,
+                                                                    layer.weight_scale, layer.bias)
+        return out.view(*x.shape[:-1], -1), new_residual.view(x.shape)
+
+    def silu_mul_linear(self, gate_up: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        out = fused_input_kernels().fp8_silu_mul_gemv(gate_up.reshape(1, -1).contiguous(), layer.weight,
+                                                      layer.weight_scale, layer.bias)
+        return out.view(*gate_up.shape[:-1], -1)
 
 
 def _set_param(layer: nn.Module, name: str, data: torch.Tensor) -> None:

@@ -48,6 +48,10 @@ TRITON_MAX_ROWS = 64  # up to this many: the tl.dot GEMM (at most fp8_triton.MAX
 # its MAX_ROWS, 256), before w8a8 and _scaled_mm; 0 turns it off. From the H200 microbenchmark
 # (benchmarks/h200/session27/call3, fp8_microbench.py --tma): its Llama-3.1-8B layer beat both at every M to 256.
 TMA_MAX_ROWS = 256
+# A one-row projection on the GEMV computes its input itself where the model asks (the RMSNorm before qkv and
+# gate_up, SiLU-and-mul before down: ``fp8_gemv.fp8_rms_norm_gemv`` / ``fp8_silu_mul_gemv``), which saves those ops'
+# launches in a batch-1 decode step; 0 turns it off.
+FUSE_INPUT_INTO_GEMV = 1
 TritonPath = Literal["gemv", "w8a8", "w8a8_fused", "w8a8_tma", "weight_only"]
 
 
@@ -152,6 +156,19 @@ def _cuda_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if scheme != "none" and _scaled_mm_accepts(x, weight):
         return _scaled_mm_linear(x, weight, weight_scale, bias, scheme, input_scale)
     return fp8_linear_reference(x, weight, weight_scale, bias)
+
+
+def gemv_fuses_input(x: torch.Tensor, weight: torch.Tensor, scheme: ActivationScheme) -> bool:
+    """Whether ``fp8_linear`` on x (one row, [..., K]) runs the GEMV, which can then take the op before it in its
+    prologue (``FUSE_INPUT_INTO_GEMV``)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    return (bool(FUSE_INPUT_INTO_GEMV) and x.is_cuda and x2d.shape[0] == 1
+            and _triton_path_for(x2d, weight, scheme) == "gemv")
+
+
+def fused_input_kernels() -> ModuleType:
+    """The GEMV module, whose ``fp8_rms_norm_gemv`` / ``fp8_silu_mul_gemv`` serve ``gemv_fuses_input``'s calls."""
+    return _gemv_kernel()
 
 
 def _triton_path_for(x: torch.Tensor, weight: torch.Tensor, scheme: ActivationScheme) -> TritonPath | None:

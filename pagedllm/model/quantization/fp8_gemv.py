@@ -19,17 +19,27 @@ tiles in flight through shared memory) only when they feed a ``tl.dot`` or when 
 
 K is split only when the row blocks alone would leave SMs idle (``choose_config``; never for Llama-3.1-8B's
 projections), finished as in ``fp8_triton`` (the last slice to arrive sums in split order: deterministic).
+
+For one row of x the kernel can also compute its input as it loads it (``fp8_rms_norm_gemv``, ``fp8_silu_mul_gemv``):
+the RMSNorm before qkv and gate_up (with the residual add) or SiLU-and-mul before down, which then need no launch of
+their own. Unlike a ``tl.dot`` GEMM's prologue (``skinny_gemm``, where a computed x goes through shared memory and
+stalls the weight pipeline), x here is a register vector anyway, broadcast over the weight tile. Rounding is the
+skinny GEMM's: ``s = x + residual`` and ``s * norm_weight`` rounded to x's dtype, the row's 1 / rms applied to the
+float32 product (one rounding step from torch's order); SiLU's output and ``silu * up`` rounded as torch rounds
+them (the same input as the unfused ops).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from pagedllm import pdl
+from pagedllm.model.quantization.fp8_gemm import FP8_DTYPE
 from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, accepts, finish_tile
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.pdl import wait_for_earlier_kernels
@@ -78,13 +88,46 @@ def _row_sums(acc0, acc1, acc2, acc3, NUM_ROWS: tl.constexpr, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _load_vector(ptr, cols, K, EVEN_K: tl.constexpr):
+    """``ptr[cols]``, zero past K; kept in L2 (every program of the launch reads it)."""
+    if EVEN_K:
+        return tl.load(ptr + cols, eviction_policy="evict_last")
+    return tl.load(ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last")
+
+
+@triton.jit
+def _fused_input(x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, cols, K, sum_squares, store_residual,
+                 EVEN_K: tl.constexpr, NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """x's one row at ``cols`` as the fused prologue computes it, in float32, and ``sum_squares`` [BLOCK_K] plus
+    these columns' squares (NORM_INPUT). NORM_INPUT: ``s = x + residual`` (rounded; stored to ``residual_out`` where
+    ``store_residual``), then ``s * norm_weight`` rounded. Otherwise SiLU-and-mul of x's halves [gate | up]."""
+    x = _load_vector(x_ptr, cols, K, EVEN_K)
+    if NORM_INPUT:
+        if HAS_RESIDUAL:
+            residual = _load_vector(residual_ptr, cols, K, EVEN_K)
+            x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+            if store_residual:
+                tl.store(residual_out_ptr + cols, x, mask=cols < K)
+        x32 = x.to(tl.float32)
+        sum_squares += x32 * x32
+        norm_weight = _load_vector(norm_weight_ptr, cols, K, EVEN_K).to(tl.float32)
+        return (x32 * norm_weight).to(x.dtype).to(tl.float32), sum_squares
+    up = _load_vector(x_ptr + K, cols, K, EVEN_K).to(tl.float32)
+    gate = x.to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(x.dtype).to(tl.float32)  # torch rounds F.silu's output first
+    return (silu * up).to(x.dtype).to(tl.float32), sum_squares
+
+
+@triton.jit
 def _fp8_gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, N, K, k_per_split, stride_xm, stride_wn,
-    stride_om, NUM_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, residual_ptr, norm_weight_ptr,
+    residual_out_ptr, N, K, k_per_split, stride_xm, stride_wn, stride_om, eps,
+    NUM_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL_INPUT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """Program (row block, K slice): rows ``offs_n`` of W times every x row over its slice, then ``finish_tile``."""
+    """Program (row block, K slice): rows ``offs_n`` of W times every x row over its slice, then ``finish_tile``.
+    With NORM_INPUT (never split: each program sees the whole row) the product is scaled by the row's 1 / rms."""
     wait_for_earlier_kernels(USE_PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * k_per_split + tl.arange(0, BLOCK_K)
@@ -94,21 +137,30 @@ def _fp8_gemv_kernel(
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    sum_squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    store_residual = tl.program_id(0) == 0  # one program writes the new residual stream
     for _ in tl.range(0, k_per_split, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             w = tl.load(w_ptrs, eviction_policy="evict_first").to(tl.float32)
         else:
             w = tl.load(w_ptrs, mask=cols[None, :] < K, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        acc0 = _add_row_product(acc0, w, x_ptr, 0, cols, K, stride_xm, EVEN_K)
-        if NUM_ROWS > 1:
-            acc1 = _add_row_product(acc1, w, x_ptr, 1, cols, K, stride_xm, EVEN_K)
-        if NUM_ROWS > 2:
-            acc2 = _add_row_product(acc2, w, x_ptr, 2, cols, K, stride_xm, EVEN_K)
-        if NUM_ROWS > 3:
-            acc3 = _add_row_product(acc3, w, x_ptr, 3, cols, K, stride_xm, EVEN_K)
+        if NORM_INPUT or SILU_MUL_INPUT:  # one row (the wrappers check)
+            x, sum_squares = _fused_input(x_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, cols, K,
+                                          sum_squares, store_residual, EVEN_K, NORM_INPUT, HAS_RESIDUAL)
+            acc0 += w * x[None, :]
+        else:
+            acc0 = _add_row_product(acc0, w, x_ptr, 0, cols, K, stride_xm, EVEN_K)
+            if NUM_ROWS > 1:
+                acc1 = _add_row_product(acc1, w, x_ptr, 1, cols, K, stride_xm, EVEN_K)
+            if NUM_ROWS > 2:
+                acc2 = _add_row_product(acc2, w, x_ptr, 2, cols, K, stride_xm, EVEN_K)
+            if NUM_ROWS > 3:
+                acc3 = _add_row_product(acc3, w, x_ptr, 3, cols, K, stride_xm, EVEN_K)
         w_ptrs += BLOCK_K
         cols += BLOCK_K
     sums = _row_sums(acc0, acc1, acc2, acc3, NUM_ROWS, BLOCK_M)
+    if NORM_INPUT:
+        sums = sums * tl.rsqrt(tl.sum(sum_squares, axis=0) / K + eps)
     finish_tile(sums, offs_n, tl.arange(0, BLOCK_M), scale_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
                 arrivals_ptr, NUM_ROWS, N, stride_om, HAS_BIAS, False, IS_SPLIT, BLOCK_N, BLOCK_M)
 
@@ -118,21 +170,77 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     """``x (weight * scale[:, None])^T + bias`` for x [1..MAX_ROWS, K] (16 or 32 bits, never quantized), weight fp8
     [N, K], scale float32 [N] (a per-tensor scale expanded to [N]); a new tensor [M, N] in x's dtype. ``config``
     overrides the launch shape (tests, tuning)."""
-    num_rows, (n, k) = x.shape[0], weight.shape
+    num_rows = x.shape[0]
     if not accepts(x, weight) or not 0 < num_rows <= MAX_ROWS:
         raise ValueError(f"fp8_gemv needs x [1..{MAX_ROWS} rows, K] with a unit inner stride and a contiguous FP8 "
                          f"weight [N, K]; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
                          f"{weight.dtype}")
+    return _launch(x, weight, scale, bias, config, _Prologue())
+
+
+def fp8_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                      weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                      config: Fp8GemmConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8_gemv(rms_norm(x + residual) * norm_weight, ...)`` and ``x + residual`` (the next residual stream) for
+    one row x [1, K], in one launch; without ``residual``, of ``x`` alone, and the second result is ``x`` itself
+    (module docstring: rounding)."""
+    _check_one_row(x, weight, x.shape[-1])
+    new_residual = torch.empty_like(x) if residual is not None else x
+    if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
+        raise ValueError(f"fp8_rms_norm_gemv needs a residual shaped as x {tuple(x.shape)}; got "
+                         f"{tuple(residual.shape)}")
+    prologue = _Prologue(residual, norm_weight, eps, new_residual if residual is not None else None)
+    return _launch(x, weight, scale, bias, config, prologue), new_residual
+
+
+def fp8_silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                      config: Fp8GemmConfig | None = None) -> torch.Tensor:
+    """``fp8_gemv(silu(x[:, :K]) * x[:, K:], ...)`` for one row x [1, 2 * K] (a fused gate/up projection's output)
+    and weight [N, K], in one launch."""
+    _check_one_row(x, weight, 2 * weight.shape[1])
+    return _launch(x, weight, scale, bias, config, _Prologue(is_silu_mul=True))
+
+
+@dataclass(frozen=True)
+class _Prologue:
+    """What the kernel computes x from as it loads it: nothing, an RMSNorm (with a residual add), or SiLU-and-mul."""
+
+    residual: torch.Tensor | None = None
+    norm_weight: torch.Tensor | None = None
+    eps: float = 0.0
+    residual_out: torch.Tensor | None = None
+    is_silu_mul: bool = False
+
+    @property
+    def is_norm(self) -> bool:
+        return self.norm_weight is not None
+
+
+def _check_one_row(x: torch.Tensor, weight: torch.Tensor, width: int) -> None:
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != width or not x.is_contiguous() \
+            or weight.dtype != FP8_DTYPE or not weight.is_contiguous():
+        raise ValueError(f"The fused FP8 GEMVs need one contiguous row x [1, {width}] and a contiguous FP8 weight; "
+                         f"got x {tuple(x.shape)}, weight {tuple(weight.shape)} {weight.dtype}")
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+            config: Fp8GemmConfig | None, prologue: _Prologue) -> torch.Tensor:
+    num_rows, (n, k) = x.shape[0], weight.shape
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     config = config or choose_config(n, k, num_rows, sm_count(x.device))
     block_m = triton.next_power_of_2(num_rows)
+    # The norm needs whole rows: K is not split then.
     launch = plan_launch(n, k, out, block_n=config.block_n, block_k=config.block_k, block_m=block_m,
-                         split_k=config.split_k)
+                         split_k=config.split_k, can_split=not prologue.is_norm)
+    residual = prologue.residual if prologue.residual is not None else x  # placeholders when unused
     _fp8_gemv_kernel[launch.grid](
-        x, weight, scale, bias if bias is not None else out, out, launch.partials, launch.arrivals, n, k,
-        launch.k_per_split, x.stride(0), weight.stride(0), out.stride(0), NUM_ROWS=num_rows,
+        x, weight, scale, bias if bias is not None else out, out, launch.partials, launch.arrivals, residual,
+        prologue.norm_weight if prologue.is_norm else x,
+        prologue.residual_out if prologue.residual_out is not None else x,
+        n, k, launch.k_per_split, x.stride(0), weight.stride(0), out.stride(0), prologue.eps, NUM_ROWS=num_rows,
         HAS_BIAS=bias is not None, IS_SPLIT=launch.is_split, EVEN_K=launch.even_k, BLOCK_N=config.block_n,
-        BLOCK_M=block_m, BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
-        **pdl.launch_options(x.device),
+        BLOCK_M=block_m, BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, NORM_INPUT=prologue.is_norm,
+        HAS_RESIDUAL=prologue.residual is not None, SILU_MUL_INPUT=prologue.is_silu_mul,
+        num_warps=config.num_warps, **pdl.launch_options(x.device),
     )
     return out

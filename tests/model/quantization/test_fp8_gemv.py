@@ -13,6 +13,7 @@ from pagedllm.model.quantization.fp8_gemm import fp8_linear, fp8_linear_referenc
 from pagedllm.model.quantization.fp8_gemv import fp8_gemv
 from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, fp8_w8a8_gemm, fp8_weight_only_gemm
 from tests.model.quantization.fp8_problems import (
+    DEVICE,
     DTYPES,
     LLAMA_8B_SHAPES,
     RELATIVE_ERROR,
@@ -122,3 +123,66 @@ def test_fp8_linear_dispatches_by_rows(monkeypatch: pytest.MonkeyPatch, num_rows
             assert relative_error(out, fp8_linear_reference(x, weight, scale, bias)) < 4e-2
         else:
             assert torch.equal(out, expected())
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The torch RMSNorm of ``layers.RMSNorm`` (float32 statistics, rounded, times the weight)."""
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed * weight
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(40, 97), (130, 300), *([(6144, 4096)] if DEVICE == "cuda" else [])])
+@pytest.mark.parametrize("has_residual", [False, True])
+def test_rms_norm_gemv_matches_norm_then_gemv(dtype: torch.dtype, n: int, k: int, has_residual: bool) -> None:
+    x, weight, scale, bias = random_problem(1, n, k, dtype, True, seed=n + k)
+    generator = torch.Generator().manual_seed(k)
+    residual = torch.randn(1, k, generator=generator).to(DEVICE, dtype) if has_residual else None
+    norm_weight = (1 + 0.1 * torch.randn(k, generator=generator)).to(DEVICE, dtype)
+    out, new_residual = fp8_gemv_module.fp8_rms_norm_gemv(x, residual, norm_weight, 1e-6, weight, scale, bias)
+    summed = x + residual if has_residual else x
+    assert torch.equal(new_residual, summed)
+    expected = fp8_linear_reference(rms_norm_reference(summed, norm_weight, 1e-6), weight, scale, bias)
+    assert out.dtype == dtype and relative_error(out, expected) < 2 * RELATIVE_ERROR[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(40, 97), (72, 301), *([(4096, 14336)] if DEVICE == "cuda" else [])])
+def test_silu_mul_gemv_matches_activation_then_gemv(dtype: torch.dtype, n: int, k: int) -> None:
+    x, weight, scale, bias = random_problem(1, n, 2 * k, dtype, False, seed=n + k)
+    weight, scale, _ = random_problem(1, n, k, dtype, False, seed=k)[1:]
+    gate, up = x.chunk(2, dim=-1)
+    expected = fp8_linear_reference((torch.nn.functional.silu(gate) * up).contiguous(), weight, scale, None)
+    out = fp8_gemv_module.fp8_silu_mul_gemv(x, weight, scale)
+    assert relative_error(out, expected) < RELATIVE_ERROR[dtype]
+
+
+def test_silu_mul_gemv_split_k_is_exact_and_repeatable() -> None:
+    x, _, _, _ = random_problem(1, 8, 2 * 301, DTYPES[0], False, seed=3)
+    _, weight, scale, bias = random_problem(1, 72, 301, DTYPES[0], True, seed=4)
+    config = Fp8GemmConfig(8, 32, split_k=3)
+    first = fp8_gemv_module.fp8_silu_mul_gemv(x, weight, scale, bias, config)
+    gate, up = x.chunk(2, dim=-1)
+    expected = fp8_linear_reference((torch.nn.functional.silu(gate) * up).contiguous(), weight, scale, bias)
+    assert relative_error(first, expected) < RELATIVE_ERROR[DTYPES[0]]
+    assert torch.equal(first, fp8_gemv_module.fp8_silu_mul_gemv(x, weight, scale, bias, config))
+
+
+def test_rms_norm_gemv_never_splits_k() -> None:
+    """The norm needs each row's whole sum of squares: a split config still gives the unsplit result."""
+    x, weight, scale, _ = random_problem(1, 72, 301, DTYPES[0], False, seed=5)
+    norm_weight = torch.ones(301, device=DEVICE, dtype=DTYPES[0])
+    split, _ = fp8_gemv_module.fp8_rms_norm_gemv(x, None, norm_weight, 1e-6, weight, scale, None,
+                                                 Fp8GemmConfig(8, 32, split_k=3))
+    whole, _ = fp8_gemv_module.fp8_rms_norm_gemv(x, None, norm_weight, 1e-6, weight, scale, None,
+                                                 Fp8GemmConfig(8, 32, split_k=1))
+    assert torch.equal(split, whole)
+
+
+def test_fused_gemvs_refuse_more_than_one_row() -> None:
+    x, weight, scale, _ = random_problem(2, 16, 32, DTYPES[0], False, seed=1)
+    with pytest.raises(ValueError, match="one contiguous row"):
+        fp8_gemv_module.fp8_rms_norm_gemv(x, None, torch.ones(32, device=DEVICE, dtype=x.dtype), 1e-6, weight, scale)
+    with pytest.raises(ValueError, match="one contiguous row"):
+        fp8_gemv_module.fp8_silu_mul_gemv(x[:1], weight, scale)  # 32 columns: not the 2 * K the weight needs

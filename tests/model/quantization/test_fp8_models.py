@@ -203,3 +203,34 @@ def test_engine_reports_quantized_weight_memory(tiny_model_dir: Callable[[str], 
     # The projections shrink 4x (float32 -> FP8, plus a scale per row); embeddings and LM head stay float32.
     assert fp8["weight_bytes"] < 0.75 * dense["weight_bytes"]
     assert fp8["kv_cache_tokens"] == dense["kv_cache_tokens"]  # a fixed byte budget on CPU
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_decode_steps_with_norm_and_activation_inside_the_fp8_gemv(tiny_model_dir: Callable[[str], str],
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   arch: str) -> None:
+    """One-token steps route the RMSNorms and SiLU-and-mul into the FP8 GEMV's prologue (``fused_input_linear``;
+    on CPU the kernels run in Triton's interpreter, as every fused op does here) and give the unfused path's
+    logits: the wiring passes the right residual, norm weight and gate/up halves."""
+    pytest.importorskip("pagedllm.model.quantization.fp8_gemv")
+    from pagedllm.model import layers
+    from pagedllm.model.quantization import fp8
+
+    model = load(tiny_model_dir(arch), quantization="fp8")
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():  # distinct norm weights: a norm passed to the wrong projection would show
+        if isinstance(module, layers.RMSNorm):
+            module.weight.data = 1 + 0.2 * torch.randn(module.weight.shape, generator=generator)
+    ids = prompt(12, seed=5)
+    calls = []
+
+    def run(fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(layers, "use_triton_ops", lambda x: fused)
+        monkeypatch.setattr(fp8, "gemv_fuses_input",  # the GEMV serves one row (CUDA and sm89+ aside)
+                            lambda x, weight, scheme: calls.append(x.shape) or x.reshape(-1, x.shape[-1]).shape[0] == 1)
+        runner = PagedRunner(model, block_size=4)
+        return torch.cat([runner.step([("a", ids[:9])]), *(runner.step([("a", [t])]) for t in ids[9:])])
+
+    fused = run(fused=True)
+    assert len(calls) > 0
+    torch.testing.assert_close(fused, run(fused=False), atol=1e-4, rtol=0)
