@@ -17,6 +17,10 @@ shape and M (us; TB/s of the weight for the best TMA shape) and the layer sums, 
 ``TMA_MAX_ROWS`` as measured, ready to paste into ``fp8_tma`` / ``fp8_gemm``. With ``--skip-main`` about 90 s
 on an H200, most of it compiling the ~35 launch shapes.
 
+``--fused-input`` times, at one row, the op before each projection and the GEMV as two launches (triton_ops'
+RMSNorm with the residual add, or SiLU-and-mul, then ``fp8_gemv``) against one (``fp8_rms_norm_gemv`` before qkv and
+gate_up, ``fp8_silu_mul_gemv`` before down), and their layer sums.
+
 Times are per call, from CUDA graphs of ``--calls`` calls over rotating weight copies (more bytes than L2 holds),
 so launch overhead is out and the weight comes from HBM as in a decode step.
 """
@@ -35,7 +39,8 @@ from cuda_graph_timing import time_calls  # this folder is on sys.path when a sc
 from pagedllm.model import gemm
 from pagedllm.model.quantization import fp8_gemm, fp8_tma
 from pagedllm.model.quantization.fp8_gemm import fp8_linear, quantize_weight, triton_path
-from pagedllm.model.quantization.fp8_gemv import fp8_gemv
+from pagedllm.model import triton_ops
+from pagedllm.model.quantization.fp8_gemv import fp8_gemv, fp8_rms_norm_gemv, fp8_silu_mul_gemv
 from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, fp8_w8a8_gemm, fp8_weight_only_gemm
 from pagedllm.model.split_k import sm_count
 
@@ -159,6 +164,41 @@ def print_summaries(rows: list[dict], sweep: list[dict]) -> None:
               f"{result['config']}")
 
 
+FUSED_INPUT = {"qkv": "norm", "gate_up": "norm", "down": "silu"}  # the op before each projection in a layer
+
+
+def fused_input_shape(name: str, n: int, k: int, calls: int) -> dict | None:
+    """One row: the op before projection ``name`` then the GEMV (two launches) against the fused GEMV (one)."""
+    op = FUSED_INPUT.get(name)
+    if op is None:
+        return None
+    _, fp8 = weight_copies(n, k)
+    eps = 1e-6
+    if op == "norm":
+        x, residual = (torch.randn(1, k, device=DEVICE, dtype=DTYPE) for _ in range(2))
+        norm_weight = torch.randn(k, device=DEVICE, dtype=DTYPE)
+        separate = lambda i: fp8_gemv(triton_ops.fused_add_rms_norm(x, residual, norm_weight, eps)[0],
+                                      *fp8[i % NUM_COPIES])
+        fused = lambda i: fp8_rms_norm_gemv(x, residual, norm_weight, eps, *fp8[i % NUM_COPIES])
+        plain = x
+    else:
+        gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=DTYPE)
+        separate = lambda i: fp8_gemv(triton_ops.silu_and_mul(gate_up), *fp8[i % NUM_COPIES])
+        fused = lambda i: fp8_silu_mul_gemv(gate_up, *fp8[i % NUM_COPIES])
+        plain = gate_up[:, :k].contiguous()
+    row = {"fused_input": op, "shape": name, "n": n, "k": k, "separate_us": timed(separate, calls),
+           "fused_us": timed(fused, calls),
+           "gemv_us": timed(lambda i: fp8_gemv(plain, *fp8[i % NUM_COPIES]), calls)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def print_fused_input_summary(rows: list[dict]) -> None:
+    sums = {key: sum(row[key] for row in rows if isinstance(row[key], float))
+            for key in ("separate_us", "fused_us", "gemv_us")}
+    print("fused input, m=1, qkv + gate_up + down: " + "  ".join(f"{k[:-3]} {v:.1f} us" for k, v in sums.items()))
+
+
 def tma_candidates(n: int, k: int, block_m: int, num_sms: int) -> list[Fp8GemmConfig]:
     """choose_config's shape, that shape unsplit and split twice as much, and ``TMA_SHAPES`` (those whose ring
     fits in shared memory and whose accumulator fits in 128 registers a thread at 8 warps)."""
@@ -240,23 +280,28 @@ def main() -> None:
                                                     "weight_only")
     parser.add_argument("--skip-main", action="store_true", help="only the sweep / TMA table")
     parser.add_argument("--tma", action="store_true", help="the TMA GEMM's table (module docstring)")
+    parser.add_argument("--fused-input", action="store_true", help="the fused-input GEMVs' table (module docstring)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     kernels = [kernel for kernel in args.sweep.split(",") if kernel]
-    rows, sweep, tma_rows = [], [], []
+    rows, sweep, tma_rows, fused_rows = [], [], [], []
     for name, (n, k) in SHAPES.items():
         if not args.skip_main:
             rows += measure_shape(name, n, k, args.calls)
         sweep += sweep_shape(name, n, k, kernels, args.calls)
         if args.tma:
             tma_rows += tma_shape(name, n, k, args.calls)
+        if args.fused_input:
+            fused_rows += filter(None, [fused_input_shape(name, n, k, args.calls)])
     print_summaries(rows, sweep)
     if args.tma:
         print_tma_summary(tma_rows)
+    if fused_rows:
+        print_fused_input_summary(fused_rows)
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(0), "rows": rows, "sweep": sweep, "tma": tma_rows}, f,
-                      indent=1)
+            json.dump({"device": torch.cuda.get_device_name(0), "rows": rows, "sweep": sweep, "tma": tma_rows,
+                       "fused_input": fused_rows}, f, indent=1)
 
 
 if __name__ == "__main__":
