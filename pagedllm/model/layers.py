@@ -9,8 +9,8 @@ Triton kernel (``triton_ops.py``, same numerics up to rounding) unless ``PAGEDLL
 they are the plain torch code here, which is also the reference the kernels are tested against. On CUDA,
 ``rotate_qk_into_cache`` also stores K/V into the paged cache in rotary's launch; ``rms_norm_linear`` and
 ``silu_mul_linear`` run the norm or the activation inside the following projection's kernel where its method
-offers that (``fused_input_linear``): FP8's one-row GEMV does; the dense skinny GEMM can but is switched off
-(``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``: measured slower).
+offers that (``fused_input_linear``): the dense skinny GEMM and FP8's one-row GEMV can, both switched off because
+they measured slower (``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``, ``fp8_gemm.FUSE_INPUT_INTO_GEMV``).
 """
 
 from __future__ import annotations

@@ -48,10 +48,12 @@ TRITON_MAX_ROWS = 64  # up to this many: the tl.dot GEMM (at most fp8_triton.MAX
 # its MAX_ROWS, 256), before w8a8 and _scaled_mm; 0 turns it off. From the H200 microbenchmark
 # (benchmarks/h200/session27/call3, fp8_microbench.py --tma): its Llama-3.1-8B layer beat both at every M to 256.
 TMA_MAX_ROWS = 256
-# A one-row projection on the GEMV computes its input itself where the model asks (the RMSNorm before qkv and
-# gate_up, SiLU-and-mul before down: ``fp8_gemv.fp8_rms_norm_gemv`` / ``fp8_silu_mul_gemv``), which saves those ops'
-# launches in a batch-1 decode step; 0 turns it off.
-FUSE_INPUT_INTO_GEMV = 1
+# 1: a one-row projection on the GEMV computes its input itself where the model asks (the RMSNorm before qkv and
+# gate_up, SiLU-and-mul before down: ``fp8_gemv.fp8_rms_norm_gemv`` / ``fp8_silu_mul_gemv``), saving those ops'
+# launches. Off: on the H200 (benchmarks/h200/session30, Llama-3.1-8B) the fused GEMVs took 95.5 us for qkv + gate_up
+# + down against 64.3 for the ops and the plain GEMVs as separate launches, and the batch-1 decode step 3.79 ms
+# against 2.84 (each program reloads x, the residual and the norm weight every K step, and the weight stream slows).
+FUSE_INPUT_INTO_GEMV = 0
 TritonPath = Literal["gemv", "w8a8", "w8a8_fused", "w8a8_tma", "weight_only"]
 
 

@@ -23,7 +23,8 @@ projections), finished as in ``fp8_triton`` (the last slice to arrive sums in sp
 For one row of x the kernel can also compute its input as it loads it (``fp8_rms_norm_gemv``, ``fp8_silu_mul_gemv``):
 the RMSNorm before qkv and gate_up (with the residual add) or SiLU-and-mul before down, which then need no launch of
 their own. Unlike a ``tl.dot`` GEMM's prologue (``skinny_gemm``, where a computed x goes through shared memory and
-stalls the weight pipeline), x here is a register vector anyway, broadcast over the weight tile. Rounding is the
+stalls the weight pipeline), x here is a register vector anyway, broadcast over the weight tile. Measured slower all
+the same (``fp8_gemm.FUSE_INPUT_INTO_GEMV``, off), so the model does not route to them. Rounding is the
 skinny GEMM's: ``s = x + residual`` and ``s * norm_weight`` rounded to x's dtype, the row's 1 / rms applied to the
 float32 product (one rounding step from torch's order); SiLU's output and ``silu * up`` rounded as torch rounds
 them (the same input as the unfused ops).
@@ -49,16 +50,17 @@ MAX_ROWS = 4  # one accumulator per x row, unrolled: the registers grow with the
 
 @functools.cache
 def choose_config(n: int, k: int, num_rows: int, num_sms: int) -> Fp8GemmConfig:
-    """A launch shape (not yet tuned on a GPU; the microbenchmark's sweep prints the best per shape): 512-wide K
-    steps where K allows (a warp's 32 lanes each load 16 bytes of one row), a 4 KB weight tile per step for one x
-    row and 2 KB for more (each row's float32 accumulator holds a tile: 32 registers a thread at 4 warps), a
-    3-deep pipeline; K split only below two row blocks per SM."""
+    """A launch shape: 512-wide K steps where K allows (a warp's 32 lanes each load 16 bytes of one row), a 4 KB
+    weight tile per step for one x row and 2 KB for more (each row's float32 accumulator holds a tile: 32 registers
+    a thread at 4 warps); K split only below two row blocks per SM. One row: a 4-deep pipeline, which summed a
+    Llama-3.1-8B layer's four projections to 64.2 us against 65.2 at 3 deep on the H200 (the best swept shape per
+    projection summed to 63.1; benchmarks/h200/session30, ``fp8_microbench.py --sweep gemv``); more rows: 3 deep."""
     block_k = min(512, max(16, triton.next_power_of_2(k)))
     tile = 4096 if num_rows == 1 else 2048
     block_n = min(64, max(1, tile // block_k))
     row_blocks = triton.cdiv(n, block_n)
     split_k = even_split(triton.cdiv(k, block_k), triton.cdiv(2 * num_sms, row_blocks), 2)
-    return Fp8GemmConfig(block_n, block_k, split_k, num_warps=4, num_stages=3)
+    return Fp8GemmConfig(block_n, block_k, split_k, num_warps=4, num_stages=4 if num_rows == 1 else 3)
 
 
 @triton.jit
