@@ -49,6 +49,9 @@ _PREFILL_BLOCK_M = 64  # query rows (tokens x heads of a group) per prefill prog
 _BLOCK_N = 64  # keys per inner-loop tile
 _MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 _MAX_SPLITS = 64
+# A decode split attends to at least this many key tiles of the context bound: a split of one or two tiles pays its
+# partial write and the merge launch for little work. 1: as many splits as the bound has tiles (up to _MAX_SPLITS).
+MIN_TILES_PER_SPLIT = 1
 
 
 class TritonPagedAttention:
@@ -283,9 +286,10 @@ def _prefill_kernel(
 
 def num_decode_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Splits per (request, kv head) so that the decode launch has a few programs per SM: 1 for big batches,
-    many for a single long sequence; never more than the longest context has key tiles."""
+    many for a single long sequence; never more than the longest context has runs of ``MIN_TILES_PER_SPLIT`` key
+    tiles."""
     wanted = triton.cdiv(4 * sm_count(device), num_reqs * num_kv_heads)
-    return max(1, min(wanted, _MAX_SPLITS, triton.cdiv(max_seq_len, _BLOCK_N)))
+    return max(1, min(wanted, _MAX_SPLITS, triton.cdiv(max_seq_len, _BLOCK_N * MIN_TILES_PER_SPLIT)))
 
 
 def paged_decode(

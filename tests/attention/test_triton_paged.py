@@ -99,6 +99,15 @@ def test_decode_splits_a_long_context() -> None:
     check([(1, 1000), (1, 3), (1, 65)], block_size=32, num_heads=8, num_kv_heads=2)
 
 
+def test_each_split_gets_at_least_min_tiles_per_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    device = torch.device(DEVICE)
+    monkeypatch.setattr(triton_paged, "MIN_TILES_PER_SPLIT", 4)
+    assert triton_paged.num_decode_splits(1, 8, 256, device) == 1  # 4 tiles of 64 keys: one run
+    assert triton_paged.num_decode_splits(1, 8, 1024, device) == 4
+    monkeypatch.setattr(triton_paged, "MIN_TILES_PER_SPLIT", 1)
+    assert triton_paged.num_decode_splits(1, 8, 256, device) == 4
+
+
 def test_other_head_dims() -> None:
     check([(9, 40), (1, 77)], head_dim=64)
     check([(5, 30), (1, 20)], head_dim=8, num_heads=8, num_kv_heads=4)  # padded to 16 columns (stories260K)
