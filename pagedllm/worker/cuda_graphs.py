@@ -37,7 +37,8 @@ _SMALLEST_MIXED_GRAPH_TOKENS = 16
 # Context bounds of the extra decode graphs of small batches. The decode attention kernel's split count is fixed
 # when a graph is captured, from an upper bound of the context: a graph captured for max_model_len launches up to
 # 64 splits per (request, kv head) and merges them all, even for a 100-token context. Graphs of the same batch sizes
-# captured for these bounds launch fewer (at most 4 and 16 at batch 1); a step replays the graph of the smallest bound
+# captured for these bounds launch fewer (at batch 1: one under 256 and 4 under 1024, with each split at least
+# ``triton_paged.MIN_TILES_PER_SPLIT`` tiles of 64 keys); a step replays the graph of the smallest bound
 # that holds its longest context. Measured on an H200 at batch 1, context 100 (profile_decode_kernels.py): the
 # Qwen3-0.6B replay 1.38 -> 1.13 ms with a 256 bound, Llama-3.1-8B 4.47 -> 4.20 ms. Any bound is correct for any
 # context (the kernel spreads the context over the splits it has): the bound decides only the parallelism.
