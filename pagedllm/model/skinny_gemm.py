@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
+from pagedllm.model.input_prologue import InputPrologue
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.pdl import wait_for_earlier_kernels
 
@@ -216,7 +217,7 @@ def skinny_gemm(
     """``F.linear(x, weight, bias)`` for x [..., K] of at most ``MAX_ROWS`` rows and a contiguous weight [N, K]
     of x's dtype; a new tensor [..., N]. ``config`` overrides the launch shape (tests, tuning)."""
     x2d = _rows(x, weight, x.shape[-1])
-    out = _run(x2d, weight, bias, config, _Prologue())
+    out = _run(x2d, weight, bias, config, InputPrologue())
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -234,7 +235,7 @@ def rms_norm_gemm(
     x2d = _rows(x, weight, k)
     residual2d = _rows(residual, weight, k) if residual is not None else x2d
     new_residual = torch.empty_like(x2d, memory_format=torch.contiguous_format) if residual is not None else x2d
-    prologue = _Prologue(residual=residual2d if residual is not None else None, norm_weight=norm_weight, eps=eps,
+    prologue = InputPrologue(residual=residual2d if residual is not None else None, norm_weight=norm_weight, eps=eps,
                          residual_out=new_residual)
     out = _run(x2d, weight, bias, config, prologue)
     return out.view(*x.shape[:-1], weight.shape[0]), (new_residual.view(x.shape) if residual is not None else x)
@@ -250,23 +251,8 @@ def silu_mul_gemm(
         raise ValueError(f"silu_mul_gemm needs x [..., 2 * K] for a weight [N, K]; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
     x2d = _rows(x, weight, 2 * k)
-    out = _run(x2d, weight, bias, config, _Prologue(is_silu_mul=True))
+    out = _run(x2d, weight, bias, config, InputPrologue(is_silu_mul=True))
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-@dataclass(frozen=True)
-class _Prologue:
-    """What the kernel does to its input as it loads it: nothing, an RMSNorm (with a residual add), or SiLU-and-mul."""
-
-    residual: torch.Tensor | None = None
-    norm_weight: torch.Tensor | None = None
-    eps: float = 0.0
-    residual_out: torch.Tensor | None = None
-    is_silu_mul: bool = False
-
-    @property
-    def is_norm(self) -> bool:
-        return self.norm_weight is not None
 
 
 def _rows(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
@@ -281,7 +267,7 @@ def _rows(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
 
 def _run(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyGemmConfig | None,
-    prologue: _Prologue,
+    prologue: InputPrologue,
 ) -> torch.Tensor:
     num_rows, (n, k) = x.shape[0], weight.shape
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
@@ -293,7 +279,7 @@ def _run(
 
 def _launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, config: SkinnyGemmConfig,
-    prologue: _Prologue,
+    prologue: InputPrologue,
 ) -> None:
     num_rows, (n, k) = x.shape[0], weight.shape
     # The norm needs whole rows: K is not split then.

@@ -33,13 +33,13 @@ them (the same input as the unfused ops).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from pagedllm import pdl
+from pagedllm.model.input_prologue import InputPrologue
 from pagedllm.model.quantization.fp8_gemm import FP8_DTYPE
 from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, accepts, finish_tile
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
@@ -177,7 +177,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
         raise ValueError(f"fp8_gemv needs x [1..{MAX_ROWS} rows, K] with a unit inner stride and a contiguous FP8 "
                          f"weight [N, K]; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
                          f"{weight.dtype}")
-    return _launch(x, weight, scale, bias, config, _Prologue())
+    return _launch(x, weight, scale, bias, config, InputPrologue())
 
 
 def fp8_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -191,7 +191,7 @@ def fp8_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weigh
     if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
         raise ValueError(f"fp8_rms_norm_gemv needs a residual shaped as x {tuple(x.shape)}; got "
                          f"{tuple(residual.shape)}")
-    prologue = _Prologue(residual, norm_weight, eps, new_residual if residual is not None else None)
+    prologue = InputPrologue(residual, norm_weight, eps, new_residual if residual is not None else None)
     return _launch(x, weight, scale, bias, config, prologue), new_residual
 
 
@@ -200,22 +200,7 @@ def fp8_silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     """``fp8_gemv(silu(x[:, :K]) * x[:, K:], ...)`` for one row x [1, 2 * K] (a fused gate/up projection's output)
     and weight [N, K], in one launch."""
     _check_one_row(x, weight, 2 * weight.shape[1])
-    return _launch(x, weight, scale, bias, config, _Prologue(is_silu_mul=True))
-
-
-@dataclass(frozen=True)
-class _Prologue:
-    """What the kernel computes x from as it loads it: nothing, an RMSNorm (with a residual add), or SiLU-and-mul."""
-
-    residual: torch.Tensor | None = None
-    norm_weight: torch.Tensor | None = None
-    eps: float = 0.0
-    residual_out: torch.Tensor | None = None
-    is_silu_mul: bool = False
-
-    @property
-    def is_norm(self) -> bool:
-        return self.norm_weight is not None
+    return _launch(x, weight, scale, bias, config, InputPrologue(is_silu_mul=True))
 
 
 def _check_one_row(x: torch.Tensor, weight: torch.Tensor, width: int) -> None:
@@ -226,7 +211,7 @@ def _check_one_row(x: torch.Tensor, weight: torch.Tensor, width: int) -> None:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-            config: Fp8GemmConfig | None, prologue: _Prologue) -> torch.Tensor:
+            config: Fp8GemmConfig | None, prologue: InputPrologue) -> torch.Tensor:
     num_rows, (n, k) = x.shape[0], weight.shape
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     config = config or choose_config(n, k, num_rows, sm_count(x.device))
