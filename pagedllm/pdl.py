@@ -10,11 +10,18 @@ too, of all earlier kernels) is visible, and every read of theirs is done. A ker
 cuBLAS's) keeps the plain stream order, and a PDL kernel after it simply starts when it ends. Inside a CUDA graph
 the dependencies are captured as programmatic edges (CUDA 12.3 and newer).
 
+Where a kernel lets the next one be placed (``TRIGGER``): ``"start"``, right after its wait, so the next kernel's
+programs may take SM slots while this one still has programs to place; or ``"late"``, where the kernel calls
+``allow_later_kernels``: after the main loop in the GEMMs and the decode attention, at exit in the kernels without
+the call. Where the trigger sits changes only the overlap, never the result: each kernel still waits first.
+
 Off by default (``ENABLED``): on an H200 it changed nothing measurable in the Qwen3-0.6B batch-1 decode step
-(1.322 vs 1.328 ms, benchmarks/h200/issue14-decode-fusions), and a bulk L2 prefetch of each GEMM's first weight
-columns before the wait made it 9% slower. Correct under CUDA-graph capture (tests/model/test_skinny_gemm.py), so
-it is one switch away for the next measurement. Always off on CPU and in Triton's interpreter (``USE_PDL`` False
-removes the calls at compile time).
+(1.322 vs 1.328 ms, trigger at start, measured only with the slower fused GEMM prologues on;
+benchmarks/h200/issue14-decode-fusions), and a bulk L2 prefetch of each GEMM's first weight columns before the wait
+made it 9% slower. The late trigger is not measured yet. Correct under CUDA-graph capture
+(tests/model/test_skinny_gemm.py), so it is one switch away for the next measurement
+(``benchmarks/scripts/without_decode_kernels.py +pdl`` / ``+pdl_late``). Always off on CPU and in Triton's
+interpreter (``USE_PDL`` 0 removes the calls at compile time).
 
 Imported only by the kernel modules, themselves imported on first CUDA use.
 """
@@ -29,6 +36,9 @@ import triton
 import triton.language as tl
 
 ENABLED = False  # measured no gain (see above); True launches every kernel here with PDL on Hopper and newer
+TRIGGER = "start"  # or "late" (see above)
+# The kernels' ``USE_PDL`` constexpr: off, or on with the trigger at the start or late.
+_OFF, _TRIGGER_AT_START, _TRIGGER_LATE = 0, 1, 2
 
 
 def launch_options(device: torch.device) -> dict[str, Any]:
@@ -36,8 +46,10 @@ def launch_options(device: torch.device) -> dict[str, Any]:
     when PDL is on (``ENABLED``, a CUDA device of compute capability 9.0 or newer: the ``griddepcontrol``
     instructions)."""
     if ENABLED and device.type == "cuda" and _has_grid_dependency_control(device.index or 0):
-        return {"USE_PDL": True, "launch_pdl": True}
-    return {"USE_PDL": False}
+        if TRIGGER not in ("start", "late"):
+            raise ValueError(f"pdl.TRIGGER must be 'start' or 'late', not {TRIGGER!r}")
+        return {"USE_PDL": _TRIGGER_AT_START if TRIGGER == "start" else _TRIGGER_LATE, "launch_pdl": True}
+    return {"USE_PDL": _OFF}
 
 
 @functools.cache
@@ -47,8 +59,18 @@ def _has_grid_dependency_control(device_index: int) -> bool:
 
 @triton.jit
 def wait_for_earlier_kernels(USE_PDL: tl.constexpr):
-    """Block until the kernel launched before this one has finished and its writes are visible, then let the next
-    kernel be placed on the SMs (it runs its own prologue while this one works). Nothing without PDL."""
+    """Block until the kernel launched before this one has finished and its writes are visible; with the trigger
+    at the start, then let the next kernel be placed on the SMs (it runs its own prologue while this one works).
+    Nothing without PDL."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+        if USE_PDL == 1:  # _TRIGGER_AT_START
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def allow_later_kernels(USE_PDL: tl.constexpr):
+    """With the late trigger: let the next kernel be placed now (what is left of this program is its epilogue).
+    Nothing otherwise."""
+    if USE_PDL == 2:  # _TRIGGER_LATE
         tl.extra.cuda.gdc_launch_dependents()

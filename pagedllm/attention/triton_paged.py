@@ -42,7 +42,7 @@ from pagedllm import pdl
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.triton_fp8 import fp8_kernel_args, load_scale, quantize_fp8
 from pagedllm.model.split_k import sm_count
-from pagedllm.pdl import wait_for_earlier_kernels
+from pagedllm.pdl import allow_later_kernels, wait_for_earlier_kernels
 
 _LOG2_E = 1.4426950408889634
 _PREFILL_BLOCK_M = 64  # query rows (tokens x heads of a group) per prefill program
@@ -277,6 +277,7 @@ def _prefill_kernel(
             kv_head, stride_cache_slot, stride_cache_head, window, soft_cap, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
             HEAD_DIM_PAD, DOT_PRECISION, HAS_WINDOW, HAS_SOFT_CAP,
         )
+    allow_later_kernels(USE_PDL)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if IS_FP8:
         out = out * tl.load(v_scale)
@@ -380,6 +381,7 @@ def _decode_kernel(
             kv_head, stride_cache_slot, stride_cache_head, window, soft_cap, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
             HEAD_DIM_PAD, DOT_PRECISION, HAS_WINDOW, HAS_SOFT_CAP,
         )
+    allow_later_kernels(USE_PDL)
     # An empty split (or a padding request, seq_len 0) leaves l = 0: output 0, lse -inf (weight 0 in the merge).
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if IS_FP8:

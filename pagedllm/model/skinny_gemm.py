@@ -42,7 +42,7 @@ import triton.language as tl
 from pagedllm import pdl
 from pagedllm.model.input_prologue import InputPrologue
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
-from pagedllm.pdl import wait_for_earlier_kernels
+from pagedllm.pdl import allow_later_kernels, wait_for_earlier_kernels
 
 MAX_ROWS = 16  # decode batches up to this many rows take this kernel
 _BLOCK_M = 16  # tl.dot's smallest tile side: x's rows are padded to it
@@ -164,6 +164,7 @@ def _skinny_gemm_kernel(
         num_rows, N, K, k_per_split, stride_xm, stride_wn, stride_rm, tl.where(row_block == 0, num_rows, 0),
         BLOCK_N, BLOCK_M, BLOCK_K, EVEN_K, DOT_PRECISION, NORM_INPUT, HAS_RESIDUAL, SILU_MUL_INPUT,
     )
+    allow_later_kernels(USE_PDL)
     if NORM_INPUT:
         acc = acc * tl.rsqrt(sum_squares / K + eps)[None, :]
     if IS_SPLIT:

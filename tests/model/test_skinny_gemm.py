@@ -251,7 +251,15 @@ def test_pdl_is_off_by_default_and_never_on_cpu(monkeypatch: pytest.MonkeyPatch)
     """PDL measured no gain on an H200 (pagedllm/pdl.py): off unless switched on, and never outside CUDA."""
     assert not pdl.ENABLED
     monkeypatch.setattr(pdl, "ENABLED", True)
-    assert pdl.launch_options(torch.device("cpu")) == {"USE_PDL": False}
+    assert pdl.launch_options(torch.device("cpu")) == {"USE_PDL": 0}
+
+
+def test_pdl_refuses_an_unknown_trigger(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    monkeypatch.setattr(pdl, "TRIGGER", "early")
+    monkeypatch.setattr(pdl, "_has_grid_dependency_control", lambda index: True)
+    with pytest.raises(ValueError, match="'start' or 'late'"):
+        pdl.launch_options(torch.device("cuda", 0))
 
 
 def _decode_layer_chain(x, residual, norm_weight, qkv, o, gate_up, down):
@@ -264,8 +272,10 @@ def _decode_layer_chain(x, residual, norm_weight, qkv, o, gate_up, down):
 
 
 @needs_cuda
-def test_pdl_chain_in_a_cuda_graph_matches_plain_launches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dependent kernels launched with PDL, eagerly and replayed from a graph, give what plain launches give."""
+@pytest.mark.parametrize("trigger", ["start", "late"])
+def test_pdl_chain_in_a_cuda_graph_matches_plain_launches(monkeypatch: pytest.MonkeyPatch, trigger: str) -> None:
+    """Dependent kernels launched with PDL (the next one placed after each one's wait, or after its main loop),
+    eagerly and replayed from a graph, give what plain launches give."""
     dtype, hidden, generator = torch.bfloat16, 1024, torch.Generator().manual_seed(3)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -276,6 +286,7 @@ def test_pdl_chain_in_a_cuda_graph_matches_plain_launches(monkeypatch: pytest.Mo
                randn(hidden, 3072, scale=0.02))
     plain = _decode_layer_chain(x, residual, norm_weight, *weights)
     monkeypatch.setattr(pdl, "ENABLED", True)
+    monkeypatch.setattr(pdl, "TRIGGER", trigger)
     assert pdl.launch_options(x.device).get("launch_pdl")  # an H100/H200: the chain below really uses PDL
     eager = _decode_layer_chain(x, residual, norm_weight, *weights)
     graph = torch.cuda.CUDAGraph()

@@ -43,7 +43,7 @@ from pagedllm.model.input_prologue import InputPrologue
 from pagedllm.model.quantization.fp8_gemm import FP8_DTYPE
 from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, accepts, finish_tile
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
-from pagedllm.pdl import wait_for_earlier_kernels
+from pagedllm.pdl import allow_later_kernels, wait_for_earlier_kernels
 
 MAX_ROWS = 4  # one accumulator per x row, unrolled: the registers grow with the rows
 
@@ -160,6 +160,7 @@ def _fp8_gemv_kernel(
                 acc3 = _add_row_product(acc3, w, x_ptr, 3, cols, K, stride_xm, EVEN_K)
         w_ptrs += BLOCK_K
         cols += BLOCK_K
+    allow_later_kernels(USE_PDL)
     sums = _row_sums(acc0, acc1, acc2, acc3, NUM_ROWS, BLOCK_M)
     if NORM_INPUT:
         sums = sums * tl.rsqrt(tl.sum(sum_squares, axis=0) / K + eps)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Prepared in session 30 for the next session's first H200 call (~420 s): programmatic dependent launch for the
+# batch-1 decode step, off vs the next kernel placed right after each kernel's wait (+pdl, measured in session 22
+# only with the slower fused prologues on) vs after each GEMM's and attention kernel's main loop (+pdl_late, never
+# measured); same call, interleaved, Qwen3-0.6B then Llama-3.1-8B (issue 14's 0.8 and 4.2 ms targets). Carry .whl
+# and .assets; from the repo root:   bash benchmarks/scripts/next_call8.sh
+source benchmarks/scripts/device_env.sh || exit 1
+WORK=/tmp/next8; mkdir -p $WORK/pdl
+LIMIT=${LIMIT:-420}
+pack() { tar czf "${OUT:-/tmp/out}/results.tgz" -C $WORK pdl; }
+echo "=== tests $(date +%T)"
+timeout 90 python3 -m pytest -q -p no:cacheprovider -rf tests/model/test_skinny_gemm.py -k pdl 2>&1 | tail -n 4
+for repeat in 1 2; do
+  for model in qwen3-0.6b llama-3.1-8b; do
+    for mode in off +pdl +pdl_late; do
+      [ $SECONDS -lt $LIMIT ] || break 3
+      switch=$mode; [ $mode = off ] && switch=""
+      record=$WORK/pdl/latency-$model-bs1-pdl-${mode#+}-$repeat.json
+      timeout 90 python3 benchmarks/scripts/without_decode_kernels.py "$switch" -m pagedllm.bench latency \
+        --model $model --batch-size 1 --input-len 32 --output-len 128 --num-iters-warmup 1 --num-iters 3 \
+        --output-json $record > $WORK/pdl/latency-$model-${mode#+}-$repeat.log 2>&1
+      python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], sys.argv[3], 'decode_step_ms',
+        round(r['decode_step_ms'], 4), 'prefill_ms', round(r['prefill_latency']['mean_s']*1e3, 2))" \
+        $record $model $mode || tail -4 $WORK/pdl/latency-$model-${mode#+}-$repeat.log
+    done
+    pack
+  done
+done
+echo "=== done $(date +%T) ($SECONDS s)"
