@@ -254,7 +254,8 @@ class ModelRunner:
         run stalls that step, and every request in it, for up to a second (``late_compiles`` logs any left). The LM
         head runs outside the CUDA graphs, on the skinny GEMM up to its row limit and on cuBLAS above; the sampler
         has one kernel for small batches and one for large, each specialized on whether the rows divide by a
-        temperature and whether some rows are greedy (``_WARM_UP_TEMPERATURES``)."""
+        temperature and whether some rows are greedy (``_WARM_UP_TEMPERATURES``), and more for rows under a grammar
+        (``Sampler.warm_up``)."""
         max_rows = self.config.scheduler_config.max_num_seqs
         for num_rows in sorted({1, min(2, max_rows), max_rows}):
             logits = self._warm_up_logits(num_rows)
@@ -262,7 +263,7 @@ class ModelRunner:
                 params = [SamplingParams(temperature=temperatures[i % len(temperatures)]) for i in range(num_rows)]
                 rows = [SamplingRow(p, [0], [], 0) for p in params]
                 metadata = SamplingMetadata.build(rows, self.model_config.vocab_size, self.device, ())
-                self.sampler(logits, metadata)
+                self.sampler.warm_up(logits, metadata)
         torch.cuda.synchronize(self.device)
 
     def _warm_up_logits(self, num_rows: int) -> torch.Tensor:

@@ -525,7 +525,7 @@ class Sampler:
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        use_triton = logits.is_cuda if self._use_triton is None else self._use_triton
+        use_triton = self._uses_triton(logits)
         if use_triton and metadata.needs_only_temperature:
             # The common case in one kernel: it reads the raw logits once, in their dtype, and scales them itself.
             sampled, unmasked_draws = _sample_rows_fused(logits, metadata)
@@ -542,6 +542,23 @@ class Sampler:
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
         return SamplerOutput(sampled, logprobs, candidates, unmasked_draws)
+
+    def warm_up(self, logits: torch.Tensor, metadata: SamplingMetadata) -> None:
+        """Run ``logits`` through every kernel a step of these rows can take, so that none compiles inside a step:
+        the draw, and for rows under a grammar the bitmask (xgrammar's kernel) and the candidates' race scores, with
+        the temperature divided in the kernel and already applied."""
+        self(logits, metadata)
+        if not self._uses_triton(logits):
+            return
+        rows = torch.arange(metadata.num_rows, device=logits.device)
+        allow_all = torch.full((metadata.num_rows, -(-metadata.vocab_size // 32)), -1, dtype=torch.int32,
+                               device=logits.device)
+        apply_grammar_mask(logits.clone(), GrammarMask(rows, allow_all))
+        for temperature in (metadata.temperature, None):
+            top_candidates(_triton_sampling().race_scores(logits, metadata.seeds, metadata.greedy_mask, temperature))
+
+    def _uses_triton(self, logits: torch.Tensor) -> bool:
+        return logits.is_cuda if self._use_triton is None else self._use_triton
 
     def _sample(
         self, logits: torch.Tensor, metadata: SamplingMetadata, use_triton: bool

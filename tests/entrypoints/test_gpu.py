@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM, SamplingParams, StructuredOutputsParams
 from tests.entrypoints.conftest import hf_greedy
 from tests.utils import build_tiny_model, load_hf_model
 
@@ -99,7 +99,8 @@ def test_async_scheduling_matches_the_synchronous_loop_on_cuda(tiny_model):
 def test_no_kernel_compiles_inside_a_step_after_start_up(tiny_model, caplog):
     """The warm-up compiles every specialization of the LM head and the sampling kernels that steps use: batches of
     each parity below and above the split-vocabulary limit, with and without a temperature and greedy rows
-    (a compile inside a step stalls it for up to a second; session 30 found two that did)."""
+    and rows under a grammar among others (a compile inside a step stalls it for up to a second; session 30 found
+    three that did)."""
     from pagedllm.worker import late_compiles
     from pagedllm.worker.triton_sampling import MAX_ROWS_FOR_SPLIT_VOCAB
 
@@ -115,6 +116,11 @@ def test_no_kernel_compiles_inside_a_step_after_start_up(tiny_model, caplog):
         for num_prompts, temperatures in zip([1, 2, 3, 5, many], mixes):
             params = [SamplingParams(temperature=temperatures[i % len(temperatures)], max_tokens=4 + i % 3,
                                      ignore_eos=True) for i in range(num_prompts)]
+            llm.generate([{"prompt_token_ids": [3 + i, 4, 5]} for i in range(num_prompts)], params, use_tqdm=False)
+        for num_prompts in (1, 3, 16):  # some rows under a grammar: the bitmask and the candidates' kernels
+            params = [SamplingParams(temperature=0.7 * (i % 2), max_tokens=6, ignore_eos=True, structured_outputs=
+                                     StructuredOutputsParams(regex="[ab]{2,6}") if i % 3 == 0 else None)
+                      for i in range(num_prompts)]
             llm.generate([{"prompt_token_ids": [3 + i, 4, 5]} for i in range(num_prompts)], params, use_tqdm=False)
     assert hook.count == before, caplog.text
 

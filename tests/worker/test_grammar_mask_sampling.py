@@ -52,3 +52,25 @@ def test_fused_path_with_grammar_rows_equals_general_path(triton_sampler: Sample
     expected, _ = triton_sampler._sample(processed, metadata, use_triton=True)
     assert sampled.tolist() == expected.tolist()
     assert torch.isfinite(processed[torch.arange(6, device=DEVICE), sampled]).all()  # only allowed tokens
+
+
+def test_warm_up_runs_every_kernel_of_a_step_and_leaves_the_logits(triton_sampler: Sampler,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Sampler.warm_up`` draws, masks with a grammar and ranks candidates (each kernel a grammar step adds), with
+    and without a temperature to divide by, and leaves the caller's logits as they were."""
+    import pagedllm.worker.sampler as sampler_module
+
+    masked, scored = [], []
+    apply_grammar_mask = sampler_module.apply_grammar_mask
+    monkeypatch.setattr(sampler_module, "apply_grammar_mask",
+                        lambda logits, mask: masked.append(mask.bitmask.shape) or apply_grammar_mask(logits, mask))
+    race_scores = sys.modules[MODULE_NAME].race_scores
+    monkeypatch.setattr(sys.modules[MODULE_NAME], "race_scores",
+                        lambda *args: scored.append(args[3] is not None) or race_scores(*args))
+    logits = torch.randn(3, VOCAB_SIZE, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    before = logits.clone()
+    params = [SamplingParams(temperature=t) for t in (0.0, 0.7, 0.7)]
+    metadata = SamplingMetadata.build([SamplingRow(p, [1], [], 5) for p in params], VOCAB_SIZE, DEVICE, ())
+    triton_sampler.warm_up(logits, metadata)
+    assert masked == [(3, -(-VOCAB_SIZE // 32))] and scored == [True, False]
+    assert torch.equal(logits, before)
