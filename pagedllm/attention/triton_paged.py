@@ -185,6 +185,33 @@ def _attend_tile(
 
 
 @triton.jit
+def _attend_keys(
+    q, key_cache, value_cache, block_table_row, lo, end, seq_len, query_pos, kv_head, stride_cache_slot,
+    stride_cache_head, window, soft_cap, v_scale,
+    BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFT_CAP: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """Each query row's attention over keys [lo, end) of its request, tile by tile: the normalized output [M, D]
+    (0 for a row that saw no visible key) and each row's running max and sum (for a split's log-sum-exp). With the
+    late PDL trigger, the next kernel is placed once the keys are read."""
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(lo, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, key_cache, value_cache, block_table_row, start, seq_len, query_pos,
+            kv_head, stride_cache_slot, stride_cache_head, window, soft_cap, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
+            HEAD_DIM_PAD, DOT_PRECISION, HAS_WINDOW, HAS_SOFT_CAP,
+        )
+    allow_later_kernels(USE_PDL)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if IS_FP8:
+        out = out * tl.load(v_scale)
+    return out, m_i, l_i
+
+
+@triton.jit
 def _tanh(x):
     """tanh from one exp of a non-positive argument: no overflow, and accurate near 0 (no 1 - 1 cancellation)."""
     t = tl.exp(-2.0 * tl.abs(x))
@@ -261,26 +288,17 @@ def _prefill_kernel(
     q = (q.to(tl.float32) * (qk_scale * load_scale(k_scale, IS_FP8))).to(query.dtype.element_ty)
     query_pos = context_len + q_index
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Keys past the block's last query are invisible to all its rows: stop there.
     end = tl.minimum(seq_len, context_len + (q_block + 1) * QUERIES)
     # With a window, keys before the first query's window are invisible to all rows: start at their tile.
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(context_len + q_block * QUERIES - window + 1, 0) // BLOCK_N * BLOCK_N
-    block_table_row = block_tables + req.to(tl.int64) * stride_table
-    for start in range(lo, end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, key_cache, value_cache, block_table_row, start, seq_len, query_pos,
-            kv_head, stride_cache_slot, stride_cache_head, window, soft_cap, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
-            HEAD_DIM_PAD, DOT_PRECISION, HAS_WINDOW, HAS_SOFT_CAP,
-        )
-    allow_later_kernels(USE_PDL)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if IS_FP8:
-        out = out * tl.load(v_scale)
+    out, _, _ = _attend_keys(
+        q, key_cache, value_cache, block_tables + req.to(tl.int64) * stride_table, lo, end, seq_len, query_pos,
+        kv_head, stride_cache_slot, stride_cache_head, window, soft_cap, v_scale, BLOCK_M, BLOCK_SIZE, BLOCK_N,
+        HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION, IS_FP8, HAS_WINDOW, HAS_SOFT_CAP, USE_PDL,
+    )
     o_offsets = (q_start + q_index)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(output + o_offsets, out.to(output.dtype.element_ty), mask=mask)
 
@@ -371,21 +389,12 @@ def _decode_kernel(
     q = (q.to(tl.float32) * (qk_scale * load_scale(k_scale, IS_FP8))).to(query.dtype.element_ty)
     query_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + seq_len - 1
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    block_table_row = block_tables + req.to(tl.int64) * stride_table
-    for tile_start in range(start, end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, key_cache, value_cache, block_table_row, tile_start, seq_len, query_pos,
-            kv_head, stride_cache_slot, stride_cache_head, window, soft_cap, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
-            HEAD_DIM_PAD, DOT_PRECISION, HAS_WINDOW, HAS_SOFT_CAP,
-        )
-    allow_later_kernels(USE_PDL)
     # An empty split (or a padding request, seq_len 0) leaves l = 0: output 0, lse -inf (weight 0 in the merge).
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if IS_FP8:
-        out = out * tl.load(v_scale)
+    out, m_i, l_i = _attend_keys(
+        q, key_cache, value_cache, block_tables + req.to(tl.int64) * stride_table, start, end, seq_len, query_pos,
+        kv_head, stride_cache_slot, stride_cache_head, window, soft_cap, v_scale, BLOCK_M, BLOCK_SIZE, BLOCK_N,
+        HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION, IS_FP8, HAS_WINDOW, HAS_SOFT_CAP, USE_PDL,
+    )
     o_offsets = (req.to(tl.int64) * stride_po_req + head[:, None] * stride_po_head + split * stride_po_split
                  + offs_d[None, :])
     tl.store(partial_out + o_offsets, out.to(partial_out.dtype.element_ty), mask=mask)
