@@ -14,8 +14,9 @@
 #              same call, same engine flags otherwise
 #   profile    qwen3-30b-a3b's batch-1 decode graph replay at context 100, kernel by kernel (profile_decode_kernels.py):
 #              calls and us per replay per kernel name, so kernels per layer and the time outside the experts read off
-#   throughput nano workload (256 prompts): fused with graphs; then NANO_SMALL prompts (default 32) fused eager vs
-#              torch eager, the torch loop being too slow for the full workload in the time limit
+#   throughput nano workload (256 prompts): fused with graphs (SKIP_FUSED_GRAPHS=1 skips it); then NANO_SMALL prompts
+#              (default 32) fused eager vs torch eager, the torch loop being too slow for the full workload in the
+#              time limit
 source benchmarks/scripts/device_env.sh || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 git log --oneline -1 2>/dev/null || echo "(no git)"
@@ -50,8 +51,10 @@ for section in "$@"; do
       timeout ${PROFILE_TIMEOUT:-180} python3 benchmarks/scripts/profile_decode_kernels.py --model $MODEL --context 100 \
         2>&1 | grep -v "^\[" | tee "$OUT/profile-decode-kernels-$MODEL.log" | tail -70 ;;
     throughput)
-      echo "--- throughput nano, fused, CUDA graphs"
-      bench throughput --disable-tqdm $COMMON --workload nano --output-json "$OUT/throughput-$MODEL-nano-fused.json"
+      if [ "${SKIP_FUSED_GRAPHS:-0}" != 1 ]; then
+        echo "--- throughput nano, fused, CUDA graphs"
+        bench throughput --disable-tqdm $COMMON --workload nano --output-json "$OUT/throughput-$MODEL-nano-fused.json"
+      fi
       for backend in triton torch; do
         echo "--- throughput nano x ${NANO_SMALL:-32} prompts, $backend, eager"
         PAGEDLLM_MOE_BACKEND=$backend bench throughput --disable-tqdm $COMMON --enforce-eager --workload nano \

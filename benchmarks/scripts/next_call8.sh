@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Prepared in session 30 for the next session's first H200 call (~420 s): programmatic dependent launch for the
+# Prepared in session 30 for the next session's first H200 call (~560 s): programmatic dependent launch for the
 # batch-1 decode step, off vs the next kernel placed right after each kernel's wait (+pdl, measured in session 22
-# only with the slower fused prologues on) vs after each GEMM's and attention kernel's main loop (+pdl_late, never
-# measured); same call, interleaved, Qwen3-0.6B then Llama-3.1-8B (issue 14's 0.8 and 4.2 ms targets). Carry .whl
-# and .assets; from the repo root:   bash benchmarks/scripts/next_call8.sh
+# only with the slower fused prologues on) vs after each GEMM's, attention and MoE kernel's main loop (+pdl_late,
+# never measured); same call, interleaved, Qwen3-0.6B, Llama-3.1-8B and Qwen3-30B-A3B (issue 14's 0.8 and 4.2 ms
+# targets, issue 19's 70% of roofline). Then issue 19's nano throughput of 2 prompts, fused eager vs the torch path
+# (it did not finish 4 prompts in 150 s in session 30). Carry .whl and .assets; from the repo root:
+#   bash benchmarks/scripts/next_call8.sh
 source benchmarks/scripts/device_env.sh || exit 1
 WORK=/tmp/next8; mkdir -p $WORK/pdl
-LIMIT=${LIMIT:-420}
+LIMIT=${LIMIT:-360}
 pack() { tar czf "${OUT:-/tmp/out}/results.tgz" -C $WORK pdl; }
 echo "=== tests $(date +%T)"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -rf tests/model/test_skinny_gemm.py -k pdl 2>&1 | tail -n 4
 for repeat in 1 2; do
-  for model in qwen3-0.6b llama-3.1-8b; do
+  for model in qwen3-0.6b llama-3.1-8b qwen3-30b-a3b; do
     for mode in off +pdl +pdl_late; do
       [ $SECONDS -lt $LIMIT ] || break 3
       switch=$mode; [ $mode = off ] && switch=""
@@ -26,4 +28,9 @@ for repeat in 1 2; do
     pack
   done
 done
+if [ $SECONDS -lt $((LIMIT + 60)) ]; then
+  OUT=$WORK/pdl NANO_SMALL=2 BENCH_TIMEOUT=200 SKIP_FUSED_GRAPHS=1 bash benchmarks/scripts/issue19_moe_run.sh throughput \
+    2>&1 | grep -v "^NVIDIA" | grep "throughput nano\|pagedllm \|rror" | tail -n 8
+  pack
+fi
 echo "=== done $(date +%T) ($SECONDS s)"

@@ -34,7 +34,7 @@ import triton.language as tl
 from pagedllm import pdl
 from pagedllm.model.moe.fused_moe import dot_precision
 from pagedllm.model.split_k import COUNTERS_PER_DEVICE, arrival_counters, sm_count
-from pagedllm.pdl import wait_for_earlier_kernels
+from pagedllm.pdl import allow_later_kernels, wait_for_earlier_kernels
 
 # Steps of at most this many (token, slot) pairs take this path. H200, one Qwen3-30B-A3B layer's experts
 # (benchmarks/h200/issue19-moe/session26): 1 token 27 us against the grouped GEMM's 85, 4 tokens 83 against 151,
@@ -159,6 +159,7 @@ def _gate_up_kernel(
     row_offsets = expert.to(tl.int64) * w_expert_stride + w_rows.to(tl.int64) * w_row_stride
     gate_up = _rows_times_vector(w13_ptr, row_offsets, x_ptr + token.to(tl.int64) * x_row_stride, hidden,
                                  2 * BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    allow_later_kernels(USE_PDL)
     gate, up = tl.split(tl.reshape(gate_up, (BLOCK_N, 2)))
     dtype = act_ptr.dtype.element_ty
     gate = _rounded(gate, dtype)
@@ -186,6 +187,7 @@ def _down_kernel(
     row_offsets = expert * w_expert_stride + tl.minimum(offs_n, hidden - 1).to(tl.int64) * w_row_stride
     product = _rows_times_vector(w2_ptr, row_offsets, act_ptr + pair.to(tl.int64) * intermediate, intermediate,
                                  BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    allow_later_kernels(USE_PDL)
     dtype = out_ptr.dtype.element_ty
     weighted = _rounded(_rounded(product, dtype) * tl.load(weights_ptr + pair), dtype)
     out_ptrs = out_ptr + token.to(tl.int64) * out_row_stride + offs_n
