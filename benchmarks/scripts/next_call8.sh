@@ -12,6 +12,8 @@ LIMIT=${LIMIT:-420}
 pack() { tar czf "${OUT:-/tmp/out}/results.tgz" -C $WORK pdl; }
 echo "=== tests $(date +%T)"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -rf tests/model/test_skinny_gemm.py -k pdl 2>&1 | tail -n 4
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/entrypoints/test_gpu.py \
+  -k test_no_kernel_compiles_inside_a_step_after_start_up 2>&1 | tail -n 6
 for model in qwen3-0.6b llama-3.1-8b qwen3-30b-a3b; do
   repeats="1 2"; [ $model = qwen3-30b-a3b ] && repeats="1"  # its runs are the longest (~45 s)
   for repeat in $repeats; do
