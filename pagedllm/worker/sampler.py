@@ -47,7 +47,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import NamedTuple
 
@@ -544,18 +544,16 @@ class Sampler:
         return SamplerOutput(sampled, logprobs, candidates, unmasked_draws)
 
     def warm_up(self, logits: torch.Tensor, metadata: SamplingMetadata) -> None:
-        """Run ``logits`` through every kernel a step of these rows can take, so that none compiles inside a step:
-        the draw, and for rows under a grammar the bitmask (xgrammar's kernel) and the candidates' race scores, with
-        the temperature divided in the kernel and already applied."""
+        """Run ``logits`` through every path a step of these rows can take, so that no kernel compiles inside a step:
+        the plain draw, then every row under an allow-all grammar, masked before the draw (xgrammar's bitmask
+        kernel, the masked redraw) and drawn unmasked with its candidates ranked (the race scores). The step's own
+        paths, so that an all-greedy batch takes no kernel its steps never take (it has no seeds to draw with)."""
         self(logits, metadata)
-        if not self._uses_triton(logits):
-            return
         rows = torch.arange(metadata.num_rows, device=logits.device)
         allow_all = torch.full((metadata.num_rows, -(-metadata.vocab_size // 32)), -1, dtype=torch.int32,
                                device=logits.device)
-        apply_grammar_mask(logits.clone(), GrammarMask(rows, allow_all))
-        for temperature in (metadata.temperature, None):
-            top_candidates(_triton_sampling().race_scores(logits, metadata.seeds, metadata.greedy_mask, temperature))
+        self(logits, replace(metadata, grammar_mask=GrammarMask(rows, allow_all)))
+        self(logits, replace(metadata, checked_rows=rows))
 
     def _uses_triton(self, logits: torch.Tensor) -> bool:
         return logits.is_cuda if self._use_triton is None else self._use_triton

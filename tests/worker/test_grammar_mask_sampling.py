@@ -54,10 +54,13 @@ def test_fused_path_with_grammar_rows_equals_general_path(triton_sampler: Sample
     assert torch.isfinite(processed[torch.arange(6, device=DEVICE), sampled]).all()  # only allowed tokens
 
 
-def test_warm_up_runs_every_kernel_of_a_step_and_leaves_the_logits(triton_sampler: Sampler,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """``Sampler.warm_up`` draws, masks with a grammar and ranks candidates (each kernel a grammar step adds), with
-    and without a temperature to divide by, and leaves the caller's logits as they were."""
+@pytest.mark.parametrize("temperatures, races", [((0.0, 0.7, 0.7), [True]), ((0.0,), []), ((1.0, 1.0), [False])])
+def test_warm_up_runs_every_kernel_of_a_step_and_leaves_the_logits(
+    triton_sampler: Sampler, monkeypatch: pytest.MonkeyPatch, temperatures: tuple[float, ...], races: list[bool]
+) -> None:
+    """``Sampler.warm_up`` draws, masks with a grammar and ranks candidates (each kernel a grammar step adds), the
+    race scores with a temperature to divide by where a row has one; an all-greedy batch (no seeds) ranks its
+    logits as they are. The caller's logits stay as they were."""
     import pagedllm.worker.sampler as sampler_module
 
     masked, scored = [], []
@@ -67,10 +70,11 @@ def test_warm_up_runs_every_kernel_of_a_step_and_leaves_the_logits(triton_sample
     race_scores = sys.modules[MODULE_NAME].race_scores
     monkeypatch.setattr(sys.modules[MODULE_NAME], "race_scores",
                         lambda *args: scored.append(args[3] is not None) or race_scores(*args))
-    logits = torch.randn(3, VOCAB_SIZE, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    num_rows = len(temperatures)
+    logits = torch.randn(num_rows, VOCAB_SIZE, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     before = logits.clone()
-    params = [SamplingParams(temperature=t) for t in (0.0, 0.7, 0.7)]
+    params = [SamplingParams(temperature=t) for t in temperatures]
     metadata = SamplingMetadata.build([SamplingRow(p, [1], [], 5) for p in params], VOCAB_SIZE, DEVICE, ())
     triton_sampler.warm_up(logits, metadata)
-    assert masked == [(3, -(-VOCAB_SIZE // 32))] and scored == [True, False]
+    assert masked[0] == (num_rows, -(-VOCAB_SIZE // 32)) and scored == races
     assert torch.equal(logits, before)
