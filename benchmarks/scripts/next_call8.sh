@@ -5,7 +5,7 @@
 # never measured); same call, interleaved, Qwen3-0.6B, Llama-3.1-8B and Qwen3-30B-A3B (issue 14's 0.8 and 4.2 ms
 # targets, issue 19's 70% of roofline). Then issue 19's nano throughput of 2 prompts, fused eager vs the torch path
 # (it did not finish 4 prompts in 150 s in session 30). Carry .whl and .assets; from the repo root:
-#   bash benchmarks/scripts/next_call8.sh
+#   bash benchmarks/scripts/next_call8.sh   (SKIP_NANO=1: the latency A/B only)
 source benchmarks/scripts/device_env.sh || exit 1
 WORK=/tmp/next8; mkdir -p $WORK/pdl
 LIMIT=${LIMIT:-420}
@@ -31,7 +31,7 @@ for model in qwen3-0.6b llama-3.1-8b qwen3-30b-a3b; do
   done
   pack
 done
-if [ $SECONDS -lt $((LIMIT + 60)) ]; then
+if [ -z "$SKIP_NANO" ] && [ $SECONDS -lt $((LIMIT + 60)) ]; then
   OUT=$WORK/pdl NANO_SMALL=2 BENCH_TIMEOUT=200 SKIP_FUSED_GRAPHS=1 bash benchmarks/scripts/issue19_moe_run.sh throughput \
     2>&1 | grep -v "^NVIDIA" | grep "throughput nano\|pagedllm \|rror" | tail -n 8
   pack
