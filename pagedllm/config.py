@@ -604,6 +604,20 @@ def lora_shrink_overlap_by_env() -> bool:
     return os.environ.get("PAGEDLLM_LORA_OVERLAP_SHRINK", "1") not in ("", "0")
 
 
+PDL_MODES = ("0", "start", "late")
+
+
+def pdl_mode_from_env() -> str:
+    """``PAGEDLLM_PDL``: "start" (default: programmatic dependent launch for the Triton kernels, the next kernel
+    placed right after each one's wait; "1" means the same), "late" (placed after each GEMM's and attention kernel's
+    main loop) or "0" (plain stream order); read once, by ``pagedllm/pdl.py``."""
+    value = os.environ.get("PAGEDLLM_PDL", "start").strip().lower() or "start"
+    value = "start" if value == "1" else value
+    if value not in PDL_MODES:
+        raise ValueError(f"PAGEDLLM_PDL must be one of 0, 1, start, late, got {value[:20]!r}")
+    return value
+
+
 MOE_BACKENDS = ("triton", "torch")
 
 

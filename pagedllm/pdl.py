@@ -15,13 +15,13 @@ programs may take SM slots while this one still has programs to place; or ``"lat
 ``allow_later_kernels``: after the main loop in the GEMMs, the attention kernels and the MoE decode kernels, at exit
 in the kernels without the call. Where the trigger sits changes only the overlap, never the result: each kernel still waits first.
 
-Off by default (``ENABLED``): on an H200 it changed nothing measurable in the Qwen3-0.6B batch-1 decode step
-(1.322 vs 1.328 ms, trigger at start, measured only with the slower fused GEMM prologues on;
-benchmarks/h200/issue14-decode-fusions), and a bulk L2 prefetch of each GEMM's first weight columns before the wait
-made it 9% slower. The late trigger is not measured yet. Correct under CUDA-graph capture
-(tests/model/test_skinny_gemm.py), so it is one switch away for the next measurement
-(``benchmarks/scripts/without_decode_kernels.py +pdl`` / ``+pdl_late``). Always off on CPU and in Triton's
-interpreter (``USE_PDL`` 0 removes the calls at compile time).
+On by default, trigger at the start (``PAGEDLLM_PDL``: ``start``, ``late`` or ``0``): on an H200 it took the
+batch-1 decode step of Qwen3-0.6B from 1.13 to 0.93 ms, Llama-3.1-8B from 4.35 to 4.17 ms and Qwen3-30B-A3B from
+3.19 to 3.01 ms (same call, two interleaved repeats; the late trigger gave 0.99, 4.29 and 2.99 ms;
+benchmarks/h200/session32). Earlier it changed nothing measurable, but only with the slower fused GEMM prologues on
+(benchmarks/h200/issue14-decode-fusions), and a bulk L2 prefetch of each GEMM's first weight columns before the wait
+made it 9% slower. Correct under CUDA-graph capture (tests/model/test_skinny_gemm.py). Always off on CPU and in
+Triton's interpreter (``USE_PDL`` 0 removes the calls at compile time).
 
 Imported only by the kernel modules, themselves imported on first CUDA use.
 """
@@ -35,8 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-ENABLED = False  # measured no gain (see above); True launches every kernel here with PDL on Hopper and newer
-TRIGGER = "start"  # or "late" (see above)
+from pagedllm.config import pdl_mode_from_env
+
+_MODE = pdl_mode_from_env()
+ENABLED = _MODE != "0"  # launches every kernel here with PDL on Hopper and newer (measured faster: see above)
+TRIGGER = "late" if _MODE == "late" else "start"
 # The kernels' ``USE_PDL`` constexpr: off, or on with the trigger at the start or late.
 _OFF, _TRIGGER_AT_START, _TRIGGER_LATE = 0, 1, 2
 

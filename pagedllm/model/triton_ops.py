@@ -5,7 +5,7 @@ In eager PyTorch, RMSNorm with its residual add, rotary (with Qwen3's per-head q
 launch: ``rms_norm``, ``fused_add_rms_norm``, ``rotary_qk`` (q and k together) and ``silu_and_mul``. In a decode
 step ``rotary_qk_store_kv`` also writes the rotated k and v into the paged KV cache (one launch instead of rotary
 plus the attention backend's store; quantized for an FP8 cache, as that store would). Every kernel here can launch
-with PDL (``pagedllm/pdl.py``, off by default).
+with PDL (``pagedllm/pdl.py``, on by default on Hopper and newer).
 
 Imported lazily by ``layers.py`` only when the activations are on CUDA, so ``import pagedllm`` and CPU inference
 never compile Triton. With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels also run on

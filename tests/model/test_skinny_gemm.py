@@ -247,11 +247,31 @@ def test_real_shapes_silu_mul_gemm(n: int, k: int) -> None:
         check_silu_mul_gemm(num_rows, n, k, torch.bfloat16, False, seed=n + num_rows)
 
 
-def test_pdl_is_off_by_default_and_never_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """PDL measured no gain on an H200 (pagedllm/pdl.py): off unless switched on, and never outside CUDA."""
-    assert not pdl.ENABLED
+def test_pdl_is_never_on_outside_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pdl, "ENABLED", True)
     assert pdl.launch_options(torch.device("cpu")) == {"USE_PDL": 0}
+
+
+@pytest.mark.parametrize(("value", "mode"), [(None, "start"), ("", "start"), ("1", "start"), ("START", "start"),
+                                             ("late", "late"), ("0", "0")])
+def test_pdl_mode_from_env(monkeypatch: pytest.MonkeyPatch, value: str | None, mode: str) -> None:
+    """PDL is on by default (measured faster on an H200: pagedllm/pdl.py); ``PAGEDLLM_PDL`` picks the trigger or
+    turns it off."""
+    from pagedllm.config import pdl_mode_from_env
+
+    if value is None:
+        monkeypatch.delenv("PAGEDLLM_PDL", raising=False)
+    else:
+        monkeypatch.setenv("PAGEDLLM_PDL", value)
+    assert pdl_mode_from_env() == mode
+
+
+def test_pdl_mode_refuses_an_unknown_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pagedllm.config import pdl_mode_from_env
+
+    monkeypatch.setenv("PAGEDLLM_PDL", "early")
+    with pytest.raises(ValueError, match="PAGEDLLM_PDL"):
+        pdl_mode_from_env()
 
 
 def test_pdl_refuses_an_unknown_trigger(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,6 +304,7 @@ def test_pdl_chain_in_a_cuda_graph_matches_plain_launches(monkeypatch: pytest.Mo
     x, residual, norm_weight = randn(4, hidden), randn(4, hidden), 0.5 + randn(hidden).abs()
     weights = (randn(4096, hidden, scale=0.03), randn(hidden, 4096, scale=0.015), randn(6144, hidden, scale=0.03),
                randn(hidden, 3072, scale=0.02))
+    monkeypatch.setattr(pdl, "ENABLED", False)
     plain = _decode_layer_chain(x, residual, norm_weight, *weights)
     monkeypatch.setattr(pdl, "ENABLED", True)
     monkeypatch.setattr(pdl, "TRIGGER", trigger)
