@@ -29,6 +29,8 @@ of a row block to arrive sums the float32 partials in split order (deterministic
 ``model/split_k.py``).
 
 Nothing is read back to the host and the allocations are fixed-size, so calls can be captured in a CUDA graph.
+Both kernels launch with programmatic dependent launch where it is on (``pagedllm/pdl.py``), the next kernel
+placed after the K loop under the late trigger.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from pagedllm import pdl
 from pagedllm.model.quantization.int4 import SYMMETRIC_ZERO, TILE_K, Int4Weight
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.model.w4a16_dequant import biased_zero, subtract_zero, tile_slices
+from pagedllm.pdl import allow_later_kernels, wait_for_earlier_kernels
 
 # From this many rows of x on, dequantize + cuBLAS (module docstring). On the H200 (benchmarks/h200/session30, a
 # Llama-3.1-8B layer's four projections) the tl.dot kernel in dot_config's shape took 336 us at 256 rows and 473 at
@@ -211,10 +215,11 @@ def _w4a16_gemm_kernel(
     num_rows, N, K, padded_k, k_per_split, num_groups, stride_xm, stride_qn, stride_sn, stride_zn, stride_om,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ASM: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (row block of W, row block of x, K slice): one partial product with ``tl.dot``, one canonical tile
     per K step; split over K (IS_SPLIT) only with a single row block of x."""
+    wait_for_earlier_kernels(USE_PDL)
     row_block = tl.program_id(0)
     split = tl.program_id(2)
     offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -239,6 +244,7 @@ def _w4a16_gemm_kernel(
                         ASM, DOT_PRECISION)
         w_ptrs += 16
         x_seg += _TILE_K
+    allow_later_kernels(USE_PDL)
     _finish(acc, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, tl.num_programs(2), offs_n, offs_m,
             num_rows, N, stride_om, HAS_BIAS, IS_SPLIT)
 
@@ -352,11 +358,12 @@ def _w4a16_gemv_kernel(
     num_rows, N, K, padded_k, k_per_split, num_groups, stride_xm, stride_qn, stride_sn, stride_zn, stride_om,
     float_2pow23_bits, HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (row block of W, K slice): ``x W^T`` for x's few rows without ``tl.dot``, one canonical tile
     ([BLOCK_N, 16] words) per K step, its loads pipelined STAGES deep; products accumulate per word, and the
     words are summed after the K loop."""
+    wait_for_earlier_kernels(USE_PDL)
     row_block = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -370,6 +377,7 @@ def _w4a16_gemv_kernel(
         acc = _gemv_tile(acc, qw_ptr, x_ptr, perm_ptr, scales_ptr, zeros_ptr, rows, offs_m, tile, num_rows, K,
                          num_groups, stride_xm, stride_qn, stride_sn, stride_zn, float_2pow23_bits, GROUP_SIZE,
                          HAS_PERM, HAS_ZEROS, EVEN_K)
+    allow_later_kernels(USE_PDL)
     total = tl.trans(tl.sum(tl.sum(acc, axis=3), axis=1))  # [BLOCK_N, BLOCK_M]
     _finish(total, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, tl.num_programs(1), offs_n,
             tl.arange(0, BLOCK_M), num_rows, N, stride_om, HAS_BIAS, IS_SPLIT)
@@ -518,7 +526,7 @@ def _launch_gemm(x: torch.Tensor, weight: Int4Weight, perm: torch.Tensor | None,
                 bias if bias is not None else out, out, launch.partials, launch.arrivals)
     flags = {"HAS_PERM": perm is not None, "HAS_ZEROS": weight.zeros is not None, "HAS_BIAS": bias is not None,
              "IS_SPLIT": launch.is_split, "EVEN_K": k == padded_k, "BLOCK_N": config.block_n,
-             "BLOCK_M": config.block_m, "num_warps": config.num_warps}
+             "BLOCK_M": config.block_m, "num_warps": config.num_warps, **pdl.launch_options(x.device)}
     strides = (x.stride(0), weight.qweight.stride(0), weight.scales.stride(0), zeros.stride(0), out.stride(0))
     k_per_split = launch.k_per_split
     if config.gemv:
