@@ -7,7 +7,7 @@ without them in the same device call (the same GPU, clocks and other code):
 Switches (comma-separated; a leading ``+`` switches on what is off by default): ``skinny_gemm`` (linear layers and
 the LM head back on cuBLAS, which also ends the fusions that ride on the skinny GEMM), ``rotary_store`` (the
 attention backend stores K/V again, not the rotary kernel), ``+fused_norm_act`` (RMSNorm and SiLU-and-mul inside
-the skinny GEMM's prologue), ``pdl`` (no programmatic dependent launch: on by default,
+the skinny GEMM's prologue), ``+silu_epilogue`` (SiLU-and-mul in the gate/up GEMM's epilogue), ``pdl`` (no programmatic dependent launch: on by default,
 ``PAGEDLLM_PDL``), ``+pdl`` (PDL with the next kernel placed after each one's wait, the default), ``+pdl_late`` (the
 same, placed after each GEMM's and attention kernel's main loop), ``split_tiles=N``
 (each decode attention split attends to at least N key tiles: ``triton_paged.MIN_TILES_PER_SPLIT``). The engine must run
@@ -33,6 +33,8 @@ def switch(names: list[str]) -> None:
             layers.stores_kv_with_rotary = lambda rope: False
         elif name == "+fused_norm_act":
             layers.FUSE_NORM_AND_ACTIVATION_INTO_GEMM = True
+        elif name == "+silu_epilogue":
+            layers.FUSE_ACTIVATION_INTO_GATE_UP = True
         elif name == "pdl":
             pdl.ENABLED = False
         elif name == "+pdl":

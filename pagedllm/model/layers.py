@@ -11,6 +11,8 @@ they are the plain torch code here, which is also the reference the kernels are 
 ``silu_mul_linear`` run the norm or the activation inside the following projection's kernel where its method
 offers that (``fused_input_linear``): the dense skinny GEMM and FP8's one-row GEMV can, both switched off because
 they measured slower (``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``, ``fp8_gemm.FUSE_INPUT_INTO_GEMV``).
+``rms_norm_gate_up_silu`` runs SiLU-and-mul in the gate/up GEMM's epilogue instead (``FUSE_ACTIVATION_INTO_GATE_UP``,
+off until measured).
 """
 
 from __future__ import annotations
@@ -94,6 +96,35 @@ def fused_gemm_kernels(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | No
     if not FUSE_NORM_AND_ACTIVATION_INTO_GEMM:
         return None
     return skinny_gemm_for(x, weight)
+
+
+# A fused gate/up projection's skinny GEMM writes ``silu(gate) * up`` from its epilogue (``gemm_silu_mul``): one launch
+# and one [rows, 2 x intermediate] round trip fewer a layer, with the weight stream untouched. Compiled for sm_90
+# with the plain kernel's K loop (benchmarks/scripts/skinny_gemm_ptx.py) but not measured on a GPU yet, so off;
+# ``benchmarks/scripts/without_decode_kernels.py +silu_epilogue`` switches it on.
+FUSE_ACTIVATION_INTO_GATE_UP = False
+
+
+def gate_up_silu_kernels(layer: Linear, x: torch.Tensor) -> ModuleType | None:
+    """The skinny-GEMM module when ``silu_and_mul(layer(x))`` runs as one launch (switched on; a dense layer without
+    bias, LoRA or an all-reduce, and a decode-sized x on CUDA with the fused ops on), else None."""
+    if not FUSE_ACTIVATION_INTO_GATE_UP or not layer.is_dense or layer.bias is not None or layer.lora is not None:
+        return None
+    if layer.tp_comm is not None or not use_triton_ops(x):
+        return None
+    return skinny_gemm_for(x, layer.weight)
+
+
+def rms_norm_gate_up_silu(
+    norm: RMSNorm, layer: Linear, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``silu_and_mul(layer(norm(x + residual)))`` and the new residual stream, the activation in the gate/up GEMM's
+    epilogue, where ``gate_up_silu_kernels`` says; None otherwise (the caller runs the ops one by one)."""
+    kernels = gate_up_silu_kernels(layer, x)
+    if kernels is None:
+        return None
+    normed, residual = (norm(x), x) if residual is None else norm(x, residual)
+    return kernels.gemm_silu_mul(normed, layer.weight), residual
 
 
 def rms_norm_linear(
