@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Prepared in session 32 for the next session's first H200 call (~480 s): (1) the GPU tests of the gate/up SiLU
+# epilogue (gemm_silu_mul, the whole tiny model routed through it) and the GPU test files session 32's budget
+# left unrun with PDL on; (2) batch-1 decode step, default vs +silu_epilogue (one launch and one [rows, 2 x
+# intermediate] round trip fewer a layer), Qwen3-0.6B and Llama-3.1-8B, two interleaved repeats (issue 14's 0.8 and
+# 4.2 ms targets); (3) a py-spy profile of the host during a Qwen3-0.6B batch-1 latency run (session 32 found that
+# step host-bound: 1.39 ms of host work a step against a ~0.9 ms GPU step). Carry .whl and .assets; from the repo
+# root:   bash benchmarks/scripts/next_call13.sh
+source benchmarks/scripts/device_env.sh || exit 1
+WORK=/tmp/next13; mkdir -p $WORK
+LIMIT=${LIMIT:-420}
+pack() { tar czf "${OUT:-/tmp/out}/results.tgz" -C $WORK .; }
+echo "=== tests $(date +%T)"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rf tests/model/test_skinny_gemm.py tests/model/test_triton_ops.py \
+  tests/model/quantization/test_fp8_kernels.py tests/attention/test_sliding_window.py tests/lora/test_punica.py \
+  2>&1 | tail -n 6
+for model in qwen3-0.6b llama-3.1-8b; do
+  for repeat in 1 2; do
+    for mode in default epilogue; do
+      [ $SECONDS -lt $LIMIT ] || break 3
+      switch=""; [ $mode = epilogue ] && switch=+silu_epilogue
+      record=latency-$model-bs1-$mode-$repeat
+      timeout 100 python3 benchmarks/scripts/without_decode_kernels.py "$switch" -m pagedllm.bench latency \
+        --model $model --batch-size 1 --input-len 32 --output-len 128 --num-iters-warmup 1 --num-iters 3 \
+        --output-json $WORK/$record.json > $WORK/$record.log 2>&1
+      grep "decode step" $WORK/$record.log | sed "s/^/$record: /" || tail -n 3 $WORK/$record.log
+    done
+  done
+  pack
+done
+if [ $SECONDS -lt $((LIMIT + 30)) ]; then
+  /tmp/site/bin/py-spy record -r 500 -f raw --threads -o $WORK/pyspy-latency-qwen3-0.6b-bs1.raw -- \
+    timeout 90 python3 -m pagedllm.bench latency --model qwen3-0.6b --batch-size 1 --input-len 32 --output-len 128 \
+    --num-iters-warmup 1 --num-iters 10 > $WORK/pyspy-latency.log 2>&1
+  python3 benchmarks/cpu/serve-frontend/pyspy_summary.py $WORK/pyspy-latency-qwen3-0.6b-bs1.raw 0.03 2>&1 | head -n 40
+fi
+pack
+echo "=== done $(date +%T) ($SECONDS s)"
