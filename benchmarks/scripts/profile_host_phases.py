@@ -107,7 +107,7 @@ def device_times(llm: LLM) -> dict:
     out = {}
     if runner.use_cuda_graphs:
         out["decode_graph_replay_bs1_gpu_ms"] = gpu_ms(lambda: runner.decode_graphs.replay(1))
-        hidden = runner.decode_graphs.replay(1)[:1]
+        hidden = runner.decode_graphs.replay(1)[0][:1]  # (hidden, logits)
         out["lm_head_bs1_gpu_ms"] = gpu_ms(lambda: runner.model.compute_logits(hidden))
         logits = runner.model.compute_logits(hidden)
         row = sampler_module.SamplingRow(SamplingParams(temperature=1.0), [1, 2, 3], [], 7)

@@ -7,7 +7,8 @@ without them in the same device call (the same GPU, clocks and other code):
 Switches (comma-separated; a leading ``+`` switches on what is off by default): ``skinny_gemm`` (linear layers and
 the LM head back on cuBLAS, which also ends the fusions that ride on the skinny GEMM), ``rotary_store`` (the
 attention backend stores K/V again, not the rotary kernel), ``+fused_norm_act`` (RMSNorm and SiLU-and-mul inside
-the skinny GEMM's prologue), ``+silu_epilogue`` (SiLU-and-mul in the gate/up GEMM's epilogue), ``pdl`` (no programmatic dependent launch: on by default,
+the skinny GEMM's prologue), ``+silu_epilogue`` (SiLU-and-mul in the gate/up GEMM's epilogue),
+``+graph_logits`` (the LM head inside the decode graphs), ``pdl`` (no programmatic dependent launch: on by default,
 ``PAGEDLLM_PDL``), ``+pdl`` (PDL with the next kernel placed after each one's wait, the default), ``+pdl_late`` (the
 same, placed after each GEMM's and attention kernel's main loop), ``split_tiles=N``
 (each decode attention split attends to at least N key tiles: ``triton_paged.MIN_TILES_PER_SPLIT``). The engine must run
@@ -25,6 +26,7 @@ def switch(names: list[str]) -> None:
     from pagedllm import pdl
     from pagedllm.attention import triton_paged
     from pagedllm.model import gemm, layers
+    from pagedllm.worker import model_runner
 
     for name in names:
         if name == "skinny_gemm":
@@ -35,6 +37,8 @@ def switch(names: list[str]) -> None:
             layers.FUSE_NORM_AND_ACTIVATION_INTO_GEMM = True
         elif name == "+silu_epilogue":
             layers.FUSE_ACTIVATION_INTO_GATE_UP = True
+        elif name == "+graph_logits":
+            model_runner.LOGITS_IN_DECODE_GRAPHS = True
         elif name == "pdl":
             pdl.ENABLED = False
         elif name == "+pdl":

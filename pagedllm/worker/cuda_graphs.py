@@ -27,6 +27,10 @@ from pagedllm.attention.backend import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
+# What a captured forward returns: the hidden states (mixed graphs), or the hidden states and the logits, None where
+# the LM head runs after the replay (decode graphs).
+GraphOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
+
 
 # Mixed steps of more tokens run eagerly: their launch cost is small beside their GEMMs, and a padded graph's
 # prefill grid (requests x kv heads x query blocks, all padded) would grow with the square of the size.
@@ -70,7 +74,7 @@ class StepGraphs:
 
     def __init__(self) -> None:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
+        self._outputs: dict[int, GraphOutput] = {}
         self._sizes: list[int] = []
 
     def padded_size(self, size: int) -> int | None:
@@ -79,7 +83,7 @@ class StepGraphs:
         return self._sizes[index] if index < len(self._sizes) else None
 
     def capture(
-        self, sizes: list[int], forward: Callable[[int], torch.Tensor], device: torch.device, pool=None
+        self, sizes: list[int], forward: Callable[[int], GraphOutput], device: torch.device, pool=None
     ) -> float:
         """Capture ``forward(size)`` (which reads only the step buffers) for each size; returns seconds taken.
 
@@ -102,7 +106,7 @@ class StepGraphs:
         logger.info("Captured %d CUDA graphs (sizes %d..%d) in %.1f s", len(sizes), min(sizes), max(sizes), seconds)
         return seconds
 
-    def replay(self, padded_size: int) -> torch.Tensor:
+    def replay(self, padded_size: int) -> GraphOutput:
         """Run the graph of ``padded_size`` rows on the inputs now in the step buffers; returns its output."""
         self._graphs[padded_size].replay()
         return self._outputs[padded_size]

@@ -51,6 +51,13 @@ logger = logging.getLogger(__name__)
 # greedy row (0.0) each again. Each is its own specialization of the sampling kernels.
 _WARM_UP_TEMPERATURES = ((1.0,), (0.5,), (0.0, 1.0), (0.0, 0.5))
 
+# Decode graphs that also run the LM head, so that a decode step's logits come out of the replay: the head's launch
+# and host work leave the step, and its kernel joins the graph's chain of dependent launches. Its logits buffer
+# (max_num_seqs x vocab, float32) then stays in the graphs' memory pool. Under one device only (the
+# tensor-parallel head all-gathers). Not yet measured on a GPU, so off;
+# benchmarks/scripts/without_decode_kernels.py +graph_logits switches it on.
+LOGITS_IN_DECODE_GRAPHS = False
+
 
 @dataclass(slots=True)
 class _StepInputs:
@@ -68,6 +75,7 @@ class _StepInputs:
     placeholder_sources: list[int] = field(default_factory=list)
     sample_index_tensor: torch.Tensor | None = None  # sample_indices on the device (None: every token samples)
     pooling_chunks: list[PoolingChunk] = field(default_factory=list)  # embedding requests' rows, to pool
+    logits: torch.Tensor | None = None  # the step's logits, where its decode graph computed them
 
     @property
     def is_decode_only(self) -> bool:
@@ -91,6 +99,8 @@ class ModelRunner:
         state = get_parallel_state()
         self.pp_comm = state.pp.comm  # None without pipeline parallelism
         self.is_last_stage = state.pp.is_last
+        self.logits_in_decode_graphs = (LOGITS_IN_DECODE_GRAPHS and self.is_last_stage and state.tp.size == 1
+                                        and not config.is_pooling)
         _, self.num_kv_heads, _ = tp_attention_heads(self.model_config.num_attention_heads,
                                                      self.model_config.num_key_value_heads, state.tp)
         start_layer, end_layer = layer_range(self.model_config.num_hidden_layers, state.pp.rank, state.pp.size)
@@ -289,7 +299,8 @@ class ModelRunner:
         self._upload_padded(sched.max_num_seqs, sched.max_num_seqs)
 
         def forward_for(context_bound: int) -> Callable[[int], torch.Tensor]:
-            def forward(size: int) -> torch.Tensor:
+            def forward(size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                """The hidden states, and the logits where ``logits_in_decode_graphs`` (every decode row samples)."""
                 metadata = decode_metadata(
                     buffers.slot_mapping.device[:size],
                     buffers.query_start_loc.device[: size + 1],
@@ -297,8 +308,9 @@ class ModelRunner:
                     buffers.block_tables.device[:size],
                     context_bound,
                 )
-                return self.model(buffers.input_ids.device[:size], buffers.positions.device[:size], self.kv_caches,
-                                  metadata)
+                hidden = self.model(buffers.input_ids.device[:size], buffers.positions.device[:size], self.kv_caches,
+                                    metadata)
+                return hidden, self.model.compute_logits(hidden) if self.logits_in_decode_graphs else None
 
             return forward
 
@@ -442,7 +454,9 @@ class ModelRunner:
                 self._finish_inputs(inputs)
                 graphs = self._decode_graphs_for(padded, max(inputs.seq_lens)) if self.bounded_decode_graphs \
                     else self.decode_graphs
-                return graphs.replay(padded)[: inputs.num_tokens]
+                hidden, logits = graphs.replay(padded)
+                inputs.logits = None if logits is None else logits[: inputs.num_tokens]
+                return hidden[: inputs.num_tokens]
         else:
             padded = self.mixed_graphs.padded_size(inputs.num_tokens)
             if padded is not None:
@@ -606,7 +620,9 @@ class ModelRunner:
         if not inputs.sample_req_ids or not self.is_last_stage:
             # (An earlier pipeline stage has no logits: it learns the sampled tokens from the next steps' inputs.)
             return ModelRunnerOutput({})
-        logits = self.model.compute_logits(self._sampled_hidden(hidden, inputs))
+        logits = inputs.logits
+        if logits is None:
+            logits = self.model.compute_logits(self._sampled_hidden(hidden, inputs))
         states = [self.requests[req_id] for req_id in inputs.sample_req_ids]
         rows = [
             SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.sampling_seed, s.num_pending)

@@ -83,6 +83,21 @@ def test_cuda_graphs_match_eager_steps(tiny_model):
     assert_same_tokens_and_logprobs(graphed, eager, prompts, params)
 
 
+def test_lm_head_inside_the_decode_graphs_matches_eager_steps(tiny_model, monkeypatch):
+    """With the LM head captured in the decode graphs (``LOGITS_IN_DECODE_GRAPHS``), greedy and seeded rows give
+    the eager engine's tokens and logprobs."""
+    from pagedllm.worker import model_runner
+
+    prompts = [{"prompt_token_ids": [7 + i, 30, 31, 32][: 1 + i % 4] * (1 + i % 5)} for i in range(11)]
+    params = [SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=8 + 5 * i, ignore_eos=True,
+                             logprobs=0) for i in range(11)]
+    common = dict(device="cuda", dtype="float32", num_gpu_blocks_override=256, max_model_len=128, max_num_seqs=16)
+    monkeypatch.setattr(model_runner, "LOGITS_IN_DECODE_GRAPHS", True)
+    graphed = LLM(tiny_model("qwen3"), **common)
+    assert graphed.llm_engine.engine_core.model_runner.logits_in_decode_graphs
+    assert_same_tokens_and_logprobs(graphed, LLM(tiny_model("qwen3"), enforce_eager=True, **common), prompts, params)
+
+
 def test_async_scheduling_matches_the_synchronous_loop_on_cuda(tiny_model):
     """With CUDA graphs, pinned double-buffered copies and tokens fed on the device from the step before, async
     scheduling gives the synchronous loop's tokens and logprobs, with swap preemption and seeded sampling."""

@@ -36,9 +36,15 @@ class EagerGraphs:
     def padded_size(self, num_reqs: int) -> int | None:
         return next((size for size in self.sizes if size >= num_reqs), None)
 
+    replaying = False  # inside a replay (what the forward runs there is "in the graph")
+
     def replay(self, padded_size: int) -> torch.Tensor:
         self.replayed.append(padded_size)
-        return self.forward(padded_size)
+        self.replaying = True
+        try:
+            return self.forward(padded_size)
+        finally:
+            self.replaying = False
 
 
 def test_capture_sizes() -> None:
@@ -70,7 +76,10 @@ def test_a_decode_step_replays_the_graph_of_the_smallest_context_bound_that_hold
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only: on a GPU the real graphs are tested (test_gpu.py)")
-def test_padded_decode_path_matches_the_torch_engine(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("logits_in_graph", [False, True])
+def test_padded_decode_path_matches_the_torch_engine(tmp_path, monkeypatch, logits_in_graph: bool) -> None:
+    """Also with the LM head inside the decode graphs (``LOGITS_IN_DECODE_GRAPHS``): the decode steps then sample
+    from the logits the replay gives."""
     model_dir = build_tiny_model(tmp_path, "qwen3")
     prompts = [{"prompt_token_ids": [5 + i, 9, 13, 17, 21][: 2 + i % 4] * (1 + i % 2)} for i in range(5)]
     params = [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True, logprobs=0) for i in range(5)]
@@ -82,7 +91,16 @@ def test_padded_decode_path_matches_the_torch_engine(tmp_path, monkeypatch) -> N
     monkeypatch.setenv("PAGEDLLM_ATTENTION_BACKEND", "triton")
     llm = LLM(model_dir, **common)
     runner = llm.llm_engine.engine_core.model_runner
+    runner.logits_in_decode_graphs = logits_in_graph
     graphs = runner.decode_graphs = EagerGraphs()
+    heads_in_graph = []
+    compute_logits = runner.model.compute_logits
+    monkeypatch.setattr(runner.model, "compute_logits", lambda hidden: heads_in_graph.append(graphs.replaying) or
+                        compute_logits(hidden))
+    sampling_steps = []
+    sample = runner._sample
+    monkeypatch.setattr(runner, "_sample", lambda hidden, inputs: sampling_steps.append(bool(inputs.sample_req_ids))
+                        or sample(hidden, inputs))
     mixed = runner.mixed_graphs = EagerGraphs()
     runner._capture_cuda_graphs()
     assert mixed.sizes == [16, 32]
@@ -90,6 +108,9 @@ def test_padded_decode_path_matches_the_torch_engine(tmp_path, monkeypatch) -> N
 
     assert set(graphs.replayed) >= {8, 4, 2}  # batches of 5, 3-4 and 2 decodes ran padded
     assert mixed.replayed  # the prefills ran as padded mixed steps
+    # One head a sampling step; a decode step's inside its graph, and only there, with the flag.
+    assert len(heads_in_graph) == sampling_steps.count(True)
+    assert heads_in_graph.count(True) == (len(graphs.replayed) if logits_in_graph else 0)
     for ours, reference in zip(outputs, expected):
         assert ours.outputs[0].token_ids == reference.outputs[0].token_ids
         for got, want in zip(ours.outputs[0].logprobs, reference.outputs[0].logprobs):
