@@ -18,6 +18,7 @@ off until measured).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -98,33 +99,35 @@ def fused_gemm_kernels(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | No
     return skinny_gemm_for(x, weight)
 
 
-# A fused gate/up projection's skinny GEMM writes ``silu(gate) * up`` from its epilogue (``gemm_silu_mul``): one launch
-# and one [rows, 2 x intermediate] round trip fewer a layer, with the weight stream untouched. Compiled for sm_90
-# with the plain kernel's K loop (benchmarks/scripts/skinny_gemm_ptx.py) but not measured on a GPU yet, so off;
+# A fused gate/up projection's decode GEMM writes ``silu(gate) * up`` from its epilogue (``gate_up_epilogue``: the
+# skinny GEMM, FP8's one-row GEMV): one launch and one [rows, 2 x intermediate] round trip fewer a layer, with the
+# weight stream untouched. The skinny GEMM's variant compiles for sm_90 with the plain kernel's K loop
+# (benchmarks/scripts/skinny_gemm_ptx.py), but neither is measured on a GPU yet, so off;
 # ``benchmarks/scripts/without_decode_kernels.py +silu_epilogue`` switches it on.
 FUSE_ACTIVATION_INTO_GATE_UP = False
 
 
-def gate_up_silu_kernels(layer: Linear, x: torch.Tensor) -> ModuleType | None:
-    """The skinny-GEMM module when ``silu_and_mul(layer(x))`` runs as one launch (switched on; a dense layer without
-    bias, LoRA or an all-reduce, and a decode-sized x on CUDA with the fused ops on), else None."""
-    if not FUSE_ACTIVATION_INTO_GATE_UP or not layer.is_dense or layer.bias is not None or layer.lora is not None:
+def gate_up_silu(layer: Linear, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x -> silu_and_mul(layer(x))`` in one launch, for an input like ``x``, where switched on and the layer's
+    method offers it (the dense skinny GEMM, FP8's one-row GEMV); never with a bias (added before the activation),
+    LoRA (its delta too) or an all-reduce; else None."""
+    if not FUSE_ACTIVATION_INTO_GATE_UP or layer.bias is not None or layer.lora is not None:
         return None
     if layer.tp_comm is not None or not use_triton_ops(x):
         return None
-    return skinny_gemm_for(x, layer.weight)
+    return layer.quant_method.silu_mul_output(layer, x)
 
 
 def rms_norm_gate_up_silu(
     norm: RMSNorm, layer: Linear, x: torch.Tensor, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``silu_and_mul(layer(norm(x + residual)))`` and the new residual stream, the activation in the gate/up GEMM's
-    epilogue, where ``gate_up_silu_kernels`` says; None otherwise (the caller runs the ops one by one)."""
-    kernels = gate_up_silu_kernels(layer, x)
-    if kernels is None:
+    epilogue, where ``gate_up_silu`` says; None otherwise (the caller runs the ops one by one)."""
+    fused = gate_up_silu(layer, x)
+    if fused is None:
         return None
     normed, residual = (norm(x), x) if residual is None else norm(x, residual)
-    return kernels.gemm_silu_mul(normed, layer.weight), residual
+    return fused(normed), residual
 
 
 def rms_norm_linear(

@@ -25,10 +25,8 @@ Qwen3-0.6B decode step 17% slower (benchmarks/h200/issue14-decode-fusions). In t
 dot's x operand to wgmma from shared memory, so a computed x is stored there every K step and each step then
 waits for its own MMA and an unpipelined norm-weight load: the weight stream stops being pipelined.
 
-The op after a fused gate/up projection can ride in its epilogue instead: ``gemm_silu_mul`` gives each program
-the gate rows and the up rows of the same output columns (interleaved, so no weight is re-laid out) and writes
-``silu(gate) * up`` straight from the accumulator, rounded where the separate GEMM and activation launches round:
-one launch and one [rows, 2 x intermediate] write and read fewer. The weight stream is untouched, unlike the
+The op after a fused gate/up projection can ride in its epilogue instead: ``gemm_silu_mul`` writes
+``silu(gate) * up`` straight from the accumulator (``gate_up_epilogue``), the weight stream untouched, unlike the
 prologues'. Not yet measured on a GPU, so the model does not route to it (``layers.FUSE_ACTIVATION_INTO_GATE_UP``).
 
 Allocation per call is a fixed-size output (and partials buffer when split) and nothing is read back to the host,
@@ -46,6 +44,7 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
+from pagedllm.model.gate_up_epilogue import gate_up_rows, store_silu_mul
 from pagedllm.model.input_prologue import InputPrologue
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.pdl import allow_later_kernels, wait_for_earlier_kernels
@@ -150,28 +149,6 @@ def _partial_product(
     return acc, tl.sum(sum_squares, axis=0)
 
 
-@triton.jit
-def _gate_up_rows(row_block, N, BLOCK_N: tl.constexpr):
-    """The W rows of a gate/up program: gate row c at even positions and up row c (``N / 2`` further) at odd ones,
-    for its ``BLOCK_N / 2`` output columns c; columns past the end re-read the last one (never stored)."""
-    positions = tl.arange(0, BLOCK_N)
-    columns = tl.minimum(row_block * (BLOCK_N // 2) + positions // 2, N // 2 - 1)
-    return columns + (positions % 2) * (N // 2)
-
-
-@triton.jit
-def _store_silu_mul(acc, out_ptr, row_block, offs_m, num_rows, d, stride_om, BLOCK_N: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
-    """Write ``silu(gate) * up`` of ``acc``'s interleaved gate/up rows into ``out`` [num_rows, d], rounded as the
-    GEMM's output and the separate activation round it (gate and up, then silu, then the product)."""
-    dtype = out_ptr.dtype.element_ty
-    rounded = acc.to(dtype).to(tl.float32)
-    gate, up = tl.split(tl.permute(tl.reshape(rounded, (BLOCK_N // 2, 2, BLOCK_M)), (0, 2, 1)))
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # torch rounds F.silu's output first
-    columns = row_block * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    _store_output(silu * up, out_ptr, out_ptr, columns, offs_m, num_rows, d, stride_om, False)
-
-
 @triton.jit(do_not_specialize=["num_rows"])
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr,
@@ -188,7 +165,7 @@ def _skinny_gemm_kernel(
     row_block = tl.program_id(0)
     split = tl.program_id(1)
     if SILU_MUL_OUTPUT:
-        offs_n = _gate_up_rows(row_block, N, BLOCK_N)
+        offs_n = gate_up_rows(row_block, N, BLOCK_N)
     else:
         offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -201,7 +178,7 @@ def _skinny_gemm_kernel(
     if NORM_INPUT:
         acc = acc * tl.rsqrt(sum_squares / K + eps)[None, :]
     if SILU_MUL_OUTPUT:
-        _store_silu_mul(acc, out_ptr, row_block, offs_m, num_rows, N // 2, stride_om, BLOCK_N, BLOCK_M)
+        store_silu_mul(acc, out_ptr, row_block, offs_m, num_rows, N // 2, stride_om, BLOCK_N, BLOCK_M)
     elif IS_SPLIT:
         num_splits = tl.num_programs(1)
         # partials [num_splits, row blocks * BLOCK_N, BLOCK_M]: padded rows, so no masks.
@@ -321,6 +298,8 @@ def _run(
     out = torch.empty((num_rows, n // 2 if silu_mul_output else n), dtype=x.dtype, device=x.device)
     if num_rows:
         config = config or choose_config(n, k, sm_count(x.device), x.element_size())
+        if silu_mul_output and config.block_n % 2:
+            raise ValueError(f"the gate/up epilogue pairs rows: block_n must be even, got {config.block_n}")
         _launch(x, weight, bias, out, config, prologue, silu_mul_output)
     return out
 

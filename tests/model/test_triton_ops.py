@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 # Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before triton was first imported.
 triton_ops = pytest.importorskip("pagedllm.model.triton_ops")
@@ -245,6 +246,8 @@ def test_whole_model_through_the_kernels(tiny_model_dir: Callable[[str], str], m
     interpreter), the norms and the activation inside the GEMMs' prologues (or the activation in gate/up's
     epilogue) and the K/V store inside rotary, give the torch path's logits: the wiring in llama.py passes the
     right tensors."""
+    from pagedllm.model.quantization import unquantized
+
     config = ModelConfig.from_pretrained(tiny_model_dir(arch), None, dtype="float32")
     model = get_model(config, "auto", DEVICE)
     ids = torch.randint(3, 128, (11,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -256,32 +259,37 @@ def test_whole_model_through_the_kernels(tiny_model_dir: Callable[[str], str], m
                 x, weight) or None)
         else:
             monkeypatch.setattr(layers, "FUSE_ACTIVATION_INTO_GATE_UP", fused)
-            monkeypatch.setattr(layers, "skinny_gemm_for", skinny_for_decode_steps)
+            monkeypatch.setattr(unquantized, "skinny_gemm_for", skinny_for_decode_steps)
         runner = PagedRunner(model, block_size=4)
         return torch.cat([runner.step([("a", ids[:9])]), runner.step([("a", ids[9:10])]),
                           runner.step([("a", ids[10:])])])
 
     epilogue_calls = []
     gemm_silu_mul = skinny.gemm_silu_mul
-    monkeypatch.setattr(skinny, "gemm_silu_mul", lambda *args: epilogue_calls.append(1) or gemm_silu_mul(*args))
+    monkeypatch.setattr(skinny, "gemm_silu_mul", lambda *args, **kwargs: epilogue_calls.append(1) or
+                        gemm_silu_mul(*args, **kwargs))
     torch.testing.assert_close(run(fused=True), run(fused=False), atol=1e-4, rtol=0)
     assert len(epilogue_calls) == (3 * config.num_hidden_layers if fusion == "epilogue" else 0)
 
 
-def test_gate_up_epilogue_only_when_switched_on_and_for_plain_dense_layers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The activation moves into gate/up's epilogue only when switched on (unmeasured: off by default), and never
-    for a layer with a bias (added before the activation; the epilogue has none)."""
+def test_gate_up_epilogue_only_when_switched_on_and_without_a_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The activation moves into gate/up's epilogue only when switched on (unmeasured: off by default), through the
+    layer's method (the dense one: the skinny GEMM for decode-sized inputs), and never for a layer with a bias
+    (added before the activation; the epilogue has none)."""
     from pagedllm.model.linear import Linear
+    from pagedllm.model.quantization import unquantized
 
     monkeypatch.setattr(layers, "use_triton_ops", lambda x: True)
-    monkeypatch.setattr(layers, "skinny_gemm_for", skinny_for_decode_steps)
+    monkeypatch.setattr(unquantized, "skinny_gemm_for", skinny_for_decode_steps)
     x = torch.randn(2, 16)
     plain, biased = Linear(16, 8), Linear(16, 8, bias=True)
-    assert layers.gate_up_silu_kernels(plain, x) is None
+    assert layers.gate_up_silu(plain, x) is None
     monkeypatch.setattr(layers, "FUSE_ACTIVATION_INTO_GATE_UP", True)
-    assert layers.gate_up_silu_kernels(plain, x) is skinny
-    assert layers.gate_up_silu_kernels(biased, x) is None
-    assert layers.gate_up_silu_kernels(plain, torch.randn(17, 16)) is None  # a prefill: cuBLAS, then the op
+    fused = layers.gate_up_silu(plain, x)
+    gate, up = F.linear(x, plain.weight).chunk(2, dim=-1)
+    torch.testing.assert_close(fused(x), F.silu(gate) * up)
+    assert layers.gate_up_silu(biased, x) is None
+    assert layers.gate_up_silu(plain, torch.randn(17, 16)) is None  # a prefill: cuBLAS, then the op
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
