@@ -298,7 +298,7 @@ class ModelRunner:
         buffers.fill_padding(0, 0, sched.max_num_seqs)  # every row padding: the captures write no KV slot
         self._upload_padded(sched.max_num_seqs, sched.max_num_seqs)
 
-        def forward_for(context_bound: int) -> Callable[[int], torch.Tensor]:
+        def forward_for(context_bound: int) -> Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]:
             def forward(size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
                 """The hidden states, and the logits where ``logits_in_decode_graphs`` (every decode row samples)."""
                 metadata = decode_metadata(
