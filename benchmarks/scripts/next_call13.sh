@@ -47,8 +47,8 @@ for mode in default epilogue; do  # FP8 weights: the GEMV's epilogue (issue 16's
 done
 pack
 if [ $SECONDS -lt $((LIMIT + 30)) ]; then
-  /tmp/site/bin/py-spy record -r 500 -f raw --threads -o $WORK/pyspy-latency-qwen3-0.6b-bs1.raw -- \
-    timeout 90 python3 -m pagedllm.bench latency --model qwen3-0.6b --batch-size 1 --input-len 32 --output-len 128 \
+  timeout 100 /tmp/site/bin/py-spy record -r 500 -f raw --threads -o $WORK/pyspy-latency-qwen3-0.6b-bs1.raw -- \
+    python3 -m pagedllm.bench latency --model qwen3-0.6b --batch-size 1 --input-len 32 --output-len 128 \
     --num-iters-warmup 1 --num-iters 10 > $WORK/pyspy-latency.log 2>&1
   python3 benchmarks/cpu/serve-frontend/pyspy_summary.py $WORK/pyspy-latency-qwen3-0.6b-bs1.raw 0.03 2>&1 | head -n 40
 fi
