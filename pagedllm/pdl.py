@@ -57,7 +57,8 @@ def launch_options(device: torch.device) -> dict[str, Any]:
 
 @functools.cache
 def _has_grid_dependency_control(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    """An NVIDIA GPU of compute capability 9.0 or newer (ROCm reports its own capabilities: never there)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 @triton.jit
