@@ -13,8 +13,8 @@ Three kernels, each one launch per layer for the whole step:
   count depends only on the batch size (and an upper bound of the context), never on the contexts' actual
   lengths, so a decode step can be captured in a CUDA graph and replayed with other lengths.
 
-Every kernel can launch with programmatic dependent launch (``pagedllm/pdl.py``, on by default on Hopper and newer): it then waits
-for the kernel before it as its first step, and its launch overlaps that kernel's tail.
+Every kernel can launch with programmatic dependent launch (``pagedllm/pdl.py``, on by default on Hopper and
+newer): it then waits for the kernel before it as its first step, and its launch overlaps that kernel's tail.
 
 With an FP8 cache (``IS_FP8``; ``triton_fp8.py``) the store quantizes (``x / scale``, saturated, cast) and the
 attention kernels read the FP8 tiles directly: K and V are converted to the query's dtype in registers (exact: every

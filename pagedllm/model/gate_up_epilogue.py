@@ -1,4 +1,5 @@
-"""SiLU-and-mul in the epilogue of a fused gate/up projection's decode GEMM (the skinny GEMM, FP8's one-row GEMV).
+"""SiLU-and-mul in the epilogue of a fused gate/up projection's decode GEMM (the skinny GEMM, FP8's one-row GEMV,
+the W4A16 kernels).
 
 A gate/up weight stores the gate rows, then the up rows. A program of the fused variant takes the gate and the up
 row of each of its ``BLOCK_N / 2`` output columns, interleaved (``gate_up_rows``: no weight is re-laid out), so its
@@ -13,6 +14,12 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+def check_block_pairs(block_n: int) -> None:
+    """A program's rows come in gate/up pairs: its row block must be even."""
+    if block_n % 2:
+        raise ValueError(f"the gate/up epilogue pairs rows: block_n must be even, got {block_n}")
 
 
 @triton.jit

@@ -18,8 +18,8 @@ off until measured).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -100,16 +100,16 @@ def fused_gemm_kernels(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | No
 
 
 # A fused gate/up projection's decode GEMM writes ``silu(gate) * up`` from its epilogue (``gate_up_epilogue``: the
-# skinny GEMM, FP8's one-row GEMV): one launch and one [rows, 2 x intermediate] round trip fewer a layer, with the
-# weight stream untouched. The skinny GEMM's variant compiles for sm_90 with the plain kernel's K loop
-# (benchmarks/scripts/skinny_gemm_ptx.py), but neither is measured on a GPU yet, so off;
+# skinny GEMM, FP8's one-row GEMV, the W4A16 kernels): one launch and one [rows, 2 x intermediate] round trip fewer
+# a layer, with the weight stream untouched. The variants compile for sm_90 with their plain kernels' K loops
+# (benchmarks/scripts/skinny_gemm_ptx.py, w4a16_gemv_sass.py), but none is measured on a GPU yet, so off;
 # ``benchmarks/scripts/without_decode_kernels.py +silu_epilogue`` switches it on.
 FUSE_ACTIVATION_INTO_GATE_UP = False
 
 
 def gate_up_silu(layer: Linear, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``x -> silu_and_mul(layer(x))`` in one launch, for an input like ``x``, where switched on and the layer's
-    method offers it (the dense skinny GEMM, FP8's one-row GEMV); never with a bias (added before the activation),
+    method offers it (the dense skinny GEMM, FP8's one-row GEMV, the W4A16 kernels); never with a bias (added before the activation),
     LoRA (its delta too) or an all-reduce; else None."""
     if not FUSE_ACTIVATION_INTO_GATE_UP or layer.bias is not None or layer.lora is not None:
         return None

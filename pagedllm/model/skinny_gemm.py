@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
-from pagedllm.model.gate_up_epilogue import gate_up_rows, store_silu_mul
+from pagedllm.model.gate_up_epilogue import check_block_pairs, gate_up_rows, store_silu_mul
 from pagedllm.model.input_prologue import InputPrologue
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.pdl import allow_later_kernels, wait_for_earlier_kernels
@@ -298,8 +298,8 @@ def _run(
     out = torch.empty((num_rows, n // 2 if silu_mul_output else n), dtype=x.dtype, device=x.device)
     if num_rows:
         config = config or choose_config(n, k, sm_count(x.device), x.element_size())
-        if silu_mul_output and config.block_n % 2:
-            raise ValueError(f"the gate/up epilogue pairs rows: block_n must be even, got {config.block_n}")
+        if silu_mul_output:
+            check_block_pairs(config.block_n)
         _launch(x, weight, bias, out, config, prologue, silu_mul_output)
     return out
 
@@ -322,6 +322,7 @@ def _launch(
         BLOCK_N=config.block_n, BLOCK_M=_BLOCK_M, BLOCK_K=config.block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         NORM_INPUT=prologue.is_norm, HAS_RESIDUAL=prologue.residual is not None, SILU_MUL_INPUT=prologue.is_silu_mul,
-        SILU_MUL_OUTPUT=silu_mul_output, num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x.device),
+        SILU_MUL_OUTPUT=silu_mul_output, num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl.launch_options(x.device),
     )
 

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
-from pagedllm.model.gate_up_epilogue import gate_up_rows, store_silu_mul
+from pagedllm.model.gate_up_epilogue import check_block_pairs, gate_up_rows, store_silu_mul
 from pagedllm.model.quantization.int4 import SYMMETRIC_ZERO, TILE_K, Int4Weight
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.model.w4a16_dequant import biased_zero, subtract_zero, tile_slices
@@ -572,8 +572,8 @@ def _launch_gemm(x: torch.Tensor, weight: Int4Weight, perm: torch.Tensor | None,
     m_blocks = triton.cdiv(num_rows, config.block_m)
     if config.gemv and m_blocks > 1:
         raise ValueError(f"the GEMV kernel takes at most block_m = {config.block_m} rows of x, got {num_rows}")
-    if silu_mul_output and config.block_n % 2:
-        raise ValueError(f"the gate/up epilogue pairs rows: block_n must be even, got {config.block_n}")
+    if silu_mul_output:
+        check_block_pairs(config.block_n)
     # K in whole canonical tiles (padded_k is a multiple of TILE_K); split only with x in one row block, and never
     # under the activation (it needs whole sums).
     launch = plan_launch(n, padded_k, out, block_n=config.block_n, block_k=TILE_K, block_m=config.block_m,

@@ -525,7 +525,7 @@ class Sampler:
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        use_triton = self._uses_triton(logits)
+        use_triton = logits.is_cuda if self._use_triton is None else self._use_triton
         if use_triton and metadata.needs_only_temperature:
             # The common case in one kernel: it reads the raw logits once, in their dtype, and scales them itself.
             sampled, unmasked_draws = _sample_rows_fused(logits, metadata)
@@ -554,9 +554,6 @@ class Sampler:
                                device=logits.device)
         self(logits, replace(metadata, grammar_mask=GrammarMask(rows, allow_all)))
         self(logits, replace(metadata, checked_rows=rows))
-
-    def _uses_triton(self, logits: torch.Tensor) -> bool:
-        return logits.is_cuda if self._use_triton is None else self._use_triton
 
     def _sample(
         self, logits: torch.Tensor, metadata: SamplingMetadata, use_triton: bool

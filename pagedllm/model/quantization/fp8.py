@@ -135,13 +135,13 @@ class Fp8FusedInputGemv:
         x2d = x.reshape(1, -1).contiguous()
         residual2d = residual.reshape(1, -1).contiguous() if residual is not None else None
         out, new_residual = gemv_kernels().fp8_rms_norm_gemv(x2d, residual2d, norm_weight, eps, layer.weight,
-                                                                    layer.weight_scale, layer.bias)
+                                                             layer.weight_scale, layer.bias)
         return out.view(*x.shape[:-1], -1), new_residual.view(x.shape)
 
     def silu_mul_linear(self, gate_up: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         out = gemv_kernels().fp8_silu_mul_gemv(gate_up.reshape(1, -1).contiguous(), layer.weight,
-                                                      layer.weight_scale, layer.bias)
+                                               layer.weight_scale, layer.bias)
         return out.view(*gate_up.shape[:-1], -1)
 
 

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
-from pagedllm.model.gate_up_epilogue import gate_up_rows, store_silu_mul
+from pagedllm.model.gate_up_epilogue import check_block_pairs, gate_up_rows, store_silu_mul
 from pagedllm.model.input_prologue import InputPrologue
 from pagedllm.model.quantization.fp8_gemm import FP8_DTYPE
 from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, accepts, finish_tile
@@ -244,8 +244,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
     num_rows, (n, k) = x.shape[0], weight.shape
     out = torch.empty((num_rows, n // 2 if silu_mul_output else n), dtype=x.dtype, device=x.device)
     config = config or choose_config(n, k, num_rows, sm_count(x.device))
-    if silu_mul_output and config.block_n % 2:
-        raise ValueError(f"the gate/up epilogue pairs rows: block_n must be even, got {config.block_n}")
+    if silu_mul_output:
+        check_block_pairs(config.block_n)
     block_m = triton.next_power_of_2(num_rows)
     # The norm needs whole rows, the activation whole sums: K is not split then.
     launch = plan_launch(n, k, out, block_n=config.block_n, block_k=config.block_k, block_m=block_m,
