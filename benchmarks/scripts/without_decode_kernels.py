@@ -8,7 +8,7 @@ Switches (comma-separated; a leading ``+`` switches on what is off by default): 
 the LM head back on cuBLAS, which also ends the fusions that ride on the skinny GEMM), ``rotary_store`` (the
 attention backend stores K/V again, not the rotary kernel), ``+fused_norm_act`` (RMSNorm and SiLU-and-mul inside
 the skinny GEMM's prologue), ``+silu_epilogue`` (SiLU-and-mul in the gate/up GEMM's epilogue),
-``+graph_logits`` (the LM head inside the decode graphs), ``pdl`` (no programmatic dependent launch: on by default,
+``graph_logits`` (the LM head outside the decode graphs again: inside by default), ``pdl`` (no programmatic dependent launch: on by default,
 ``PAGEDLLM_PDL``), ``+pdl`` (PDL with the next kernel placed after each one's wait, the default), ``+pdl_late`` (the
 same, placed after each GEMM's and attention kernel's main loop), ``split_tiles=N``
 (each decode attention split attends to at least N key tiles: ``triton_paged.MIN_TILES_PER_SPLIT``). The engine must run
@@ -37,8 +37,8 @@ def switch(names: list[str]) -> None:
             layers.FUSE_NORM_AND_ACTIVATION_INTO_GEMM = True
         elif name == "+silu_epilogue":
             layers.FUSE_ACTIVATION_INTO_GATE_UP = True
-        elif name == "+graph_logits":
-            model_runner.LOGITS_IN_DECODE_GRAPHS = True
+        elif name in ("+graph_logits", "graph_logits"):
+            model_runner.LOGITS_IN_DECODE_GRAPHS = name.startswith("+")
         elif name == "pdl":
             pdl.ENABLED = False
         elif name == "+pdl":
