@@ -33,7 +33,7 @@ _POINTERS = {"x_ptr": "*bf16", "perm_ptr": "*i64", "qw_ptr": "*i32", "scales_ptr
              "bias_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32", "arrivals_ptr": "*i32"}
 _UNALIGNED = ("num_rows", "N", "num_groups")  # the launch's other integers are multiples of 16 on real layers
 _COMMON = {"HAS_PERM": False, "HAS_ZEROS": True, "HAS_BIAS": False, "IS_SPLIT": True, "EVEN_K": True,
-           "GROUP_SIZE": 128, "BLOCK_N": 128, "BLOCK_M": 1, "SILU_MUL_OUTPUT": False, "USE_PDL": 0}
+           "GROUP_SIZE": 128, "BLOCK_N": 128, "BLOCK_M": 1, "USE_PDL": 0}
 _GEMV = "_w4a16_gemv_kernel"
 _DOT = "_w4a16_gemm_kernel"
 _DOT_DEFAULTS = {"BLOCK_M": 16, "ASM": True, "DOT_PRECISION": "tf32"}
@@ -60,9 +60,6 @@ SHAPES = [
     ("dot M<=128 asm 128x128 w8 s3", _DOT, {"BLOCK_M": 128}, 8, 3),
     ("dot M<=16 asm groups of 32, act-order", _DOT, {"GROUP_SIZE": 32, "HAS_PERM": True}, 4, 3),
     ("dot M<=16 asm one group, odd K", _DOT, {"GROUP_SIZE": 0, "EVEN_K": False}, 4, 3),
-    ("GEMV M=1 gate/up SiLU epilogue", _GEMV, {"IS_SPLIT": False, "SILU_MUL_OUTPUT": True}, 4, 1),
-    ("dot_config M<=16 gate/up SiLU epilogue", _DOT, {"BLOCK_N": 64, "IS_SPLIT": False, "SILU_MUL_OUTPUT": True}, 4,
-     3),
 ]
 
 

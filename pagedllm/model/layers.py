@@ -11,15 +11,12 @@ they are the plain torch code here, which is also the reference the kernels are 
 ``silu_mul_linear`` run the norm or the activation inside the following projection's kernel where its method
 offers that (``fused_input_linear``): the dense skinny GEMM and FP8's one-row GEMV can, both switched off because
 they measured slower (``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``, ``fp8_gemm.FUSE_INPUT_INTO_GEMV``).
-``rms_norm_gate_up_silu`` runs SiLU-and-mul in the gate/up GEMM's epilogue instead (``FUSE_ACTIVATION_INTO_GATE_UP``,
-off until measured).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -97,37 +94,6 @@ def fused_gemm_kernels(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | No
     if not FUSE_NORM_AND_ACTIVATION_INTO_GEMM:
         return None
     return skinny_gemm_for(x, weight)
-
-
-# A fused gate/up projection's decode GEMM writes ``silu(gate) * up`` from its epilogue (``gate_up_epilogue``: the
-# skinny GEMM, FP8's one-row GEMV, the W4A16 kernels): one launch and one [rows, 2 x intermediate] round trip fewer
-# a layer, with the weight stream untouched. The variants compile for sm_90 with their plain kernels' K loops
-# (benchmarks/scripts/skinny_gemm_ptx.py, w4a16_gemv_sass.py), but none is measured on a GPU yet, so off;
-# ``benchmarks/scripts/without_decode_kernels.py +silu_epilogue`` switches it on.
-FUSE_ACTIVATION_INTO_GATE_UP = False
-
-
-def gate_up_silu(layer: Linear, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``x -> silu_and_mul(layer(x))`` in one launch, for an input like ``x``, where switched on and the layer's
-    method offers it (the dense skinny GEMM, FP8's one-row GEMV, the W4A16 kernels); never with a bias (added before the activation),
-    LoRA (its delta too) or an all-reduce; else None."""
-    if not FUSE_ACTIVATION_INTO_GATE_UP or layer.bias is not None or layer.lora is not None:
-        return None
-    if layer.tp_comm is not None or not use_triton_ops(x):
-        return None
-    return layer.quant_method.silu_mul_output(layer, x)
-
-
-def rms_norm_gate_up_silu(
-    norm: RMSNorm, layer: Linear, x: torch.Tensor, residual: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``silu_and_mul(layer(norm(x + residual)))`` and the new residual stream, the activation in the gate/up GEMM's
-    epilogue, where ``gate_up_silu`` says; None otherwise (the caller runs the ops one by one)."""
-    fused = gate_up_silu(layer, x)
-    if fused is None:
-        return None
-    normed, residual = (norm(x), x) if residual is None else norm(x, residual)
-    return fused(normed), residual
 
 
 def rms_norm_linear(

@@ -25,7 +25,6 @@ from pagedllm.model.layers import (
     RotaryEmbedding,
     RotaryStep,
     VocabEmbedding,
-    rms_norm_gate_up_silu,
     rms_norm_linear,
     rotate_qk,
     rotate_qk_into_cache,
@@ -190,10 +189,6 @@ class LlamaDecoderLayer(nn.Module):
         # First layer: residual is None, and the residual stream starts as the embeddings.
         qkv, residual = rms_norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden_states, residual)
         hidden_states = self.self_attn(qkv, rope, kv_cache, attn_metadata)
-        fused = rms_norm_gate_up_silu(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden_states, residual)
-        if fused is not None:  # the activation already applied in gate_up's epilogue
-            activated, residual = fused
-            return self.mlp.down_proj(activated), residual
         gate_up, residual = rms_norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden_states,
                                             residual)
         return self.mlp(gate_up), residual

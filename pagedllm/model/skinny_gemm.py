@@ -25,10 +25,6 @@ Qwen3-0.6B decode step 17% slower (benchmarks/h200/issue14-decode-fusions). In t
 dot's x operand to wgmma from shared memory, so a computed x is stored there every K step and each step then
 waits for its own MMA and an unpipelined norm-weight load: the weight stream stops being pipelined.
 
-The op after a fused gate/up projection can ride in its epilogue instead: ``gemm_silu_mul`` writes
-``silu(gate) * up`` straight from the accumulator (``gate_up_epilogue``), the weight stream untouched, unlike the
-prologues'. Not yet measured on a GPU, so the model does not route to it (``layers.FUSE_ACTIVATION_INTO_GATE_UP``).
-
 Allocation per call is a fixed-size output (and partials buffer when split) and nothing is read back to the host,
 so calls can be captured in a CUDA graph. The counters and the launch planning are ``split_k``'s, shared with the
 other decode GEMMs.
@@ -44,7 +40,6 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
-from pagedllm.model.gate_up_epilogue import check_block_pairs, gate_up_rows, store_silu_mul
 from pagedllm.model.input_prologue import InputPrologue
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.pdl import allow_later_kernels, wait_for_earlier_kernels
@@ -155,19 +150,14 @@ def _skinny_gemm_kernel(
     num_rows, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_rm, eps,
     HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL_INPUT: tl.constexpr,
-    SILU_MUL_OUTPUT: tl.constexpr, USE_PDL: tl.constexpr,
+    NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL_INPUT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (row block, K slice): one partial product; with IS_SPLIT the last slice to arrive sums them all.
-    With NORM_INPUT (never split: each program sees whole rows) the product is scaled by each row's 1 / rms.
-    With SILU_MUL_OUTPUT (never split) the program's rows are the gate and up rows of BLOCK_N / 2 output columns."""
+    With NORM_INPUT (never split: each program sees whole rows) the product is scaled by each row's 1 / rms."""
     wait_for_earlier_kernels(USE_PDL)
     row_block = tl.program_id(0)
     split = tl.program_id(1)
-    if SILU_MUL_OUTPUT:
-        offs_n = gate_up_rows(row_block, N, BLOCK_N)
-    else:
-        offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     acc, sum_squares = _partial_product(
         x_ptr, w_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr, offs_n, offs_m, split * k_per_split,
@@ -177,9 +167,7 @@ def _skinny_gemm_kernel(
     allow_later_kernels(USE_PDL)
     if NORM_INPUT:
         acc = acc * tl.rsqrt(sum_squares / K + eps)[None, :]
-    if SILU_MUL_OUTPUT:
-        store_silu_mul(acc, out_ptr, row_block, offs_m, num_rows, N // 2, stride_om, BLOCK_N, BLOCK_M)
-    elif IS_SPLIT:
+    if IS_SPLIT:
         num_splits = tl.num_programs(1)
         # partials [num_splits, row blocks * BLOCK_N, BLOCK_M]: padded rows, so no masks.
         tile = offs_n[:, None] * BLOCK_M + offs_m[None, :]
@@ -268,17 +256,6 @@ def silu_mul_gemm(
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, config: SkinnyGemmConfig | None = None) -> torch.Tensor:
-    """``silu(g) * u`` where ``[g, u] = F.linear(x, weight)`` (weight [2 * d, K], the gate rows first, as a fused
-    gate/up projection stores them), [..., d], in one launch: the activation in the GEMM's epilogue. No bias."""
-    n, k = weight.shape
-    if n % 2:
-        raise ValueError(f"gemm_silu_mul needs a gate/up weight of an even row count, got {tuple(weight.shape)}")
-    x2d = _rows(x, weight, k)
-    out = _run(x2d, weight, None, config, InputPrologue(), silu_mul_output=True)
-    return out.view(*x.shape[:-1], n // 2)
-
-
 def _rows(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
     """``x`` as [rows, width] with a unit inner stride, checked against the kernel's limits."""
     x2d = x.reshape(-1, x.shape[-1])
@@ -291,27 +268,24 @@ def _rows(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
 
 def _run(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyGemmConfig | None,
-    prologue: InputPrologue, silu_mul_output: bool = False,
+    prologue: InputPrologue,
 ) -> torch.Tensor:
-    """The launch and its output ([rows, N], or [rows, N / 2] with ``silu_mul_output``)."""
     num_rows, (n, k) = x.shape[0], weight.shape
-    out = torch.empty((num_rows, n // 2 if silu_mul_output else n), dtype=x.dtype, device=x.device)
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows:
         config = config or choose_config(n, k, sm_count(x.device), x.element_size())
-        if silu_mul_output:
-            check_block_pairs(config.block_n)
-        _launch(x, weight, bias, out, config, prologue, silu_mul_output)
+        _launch(x, weight, bias, out, config, prologue)
     return out
 
 
 def _launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, config: SkinnyGemmConfig,
-    prologue: InputPrologue, silu_mul_output: bool,
+    prologue: InputPrologue,
 ) -> None:
     num_rows, (n, k) = x.shape[0], weight.shape
-    # The norm needs whole rows, the activation whole sums: K is not split then.
+    # The norm needs whole rows: K is not split then.
     launch = plan_launch(n, k, out, block_n=config.block_n, block_k=config.block_k, block_m=_BLOCK_M,
-                         split_k=config.split_k, can_split=not (prologue.is_norm or silu_mul_output))
+                         split_k=config.split_k, can_split=not prologue.is_norm)
     residual = prologue.residual if prologue.residual is not None else x  # placeholders when unused
     _skinny_gemm_kernel[launch.grid](
         x, weight, bias if bias is not None else out, out, launch.partials, launch.arrivals, residual,
@@ -322,7 +296,6 @@ def _launch(
         BLOCK_N=config.block_n, BLOCK_M=_BLOCK_M, BLOCK_K=config.block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         NORM_INPUT=prologue.is_norm, HAS_RESIDUAL=prologue.residual is not None, SILU_MUL_INPUT=prologue.is_silu_mul,
-        SILU_MUL_OUTPUT=silu_mul_output, num_warps=config.num_warps, num_stages=config.num_stages,
-        **pdl.launch_options(x.device),
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x.device),
     )
 

@@ -45,7 +45,6 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
-from pagedllm.model.gate_up_epilogue import check_block_pairs, gate_up_rows, store_silu_mul
 from pagedllm.model.quantization.int4 import SYMMETRIC_ZERO, TILE_K, Int4Weight
 from pagedllm.model.split_k import even_split, plan_launch, sm_count
 from pagedllm.model.w4a16_dequant import biased_zero, subtract_zero, tile_slices
@@ -216,18 +215,14 @@ def _w4a16_gemm_kernel(
     num_rows, N, K, padded_k, k_per_split, num_groups, stride_xm, stride_qn, stride_sn, stride_zn, stride_om,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    ASM: tl.constexpr, DOT_PRECISION: tl.constexpr, SILU_MUL_OUTPUT: tl.constexpr, USE_PDL: tl.constexpr,
+    ASM: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (row block of W, row block of x, K slice): one partial product with ``tl.dot``, one canonical tile
-    per K step; split over K (IS_SPLIT) only with a single row block of x. With SILU_MUL_OUTPUT (never split) the
-    rows are the gate and up rows of BLOCK_N / 2 output columns (``gate_up_epilogue``)."""
+    per K step; split over K (IS_SPLIT) only with a single row block of x."""
     wait_for_earlier_kernels(USE_PDL)
     row_block = tl.program_id(0)
     split = tl.program_id(2)
-    if SILU_MUL_OUTPUT:
-        offs_n = gate_up_rows(row_block, N, BLOCK_N)
-    else:
-        offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     # Rows past N re-read row N - 1: no row mask on the weight stream; those results are never stored.
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)
@@ -250,11 +245,8 @@ def _w4a16_gemm_kernel(
         w_ptrs += 16
         x_seg += _TILE_K
     allow_later_kernels(USE_PDL)
-    if SILU_MUL_OUTPUT:
-        store_silu_mul(acc, out_ptr, row_block, offs_m, num_rows, N // 2, stride_om, BLOCK_N, BLOCK_M)
-    else:
-        _finish(acc, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, tl.num_programs(2), offs_n,
-                offs_m, num_rows, N, stride_om, HAS_BIAS, IS_SPLIT)
+    _finish(acc, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, tl.num_programs(2), offs_n, offs_m,
+            num_rows, N, stride_om, HAS_BIAS, IS_SPLIT)
 
 
 # -- the GEMV kernel (module docstring) -----------------------------------------------------------------------------
@@ -366,19 +358,15 @@ def _w4a16_gemv_kernel(
     num_rows, N, K, padded_k, k_per_split, num_groups, stride_xm, stride_qn, stride_sn, stride_zn, stride_om,
     float_2pow23_bits, HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, STAGES: tl.constexpr, SILU_MUL_OUTPUT: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (row block of W, K slice): ``x W^T`` for x's few rows without ``tl.dot``, one canonical tile
     ([BLOCK_N, 16] words) per K step, its loads pipelined STAGES deep; products accumulate per word, and the
-    words are summed after the K loop. With SILU_MUL_OUTPUT (never split) the rows are the gate and up rows of
-    BLOCK_N / 2 output columns (``gate_up_epilogue``)."""
+    words are summed after the K loop."""
     wait_for_earlier_kernels(USE_PDL)
     row_block = tl.program_id(0)
     split = tl.program_id(1)
-    if SILU_MUL_OUTPUT:
-        offs_n = gate_up_rows(row_block, N, BLOCK_N)
-    else:
-        offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows past N re-read row N - 1: no row mask on the weight stream; those results are never stored.
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)[None, None, :, None]
     offs_m = tl.arange(0, BLOCK_M)[:, None, None, None]
@@ -391,12 +379,8 @@ def _w4a16_gemv_kernel(
                          HAS_PERM, HAS_ZEROS, EVEN_K)
     allow_later_kernels(USE_PDL)
     total = tl.trans(tl.sum(tl.sum(acc, axis=3), axis=1))  # [BLOCK_N, BLOCK_M]
-    if SILU_MUL_OUTPUT:
-        store_silu_mul(total, out_ptr, row_block, tl.arange(0, BLOCK_M), num_rows, N // 2, stride_om, BLOCK_N,
-                       BLOCK_M)
-    else:
-        _finish(total, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, tl.num_programs(1), offs_n,
-                tl.arange(0, BLOCK_M), num_rows, N, stride_om, HAS_BIAS, IS_SPLIT)
+    _finish(total, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, row_block, split, tl.num_programs(1), offs_n,
+            tl.arange(0, BLOCK_M), num_rows, N, stride_om, HAS_BIAS, IS_SPLIT)
 
 
 # -- dequantize + cuBLAS --------------------------------------------------------------------------------------------
@@ -495,57 +479,20 @@ def w4a16_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None 
     """``x W^T + bias`` for x [..., K] (half precision on CUDA; float32 in the interpreter) and W in the canonical
     int4 layout; a new tensor [..., N] in x's dtype. ``config`` / ``dequant_min_rows`` / ``permute_x_first``
     override the choices (tests, tuning)."""
-    n = weight.qweight.shape[0]
-    x2d = _rows(x, weight)
-    dequantize = x2d.shape[0] >= (DEQUANT_MIN_ROWS if dequant_min_rows is None else dequant_min_rows)
-    x2d, perm = _act_order_input(x2d, weight, dequantize or _permutes_first(permute_x_first))
+    n, k = weight.qweight.shape[0], weight.input_size
+    x2d = x.reshape(-1, k)
+    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    num_rows = x2d.shape[0]
+    dequantize = num_rows >= (DEQUANT_MIN_ROWS if dequant_min_rows is None else dequant_min_rows)
+    perm = weight.perm
+    if perm is not None and (dequantize or (PERMUTE_X_FIRST if permute_x_first is None else permute_x_first)):
+        x2d, perm = x2d.index_select(1, perm), None
     if dequantize:
         return F.linear(x2d, dequantize_int4(weight, x.dtype), bias).view(*x.shape[:-1], n)
-    return _run(x2d, weight, perm, bias, config, n).view(*x.shape[:-1], n)
-
-
-def w4a16_silu_mul(x: torch.Tensor, weight: Int4Weight, config: W4A16Config | None = None,
-                   permute_x_first: bool | None = None) -> torch.Tensor:
-    """``silu(g) * u`` where ``[g, u] = w4a16_linear(x, weight)`` (W [2 * d, K], the gate rows first, as a fused
-    gate/up projection stores them), [..., d], in one launch of the kernels: the activation in the epilogue
-    (``gate_up_epilogue``). No bias; x of fewer than ``DEQUANT_MIN_ROWS`` rows (the dequantize + cuBLAS path has
-    no epilogue)."""
-    n = weight.qweight.shape[0]
-    x2d = _rows(x, weight)
-    if n % 2 or x2d.shape[0] >= DEQUANT_MIN_ROWS:
-        raise ValueError(f"w4a16_silu_mul needs a gate/up weight of an even row count and fewer than "
-                         f"{DEQUANT_MIN_ROWS} rows of x; got W of {n} rows, x of {x2d.shape[0]}")
-    x2d, perm = _act_order_input(x2d, weight, _permutes_first(permute_x_first))
-    return _run(x2d, weight, perm, None, config, n // 2).view(*x.shape[:-1], n // 2)
-
-
-def _rows(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
-    """x as [rows, K] with a unit inner stride."""
-    x2d = x.reshape(-1, weight.input_size)
-    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-
-
-def _permutes_first(permute_x_first: bool | None) -> bool:
-    return PERMUTE_X_FIRST if permute_x_first is None else permute_x_first
-
-
-def _act_order_input(x2d: torch.Tensor, weight: Int4Weight, permute: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x, and the act-order permutation the kernel still has to apply to its columns: none once torch has
-    permuted x (``permute``), or without act-order."""
-    if weight.perm is not None and permute:
-        return x2d.index_select(1, weight.perm), None
-    return x2d, weight.perm
-
-
-def _run(x2d: torch.Tensor, weight: Int4Weight, perm: torch.Tensor | None, bias: torch.Tensor | None,
-         config: W4A16Config | None, width: int) -> torch.Tensor:
-    """The kernels' output [rows, width]: W's rows, or half of them under the gate/up epilogue (``width`` N / 2)."""
-    num_rows, n = x2d.shape[0], weight.qweight.shape[0]
-    out = torch.empty((num_rows, width), dtype=x2d.dtype, device=x2d.device)
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows:
-        config = config or choose_config(num_rows, n, weight.input_size, sm_count(x2d.device))
-        _launch_gemm(x2d, weight, perm, bias, out, config, silu_mul_output=width != n)
-    return out
+        _launch_gemm(x2d, weight, perm, bias, out, config or choose_config(num_rows, n, k, sm_count(x.device)))
+    return out.view(*x.shape[:-1], n)
 
 
 def dequantize_int4(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -563,28 +510,23 @@ def dequantize_int4(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _launch_gemm(x: torch.Tensor, weight: Int4Weight, perm: torch.Tensor | None, bias: torch.Tensor | None,
-                 out: torch.Tensor, config: W4A16Config, silu_mul_output: bool = False) -> None:
+                 out: torch.Tensor, config: W4A16Config) -> None:
     """Launch the kernel ``config`` names; ``perm``: the act-order permutation the kernel applies to x's columns
-    (None: x is in the weight's column order already); ``silu_mul_output``: ``out`` [rows, N / 2] gets
-    ``silu(gate) * up`` (``gate_up_epilogue``)."""
+    (None: x is in the weight's column order already)."""
     num_rows, k = x.shape
-    n, padded_k = weight.qweight.shape[0], weight.qweight.shape[1] * 8
+    n, padded_k = out.shape[1], weight.qweight.shape[1] * 8
     m_blocks = triton.cdiv(num_rows, config.block_m)
     if config.gemv and m_blocks > 1:
         raise ValueError(f"the GEMV kernel takes at most block_m = {config.block_m} rows of x, got {num_rows}")
-    if silu_mul_output:
-        check_block_pairs(config.block_n)
-    # K in whole canonical tiles (padded_k is a multiple of TILE_K); split only with x in one row block, and never
-    # under the activation (it needs whole sums).
+    # K in whole canonical tiles (padded_k is a multiple of TILE_K); split only with x in one row block.
     launch = plan_launch(n, padded_k, out, block_n=config.block_n, block_k=TILE_K, block_m=config.block_m,
-                         split_k=config.split_k, can_split=m_blocks == 1 and not silu_mul_output)
+                         split_k=config.split_k, can_split=m_blocks == 1)
     zeros = weight.zeros if weight.zeros is not None else weight.scales  # placeholder when symmetric
     operands = (x, perm if perm is not None else x, weight.qweight, weight.scales, zeros,
                 bias if bias is not None else out, out, launch.partials, launch.arrivals)
     flags = {"HAS_PERM": perm is not None, "HAS_ZEROS": weight.zeros is not None, "HAS_BIAS": bias is not None,
              "IS_SPLIT": launch.is_split, "EVEN_K": k == padded_k, "BLOCK_N": config.block_n,
-             "BLOCK_M": config.block_m, "SILU_MUL_OUTPUT": silu_mul_output, "num_warps": config.num_warps,
-             **pdl.launch_options(x.device)}
+             "BLOCK_M": config.block_m, "num_warps": config.num_warps, **pdl.launch_options(x.device)}
     strides = (x.stride(0), weight.qweight.stride(0), weight.scales.stride(0), zeros.stride(0), out.stride(0))
     k_per_split = launch.k_per_split
     if config.gemv:

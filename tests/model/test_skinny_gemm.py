@@ -16,7 +16,7 @@ skinny = pytest.importorskip("pagedllm.model.skinny_gemm")
 
 from pagedllm import pdl
 from pagedllm.model.linear import Linear
-from pagedllm.model.skinny_gemm import SkinnyGemmConfig, gemm_silu_mul, rms_norm_gemm, silu_mul_gemm, skinny_gemm
+from pagedllm.model.skinny_gemm import SkinnyGemmConfig, rms_norm_gemm, silu_mul_gemm, skinny_gemm
 from pagedllm.model.split_k import arrival_counters
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,39 +220,12 @@ def test_silu_mul_gemm_splits_k(num_rows: int) -> None:
     assert not arrival_counters(torch.device(DEVICE)).any()
 
 
-def check_gemm_silu_mul(num_rows, d, k, dtype, seed, config=None):
-    """Against the separate launches' rounding: gate/up rounded to the dtype, silu rounded, then the product."""
-    x, weight, _ = random_problem(num_rows, 2 * d, k, dtype, False, seed)
-    gate_up = F.linear(x.double(), weight.double()).to(dtype)
-    expected = F.silu(gate_up[:, :d].double()).to(dtype).double() * gate_up[:, d:].double()
-    out = gemm_silu_mul(x, weight, config)
-    assert out.shape == (num_rows, d)
-    assert_relative_error(out, expected)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_rows", [1, 3, 16])
-@pytest.mark.parametrize(("d", "k"), [(37, 100), (64, 256), (70, 300)])  # 37, 70: a partial last row block
-def test_gemm_silu_mul_matches_linear_then_silu_and_mul(dtype, num_rows: int, d: int, k: int) -> None:
-    check_gemm_silu_mul(num_rows, d, k, dtype, seed=num_rows + d + k)
-
-
-@pytest.mark.parametrize("num_rows", [1, 16])
-def test_gemm_silu_mul_never_splits_k(num_rows: int) -> None:
-    """A config that would split K still gives whole sums to each program: the activation needs them."""
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    check_gemm_silu_mul(num_rows, 65, 512, dtype, seed=3, config=SkinnyGemmConfig(32, 64, split_k=4))
-    assert not arrival_counters(torch.device(DEVICE)).any()
-
-
 def test_fused_variants_reject_bad_shapes() -> None:
     weight = torch.empty(8, 32, device=DEVICE)
     with pytest.raises(ValueError, match="2 \\* K"):
         silu_mul_gemm(torch.empty(2, 32, device=DEVICE), weight)
     with pytest.raises(ValueError, match="rows"):
         rms_norm_gemm(torch.empty(17, 32, device=DEVICE), None, torch.ones(32, device=DEVICE), 1e-6, weight)
-    with pytest.raises(ValueError, match="even row count"):
-        gemm_silu_mul(torch.empty(2, 32, device=DEVICE), torch.empty(7, 32, device=DEVICE))
 
 
 # (N, K) of the projections a norm precedes (qkv, gate_up) and the down projection, Qwen3-0.6B then Llama-3.1-8B.
@@ -272,13 +245,6 @@ def test_real_shapes_rms_norm_gemm(n: int, k: int) -> None:
 def test_real_shapes_silu_mul_gemm(n: int, k: int) -> None:
     for num_rows in (1, 4, 16):
         check_silu_mul_gemm(num_rows, n, k, torch.bfloat16, False, seed=n + num_rows)
-
-
-@needs_cuda
-@pytest.mark.parametrize(("n", "k"), [(6144, 1024), (28672, 4096)])  # gate_up of Qwen3-0.6B, Llama-3.1-8B
-def test_real_shapes_gemm_silu_mul(n: int, k: int) -> None:
-    for num_rows in (1, 4, 16):
-        check_gemm_silu_mul(num_rows, n // 2, k, torch.bfloat16, seed=n + num_rows)
 
 
 def test_pdl_is_never_on_outside_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 # Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before triton was first imported.
 triton_ops = pytest.importorskip("pagedllm.model.triton_ops")
@@ -232,64 +231,26 @@ def test_empty_batch() -> None:
     assert q.shape == (0, 2, 16) and k.shape == (0, 1, 16)
 
 
-def skinny_for_decode_steps(x: torch.Tensor, weight: torch.Tensor):
-    """The skinny-GEMM module for every step of at most 16 tokens (float32 on CPU included), as the routing hooks
-    of ``layers`` expect."""
-    return skinny if x.numel() <= 16 * x.shape[-1] else None
-
-
-@pytest.mark.parametrize("fusion", ["prologue", "epilogue"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_whole_model_through_the_kernels(tiny_model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch,
-                                         arch: str, fusion: str) -> None:
+                                         arch: str) -> None:
     """A tiny model's prefill and decode steps with every fused op dispatched to the kernels (on CPU: in the
-    interpreter), the norms and the activation inside the GEMMs' prologues (or the activation in gate/up's
-    epilogue) and the K/V store inside rotary, give the torch path's logits: the wiring in llama.py passes the
-    right tensors."""
-    from pagedllm.model.quantization import unquantized
-
+    interpreter), the norms and the activation inside the GEMMs and the K/V store inside rotary, give the torch
+    path's logits: the wiring in llama.py passes the right tensors."""
     config = ModelConfig.from_pretrained(tiny_model_dir(arch), None, dtype="float32")
     model = get_model(config, "auto", DEVICE)
     ids = torch.randint(3, 128, (11,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def run(fused: bool) -> torch.Tensor:
         monkeypatch.setattr(layers, "use_triton_ops", lambda x: fused)
-        if fusion == "prologue":
-            monkeypatch.setattr(layers, "fused_gemm_kernels", lambda x, weight: fused and skinny_for_decode_steps(
-                x, weight) or None)
-        else:
-            monkeypatch.setattr(layers, "FUSE_ACTIVATION_INTO_GATE_UP", fused)
-            monkeypatch.setattr(unquantized, "skinny_gemm_for", skinny_for_decode_steps)
+        # The fused skinny GEMMs (norm and activation in the prologue) too, for every step of at most 16 tokens.
+        monkeypatch.setattr(layers, "fused_gemm_kernels", lambda x, weight: skinny if fused and x.numel() <= 16 *
+                            x.shape[-1] else None)
         runner = PagedRunner(model, block_size=4)
         return torch.cat([runner.step([("a", ids[:9])]), runner.step([("a", ids[9:10])]),
                           runner.step([("a", ids[10:])])])
 
-    epilogue_calls = []
-    gemm_silu_mul = skinny.gemm_silu_mul
-    monkeypatch.setattr(skinny, "gemm_silu_mul", lambda *args, **kwargs: epilogue_calls.append(1) or
-                        gemm_silu_mul(*args, **kwargs))
     torch.testing.assert_close(run(fused=True), run(fused=False), atol=1e-4, rtol=0)
-    assert len(epilogue_calls) == (3 * config.num_hidden_layers if fusion == "epilogue" else 0)
-
-
-def test_gate_up_epilogue_only_when_switched_on_and_without_a_bias(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The activation moves into gate/up's epilogue only when switched on (unmeasured: off by default), through the
-    layer's method (the dense one: the skinny GEMM for decode-sized inputs), and never for a layer with a bias
-    (added before the activation; the epilogue has none)."""
-    from pagedllm.model.linear import Linear
-    from pagedllm.model.quantization import unquantized
-
-    monkeypatch.setattr(layers, "use_triton_ops", lambda x: True)
-    monkeypatch.setattr(unquantized, "skinny_gemm_for", skinny_for_decode_steps)
-    x = torch.randn(2, 16)
-    plain, biased = Linear(16, 8), Linear(16, 8, bias=True)
-    assert layers.gate_up_silu(plain, x) is None
-    monkeypatch.setattr(layers, "FUSE_ACTIVATION_INTO_GATE_UP", True)
-    fused = layers.gate_up_silu(plain, x)
-    gate, up = F.linear(x, plain.weight).chunk(2, dim=-1)
-    torch.testing.assert_close(fused(x), F.silu(gate) * up)
-    assert layers.gate_up_silu(biased, x) is None
-    assert layers.gate_up_silu(plain, torch.randn(17, 16)) is None  # a prefill: cuBLAS, then the op
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")

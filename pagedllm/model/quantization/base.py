@@ -51,11 +51,6 @@ class LinearMethod:
         ``x`` [..., input_size] on this device; None (the default): the ops run one by one."""
         return None
 
-    def silu_mul_output(self, layer: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """For a fused gate/up layer, ``x -> silu(gate) * up`` of its product, the activation inside its kernel,
-        for an input like ``x``; None (the default): the activation runs after it."""
-        return None
-
 
 class FusedInputLinear(Protocol):
     """A linear layer whose kernel computes its own input as it loads it: one launch instead of two."""

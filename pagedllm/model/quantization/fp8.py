@@ -17,7 +17,6 @@ quantize the same input; None when dynamic). The product is ``fp8_gemm.fp8_linea
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,10 +34,9 @@ from pagedllm.model.quantization.fp8_gemm import (
     FP8_DTYPE,
     ActivationScheme,
     fp8_linear,
+    fused_input_kernels,
     gemv_fuses_input,
-    gemv_kernels,
     quantize_weight,
-    runs_gemv,
 )
 from pagedllm.model.quantization.unquantized import UnquantizedLinearMethod
 
@@ -110,18 +108,6 @@ class Fp8LinearMethod(LinearMethod):
         """The GEMV with the op before it in its prologue, for a one-row x on the GEMV path (``fp8_gemm``)."""
         return Fp8FusedInputGemv(layer) if gemv_fuses_input(x, layer.weight, self.scheme.activations) else None
 
-    def silu_mul_output(self, layer: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The GEMV with SiLU-and-mul in its epilogue, where ``fp8_linear`` runs the GEMV for x."""
-        if not runs_gemv(x, layer.weight, self.scheme.activations):
-            return None
-
-        def gate_up_silu(x: torch.Tensor) -> torch.Tensor:
-            out = gemv_kernels().fp8_gemv_silu_mul(x.reshape(-1, x.shape[-1]).contiguous(), layer.weight,
-                                                   layer.weight_scale)
-            return out.view(*x.shape[:-1], -1)
-
-        return gate_up_silu
-
 
 @dataclass(frozen=True)
 class Fp8FusedInputGemv:
@@ -134,14 +120,14 @@ class Fp8FusedInputGemv:
         layer = self.layer
         x2d = x.reshape(1, -1).contiguous()
         residual2d = residual.reshape(1, -1).contiguous() if residual is not None else None
-        out, new_residual = gemv_kernels().fp8_rms_norm_gemv(x2d, residual2d, norm_weight, eps, layer.weight,
-                                                             layer.weight_scale, layer.bias)
+        out, new_residual = fused_input_kernels().fp8_rms_norm_gemv(x2d, residual2d, norm_weight, eps, layer.weight,
+                                                                    layer.weight_scale, layer.bias)
         return out.view(*x.shape[:-1], -1), new_residual.view(x.shape)
 
     def silu_mul_linear(self, gate_up: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        out = gemv_kernels().fp8_silu_mul_gemv(gate_up.reshape(1, -1).contiguous(), layer.weight,
-                                               layer.weight_scale, layer.bias)
+        out = fused_input_kernels().fp8_silu_mul_gemv(gate_up.reshape(1, -1).contiguous(), layer.weight,
+                                                      layer.weight_scale, layer.bias)
         return out.view(*gate_up.shape[:-1], -1)
 
 

@@ -163,17 +163,13 @@ def _cuda_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def gemv_fuses_input(x: torch.Tensor, weight: torch.Tensor, scheme: ActivationScheme) -> bool:
     """Whether ``fp8_linear`` on x (one row, [..., K]) runs the GEMV, which can then take the op before it in its
     prologue (``FUSE_INPUT_INTO_GEMV``)."""
-    return bool(FUSE_INPUT_INTO_GEMV) and x.reshape(-1, x.shape[-1]).shape[0] == 1 and runs_gemv(x, weight, scheme)
+    x2d = x.reshape(-1, x.shape[-1])
+    return (bool(FUSE_INPUT_INTO_GEMV) and x.is_cuda and x2d.shape[0] == 1
+            and _triton_path_for(x2d, weight, scheme) == "gemv")
 
 
-def runs_gemv(x: torch.Tensor, weight: torch.Tensor, scheme: ActivationScheme) -> bool:
-    """Whether ``fp8_linear`` on x ([..., K]) runs the one-row GEMV (``fp8_gemv``)."""
-    return x.is_cuda and _triton_path_for(x.reshape(-1, x.shape[-1]), weight, scheme) == "gemv"
-
-
-def gemv_kernels() -> ModuleType:
-    """The GEMV module: its ``fp8_rms_norm_gemv`` / ``fp8_silu_mul_gemv`` serve ``gemv_fuses_input``'s calls, its
-    ``fp8_gemv_silu_mul`` those ``runs_gemv`` allows."""
+def fused_input_kernels() -> ModuleType:
+    """The GEMV module, whose ``fp8_rms_norm_gemv`` / ``fp8_silu_mul_gemv`` serve ``gemv_fuses_input``'s calls."""
     return _gemv_kernel()
 
 

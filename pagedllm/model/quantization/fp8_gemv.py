@@ -28,10 +28,6 @@ the same (``fp8_gemm.FUSE_INPUT_INTO_GEMV``, off), so the model does not route t
 skinny GEMM's: ``s = x + residual`` and ``s * norm_weight`` rounded to x's dtype, the row's 1 / rms applied to the
 float32 product (one rounding step from torch's order); SiLU's output and ``silu * up`` rounded as torch rounds
 them (the same input as the unfused ops).
-
-``fp8_gemv_silu_mul`` runs SiLU-and-mul in the epilogue of a fused gate/up projection instead (``gate_up_epilogue``:
-each program takes the gate and up rows of its output columns); the weight stream is untouched. Not yet measured
-on a GPU (``layers.FUSE_ACTIVATION_INTO_GATE_UP``, off).
 """
 
 from __future__ import annotations
@@ -43,7 +39,6 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
-from pagedllm.model.gate_up_epilogue import check_block_pairs, gate_up_rows, store_silu_mul
 from pagedllm.model.input_prologue import InputPrologue
 from pagedllm.model.quantization.fp8_gemm import FP8_DTYPE
 from pagedllm.model.quantization.fp8_triton import Fp8GemmConfig, accepts, finish_tile
@@ -131,17 +126,12 @@ def _fp8_gemv_kernel(
     residual_out_ptr, N, K, k_per_split, stride_xm, stride_wn, stride_om, eps,
     NUM_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL_INPUT: tl.constexpr,
-    SILU_MUL_OUTPUT: tl.constexpr, USE_PDL: tl.constexpr,
+    NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL_INPUT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (row block, K slice): rows ``offs_n`` of W times every x row over its slice, then ``finish_tile``.
-    With NORM_INPUT (never split: each program sees the whole row) the product is scaled by the row's 1 / rms.
-    With SILU_MUL_OUTPUT (never split) the rows are the gate and up rows of BLOCK_N / 2 output columns."""
+    With NORM_INPUT (never split: each program sees the whole row) the product is scaled by the row's 1 / rms."""
     wait_for_earlier_kernels(USE_PDL)
-    if SILU_MUL_OUTPUT:
-        offs_n = gate_up_rows(tl.program_id(0), N, BLOCK_N)
-    else:
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * k_per_split + tl.arange(0, BLOCK_K)
     # Rows past N re-read row N - 1: the weight stream needs no row mask, and those results are never stored.
     w_ptrs = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn + cols[None, :]
@@ -174,13 +164,8 @@ def _fp8_gemv_kernel(
     sums = _row_sums(acc0, acc1, acc2, acc3, NUM_ROWS, BLOCK_M)
     if NORM_INPUT:
         sums = sums * tl.rsqrt(tl.sum(sum_squares, axis=0) / K + eps)
-    if SILU_MUL_OUTPUT:
-        scaled = sums * tl.load(scale_ptr + offs_n)[:, None]  # each weight row's channel scale, as finish_tile
-        store_silu_mul(scaled, out_ptr, tl.program_id(0), tl.arange(0, BLOCK_M), NUM_ROWS, N // 2, stride_om,
-                       BLOCK_N, BLOCK_M)
-    else:
-        finish_tile(sums, offs_n, tl.arange(0, BLOCK_M), scale_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
-                    arrivals_ptr, NUM_ROWS, N, stride_om, HAS_BIAS, False, IS_SPLIT, BLOCK_N, BLOCK_M)
+    finish_tile(sums, offs_n, tl.arange(0, BLOCK_M), scale_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr,
+                arrivals_ptr, NUM_ROWS, N, stride_om, HAS_BIAS, False, IS_SPLIT, BLOCK_N, BLOCK_M)
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -219,18 +204,6 @@ def fp8_silu_mul_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     return _launch(x, weight, scale, bias, config, InputPrologue(is_silu_mul=True))
 
 
-def fp8_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                      config: Fp8GemmConfig | None = None) -> torch.Tensor:
-    """``silu(g) * u`` where ``[g, u] = fp8_gemv(x, weight, scale)`` (weight [2 * d, K], the gate rows first, as a
-    fused gate/up projection stores them), [M, d], in one launch: the activation in the epilogue
-    (``gate_up_epilogue``). No bias."""
-    num_rows, (n, _) = x.shape[0], weight.shape
-    if not accepts(x, weight) or not 0 < num_rows <= MAX_ROWS or n % 2:
-        raise ValueError(f"fp8_gemv_silu_mul needs x [1..{MAX_ROWS} rows, K] and a contiguous FP8 gate/up weight "
-                         f"[2 * d, K]; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
-    return _launch(x, weight, scale, None, config, InputPrologue(), silu_mul_output=True)
-
-
 def _check_one_row(x: torch.Tensor, weight: torch.Tensor, width: int) -> None:
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != width or not x.is_contiguous() \
             or weight.dtype != FP8_DTYPE or not weight.is_contiguous():
@@ -239,17 +212,14 @@ def _check_one_row(x: torch.Tensor, weight: torch.Tensor, width: int) -> None:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-            config: Fp8GemmConfig | None, prologue: InputPrologue, silu_mul_output: bool = False) -> torch.Tensor:
-    """The launch and its output ([M, N], or [M, N / 2] with ``silu_mul_output``)."""
+            config: Fp8GemmConfig | None, prologue: InputPrologue) -> torch.Tensor:
     num_rows, (n, k) = x.shape[0], weight.shape
-    out = torch.empty((num_rows, n // 2 if silu_mul_output else n), dtype=x.dtype, device=x.device)
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     config = config or choose_config(n, k, num_rows, sm_count(x.device))
-    if silu_mul_output:
-        check_block_pairs(config.block_n)
     block_m = triton.next_power_of_2(num_rows)
-    # The norm needs whole rows, the activation whole sums: K is not split then.
+    # The norm needs whole rows: K is not split then.
     launch = plan_launch(n, k, out, block_n=config.block_n, block_k=config.block_k, block_m=block_m,
-                         split_k=config.split_k, can_split=not (prologue.is_norm or silu_mul_output))
+                         split_k=config.split_k, can_split=not prologue.is_norm)
     residual = prologue.residual if prologue.residual is not None else x  # placeholders when unused
     _fp8_gemv_kernel[launch.grid](
         x, weight, scale, bias if bias is not None else out, out, launch.partials, launch.arrivals, residual,
@@ -259,6 +229,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
         HAS_BIAS=bias is not None, IS_SPLIT=launch.is_split, EVEN_K=launch.even_k, BLOCK_N=config.block_n,
         BLOCK_M=block_m, BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, NORM_INPUT=prologue.is_norm,
         HAS_RESIDUAL=prologue.residual is not None, SILU_MUL_INPUT=prologue.is_silu_mul,
-        SILU_MUL_OUTPUT=silu_mul_output, num_warps=config.num_warps, **pdl.launch_options(x.device),
+        num_warps=config.num_warps, **pdl.launch_options(x.device),
     )
     return out

@@ -22,8 +22,6 @@ Each format's ``process_weights_after_loading`` unpacks its checkpoint tensors t
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -257,29 +255,17 @@ class Int4LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         weight = layer_weight(layer)
-        if _runs_kernels(x):
+        if x.is_cuda and _kernels_enabled():
             from pagedllm.model import w4a16_kernel
 
             return w4a16_kernel.w4a16_linear(x, weight, bias)
         return torch_linear(x, weight, bias)
 
-    def silu_mul_output(self, layer: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The W4A16 kernels with SiLU-and-mul in their epilogue, for an x on CUDA below the dequantize + cuBLAS
-        rows (``w4a16_kernel.DEQUANT_MIN_ROWS``)."""
-        if not _runs_kernels(x):
-            return None
-        from pagedllm.model import w4a16_kernel
 
-        if x.reshape(-1, x.shape[-1]).shape[0] >= w4a16_kernel.DEQUANT_MIN_ROWS:
-            return None
-        return functools.partial(w4a16_kernel.w4a16_silu_mul, weight=layer_weight(layer))
-
-
-def _runs_kernels(x: torch.Tensor) -> bool:
-    """Whether a product with x runs the W4A16 Triton kernels (x on CUDA, the fused ops on), not the torch path."""
+def _kernels_enabled() -> bool:
     from pagedllm.platform import triton_ops_enabled
 
-    return x.is_cuda and triton_ops_enabled()
+    return triton_ops_enabled()
 
 
 # -- dummy weights (load_format="dummy") ----------------------------------------------------------------------------

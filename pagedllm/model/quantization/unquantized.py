@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from pagedllm.model.gemm import linear, skinny_gemm_for
+from pagedllm.model.gemm import linear
 from pagedllm.model.quantization.base import LinearMethod, add_param
 
 
@@ -23,8 +20,3 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return linear(x, layer.weight, bias)
-
-    def silu_mul_output(self, layer: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The skinny GEMM with SiLU-and-mul in its epilogue, for a decode-sized x on CUDA (``skinny_gemm_for``)."""
-        kernels = skinny_gemm_for(x, layer.weight)
-        return None if kernels is None else functools.partial(kernels.gemm_silu_mul, weight=layer.weight)

@@ -169,31 +169,6 @@ def test_silu_mul_gemv_split_k_is_exact_and_repeatable() -> None:
     assert torch.equal(first, fp8_gemv_module.fp8_silu_mul_gemv(x, weight, scale, bias, config))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_rows", [1, 3])
-@pytest.mark.parametrize(("d", "k"), [(20, 97), (36, 301), *([(14336, 4096)] if DEVICE == "cuda" else [])])
-def test_gemv_silu_mul_matches_gemv_then_activation(dtype: torch.dtype, num_rows: int, d: int, k: int) -> None:
-    """SiLU-and-mul in a gate/up GEMV's epilogue gives the oracle's gate/up output, rounded, then activated as the
-    separate kernel rounds it (36 columns at 8 weight rows a program: a partial last program)."""
-    x, weight, scale, _ = random_problem(num_rows, 2 * d, k, dtype, False, seed=d + k + num_rows)
-    gate_up = fp8_linear_reference(x, weight, scale, None)
-    gate, up = gate_up.chunk(2, dim=-1)
-    expected = torch.nn.functional.silu(gate.float()).to(dtype).float() * up.float()
-    out = fp8_gemv_module.fp8_gemv_silu_mul(x, weight, scale)
-    assert out.dtype == dtype and out.shape == (num_rows, d)
-    assert relative_error(out, expected) < RELATIVE_ERROR[dtype]
-
-
-def test_gemv_silu_mul_never_splits_k_and_refuses_odd_shapes() -> None:
-    x, weight, scale, _ = random_problem(1, 72, 301, DTYPES[0], False, seed=6)
-    split = fp8_gemv_module.fp8_gemv_silu_mul(x, weight, scale, Fp8GemmConfig(8, 32, split_k=3))
-    assert torch.equal(split, fp8_gemv_module.fp8_gemv_silu_mul(x, weight, scale, Fp8GemmConfig(8, 32)))
-    with pytest.raises(ValueError, match="block_n must be even"):
-        fp8_gemv_module.fp8_gemv_silu_mul(x, weight, scale, Fp8GemmConfig(7, 32))
-    with pytest.raises(ValueError, match="gate/up weight"):
-        fp8_gemv_module.fp8_gemv_silu_mul(x, weight[:71], scale[:71])
-
-
 def test_rms_norm_gemv_never_splits_k() -> None:
     """The norm needs each row's whole sum of squares: a split config still gives the unsplit result."""
     x, weight, scale, _ = random_problem(1, 72, 301, DTYPES[0], False, seed=5)

@@ -234,32 +234,3 @@ def test_decode_steps_with_norm_and_activation_inside_the_fp8_gemv(tiny_model_di
     fused = run(fused=True)
     assert len(calls) > 0
     torch.testing.assert_close(fused, run(fused=False), atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_decode_steps_with_the_activation_in_the_fp8_gate_up_epilogue(tiny_model_dir: Callable[[str], str],
-                                                                      monkeypatch: pytest.MonkeyPatch,
-                                                                      arch: str) -> None:
-    """One-token steps run SiLU-and-mul in the FP8 gate/up GEMV's epilogue (``layers.gate_up_silu``; on CPU in
-    Triton's interpreter) and give the unfused path's logits; every layer's decode steps take it."""
-    pytest.importorskip("pagedllm.model.quantization.fp8_gemv")
-    from pagedllm.model import layers
-    from pagedllm.model.llama import LlamaDecoderLayer
-    from pagedllm.model.quantization import fp8
-
-    model = load(tiny_model_dir(arch), quantization="fp8")
-    ids = prompt(12, seed=6)
-    routed = []
-
-    def run(fused: bool) -> torch.Tensor:
-        monkeypatch.setattr(layers, "use_triton_ops", lambda x: fused)
-        monkeypatch.setattr(layers, "FUSE_ACTIVATION_INTO_GATE_UP", fused)
-        monkeypatch.setattr(fp8, "runs_gemv",  # the GEMV serves one row (CUDA and sm89+ aside)
-                            lambda x, weight, scheme: x.reshape(-1, x.shape[-1]).shape[0] == 1 and not routed.append(1))
-        runner = PagedRunner(model, block_size=4)
-        return torch.cat([runner.step([("a", ids[:9])]), *(runner.step([("a", [t])]) for t in ids[9:])])
-
-    fused = run(fused=True)
-    num_layers = sum(isinstance(module, LlamaDecoderLayer) for module in model.modules())
-    assert len(routed) == 3 * num_layers  # the three one-token steps, every layer
-    torch.testing.assert_close(fused, run(fused=False), atol=1e-4, rtol=0)

@@ -77,28 +77,3 @@ def test_dummy_weights_from_a_config(dense_dirs, method: str) -> None:
 def test_quantization_without_a_checkpoint_config_is_an_error(dense_dirs) -> None:
     with pytest.raises(ValueError, match="needs a checkpoint quantized with it"):
         LLM(dense_dirs["qwen3"], **ENGINE, quantization="gptq")
-
-
-@pytest.mark.slow  # ~30 s: the whole model's kernels in the interpreter
-def test_gate_up_epilogue_in_the_w4a16_kernels_gives_the_same_tokens(dense_dirs, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A GPTQ model on the W4A16 kernels (on CPU in Triton's interpreter) generates the same greedy tokens with
-    SiLU-and-mul in the gate/up kernels' epilogue (``layers.FUSE_ACTIVATION_INTO_GATE_UP``) as without it, and
-    every layer's steps take the epilogue."""
-    pytest.importorskip("pagedllm.model.w4a16_kernel")
-    from pagedllm.model import layers, w4a16_kernel
-    from pagedllm.model.quantization import int4
-
-    model_dir = tmp_path / "quantized"
-    write_quantized_model(dense_dirs["llama"], model_dir, Scheme("gptq", group_size=32, sym=False, act_order=True))
-    monkeypatch.setattr(int4, "_runs_kernels", lambda x: True)
-    monkeypatch.setattr(layers, "use_triton_ops", lambda x: True)
-    calls = []
-    silu_mul = w4a16_kernel.w4a16_silu_mul
-    monkeypatch.setattr(w4a16_kernel, "w4a16_silu_mul", lambda *args, **kwargs: calls.append(1) or
-                        silu_mul(*args, **kwargs))
-    unfused = pagedllm_greedy(str(model_dir))
-    assert not calls
-    monkeypatch.setattr(layers, "FUSE_ACTIVATION_INTO_GATE_UP", True)
-    assert pagedllm_greedy(str(model_dir)) == unfused
-    assert calls

@@ -316,33 +316,3 @@ def test_act_order_x_permuted_first_or_in_the_kernel(num_rows: int, config: W4A1
     first = w4a16_linear(x, weight, config=config, dequant_min_rows=1 << 30, permute_x_first=True)
     assert torch.equal(in_kernel, first)
     assert_close(first, oracle(x, weight, None), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_rows", [1, 3, 37])
-@pytest.mark.parametrize(
-    ("d", "k", "group_size", "has_zeros", "act_order", "config"),
-    [(50, 96, 32, True, False, None),  # 50 columns: a partial last program
-     (68, 192, 64, False, True, None),  # act-order, symmetric
-     (36, 384, 128, True, True, W4A16Config(32, 4, split_k=3, gemv=True)),  # a split config: never split here
-     (64, 200, -1, True, False, W4A16Config(64, 16, split_k=2))],
-)
-def test_silu_mul_epilogue_matches_gate_up_then_activation(dtype, num_rows, d, k, group_size, has_zeros, act_order,
-                                                           config) -> None:
-    """SiLU-and-mul in a gate/up projection's epilogue (``w4a16_silu_mul``, both kernels) gives the oracle's gate/up
-    output rounded to x's dtype, then activated as the separate kernel rounds it."""
-    if config is not None and config.gemv and num_rows > config.block_m:
-        pytest.skip("the GEMV takes at most block_m rows")
-    weight = random_weight(2 * d, k, group_size, has_zeros, act_order, seed=d + k + num_rows)
-    x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(num_rows)).to(DEVICE, dtype)
-    gate, up = oracle(x, weight, None).to(dtype).chunk(2, dim=-1)
-    expected = F.silu(gate.float()).to(dtype).double() * up.double()
-    assert_close(w4a16.w4a16_silu_mul(x, weight, config), expected.to(dtype), dtype)
-
-
-def test_silu_mul_epilogue_refuses_what_it_cannot_pair() -> None:
-    x = torch.randn(2, 96, device=DEVICE, dtype=DTYPES[0])
-    with pytest.raises(ValueError, match="even row count"):
-        w4a16.w4a16_silu_mul(x, random_weight(51, 96, 32, True, False, seed=1))
-    with pytest.raises(ValueError, match="block_n must be even"):
-        w4a16.w4a16_silu_mul(x, random_weight(50, 96, 32, True, False, seed=1), W4A16Config(33, 16))
