@@ -5,14 +5,14 @@ without them in the same device call (the same GPU, clocks and other code):
     python benchmarks/scripts/without_decode_kernels.py +pdl,rotary_store benchmarks/scripts/profile_decode_kernels.py
 
 Switches (comma-separated; a leading ``+`` switches on what is off by default): ``skinny_gemm`` (linear layers and
-the LM head back on cuBLAS, which also ends the fusions that ride on the skinny GEMM), ``rotary_store`` (the
-attention backend stores K/V again, not the rotary kernel), ``+fused_norm_act`` (RMSNorm and SiLU-and-mul inside
-the skinny GEMM's prologue), ``+silu_epilogue`` (SiLU-and-mul in the gate/up GEMM's epilogue),
-``graph_logits`` (the LM head outside the decode graphs again: inside by default), ``pdl`` (no programmatic dependent launch: on by default,
-``PAGEDLLM_PDL``), ``+pdl`` (PDL with the next kernel placed after each one's wait, the default), ``+pdl_late`` (the
-same, placed after each GEMM's and attention kernel's main loop), ``split_tiles=N``
-(each decode attention split attends to at least N key tiles: ``triton_paged.MIN_TILES_PER_SPLIT``). The engine must run
-in this process (the offline LLM does).
+the LM head back on cuBLAS, which also ends the fusions that ride on the skinny GEMM), ``decode_rotary`` (rotary and
+the K/V store in their own launch again, not inside the decode attention kernel), ``rotary_store`` (the attention
+backend stores K/V again, not the rotary kernel), ``+fused_norm_act`` (RMSNorm and SiLU-and-mul inside the skinny
+GEMM's prologue), ``graph_logits`` (the LM head outside the decode graphs again: inside by default), ``pdl`` (no
+programmatic dependent launch: on by default, ``PAGEDLLM_PDL``), ``+pdl`` (PDL with the next kernel placed after each
+one's wait, the default), ``+pdl_late`` (the same, placed after each GEMM's and attention kernel's main loop),
+``split_tiles=N`` (each decode attention split attends to at least N key tiles: ``triton_paged.MIN_TILES_PER_SPLIT``).
+The engine must run in this process (the offline LLM does).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ def switch(names: list[str]) -> None:
     for name in names:
         if name == "skinny_gemm":
             gemm._skinny_gemm = lambda: types.SimpleNamespace(accepts=lambda x, weight: False)
+        elif name == "decode_rotary":
+            layers.FUSE_ROTARY_INTO_DECODE = False
         elif name == "rotary_store":
             layers.stores_kv_with_rotary = lambda rope: False
         elif name == "+fused_norm_act":
             layers.FUSE_NORM_AND_ACTIVATION_INTO_GEMM = True
-        elif name == "+silu_epilogue":
-            layers.FUSE_ACTIVATION_INTO_GATE_UP = True
         elif name in ("+graph_logits", "graph_logits"):
             model_runner.LOGITS_IN_DECODE_GRAPHS = name.startswith("+")
         elif name == "pdl":

@@ -42,6 +42,23 @@ class AttentionMetadata:
         return len(self.seq_lens_cpu)
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeRotary:
+    """What a backend needs to rotate the step's q and k itself in a decode step (``rotates_in_decode``): the
+    un-rotated k and v of each token, and the fused rotary path's inputs (``layers.RotaryStep`` with the whole
+    float32 tables, and Qwen3's per-head q/k RMSNorm weights or None). The backend then stores the rotated k and v
+    at ``metadata.slot_mapping`` and attends in one launch, instead of a rotary launch that stores and then reads."""
+
+    key: torch.Tensor  # [num_tokens, num_kv_heads, head_dim], not yet rotated
+    value: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor  # [num_tokens]
+    cos: torch.Tensor  # [max_position, head_dim // 2] float32
+    sin: torch.Tensor
+    q_norm_weight: torch.Tensor | None  # [head_dim], with k_norm_weight, or both None
+    k_norm_weight: torch.Tensor | None
+    eps: float
+
+
 class AttentionBackend(Protocol):
     """Stores the step's new K/V into the paged cache and computes attention for the step's queries.
 

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from pagedllm import pdl
-from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.backend import AttentionMetadata, DecodeRotary
 from pagedllm.attention.triton_fp8 import fp8_kernel_args, load_scale, quantize_fp8
 from pagedllm.model.split_k import sm_count
 from pagedllm.pdl import allow_later_kernels, wait_for_earlier_kernels
@@ -80,6 +80,29 @@ class TritonPagedAttention:
             paged_decode(query, kv_cache, metadata, scale, output, k_scale, v_scale, sliding_window, logits_soft_cap)
         else:
             paged_prefill(query, kv_cache, metadata, scale, output, k_scale, v_scale, sliding_window, logits_soft_cap)
+        return output
+
+    rotates_in_decode = True  # decode_with_rotary: see backend.DecodeRotary
+
+    def decode_with_rotary(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim], not yet rotated; one token per request
+        rotary: DecodeRotary,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
+        sliding_window: int = 0,
+        logits_soft_cap: float = 0.0,
+    ) -> torch.Tensor:
+        """A decode step's attention with rotary (and Qwen3's q/k norm) applied inside the decode kernel, which
+        also stores the rotated k and v: one launch where ``rotary_qk_store_kv`` then ``forward`` take two."""
+        if metadata.max_query_len != 1:
+            raise ValueError(f"decode_with_rotary serves decode steps only (max_query_len {metadata.max_query_len})")
+        output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        paged_decode(query, kv_cache, metadata, scale, output, k_scale, v_scale, sliding_window, logits_soft_cap,
+                     rotary)
         return output
 
 
@@ -317,9 +340,10 @@ def num_decode_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, device
 def paged_decode(
     query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, output: torch.Tensor,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    sliding_window: int = 0, logits_soft_cap: float = 0.0,
+    sliding_window: int = 0, logits_soft_cap: float = 0.0, rotary: DecodeRotary | None = None,
 ) -> None:
-    """One query per request over its whole paged context, split along the context when the batch is small."""
+    """One query per request over its whole paged context, split along the context when the batch is small. With
+    ``rotary``, ``query`` is not yet rotated: the kernel rotates it, and stores the rotated new k and v first."""
     num_reqs = metadata.num_reqs
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = kv_cache.shape[3]
@@ -341,9 +365,11 @@ def paged_decode(
         k_scale, v_scale, scale * _LOG2_E, *window_args, num_splits,
         query.stride(0), query.stride(1), *stride_po,
         cache.stride(1), cache.stride(2), metadata.block_tables.stride(0),
+        *_rotary_args(rotary, query, metadata.slot_mapping),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, HEAD_DIM=head_dim, HEAD_DIM_PAD=_padded_head_dim(head_dim),
         BLOCK_SIZE=kv_cache.shape[2],
-        DOT_PRECISION=_dot_precision(query.dtype), IS_SPLIT=num_splits > 1, IS_FP8=fp8["IS_FP8"], **window_flags,
+        DOT_PRECISION=_dot_precision(query.dtype), IS_SPLIT=num_splits > 1, **fp8, **window_flags,
+        ROTARY=rotary is not None, HAS_QK_NORM=rotary is not None and rotary.q_norm_weight is not None,
         **pdl.launch_options(query.device),
     )
     if num_splits > 1:
@@ -355,15 +381,36 @@ def paged_decode(
         )
 
 
+def _rotary_args(rotary: DecodeRotary | None, query: torch.Tensor, slot_mapping: torch.Tensor) -> tuple:
+    """The decode kernel's rotary arguments: the new k and v, slots, positions, tables, norm weights, eps and
+    strides; unread placeholders (``query``) without rotary."""
+    if rotary is None:
+        return (query,) * 8 + (0.0, 0, 0, 0, 0, 0)
+    key, value = rotary.key, rotary.value
+    head_dim = query.shape[2]
+    if head_dim % 2 or key.shape[2] != head_dim or key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError(f"decode rotary needs an even head_dim and k, v [T, Hkv, {head_dim}] with contiguous last "
+                         f"dims; got k {tuple(key.shape)} strides {key.stride()}, v strides {value.stride()}")
+    if (rotary.q_norm_weight is None) != (rotary.k_norm_weight is None):
+        raise ValueError("decode rotary needs both q_norm_weight and k_norm_weight, or neither")
+    q_norm = query if rotary.q_norm_weight is None else rotary.q_norm_weight
+    k_norm = query if rotary.k_norm_weight is None else rotary.k_norm_weight
+    return (key, value, slot_mapping, rotary.positions, rotary.cos, rotary.sin, q_norm, k_norm, rotary.eps,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1), rotary.cos.stride(0))
+
+
 @triton.jit
 def _decode_kernel(
     query, partial_out, partial_lse, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale, qk_scale,
     window, soft_cap, num_splits,
     stride_qt, stride_qh, stride_po_req, stride_po_head, stride_po_split,
     stride_cache_slot, stride_cache_head, stride_table,
+    new_key, new_value, slot_mapping, positions, cos_table, sin_table, q_norm_weight, k_norm_weight, eps,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_table_row,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SPLIT: tl.constexpr,
-    IS_FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr, USE_PDL: tl.constexpr,
+    IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFT_CAP: tl.constexpr,
+    ROTARY: tl.constexpr, HAS_QK_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_for_earlier_kernels(USE_PDL)
     req = tl.program_id(0)
@@ -384,8 +431,23 @@ def _decode_kernel(
     row_valid = rows < GROUP
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(query + req.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=mask, other=0.0)
+    q_rows = query + req.to(tl.int64) * stride_qt
+    if ROTARY:
+        position = tl.load(positions + req).to(tl.int64)
+        cos, sin = _rotary_columns(cos_table + position * stride_table_row, sin_table + position * stride_table_row,
+                                   q_rows.dtype.element_ty, HEAD_DIM, HEAD_DIM_PAD)
+        q = _rotated_heads(q_rows, head * stride_qh, row_valid, q_norm_weight, cos, sin, eps, HEAD_DIM, HEAD_DIM_PAD,
+                           HAS_QK_NORM)
+        # The split whose keys end at the new token stores its k and v, then reads them back with the rest.
+        is_last_split = (start <= seq_len - 1) & (seq_len - 1 < end)
+        _store_rotated_kv(new_key + req.to(tl.int64) * stride_kt + kv_head * stride_kh,
+                          new_value + req.to(tl.int64) * stride_vt + kv_head * stride_vh,
+                          tl.load(slot_mapping + req), is_last_split, key_cache, value_cache,
+                          kv_head, stride_cache_slot, stride_cache_head, k_norm_weight, cos, sin, eps, k_scale,
+                          v_scale, HEAD_DIM, HEAD_DIM_PAD, HAS_QK_NORM, IS_FP8, FP8_MAX)
+        tl.debug_barrier()  # the CTA's stores are visible to all its threads' loads after this
+    else:
+        q = tl.load(q_rows + head[:, None] * stride_qh + offs_d[None, :], mask=mask, other=0.0)
     q = (q.to(tl.float32) * (qk_scale * load_scale(k_scale, IS_FP8))).to(query.dtype.element_ty)
     query_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + seq_len - 1
 
@@ -402,6 +464,66 @@ def _decode_kernel(
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         lse_offsets = (req.to(tl.int64) * num_splits * tl.num_programs(1) * GROUP + head * num_splits + split)
         tl.store(partial_lse + lse_offsets, lse, mask=row_valid)
+
+
+@triton.jit
+def _rotary_columns(cos_row, sin_row, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """A position's cos and sin for every column of a head (column d uses angle d mod D/2), rounded to the
+    activation dtype as the torch path rounds its gathered rows."""
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    angle = offs_d % (HEAD_DIM // 2)
+    in_head = offs_d < HEAD_DIM
+    cos = tl.load(cos_row + angle, mask=in_head, other=0.0).to(DTYPE).to(tl.float32)
+    sin = tl.load(sin_row + angle, mask=in_head, other=0.0).to(DTYPE).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _rotated_heads(x_ptr, row_offsets, row_valid, norm_weight, cos, sin, eps, HEAD_DIM: tl.constexpr,
+                   HEAD_DIM_PAD: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Rows ``x_ptr + row_offsets`` (one head each) rotated neox-style (``x * cos + rotate_half(x) * sin``), after
+    the per-head RMSNorm with HAS_NORM; rounded where ``triton_ops._rotate_heads`` rounds, in x's dtype. Each
+    column's partner in ``rotate_half`` (d + D/2, or d - D/2 in the second half) is loaded as a second tile."""
+    dtype = x_ptr.dtype.element_ty
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    half = HEAD_DIM // 2
+    partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+    mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    x = tl.load(x_ptr + row_offsets[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(x_ptr + row_offsets[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+        weight = tl.load(norm_weight + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+        partner_weight = tl.load(norm_weight + partner, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+        x = ((x * rstd).to(dtype).to(tl.float32) * weight[None, :]).to(dtype).to(tl.float32)
+        x_partner = ((x_partner * rstd).to(dtype).to(tl.float32) * partner_weight[None, :]).to(dtype).to(tl.float32)
+    sign = tl.where(offs_d < half, -1.0, 1.0)
+    return (x * cos[None, :] + sign[None, :] * x_partner * sin[None, :]).to(dtype)
+
+
+@triton.jit
+def _store_rotated_kv(
+    k_row, v_row, slot, is_storing, key_cache, value_cache, kv_head, stride_cache_slot, stride_cache_head,
+    k_norm_weight, cos, sin, eps, k_scale, v_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_NORM: tl.constexpr, IS_FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
+    """Rotate one token's k head and store it and its v head at ``slot`` (divided by the scales for an FP8 cache),
+    where ``is_storing`` and the slot is not padding (negative)."""
+    rows = tl.arange(0, 2)  # one row, in the smallest tile Triton lays out everywhere
+    is_row = rows < 1
+    k = _rotated_heads(k_row, rows * 0, is_row, k_norm_weight, cos, sin, eps, HEAD_DIM, HEAD_DIM_PAD, HAS_NORM)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    in_head = offs_d[None, :] < HEAD_DIM
+    v = tl.load(v_row + rows[:, None] * 0 + offs_d[None, :], mask=is_row[:, None] & in_head, other=0.0)
+    if IS_FP8:
+        k = quantize_fp8(k, tl.load(k_scale), FP8_MAX)
+        v = quantize_fp8(v, tl.load(v_scale), FP8_MAX)
+    # The scalar condition as a row bound (a tensor of bools and a scalar bool make int32 in Triton's interpreter).
+    store_mask = (rows[:, None] < tl.where(is_storing & (slot >= 0), 1, 0)) & in_head
+    offsets = tl.maximum(slot, 0).to(tl.int64) * stride_cache_slot + kv_head * stride_cache_head + offs_d[None, :]
+    tl.store(key_cache + offsets + rows[:, None] * 0, k.to(key_cache.dtype.element_ty), mask=store_mask)
+    tl.store(value_cache + offsets + rows[:, None] * 0, v.to(value_cache.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit

@@ -7,8 +7,9 @@ activation dtype) so that float32 logits match HF's to rounding error.
 On CUDA, RMSNorm (with its residual add), rotary (with Qwen3's q/k norm) and SiLU-and-mul each run as one fused
 Triton kernel (``triton_ops.py``, same numerics up to rounding) unless ``PAGEDLLM_DISABLE_TRITON_OPS=1``; on CPU
 they are the plain torch code here, which is also the reference the kernels are tested against. On CUDA,
-``rotate_qk_into_cache`` also stores K/V into the paged cache in rotary's launch; ``rms_norm_linear`` and
-``silu_mul_linear`` run the norm or the activation inside the following projection's kernel where its method
+``rotate_qk_into_cache`` also stores K/V into the paged cache in rotary's launch, and in a decode step
+``attend_rotated`` leaves rotary and that store to the attention kernel (one launch for all three);
+``rms_norm_linear`` and ``silu_mul_linear`` run the norm or the activation inside the following projection's kernel where its method
 offers that (``fused_input_linear``): the dense skinny GEMM and FP8's one-row GEMV can, both switched off because
 they measured slower (``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``, ``fp8_gemm.FUSE_INPUT_INTO_GEMV``).
 """
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.attention.backend import AttentionMetadata, DecodeRotary
 from pagedllm.distributed.parallel_state import get_parallel_state
 from pagedllm.model.gemm import linear, skinny_gemm_for
 from pagedllm.model.linear import Linear, default_weight_loader, set_weight_loader
@@ -274,6 +276,39 @@ def rotate_qk_into_cache(
     q = _triton_ops().rotary_qk_store_kv(q, k, v, rope.positions, rope.cos, rope.sin, q_weight, k_weight, eps,
                                          kv_cache, slot_mapping, k_scale, v_scale)
     return q, None, None
+
+
+# A decode step rotates q and k inside the attention kernel, which also stores k and v (``DecodeRotary``): one
+# launch per layer instead of the rotary kernel's and the attention kernel's.
+FUSE_ROTARY_INTO_DECODE = True
+
+
+def attend_rotated(
+    attn_backend,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: RotaryStep,
+    q_norm: RMSNorm | None,
+    k_norm: RMSNorm | None,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """Attention over un-rotated q [T, H, D], k and v [T, Hkv, D]: rotary (after Qwen3's per-head norms) and the
+    store of k and v into the cache happen inside the backend's decode kernel where it can (the fused rotary path,
+    a decode step, ``FUSE_ROTARY_INTO_DECODE``), else in ``rotate_qk_into_cache`` before ``attn_backend.forward``."""
+    if FUSE_ROTARY_INTO_DECODE and stores_kv_with_rotary(rope) and metadata.max_query_len == 1 and getattr(
+            attn_backend, "rotates_in_decode", False):
+        weights = (q_norm.weight, k_norm.weight) if q_norm is not None and k_norm is not None else (None, None)
+        rotary = DecodeRotary(k, v, rope.positions, rope.cos, rope.sin, *weights,
+                              q_norm.eps if q_norm is not None else 0.0)
+        return attn_backend.decode_with_rotary(q, rotary, kv_cache, metadata, scale, k_scale, v_scale, sliding_window)
+    q, k, v = rotate_qk_into_cache(q, k, v, rope, q_norm, k_norm, kv_cache, metadata.slot_mapping, k_scale, v_scale)
+    return attn_backend.forward(q, k, v, kv_cache, metadata, scale, k_scale, v_scale, sliding_window=sliding_window)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

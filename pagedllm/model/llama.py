@@ -25,9 +25,9 @@ from pagedllm.model.layers import (
     RotaryEmbedding,
     RotaryStep,
     VocabEmbedding,
+    attend_rotated,
     rms_norm_linear,
     rotate_qk,
-    rotate_qk_into_cache,
     silu_mul_linear,
 )
 from pagedllm.model.kv_scales import calibrate_kv_scales, kv_scale_parameter
@@ -135,15 +135,16 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        # Qwen3 normalizes each head before rotary; on CUDA, k and v land in the cache in the same launch (k, v None).
+        # Qwen3 normalizes each head before rotary; on CUDA, rotary and the store of k and v run inside the decode
+        # kernel, or in rotary's launch for other steps (attend_rotated).
         if attn_metadata.compute_kv_scales:  # the scales come from the rotated k and v, before the backend stores them
             q, k = rotate_qk(q, k, rope, self.q_norm, self.k_norm)
             calibrate_kv_scales(k, v, self.k_scale, self.v_scale, kv_cache.dtype)
+            out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.k_scale, self.v_scale,
+                                            sliding_window=self.sliding_window)
         else:
-            q, k, v = rotate_qk_into_cache(q, k, v, rope, self.q_norm, self.k_norm, kv_cache,
-                                           attn_metadata.slot_mapping, self.k_scale, self.v_scale)
-        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale, self.k_scale, self.v_scale,
-                                        sliding_window=self.sliding_window)
+            out = attend_rotated(self.attn_backend, q, k, v, rope, self.q_norm, self.k_norm, kv_cache, attn_metadata,
+                                 self.scale, self.k_scale, self.v_scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
