@@ -9,9 +9,9 @@ Triton kernel (``triton_ops.py``, same numerics up to rounding) unless ``PAGEDLL
 they are the plain torch code here, which is also the reference the kernels are tested against. On CUDA,
 ``rotate_qk_into_cache`` also stores K/V into the paged cache in rotary's launch, and in a decode step
 ``attend_rotated`` leaves rotary and that store to the attention kernel (one launch for all three);
-``rms_norm_linear`` and ``silu_mul_linear`` run the norm or the activation inside the following projection's kernel where its method
-offers that (``fused_input_linear``): the dense skinny GEMM and FP8's one-row GEMV can, both switched off because
-they measured slower (``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``, ``fp8_gemm.FUSE_INPUT_INTO_GEMV``).
+``rms_norm_linear`` and ``silu_mul_linear`` run the norm or the activation inside the following projection's kernel
+where its method offers that (``fused_input_linear``): the dense skinny GEMM and FP8's one-row GEMV can, both
+switched off because they measured slower (``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``, ``fp8_gemm.FUSE_INPUT_INTO_GEMV``).
 """
 
 from __future__ import annotations
@@ -279,7 +279,10 @@ def rotate_qk_into_cache(
 
 
 # A decode step rotates q and k inside the attention kernel, which also stores k and v (``DecodeRotary``): one
-# launch per layer instead of the rotary kernel's and the attention kernel's.
+# launch per layer instead of the rotary kernel's and the attention kernel's. Where the caller allows it: on an H200
+# (benchmarks/h200/session33, calls 3-4, interleaved) the batch-1 decode step of Llama-3.1-8B went from 4.17 / 4.21 to
+# 4.13 / 4.17 ms, but with FP8 weights from 2.60 / 2.62 to 2.65 / 2.67 ms, so LlamaAttention allows it only after a
+# dense qkv projection (Qwen3-0.6B: 0.94 / 1.10 against 0.93 / 1.18 ms, within its host noise).
 FUSE_ROTARY_INTO_DECODE = True
 
 
@@ -297,12 +300,14 @@ def attend_rotated(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     sliding_window: int = 0,
+    rotary_in_decode: bool = True,
 ) -> torch.Tensor:
     """Attention over un-rotated q [T, H, D], k and v [T, Hkv, D]: rotary (after Qwen3's per-head norms) and the
-    store of k and v into the cache happen inside the backend's decode kernel where it can (the fused rotary path,
-    a decode step, ``FUSE_ROTARY_INTO_DECODE``), else in ``rotate_qk_into_cache`` before ``attn_backend.forward``."""
-    if FUSE_ROTARY_INTO_DECODE and stores_kv_with_rotary(rope) and metadata.max_query_len == 1 and getattr(
-            attn_backend, "rotates_in_decode", False):
+    store of k and v into the cache happen inside the backend's decode kernel where it can and ``rotary_in_decode``
+    allows (the fused rotary path, a decode step, ``FUSE_ROTARY_INTO_DECODE``), else in ``rotate_qk_into_cache``
+    before ``attn_backend.forward``."""
+    if rotary_in_decode and FUSE_ROTARY_INTO_DECODE and stores_kv_with_rotary(rope) and metadata.max_query_len == 1 \
+            and getattr(attn_backend, "rotates_in_decode", False):
         weights = (q_norm.weight, k_norm.weight) if q_norm is not None and k_norm is not None else (None, None)
         rotary = DecodeRotary(k, v, rope.positions, rope.cos, rope.sin, *weights,
                               q_norm.eps if q_norm is not None else 0.0)

@@ -144,7 +144,8 @@ class LlamaAttention(nn.Module):
                                             sliding_window=self.sliding_window)
         else:
             out = attend_rotated(self.attn_backend, q, k, v, rope, self.q_norm, self.k_norm, kv_cache, attn_metadata,
-                                 self.scale, self.k_scale, self.v_scale, self.sliding_window)
+                                 self.scale, self.k_scale, self.v_scale, self.sliding_window,
+                                 rotary_in_decode=self.qkv_proj.is_dense)  # measured slower after FP8 (layers.py)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 

@@ -154,3 +154,43 @@ def test_refuses_prefill_steps() -> None:
     metadata.max_query_len = 2
     with pytest.raises(ValueError, match="decode steps only"):
         triton_paged.TritonPagedAttention().decode_with_rotary(query, rotary, cache, metadata, 0.25)
+
+
+class RecordingBackend:
+    """Records which entry point ``layers.attend_rotated`` chose."""
+
+    rotates_in_decode = True
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def decode_with_rotary(self, q, rotary, *args):
+        self.calls.append("decode_with_rotary")
+        return q
+
+    def forward(self, q, k, v, *args, **kwargs):
+        self.calls.append("forward")
+        return q
+
+
+@pytest.mark.parametrize(("max_query_len", "is_gathered", "rotary_in_decode", "switch", "expected"), [
+    (1, False, True, True, "decode_with_rotary"),
+    (1, False, False, True, "forward"),  # the caller declines (a quantized qkv projection)
+    (1, False, True, False, "forward"),  # FUSE_ROTARY_INTO_DECODE off
+    (1, True, True, True, "forward"),  # the torch rotary path (CPU)
+    (7, False, True, True, "forward"),  # a prefill or mixed step
+])
+def test_attend_rotated_routes_only_fused_decode_steps(monkeypatch, max_query_len, is_gathered, rotary_in_decode,
+                                                       switch, expected) -> None:
+    from pagedllm.model import layers
+
+    monkeypatch.setattr(layers, "FUSE_ROTARY_INTO_DECODE", switch)
+    monkeypatch.setattr(layers, "rotate_qk_into_cache", lambda q, k, v, *args: (q, None, None))
+    monkeypatch.setattr(layers, "rotate_qk", lambda q, k, *args: (q, k))
+    query, cache, metadata, rotary = decode_case([(1, 20)], 4, 2, 16, torch.float32, False, 0)
+    metadata.max_query_len = max_query_len
+    rope = layers.RotaryStep(rotary.positions, rotary.cos, rotary.sin, is_gathered)
+    backend = RecordingBackend()
+    layers.attend_rotated(backend, query, rotary.key, rotary.value, rope, None, None, cache, metadata, 0.25,
+                          rotary_in_decode=rotary_in_decode)
+    assert backend.calls == [expected]
