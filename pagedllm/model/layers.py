@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.attention.backend import AttentionMetadata, DecodeRotary
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, DecodeRotary
 from pagedllm.distributed.parallel_state import get_parallel_state
 from pagedllm.model.gemm import linear, skinny_gemm_for
 from pagedllm.model.linear import Linear, default_weight_loader, set_weight_loader
@@ -287,7 +287,7 @@ FUSE_ROTARY_INTO_DECODE = True
 
 
 def attend_rotated(
-    attn_backend,
+    attn_backend: AttentionBackend,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -303,17 +303,21 @@ def attend_rotated(
     rotary_in_decode: bool = True,
 ) -> torch.Tensor:
     """Attention over un-rotated q [T, H, D], k and v [T, Hkv, D]: rotary (after Qwen3's per-head norms) and the
-    store of k and v into the cache happen inside the backend's decode kernel where it can and ``rotary_in_decode``
-    allows (the fused rotary path, a decode step, ``FUSE_ROTARY_INTO_DECODE``), else in ``rotate_qk_into_cache``
-    before ``attn_backend.forward``."""
-    if rotary_in_decode and FUSE_ROTARY_INTO_DECODE and stores_kv_with_rotary(rope) and metadata.max_query_len == 1 \
-            and getattr(attn_backend, "rotates_in_decode", False):
+    store of k and v into the cache happen inside the backend's decode kernel where ``rotary_in_decode`` allows it
+    and ``_decode_kernel_rotates``, else in ``rotate_qk_into_cache`` before ``attn_backend.forward``."""
+    if rotary_in_decode and _decode_kernel_rotates(attn_backend, rope, metadata):
         weights = (q_norm.weight, k_norm.weight) if q_norm is not None and k_norm is not None else (None, None)
         rotary = DecodeRotary(k, v, rope.positions, rope.cos, rope.sin, *weights,
                               q_norm.eps if q_norm is not None else 0.0)
         return attn_backend.decode_with_rotary(q, rotary, kv_cache, metadata, scale, k_scale, v_scale, sliding_window)
     q, k, v = rotate_qk_into_cache(q, k, v, rope, q_norm, k_norm, kv_cache, metadata.slot_mapping, k_scale, v_scale)
     return attn_backend.forward(q, k, v, kv_cache, metadata, scale, k_scale, v_scale, sliding_window=sliding_window)
+
+
+def _decode_kernel_rotates(attn_backend: AttentionBackend, rope: RotaryStep, metadata: AttentionMetadata) -> bool:
+    """Switched on, the fused rotary path (CUDA), a decode step, and a backend with ``decode_with_rotary``."""
+    return (FUSE_ROTARY_INTO_DECODE and stores_kv_with_rotary(rope) and metadata.max_query_len == 1
+            and getattr(attn_backend, "rotates_in_decode", False))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
