@@ -11,7 +11,10 @@ Three kernels, each one launch per layer for the whole step:
   split), each split attending to a contiguous slice of the context (flash-decoding), so a small batch with long
   contexts still fills the GPU; ``_reduce_splits_kernel`` then merges the splits by their log-sum-exp. The split
   count depends only on the batch size (and an upper bound of the context), never on the contexts' actual
-  lengths, so a decode step can be captured in a CUDA graph and replayed with other lengths.
+  lengths, so a decode step can be captured in a CUDA graph and replayed with other lengths. Through
+  ``decode_with_rotary`` it also rotates the query and the new key (after Qwen3's per-head RMSNorm): the split
+  whose keys end at the new token stores the rotated k and v, then reads them back with the rest (a CTA barrier
+  between), which saves the rotary kernel's launch.
 
 Every kernel can launch with programmatic dependent launch (``pagedllm/pdl.py``, on by default on Hopper and
 newer): it then waits for the kernel before it as its first step, and its launch overlaps that kernel's tail.
