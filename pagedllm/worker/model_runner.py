@@ -58,6 +58,10 @@ _WARM_UP_TEMPERATURES = ((1.0,), (0.5,), (0.0, 1.0), (0.0, 0.5))
 # 0.92 / 0.92 ms (same call, interleaved; benchmarks/h200/session33); ``without_decode_kernels.py graph_logits``
 # switches it off.
 LOGITS_IN_DECODE_GRAPHS = True
+# ... for graphs of at most this many rows. Each captured graph keeps its own logits buffer alive in the pool (its
+# output), so all sizes up to 256 would hold about 4,200 rows x vocab x 4 bytes (2.6 GB for Qwen3's vocabulary);
+# up to 16 rows they hold 31 rows (19 MB). Larger batches spread the head's host work over their rows anyway.
+LOGITS_GRAPH_MAX_ROWS = 16
 
 
 @dataclass(slots=True)
@@ -301,7 +305,8 @@ class ModelRunner:
 
         def forward_for(context_bound: int) -> Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]:
             def forward(size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-                """The hidden states, and the logits where ``logits_in_decode_graphs`` (every decode row samples)."""
+                """The hidden states, and the logits where ``logits_in_decode_graphs`` and the size is at most
+                ``LOGITS_GRAPH_MAX_ROWS`` (every decode row samples)."""
                 metadata = decode_metadata(
                     buffers.slot_mapping.device[:size],
                     buffers.query_start_loc.device[: size + 1],
@@ -311,7 +316,8 @@ class ModelRunner:
                 )
                 hidden = self.model(buffers.input_ids.device[:size], buffers.positions.device[:size], self.kv_caches,
                                     metadata)
-                return hidden, self.model.compute_logits(hidden) if self.logits_in_decode_graphs else None
+                with_logits = self.logits_in_decode_graphs and size <= LOGITS_GRAPH_MAX_ROWS
+                return hidden, self.model.compute_logits(hidden) if with_logits else None
 
             return forward
 

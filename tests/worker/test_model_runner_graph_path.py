@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from pagedllm import LLM, SamplingParams  # noqa: E402
+from pagedllm.worker import model_runner  # noqa: E402
 from pagedllm.worker.cuda_graphs import capture_sizes, decode_context_bounds, mixed_capture_sizes  # noqa: E402
 from pagedllm.worker.model_runner import ModelRunner  # noqa: E402
 from tests.utils import build_tiny_model  # noqa: E402
@@ -76,10 +77,12 @@ def test_a_decode_step_replays_the_graph_of_the_smallest_context_bound_that_hold
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only: on a GPU the real graphs are tested (test_gpu.py)")
-@pytest.mark.parametrize("logits_in_graph", [False, True])
-def test_padded_decode_path_matches_the_torch_engine(tmp_path, monkeypatch, logits_in_graph: bool) -> None:
-    """Also with the LM head inside the decode graphs (``LOGITS_IN_DECODE_GRAPHS``): the decode steps then sample
-    from the logits the replay gives."""
+@pytest.mark.parametrize(("logits_in_graph", "logits_max_rows"), [(False, 16), (True, 16), (True, 2)])
+def test_padded_decode_path_matches_the_torch_engine(tmp_path, monkeypatch, logits_in_graph: bool,
+                                                     logits_max_rows: int) -> None:
+    """Also with the LM head inside the decode graphs (``LOGITS_IN_DECODE_GRAPHS``), for all of them or only those
+    of at most 2 rows (``LOGITS_GRAPH_MAX_ROWS``): the decode steps then sample from the logits the replay gives."""
+    monkeypatch.setattr(model_runner, "LOGITS_GRAPH_MAX_ROWS", logits_max_rows)
     model_dir = build_tiny_model(tmp_path, "qwen3")
     prompts = [{"prompt_token_ids": [5 + i, 9, 13, 17, 21][: 2 + i % 4] * (1 + i % 2)} for i in range(5)]
     params = [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True, logprobs=0) for i in range(5)]
@@ -110,7 +113,8 @@ def test_padded_decode_path_matches_the_torch_engine(tmp_path, monkeypatch, logi
     assert mixed.replayed  # the prefills ran as padded mixed steps
     # One head a sampling step; a decode step's inside its graph, and only there, with the flag.
     assert len(heads_in_graph) == sampling_steps.count(True)
-    assert heads_in_graph.count(True) == (len(graphs.replayed) if logits_in_graph else 0)
+    in_graph = [size for size in graphs.replayed if size <= logits_max_rows] if logits_in_graph else []
+    assert heads_in_graph.count(True) == len(in_graph)
     for ours, reference in zip(outputs, expected):
         assert ours.outputs[0].token_ids == reference.outputs[0].token_ids
         for got, want in zip(ours.outputs[0].logprobs, reference.outputs[0].logprobs):
