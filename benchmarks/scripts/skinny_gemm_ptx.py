@@ -28,16 +28,17 @@ VARIANTS = {  # name -> (constexprs over the plain qkv config, pipeline stages)
     "silu, 64 rows (Llama down)": ({"SILU_MUL_INPUT": True}, 4),
     "plain, 32 rows split (Qwen3 down)": ({"IS_SPLIT": True, "BLOCK_N": 32}, 4),
     "silu, 32 rows split": ({"IS_SPLIT": True, "BLOCK_N": 32, "SILU_MUL_INPUT": True}, 4),
+    "norm after, 32 rows split (Qwen3 o)": ({"IS_SPLIT": True, "BLOCK_N": 32, "NORM_OUTPUT": True}, 4),
 }
 
 
 def compile_ptx(overrides: dict, num_stages: int) -> str:
     kernel = skinny_gemm._skinny_gemm_kernel
     types = {**dict.fromkeys(_POINTERS, "*bf16"), **dict.fromkeys(_INTS, "i32"),
-             "partial_ptr": "*fp32", "arrivals_ptr": "*i32", "eps": "fp32"}
+             "partial_ptr": "*fp32", "arrivals_ptr": "*i32", "done_ptr": "*i32", "eps": "fp32"}
     constexprs = {"HAS_BIAS": False, "IS_SPLIT": False, "EVEN_K": True, "BLOCK_N": 64, "BLOCK_M": 16, "BLOCK_K": 128,
                   "DOT_PRECISION": "tf32", "NORM_INPUT": False, "HAS_RESIDUAL": False, "SILU_MUL_INPUT": False,
-                  "USE_PDL": False, **overrides}
+                  "NORM_OUTPUT": False, "NORM_BLOCK": 1024, "USE_PDL": False, **overrides}
     signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
     # The launch's specialization: pointers and the sizes/strides of real layers are multiples of 16.
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)

@@ -8,7 +8,8 @@ Switches (comma-separated; a leading ``+`` switches on what is off by default): 
 the LM head back on cuBLAS, which also ends the fusions that ride on the skinny GEMM), ``decode_rotary`` (rotary and
 the K/V store in their own launch again, not inside the decode attention kernel), ``rotary_store`` (the attention
 backend stores K/V again, not the rotary kernel), ``+fused_norm_act`` (RMSNorm and SiLU-and-mul inside the skinny
-GEMM's prologue), ``graph_logits`` (the LM head outside the decode graphs again: inside by default), ``pdl`` (no
+GEMM's prologue), ``+norm_epilogue`` (the residual add and RMSNorm after the o projection in its epilogue),
+``graph_logits`` (the LM head outside the decode graphs again: inside by default), ``pdl`` (no
 programmatic dependent launch: on by default, ``PAGEDLLM_PDL``), ``+pdl`` (PDL with the next kernel placed after each
 one's wait, the default), ``+pdl_late`` (the same, placed after each GEMM's and attention kernel's main loop),
 ``split_tiles=N`` (each decode attention split attends to at least N key tiles: ``triton_paged.MIN_TILES_PER_SPLIT``).
@@ -31,6 +32,8 @@ def switch(names: list[str]) -> None:
     for name in names:
         if name == "skinny_gemm":
             gemm._skinny_gemm = lambda: types.SimpleNamespace(accepts=lambda x, weight: False)
+        elif name == "+norm_epilogue":
+            layers.FUSE_NORM_INTO_OUTPUT = True
         elif name == "decode_rotary":
             layers.FUSE_ROTARY_INTO_DECODE = False
         elif name == "rotary_store":

@@ -112,6 +112,43 @@ def rms_norm_linear(
     return layer(normed), residual
 
 
+# The residual add and the RMSNorm after a decoder layer's o projection inside that projection's launch
+# (``skinny_gemm.gemm_add_rms_norm``: the last row block to finish normalizes the whole rows), one launch per layer
+# fewer. It keeps the plain kernel's K loop for sm_90 (benchmarks/scripts/skinny_gemm_ptx.py) but is not measured on
+# a GPU yet, so off; ``benchmarks/scripts/without_decode_kernels.py +norm_epilogue`` switches it on.
+FUSE_NORM_INTO_OUTPUT = False
+
+
+def linear_add_rms_norm(
+    layer: Linear, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``norm(layer(x) + residual)`` and the sum (the next residual stream): in one launch where
+    ``_output_norm_kernels`` says, else the projection then ``norm``'s fused add."""
+    kernels = _output_norm_kernels(layer, x)
+    if kernels is not None:
+        return kernels.gemm_add_rms_norm(x, layer.weight, layer.bias, residual, norm.weight, norm.eps)
+    return norm(layer(x), residual)
+
+
+def linear_norm_linear(
+    first: Linear, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, second: Linear
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``second(norm(first(x) + residual))`` and ``first(x) + residual``: the norm in ``first``'s epilogue where
+    ``linear_add_rms_norm`` runs it there, else where ``rms_norm_linear`` puts it."""
+    if _output_norm_kernels(first, x) is not None:
+        normed, residual = linear_add_rms_norm(first, x, residual, norm)
+        return second(normed), residual
+    return rms_norm_linear(norm, second, first(x), residual)
+
+
+def _output_norm_kernels(layer: Linear, x: torch.Tensor) -> ModuleType | None:
+    """The skinny-GEMM module where the norm after ``layer(x)`` runs in the GEMM's epilogue: switched on, a dense
+    layer without LoRA (its delta comes after the GEMM) or an all-reduce, a decode-sized x on CUDA."""
+    if not FUSE_NORM_INTO_OUTPUT or layer.lora is not None or layer.tp_comm is not None or not layer.is_dense:
+        return None
+    return skinny_gemm_for(x, layer.weight)
+
+
 def fused_input_linear(layer: Linear, x: torch.Tensor) -> FusedInputLinear | None:
     """``layer`` with the op before it inside its kernel, for an input like ``x``, or None: a dense layer on the
     skinny GEMM (``fused_gemm_kernels``), or what the layer's quantization method offers (FP8's one-row GEMV). Not

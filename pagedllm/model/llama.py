@@ -26,6 +26,7 @@ from pagedllm.model.layers import (
     RotaryStep,
     VocabEmbedding,
     attend_rotated,
+    linear_norm_linear,
     rms_norm_linear,
     rotate_qk,
     silu_mul_linear,
@@ -128,6 +129,17 @@ class LlamaAttention(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """Attention from the output of ``qkv_proj``, which the decoder layer runs (so its norm can fuse into it)."""
+        return self.o_proj(self.attend(qkv, rope, kv_cache, attn_metadata))
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        rope: RotaryStep,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``forward`` before ``o_proj`` ([T, heads x head_dim]), for a decoder layer that runs ``o_proj`` itself
+        (so the norm after it can fuse into it)."""
         num_tokens = qkv.shape[0]
         if self.qkv_permutation is not None:  # partial rotary as full-width rotary (phi3.py)
             qkv = qkv.index_select(-1, self.qkv_permutation)
@@ -146,7 +158,7 @@ class LlamaAttention(nn.Module):
             out = attend_rotated(self.attn_backend, q, k, v, rope, self.q_norm, self.k_norm, kv_cache, attn_metadata,
                                  self.scale, self.k_scale, self.v_scale, self.sliding_window,
                                  rotary_in_decode=self.qkv_proj.is_dense)  # measured slower after FP8 (layers.py)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
 
 class LlamaMLP(nn.Module):
@@ -170,7 +182,8 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual add is fused into the following RMSNorm, and each RMSNorm (and the
-    MLP's activation) can run inside the projection after it (``layers.rms_norm_linear``, ``silu_mul_linear``)."""
+    MLP's activation) can run inside the projection after it (``layers.rms_norm_linear``, ``silu_mul_linear``), the
+    post-attention one inside the o projection before it instead (``layers.linear_norm_linear``)."""
 
     def __init__(self, config: ModelConfig, variant: LlamaVariant, attn_backend: AttentionBackend,
                  quant_config: QuantizationConfig | None, prefix: str) -> None:
@@ -190,9 +203,9 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # First layer: residual is None, and the residual stream starts as the embeddings.
         qkv, residual = rms_norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden_states, residual)
-        hidden_states = self.self_attn(qkv, rope, kv_cache, attn_metadata)
-        gate_up, residual = rms_norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden_states,
-                                            residual)
+        attended = self.self_attn.attend(qkv, rope, kv_cache, attn_metadata)
+        gate_up, residual = linear_norm_linear(self.self_attn.o_proj, attended, residual,
+                                               self.post_attention_layernorm, self.mlp.gate_up_proj)
         return self.mlp(gate_up), residual
 
 

@@ -147,13 +147,16 @@ def _partial_product(
 @triton.jit(do_not_specialize=["num_rows"])
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr, residual_ptr, norm_weight_ptr, residual_out_ptr,
-    num_rows, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_rm, eps,
+    done_ptr, num_rows, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_rm, eps,
     HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL_INPUT: tl.constexpr, USE_PDL: tl.constexpr,
+    NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL_INPUT: tl.constexpr,
+    NORM_OUTPUT: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Program (row block, K slice): one partial product; with IS_SPLIT the last slice to arrive sums them all.
-    With NORM_INPUT (never split: each program sees whole rows) the product is scaled by each row's 1 / rms."""
+    With NORM_INPUT (never split: each program sees whole rows) the product is scaled by each row's 1 / rms.
+    With NORM_OUTPUT the output tiles plus the residual go to ``residual_out`` and the last row block to finish
+    RMS-normalizes those whole rows into ``out`` (``_norm_rows_when_last``)."""
     wait_for_earlier_kernels(USE_PDL)
     row_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -179,10 +182,68 @@ def _skinny_gemm_kernel(
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(0, num_splits):  # fixed order: the same sum whichever slice came last
                 total += tl.load(partial_ptr + s * split_stride + tile, cache_modifier=".cg")
-            _store_output(total, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
             tl.store(arrivals_ptr + row_block, 0)  # ready for the next launch (or graph replay)
+            _finish_tile(total, bias_ptr, out_ptr, residual_ptr, residual_out_ptr, norm_weight_ptr, done_ptr,
+                         offs_n, offs_m, num_rows, N, stride_om, stride_rm, eps, HAS_BIAS, NORM_OUTPUT, NORM_BLOCK)
+    else:
+        _finish_tile(acc, bias_ptr, out_ptr, residual_ptr, residual_out_ptr, norm_weight_ptr, done_ptr, offs_n,
+                     offs_m, num_rows, N, stride_om, stride_rm, eps, HAS_BIAS, NORM_OUTPUT, NORM_BLOCK)
+
+
+@triton.jit
+def _finish_tile(acc, bias_ptr, out_ptr, residual_ptr, residual_out_ptr, norm_weight_ptr, done_ptr, offs_n, offs_m,
+                 num_rows, N, stride_om, stride_rm, eps,
+                 HAS_BIAS: tl.constexpr, NORM_OUTPUT: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """Write a row block's finished product: into ``out``, or with NORM_OUTPUT as the residual sum, normalized by
+    the last row block to finish."""
+    if NORM_OUTPUT:
+        _store_residual_sum(acc, bias_ptr, residual_ptr, residual_out_ptr, offs_n, offs_m, num_rows, N, stride_rm,
+                            HAS_BIAS)
+        _norm_rows_when_last(residual_out_ptr, norm_weight_ptr, out_ptr, done_ptr, num_rows, N, stride_om, eps,
+                             NORM_BLOCK)
     else:
         _store_output(acc, bias_ptr, out_ptr, offs_n, offs_m, num_rows, N, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _store_residual_sum(acc, bias_ptr, residual_ptr, residual_out_ptr, offs_n, offs_m, num_rows, N, stride_rm,
+                        HAS_BIAS: tl.constexpr):
+    """``residual_out = linear output + residual`` for this tile, both rounded where torch rounds (the projection's
+    output, then the sum: the RMSNorm's residual add in the activation dtype)."""
+    dtype = residual_out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    rows = offs_m[None, :].to(tl.int64)
+    mask = (offs_n[:, None] < N) & (rows < num_rows)
+    residual = tl.load(residual_ptr + rows * stride_rm + offs_n[:, None], mask=mask, other=0.0).to(tl.float32)
+    total = (acc.to(dtype).to(tl.float32) + residual).to(dtype)
+    tl.store(residual_out_ptr + rows * N + offs_n[:, None], total, mask=mask)
+
+
+@triton.jit
+def _norm_rows_when_last(sum_ptr, norm_weight_ptr, out_ptr, done_ptr, num_rows, N, stride_om, eps,
+                         NORM_BLOCK: tl.constexpr):
+    """Count this row block as done; the last one RMS-normalizes the whole rows of ``sum`` [num_rows, N] (times
+    the norm weight, rounded as ``triton_ops._rms_norm_kernel`` rounds) into ``out`` and resets the counter."""
+    tl.debug_barrier()  # every thread's tile is written before the counter says so
+    finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
+    if finished == tl.num_programs(0) - 1:
+        dtype = out_ptr.dtype.element_ty
+        cols = tl.arange(0, NORM_BLOCK)
+        for row in range(0, num_rows):
+            row_ptr = sum_ptr + row * N  # at most 16 rows of N: no int32 overflow
+            sum_squares = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+            for start in range(0, N, NORM_BLOCK):
+                x = tl.load(row_ptr + start + cols, mask=start + cols < N, other=0.0, cache_modifier=".cg")
+                sum_squares += x.to(tl.float32) * x.to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(sum_squares, axis=0) / N + eps)
+            for start in range(0, N, NORM_BLOCK):
+                mask = start + cols < N
+                x = tl.load(row_ptr + start + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+                weight = tl.load(norm_weight_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                normed = (x * rstd).to(dtype).to(tl.float32) * weight
+                tl.store(out_ptr + row * stride_om + start + cols, normed.to(dtype), mask=mask)
+        tl.store(done_ptr, 0)  # ready for the next launch (or graph replay)
 
 
 @functools.cache
@@ -256,6 +317,43 @@ def silu_mul_gemm(
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def gemm_add_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+    norm_weight: torch.Tensor, eps: float, config: SkinnyGemmConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm(F.linear(x, weight, bias) + residual) * norm_weight`` and the sum itself (the next residual
+    stream), in one launch: each row block writes its slice of the sum, and the last one to finish normalizes the
+    whole rows (a decoder layer's o or down projection and the RMSNorm after it). Rounded as the separate
+    ``linear`` and ``fused_add_rms_norm`` round."""
+    x2d = _rows(x, weight, x.shape[-1])
+    n = weight.shape[0]
+    residual2d = residual.reshape(-1, n)
+    if residual2d.shape[0] != x2d.shape[0] or residual2d.stride(-1) != 1 or residual.dtype != x.dtype:
+        raise ValueError(f"gemm_add_rms_norm needs a residual [{x2d.shape[0]}, {n}] of x's dtype with a unit inner "
+                         f"stride; got {tuple(residual.shape)} {residual.dtype} strides {residual.stride()}")
+    new_residual = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=x.device)
+    norm = OutputNorm(residual2d, norm_weight, eps, new_residual)
+    out = _run(x2d, weight, bias, config, InputPrologue(), norm)
+    return out.view(*x.shape[:-1], n), new_residual.view(*x.shape[:-1], n)
+
+
+@dataclass(frozen=True)
+class OutputNorm:
+    """The residual add and RMSNorm after the GEMM (``gemm_add_rms_norm``)."""
+
+    residual: torch.Tensor  # [rows, N]
+    norm_weight: torch.Tensor  # [N]
+    eps: float
+    residual_out: torch.Tensor  # [rows, N]: residual + the GEMM's output
+
+
+@functools.cache
+def _rows_done_counter(device: torch.device) -> torch.Tensor:
+    """``gemm_add_rms_norm``'s count of finished row blocks on ``device``: zero between launches (the last row
+    block resets it), so one serves every launch on the stream and every graph replay."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def _rows(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
     """``x`` as [rows, width] with a unit inner stride, checked against the kernel's limits."""
     x2d = x.reshape(-1, x.shape[-1])
@@ -268,34 +366,43 @@ def _rows(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
 
 def _run(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyGemmConfig | None,
-    prologue: InputPrologue,
+    prologue: InputPrologue, norm: OutputNorm | None = None,
 ) -> torch.Tensor:
     num_rows, (n, k) = x.shape[0], weight.shape
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows:
         config = config or choose_config(n, k, sm_count(x.device), x.element_size())
-        _launch(x, weight, bias, out, config, prologue)
+        _launch(x, weight, bias, out, config, prologue, norm)
     return out
 
 
 def _launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, config: SkinnyGemmConfig,
-    prologue: InputPrologue,
+    prologue: InputPrologue, norm: OutputNorm | None,
 ) -> None:
     num_rows, (n, k) = x.shape[0], weight.shape
     # The norm needs whole rows: K is not split then.
     launch = plan_launch(n, k, out, block_n=config.block_n, block_k=config.block_k, block_m=_BLOCK_M,
                          split_k=config.split_k, can_split=not prologue.is_norm)
-    residual = prologue.residual if prologue.residual is not None else x  # placeholders when unused
+    residual, norm_weight, residual_out, eps = _side_tensors(x, prologue, norm)
     _skinny_gemm_kernel[launch.grid](
-        x, weight, bias if bias is not None else out, out, launch.partials, launch.arrivals, residual,
-        prologue.norm_weight if prologue.is_norm else x,
-        prologue.residual_out if prologue.residual_out is not None else x,
+        x, weight, bias if bias is not None else out, out, launch.partials, launch.arrivals, residual, norm_weight,
+        residual_out, _rows_done_counter(x.device) if norm is not None else x,
         num_rows, n, k, launch.k_per_split, x.stride(0), weight.stride(0), out.stride(0), residual.stride(0),
-        prologue.eps, HAS_BIAS=bias is not None, IS_SPLIT=launch.is_split, EVEN_K=launch.even_k,
+        eps, HAS_BIAS=bias is not None, IS_SPLIT=launch.is_split, EVEN_K=launch.even_k,
         BLOCK_N=config.block_n, BLOCK_M=_BLOCK_M, BLOCK_K=config.block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         NORM_INPUT=prologue.is_norm, HAS_RESIDUAL=prologue.residual is not None, SILU_MUL_INPUT=prologue.is_silu_mul,
+        NORM_OUTPUT=norm is not None, NORM_BLOCK=min(1024, triton.next_power_of_2(n)),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x.device),
     )
 
+
+def _side_tensors(x: torch.Tensor, prologue: InputPrologue, norm: OutputNorm | None) -> tuple:
+    """(residual, norm weight, residual out, eps) for the kernel: the input prologue's, the output norm's, or x
+    as unread placeholders."""
+    if norm is not None:
+        return norm.residual, norm.norm_weight, norm.residual_out, norm.eps
+    residual = prologue.residual if prologue.residual is not None else x
+    return (residual, prologue.norm_weight if prologue.is_norm else x,
+            prologue.residual_out if prologue.residual_out is not None else x, prologue.eps)

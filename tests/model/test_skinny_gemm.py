@@ -16,7 +16,14 @@ skinny = pytest.importorskip("pagedllm.model.skinny_gemm")
 
 from pagedllm import pdl
 from pagedllm.model.linear import Linear
-from pagedllm.model.skinny_gemm import SkinnyGemmConfig, rms_norm_gemm, silu_mul_gemm, skinny_gemm
+from pagedllm.model.layers import RMSNorm
+from pagedllm.model.skinny_gemm import (
+    SkinnyGemmConfig,
+    gemm_add_rms_norm,
+    rms_norm_gemm,
+    silu_mul_gemm,
+    skinny_gemm,
+)
 from pagedllm.model.split_k import arrival_counters
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -228,6 +235,49 @@ def test_fused_variants_reject_bad_shapes() -> None:
         rms_norm_gemm(torch.empty(17, 32, device=DEVICE), None, torch.ones(32, device=DEVICE), 1e-6, weight)
 
 
+def check_gemm_add_rms_norm(num_rows, n, k, dtype, has_bias, seed, config=None):
+    """Against the separate launches: the linear output in the dtype, its sum with the residual (rounded), and the
+    torch RMSNorm of that sum."""
+    x, weight, bias = random_problem(num_rows, n, k, dtype, has_bias, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    residual = (3 * torch.randn(num_rows, n, generator=generator)).to(DEVICE, dtype)
+    norm = RMSNorm(n, 1e-6).to(DEVICE, dtype)
+    norm.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
+    normed, new_residual = gemm_add_rms_norm(x, weight, bias, residual, norm.weight, 1e-6, config)
+    expected_residual = (F.linear(x.double(), weight.double(), None if bias is None else bias.double()).to(dtype)
+                         + residual)
+    assert new_residual.dtype == normed.dtype == dtype and new_residual.shape == normed.shape == (num_rows, n)
+    assert_relative_error(new_residual, expected_residual.double())
+    assert_relative_error(normed, norm._norm(new_residual).double())  # the norm of the sum the kernel wrote
+    assert_relative_error(normed, norm._norm(expected_residual).double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 2, 5, 16])
+@pytest.mark.parametrize(("n", "k", "has_bias"), [(100, 37, True), (193, 300, False), (64, 256, True),
+                                                  (1500, 64, False)])  # rows of two norm blocks
+def test_gemm_add_rms_norm_matches_linear_then_add_and_norm(dtype, num_rows: int, n: int, k: int,
+                                                            has_bias: bool) -> None:
+    check_gemm_add_rms_norm(num_rows, n, k, dtype, has_bias, seed=num_rows * n + k)
+
+
+@pytest.mark.parametrize("num_rows", [1, 16])
+def test_gemm_add_rms_norm_splits_k_and_resets_its_counters(num_rows: int) -> None:
+    """Split K: the last slice of each row block writes its sum, the last row block normalizes; twice, so the
+    second launch relies on the first having reset both counters."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    for _ in range(2):
+        check_gemm_add_rms_norm(num_rows, 130, 512, dtype, True, seed=3, config=SkinnyGemmConfig(32, 64, split_k=4))
+    assert not arrival_counters(torch.device(DEVICE)).any()
+    assert not skinny._rows_done_counter(torch.device(DEVICE)).any()
+
+
+def test_gemm_add_rms_norm_rejects_a_residual_of_another_shape() -> None:
+    x, weight, _ = random_problem(2, 64, 32, torch.float32, False, seed=0)
+    with pytest.raises(ValueError, match="residual"):
+        gemm_add_rms_norm(x, weight, None, torch.zeros(3, 64, device=DEVICE), torch.ones(64, device=DEVICE), 1e-6)
+
+
 # (N, K) of the projections a norm precedes (qkv, gate_up) and the down projection, Qwen3-0.6B then Llama-3.1-8B.
 NORM_SHAPES = [(4096, 1024), (6144, 1024), (6144, 4096), (28672, 4096)]
 DOWN_SHAPES = [(1024, 3072), (4096, 14336)]
@@ -245,6 +295,14 @@ def test_real_shapes_rms_norm_gemm(n: int, k: int) -> None:
 def test_real_shapes_silu_mul_gemm(n: int, k: int) -> None:
     for num_rows in (1, 4, 16):
         check_silu_mul_gemm(num_rows, n, k, torch.bfloat16, False, seed=n + num_rows)
+
+
+@needs_cuda
+@pytest.mark.parametrize(("n", "k"), [(1024, 2048), (1024, 3072), (4096, 4096), (4096, 14336)])
+def test_real_shapes_gemm_add_rms_norm(n: int, k: int) -> None:
+    """The o and down projections of Qwen3-0.6B and Llama-3.1-8B, with the RMSNorm after them."""
+    for num_rows in (1, 4, 16):
+        check_gemm_add_rms_norm(num_rows, n, k, torch.bfloat16, False, seed=n + k + num_rows)
 
 
 def test_pdl_is_never_on_outside_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -232,20 +232,25 @@ def test_empty_batch() -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("attention", ["torch", "triton"])
 def test_whole_model_through_the_kernels(tiny_model_dir: Callable[[str], str], monkeypatch: pytest.MonkeyPatch,
-                                         arch: str) -> None:
+                                         arch: str, attention: str) -> None:
     """A tiny model's prefill and decode steps with every fused op dispatched to the kernels (on CPU: in the
-    interpreter), the norms and the activation inside the GEMMs and the K/V store inside rotary, give the torch
-    path's logits: the wiring in llama.py passes the right tensors."""
+    interpreter): the norms and the activation inside the GEMMs, the post-attention norm in the o projection's
+    epilogue, the K/V store inside rotary, and with the Triton attention backend rotary inside its decode kernel,
+    give the torch path's logits: the wiring in llama.py passes the right tensors."""
     config = ModelConfig.from_pretrained(tiny_model_dir(arch), None, dtype="float32")
-    model = get_model(config, "auto", DEVICE)
     ids = torch.randint(3, 128, (11,), generator=torch.Generator().manual_seed(0)).tolist()
+    monkeypatch.setattr(layers, "FUSE_NORM_INTO_OUTPUT", True)
 
     def run(fused: bool) -> torch.Tensor:
+        model = get_model(config, "auto", DEVICE, attention if fused else "torch")
         monkeypatch.setattr(layers, "use_triton_ops", lambda x: fused)
-        # The fused skinny GEMMs (norm and activation in the prologue) too, for every step of at most 16 tokens.
-        monkeypatch.setattr(layers, "fused_gemm_kernels", lambda x, weight: skinny if fused and x.numel() <= 16 *
-                            x.shape[-1] else None)
+        # The fused skinny GEMMs (norm and activation in the prologue, norm in the epilogue) too, for every step of
+        # at most 16 tokens.
+        decode_sized = lambda x, weight: skinny if fused and x.numel() <= 16 * x.shape[-1] else None  # noqa: E731
+        monkeypatch.setattr(layers, "fused_gemm_kernels", decode_sized)
+        monkeypatch.setattr(layers, "skinny_gemm_for", decode_sized)
         runner = PagedRunner(model, block_size=4)
         return torch.cat([runner.step([("a", ids[:9])]), runner.step([("a", ids[9:10])]),
                           runner.step([("a", ids[10:])])])

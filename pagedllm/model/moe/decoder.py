@@ -16,7 +16,16 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.config import ModelConfig
-from pagedllm.model.layers import LMHead, RMSNorm, RotaryEmbedding, RotaryStep, VocabEmbedding, rms_norm_linear
+from pagedllm.model.layers import (
+    LMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RotaryStep,
+    VocabEmbedding,
+    linear_add_rms_norm,
+    linear_norm_linear,
+    rms_norm_linear,
+)
 from pagedllm.model.linear import Linear
 from pagedllm.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaVariant
 from pagedllm.model.moe.layer import FusedMoE, expert_params_mapping
@@ -68,13 +77,14 @@ class MoEDecoderLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, rope: RotaryStep,
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         qkv, residual = rms_norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden_states, residual)
-        hidden_states = self.self_attn(qkv, rope, kv_cache, attn_metadata)
+        attended = self.self_attn.attend(qkv, rope, kv_cache, attn_metadata)
         block = getattr(self, self.block_name)
-        if isinstance(block, LlamaMLP):  # dense layer: its norm may fuse into gate_up, as in Llama
-            gate_up, residual = rms_norm_linear(self.post_attention_layernorm, block.gate_up_proj, hidden_states,
-                                                residual)
+        if isinstance(block, LlamaMLP):  # dense layer: its norm may fuse into o or gate_up, as in Llama
+            gate_up, residual = linear_norm_linear(self.self_attn.o_proj, attended, residual,
+                                                   self.post_attention_layernorm, block.gate_up_proj)
             return block(gate_up), residual
-        normed, residual = self.post_attention_layernorm(hidden_states, residual)
+        normed, residual = linear_add_rms_norm(self.self_attn.o_proj, attended, residual,
+                                               self.post_attention_layernorm)
         return block(normed), residual
 
 
