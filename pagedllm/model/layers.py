@@ -12,6 +12,8 @@ they are the plain torch code here, which is also the reference the kernels are 
 ``rms_norm_linear`` and ``silu_mul_linear`` run the norm or the activation inside the following projection's kernel
 where its method offers that (``fused_input_linear``): the dense skinny GEMM and FP8's one-row GEMV can, both
 switched off because they measured slower (``FUSE_NORM_AND_ACTIVATION_INTO_GEMM``, ``fp8_gemm.FUSE_INPUT_INTO_GEMV``).
+``linear_norm_linear`` runs the post-attention norm in the o projection's epilogue instead (``FUSE_NORM_INTO_OUTPUT``,
+off until measured).
 """
 
 from __future__ import annotations
