@@ -25,6 +25,10 @@ Qwen3-0.6B decode step 17% slower (benchmarks/h200/issue14-decode-fusions). In t
 dot's x operand to wgmma from shared memory, so a computed x is stored there every K step and each step then
 waits for its own MMA and an unpipelined norm-weight load: the weight stream stops being pipelined.
 
+The op after a projection can ride in its epilogue instead: ``gemm_add_rms_norm`` adds the residual to each output
+tile (the next residual stream) and the last row block to finish (a second counter) RMS-normalizes the whole rows,
+which keeps the K loop as it is. Off in the model until measured (``layers.FUSE_NORM_INTO_OUTPUT``).
+
 Allocation per call is a fixed-size output (and partials buffer when split) and nothing is read back to the host,
 so calls can be captured in a CUDA graph. The counters and the launch planning are ``split_k``'s, shared with the
 other decode GEMMs.
