@@ -11,20 +11,7 @@
 source benchmarks/scripts/device_env.sh || exit 1
 WORK=/tmp/next17; mkdir -p $WORK
 LIMIT=${LIMIT:-470}
-pack() { tar czf "${OUT:-/tmp/out}/results.tgz" -C $WORK .; }
-tests() {  # tests LOG SECONDS PYTEST_ARGS...
-  local log=$1 seconds=$2; shift 2
-  timeout $seconds python3 -m pytest -q -p no:cacheprovider -rf "$@" > $WORK/$log 2>&1
-  echo "$log: $(grep -E "passed|failed" $WORK/$log | tail -n 1) $(grep -c "^FAILED" $WORK/$log) FAILED lines"
-}
-latency() {  # latency RECORD SWITCHES BENCH_ARGS...
-  local record=$1 switches=$2; shift 2
-  [ $SECONDS -lt $LIMIT ] || return 0
-  timeout 90 python3 benchmarks/scripts/without_decode_kernels.py "$switches" -m pagedllm.bench latency "$@" \
-    --batch-size 1 --input-len 32 --output-len 128 --num-iters-warmup 1 --num-iters 3 \
-    --output-json $WORK/$record.json > $WORK/$record.log 2>&1
-  grep "decode step" $WORK/$record.log | sed "s/^/$record: /" || tail -n 3 $WORK/$record.log
-}
+source benchmarks/scripts/device_lib.sh
 echo "=== tests $(date +%T)"
 tests tests-skinny-gemm.log 60 tests/model/test_skinny_gemm.py
 tests tests-triton-ops.log 40 tests/model/test_triton_ops.py
