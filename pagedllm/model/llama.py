@@ -128,18 +128,8 @@ class LlamaAttention(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        """Attention from the output of ``qkv_proj``, which the decoder layer runs (so its norm can fuse into it)."""
-        return self.o_proj(self.attend(qkv, rope, kv_cache, attn_metadata))
-
-    def attend(
-        self,
-        qkv: torch.Tensor,
-        rope: RotaryStep,
-        kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        """``forward`` before ``o_proj`` ([T, heads x head_dim]), for a decoder layer that runs ``o_proj`` itself
-        (so the norm after it can fuse into it)."""
+        """Attention from the output of ``qkv_proj``, before ``o_proj`` ([T, heads x head_dim]): the decoder layer
+        runs both projections, so the norm before ``qkv_proj`` and the one after ``o_proj`` can fuse into them."""
         num_tokens = qkv.shape[0]
         if self.qkv_permutation is not None:  # partial rotary as full-width rotary (phi3.py)
             qkv = qkv.index_select(-1, self.qkv_permutation)
@@ -203,7 +193,7 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # First layer: residual is None, and the residual stream starts as the embeddings.
         qkv, residual = rms_norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden_states, residual)
-        attended = self.self_attn.attend(qkv, rope, kv_cache, attn_metadata)
+        attended = self.self_attn(qkv, rope, kv_cache, attn_metadata)
         gate_up, residual = linear_norm_linear(self.self_attn.o_proj, attended, residual,
                                                self.post_attention_layernorm, self.mlp.gate_up_proj)
         return self.mlp(gate_up), residual

@@ -77,7 +77,7 @@ class MoEDecoderLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, rope: RotaryStep,
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         qkv, residual = rms_norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden_states, residual)
-        attended = self.self_attn.attend(qkv, rope, kv_cache, attn_metadata)
+        attended = self.self_attn(qkv, rope, kv_cache, attn_metadata)
         block = getattr(self, self.block_name)
         if isinstance(block, LlamaMLP):  # dense layer: its norm may fuse into o or gate_up, as in Llama
             gate_up, residual = linear_norm_linear(self.self_attn.o_proj, attended, residual,
